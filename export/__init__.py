@@ -1,0 +1,1 @@
+"""Back ends: ONNX lowering, onnxruntime helpers, Triton runtime."""
