@@ -1,0 +1,77 @@
+"""Compile options as frozen dataclasses; the CLI only maps flags onto these."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .errors import MsfpError
+from .formats import parse_format
+
+__all__ = ["SCHEMES", "QuantConfig", "CalibConfig", "CompileConfig"]
+
+# scheme -> (activation candidates, weight candidates) at 4 bits
+SCHEMES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    # MSFP: signed FP4 and unsigned FP4 with a zero point compete on every activation (mixup-sign).
+    "msfp": (("e1m2", "e2m1", "e3m0", "ue2m2", "ue3m1", "ue4m0"), ("e1m2", "e2m1", "e3m0")),
+    # Signed FP4 everywhere (the paper's "FP4 baseline").
+    "fp4-signed": (("e1m2", "e2m1", "e3m0"), ("e1m2", "e2m1", "e3m0")),
+    # Q-Diffusion-style INT4: asymmetric activations (zero point), symmetric per-channel weights.
+    "int4": (("uint4",), ("int4",)),
+}
+HIGH_PRECISION = (("uint8",), ("int8",))
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """What to quantize and how the per-layer format search runs."""
+
+    scheme: str = "msfp"
+    act_formats: tuple[str, ...] | None = None  # overrides the scheme's activation candidates
+    weight_formats: tuple[str, ...] | None = None  # overrides the scheme's weight candidates
+    weight_granularity: str = "channel"  # "channel" (per output channel) or "tensor"
+    sign_rule: str = "mse"  # "mse": both families everywhere; "stats": unsigned only for small bounded negatives
+    unsigned_max_neg_ratio: float = 0.5  # "stats" rule: |min| <= ratio * max admits unsigned candidates
+    keep_8bit: tuple[str, ...] = ("first", "last")  # layers kept at 8 bits: "first", "last" conv or node names
+    clip_ratios: int = 40  # points of the clip-ratio grid, 0.3..1.0 of the range
+    zero_points: int = 12  # points of the zero-point grid for unsigned formats, min..0
+    sample_per_group: int = 2048  # activation values kept per tensor and timestep group for the search
+    quantize_attention: bool = True  # quantize q, k, v operands of scaled_dot_product_attention
+
+    def __post_init__(self) -> None:
+        if self.scheme not in SCHEMES:
+            raise MsfpError(f"unknown --scheme {self.scheme!r} (expected one of {', '.join(SCHEMES)})")
+        for f in (self.act_formats or ()) + (self.weight_formats or ()):
+            parse_format(f)
+        for f in self.weight_formats or ():
+            if f.startswith("u"):
+                raise MsfpError(f"weight format {f!r} must be signed (weights are symmetric per channel)")
+        if self.weight_granularity not in ("channel", "tensor"):
+            raise MsfpError(f"unknown --granularity {self.weight_granularity!r} (expected channel or tensor)")
+        if self.sign_rule not in ("mse", "stats"):
+            raise MsfpError(f"unknown --sign-rule {self.sign_rule!r} (expected mse or stats)")
+
+    @property
+    def act_candidates(self) -> tuple[str, ...]:
+        return self.act_formats or SCHEMES[self.scheme][0]
+
+    @property
+    def weight_candidates(self) -> tuple[str, ...]:
+        return self.weight_formats or SCHEMES[self.scheme][1]
+
+
+@dataclass(frozen=True)
+class CalibConfig:
+    num_samples: int = 8
+    num_steps: int = 10
+    num_groups: int = 4
+    holdout_samples: int = 2
+    scheduler: str = "ddim"
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class CompileConfig:
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    calib: CalibConfig = field(default_factory=CalibConfig)
+    pack_weights: bool = True
+    fold_zero_point: bool = True

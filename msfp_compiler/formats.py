@@ -1,0 +1,199 @@
+"""4-bit number formats: signed/unsigned minifloats (ExMy) and INT4, with exact grids and RNE rounding.
+
+A format is described by its non-negative *magnitude grid* ``levels``: the values of the codes with sign bit 0,
+in code order (which for every format here is also increasing order). Rounding picks the nearest level and, on a
+tie, the level with an even code, which is IEEE round-to-nearest-even (the mantissa LSB is the code LSB). Signed
+formats mirror the levels; the sign is kept separately, so ``-0.1`` rounds to ``-0.0`` exactly as
+``ml_dtypes.float4_e2m1fn`` does.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Union
+
+import torch
+
+from .errors import MsfpError
+
+__all__ = ["FPFormat", "IntFormat", "Format", "parse_format", "FP4_SIGNED", "FP4_UNSIGNED", "ALL_4BIT"]
+
+
+class _GridFormat:
+    """Shared rounding/encoding over a magnitude grid; subclasses define ``levels`` and ``signed``."""
+
+    signed: bool
+
+    @property
+    def name(self) -> str:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    @property
+    def bits(self) -> int:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    @cached_property
+    def levels(self) -> torch.Tensor:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    @cached_property
+    def grid(self) -> torch.Tensor:
+        """All representable unscaled values, sorted, float32 (``-0`` merged with ``0``)."""
+        lv = self.levels
+        if not self.signed:
+            return lv.clone()
+        return torch.cat([-lv[1:].flip(0), lv])
+
+    @property
+    def max(self) -> float:
+        return float(self.levels[-1])
+
+    @property
+    def min(self) -> float:
+        return -self.max if self.signed else 0.0
+
+    @cached_property
+    def thresholds(self) -> torch.Tensor:
+        """Decision thresholds on |v|: level index = #{i : thresholds[i] < |v|}, float32-exact RNE.
+
+        Threshold i sits at the midpoint of levels i and i+1. A value exactly at a midpoint must go up only when the
+        upper code (i+1) is even, i.e. i odd; for odd i the threshold is moved one float32 ulp down, so a strict
+        comparison sends the midpoint up. The ONNX function body uses the same table, hence the same bits.
+        """
+        lv = self.levels.double()
+        mids = ((lv[1:] + lv[:-1]) / 2).float()
+        down = torch.nextafter(mids, torch.full_like(mids, -float("inf")))
+        odd = torch.arange(mids.numel()) % 2 == 1
+        return torch.where(odd, down, mids)
+
+    def round_to_grid(self, v: torch.Tensor) -> torch.Tensor:
+        """Round unscaled values onto the grid: nearest, ties to even code, saturating (float32 in and out)."""
+        v = v.float()
+        a = v.abs() if self.signed else v.clamp_min(0.0)
+        idx = torch.searchsorted(self.thresholds.to(v.device), a.contiguous(), right=False)
+        q = self.levels.to(v.device)[idx]
+        return torch.copysign(q, v) if self.signed else q
+
+    def quantize(
+        self,
+        x: torch.Tensor,
+        scale: Union[float, torch.Tensor] = 1.0,
+        zero_point: Union[float, torch.Tensor] = 0.0,
+    ) -> torch.Tensor:
+        """Fake quantization onto ``zero_point + scale * grid`` (scale/zero_point broadcast against x)."""
+        # Python-number zero point / unit scale skip the arithmetic so that -0.0 survives (ml_dtypes parity).
+        if not torch.is_tensor(zero_point) and zero_point == 0:
+            if not torch.is_tensor(scale) and scale == 1:
+                return self.round_to_grid(x)
+            return self.round_to_grid(x / scale) * scale
+        return zero_point + self.round_to_grid((x - zero_point) / scale) * scale
+
+    def encode(self, v: torch.Tensor) -> torch.Tensor:
+        """Unscaled values already on the grid -> integer codes (uint8, 0..2**bits-1). Sign bit is the MSB."""
+        a = v.abs() if self.signed else v
+        idx = torch.searchsorted(self.levels.to(v.device), a.float().contiguous())
+        if self.signed:
+            idx = idx + (torch.signbit(v) & (a > 0)).to(idx.dtype) * (1 << (self.bits - 1))
+        return idx.to(torch.uint8)
+
+    @cached_property
+    def code_table(self) -> torch.Tensor:
+        """Value of every code 0..2**bits-1 (float32); the decode lookup table used by packed weights."""
+        n = 1 << self.bits
+        if not self.signed:
+            return self.levels.clone()
+        half = n // 2
+        return torch.cat([self.levels[:half], -self.levels[:half]])
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        return self.code_table.to(codes.device)[codes.long()]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+@dataclass(frozen=True)
+class FPFormat(_GridFormat):
+    """Minifloat with ``exp_bits`` exponent and ``man_bits`` mantissa bits, an optional sign bit, bias 2**(E-1)-1.
+
+    All codes are finite (no inf/NaN), subnormals when the exponent field is 0 (as OCP E2M1). The bias only fixes
+    the unscaled grid; the per-layer scale moves it anywhere.
+    """
+
+    exp_bits: int
+    man_bits: int
+    signed: bool = True
+
+    def __post_init__(self) -> None:
+        if self.exp_bits < 1 or self.man_bits < 0:
+            raise MsfpError(f"invalid FP format: exp_bits={self.exp_bits} man_bits={self.man_bits}")
+
+    @property
+    def bits(self) -> int:
+        return self.exp_bits + self.man_bits + int(self.signed)
+
+    @property
+    def bias(self) -> int:
+        return (1 << (self.exp_bits - 1)) - 1
+
+    @property
+    def name(self) -> str:
+        return f"{'' if self.signed else 'u'}e{self.exp_bits}m{self.man_bits}"
+
+    @cached_property
+    def levels(self) -> torch.Tensor:
+        vals = []
+        for e in range(1 << self.exp_bits):
+            for m in range(1 << self.man_bits):
+                frac = m / (1 << self.man_bits)
+                vals.append(2.0 ** (1 - self.bias) * frac if e == 0 else 2.0 ** (e - self.bias) * (1 + frac))
+        return torch.tensor(vals, dtype=torch.float32)
+
+    @staticmethod
+    def parse(spec: str) -> "Format":
+        return parse_format(spec)
+
+
+@dataclass(frozen=True)
+class IntFormat(_GridFormat):
+    """Uniform integer grid: signed symmetric (-(2**(b-1)-1)..2**(b-1)-1, as Q-Diffusion) or unsigned 0..2**b-1."""
+
+    int_bits: int = 4
+    signed: bool = True
+
+    @property
+    def bits(self) -> int:
+        return self.int_bits
+
+    @property
+    def name(self) -> str:
+        return f"{'' if self.signed else 'u'}int{self.int_bits}"
+
+    @cached_property
+    def levels(self) -> torch.Tensor:
+        # Signed INT is sign-magnitude like the FP formats (symmetric -7..7, code 8 is -0), so one encoder serves all.
+        n = (1 << (self.int_bits - 1)) if self.signed else (1 << self.int_bits)
+        return torch.arange(n, dtype=torch.float32)
+
+
+Format = Union[FPFormat, IntFormat]
+
+_FP_RE = re.compile(r"^(u?)e(\d+)m(\d+)$")
+_INT_RE = re.compile(r"^(u?)int(\d+)$")
+
+
+def parse_format(spec: str) -> Format:
+    """``"e2m1"`` -> signed E2M1, ``"ue3m1"`` -> unsigned E3M1, ``"int4"`` / ``"uint4"`` -> integer grids."""
+    s = spec.strip().lower()
+    if m := _FP_RE.match(s):
+        return FPFormat(int(m.group(2)), int(m.group(3)), signed=not m.group(1))
+    if m := _INT_RE.match(s):
+        return IntFormat(int(m.group(2)), signed=not m.group(1))
+    raise MsfpError(f"unknown format {spec!r} (expected e.g. e2m1, ue3m1, int4, uint4)")
+
+
+FP4_SIGNED = tuple(FPFormat(e, 3 - e, True) for e in (1, 2, 3))
+FP4_UNSIGNED = tuple(FPFormat(e, 4 - e, False) for e in (2, 3, 4))
+ALL_4BIT = FP4_SIGNED + FP4_UNSIGNED + (IntFormat(4, True), IntFormat(4, False))

@@ -1,0 +1,134 @@
+"""Pass infrastructure: Pass / PassResult and the PassManager that runs, validates, times and logs passes.
+
+A pass is a callable ``gm -> PassResult`` (a function or a small class with ``name``); passes never print or touch
+files. The manager is the one place that lints the graph after each pass, measures time and peak memory, writes
+``passes.jsonl`` (one JSON object per pass) and ``passes.log`` (a readable block per pass), and dumps graphs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol, Sequence
+
+import torch.fx as fx
+
+from .errors import MsfpError
+
+__all__ = ["PassResult", "Pass", "PassManager", "PassRun"]
+
+log = logging.getLogger("msfp")
+
+
+@dataclass
+class PassResult:
+    """What a pass returns: the (possibly new) module, whether it changed, and facts for the log."""
+
+    graph_module: fx.GraphModule
+    modified: bool
+    info: dict[str, Any] = field(default_factory=dict)  # JSON-able numbers and short strings
+    report: list[str] = field(default_factory=list)  # readable lines (e.g. one per layer) for passes.log
+
+
+class Pass(Protocol):
+    name: str
+
+    def __call__(self, gm: fx.GraphModule) -> PassResult: ...
+
+
+@dataclass
+class PassRun:
+    name: str
+    seconds: float
+    peak_rss_mb: float
+    nodes_before: int
+    nodes_after: int
+    modified: bool
+    info: dict[str, Any]
+
+
+def _pass_name(p: Callable) -> str:
+    return getattr(p, "name", None) or getattr(p, "__name__", type(p).__name__)
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+class PassManager:
+    """Runs passes in order; after each: graph.lint(), recompile, timing, one JSON line + one text block."""
+
+    def __init__(self, passes: Sequence[Callable[[fx.GraphModule], PassResult]], log_dir: Path | None = None,
+                 dump_graphs: bool = False):
+        self.passes = list(passes)
+        self.log_dir = Path(log_dir) if log_dir else None
+        self.dump_graphs = dump_graphs
+        self.runs: list[PassRun] = []
+
+        self._started = False
+
+    def _start_logs(self) -> None:
+        if self._started:
+            return
+        self._started = True
+        if self.log_dir:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            for f in ("passes.jsonl", "passes.log"):
+                (self.log_dir / f).write_text("")
+
+    def record(self, name: str, seconds: float, info: dict[str, Any]) -> None:
+        """Log a stage that is not an fx pass (capture, ONNX lowering) in the same format."""
+        self._start_logs()
+        run = PassRun(name, seconds, _peak_rss_mb(), 0, 0, False, info)
+        self.runs.append(run)
+        log.info("stage %-17s %7.3fs  %s", name, seconds,
+                 " ".join(f"{k}={v}" for k, v in info.items() if not isinstance(v, list)))
+        self._write(len(self.runs) - 1, run, PassResult(None, False, info))  # type: ignore[arg-type]
+
+    def __call__(self, gm: fx.GraphModule) -> fx.GraphModule:
+        self._start_logs()
+        done: list[str] = []
+        for i, p in enumerate(self.passes):
+            name = _pass_name(p)
+            before = len(gm.graph.nodes)
+            t0 = time.perf_counter()
+            try:
+                res = p(gm)
+            except MsfpError:
+                raise
+            except Exception as e:
+                raise RuntimeError(f"pass {name!r} failed (after {done or 'no passes'})") from e
+            seconds = time.perf_counter() - t0
+            gm = res.graph_module
+            try:
+                gm.graph.lint()
+            except Exception as e:
+                raise RuntimeError(f"pass {name!r} left an invalid graph: {e}") from e
+            gm.recompile()
+            run = PassRun(name, seconds, _peak_rss_mb(), before, len(gm.graph.nodes), res.modified, res.info)
+            self.runs.append(run)
+            done.append(name)
+            i = len(self.runs) - 1
+            log.info("pass %-18s %7.3fs  nodes %d -> %d  %s", name, seconds, before, run.nodes_after,
+                     " ".join(f"{k}={v}" for k, v in res.info.items() if not isinstance(v, (dict, list))))
+            self._write(i, run, res)
+            if self.dump_graphs and self.log_dir:
+                (self.log_dir / f"graph_{i:02d}_{name}.txt").write_text(str(gm.graph))
+        return gm
+
+    def _write(self, i: int, run: PassRun, res: PassResult) -> None:
+        if not self.log_dir:
+            return
+        row = {"index": i, "pass": run.name, "seconds": round(run.seconds, 6), "peak_rss_mb": round(run.peak_rss_mb, 1),
+               "nodes_before": run.nodes_before, "nodes_after": run.nodes_after, "modified": run.modified, **run.info}
+        with open(self.log_dir / "passes.jsonl", "a") as f:
+            f.write(json.dumps(row, sort_keys=False, default=str) + "\n")
+        head = (f"== pass {i}: {run.name}  {run.seconds:.3f}s  nodes {run.nodes_before} -> {run.nodes_after}"
+                f"  peak RSS {run.peak_rss_mb:.0f} MB")
+        info = [f"   {k}: {v}" for k, v in run.info.items() if not isinstance(v, (dict, list))]
+        with open(self.log_dir / "passes.log", "a") as f:
+            f.write("\n".join([head, *info, *("   " + line for line in res.report)]) + "\n\n")

@@ -1,0 +1,84 @@
+"""MSE search of clip range (scale) and zero point for one format over calibration values.
+
+Signed formats: scale = r * absmax / fmt.max over a grid of clip ratios r. Unsigned formats: the zero point is the low
+clip l = f * min(x) (f from 1 down to 0) and the scale maps [l, l + r * (max - l)] onto the grid; the 2-D (f, r)
+search runs on a coarse grid, then on a finer grid around the coarse optimum. Rows of a 2-D input are searched
+independently (per-channel weights); candidates are evaluated in vectorized chunks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .formats import Format
+
+__all__ = ["SearchResult", "search_scale", "quant_mse"]
+
+_CHUNK_ELEMS = 1 << 24  # bound on candidates x values evaluated at once (memory)
+
+
+@dataclass
+class SearchResult:
+    scale: torch.Tensor  # [rows]
+    zero_point: torch.Tensor  # [rows]
+    mse: torch.Tensor  # [rows], mean squared error per row
+
+    @property
+    def total_mse(self) -> float:
+        return float(self.mse.mean())
+
+
+def quant_mse(fmt: Format, x: torch.Tensor, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """MSE per (candidate, row): x [rows, n], s and z [k, rows] -> [k, rows]."""
+    k = s.shape[0]
+    step = max(1, _CHUNK_ELEMS // max(x.numel(), 1))
+    out = []
+    for i in range(0, k, step):
+        sc, zc = s[i:i + step, :, None], z[i:i + step, :, None]
+        q = zc + fmt.round_to_grid((x[None] - zc) / sc) * sc
+        out.append((q - x[None]).pow(2).mean(dim=2))
+    return torch.cat(out)
+
+
+def _pick(fmt: Format, x: torch.Tensor, s: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, SearchResult]:
+    s = s.clamp_min(torch.finfo(torch.float32).tiny)
+    err = quant_mse(fmt, x, s, z)
+    i = err.argmin(dim=0)
+    cols = torch.arange(x.shape[0])
+    return i, SearchResult(s[i, cols], z[i, cols], err[i, cols])
+
+
+def search_scale(fmt: Format, x: torch.Tensor, num_ratios: int = 40, num_zero_points: int = 12,
+                 min_ratio: float = 0.3) -> SearchResult:
+    """Best (scale, zero point) per row of x by grid search; x is [rows, n] or [n]."""
+    x = x.float().reshape(1, -1) if x.dim() == 1 else x.float().reshape(x.shape[0], -1)
+    rows = x.shape[0]
+    if fmt.signed:
+        ratios = torch.linspace(min_ratio, 1.0, num_ratios)
+        amax = x.abs().amax(dim=1)
+        s = ratios[:, None] * amax[None] / fmt.max
+        return _pick(fmt, x, s, torch.zeros_like(s))[1]
+    lo, hi = x.amin(dim=1), x.amax(dim=1)
+
+    def grid(fr: torch.Tensor, rr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # fr, rr: [k, rows] zero-point fraction and clip ratio -> scale, zero point [k, rows]
+        z = torch.where(lo < 0, fr * lo, lo.expand_as(fr))
+        return rr * (hi - z).clamp_min(0) / fmt.max, z
+
+    nf, nr = max(2, num_zero_points // 2), max(2, num_ratios // 3)
+    f0, r0 = torch.linspace(1.0, 0.0, nf), torch.linspace(min_ratio, 1.0, nr)
+    ff, rr = torch.meshgrid(f0, r0, indexing="ij")
+    ff, rr = ff.reshape(-1, 1).expand(-1, rows), rr.reshape(-1, 1).expand(-1, rows)
+    i, _ = _pick(fmt, x, *grid(ff, rr))
+    cols = torch.arange(rows)
+    fb, rb = ff[i, cols], rr[i, cols]
+    # Refine on a finer grid spanning one coarse step either side of the coarse optimum.
+    df, dr = 1.0 / (nf - 1), (1.0 - min_ratio) / (nr - 1)
+    fo = torch.linspace(-df, df, 5)
+    ro = torch.linspace(-dr, dr, 9)
+    fo, ro = torch.meshgrid(fo, ro, indexing="ij")
+    ff2 = (fb[None] + fo.reshape(-1, 1)).clamp(0.0, 1.0)
+    rr2 = (rb[None] + ro.reshape(-1, 1)).clamp(min_ratio * 0.5, 1.0)
+    return _pick(fmt, x, *grid(ff2, rr2))[1]

@@ -1,0 +1,93 @@
+"""fold_zero_point: move an unsigned activation's zero point into the consumer's bias.
+
+For an activation quantized as x_q = z + s * q feeding y = W x_q + b:  y = W (s q) + (b + z * W 1).  The quantize
+node is replaced by ``msfp::quantize_folded`` (which outputs s * q) and every consumer gets the bias
+b' = b + z * sum(W_q over its input dims), with W_q the *quantized* weight, so the fold is exact up to float
+rounding. A zero-padded conv is not exact as is: the padded border would contribute 0 in the original but
+z * W in the folded bias. So padded convs get an explicit constant pad with value -z (then padding 0): the border then
+contributes W (-z) + z W = 0, exactly as before. A record is folded only when every consumer is a conv or linear
+(attention operands have no bias to absorb the term).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from msfp_compiler.layer_graph import layer_kind
+from msfp_compiler.ops import get_format
+from msfp_compiler.pipeline import PassResult
+from msfp_compiler.record import record_of, records
+
+from .insert_qdq import QUANTIZE_OP, attr_name
+from .select_format import get_weight
+
+__all__ = ["FoldZeroPoint"]
+
+aten = torch.ops.aten
+FOLDED_OP = torch.ops.msfp.quantize_folded.default
+
+
+def _quantized_weight(gm: fx.GraphModule, wq_node: fx.Node) -> torch.Tensor:
+    """Value of the layer's weight operand: the quantize node on a get_attr weight (or the raw weight)."""
+    if wq_node.op == "call_function" and wq_node.target == QUANTIZE_OP:
+        w_node = wq_node.args[0]
+        rec = record_of(w_node)
+        return get_format(rec.choice.fmt).quantize(get_weight(gm, w_node), rec.choice.scale, rec.choice.zero_point)
+    return get_weight(gm, wq_node)
+
+
+@dataclass
+class FoldZeroPoint:
+    """Pass: fold unsigned zero points into consumer biases (see module docstring)."""
+
+    name: str = "fold_zero_point"
+
+    def __call__(self, gm: fx.GraphModule) -> PassResult:
+        g = gm.graph
+        folded = padded = 0
+        report = []
+        quantizers = [n for n in g.nodes if n.op == "call_function" and n.target == QUANTIZE_OP]
+        for q in quantizers:
+            src = q.args[0]
+            rec = record_of(src)
+            if rec is None or rec.role != "act" or rec.choice is None or rec.choice.signed:
+                continue
+            z = float(rec.choice.zero_point)
+            if z == 0.0:
+                continue
+            users = list(q.users)
+            if not users or any(layer_kind(u) not in ("conv", "linear") or u.args[0] is not q for u in users):
+                continue
+            for u in users:
+                padded += self._fold_into(gm, u, z)
+            q.target = FOLDED_OP
+            folded += 1
+            report.append(f"{src.name:<44} zp {z:+.4f} folded into {', '.join(u.name for u in users)}")
+        return PassResult(gm, folded > 0, {"folded": folded, "explicit_pads": padded}, report)
+
+    def _fold_into(self, gm: fx.GraphModule, layer: fx.Node, z: float) -> int:
+        g = gm.graph
+        w = _quantized_weight(gm, layer.args[1])
+        args = list(layer.args) + [None] * (3 - len(layer.args)) if len(layer.args) < 3 else list(layer.args)
+        bias_node = args[2]
+        bias = get_weight(gm, bias_node) if bias_node is not None else torch.zeros(w.shape[0])
+        new_bias = bias + z * w.reshape(w.shape[0], -1).double().sum(dim=1).float()
+        name = attr_name(layer, "folded_bias")
+        gm.register_buffer(name, new_bias.contiguous())
+        with g.inserting_before(layer):
+            args[2] = g.get_attr(name)
+        pads = 0
+        if layer_kind(layer) == "conv":
+            padding = list(args[4]) if len(args) > 4 else [0, 0]
+            if any(padding):
+                ph, pw = padding
+                with g.inserting_before(layer):
+                    pad = g.call_function(aten.constant_pad_nd.default, (args[0], [pw, pw, ph, ph], -z))
+                args[0] = pad
+                args[4] = [0, 0]
+                pads = 1
+        layer.args = tuple(args)
+        return pads

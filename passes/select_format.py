@@ -1,0 +1,103 @@
+"""select_format: the mixup-sign decision and per-layer format / scale / zero-point search.
+
+For every activation record: evaluate the candidate formats of the scheme (MSFP: signed e1m2/e2m1/e3m0 and unsigned
+ue2m2/ue3m1/ue4m0 with a zero point), each with its best clip and zero point by MSE on calibration values from every
+timestep group, and keep the lowest MSE. With sign_rule="stats", unsigned candidates are only tried where the
+negative part is small and bounded (|min| <= ratio * max), the paper's "anomalous activation" test. Weights use the
+signed candidates, per output channel. Layers in ``keep_8bit`` (first / last conv by default) get INT8.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from msfp_compiler.config import HIGH_PRECISION, QuantConfig
+from msfp_compiler.formats import parse_format
+from msfp_compiler.layer_graph import layer_kind
+from msfp_compiler.pipeline import PassResult
+from msfp_compiler.record import QuantChoice, TensorRecord, records
+from msfp_compiler.search import SearchResult, search_scale
+
+__all__ = ["SelectFormat", "high_precision_layers", "get_weight"]
+
+
+def get_weight(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
+    obj = gm
+    for part in str(node.target).split("."):
+        obj = getattr(obj, part)
+    return obj.detach()
+
+
+def high_precision_layers(gm: fx.GraphModule, keep: tuple[str, ...]) -> set[str]:
+    """Names of layer nodes kept at 8 bits: 'first'/'last' conv in graph order, or explicit node names."""
+    convs = [n.name for n in gm.graph.nodes if layer_kind(n) == "conv"]
+    out = {k for k in keep if k not in ("first", "last")}
+    if convs and "first" in keep:
+        out.add(convs[0])
+    if convs and "last" in keep:
+        out.add(convs[-1])
+    return out
+
+
+def _unsigned_allowed(rec: TensorRecord, cfg: QuantConfig) -> bool:
+    if cfg.sign_rule == "mse":
+        return True
+    return rec.min >= 0 or (rec.max > 0 and -rec.min <= cfg.unsigned_max_neg_ratio * rec.max)
+
+
+@dataclass
+class SelectFormat:
+    """Pass: fill ``record.choice`` for every quantized tensor."""
+
+    config: QuantConfig
+    name: str = "select_format"
+
+    def __call__(self, gm: fx.GraphModule) -> PassResult:
+        cfg = self.config
+        hp = high_precision_layers(gm, cfg.keep_8bit)
+        report: list[str] = []
+        n_signed = n_unsigned = n_8bit = 0
+        fmt_count: dict[str, int] = {}
+        for node, rec in records(gm):
+            eight = any(c in hp for c in rec.consumers)
+            if rec.role == "weight":
+                w = get_weight(gm, node)
+                rows = w.reshape(w.shape[0], -1) if cfg.weight_granularity == "channel" else w.reshape(1, -1)
+                cands = HIGH_PRECISION[1] if eight else cfg.weight_candidates
+                bshape = (-1,) + (1,) * (w.dim() - 1) if cfg.weight_granularity == "channel" else ()
+            else:
+                rows = rec.calibration_sample().reshape(1, -1)
+                cands = HIGH_PRECISION[0] if eight else cfg.act_candidates
+                if not eight and not _unsigned_allowed(rec, cfg):
+                    cands = tuple(c for c in cands if not c.startswith("u")) or cands
+                bshape = ()
+            results: dict[str, SearchResult] = {
+                c: search_scale(parse_format(c), rows, cfg.clip_ratios, cfg.zero_points) for c in cands
+            }
+            mses = {c: r.total_mse for c, r in results.items()}
+            best = min(mses, key=lambda c: (mses[c], c))
+            res = results[best]
+            scale = res.scale.reshape(bshape) if bshape else res.scale.reshape(())
+            zp = res.zero_point.reshape(bshape) if bshape else res.zero_point.reshape(())
+            rec.bits = 8 if eight else 4
+            rec.choice = QuantChoice(best, scale, zp, mses, mses[best],
+                                     "8-bit layer" if eight else ("min MSE of " + ",".join(cands)))
+            fmt_count[best] = fmt_count.get(best, 0) + 1
+            if rec.role == "act":
+                n_8bit += eight
+                if not eight:
+                    n_unsigned += not rec.choice.signed
+                    n_signed += rec.choice.signed
+            cand_txt = " ".join(f"{c}={m:.3g}" for c, m in mses.items())
+            if rec.role == "act":
+                report.append(f"{node.name:<44} act    {best:<6} scale {float(scale):.4g} zp {float(zp):+.4f} "
+                              f"neg {rec.neg_fraction:5.1%}{' silu' if rec.after_silu else '     '} | {cand_txt}")
+            else:
+                report.append(f"{node.name:<44} weight {best:<6} scale {float(res.scale.min()):.3g}.."
+                              f"{float(res.scale.max()):.3g} | {cand_txt}")
+        info = {"act_signed": n_signed, "act_unsigned": n_unsigned, "act_8bit": n_8bit, "formats": fmt_count,
+                "high_precision_layers": sorted(hp)}
+        return PassResult(gm, True, info, report)
