@@ -14,9 +14,9 @@ import torch
 
 from .formats import Format
 
-__all__ = ["SearchResult", "search_scale", "quant_mse"]
+__all__ = ["SearchResult", "SortedValues", "search_scale", "quant_mse_direct"]
 
-_CHUNK_ELEMS = 1 << 24  # bound on candidates x values evaluated at once (memory)
+_CHUNK_ELEMS = 1 << 24  # bound on candidates x values evaluated at once by the direct evaluator
 
 
 @dataclass
@@ -30,8 +30,8 @@ class SearchResult:
         return float(self.mse.mean())
 
 
-def quant_mse(fmt: Format, x: torch.Tensor, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """MSE per (candidate, row): x [rows, n], s and z [k, rows] -> [k, rows]."""
+def quant_mse_direct(fmt: Format, x: torch.Tensor, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """MSE per (candidate, row) by quantizing every value: x [rows, n], s and z [k, rows] -> [k, rows]."""
     k = s.shape[0]
     step = max(1, _CHUNK_ELEMS // max(x.numel(), 1))
     out = []
@@ -42,11 +42,43 @@ def quant_mse(fmt: Format, x: torch.Tensor, s: torch.Tensor, z: torch.Tensor) ->
     return torch.cat(out)
 
 
-def _pick(fmt: Format, x: torch.Tensor, s: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, SearchResult]:
+class SortedValues:
+    """Rows sorted once, with prefix sums of x and x^2, so a candidate's MSE costs O(levels * log n), not O(n).
+
+    Quantization maps the interval between consecutive decision boundaries to one level q, so the squared error
+    of that bucket is S2 - 2 q S1 + q^2 n from prefix sums (float64 to keep the cancellation harmless).
+    """
+
+    def __init__(self, x: torch.Tensor):
+        xs = x.double().sort(dim=1).values
+        zero = xs.new_zeros(xs.shape[0], 1)
+        self.xs = xs.contiguous()
+        self.p1 = torch.cat([zero, xs.cumsum(1)], 1)
+        self.p2 = torch.cat([zero, xs.pow(2).cumsum(1)], 1)
+        self.n = xs.shape[1]
+
+    def mse(self, fmt: Format, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """[k, rows] scales / zero points -> [k, rows] MSE (ties at a boundary may go either way)."""
+        grid = fmt.grid.double()
+        bounds = (grid[1:] + grid[:-1]) / 2
+        k, rows = s.shape
+        s64, z64 = s.double().T[:, :, None], z.double().T[:, :, None]  # [rows, k, 1]
+        bx = (z64 + s64 * bounds).reshape(rows, -1)  # boundary positions in x-space, [rows, k * nb]
+        idx = torch.searchsorted(self.xs, bx).reshape(rows, k, -1)
+        edges = torch.cat([idx.new_zeros(rows, k, 1), idx, idx.new_full((rows, k, 1), self.n)], 2)
+        p1 = torch.gather(self.p1, 1, edges.reshape(rows, -1)).reshape(rows, k, -1)
+        p2 = torch.gather(self.p2, 1, edges.reshape(rows, -1)).reshape(rows, k, -1)
+        cnt, s1, s2 = edges.diff(dim=2).double(), p1.diff(dim=2), p2.diff(dim=2)
+        q = z64 + s64 * grid  # [rows, k, levels]
+        err = (s2 - 2 * q * s1 + q.pow(2) * cnt).sum(2) / self.n
+        return err.clamp_min(0).T.float()
+
+
+def _pick(fmt: Format, x: SortedValues, s: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, SearchResult]:
     s = s.clamp_min(torch.finfo(torch.float32).tiny)
-    err = quant_mse(fmt, x, s, z)
+    err = x.mse(fmt, s, z)
     i = err.argmin(dim=0)
-    cols = torch.arange(x.shape[0])
+    cols = torch.arange(s.shape[1])
     return i, SearchResult(s[i, cols], z[i, cols], err[i, cols])
 
 
@@ -55,11 +87,12 @@ def search_scale(fmt: Format, x: torch.Tensor, num_ratios: int = 40, num_zero_po
     """Best (scale, zero point) per row of x by grid search; x is [rows, n] or [n]."""
     x = x.float().reshape(1, -1) if x.dim() == 1 else x.float().reshape(x.shape[0], -1)
     rows = x.shape[0]
+    sv = SortedValues(x)
     if fmt.signed:
         ratios = torch.linspace(min_ratio, 1.0, num_ratios)
         amax = x.abs().amax(dim=1)
         s = ratios[:, None] * amax[None] / fmt.max
-        return _pick(fmt, x, s, torch.zeros_like(s))[1]
+        return _exact(fmt, x, _pick(fmt, sv, s, torch.zeros_like(s))[1])
     lo, hi = x.amin(dim=1), x.amax(dim=1)
 
     def grid(fr: torch.Tensor, rr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,11 +100,11 @@ def search_scale(fmt: Format, x: torch.Tensor, num_ratios: int = 40, num_zero_po
         z = torch.where(lo < 0, fr * lo, lo.expand_as(fr))
         return rr * (hi - z).clamp_min(0) / fmt.max, z
 
-    nf, nr = max(2, num_zero_points // 2), max(2, num_ratios // 3)
+    nf, nr = max(2, num_zero_points), max(2, num_ratios)
     f0, r0 = torch.linspace(1.0, 0.0, nf), torch.linspace(min_ratio, 1.0, nr)
     ff, rr = torch.meshgrid(f0, r0, indexing="ij")
     ff, rr = ff.reshape(-1, 1).expand(-1, rows), rr.reshape(-1, 1).expand(-1, rows)
-    i, _ = _pick(fmt, x, *grid(ff, rr))
+    i, _ = _pick(fmt, sv, *grid(ff, rr))
     cols = torch.arange(rows)
     fb, rb = ff[i, cols], rr[i, cols]
     # Refine on a finer grid spanning one coarse step either side of the coarse optimum.
@@ -81,4 +114,10 @@ def search_scale(fmt: Format, x: torch.Tensor, num_ratios: int = 40, num_zero_po
     fo, ro = torch.meshgrid(fo, ro, indexing="ij")
     ff2 = (fb[None] + fo.reshape(-1, 1)).clamp(0.0, 1.0)
     rr2 = (rb[None] + ro.reshape(-1, 1)).clamp(min_ratio * 0.5, 1.0)
-    return _pick(fmt, x, *grid(ff2, rr2))[1]
+    return _exact(fmt, x, _pick(fmt, sv, *grid(ff2, rr2))[1])
+
+
+def _exact(fmt: Format, x: torch.Tensor, res: SearchResult) -> SearchResult:
+    """Report the chosen candidate's MSE by real quantization (bucket sums may send boundary ties elsewhere)."""
+    res.mse = quant_mse_direct(fmt, x, res.scale[None], res.zero_point[None])[0]
+    return res
