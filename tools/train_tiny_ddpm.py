@@ -1,0 +1,206 @@
+#!/usr/bin/env python
+"""Train a tiny DDPM UNet on 16x16 scikit-learn digits, time-budgeted, single-threaded.
+
+  --kind uncond: diffusers UNet2DModel (one self-attention down/up stage + attention mid block).
+  --kind cond:   diffusers UNet2DConditionModel (SD1.5-style CrossAttn blocks, scaled down); the
+                 condition is a learned nn.Embedding(11, D) row fed as encoder_hidden_states [B,1,D].
+                 Row 10 is a null class: 10% of training labels are replaced by it, so the model
+                 also learns the unconditional score and classifier-free guidance is possible.
+                 Plain conditional sampling (guidance 1.0) just uses rows 0..9.
+
+Both use DDPMScheduler(1000 steps, linear betas, epsilon prediction), eps-MSE loss, AdamW, and an
+EMA of the weights; the EMA weights are what gets saved (diffusers folder + training.json).
+
+Example:
+  OMP_NUM_THREADS=1 python tools/train_tiny_ddpm.py --kind uncond --out examples/digits-uncond --minutes 15
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from msfp_compiler.digits import NULL_CLASS, NUM_CLASSES, load_digit_images  # noqa: E402
+
+CROSS_ATTENTION_DIM = 64
+
+
+def build_unet(kind: str, size: int) -> nn.Module:
+    """The tiny UNet for `kind`; 3 stages at size, size/2, size/4 with (32, 64, 64) channels."""
+    from diffusers import UNet2DConditionModel, UNet2DModel
+
+    common = dict(sample_size=size, in_channels=1, out_channels=1, layers_per_block=1,
+                  block_out_channels=(32, 64, 64), norm_num_groups=8)
+    if kind == "uncond":
+        return UNet2DModel(
+            **common,
+            down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+            attention_head_dim=32,  # real per-head dim here: 2 heads at 64 channels
+        )
+    if kind == "cond":
+        return UNet2DConditionModel(
+            **common,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            cross_attention_dim=CROSS_ATTENTION_DIM,
+            # UNet2DConditionModel reads attention_head_dim as the number of heads (diffusers
+            # naming quirk): 4 heads of 16 channels at 64 channels.
+            attention_head_dim=4,
+        )
+    raise ValueError(f"unknown kind {kind!r}")
+
+
+def build_scheduler():
+    """DDPM training scheduler shared by both models (saved next to the UNet)."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
+                         prediction_type="epsilon", clip_sample=True)
+
+
+def count_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def folder_size(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--kind", choices=("uncond", "cond"), required=True)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--minutes", type=float, default=15.0, help="wall-clock training budget")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--size", type=int, default=16)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--warmup-steps", type=int, default=200)
+    ap.add_argument("--ema-decay", type=float, default=0.998)
+    ap.add_argument("--cond-dropout", type=float, default=0.1, help="fraction of labels replaced by the null class")
+    ap.add_argument("--max-steps", type=int, default=None, help="optional step cap (for smoke tests)")
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (keep 1 on shared machines)")
+    args = ap.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    gen = torch.Generator().manual_seed(args.seed)
+
+    images, labels = load_digit_images(args.size)
+    unet = build_unet(args.kind, args.size).train()
+    scheduler = build_scheduler()
+    trainable: nn.ModuleDict = nn.ModuleDict({"unet": unet})
+    if args.kind == "cond":
+        # +1 row: the null class used for label dropout.
+        emb = nn.Embedding(NUM_CLASSES + 1, CROSS_ATTENTION_DIM)
+        nn.init.normal_(emb.weight, std=1.0)
+        trainable["class_embedding"] = emb
+    ema = copy.deepcopy(trainable).eval().requires_grad_(False)
+    params = list(trainable.parameters())
+    ema_params = list(ema.parameters())
+
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-2)
+    alphas_cumprod = scheduler.alphas_cumprod.float()
+    sqrt_ac, sqrt_1mac = alphas_cumprod.sqrt(), (1 - alphas_cumprod).sqrt()
+    n_train = scheduler.config.num_train_timesteps
+
+    budget = args.minutes * 60.0
+    t0 = time.perf_counter()
+    step, losses = 0, []
+    smooth = None
+    bar = tqdm(total=int(budget), unit="s", desc=f"train {args.kind}", dynamic_ncols=True, mininterval=5.0)
+    last_tick = 0
+    while True:
+        elapsed = time.perf_counter() - t0
+        if elapsed >= budget or (args.max_steps is not None and step >= args.max_steps):
+            break
+        for g in opt.param_groups:  # linear warmup, then constant (the run length is time-based)
+            g["lr"] = args.lr * min(1.0, (step + 1) / args.warmup_steps)
+        idx = torch.randint(0, images.shape[0], (args.batch_size,), generator=gen)
+        x0 = images[idx]
+        noise = torch.randn(x0.shape, generator=gen)
+        t = torch.randint(0, n_train, (args.batch_size,), generator=gen)
+        xt = sqrt_ac[t].view(-1, 1, 1, 1) * x0 + sqrt_1mac[t].view(-1, 1, 1, 1) * noise
+        if args.kind == "uncond":
+            pred = unet(xt, t).sample
+        else:
+            y = labels[idx].clone()
+            y[torch.rand(args.batch_size, generator=gen) < args.cond_dropout] = NULL_CLASS
+            pred = unet(xt, t, encoder_hidden_states=trainable["class_embedding"](y).unsqueeze(1)).sample
+        loss = F.mse_loss(pred, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        # EMA with a warmup so early (bad) weights do not dominate a short run.
+        decay = min(args.ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            torch._foreach_lerp_(ema_params, [p.detach() for p in params], 1.0 - decay)
+        step += 1
+        losses.append(loss.item())
+        smooth = losses[-1] if smooth is None else 0.98 * smooth + 0.02 * losses[-1]
+        now = int(time.perf_counter() - t0)
+        if now > last_tick:
+            bar.update(min(now, int(budget)) - last_tick)
+            last_tick = min(now, int(budget))
+            bar.set_postfix(step=step, loss=f"{smooth:.4f}", refresh=False)
+    bar.close()
+    wall = time.perf_counter() - t0
+
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    ema_unet = ema["unet"]
+    ema_unet.save_pretrained(str(out), safe_serialization=True)
+    scheduler.save_pretrained(str(out))
+    n_params = count_params(ema_unet)
+    if args.kind == "cond":
+        from safetensors.torch import save_file
+
+        save_file({"weight": ema["class_embedding"].weight.detach().contiguous()},
+                  str(out / "class_embedding.safetensors"))
+        n_params_emb = ema["class_embedding"].weight.numel()
+    else:
+        n_params_emb = 0
+    tail = losses[-200:]
+    record = {
+        "kind": args.kind,
+        "unet_class": type(ema_unet).__name__,
+        "steps": step,
+        "final_loss": sum(tail) / max(len(tail), 1),
+        "final_loss_note": "mean eps-MSE over the last 200 training steps (online weights)",
+        "wall_time_s": round(wall, 1),
+        "steps_per_s": round(step / wall, 3),
+        "seed": args.seed,
+        "unet_params": n_params,
+        "class_embedding_params": n_params_emb,
+        "size_bytes": folder_size(out),
+        "hparams": {k: v for k, v in vars(args).items() if k not in ("out",)},
+        "data": f"sklearn load_digits, all {images.shape[0]} images, bilinear 8->{args.size}, [-1,1]",
+        "scheduler": "DDPMScheduler(1000, linear 1e-4..0.02, epsilon, clip_sample)",
+        "ema": f"decay min({args.ema_decay}, (1+s)/(10+s)); saved weights are the EMA weights",
+        "null_class": (f"row {NULL_CLASS} of class_embedding, label dropout {args.cond_dropout}"
+                       if args.kind == "cond" else None),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+    }
+    if math.isfinite(record["final_loss"]):
+        record["final_loss"] = round(record["final_loss"], 5)
+    (out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+    print(json.dumps({k: record[k] for k in ("steps", "final_loss", "wall_time_s", "unet_params", "size_bytes")}))
+
+
+if __name__ == "__main__":
+    main()
