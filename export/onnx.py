@@ -7,7 +7,8 @@ attributes by reference, and (3) imports the msfp opset. ORT inlines the functio
 kernel library can still claim the nodes by (domain, op_type) and use the attributes.
 
 Custom ops:
-- ``msfp.QuantizeFP(x, scale, zero_point)``: table rounding: index = #(thresholds < |v|), value = levels[index].
+- ``msfp.QuantizeFP(x, scale, zero_point)``: minifloat rounding by arithmetic (exponent, step, Round) for M >= 1.
+- ``msfp.QuantizeLUT(x, scale, zero_point)``: any grid by table: index = #(thresholds < |v|), value = levels[index].
 - ``msfp.QuantizeInt(x, scale, zero_point)``: uniform grid via Round (half to even, as the torch reference).
   Both take ``keep_zero_point`` (0.0 when the zero point was folded into the consumer's bias).
 - ``msfp.DequantizeFP4Packed(packed, scale)``: two 4-bit codes per byte -> table lookup -> reshape -> * scale.
@@ -15,6 +16,7 @@ Custom ops:
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -57,6 +59,16 @@ def _dequantize_packed(packed: UINT8, scale: FLOAT, fmt: str, shape: Sequence[in
 
 
 @onnxscript.script(_wrap)
+def _quantize_lut(x: FLOAT, scale: FLOAT, zero_point: FLOAT, fmt: str) -> FLOAT:
+    return _msfp.QuantizeLUT(x, scale, zero_point, format=fmt)
+
+
+@onnxscript.script(_wrap)
+def _quantize_lut_folded(x: FLOAT, scale: FLOAT, zero_point: FLOAT, fmt: str) -> FLOAT:
+    return _msfp.QuantizeLUT(x, scale, zero_point, format=fmt, keep_zero_point=0.0)
+
+
+@onnxscript.script(_wrap)
 def _quantize_fp_folded(x: FLOAT, scale: FLOAT, zero_point: FLOAT, fmt: str) -> FLOAT:
     return _msfp.QuantizeFP(x, scale, zero_point, format=fmt, keep_zero_point=0.0)
 
@@ -66,14 +78,26 @@ def _quantize_int_folded(x: FLOAT, scale: FLOAT, zero_point: FLOAT, fmt: str) ->
     return _msfp.QuantizeInt(x, scale, zero_point, format=fmt, keep_zero_point=0.0)
 
 
+def quantize_op_type(fmt: str) -> str:
+    """Which msfp op implements a format: QuantizeInt, QuantizeFP (arithmetic, M >= 1) or QuantizeLUT (M = 0)."""
+    f = get_format(fmt)
+    if isinstance(f, IntFormat):
+        return "QuantizeInt"
+    # Round() ties to even *mantissa*, which is the even code only when there is a mantissa bit; E3M0/UE4M0
+    # (powers of two) take the table path, whose thresholds encode ties-to-even-code exactly.
+    return "QuantizeFP" if f.man_bits >= 1 else "QuantizeLUT"
+
+
+_PLAIN = {"QuantizeInt": _quantize_int, "QuantizeFP": _quantize_fp, "QuantizeLUT": _quantize_lut}
+_FOLDED = {"QuantizeInt": _quantize_int_folded, "QuantizeFP": _quantize_fp_folded, "QuantizeLUT": _quantize_lut_folded}
+
+
 def _translate_quantize(x, scale, zero_point, fmt: str):
-    fn = _quantize_int if isinstance(get_format(fmt), IntFormat) else _quantize_fp
-    return fn(x, scale, zero_point, fmt=fmt)
+    return _PLAIN[quantize_op_type(fmt)](x, scale, zero_point, fmt=fmt)
 
 
 def _translate_quantize_folded(x, scale, zero_point, fmt: str):
-    fn = _quantize_int_folded if isinstance(get_format(fmt), IntFormat) else _quantize_fp_folded
-    return fn(x, scale, zero_point, fmt=fmt)
+    return _FOLDED[quantize_op_type(fmt)](x, scale, zero_point, fmt=fmt)
 
 
 def _translate_dequantize_packed(packed, scale, fmt: str, shape: Sequence[int]):
@@ -116,8 +140,47 @@ def msfp_functions(opset: int) -> list[onnx.FunctionProto]:
         helper.make_node("Mul", ["zero_point", "keep"], ["zk"]),
         helper.make_node("Add", ["qs", "zk"], ["y"]),
     ]
+    f32 = lambda name, v: helper.make_node(  # noqa: E731
+        "Constant", [], [name], value=helper.make_tensor(name, TensorProto.FLOAT, [], [v]))
     quantize_fp = helper.make_function(
         MSFP_DOMAIN, "QuantizeFP", ["x", "scale", "zero_point"], ["y"],
+        clip_head + [
+            helper.make_node("Abs", ["c"], ["a"]),
+            helper.make_node("Sign", ["c"], ["sg"]),
+            f32("two", 2.0),
+            f32("inv_ln2", 1.0 / math.log(2.0)),
+            _const("emin", "emin", F),
+            _const("mbits", "mantissa_bits", F),
+            # e = floor(log2 a), clamped to the subnormal exponent; Log is within an ulp, so fix +-1 at powers of 2.
+            helper.make_node("Log", ["a"], ["ln"]),
+            helper.make_node("Mul", ["ln", "inv_ln2"], ["l2"]),
+            helper.make_node("Floor", ["l2"], ["e0"]),
+            helper.make_node("Max", ["e0", "emin"], ["e1"]),
+            helper.make_node("Pow", ["two", "e1"], ["p"]),
+            helper.make_node("Mul", ["p", "two"], ["p2"]),
+            helper.make_node("GreaterOrEqual", ["a", "p2"], ["too_low"]),
+            helper.make_node("Less", ["a", "p"], ["below"]),
+            helper.make_node("Greater", ["e1", "emin"], ["above_min"]),
+            helper.make_node("And", ["below", "above_min"], ["too_high"]),
+            helper.make_node("Cast", ["too_low"], ["inc"], to=TensorProto.FLOAT),
+            helper.make_node("Cast", ["too_high"], ["dec"], to=TensorProto.FLOAT),
+            helper.make_node("Add", ["e1", "inc"], ["e2"]),
+            helper.make_node("Sub", ["e2", "dec"], ["e"]),
+            # step = 2^(e - M); a / step is exact, Round is half-to-even = even mantissa = even code.
+            helper.make_node("Sub", ["e", "mbits"], ["es"]),
+            helper.make_node("Pow", ["two", "es"], ["step"]),
+            helper.make_node("Div", ["a", "step"], ["r"]),
+            helper.make_node("Round", ["r"], ["rr"]),
+            helper.make_node("Mul", ["rr", "step"], ["qa"]),
+            helper.make_node("Mul", ["qa", "sg"], ["q"]),
+        ] + dequant_tail,
+        imports, attributes=["format", "mantissa_bits", "emin", "lo", "hi", "keep_zero_point"],
+        doc_string="Fake minifloat quantization (M >= 1): v = clip((x - zp) / scale, lo, hi); "
+                   "q = sign(v) * round_half_even(|v| / 2^(e - M)) * 2^(e - M), e = max(floor(log2 |v|), emin); "
+                   "y = q * scale + zp * keep_zero_point.",
+    )
+    quantize_lut = helper.make_function(
+        MSFP_DOMAIN, "QuantizeLUT", ["x", "scale", "zero_point"], ["y"],
         clip_head + [
             helper.make_node("Abs", ["c"], ["a"]),
             helper.make_node("Sign", ["c"], ["sg"]),
@@ -132,7 +195,7 @@ def msfp_functions(opset: int) -> list[onnx.FunctionProto]:
             helper.make_node("Mul", ["g", "sg"], ["q"]),
         ] + dequant_tail,
         imports, attributes=["format", "levels", "thresholds", "lo", "hi", "keep_zero_point"],
-        doc_string="Fake FP quantization: zero_point + scale * levels[#(thresholds < |v|)] * sign(v), "
+        doc_string="Fake quantization onto any grid: zero_point + scale * levels[#(thresholds < |v|)] * sign(v), "
                    "v = clip((x - zero_point) / scale, lo, hi); round to nearest, ties to even code.",
     )
     quantize_int = helper.make_function(
@@ -166,7 +229,7 @@ def msfp_functions(opset: int) -> list[onnx.FunctionProto]:
         imports, attributes=["format", "table", "shape"],
         doc_string="Packed 4-bit weights: code 2i in the low nibble of byte i, value = table[code] * scale.",
     )
-    return [quantize_fp, quantize_int, dequant_packed]
+    return [quantize_fp, quantize_lut, quantize_int, dequant_packed]
 
 
 def annotate_msfp_nodes(model: onnx.ModelProto) -> dict[str, int]:
@@ -178,10 +241,12 @@ def annotate_msfp_nodes(model: onnx.ModelProto) -> dict[str, int]:
         counts[node.op_type] = counts.get(node.op_type, 0) + 1
         fmt = get_format(next(a.s.decode() for a in node.attribute if a.name == "format"))
         extra: dict = {}
-        if node.op_type in ("QuantizeFP", "QuantizeInt"):
+        if node.op_type in ("QuantizeFP", "QuantizeLUT", "QuantizeInt"):
             extra = {"lo": fmt.min, "hi": fmt.max, "keep_zero_point": 1.0}
-            if node.op_type == "QuantizeFP":
+            if node.op_type == "QuantizeLUT":
                 extra |= {"levels": fmt.levels.tolist(), "thresholds": fmt.thresholds.tolist()}
+            if node.op_type == "QuantizeFP":
+                extra |= {"mantissa_bits": float(fmt.man_bits), "emin": float(1 - fmt.bias)}
         elif node.op_type == "DequantizeFP4Packed":
             extra = {"table": fmt.code_table.tolist()}
         present = {a.name for a in node.attribute}
