@@ -18,6 +18,7 @@ from .errors import MsfpError
 from .load import LoadedModel
 from .pipeline import PassManager, PassResult, PassRun
 from .record import records
+from msfp_compiler.passes.fuse_talora import FuseTALoRA
 
 __all__ = ["CompiledModel", "compile", "default_passes", "LayerSummary", "CheckResult"]
 
@@ -142,6 +143,16 @@ def default_passes(config: CompileConfig, calib: CalibrationSet, extra: list[Cal
     return passes
 
 
+def _finetune_pass(unet, sig, loaded: LoadedModel, config: CompileConfig, progress):
+    from .finetune import FinetunePass
+
+    ft = config.finetune
+    sched = make_scheduler(ft.sampler, loaded.scheduler_config)
+    data = collect(unet, sig, ft.samples, ft.sampler_steps, ft.seed + 1, sched, num_groups=1, holdout_samples=0,
+                   class_embedding=loaded.class_embedding, progress=progress)
+    return FinetunePass(unet, sig, data, ft, make_scheduler(ft.sampler, loaded.scheduler_config), progress)
+
+
 def _summaries(gm: fx.GraphModule) -> list[LayerSummary]:
     out = []
     for node, rec in records(gm):
@@ -169,7 +180,10 @@ def compile(model: torch.nn.Module | LoadedModel, config: CompileConfig | None =
     t0 = time.perf_counter()
     gm, sig = capture(unet, sig)
     capture_s = time.perf_counter() - t0
-    pm = PassManager(default_passes(config, calibration, extra_passes), log_dir, dump_graphs)
+    extra = list(extra_passes or [])
+    if config.finetune is not None:
+        extra = [_finetune_pass(unet, sig, loaded, config, progress), FuseTALoRA()] + extra
+    pm = PassManager(default_passes(config, calibration, extra), log_dir, dump_graphs)
     pm.record("capture", capture_s, {"nodes": len(gm.graph.nodes)})
     gm = pm(gm)
     t0 = time.perf_counter()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .errors import MsfpError
+from .finetune import FinetuneConfig  # noqa: F401  (type of CompileConfig.finetune)
 from .formats import parse_format
 
 __all__ = ["SCHEMES", "QuantConfig", "CalibConfig", "CompileConfig"]
@@ -75,3 +76,4 @@ class CompileConfig:
     calib: CalibConfig = field(default_factory=CalibConfig)
     pack_weights: bool = True
     fold_zero_point: bool = True
+    finetune: "FinetuneConfig | None" = None  # TALoRA/LoRA + DFA distillation after insert_qdq

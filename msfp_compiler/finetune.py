@@ -134,13 +134,15 @@ def attach_talora(gm: fx.GraphModule, cfg: FinetuneConfig) -> list[str]:
     """Insert the router and a TALoRAWeight module on every 4-bit weight quantizer; returns the module names."""
     g = gm.graph
     gen = torch.Generator().manual_seed(cfg.seed)
-    timestep = [n for n in g.nodes if n.op == "placeholder"][1]
+    placeholders = [n for n in g.nodes if n.op == "placeholder"]
+    timestep = placeholders[1]
     names = []
     gate = None
     if cfg.num_loras > 1:
         gm.add_submodule(ROUTER_NAME, TimestepRouter(cfg.num_loras))
-        with g.inserting_after(timestep):
+        with g.inserting_after(placeholders[-1]):
             gate = g.call_module(ROUTER_NAME, (timestep,))
+    order = {n: i for i, n in enumerate(g.nodes)}
     for q in [n for n in g.nodes if n.op == "call_function" and n.target == QUANTIZE]:
         w = q.args[0]
         rec = record_of(w)
@@ -149,12 +151,18 @@ def attach_talora(gm: fx.GraphModule, cfg: FinetuneConfig) -> list[str]:
         name = f"talora_{w.name}"
         weight = gm.get_parameter(w.target) if w.target in dict(gm.named_parameters()) else gm.get_buffer(w.target)
         gm.add_submodule(name, TALoRAWeight(weight.shape, cfg.num_loras, cfg.rank, gen))
-        with g.inserting_before(q):
+        if gate is None:
+            gm.get_submodule(name).register_buffer("one", torch.ones(1))
+        # Weight quantizers may sit before the placeholders (get_attr order); rebuild them next to their layer,
+        # after the router.
+        layer = min(q.users, key=lambda u: order[u])
+        with g.inserting_before(layer):
             gate_arg = gate if gate is not None else g.get_attr(f"{name}.one")
-            if gate is None:
-                gm.get_submodule(name).register_buffer("one", torch.ones(1))
             lw = g.call_module(name, (w, gate_arg))
-        q.args = (lw,) + tuple(q.args[1:])
+            q2 = g.call_function(QUANTIZE, (lw,) + tuple(q.args[1:]))
+        q2.meta.update(q.meta)
+        q.replace_all_uses_with(q2)
+        g.erase_node(q)
         names.append(name)
     gm.graph.lint()
     gm.recompile()
@@ -241,7 +249,6 @@ def _train(gm, teacher, sig, data, cfg, gammas, progress) -> FinetuneResult:
     show = sys.stderr.isatty() if progress is None else progress
     bar = tqdm(range(cfg.steps), desc="finetune", disable=not show, leave=False)
     t0 = time.perf_counter()
-    gm.train()
     for step in bar:
         b, y = items[int(torch.randint(len(items), (1,), generator=gen))]
         n = b.sample.shape[0]
@@ -258,7 +265,6 @@ def _train(gm, teacher, sig, data, cfg, gammas, progress) -> FinetuneResult:
             bar.set_postfix(loss=f"{sum(res.losses[-10:]) / len(res.losses[-10:]):.4g}")
         if cfg.checkpoint and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
             save_state(gm, cfg.checkpoint)
-    gm.eval()
     for p in gm.parameters():
         p.requires_grad_(False)
     res.seconds = time.perf_counter() - t0
@@ -296,3 +302,30 @@ def save_state(gm: fx.GraphModule, path: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     save_file(state, str(tmp))
     tmp.replace(path)
+
+
+@dataclass
+class FinetunePass:
+    """Pass wrapper: TALoRA/LoRA + DFA distillation on the quantized graph (adds LoRA modules and the router)."""
+
+    teacher: nn.Module
+    sig: UNetSignature
+    data: CalibrationSet
+    config: FinetuneConfig
+    scheduler: object
+    progress: bool | None = None
+    name: str = "finetune"
+    result: FinetuneResult | None = None
+
+    def __call__(self, gm: fx.GraphModule):
+        from .pipeline import PassResult
+
+        self.result = r = finetune(gm, self.teacher, self.sig, self.data, self.config, self.scheduler, self.progress)
+        info = {"steps": self.config.steps, "num_loras": self.config.num_loras, "rank": self.config.rank,
+                "dfa": self.config.dfa, "initial_loss": round(r.initial_loss, 6), "final_loss": round(r.final_loss, 6),
+                "train_seconds": round(r.seconds, 2)}
+        report = [f"distillation loss (DFA-weighted probe) {r.initial_loss:.5f} -> {r.final_loss:.5f}"]
+        if r.gammas:
+            ts = sorted(r.gammas)
+            report.append("gamma_t: " + " ".join(f"{t}:{r.gammas[t]:.2f}" for t in ts[:: max(1, len(ts) // 10)]))
+        return PassResult(gm, True, info, report)

@@ -30,6 +30,11 @@ aten = torch.ops.aten
 FOLDED_OP = torch.ops.msfp.quantize_folded.default
 
 
+def _plain_weight(node: fx.Node) -> bool:
+    return node.op == "get_attr" or (node.op == "call_function" and node.target == QUANTIZE_OP
+                                     and node.args[0].op == "get_attr")
+
+
 def _quantized_weight(gm: fx.GraphModule, wq_node: fx.Node) -> torch.Tensor:
     """Value of the layer's weight operand: the quantize node on a get_attr weight (or the raw weight)."""
     if wq_node.op == "call_function" and wq_node.target == QUANTIZE_OP:
@@ -60,6 +65,10 @@ class FoldZeroPoint:
                 continue
             users = list(q.users)
             if not users or any(layer_kind(u) not in ("conv", "linear") or u.args[0] is not q for u in users):
+                continue
+            # A timestep-selected (TALoRA) weight would need one folded bias per LoRA; such layers keep z in the
+            # activation quantizer, which is equally exact.
+            if any(not _plain_weight(u.args[1]) for u in users):
                 continue
             for u in users:
                 padded += self._fold_into(gm, u, z)
