@@ -76,6 +76,16 @@ def compile_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-groups", type=int, default=4, help="timestep groups for statistics (default 4)")
     p.add_argument("--scheduler", default="ddim", choices=["ddim", "ddpm"], help="calibration sampler (default ddim)")
     p.add_argument("--seed", type=int, default=0)
+    ft = p.add_argument_group("fine-tuning (TALoRA + DFA, data-free distillation from the FP model)")
+    ft.add_argument("--finetune-steps", type=int, default=0, help="distillation steps; 0 = PTQ only (default 0)")
+    ft.add_argument("--num-loras", type=int, default=2, help="LoRAs per layer chosen by the router; 1 = LoRA (default 2)")
+    ft.add_argument("--lora-rank", type=int, default=4, help="LoRA rank (default 4)")
+    ft.add_argument("--no-dfa", action="store_true", help="unweighted loss instead of DFA's gamma_t weighting")
+    ft.add_argument("--learn-act-scales", action="store_true", help="also learn activation scales (LSQ-style)")
+    ft.add_argument("--finetune-samples", type=int, default=32, help="FP trajectories used as data (default 32)")
+    ft.add_argument("--finetune-sampler-steps", type=int, default=50,
+                    help="DDIM steps of those trajectories and of gamma_t; match your sampler (default 50)")
+    ft.add_argument("--finetune-checkpoint", help="write LoRA + router tensors here (.safetensors)")
     p.add_argument("--no-pack", action="store_true", help="keep FP32 weights + fake quantization (larger file)")
     p.add_argument("--no-fold", action="store_true", help="do not fold unsigned zero points into biases")
     p.add_argument("--log-dir", help="write passes.jsonl, passes.log (and graph dumps) here")
@@ -110,7 +120,16 @@ def _compile(args: argparse.Namespace) -> int:
                         weight_granularity=args.granularity, sign_rule=args.sign_rule, keep_8bit=args.keep_8bit)
     calib = CalibConfig(num_samples=args.calib_samples, num_steps=args.calib_steps, num_groups=args.calib_groups,
                         scheduler=args.scheduler, seed=args.seed)
-    cfg = CompileConfig(quant=quant, calib=calib, pack_weights=not args.no_pack, fold_zero_point=not args.no_fold)
+    ft = None
+    if args.finetune_steps:
+        from .finetune import FinetuneConfig
+
+        ft = FinetuneConfig(steps=args.finetune_steps, num_loras=args.num_loras, rank=args.lora_rank,
+                            dfa=not args.no_dfa, learn_act_scales=args.learn_act_scales,
+                            samples=args.finetune_samples, sampler_steps=args.finetune_sampler_steps,
+                            seed=args.seed, checkpoint=args.finetune_checkpoint)
+    cfg = CompileConfig(quant=quant, calib=calib, pack_weights=not args.no_pack, fold_zero_point=not args.no_fold,
+                        finetune=ft)
     loaded = load_model(args.model, args.config, args.trust_pickle)
     log.info("msfp-compile: %s (%s, %.2fM parameters), scheme %s", args.model, type(loaded.unet).__name__,
              sum(p.numel() for p in loaded.unet.parameters()) / 1e6, args.scheme)

@@ -260,7 +260,7 @@ def _train(gm, teacher, sig, data, cfg, gammas, progress) -> FinetuneResult:
         loss.backward()
         opt.step()
         sched.step()
-        res.losses.append(float(loss))
+        res.losses.append(loss.item())
         if step % 10 == 0:
             bar.set_postfix(loss=f"{sum(res.losses[-10:]) / len(res.losses[-10:]):.4g}")
         if cfg.checkpoint and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:

@@ -95,6 +95,7 @@ class FuseTALoRA:
         for name in [n for n, _ in gm.named_children() if n.startswith("talora_")]:
             delattr(gm, name)
         g.eliminate_dead_code()
+        gm.recompile()  # the router's submodule is gone: the old forward code must not be called again
         segs = table_segments(table) if num_loras > 1 else [(0, self.num_train_timesteps - 1, 0)]
         report = [f"t {lo:4d}..{hi:4d} -> LoRA {k}" for lo, hi, k in segs]
         info = {"talora_layers": fused, "num_loras": num_loras, "segments": len(segs),

@@ -1,0 +1,200 @@
+"""Paper-style W4A4 quality table on the project's digit models, measured on the deployed ONNX in onnxruntime.
+
+Every row is compiled with the library API (``msfp_compiler.compile``) and sampled with DDIM through an ORT session
+from the same initial noise (fixed seed). Metrics: FID in the feature space of the project's digit classifier
+(generated vs all 1797 real digits), PSNR / MSE against the FP32 samples from the same noise, and for the
+conditional model the classifier accuracy of generated digits against their labels. Results are appended row by
+row to results/quality.json (rerunning skips rows already measured with the same settings unless --force), and
+results/quality.md holds the markdown table README shows.
+
+    python tools/eval_quality.py                      # both models, all rows
+    python tools/eval_quality.py --models uncond --rows fp32,msfp --samples 200   # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from msfp_compiler.calibrate import make_scheduler  # noqa: E402
+from msfp_compiler.capture import capture, signature_of  # noqa: E402
+from msfp_compiler.compile import compile as msfp_compile  # noqa: E402
+from msfp_compiler.config import CalibConfig, CompileConfig, QuantConfig  # noqa: E402
+from msfp_compiler.digits import load_classifier, load_digit_images  # noqa: E402
+from msfp_compiler.export.onnx import lower_to_onnx, save_atomic  # noqa: E402
+from msfp_compiler.export.ort import OrtUNet, ddim_sample, open_session, save_grid  # noqa: E402
+from msfp_compiler.finetune import FinetuneConfig  # noqa: E402
+from msfp_compiler.load import load_model  # noqa: E402
+from msfp_compiler.metrics import classifier_accuracy, fid_digits, mse, psnr  # noqa: E402
+
+MODELS = {"uncond": ROOT / "examples" / "digits-uncond", "cond": ROOT / "examples" / "digits-cond"}
+
+
+@dataclass(frozen=True)
+class Row:
+    """One table row: a scheme, optionally with (TA)LoRA fine-tuning and DFA."""
+
+    name: str
+    scheme: str | None  # None = FP32
+    num_loras: int = 0  # 0 = PTQ, 1 = LoRA, >1 = TALoRA
+    dfa: bool = False
+
+
+ROWS = {r.name: r for r in [
+    Row("FP32", None),
+    Row("INT4 PTQ", "int4"),
+    Row("FP4 signed PTQ", "fp4-signed"),
+    Row("MSFP PTQ", "msfp"),
+    Row("INT4 + LoRA", "int4", 1),
+    Row("MSFP + LoRA", "msfp", 1),
+    Row("MSFP + TALoRA", "msfp", 2),
+    Row("MSFP + TALoRA + DFA", "msfp", 2, True),
+]}
+ALIASES = {"fp32": "FP32", "int4": "INT4 PTQ", "fp4": "FP4 signed PTQ", "msfp": "MSFP PTQ",
+           "int4+lora": "INT4 + LoRA", "msfp+lora": "MSFP + LoRA", "msfp+talora": "MSFP + TALoRA",
+           "msfp+talora+dfa": "MSFP + TALoRA + DFA"}
+
+
+def build_onnx(row: Row, loaded, args, path: Path) -> dict:
+    """Compile one row to ONNX at path; returns compile facts."""
+    t0 = time.perf_counter()
+    info: dict = {}
+    if row.scheme is None:
+        sig = signature_of(loaded.unet)
+        gm, _ = capture(loaded.unet.eval(), sig)
+        from msfp_compiler.capture import example_inputs
+
+        model, _ = lower_to_onnx(gm, example_inputs(sig, 2), sig.input_names)
+        save_atomic(model, path)
+    else:
+        ft = None
+        if row.num_loras:
+            ft = FinetuneConfig(steps=args.finetune_steps, num_loras=row.num_loras, rank=args.lora_rank,
+                                dfa=row.dfa, samples=args.finetune_samples, sampler_steps=args.steps, seed=args.seed)
+        cfg = CompileConfig(quant=QuantConfig(scheme=row.scheme),
+                            calib=CalibConfig(num_samples=args.calib_samples, num_steps=args.calib_steps,
+                                              seed=args.seed), finetune=ft)
+        cm = msfp_compile(loaded, cfg, progress=True)
+        cm.save(path)
+        info["check_median_rel_rmse"] = cm.check().median
+        for run in cm.pass_runs:
+            if run.name == "finetune":
+                info["finetune_seconds"] = run.info["train_seconds"]
+                info["distill_loss"] = [run.info["initial_loss"], run.info["final_loss"]]
+            if run.name == "fuse_talora" and "table" in run.info:
+                info["talora_table"] = run.info["table"]
+        acts = [s for s in cm.layers if s.role == "act" and s.bits == 4]
+        info["unsigned_acts"] = sum(not s.signed for s in acts)
+        info["signed_acts"] = sum(s.signed for s in acts)
+    info["compile_seconds"] = round(time.perf_counter() - t0, 2)
+    info["onnx_bytes"] = path.stat().st_size
+    return info
+
+
+def evaluate(model_key: str, rows: list[Row], args, results: dict) -> None:
+    loaded = load_model(MODELS[model_key])
+    classifier = load_classifier(ROOT / "examples" / "digit_classifier.safetensors")
+    real, _ = load_digit_images(16)
+    n = args.samples
+    labels = torch.arange(n) % 10
+    cond = loaded.class_embedding[labels].unsqueeze(1).float() if loaded.class_embedding is not None else None
+    settings = {"samples": n, "steps": args.steps, "seed": args.seed, "finetune_steps": args.finetune_steps,
+                "lora_rank": args.lora_rank, "calib_samples": args.calib_samples, "calib_steps": args.calib_steps}
+    table = results.setdefault(model_key, {})
+    ref_path = args.out / f"samples_{model_key}_fp32.pt"
+    for row in rows:
+        old = table.get(row.name)
+        if old and old.get("settings") == settings and not args.force and (row.scheme or ref_path.exists()):
+            print(f"[{model_key}] {row.name}: cached", flush=True)
+            continue
+        print(f"[{model_key}] {row.name}: compiling", flush=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "model.onnx"
+            info = build_onnx(row, loaded, args, path)
+            t0 = time.perf_counter()
+            unet = OrtUNet(open_session(path))
+            imgs = ddim_sample(unet, n, args.steps, args.seed, cond, loaded.scheduler_config, batch_size=125,
+                               progress=True)
+            info["sample_seconds"] = round(time.perf_counter() - t0, 2)
+        if row.scheme is None:
+            torch.save(imgs, ref_path)
+        ref = torch.load(ref_path)
+        info["fid_digits"] = fid_digits(classifier, imgs, real)
+        info["psnr_vs_fp32"] = psnr(imgs, ref) if row.scheme else float("inf")
+        info["mse_vs_fp32"] = mse(imgs, ref)
+        if cond is not None:
+            info["label_accuracy"] = classifier_accuracy(classifier, imgs, labels)
+        info["settings"] = settings
+        table[row.name] = info
+        save_grid(imgs[:64], args.out / f"samples_{model_key}_{row.name.lower().replace(' + ', '_').replace(' ', '_')}.png",
+                  nrow=8)
+        write(results, args.out)
+        print(f"[{model_key}] {row.name}: FID {info['fid_digits']:.2f}  PSNR {info['psnr_vs_fp32']:.2f} dB  "
+              f"compile {info['compile_seconds']:.0f}s  sample {info['sample_seconds']:.0f}s", flush=True)
+
+
+def write(results: dict, out: Path) -> None:
+    tmp = out / ".quality.json.tmp"
+    tmp.write_text(json.dumps(results, indent=1, sort_keys=True, default=float))
+    tmp.replace(out / "quality.json")
+    lines = []
+    for model_key, table in results.items():
+        cond = any("label_accuracy" in r for r in table.values())
+        lines += [f"### digits-{model_key} (W4A4, first/last conv 8-bit)", "",
+                  "| method | FID (digit features) ↓ | PSNR vs FP32 (dB) ↑ |" + (" label acc ↑ |" if cond else "")
+                  + " compile (s) | ONNX size (KB) |",
+                  "|---|---|---|" + ("---|" if cond else "") + "---|---|"]
+        for name in ROWS:
+            r = table.get(name)
+            if not r:
+                continue
+            acc = f" {100 * r['label_accuracy']:.1f}% |" if cond else ""
+            p = "—" if r["psnr_vs_fp32"] == float("inf") else f"{r['psnr_vs_fp32']:.2f}"
+            lines.append(f"| {name} | {r['fid_digits']:.2f} | {p} |{acc} {r['compile_seconds']:.0f} | "
+                         f"{r['onnx_bytes'] / 1024:.0f} |")
+        s = next(iter(table.values()))["settings"]
+        lines += ["", f"{s['samples']} samples, DDIM {s['steps']} steps, seed {s['seed']}; fine-tuning "
+                  f"{s['finetune_steps']} steps, LoRA rank {s['lora_rank']}.", ""]
+    (out / "quality.md").write_text("\n".join(lines))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default="uncond,cond")
+    p.add_argument("--rows", default=",".join(ALIASES), help=f"subset of {','.join(ALIASES)}")
+    p.add_argument("--samples", type=int, default=1000)
+    p.add_argument("--steps", type=int, default=25, help="DDIM steps (also the DFA sampler)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--calib-samples", type=int, default=16)
+    p.add_argument("--calib-steps", type=int, default=25)
+    p.add_argument("--finetune-steps", type=int, default=300)
+    p.add_argument("--finetune-samples", type=int, default=32)
+    p.add_argument("--lora-rank", type=int, default=4)
+    p.add_argument("--out", type=Path, default=ROOT / "results")
+    p.add_argument("--force", action="store_true", help="recompute rows already in quality.json")
+    args = p.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    res_path = args.out / "quality.json"
+    results = json.loads(res_path.read_text()) if res_path.exists() else {}
+    rows = [ROWS[ALIASES.get(r.strip().lower(), r.strip())] for r in args.rows.split(",")]
+    if rows[0].scheme is not None and ROWS["FP32"] not in rows:
+        rows = [ROWS["FP32"]] + rows  # PSNR needs the FP32 reference from the same noise
+    t0 = time.perf_counter()
+    for m in args.models.split(","):
+        evaluate(m.strip(), rows, args, results)
+    print(f"done in {time.perf_counter() - t0:.0f}s -> {args.out / 'quality.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
