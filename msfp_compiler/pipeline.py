@@ -127,8 +127,8 @@ class PassManager:
                "nodes_before": run.nodes_before, "nodes_after": run.nodes_after, "modified": run.modified, **run.info}
         with open(self.log_dir / "passes.jsonl", "a") as f:
             f.write(json.dumps(row, sort_keys=False, default=str) + "\n")
-        head = (f"== pass {i}: {run.name}  {run.seconds:.3f}s  nodes {run.nodes_before} -> {run.nodes_after}"
-                f"  peak RSS {run.peak_rss_mb:.0f} MB")
+        nodes = f"  nodes {run.nodes_before} -> {run.nodes_after}" if run.nodes_before else ""
+        head = f"== pass {i}: {run.name}  {run.seconds:.3f}s{nodes}  peak RSS {run.peak_rss_mb:.0f} MB"
         info = [f"   {k}: {v}" for k, v in run.info.items() if not isinstance(v, (dict, list))]
         with open(self.log_dir / "passes.log", "a") as f:
             f.write("\n".join([head, *info, *("   " + line for line in res.report)]) + "\n\n")
