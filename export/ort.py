@@ -93,7 +93,8 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None, s
     n, c, h, w = imgs.shape
     nrow = nrow or int(np.ceil(np.sqrt(n)))
     rows = int(np.ceil(n / nrow))
-    grid = torch.zeros(c, rows * (h + 1) + 1, nrow * (w + 1) + 1, dtype=torch.uint8)
+    # Mid-grey separators keep black digit backgrounds apart.
+    grid = torch.full((c, rows * (h + 1) + 1, nrow * (w + 1) + 1), 128, dtype=torch.uint8)
     for k in range(n):
         r, col = divmod(k, nrow)
         grid[:, 1 + r * (h + 1):1 + r * (h + 1) + h, 1 + col * (w + 1):1 + col * (w + 1) + w] = imgs[k]

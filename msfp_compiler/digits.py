@@ -172,19 +172,3 @@ def ddim_sample_torch(unet: nn.Module, scheduler: Any, n: int, steps: int = 50, 
             x = ddim.step(eps, t, x, eta=eta, generator=step_gen).prev_sample
         out.append(x.clamp(-1, 1).cpu())
     return torch.cat(out)
-
-
-def save_grid(images: torch.Tensor, path: str | Path, nrow: int = 8, scale: int = 4) -> None:
-    """Save images in [-1,1] [N,1,H,W] as a grayscale PNG grid (row-major, `nrow` per row)."""
-    from PIL import Image
-
-    n, _, h, w = images.shape
-    rows = (n + nrow - 1) // nrow
-    pad = 1
-    # Mid-gray separators so the black digit backgrounds stay distinguishable.
-    grid = torch.full((rows * (h + pad) + pad, nrow * (w + pad) + pad), 0.0)
-    for i in range(n):
-        r, c = divmod(i, nrow)
-        grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + c * (w + pad): pad + c * (w + pad) + w] = images[i, 0]
-    arr = ((grid.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
-    Image.fromarray(arr, mode="L").resize((arr.shape[1] * scale, arr.shape[0] * scale), Image.NEAREST).save(path)

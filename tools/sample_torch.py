@@ -23,7 +23,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from msfp_compiler.digits import (NUM_CLASSES, ddim_sample_torch, load_classifier,  # noqa: E402
-                                  load_digit_images, load_tiny_ddpm, save_grid)
+                                  load_digit_images, load_tiny_ddpm)
+from msfp_compiler.export.ort import save_grid  # noqa: E402
 from msfp_compiler.metrics import classifier_accuracy, fid_digits  # noqa: E402
 
 
