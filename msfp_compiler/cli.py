@@ -54,11 +54,18 @@ def _csv(s: str) -> tuple[str, ...]:
     return tuple(x.strip() for x in s.split(",") if x.strip())
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with usage errors as one line (``prog: error: ...``, exit 2), like every other user error."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def compile_parser() -> argparse.ArgumentParser:
     from .config import SCHEMES
 
-    p = argparse.ArgumentParser(prog="msfp-compile", description="Quantize a diffusers UNet to 4-bit (MSFP) and "
-                                "lower it to ONNX with msfp custom ops that stock onnxruntime runs.")
+    p = _Parser(prog="msfp-compile", description="Quantize a diffusers UNet to 4-bit (MSFP) and "
+                "lower it to ONNX with msfp custom ops that stock onnxruntime runs.")
     p.add_argument("model", help="diffusers model folder, .safetensors (with --config) or .pt checkpoint")
     p.add_argument("--out", required=True, help="output .onnx path")
     p.add_argument("--config", help="UNet config JSON for a .safetensors model")
@@ -161,8 +168,8 @@ def compile_main(argv: Sequence[str] | None = None) -> int:
 
 
 def sample_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="msfp-sample", description="DDIM-sample images from a compiled ONNX UNet in "
-                                "onnxruntime and save a grid.")
+    p = _Parser(prog="msfp-sample", description="DDIM-sample images from a compiled ONNX UNet in "
+                "onnxruntime and save a grid.")
     p.add_argument("model", help="compiled .onnx")
     p.add_argument("--out", required=True, help="output PNG grid")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")

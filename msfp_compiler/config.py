@@ -41,8 +41,16 @@ class QuantConfig:
     def __post_init__(self) -> None:
         if self.scheme not in SCHEMES:
             raise MsfpError(f"unknown --scheme {self.scheme!r} (expected one of {', '.join(SCHEMES)})")
-        for f in (self.act_formats or ()) + (self.weight_formats or ()):
-            parse_format(f)
+        for opt, fmts in (("--formats", self.act_formats), ("--weight-formats", self.weight_formats)):
+            for f in fmts or ():
+                try:
+                    bits = parse_format(f).bits
+                except MsfpError as e:
+                    raise MsfpError(f"{opt}: {e}") from None
+                # records, packing (two codes per byte) and the ONNX decode all assume 4-bit candidates
+                if bits != 4:
+                    raise MsfpError(f"{opt}: {f!r} is a {bits}-bit format; candidates must be 4-bit "
+                                    "(keep whole layers at 8 bits with --keep-8bit)")
         for f in self.weight_formats or ():
             if f.startswith("u"):
                 raise MsfpError(f"weight format {f!r} must be signed (weights are symmetric per channel)")

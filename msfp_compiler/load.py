@@ -116,10 +116,20 @@ def load_model(path: str | Path, config: str | Path | None = None, trust_pickle:
     raise MsfpError(f"{path}: unknown model kind (expected a diffusers folder, .safetensors or .pt)")
 
 
+def _is_torch_file(path: Path) -> bool:
+    """torch.save output: a zip archive, or the legacy format (a pickle stream, opcode PROTO first)."""
+    if zipfile.is_zipfile(path):
+        return True
+    with open(path, "rb") as f:
+        return f.read(1) == b"\x80"
+
+
 def _load_pt(path: Path, trust_pickle: bool) -> LoadedModel:
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=not trust_pickle)
     except pickle.UnpicklingError as e:
+        if not _is_torch_file(path):  # garbage also fails the weights-only unpickler: never advise trusting it
+            raise MsfpError(f"{path}: not a readable torch checkpoint (corrupt or truncated?)") from e
         if not trust_pickle:
             raise MsfpError(f"{path}: holds pickled objects beyond tensors and dicts; pass --trust-pickle "
                             "only if you trust this file (unpickling runs code)") from e
