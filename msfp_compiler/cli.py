@@ -170,7 +170,9 @@ def compile_main(argv: Sequence[str] | None = None) -> int:
 def sample_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="msfp-sample", description="DDIM-sample images from a compiled ONNX UNet in "
                 "onnxruntime and save a grid.")
-    p.add_argument("model", help="compiled .onnx")
+    p.add_argument("model", help="compiled .onnx (ORT backend) or .pt2 from --save-pt2 (Triton backend)")
+    p.add_argument("--backend", default="ort", choices=["ort", "triton"],
+                   help="ort: onnxruntime on CPU (default); triton: the quantized program on a CUDA GPU")
     p.add_argument("--out", required=True, help="output PNG grid")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
     p.add_argument("-n", "--num", type=int, default=16, help="number of images (default 16)")
@@ -190,6 +192,8 @@ def _sample(args: argparse.Namespace) -> int:
     out = _out_path(args.out, "msfp-sample")
     if args.steps < 1 or args.num < 1:
         raise MsfpError("--steps and --num must be >= 1")
+    if args.backend == "triton":
+        return _sample_triton(args, out)
     unet = OrtUNet(open_session(args.model, args.threads))
     cond = None
     if unet.cond:
@@ -208,6 +212,29 @@ def _sample(args: argparse.Namespace) -> int:
     imgs = ddim_sample(unet, args.num, args.steps, args.seed, cond)
     save_grid(imgs, out)
     print(f"wrote {out}: {args.num} samples, {args.steps} DDIM steps")
+    return 0
+
+
+def _sample_triton(args: argparse.Namespace, out: Path) -> int:
+    import torch
+
+    from msfp_compiler.export.ort import save_grid
+
+    if not torch.cuda.is_available():
+        raise MsfpError("--backend triton needs a CUDA GPU (none found)")
+    if not str(args.model).endswith(".pt2") or not Path(args.model).is_file():
+        raise MsfpError(f"{args.model}: --backend triton needs the .pt2 written by msfp-compile --save-pt2")
+    from msfp_compiler.export.triton.runtime import TritonRunner, load_pt2, sample_ddim
+
+    gm = load_pt2(args.model)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(placeholders) > 2:
+        raise MsfpError(f"{args.model}: --backend triton samples unconditional models only")
+    shape = placeholders[0].meta["val"].shape
+    runner = TritonRunner(gm, cuda_graphs=True)
+    imgs = sample_ddim(runner, (args.num, int(shape[1]), int(shape[2]), int(shape[3])), args.steps, args.seed)
+    save_grid(imgs.float().cpu(), out)
+    print(f"wrote {out}: {args.num} samples, {args.steps} DDIM steps on {torch.cuda.get_device_name()} (Triton)")
     return 0
 
 
