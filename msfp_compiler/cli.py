@@ -232,7 +232,11 @@ def _sample_triton(args: argparse.Namespace, out: Path) -> int:
         raise MsfpError(f"{args.model}: --backend triton samples unconditional models only")
     shape = placeholders[0].meta["val"].shape
     runner = TritonRunner(gm, cuda_graphs=True)
-    imgs = sample_ddim(runner, (args.num, int(shape[1]), int(shape[2]), int(shape[3])), args.steps, args.seed)
+    # torch.export records the guards diffusers' blocks put on the batch (batch <= 63 for the UNets we tried), so
+    # the program is sampled in chunks; chunk i uses seed + i.
+    chunk = 32
+    imgs = torch.cat([sample_ddim(runner, (min(chunk, args.num - i), int(shape[1]), int(shape[2]), int(shape[3])),
+                                  args.steps, args.seed + i // chunk) for i in range(0, args.num, chunk)])
     save_grid(imgs.float().cpu(), out)
     print(f"wrote {out}: {args.num} samples, {args.steps} DDIM steps on {torch.cuda.get_device_name()} (Triton)")
     return 0
