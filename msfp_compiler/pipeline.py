@@ -92,7 +92,7 @@ class PassManager:
     def __call__(self, gm: fx.GraphModule) -> fx.GraphModule:
         self._start_logs()
         done: list[str] = []
-        for i, p in enumerate(self.passes):
+        for p in self.passes:
             name = _pass_name(p)
             before = len(gm.graph.nodes)
             t0 = time.perf_counter()
@@ -112,7 +112,7 @@ class PassManager:
             run = PassRun(name, seconds, _peak_rss_mb(), before, len(gm.graph.nodes), res.modified, res.info)
             self.runs.append(run)
             done.append(name)
-            i = len(self.runs) - 1
+            i = len(self.runs) - 1  # log index counts stages recorded before the passes (capture)
             log.info("pass %-18s %7.3fs  nodes %d -> %d  %s", name, seconds, before, run.nodes_after,
                      " ".join(f"{k}={v}" for k, v in res.info.items() if not isinstance(v, (dict, list))))
             self._write(i, run, res)
