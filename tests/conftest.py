@@ -1,0 +1,193 @@
+"""Shared tiny diffusers UNets and the compiled / per-pass artifacts built from them.
+
+Everything is random-weight and built from configs in code (no downloads). Compiling even a tiny UNet takes tens of
+seconds on the 2-core CI machine (torch.export, the format search and the ONNX exporter dominate), so the expensive
+artifacts are session-scoped (each worker builds each one at most once, whichever module asks first) and, under
+``pytest -n``, the tests sharing one of them run on one worker (``pytest_xdist_make_scheduler`` below). Tests must not
+mutate them: ``Stages.fresh`` hands out deep copies (records included) for passes to rewrite.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+import torch.fx as fx
+
+import msfp_compiler.ops  # noqa: F401  (registers torch.ops.msfp)
+from msfp_compiler.calibrate import CalibrationSet, collect, make_scheduler
+from msfp_compiler.capture import UNetSignature, capture, signature_of
+from msfp_compiler.config import CalibConfig, CompileConfig, QuantConfig
+from msfp_compiler.pipeline import PassResult
+from msfp_compiler.record import META_KEY
+
+# Two xdist workers share two (busy) cores: more intra-op threads than cores makes OpenMP spin-wait, which turns a
+# 10 ms forward into seconds. One thread each, also for the CLI subprocesses (they inherit the environment).
+torch.set_num_threads(1)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+# 2 calibration samples x 3 DDIM steps, one timestep group per step, 2 held-out samples for ORT checks.
+TINY_CALIB = CalibConfig(num_samples=2, num_steps=3, num_groups=3, holdout_samples=2, seed=0)
+# The compiled fixtures test lowering, ORT parity and determinism, not search quality, so they use a coarser
+# (cheaper) search grid over the full MSFP candidate set. The per-pass stages use the default search.
+FAST_QUANT = QuantConfig(clip_ratios=16, zero_points=6, sample_per_group=1024)
+FAST_CONFIG = CompileConfig(quant=FAST_QUANT, calib=TINY_CALIB)
+STAGE_CONFIG = CompileConfig(calib=TINY_CALIB)
+
+
+def make_unet2d(seed: int = 0, attention: bool = True) -> torch.nn.Module:
+    """UNet2DModel (DDPM-style) with a self-attention down/up block: 8x8, channels (8, 16)."""
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(seed)
+    down = ("DownBlock2D", "AttnDownBlock2D") if attention else ("DownBlock2D", "DownBlock2D")
+    up = ("AttnUpBlock2D", "UpBlock2D") if attention else ("UpBlock2D", "UpBlock2D")
+    return UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
+                       layers_per_block=1, down_block_types=down, up_block_types=up, norm_num_groups=4,
+                       attention_head_dim=8).eval()
+
+
+def make_unet_min(seed: int = 0) -> torch.nn.Module:
+    """The smallest UNet2DModel that still has resnets with SiLU, conv_in/conv_out and a time embedding: one block,
+    no attention. For CLI / loading tests, where the ONNX export time (node count) dominates."""
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(seed)
+    return UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8,), layers_per_block=1,
+                       down_block_types=("DownBlock2D",), up_block_types=("UpBlock2D",), norm_num_groups=4,
+                       add_attention=False).eval()
+
+
+def make_unet_cond(seed: int = 0) -> torch.nn.Module:
+    """UNet2DConditionModel with SD1.5 block types (CrossAttnDown/Down, Up/CrossAttnUp), scaled down: 8x8x4 latents,
+    channels (16, 32), cross_attention_dim 16."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32),
+                                layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), norm_num_groups=8,
+                                cross_attention_dim=16, attention_head_dim=8).eval()
+
+
+def clone_gm(gm: fx.GraphModule) -> fx.GraphModule:
+    """Deep copy of a GraphModule *including* the msfp records (fx copies node.meta only shallowly)."""
+    new = copy.deepcopy(gm)
+    old_nodes = {n.name: n for n in gm.graph.nodes}
+    for n in new.graph.nodes:
+        rec = old_nodes[n.name].meta.get(META_KEY)
+        if rec is not None:
+            n.meta[META_KEY] = copy.deepcopy(rec)
+    return new
+
+
+def calibrate(unet: torch.nn.Module, calib: CalibConfig = TINY_CALIB) -> CalibrationSet:
+    sig = signature_of(unet)
+    return collect(unet, sig, calib.num_samples, calib.num_steps, calib.seed, make_scheduler(calib.scheduler),
+                   calib.num_groups, calib.holdout_samples, progress=False)
+
+
+@dataclass
+class Stages:
+    """The graph after capture and after each default pass (same passes and order as ``compile``)."""
+
+    unet: torch.nn.Module
+    sig: UNetSignature
+    calib: CalibrationSet
+    config: CompileConfig
+    after: dict[str, fx.GraphModule] = field(default_factory=dict)  # "capture", "annotate_sign", ...
+    results: dict[str, PassResult] = field(default_factory=dict)  # each pass's info and report
+
+    def fresh(self, stage: str) -> fx.GraphModule:
+        return clone_gm(self.after[stage])
+
+
+def build_stages(unet: torch.nn.Module, config: CompileConfig = STAGE_CONFIG) -> Stages:
+    from msfp_compiler.compile import default_passes
+
+    calib = calibrate(unet, config.calib)
+    gm, sig = capture(unet)
+    st = Stages(unet, sig, calib, config)
+    st.after["capture"] = clone_gm(gm)
+    for p in default_passes(config, calib):  # what PassManager does, keeping each PassResult
+        res = p(gm)
+        gm = res.graph_module
+        gm.graph.lint()
+        gm.recompile()
+        st.after[p.name] = clone_gm(gm)
+        st.results[p.name] = res
+    return st
+
+
+@pytest.fixture(scope="session")
+def unet2d() -> torch.nn.Module:
+    return make_unet2d()
+
+
+@pytest.fixture(scope="session")
+def unet_cond() -> torch.nn.Module:
+    return make_unet_cond()
+
+
+@pytest.fixture(scope="session")
+def compiled_unet2d(unet2d):
+    from msfp_compiler.compile import compile
+
+    return compile(unet2d, FAST_CONFIG, progress=False)
+
+
+@pytest.fixture(scope="session")
+def compiled_cond(unet_cond):
+    from msfp_compiler.compile import compile
+
+    return compile(unet_cond, FAST_CONFIG, progress=False)
+
+
+@pytest.fixture(scope="session")
+def stages_unet2d(unet2d) -> Stages:
+    return build_stages(unet2d)
+
+
+@pytest.fixture(params=["unet2d", "cond"])
+def compiled(request):
+    """Both compiled tiny models (parametrized): UNet2DModel and the small UNet2DConditionModel."""
+    return request.getfixturevalue("compiled_unet2d" if request.param == "unet2d" else "compiled_cond")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# xdist: keep the tests that share an expensive session-scoped artifact on one worker
+
+_COMPILED_PARAM = re.compile(r"\[(?:[^\]]*-)?(unet2d|cond)(?:-[^\]]*)?\]$")
+
+
+def _work_group(nodeid: str) -> str | None:
+    path = nodeid.split("::")[0]
+    if path.endswith("tests/test_cli.py"):
+        return "cli"  # module-scoped checkpoint, compiled model and bad files
+    if "tests/passes/" in path:
+        return "stages_unet2d"
+    m = _COMPILED_PARAM.search(nodeid)
+    if m and path.endswith(("tests/export/test_onnx.py", "tests/test_pipeline.py")):
+        return f"compiled_{m.group(1)}"
+    return None
+
+
+@pytest.hookimpl(tryfirst=True, optionalhook=True)  # optional: plain pytest without xdist ignores it
+def pytest_xdist_make_scheduler(config, log):
+    """``-n N`` distributes test by test (``--dist load``), so every worker would build every compiled model. Same
+    scheduling, except that the tests of one group above form one work unit. (``--dist loadgroup`` with
+    ``xdist_group`` marks would do this, but xdist 3.8 tags node ids through an attribute pytest 9 no longer reads.)
+    Other ``--dist`` modes are left alone."""
+    if config.getvalue("dist") != "load":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class GroupedLoad(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return _work_group(nodeid) or nodeid
+
+    return GroupedLoad(config, log)

@@ -1,0 +1,285 @@
+"""ONNX lowering: msfp custom nodes + model-local FunctionProtos that stock onnxruntime runs with no plugin.
+
+Model-level tests run on both tiny compiled models (UNet2DModel with attention, UNet2DConditionModel with
+cross-attention); op-level tests build one-node ONNX models per msfp op and compare the function bodies with the
+torch reference ops bit for bit (up to the sign of zero).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, helper
+
+from msfp_compiler.compile import compile
+from msfp_compiler.export.onnx import MSFP_DOMAIN, annotate_msfp_nodes, msfp_functions, quantize_op_type
+from msfp_compiler.formats import IntFormat
+from msfp_compiler.ops import get_format, pack_codes
+from tests.conftest import FAST_CONFIG
+
+QUANT_OPS = {"QuantizeFP", "QuantizeLUT", "QuantizeInt"}
+TORCH_QUANT = {torch.ops.msfp.quantize.default, torch.ops.msfp.quantize_folded.default}
+TOLERANCE = 1e-3  # median per-sample relative RMSE, see CompiledModel.check / CheckResult for why the median
+
+
+def _msfp_nodes(m: onnx.ModelProto) -> list[onnx.NodeProto]:
+    return [n for n in m.graph.node if n.domain == MSFP_DOMAIN]
+
+
+def _attr(node: onnx.NodeProto, name: str):
+    return next(helper.get_attribute_value(a) for a in node.attribute if a.name == name)
+
+
+def _session(model_or_path, threads: int = 1) -> ort.InferenceSession:
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.log_severity_level = 3
+    src = str(model_or_path) if isinstance(model_or_path, Path) else model_or_path.SerializeToString()
+    return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
+
+
+def _feeds(cm, batch: int) -> tuple[dict, tuple]:
+    """`batch` held-out/calibration inputs as ORT feeds and torch args."""
+    pool = cm.calibration.holdout + cm.calibration.batches
+    cat = [torch.cat([b.args[i] for b in pool])[:batch] for i in range(len(pool[0].args))]
+    names = cm.signature.input_names
+    feeds = {n: a.numpy() for n, a in zip(names, cat)}
+    return feeds, tuple(cat)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# model structure
+
+
+def test_msfp_nodes_match_the_torch_graph(compiled) -> None:
+    m = compiled.onnx_model
+    counts = Counter(n.op_type for n in _msfp_nodes(m))
+    assert dict(counts) == compiled.onnx_op_counts
+    assert counts["DequantizeFP4Packed"] > 0 and counts["QuantizeFP"] > 0
+    assert set(counts) <= QUANT_OPS | {"DequantizeFP4Packed"}
+    gm = compiled.graph_module
+    targets = Counter(n.target for n in gm.graph.nodes if n.op == "call_function")
+    # The exporter's optimizer merges common subexpressions: diffusers applies SiLU to the time embedding once per
+    # resnet, so those quantizers (same input, same scale and zero point) become one ONNX node.
+    distinct = {(n.args[3], getattr(gm, n.args[1].target).numpy().tobytes(),
+                 getattr(gm, n.args[2].target).numpy().tobytes(), n.args[0].target, str(n.args[0].args))
+                for n in gm.graph.nodes if n.op == "call_function" and n.target in TORCH_QUANT}
+    assert sum(counts[k] for k in QUANT_OPS) == len(distinct) <= sum(targets[t] for t in TORCH_QUANT)
+    assert counts["DequantizeFP4Packed"] == targets[torch.ops.msfp.dequantize_packed.default]
+    for n in _msfp_nodes(m):
+        fmt = _attr(n, "format").decode()
+        if n.op_type in QUANT_OPS:
+            assert n.op_type == quantize_op_type(fmt)
+            assert (n.op_type == "QuantizeInt") == isinstance(get_format(fmt), IntFormat)
+        else:
+            assert get_format(fmt).bits == 4 and get_format(fmt).signed
+    # no standard FP4 (de)quantization, which ORT's CPU provider cannot run
+    for n in m.graph.node:
+        assert n.op_type not in ("QuantizeLinear", "DequantizeLinear") or n.domain != ""
+        if n.op_type == "Cast":
+            assert _attr(n, "to") != TensorProto.FLOAT4E2M1
+
+
+def test_model_local_functions_and_opset(compiled) -> None:
+    m = compiled.onnx_model
+    funcs = {(f.domain, f.name): f for f in m.functions}
+    used = {n.op_type for n in _msfp_nodes(m)}
+    for op in used:
+        f = funcs[(MSFP_DOMAIN, op)]
+        assert f.node, op
+        # the body is made of standard ops only: that is what lets a stock ORT run it
+        assert all(n.domain in ("", "ai.onnx") for n in f.node), op
+    imports = {o.domain: o.version for o in m.opset_import}
+    assert imports.get(MSFP_DOMAIN) == 1
+    assert "msfp.translation" not in imports
+    assert not any(n.domain == "msfp.translation" for n in m.graph.node)
+    assert not any(n.domain not in ("", "ai.onnx", MSFP_DOMAIN) for n in m.graph.node)
+
+
+def test_onnx_checker_passes(compiled) -> None:
+    onnx.checker.check_model(compiled.onnx_model, full_check=True)
+
+
+def test_inputs_outputs_and_dynamic_batch(compiled) -> None:
+    m = compiled.onnx_model
+    sig = compiled.signature
+    want = ["sample", "timestep"] + (["encoder_hidden_states"] if sig.cond else [])
+    assert [i.name for i in m.graph.input] == want == sig.input_names
+    assert [o.name for o in m.graph.output] == ["noise_pred"]
+    types = {i.name: i.type.tensor_type.elem_type for i in m.graph.input}
+    assert types["sample"] == TensorProto.FLOAT and types["timestep"] == TensorProto.INT64
+    if sig.cond:
+        assert types["encoder_hidden_states"] == TensorProto.FLOAT
+    for vi in list(m.graph.input) + list(m.graph.output):
+        d0 = vi.type.tensor_type.shape.dim[0]
+        assert not d0.HasField("dim_value") and d0.dim_param == "batch", vi.name
+    sample = m.graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_value for d in sample[1:]] == [sig.in_channels, sig.sample_size, sig.sample_size]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# running it
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_plain_onnxruntime_runs_saved_file(compiled, tmp_path: Path, batch: int) -> None:
+    path = compiled.save(tmp_path / "model.onnx")
+    sess = ort.InferenceSession(str(path))  # no plugin, no custom-op library, nothing registered
+    feeds, args = _feeds(compiled, batch)
+    (out,) = sess.run(None, feeds)
+    assert out.shape == (batch, compiled.signature.in_channels, compiled.signature.sample_size,
+                         compiled.signature.sample_size)
+    assert np.isfinite(out).all()
+    ref = compiled(*args).numpy()
+    rel = np.sqrt(((out - ref) ** 2).reshape(batch, -1).sum(1) / (ref ** 2).reshape(batch, -1).sum(1))
+    assert np.median(rel) <= TOLERANCE, rel
+
+
+def test_check_agrees_with_torch_quantized_graph(compiled) -> None:
+    res = compiled.check(TOLERANCE)
+    n_holdout = sum(b.sample.shape[0] for b in compiled.calibration.holdout)
+    assert len(res.per_sample_rel_rmse) == n_holdout == 6
+    assert res.ok and res.median <= TOLERANCE, str(res)
+    assert "ORT vs torch" in str(res) and f"/{n_holdout} samples" in str(res)
+
+
+def test_check_detects_a_broken_lowering(compiled) -> None:
+    # the criterion is not vacuous: a lowering bug (packed weights decoded as wq * wq instead of wq * scale)
+    m = onnx.ModelProto()
+    m.CopyFrom(compiled.onnx_model)
+    (f,) = [f for f in m.functions if f.domain == MSFP_DOMAIN and f.name == "DequantizeFP4Packed"]
+    (mul,) = [n for n in f.node if n.op_type == "Mul"]
+    mul.input[1] = mul.input[0]
+    broken = dataclasses.replace(compiled, onnx_model=m)
+    res = broken.check(TOLERANCE)
+    assert not res.ok and res.median > TOLERANCE
+
+
+def test_same_input_and_seed_give_identical_bytes(compiled, request, tmp_path: Path) -> None:
+    unet = request.getfixturevalue("unet_cond" if compiled.signature.cond else "unet2d")
+    again = compile(unet, FAST_CONFIG, progress=False)
+    a, b = compiled.onnx_model.SerializeToString(), again.onnx_model.SerializeToString()
+    assert a == b
+    pa, pb = compiled.save(tmp_path / "a.onnx"), again.save(tmp_path / "b.onnx")
+    assert pa.read_bytes() == pb.read_bytes() == a
+
+
+def test_save_is_atomic_and_needs_an_existing_folder(compiled, tmp_path: Path) -> None:
+    from msfp_compiler.errors import MsfpError
+
+    with pytest.raises(MsfpError, match="does not exist"):
+        compiled.save(tmp_path / "missing" / "m.onnx")
+    compiled.save(tmp_path / "m.onnx")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]  # no temp files left behind
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# each msfp op's function body vs the torch op, one-node models
+
+OPSET = 20
+
+
+def _one_node_model(op_type: str, fmt: str, inputs: list[tuple[str, int, list]], out_shape: list[int],
+                    **attrs) -> onnx.ModelProto:
+    node = helper.make_node(op_type, [n for n, _, _ in inputs], ["y"], domain=MSFP_DOMAIN, format=fmt, **attrs)
+    graph = helper.make_graph([node], "one", [helper.make_tensor_value_info(n, t, s) for n, t, s in inputs],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET),
+                                                    helper.make_opsetid(MSFP_DOMAIN, 1)])
+    model.functions.extend(msfp_functions(OPSET))
+    annotate_msfp_nodes(model)
+    onnx.checker.check_model(model)
+    return model
+
+
+def _same_bits_up_to_zero_sign(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Mask of elements whose float32 bits differ, after mapping -0.0 to +0.0."""
+    a = np.ascontiguousarray(a + np.float32(0.0), dtype=np.float32)
+    b = np.ascontiguousarray(b + np.float32(0.0), dtype=np.float32)
+    return a.view(np.int32) != b.view(np.int32)
+
+
+def _quant_inputs(fmt: str, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rows with power-of-two scales hit every tie / level / power of two exactly; others use random scales."""
+    f = get_format(fmt)
+    g = torch.Generator().manual_seed(seed)
+    lv = f.levels.double()
+    mids = (lv[1:] + lv[:-1]) / 2
+    pts = torch.cat([lv, mids, lv * 1.5, 2.0 ** torch.arange(-10, 12).double()]).float()
+    near = torch.cat([torch.nextafter(pts, torch.full_like(pts, -np.inf)), pts,
+                      torch.nextafter(pts, torch.full_like(pts, np.inf))])
+    special = torch.cat([near, -near]) if f.signed else near
+    n = special.numel()
+    rows = []
+    scales = [0.5, 1.0, 2.0, 0.25]
+    zps = [0.0, 0.0, -0.25, -1.0] if not f.signed else [0.0] * 4
+    for s, z in zip(scales, zps):
+        rows.append(special * s + z)
+    for _ in range(4):
+        rows.append(torch.randn(n, generator=g) * float(f.max) * 0.6 + torch.rand(1, generator=g))
+        scales.append(float(torch.rand(1, generator=g) * 2 + 0.01))
+        zps.append(0.0 if f.signed else -float(torch.rand(1, generator=g)))
+    rows.append(torch.tensor([1e30, -1e30, 3e38, -3e38, 0.0, -0.0, 1e-40, -1e-40]).repeat(n // 8 + 1)[:n])
+    scales.append(0.1)
+    zps.append(0.0 if f.signed else -0.1)
+    x = torch.stack(rows)
+    return x, torch.tensor(scales)[:, None], torch.tensor(zps)[:, None]
+
+
+QUANT_FORMATS = ["e1m2", "e2m1", "e3m0", "ue2m2", "ue3m1", "ue4m0", "int4", "uint4", "int8", "uint8"]
+
+
+def _quant_cases():
+    for fmt in QUANT_FORMATS:
+        if isinstance(get_format(fmt), IntFormat):
+            yield fmt, "QuantizeInt"
+        else:
+            yield fmt, "QuantizeLUT"  # the table path is valid for every grid
+            if get_format(fmt).man_bits >= 1:
+                yield fmt, "QuantizeFP"  # the arithmetic path is meant for M >= 1
+
+
+@pytest.mark.parametrize("folded", [False, True], ids=["plain", "folded"])
+@pytest.mark.parametrize("fmt,op_type", list(_quant_cases()))
+def test_quantize_function_body_matches_torch_op(fmt: str, op_type: str, folded: bool) -> None:
+    x, s, z = _quant_inputs(fmt, seed=len(fmt))
+    attrs = {"keep_zero_point": 0.0} if folded else {}
+    model = _one_node_model(op_type, fmt, [("x", TensorProto.FLOAT, list(x.shape)),
+                                           ("scale", TensorProto.FLOAT, list(s.shape)),
+                                           ("zero_point", TensorProto.FLOAT, list(z.shape))], list(x.shape),
+                            **attrs)
+    (out,) = _session(model).run(None, {"x": x.numpy(), "scale": s.numpy(), "zero_point": z.numpy()})
+    op = torch.ops.msfp.quantize_folded if folded else torch.ops.msfp.quantize
+    ref = op(x, s, z, fmt).numpy()
+    bad = _same_bits_up_to_zero_sign(out, ref)
+    assert not bad.any(), (f"{bad.sum()} of {bad.size} differ; x={x.numpy()[bad][:6]} onnx={out[bad][:6]} "
+                           f"torch={ref[bad][:6]}")
+
+
+def test_translation_picks_a_body_that_supports_the_format() -> None:
+    for fmt in QUANT_FORMATS:
+        op = quantize_op_type(fmt)
+        assert (fmt, op) in set(_quant_cases()), (fmt, op)
+
+
+@pytest.mark.parametrize("fmt", ["e1m2", "e2m1", "e3m0", "int4"])
+@pytest.mark.parametrize("shape", [[6, 3, 3, 3], [5, 7], [3, 1, 1, 1], [4, 9]])
+def test_dequantize_packed_function_body_matches_torch_op(fmt: str, shape: list[int]) -> None:
+    g = torch.Generator().manual_seed(sum(shape))
+    codes = torch.randint(0, 16, shape, generator=g, dtype=torch.uint8)
+    packed = pack_codes(codes)
+    scale = torch.rand(shape[0], *([1] * (len(shape) - 1)), generator=g) + 0.01
+    model = _one_node_model("DequantizeFP4Packed", fmt, [("packed", TensorProto.UINT8, list(packed.shape)),
+                                                         ("scale", TensorProto.FLOAT, list(scale.shape))],
+                            shape, shape=shape)
+    (out,) = _session(model).run(None, {"packed": packed.numpy(), "scale": scale.numpy()})
+    ref = torch.ops.msfp.dequantize_packed(packed, scale, fmt, shape).numpy()
+    assert out.shape == tuple(shape)
+    assert not _same_bits_up_to_zero_sign(out, ref).any()
