@@ -89,12 +89,13 @@ class FuseTALoRA:
                 g.erase_node(q)
             g.erase_node(lw)
             fused += 1
+        # Dead router / LoRA nodes (and the K = 1 gate's get_attr) go before the modules they reference.
         for n in [n for n in g.nodes if n.op == "call_module"]:
             if not n.users:
                 g.erase_node(n)
+        g.eliminate_dead_code()
         for name in [n for n, _ in gm.named_children() if n.startswith("talora_")]:
             delattr(gm, name)
-        g.eliminate_dead_code()
         gm.recompile()  # the router's submodule is gone: the old forward code must not be called again
         segs = table_segments(table) if num_loras > 1 else [(0, self.num_train_timesteps - 1, 0)]
         report = [f"t {lo:4d}..{hi:4d} -> LoRA {k}" for lo, hi, k in segs]

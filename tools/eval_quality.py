@@ -122,7 +122,7 @@ def evaluate(model_key: str, rows: list[Row], args, results: dict) -> None:
             path = Path(tmp) / "model.onnx"
             info = build_onnx(row, loaded, args, path)
             t0 = time.perf_counter()
-            unet = OrtUNet(open_session(path))
+            unet = OrtUNet(open_session(path, args.threads))
             imgs = ddim_sample(unet, n, args.steps, args.seed, cond, loaded.scheduler_config, batch_size=125,
                                progress=True)
             info["sample_seconds"] = round(time.perf_counter() - t0, 2)
@@ -182,7 +182,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lora-rank", type=int, default=4)
     p.add_argument("--out", type=Path, default=ROOT / "results")
     p.add_argument("--force", action="store_true", help="recompute rows already in quality.json")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch and onnxruntime threads (1 avoids spin-wait collapse when the CPU is shared)")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     res_path = args.out / "quality.json"
     results = json.loads(res_path.read_text()) if res_path.exists() else {}
