@@ -2,12 +2,12 @@
 
 torch.fx.symbolic_trace fails on diffusers UNets (data-dependent control flow in the blocks); torch.export traces
 them exactly. The UNet is wrapped as ``f(sample, timestep[, encoder_hidden_states | class_labels]) -> noise_pred``
-with a dynamic batch dimension, so the graph inputs are the ONNX inputs.
+with a dynamic batch dimension (and text length), so the graph inputs are the ONNX inputs.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch.export import Dim
@@ -77,10 +77,15 @@ def capture(unet: torch.nn.Module, sig: UNetSignature | None = None) -> tuple[to
     sig = sig or signature_of(unet)
     unet = unet.eval()
     wrapper = UNetWrapper(unet, sig).eval()
-    args = example_inputs(sig, batch=2, generator=torch.Generator().manual_seed(0))
+    # The text sequence length is symbolic too, so the graph runs on whatever calibration uses (77 CLIP tokens
+    # for SD, 1 for a class-embedding row): trace with >= 2 tokens, since export specializes sizes 0 and 1.
+    example_sig = replace(sig, cond_len=max(2, sig.cond_len))
+    args = example_inputs(example_sig, batch=2, generator=torch.Generator().manual_seed(0))
     # Dim.AUTO rather than a named Dim: diffusers blocks add guards (e.g. an upper bound from the timestep
     # broadcast) that a fixed range would reject; the exported batch dimension stays symbolic either way.
     shapes = [{0: Dim.AUTO} for _ in args]
+    if sig.cond == "encoder_hidden_states":
+        shapes[2] = {0: Dim.AUTO, 1: Dim.AUTO}
     try:
         with torch.no_grad():
             ep = torch.export.export(wrapper, args, dynamic_shapes=shapes, strict=False)

@@ -8,6 +8,7 @@ calibration size. Weights get a record too (their values are in the module, no s
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -42,13 +43,17 @@ class _StatsInterpreter(fx.Interpreter):
 
 
 def _update(g: GroupStats, v: torch.Tensor, k: int, gen: torch.Generator, name: str) -> None:
+    # Two passes over the activation: aminmax (NaN propagates into it, Inf shows as the min or max, so it doubles
+    # as the finiteness check) and count_nonzero. isfinite().all() and (x < 0).sum() cost ~10x more on CPU,
+    # which made these statistics ~40% of the pass on SD1.5.
     flat = v.reshape(-1).float()
-    if not torch.isfinite(flat).all():
+    lo, hi = (float(t) for t in torch.aminmax(flat))
+    if not (math.isfinite(lo) and math.isfinite(hi)):
         raise MsfpError(f"node {name}: non-finite activation during calibration (timesteps {g.t_lo}..{g.t_hi})")
     g.count += flat.numel()
-    g.min = min(g.min, float(flat.min()))
-    g.max = max(g.max, float(flat.max()))
-    g.negatives += int((flat < 0).sum())
+    g.min = min(g.min, lo)
+    g.max = max(g.max, hi)
+    g.negatives += 0 if lo >= 0 else flat.numel() if hi < 0 else int(torch.count_nonzero(flat < 0))
     pick = flat if flat.numel() <= k else flat[torch.randint(0, flat.numel(), (k,), generator=gen)]
     g.sample = pick.clone() if g.sample is None else torch.cat([g.sample, pick])
 

@@ -19,7 +19,7 @@ from msfp_compiler.formats import parse_format
 from msfp_compiler.layer_graph import layer_kind
 from msfp_compiler.pipeline import PassResult
 from msfp_compiler.record import QuantChoice, TensorRecord, records
-from msfp_compiler.search import SearchResult, search_scale
+from msfp_compiler.search import SearchResult, SortedValues, search_scale
 
 __all__ = ["SelectFormat", "high_precision_layers", "get_weight"]
 
@@ -74,8 +74,11 @@ class SelectFormat:
                 if not eight and not _unsigned_allowed(rec, cfg):
                     cands = tuple(c for c in cands if not c.startswith("u")) or cands
                 bshape = ()
+            rows = rows.float().reshape(rows.shape[0], -1)
+            sv = SortedValues(rows)  # one sort shared by every candidate format
             results: dict[str, SearchResult] = {
-                c: search_scale(parse_format(c), rows, cfg.clip_ratios, cfg.zero_points) for c in cands
+                c: search_scale(parse_format(c), rows, cfg.clip_ratios, cfg.zero_points, sorted_values=sv)
+                for c in cands
             }
             mses = {c: r.total_mse for c, r in results.items()}
             best = min(mses, key=lambda c: (mses[c], c))
