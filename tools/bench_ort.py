@@ -46,18 +46,20 @@ SWEEP_FORMATS = ["e1m2", "e2m1", "e3m0", "ue2m2", "ue3m1", "ue4m0", "int4", "uin
 # ---- models ----
 
 def build_models(name: str, work: Path, seed: int = 0) -> dict[str, Path]:
-    """FP32 and quantized ONNX files of one example model (cached in `work`)."""
+    """FP32, quantized (default config) and quantized without zero-point folding ONNX files (cached in `work`)."""
     from msfp_compiler.capture import capture, example_inputs
     from msfp_compiler.compile import compile as msfp_compile
     from msfp_compiler.config import CompileConfig
     from msfp_compiler.export.onnx import lower_to_onnx, save_atomic
     from msfp_compiler.load import load_model
 
-    fp32, quant = work / f"{name}.fp32.onnx", work / f"{name}.msfp.onnx"
+    fp32, quant, nofold = (work / f"{name}.{k}.onnx" for k in ("fp32", "msfp", "msfp_nofold"))
     loaded = load_model(MODELS[name])
     if not quant.is_file():
-        cm = msfp_compile(loaded, CompileConfig(), progress=False)
-        cm.save(quant)
+        msfp_compile(loaded, CompileConfig(), progress=False).save(quant)
+    if not nofold.is_file():
+        # zero points kept in the quantizers: no explicit Pad in front of padded convs (see the profile)
+        msfp_compile(loaded, CompileConfig(fold_zero_point=False), progress=False).save(nofold)
     if not fp32.is_file():
         gm, sig = capture(loaded.unet.eval())
         example = example_inputs(sig, 2, torch.Generator().manual_seed(0))
@@ -65,7 +67,7 @@ def build_models(name: str, work: Path, seed: int = 0) -> dict[str, Path]:
             example = example[:2] + (loaded.class_embedding[:2].unsqueeze(1).float(),)
         model, _ = lower_to_onnx(gm, example, sig.input_names)
         save_atomic(model, fp32)
-    return {"fp32": fp32, "msfp": quant}
+    return {"fp32": fp32, "msfp": quant, "msfp_nofold": nofold}
 
 
 def _load_module_at_rev(rev: str, relpath: str, name: str):
@@ -230,10 +232,11 @@ def bodies_for(fmt: str) -> list[tuple[str, str]]:
     return out
 
 
-def sweep(formats: list[str], stride: int = 7) -> dict:
+def sweep(formats: list[str], stride: int = 7, scale1_stride: int = 1) -> dict:
     """Bit-exactness of every msfp quantize body vs torch.ops.msfp.quantize / quantize_folded, in ORT.
 
-    At scale 1 / zero point 0: every float32 from 0 to 1.25x the format's max (both signs for signed formats).
+    At scale 1 / zero point 0: every `scale1_stride`-th float32 (default: every one) from 0 to 1.25x the format's
+    max (both signs for signed formats).
     At two non-trivial (scale, zero point) pairs, plain and folded: x = zp + v * scale for every `stride`-th float32
     v in the same range, both signs. Comparison is bitwise after mapping -0.0 to +0.0.
     """
@@ -266,7 +269,8 @@ def sweep(formats: list[str], stride: int = 7) -> dict:
         f = get_format(fmt)
         top = int(np.float32(f.max * 1.25).view(np.int32))
         zp = 0.0 if f.signed else -0.4125
-        cases = [(1.0, 0.0, 1.0, 1), (0.0371, zp, 1.0, stride), (0.0371, zp, 0.0, stride), (3.3, 1.7, 1.0, stride)]
+        cases = [(1.0, 0.0, 1.0, scale1_stride), (0.0371, zp, 1.0, stride), (0.0371, zp, 0.0, stride),
+                 (3.3, 1.7, 1.0, stride)]
         bodies = bodies_for(fmt)
         res = {f"{op}{'/' + ov if ov else ''}": {"values": 0, "mismatches": 0} for op, ov in bodies}
         t0 = time.perf_counter()
@@ -285,7 +289,8 @@ def sweep(formats: list[str], stride: int = 7) -> dict:
                     y = sess.run(None, {"x": x})[0] + np.float32(0)  # -0 -> +0
                     res[k]["values"] += x.size
                     res[k]["mismatches"] += int(np.count_nonzero(y.view(np.int32) != ref.view(np.int32)))
-        out[fmt] = {"bodies": res, "stride_nontrivial": stride, "seconds": round(time.perf_counter() - t0, 1)}
+        out[fmt] = {"bodies": res, "stride_scale1": scale1_stride, "stride_nontrivial": stride,
+                    "seconds": round(time.perf_counter() - t0, 1)}
         print(f"  sweep {fmt:<6} " + "  ".join(f"{k}: {r['values']:,d} values {r['mismatches']} mismatches"
                                              for k, r in res.items()), flush=True)
     return out
@@ -303,6 +308,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--baseline-rev", help="also time the msfp function bodies of export/onnx.py at this git rev")
     ap.add_argument("--work", help="folder for the ONNX files (reused when present); default: a temp folder")
     ap.add_argument("--verify", action="store_true", help="run the bit-exactness sweep of the function bodies")
+    ap.add_argument("--verify-only", action="store_true",
+                    help="only the sweep, merged into the existing --out JSON (latency results kept)")
+    ap.add_argument("--sweep-formats", default=",".join(SWEEP_FORMATS))
+    ap.add_argument("--sweep-scale1-stride", type=int, default=1,
+                    help="float32 bit-pattern stride at scale 1 (1 = every float32)")
     ap.add_argument("--sweep-stride", type=int, default=7,
                     help="float32 bit-pattern stride of the sweep at non-trivial scale / zero point")
     ap.add_argument("--out", default=str(OUT_JSON))
@@ -317,9 +327,18 @@ def main(argv: list[str] | None = None) -> int:
                     "goal_ratio": GOAL_RATIO, "iters": args.iters, "baseline_rev": args.baseline_rev,
                     "git_head": subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
                                                capture_output=True, text=True).stdout.strip(), "models": {}}
-    if args.verify:
+    if args.verify or args.verify_only:
         print("bit-exactness sweep of the msfp function bodies (ORT vs torch.ops.msfp.quantize)", flush=True)
-        result["sweep"] = sweep(SWEEP_FORMATS, args.sweep_stride)
+        fmts = [f for f in args.sweep_formats.split(",") if f]
+        result["sweep"] = sweep(fmts, args.sweep_stride, args.sweep_scale1_stride)
+        result["sweep_loadavg"] = os.getloadavg()
+    if args.verify_only:
+        out = Path(args.out)
+        merged = json.loads(out.read_text()) if out.is_file() else {}
+        merged["sweep"], merged["sweep_loadavg"] = result["sweep"], result["sweep_loadavg"]
+        out.write_text(json.dumps(merged, indent=1) + "\n")
+        print(f"wrote {out}")
+        return 0
     for name in [m for m in args.models.split(",") if m]:
         print(f"bench_ort: {name}", flush=True)
         paths = build_models(name, work)
@@ -357,6 +376,9 @@ def main(argv: list[str] | None = None) -> int:
     result["loadavg_end"] = os.getloadavg()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    if "sweep" not in result and out.is_file():  # keep an earlier --verify-only sweep
+        old = json.loads(out.read_text())
+        result.update({k: old[k] for k in ("sweep", "sweep_loadavg") if k in old})
     tmp = out.with_name(f".{out.name}.tmp")
     tmp.write_text(json.dumps(result, indent=1) + "\n")
     tmp.replace(out)
