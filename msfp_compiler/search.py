@@ -14,7 +14,7 @@ import torch
 
 from .formats import Format
 
-__all__ = ["SearchResult", "SortedValues", "search_scale", "quant_mse_direct"]
+__all__ = ["SearchResult", "SortedValues", "search_scale", "exact_mse", "quant_mse_direct"]
 
 _CHUNK_ELEMS = 1 << 24  # bound on candidates x values evaluated at once by the direct evaluator
 
@@ -51,11 +51,13 @@ class SortedValues:
 
     def __init__(self, x: torch.Tensor):
         xs = x.float().sort(dim=1).values.double()  # float32 -> float64 is exact and monotone: same order
-        zero = xs.new_zeros(xs.shape[0], 1)
-        self.xs = xs.contiguous()
-        self.p1 = torch.cat([zero, xs.cumsum(1)], 1)
-        self.p2 = torch.cat([zero, xs.pow(2).cumsum(1)], 1)
-        self.n = xs.shape[1]
+        rows, n = xs.shape
+        self.xs = xs
+        self.p1 = xs.new_zeros(rows, n + 1)  # p[:, i] = sum of the i smallest values
+        self.p2 = xs.new_zeros(rows, n + 1)
+        torch.cumsum(xs, 1, out=self.p1[:, 1:])
+        torch.cumsum(xs.square(), 1, out=self.p2[:, 1:])
+        self.n = n
 
     def mse(self, fmt: Format, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """[k, rows] scales / zero points -> [k, rows] MSE (ties at a boundary may go either way)."""
@@ -83,11 +85,13 @@ def _pick(fmt: Format, x: SortedValues, s: torch.Tensor, z: torch.Tensor) -> tup
 
 
 def search_scale(fmt: Format, x: torch.Tensor, num_ratios: int = 40, num_zero_points: int = 12,
-                 min_ratio: float = 0.3, sorted_values: SortedValues | None = None) -> SearchResult:
+                 min_ratio: float = 0.3, sorted_values: SortedValues | None = None, exact: bool = True) -> SearchResult:
     """Best (scale, zero point) per row of x by grid search; x is [rows, n] or [n].
 
     ``sorted_values`` (``SortedValues(x)``) lets the candidates of one tensor share one sort: sorting is the
     largest cost of the search on big weights (SD1.5: ~45% of select_format when every format sorted again).
+    ``exact=False`` reports the prefix-sum MSE (which may send values exactly on a boundary to the other level)
+    instead of quantizing x once more; ``exact_mse`` computes the exact one later, e.g. for the winner only.
     """
     x = x.float().reshape(1, -1) if x.dim() == 1 else x.float().reshape(x.shape[0], -1)
     rows = x.shape[0]
@@ -96,7 +100,8 @@ def search_scale(fmt: Format, x: torch.Tensor, num_ratios: int = 40, num_zero_po
         ratios = torch.linspace(min_ratio, 1.0, num_ratios)
         amax = x.abs().amax(dim=1)
         s = ratios[:, None] * amax[None] / fmt.max
-        return _exact(fmt, x, _pick(fmt, sv, s, torch.zeros_like(s))[1])
+        res = _pick(fmt, sv, s, torch.zeros_like(s))[1]
+        return exact_mse(fmt, x, res) if exact else res
     lo, hi = x.amin(dim=1), x.amax(dim=1)
 
     def grid(fr: torch.Tensor, rr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -118,10 +123,12 @@ def search_scale(fmt: Format, x: torch.Tensor, num_ratios: int = 40, num_zero_po
     fo, ro = torch.meshgrid(fo, ro, indexing="ij")
     ff2 = (fb[None] + fo.reshape(-1, 1)).clamp(0.0, 1.0)
     rr2 = (rb[None] + ro.reshape(-1, 1)).clamp(min_ratio * 0.5, 1.0)
-    return _exact(fmt, x, _pick(fmt, sv, *grid(ff2, rr2))[1])
+    res = _pick(fmt, sv, *grid(ff2, rr2))[1]
+    return exact_mse(fmt, x, res) if exact else res
 
 
-def _exact(fmt: Format, x: torch.Tensor, res: SearchResult) -> SearchResult:
-    """Report the chosen candidate's MSE by real quantization (bucket sums may send boundary ties elsewhere)."""
+def exact_mse(fmt: Format, x: torch.Tensor, res: SearchResult) -> SearchResult:
+    """Set the result's MSE by real quantization of x ([rows, n] or [n])."""
+    x = x.float().reshape(1, -1) if x.dim() == 1 else x.float().reshape(x.shape[0], -1)
     res.mse = quant_mse_direct(fmt, x, res.scale[None], res.zero_point[None])[0]
     return res

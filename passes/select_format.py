@@ -19,7 +19,7 @@ from msfp_compiler.formats import parse_format
 from msfp_compiler.layer_graph import layer_kind
 from msfp_compiler.pipeline import PassResult
 from msfp_compiler.record import QuantChoice, TensorRecord, records
-from msfp_compiler.search import SearchResult, SortedValues, search_scale
+from msfp_compiler.search import SearchResult, SortedValues, exact_mse, search_scale
 
 __all__ = ["SelectFormat", "high_precision_layers", "get_weight"]
 
@@ -76,13 +76,17 @@ class SelectFormat:
                 bshape = ()
             rows = rows.float().reshape(rows.shape[0], -1)
             sv = SortedValues(rows)  # one sort shared by every candidate format
+            # Candidates are ranked by their prefix-sum MSE; only the winner is quantized again for its exact MSE
+            # (the two differ only for values exactly on a rounding boundary).
             results: dict[str, SearchResult] = {
-                c: search_scale(parse_format(c), rows, cfg.clip_ratios, cfg.zero_points, sorted_values=sv)
+                c: search_scale(parse_format(c), rows, cfg.clip_ratios, cfg.zero_points, sorted_values=sv,
+                                exact=False)
                 for c in cands
             }
             mses = {c: r.total_mse for c, r in results.items()}
             best = min(mses, key=lambda c: (mses[c], c))
-            res = results[best]
+            res = exact_mse(parse_format(best), rows, results[best])
+            mses[best] = res.total_mse
             scale = res.scale.reshape(bshape) if bshape else res.scale.reshape(())
             zp = res.zero_point.reshape(bshape) if bshape else res.zero_point.reshape(())
             rec.bits = 8 if eight else 4

@@ -146,6 +146,23 @@ def test_midpoints_round_to_even_code(name: str) -> None:
         assert torch.equal(f.round_to_grid(-mids), -want)
 
 
+@pytest.mark.parametrize("name", NAMES + ["int8", "uint8", "e4m3", "ue5m2"])
+def test_fast_rounding_equals_the_table_bit_for_bit(name: str) -> None:
+    """round_to_grid (Veltkamp / Round arithmetic) vs round_to_grid_table on every level, tie and threshold +- 3
+    ulps, powers of two down to the float32 subnormals, a strided sweep past max, inf, NaN, both signs."""
+    f = parse_format(name)
+    lv = f.levels.double()
+    pts = torch.cat([lv, (lv[1:] + lv[:-1]) / 2, f.thresholds.double(), 2.0 ** torch.arange(-140, 128).double()])
+    near = (pts.float().view(torch.int32)[:, None] + torch.arange(-3, 4)[None]).reshape(-1).view(torch.float32)
+    top = int(np.float32(f.max * 1.5).view(np.int32))
+    sweep = torch.arange(0, top, 997, dtype=torch.int64).to(torch.int32).view(torch.float32)
+    x = torch.cat([near, sweep, torch.tensor([math.inf, math.nan, 3e38, 1e-45, 0.0])])
+    x = torch.cat([x, -x])
+    fast, table = f.round_to_grid(x), f.round_to_grid_table(x)
+    bad = fast.view(torch.int32) != table.view(torch.int32)
+    assert not bad.any(), f"{int(bad.sum())} differ: x={x[bad][:5].tolist()} fast={fast[bad][:5].tolist()}"
+
+
 @pytest.mark.parametrize("name", ["int4", "uint4"])
 def test_int_rounding_is_half_to_even(name: str) -> None:
     f = parse_format(name)

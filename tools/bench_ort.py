@@ -214,22 +214,26 @@ def optimized_node_counts(path: Path, threads: int, opt: str, work: Path) -> dic
 
 # ---- bit-exactness sweep of the function bodies ----
 
-def bodies_for(fmt: str) -> list[tuple[str, str]]:
-    """(op type, overload) of every function body the lowering may pick for a format, plus the default ones."""
+def bodies_for(fmt: str, zp: float, keep: float) -> list[tuple[str, str]]:
+    """(op type, overload) of every function body valid for a format at this zero point / keep_zero_point: the
+    default bodies and every overload the lowering may pick."""
+    from msfp_compiler.export.msfp_ops import overload_name
     from msfp_compiler.formats import FPFormat
     from msfp_compiler.ops import get_format
 
     f = get_format(fmt)
     if not isinstance(f, FPFormat):
-        return [("QuantizeInt", "")]
-    out = [("QuantizeLUT", "")]  # the table body is valid for every grid
-    if f.man_bits == 0:
-        out.append(("QuantizeLUT", "pow2"))
+        cores = [("QuantizeInt", "")]
     else:
-        out.append(("QuantizeFP", ""))
-        if not f.signed:
-            out.append(("QuantizeFP", "unsigned"))
-    return out
+        cores = [("QuantizeLUT", "")]  # the table body is valid for every grid
+        if f.man_bits == 0:
+            cores.append(("QuantizeLUT", "pow2"))
+        else:
+            cores.append(("QuantizeFP", ""))
+            if not f.signed:
+                cores.append(("QuantizeFP", "unsigned"))
+    variants = [""] + ["nozp"] * (zp == 0.0) + ["folded"] * (keep == 0.0)
+    return [(op, overload_name(core, v)) for op, core in cores for v in variants]
 
 
 def sweep(formats: list[str], stride: int = 7, scale1_stride: int = 1) -> dict:
@@ -241,24 +245,16 @@ def sweep(formats: list[str], stride: int = 7, scale1_stride: int = 1) -> dict:
     v in the same range, both signs. Comparison is bitwise after mapping -0.0 to +0.0.
     """
     import msfp_compiler.ops  # noqa: F401
-    from onnx import TensorProto, helper
+    from onnx import TensorProto
 
-    from msfp_compiler.export.onnx import MSFP_DOMAIN, annotate_msfp_nodes, msfp_functions
+    from msfp_compiler.export.msfp_ops import single_op_model
     from msfp_compiler.ops import get_format
 
     def body(op_type: str, overload: str, fmt: str, scale: float, zp: float, keep: float) -> ort.InferenceSession:
         # scale and zero point are initializers, as in a compiled model, so ORT's constant folding and fusions run
-        node = helper.make_node(op_type, ["x", "scale", "zero_point"], ["y"], domain=MSFP_DOMAIN, format=fmt,
-                                keep_zero_point=keep)
-        node.overload = overload
-        vi = lambda n, s: helper.make_tensor_value_info(n, TensorProto.FLOAT, s)  # noqa: E731
-        inits = [helper.make_tensor("scale", TensorProto.FLOAT, [], [scale]),
-                 helper.make_tensor("zero_point", TensorProto.FLOAT, [], [zp])]
-        g = helper.make_graph([node], "sweep", [vi("x", ["n"])], [vi("y", ["n"])], initializer=inits)
-        m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 20), helper.make_opsetid(MSFP_DOMAIN, 1)])
-        m.functions.extend(msfp_functions(20))
-        annotate_msfp_nodes(m, choose_overloads=False)
-        onnx.checker.check_model(m, full_check=True)
+        m = single_op_model(op_type, fmt, {"x": (TensorProto.FLOAT, ["n"]), "scale": np.array(scale, np.float32),
+                                           "zero_point": np.array(zp, np.float32)}, ["n"], overload=overload,
+                            keep_zero_point=keep)
         so = ort.SessionOptions()
         so.log_severity_level = 3
         return ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
@@ -271,11 +267,13 @@ def sweep(formats: list[str], stride: int = 7, scale1_stride: int = 1) -> dict:
         zp = 0.0 if f.signed else -0.4125
         cases = [(1.0, 0.0, 1.0, scale1_stride), (0.0371, zp, 1.0, stride), (0.0371, zp, 0.0, stride),
                  (3.3, 1.7, 1.0, stride)]
-        bodies = bodies_for(fmt)
-        res = {f"{op}{'/' + ov if ov else ''}": {"values": 0, "mismatches": 0} for op, ov in bodies}
+        res: dict[str, dict[str, int]] = {}
         t0 = time.perf_counter()
         for scale, z, keep, step in cases:
-            sessions = {k: body(op, ov, fmt, scale, z, keep) for k, (op, ov) in zip(res, bodies)}
+            sessions = {f"{op}{'/' + ov if ov else ''}": body(op, ov, fmt, scale, z, keep)
+                        for op, ov in bodies_for(fmt, z, keep)}
+            for k in sessions:
+                res.setdefault(k, {"values": 0, "mismatches": 0})
             s_t, z_t = torch.tensor(scale), torch.tensor(z)
             ref_op = torch.ops.msfp.quantize if keep else torch.ops.msfp.quantize_folded
             for lo in range(0, top + 1, chunk * step):

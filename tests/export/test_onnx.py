@@ -19,7 +19,7 @@ import torch
 from onnx import TensorProto, helper
 
 from msfp_compiler.compile import compile
-from msfp_compiler.export.onnx import MSFP_DOMAIN, annotate_msfp_nodes, msfp_functions, quantize_op_type
+from msfp_compiler.export.msfp_ops import MSFP_DOMAIN, quantize_op_type, single_op_model
 from msfp_compiler.formats import IntFormat
 from msfp_compiler.ops import get_format, pack_codes
 from tests.conftest import FAST_CONFIG
@@ -188,15 +188,7 @@ OPSET = 20
 
 def _one_node_model(op_type: str, fmt: str, inputs: list[tuple[str, int, list]], out_shape: list[int],
                     **attrs) -> onnx.ModelProto:
-    node = helper.make_node(op_type, [n for n, _, _ in inputs], ["y"], domain=MSFP_DOMAIN, format=fmt, **attrs)
-    graph = helper.make_graph([node], "one", [helper.make_tensor_value_info(n, t, s) for n, t, s in inputs],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET),
-                                                    helper.make_opsetid(MSFP_DOMAIN, 1)])
-    model.functions.extend(msfp_functions(OPSET))
-    annotate_msfp_nodes(model)
-    onnx.checker.check_model(model)
-    return model
+    return single_op_model(op_type, fmt, {n: (t, s) for n, t, s in inputs}, out_shape, opset=OPSET, **attrs)
 
 
 def _same_bits_up_to_zero_sign(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""fold_zero_point: moving the unsigned zero point into the consumer bias is exact, padded convs included."""
+"""fold_zero_point: moving the unsigned zero point into the consumer bias is exact, padded convs included (opt-in)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from torch import nn
 from msfp_compiler.calibrate import CalibBatch, CalibrationSet, TimestepGroup
 from msfp_compiler.config import QuantConfig
 from msfp_compiler.passes.annotate_sign import AnnotateSign
-from msfp_compiler.passes.fold_zero_point import FOLDED_OP, FoldZeroPoint
+from msfp_compiler.passes.fold_zero_point import FOLDED_OP, FoldZeroPoint, padded_conv
 from msfp_compiler.passes.insert_qdq import QUANTIZE_OP, InsertQDQ
 from msfp_compiler.passes.select_format import SelectFormat
 from msfp_compiler.record import records
@@ -40,24 +40,21 @@ def test_unet_fold_counts_and_pads(stages_unet2d) -> None:
     info = stages_unet2d.results["fold_zero_point"].info
     folded = _nodes(gm, FOLDED_OP)
     assert info["folded"] == len(folded) > 0
-    pads = _nodes(gm, aten.constant_pad_nd.default)
-    assert info["explicit_pads"] == len(pads) > 0, "the UNet's 3x3 convs are padded: the fold must handle them"
+    # default: padded convs keep the zero point in their quantizer (a Pad copy costs more in ORT than it saves)
+    assert info["explicit_pads"] == 0 and not _nodes(gm, aten.constant_pad_nd.default)
     for q in folded:
         c = q.args[0].meta["msfp"].choice
         assert not c.signed and float(c.zero_point) != 0.0
-        for u in q.users:
-            user = u
-            if u.target == aten.constant_pad_nd.default:
-                assert u.args[2] == -float(c.zero_point)  # the border must contribute W * (-z) + z * W = 0
-                (user,) = u.users
-                assert list(user.args[4]) == [0, 0]
+        for user in q.users:
             assert user.target in (aten.conv2d.default, aten.linear.default)
+            assert not padded_conv(user)
             assert user.args[2].op == "get_attr" and "folded_bias" in user.args[2].target
-    # signed and attention-fed quantizers are left alone
+    # signed, attention-fed and padded-conv-fed quantizers are left alone
     for q in _nodes(gm, QUANTIZE_OP):
         c = q.args[0].meta["msfp"].choice
         if not c.signed and float(c.zero_point) != 0.0 and q.args[0].meta["msfp"].role == "act":
-            assert any(u.target == aten.scaled_dot_product_attention.default for u in q.users)
+            assert any(u.target == aten.scaled_dot_product_attention.default
+                       or padded_conv(u) for u in q.users)
 
 
 class _Net(nn.Module):
@@ -94,15 +91,34 @@ def small_graphs():
     InsertQDQ()(gm)
     gm.recompile()
     unfolded = clone_gm(gm)
-    res = FoldZeroPoint()(gm)
+    res = FoldZeroPoint(pad_convs=True)(gm)
     gm.graph.lint()
     gm.recompile()
     return unfolded, gm, res
 
 
+def test_small_net_default_skips_padded_convs(small_graphs) -> None:
+    unfolded, _, _ = small_graphs
+    gm = clone_gm(unfolded)
+    res = FoldZeroPoint()(gm)
+    gm.recompile()
+    assert res.info == {"folded": 2, "explicit_pads": 0}  # conv_1x1 and lin; the three padded convs keep z
+    folded_into = sorted(u.name for q in _nodes(gm, FOLDED_OP) for u in q.users)
+    assert len(folded_into) == 2
+    assert not any(padded_conv(u) for q in _nodes(gm, FOLDED_OP) for u in q.users)
+    x, t = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(2)), torch.zeros(3, dtype=torch.int64)
+    with torch.no_grad():
+        assert _rel_max(gm(x, t), unfolded(x, t)) < 1e-5
+
+
 def test_small_net_fold_is_exact(small_graphs) -> None:
     unfolded, folded, res = small_graphs
     assert res.info["folded"] == 5 and res.info["explicit_pads"] == 3
+    for pad in _nodes(folded, aten.constant_pad_nd.default):
+        z = float(pad.args[0].args[0].meta["msfp"].choice.zero_point)
+        assert pad.args[2] == -z  # the border must contribute W * (-z) + z * W = 0
+        (conv,) = pad.users
+        assert list(conv.args[4]) == [0, 0]
     zps = [float(r.choice.zero_point) for _, r in records(folded) if r.role == "act"]
     assert all(z < 0 for z in zps)
     g = torch.Generator().manual_seed(5)

@@ -1,0 +1,368 @@
+"""The ``msfp`` ONNX op set: standard-op function bodies for the custom FP4 ops, and the node attributes they read.
+
+Ops (all quantizers take ``x, scale, zero_point`` and ``keep_zero_point``, 0.0 where fold_zero_point moved the zero
+point into the consumer's bias):
+- ``QuantizeFP``: minifloat rounding by arithmetic (Veltkamp split), M >= 1.
+- ``QuantizeLUT``: any grid by table: index = #(thresholds < |v|), value = levels[index].
+- ``QuantizeInt``: uniform grid via Round (half to even, as the torch reference).
+- ``DequantizeFP4Packed(packed, scale)``: two 4-bit codes per byte -> table lookup -> reshape -> * scale.
+
+Each op has one default body, valid for every format and zero point it takes, and faster *overloads* (ONNX IR 10
+``NodeProto.overload``) that ``annotate_msfp_nodes`` picks per node. An overload name joins a core variant and a
+zero-point variant with ".":
+- core: ``unsigned`` (QuantizeFP, unsigned formats: no sign round trip), ``pow2`` (QuantizeLUT, M = 0: arithmetic
+  instead of the table);
+- zero point: ``nozp`` (the zero point is a constant 0, as for every signed format: no Sub, no Add) and ``folded``
+  (keep_zero_point = 0: no Add).
+Every body is bit-exact with ``torch.ops.msfp.quantize`` / ``quantize_folded`` up to the sign of zero
+(tests/test_scale.py; tools/bench_ort.py --verify sweeps every float32 at scale 1).
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Iterable, Mapping, Sequence, Union
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from msfp_compiler.formats import FPFormat, IntFormat
+from msfp_compiler.ops import get_format
+
+__all__ = ["MSFP_DOMAIN", "MSFP_VERSION", "quantize_op_type", "msfp_functions", "annotate_msfp_nodes",
+           "single_op_model", "all_nodes"]
+
+MSFP_DOMAIN = "msfp"
+MSFP_VERSION = 1
+
+F, FS, IS = onnx.AttributeProto.FLOAT, onnx.AttributeProto.FLOATS, onnx.AttributeProto.INTS
+ZP_VARIANTS = ("", "nozp", "folded")
+_CORES = {"QuantizeFP": ("", "unsigned"), "QuantizeLUT": ("", "pow2"), "QuantizeInt": ("",)}
+
+
+def quantize_op_type(fmt: str) -> str:
+    """Which msfp op implements a format: QuantizeInt, QuantizeFP (arithmetic, M >= 1) or QuantizeLUT (M = 0)."""
+    f = get_format(fmt)
+    if isinstance(f, IntFormat):
+        return "QuantizeInt"
+    # Round() ties to even *mantissa*, which is the even code only when there is a mantissa bit; E3M0/UE4M0
+    # (powers of two) take the table path, whose thresholds encode ties-to-even-code exactly.
+    return "QuantizeFP" if f.man_bits >= 1 else "QuantizeLUT"
+
+
+def overload_name(core: str, zp: str) -> str:
+    return ".".join(p for p in (core, zp) if p)
+
+
+def _ref(name: str, kind: int) -> onnx.AttributeProto:
+    a = onnx.AttributeProto()
+    a.name, a.ref_attr_name, a.type = "value_" + {F: "float", FS: "floats", IS: "ints"}[kind], name, kind
+    return a
+
+
+def _const(out: str, attr: str, kind: int) -> onnx.NodeProto:
+    n = helper.make_node("Constant", [], [out])
+    n.attribute.append(_ref(attr, kind))
+    return n
+
+
+def _ints(out: str, vals: list[int]) -> onnx.NodeProto:
+    return helper.make_node("Constant", [], [out], value=helper.make_tensor(out, TensorProto.INT64, [len(vals)], vals))
+
+
+def _f32(name: str, v: float) -> onnx.NodeProto:
+    return helper.make_node("Constant", [], [name], value=helper.make_tensor(name, TensorProto.FLOAT, [], [v]))
+
+
+def _head(zp: str) -> list[onnx.NodeProto]:
+    """v = clip((x - zero_point) / scale, lo, hi) -> "c" (no Sub when the zero point is 0)."""
+    sub = [] if zp == "nozp" else [helper.make_node("Sub", ["x", "zero_point"], ["d"])]
+    return sub + [
+        helper.make_node("Div", ["x" if zp == "nozp" else "d", "scale"], ["v"]),
+        _const("lo", "lo", F),
+        _const("hi", "hi", F),
+        helper.make_node("Clip", ["v", "lo", "hi"], ["c"]),
+    ]
+
+
+def _tail(zp: str) -> list[onnx.NodeProto]:
+    """y = q * scale + zero_point * keep_zero_point; the variants drop the Add (z = 0, or z in the consumer's bias)."""
+    if zp:
+        return [helper.make_node("Mul", ["q", "scale"], ["y"])]
+    # keep_zero_point is 1.0, or 0.0 where fold_zero_point moved z into the consumer's bias (z * 0 + qs is exact).
+    return [
+        helper.make_node("Mul", ["q", "scale"], ["qs"]),
+        _const("keep", "keep_zero_point", F),
+        helper.make_node("Mul", ["zero_point", "keep"], ["zk"]),
+        helper.make_node("Add", ["qs", "zk"], ["y"]),
+    ]
+
+
+# Minifloat rounding without exponent extraction (the Log/Floor/Pow body it replaced had 27 kernels): Veltkamp
+# splitting. With C = 2^(23-M) + 1 and float32 round-to-nearest-even, g = C*a, r = g + (a - g) is a rounded to M+1
+# significant bits, ties to even (even mantissa = even code). Flooring g at K = 1.5 * 2^(emin+23-M) makes the
+# rounding step at least 2^(emin-M), the step of the subnormal range (and of the first normal binade), so subnormals
+# need no separate branch. Checked against torch.ops.msfp.quantize on every float32 in [0, max] for
+# e2m1/ue3m1/e1m2/ue2m2 (tools/bench_ort.py --verify).
+def _veltkamp(a: str, out: str) -> list[onnx.NodeProto]:
+    return [
+        _const("split", "split_factor", F),
+        _const("split_floor", "split_floor", F),
+        helper.make_node("Mul", [a, "split"], ["g0"]),
+        helper.make_node("Max", ["g0", "split_floor"], ["g"]),
+        helper.make_node("Sub", [a, "g"], ["ag"]),
+        helper.make_node("Add", ["g", "ag"], [out]),
+    ]
+
+
+# |c| and its sign: c / max(|c|, tiny) is exactly +-1 (0 for c = 0, where r = 0 anyway); ORT's Sign kernel is not
+# vectorized (~10x an Abs), the Max + Div pair is cheaper.
+_MAGNITUDE = [
+    helper.make_node("Abs", ["c"], ["a"]),
+    _f32("tiny", float(torch.finfo(torch.float32).tiny)),
+    helper.make_node("Max", ["a", "tiny"], ["a_nz"]),
+    helper.make_node("Div", ["c", "a_nz"], ["sg"]),
+]
+
+# Power-of-two grids (M = 0; e3m0, ue4m0): the table body materializes [..., levels] int64 compares. Here: Veltkamp
+# at 1 significant bit (floored as above), which sends every tie 1.5 * 2^e up; a tie must go down when the lower
+# level has the even code, i.e. r = 2^k * 2^emin with k >= 2 even, which is exactly 2^k mod 6 == 4 (k = 0 gives 1,
+# odd k gives 2); t mod 6 = t - 6 * floor(t / 6) is exact here (t/6 is never an integer, and ORT's Mod kernel is
+# ~40x slower than Floor). ~3x faster than the table in ORT.
+_POW2_TIES = [
+    _f32("four", 4.0),
+    _f32("three", 3.0),
+    helper.make_node("Mul", ["a", "four"], ["a4"]),
+    helper.make_node("Mul", ["r", "three"], ["r3"]),
+    helper.make_node("Equal", ["a4", "r3"], ["is_tie"]),
+    _const("inv_min", "inv_min_normal", F),
+    _f32("sixth", 1.0 / 6.0),
+    _f32("six", 6.0),
+    helper.make_node("Mul", ["r", "inv_min"], ["rk"]),
+    helper.make_node("Mul", ["rk", "sixth"], ["rk6"]),
+    helper.make_node("Floor", ["rk6"], ["fl6"]),
+    helper.make_node("Mul", ["fl6", "six"], ["m6"]),
+    helper.make_node("Sub", ["rk", "m6"], ["rm"]),
+    helper.make_node("Equal", ["rm", "four"], ["low_even"]),
+    helper.make_node("And", ["is_tie", "low_even"], ["down"]),
+    helper.make_node("Cast", ["down"], ["down_f"], to=TensorProto.FLOAT),
+    _f32("half", 0.5),
+    helper.make_node("Mul", ["r", "half"], ["rh"]),
+    helper.make_node("Mul", ["rh", "down_f"], ["fix"]),
+    helper.make_node("Sub", ["r", "fix"], ["qa"]),
+    helper.make_node("Mul", ["qa", "sg"], ["q"]),
+]
+
+_TABLE = [
+    helper.make_node("Abs", ["c"], ["a"]),
+    helper.make_node("Sign", ["c"], ["sg"]),
+    _ints("last", [-1]),
+    helper.make_node("Unsqueeze", ["a", "last"], ["ax"]),
+    _const("thr", "thresholds", FS),
+    helper.make_node("Greater", ["ax", "thr"], ["gt"]),
+    helper.make_node("Cast", ["gt"], ["gi"], to=TensorProto.INT64),
+    helper.make_node("ReduceSum", ["gi", "last"], ["idx"], keepdims=0),
+    _const("lv", "levels", FS),
+    helper.make_node("Gather", ["lv", "idx"], ["g"]),
+    helper.make_node("Mul", ["g", "sg"], ["q"]),
+]
+
+# core body (c -> q), attributes it reads, description
+_CORE_BODIES: dict[tuple[str, str], tuple[list[onnx.NodeProto], list[str], str]] = {
+    ("QuantizeFP", ""): (
+        _MAGNITUDE + _veltkamp("a", "r") + [helper.make_node("Mul", ["r", "sg"], ["q"])],
+        ["split_factor", "split_floor"],
+        "Fake minifloat quantization (M >= 1): v = clip((x - zp) / scale, lo, hi); a = |v|; "
+        "g = max(a * split_factor, split_floor); q = sign(v) * (g + (a - g)) (a rounded to M mantissa bits, ties to "
+        "even; split_factor = 2^(23-M) + 1, split_floor = 1.5 * 2^(emin+23-M)); y = q * scale + zp * keep."),
+    ("QuantizeFP", "unsigned"): (
+        _veltkamp("c", "q"),
+        ["split_factor", "split_floor"],
+        "QuantizeFP for unsigned formats (lo = 0): q = g + (v - g), g = max(v * split_factor, split_floor)."),
+    ("QuantizeLUT", ""): (
+        _TABLE,
+        ["levels", "thresholds"],
+        "Fake quantization onto any grid: zero_point + scale * levels[#(thresholds < |v|)] * sign(v), "
+        "v = clip((x - zero_point) / scale, lo, hi); round to nearest, ties to even code."),
+    ("QuantizeLUT", "pow2"): (
+        _MAGNITUDE + _veltkamp("a", "r") + _POW2_TIES,
+        ["split_factor", "split_floor", "inv_min_normal"],
+        "QuantizeLUT for power-of-two grids (M = 0): Veltkamp rounding to 1 significant bit, ties moved down where "
+        "the lower level has the even code."),
+    ("QuantizeInt", ""): (
+        [helper.make_node("Round", ["c"], ["q"])],
+        [],
+        "Fake integer quantization: zero_point + scale * round_half_even(clip((x - zp) / scale, lo, hi))."),
+}
+
+_ZP_DOCS = {"": "", "nozp": " Zero point 0: no Sub / Add.", "folded": " Zero point folded into the consumer: no Add."}
+
+
+def _dequantize_packed() -> onnx.FunctionProto:
+    return helper.make_function(
+        MSFP_DOMAIN, "DequantizeFP4Packed", ["packed", "scale"], ["w"],
+        [
+            helper.make_node("Constant", [], ["mask"], value=helper.make_tensor("mask", TensorProto.UINT8, [], [15])),
+            helper.make_node("Constant", [], ["four"], value=helper.make_tensor("four", TensorProto.UINT8, [], [4])),
+            helper.make_node("BitwiseAnd", ["packed", "mask"], ["lo"]),
+            helper.make_node("BitShift", ["packed", "four"], ["hi"], direction="RIGHT"),
+            _ints("last", [-1]),
+            helper.make_node("Unsqueeze", ["lo", "last"], ["lo1"]),
+            helper.make_node("Unsqueeze", ["hi", "last"], ["hi1"]),
+            helper.make_node("Concat", ["lo1", "hi1"], ["pairs"], axis=-1),
+            helper.make_node("Reshape", ["pairs", "last"], ["flat"]),
+            _const("shape", "shape", IS),
+            helper.make_node("ReduceProd", ["shape"], ["numel"], keepdims=1),
+            _ints("zero", [0]),
+            helper.make_node("Slice", ["flat", "zero", "numel"], ["codes8"]),
+            helper.make_node("Cast", ["codes8"], ["codes"], to=TensorProto.INT64),
+            _const("table", "table", FS),
+            helper.make_node("Gather", ["table", "codes"], ["vals"]),
+            helper.make_node("Reshape", ["vals", "shape"], ["wq"]),
+            helper.make_node("Mul", ["wq", "scale"], ["w"]),
+        ],
+        [helper.make_opsetid("", 1)],  # replaced by the caller's opset
+        attributes=["format", "table", "shape"],
+        doc_string="Packed 4-bit weights: code 2i in the low nibble of byte i, value = table[code] * scale.",
+    )
+
+
+def all_overloads() -> list[tuple[str, str]]:
+    """Every (op_type, overload) with a body, default bodies first."""
+    quant = [(op, overload_name(core, zp)) for op, cores in _CORES.items()
+             for core, zp in itertools.product(cores, ZP_VARIANTS)]
+    return sorted(quant, key=lambda k: (k[1] != "", k)) + [("DequantizeFP4Packed", "")]
+
+
+def msfp_functions(opset: int, used: Iterable[tuple[str, str]] | None = None) -> list[onnx.FunctionProto]:
+    """FunctionProtos (standard-op bodies) for the msfp ops, all or the (op_type, overload) pairs in ``used``.
+
+    Attributes are read by reference; body nodes are named ``<op>[.<overload>].<i>.<op_type>`` because ORT names
+    inlined nodes '_inlfunc_<function>_..._<body node name>', so a profile (SessionOptions.enable_profiling)
+    attributes kernel time to the msfp op and body (tools/bench_ort.py reads it)."""
+    wanted = all_overloads() if used is None else sorted(set(used), key=lambda k: (k[1] != "", k))
+    funcs = []
+    for op, overload in wanted:
+        if op == "DequantizeFP4Packed":
+            f = _dequantize_packed()
+        else:
+            core, _, zp = overload.partition(".") if overload.split(".")[0] in _CORES[op] else ("", "", overload)
+            if zp not in ZP_VARIANTS or (op, core) not in _CORE_BODIES:
+                raise KeyError(f"no body for msfp.{op} overload {overload!r}")
+            body, attrs, doc = _CORE_BODIES[(op, core)]
+            f = helper.make_function(MSFP_DOMAIN, op, ["x", "scale", "zero_point"], ["y"],
+                                     _head(zp) + body + _tail(zp), [],
+                                     attributes=["format", *attrs, "lo", "hi", "keep_zero_point"],
+                                     doc_string=doc + _ZP_DOCS[zp])
+            f.overload = overload
+        del f.opset_import[:]
+        f.opset_import.append(helper.make_opsetid("", opset))
+        for i, n in enumerate(f.node):
+            n.name = f"{f.name}{'.' + f.overload if f.overload else ''}.{i}.{n.op_type}"
+        funcs.append(f)
+    return funcs
+
+
+def _constants(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
+    """Small constant tensors by name: initializers and Constant nodes (scales and zero points are scalars or
+    per-channel vectors; external or large tensors are left out)."""
+    out = {t.name: t for t in graph.initializer
+           if t.data_location != TensorProto.EXTERNAL and t.ByteSize() <= 1 << 16}
+    for n in graph.node:
+        if n.op_type == "Constant" and n.domain in ("", "ai.onnx"):
+            a = next((a for a in n.attribute if a.name == "value"), None)
+            if a is not None and a.t.ByteSize() <= 1 << 16:
+                out[n.output[0]] = a.t
+    return out
+
+
+def _zp_variant(node: onnx.NodeProto, consts: Mapping[str, onnx.TensorProto]) -> str:
+    keep = next((a.f for a in node.attribute if a.name == "keep_zero_point"), 1.0)
+    zp = consts.get(node.input[2]) if len(node.input) > 2 else None
+    if zp is not None and not np.any(numpy_helper.to_array(zp)):
+        return "nozp"
+    return "folded" if keep == 0.0 else ""
+
+
+def _choose_overload(node: onnx.NodeProto, fmt, consts: Mapping[str, onnx.TensorProto]) -> str:
+    """The fastest function body valid for this node."""
+    core = ""
+    if isinstance(fmt, FPFormat) and node.op_type == "QuantizeFP" and not fmt.signed:
+        core = "unsigned"
+    elif isinstance(fmt, FPFormat) and node.op_type == "QuantizeLUT" and fmt.man_bits == 0:
+        core = "pow2"
+    return overload_name(core, _zp_variant(node, consts))
+
+
+def annotate_msfp_nodes(model: onnx.ModelProto, choose_overloads: bool = True) -> dict[str, int]:
+    """Pick each msfp node's function body (overload) and add the attributes it reads (clip bounds, tables, split
+    constants, decode table); count the nodes. Overloads need IR version 10; an overload already set on a node is
+    kept, and with ``choose_overloads=False`` every node keeps the body it names (tests pin one body that way)."""
+    counts: dict[str, int] = {}
+    consts = _constants(model.graph) if choose_overloads and model.ir_version >= 10 else {}
+    for node in all_nodes(model.graph):
+        if node.domain != MSFP_DOMAIN:
+            continue
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+        fmt = get_format(next(a.s.decode() for a in node.attribute if a.name == "format"))
+        extra: dict = {}
+        if node.op_type in _CORES:
+            if choose_overloads and not node.overload and model.ir_version >= 10:
+                node.overload = _choose_overload(node, fmt, consts)
+            extra = {"lo": fmt.min, "hi": fmt.max, "keep_zero_point": 1.0}
+            if isinstance(fmt, FPFormat):
+                m, emin = fmt.man_bits, 1 - fmt.bias
+                split = {"split_factor": 2.0 ** (23 - m) + 1.0, "split_floor": 1.5 * 2.0 ** (emin + 23 - m)}
+            if node.op_type == "QuantizeLUT" and node.overload.startswith("pow2"):
+                extra |= split | {"inv_min_normal": 2.0 ** -emin}
+            elif node.op_type == "QuantizeLUT":
+                extra |= {"levels": fmt.levels.tolist(), "thresholds": fmt.thresholds.tolist()}
+            elif node.op_type == "QuantizeFP":
+                extra |= split
+        elif node.op_type == "DequantizeFP4Packed":
+            extra = {"table": fmt.code_table.tolist()}
+        present = {a.name for a in node.attribute}
+        node.attribute.extend(helper.make_attribute(k, v) for k, v in extra.items() if k not in present)
+    return counts
+
+
+def used_overloads(model: onnx.ModelProto) -> set[tuple[str, str]]:
+    return {(n.op_type, n.overload) for n in all_nodes(model.graph) if n.domain == MSFP_DOMAIN}
+
+
+def all_nodes(graph: onnx.GraphProto):
+    for n in graph.node:
+        yield n
+        for a in n.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                yield from all_nodes(a.g)
+
+
+Arg = Union[np.ndarray, tuple[int, Sequence]]
+
+
+def single_op_model(op_type: str, fmt: str, args: Mapping[str, Arg], out_shape: Sequence, *,
+                    overload: str | None = None, opset: int = 20, **attrs) -> onnx.ModelProto:
+    """A checked one-node model of an msfp op (tests, benchmarks, the bit-exactness sweep).
+
+    ``args`` are the op's inputs in order: a numpy array becomes an initializer (as scales and zero points are in
+    compiled models, so ORT's constant folding runs on them), ``(elem_type, shape)`` a graph input. ``overload``
+    pins the body; None lets ``annotate_msfp_nodes`` choose."""
+    node = helper.make_node(op_type, list(args), ["y"], domain=MSFP_DOMAIN, format=fmt, **attrs)
+    node.overload = overload or ""
+    inputs, inits = [], []
+    for name, a in args.items():
+        if isinstance(a, np.ndarray):
+            inits.append(numpy_helper.from_array(a, name))
+        else:
+            inputs.append(helper.make_tensor_value_info(name, a[0], list(a[1])))
+    graph = helper.make_graph([node], op_type, inputs,
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(out_shape))], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset),
+                                                    helper.make_opsetid(MSFP_DOMAIN, MSFP_VERSION)])
+    annotate_msfp_nodes(model, choose_overloads=overload is None)
+    model.functions.extend(msfp_functions(opset, used_overloads(model)))
+    onnx.checker.check_model(model, full_check=True)
+    return model
