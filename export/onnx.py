@@ -256,9 +256,13 @@ def save_atomic(model: onnx.ModelProto, path: Path, external_data_threshold: int
                 os.unlink(t)
 
 
-def _can_size(model: onnx.ModelProto) -> bool:
+def serialized_size(model: onnx.ModelProto) -> int | None:
+    """Serialized size in bytes, or None where protobuf refuses to size the message (over 2 GB)."""
     try:
-        model.ByteSize()
-        return True
-    except Exception:  # protobuf refuses to size messages over 2 GB
-        return False
+        return model.ByteSize()
+    except Exception:
+        return None
+
+
+def _can_size(model: onnx.ModelProto) -> bool:
+    return serialized_size(model) is not None

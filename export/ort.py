@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,16 @@ def _options(threads: int | None) -> ort.SessionOptions:
 
 
 def session_from_model(model: onnx.ModelProto, threads: int | None = None) -> ort.InferenceSession:
-    return ort.InferenceSession(model.SerializeToString(), _options(threads), providers=["CPUExecutionProvider"])
+    """A session on an in-memory model; one over protobuf's 2 GB limit goes through a temporary .onnx + .data."""
+    from .onnx import MAX_PROTO_BYTES, save_atomic, serialized_size
+
+    size = serialized_size(model)
+    if size is not None and size <= MAX_PROTO_BYTES:
+        return ort.InferenceSession(model.SerializeToString(), _options(threads), providers=["CPUExecutionProvider"])
+    with tempfile.TemporaryDirectory(prefix="msfp_session_") as d:
+        path = Path(d) / "model.onnx"
+        save_atomic(model, path, external_data_threshold=MAX_PROTO_BYTES)
+        return ort.InferenceSession(str(path), _options(threads), providers=["CPUExecutionProvider"])
 
 
 def open_session(path: str | Path, threads: int | None = None) -> ort.InferenceSession:

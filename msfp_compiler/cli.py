@@ -81,6 +81,8 @@ def compile_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-samples", type=int, default=8, help="noise samples for calibration (default 8)")
     p.add_argument("--calib-steps", type=int, default=10, help="sampler steps per calibration trajectory (default 10)")
     p.add_argument("--calib-groups", type=int, default=4, help="timestep groups for statistics (default 4)")
+    p.add_argument("--text-len", type=int, default=1,
+                   help="tokens of the random text states used for calibration (default 1; 77 for Stable Diffusion)")
     p.add_argument("--scheduler", default="ddim", choices=["ddim", "ddpm"], help="calibration sampler (default ddim)")
     p.add_argument("--seed", type=int, default=0)
     ft = p.add_argument_group("fine-tuning (TALoRA + DFA, data-free distillation from the FP model)")
@@ -125,8 +127,10 @@ def _compile(args: argparse.Namespace) -> int:
         raise MsfpError("--plots needs --log-dir")
     quant = QuantConfig(scheme=args.scheme, act_formats=args.formats or None, weight_formats=args.weight_formats or None,
                         weight_granularity=args.granularity, sign_rule=args.sign_rule, keep_8bit=args.keep_8bit)
+    if args.text_len < 1:
+        raise MsfpError(f"--text-len must be >= 1 (got {args.text_len})")
     calib = CalibConfig(num_samples=args.calib_samples, num_steps=args.calib_steps, num_groups=args.calib_groups,
-                        scheduler=args.scheduler, seed=args.seed)
+                        scheduler=args.scheduler, seed=args.seed, text_len=args.text_len)
     ft = None
     if args.finetune_steps:
         from .finetune import FinetuneConfig

@@ -16,7 +16,7 @@ from .capture import UNetSignature, capture, signature_of
 from .config import CompileConfig
 from .errors import MsfpError
 from .load import LoadedModel
-from .pipeline import PassManager, PassResult, PassRun
+from .pipeline import PassManager, PassRun, reset_peak_rss
 from .record import records
 from msfp_compiler.passes.fuse_talora import FuseTALoRA
 
@@ -171,25 +171,27 @@ def compile(model: torch.nn.Module | LoadedModel, config: CompileConfig | None =
     config = config or CompileConfig()
     loaded = model if isinstance(model, LoadedModel) else LoadedModel(model, Path("<module>"))
     unet = loaded.unet.eval().float()
-    sig = signature_of(unet)
+    sig = signature_of(unet, cond_len=config.calib.text_len)
     if calibration is None:
         sched = make_scheduler(config.calib.scheduler, loaded.scheduler_config)
         calibration = collect(unet, sig, config.calib.num_samples, config.calib.num_steps, config.calib.seed,
                               sched, config.calib.num_groups, config.calib.holdout_samples,
                               loaded.class_embedding, progress)
-    t0 = time.perf_counter()
+    reset_peak_rss()
+    t0, c0 = time.perf_counter(), time.process_time()
     gm, sig = capture(unet, sig)
-    capture_s = time.perf_counter() - t0
+    capture_s, capture_cpu = time.perf_counter() - t0, time.process_time() - c0
     extra = list(extra_passes or [])
     if config.finetune is not None:
         extra = [_finetune_pass(unet, sig, loaded, config, progress), FuseTALoRA()] + extra
     pm = PassManager(default_passes(config, calibration, extra), log_dir, dump_graphs)
-    pm.record("capture", capture_s, {"nodes": len(gm.graph.nodes)})
+    pm.record("capture", capture_s, {"nodes": len(gm.graph.nodes)}, capture_cpu)
     gm = pm(gm)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     example = calibration.holdout[0].args if calibration.holdout else calibration.batches[0].args
     onnx_model, counts = lower_to_onnx(gm, example, sig.input_names)
-    pm.record("lower_onnx", time.perf_counter() - t0, {"msfp_nodes": counts, "onnx_nodes": len(onnx_model.graph.node)})
+    pm.record("lower_onnx", time.perf_counter() - t0, {"msfp_nodes": counts, "onnx_nodes": len(onnx_model.graph.node)},
+              time.process_time() - c0)
     if not counts:
         raise MsfpError("lowering produced no msfp nodes (nothing was quantized)")
     return CompiledModel(gm, onnx_model, sig, calibration, config, pm.runs, _summaries(gm), counts,

@@ -76,6 +76,9 @@ class CalibConfig:
     holdout_samples: int = 2
     scheduler: str = "ddim"
     seed: int = 0
+    # Tokens in the random text states that calibrate a cross-attention model without a class-embedding table
+    # (the exported graph takes any length): Stable Diffusion pipelines always pass 77.
+    text_len: int = 1
 
 
 @dataclass(frozen=True)

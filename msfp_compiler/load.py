@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import pickle
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -116,26 +115,21 @@ def load_model(path: str | Path, config: str | Path | None = None, trust_pickle:
     raise MsfpError(f"{path}: unknown model kind (expected a diffusers folder, .safetensors or .pt)")
 
 
-def _is_torch_file(path: Path) -> bool:
-    """torch.save output: a zip archive, or the legacy format (a pickle stream, opcode PROTO first)."""
-    if zipfile.is_zipfile(path):
-        return True
-    with open(path, "rb") as f:
-        return f.read(1) == b"\x80"
-
-
 def _load_pt(path: Path, trust_pickle: bool) -> LoadedModel:
+    corrupt = f"{path}: not a readable torch checkpoint (corrupt or truncated?)"
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=not trust_pickle)
     except pickle.UnpicklingError as e:
-        if not _is_torch_file(path):  # garbage also fails the weights-only unpickler: never advise trusting it
-            raise MsfpError(f"{path}: not a readable torch checkpoint (corrupt or truncated?)") from e
+        # The weights-only unpickler names the class it refused ("Unsupported global"); garbage fails it too,
+        # with other messages, and must never be met with advice to unpickle it.
+        if "Unsupported global" not in str(e):
+            raise MsfpError(corrupt) from e
         if not trust_pickle:
             raise MsfpError(f"{path}: holds pickled objects beyond tensors and dicts; pass --trust-pickle "
                             "only if you trust this file (unpickling runs code)") from e
         raise MsfpError(f"{path}: cannot unpickle ({str(e).splitlines()[0]})") from e
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
-        raise MsfpError(f"{path}: not a readable torch checkpoint (corrupt or truncated?)") from e
+    except Exception as e:  # garbage makes the unpickler raise anything: IndexError, KeyError, UnicodeDecodeError...
+        raise MsfpError(corrupt) from e
     if isinstance(obj, torch.nn.Module):
         if not hasattr(obj, "config"):
             raise MsfpError(f"{path}: pickled {type(obj).__name__} is not a diffusers UNet")

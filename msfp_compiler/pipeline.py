@@ -1,14 +1,17 @@
 """Pass infrastructure: Pass / PassResult and the PassManager that runs, validates, times and logs passes.
 
 A pass is a callable ``gm -> PassResult`` (a function or a small class with ``name``); passes never print or touch
-files. The manager is the one place that lints the graph after each pass, measures time and peak memory, writes
-``passes.jsonl`` (one JSON object per pass) and ``passes.log`` (a readable block per pass), and dumps graphs.
+files. The manager is the one place that lints the graph after each pass, measures wall time, CPU time and peak
+memory, writes ``passes.jsonl`` (one JSON object per pass) and ``passes.log`` (a readable block per pass), and dumps
+graphs. The peak RSS of a pass is its own: on Linux the kernel's high-water mark (VmHWM) is reset before each pass
+(``/proc/self/clear_refs``); elsewhere it is the process's peak so far.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import resource
 import time
 from dataclasses import dataclass, field
@@ -49,14 +52,33 @@ class PassRun:
     nodes_after: int
     modified: bool
     info: dict[str, Any]
+    cpu_seconds: float = 0.0  # process CPU time (all threads)
 
 
 def _pass_name(p: Callable) -> str:
     return getattr(p, "name", None) or getattr(p, "__name__", type(p).__name__)
 
 
+_STATUS = Path("/proc/self/status")
+
+
 def _peak_rss_mb() -> float:
+    """Peak RSS since the last ``reset_peak_rss`` (VmHWM), or since process start where /proc is missing."""
+    try:
+        m = re.search(r"^VmHWM:\s+(\d+) kB", _STATUS.read_text(), re.M)
+        if m:
+            return int(m.group(1)) / 1024.0
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def reset_peak_rss() -> None:
+    """Reset the kernel's peak-RSS mark to the current RSS (Linux >= 4.0; a no-op elsewhere)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
 
 
 class PassManager:
@@ -80,10 +102,12 @@ class PassManager:
             for f in ("passes.jsonl", "passes.log"):
                 (self.log_dir / f).write_text("")
 
-    def record(self, name: str, seconds: float, info: dict[str, Any]) -> None:
-        """Log a stage that is not an fx pass (capture, ONNX lowering) in the same format."""
+    def record(self, name: str, seconds: float, info: dict[str, Any], cpu_seconds: float = 0.0) -> None:
+        """Log a stage that is not an fx pass (capture, ONNX lowering) in the same format; its peak RSS is the
+        peak since the previous pass or stage ended."""
         self._start_logs()
-        run = PassRun(name, seconds, _peak_rss_mb(), 0, 0, False, info)
+        run = PassRun(name, seconds, _peak_rss_mb(), 0, 0, False, info, cpu_seconds)
+        reset_peak_rss()
         self.runs.append(run)
         log.info("stage %-17s %7.3fs  %s", name, seconds,
                  " ".join(f"{k}={v}" for k, v in info.items() if not isinstance(v, list)))
@@ -95,21 +119,23 @@ class PassManager:
         for p in self.passes:
             name = _pass_name(p)
             before = len(gm.graph.nodes)
-            t0 = time.perf_counter()
+            reset_peak_rss()
+            t0, c0 = time.perf_counter(), time.process_time()
             try:
                 res = p(gm)
             except MsfpError:
                 raise
             except Exception as e:
                 raise RuntimeError(f"pass {name!r} failed (after {done or 'no passes'})") from e
-            seconds = time.perf_counter() - t0
+            seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
             gm = res.graph_module
             try:
                 gm.graph.lint()
             except Exception as e:
                 raise RuntimeError(f"pass {name!r} left an invalid graph: {e}") from e
             gm.recompile()
-            run = PassRun(name, seconds, _peak_rss_mb(), before, len(gm.graph.nodes), res.modified, res.info)
+            run = PassRun(name, seconds, _peak_rss_mb(), before, len(gm.graph.nodes), res.modified, res.info, cpu)
+            reset_peak_rss()
             self.runs.append(run)
             done.append(name)
             i = len(self.runs) - 1  # log index counts stages recorded before the passes (capture)
@@ -123,12 +149,14 @@ class PassManager:
     def _write(self, i: int, run: PassRun, res: PassResult) -> None:
         if not self.log_dir:
             return
-        row = {"index": i, "pass": run.name, "seconds": round(run.seconds, 6), "peak_rss_mb": round(run.peak_rss_mb, 1),
+        row = {"index": i, "pass": run.name, "seconds": round(run.seconds, 6), "cpu_seconds": round(run.cpu_seconds, 3),
+               "peak_rss_mb": round(run.peak_rss_mb, 1),
                "nodes_before": run.nodes_before, "nodes_after": run.nodes_after, "modified": run.modified, **run.info}
         with open(self.log_dir / "passes.jsonl", "a") as f:
             f.write(json.dumps(row, sort_keys=False, default=str) + "\n")
         nodes = f"  nodes {run.nodes_before} -> {run.nodes_after}" if run.nodes_before else ""
-        head = f"== pass {i}: {run.name}  {run.seconds:.3f}s{nodes}  peak RSS {run.peak_rss_mb:.0f} MB"
+        head = (f"== pass {i}: {run.name}  {run.seconds:.3f}s (CPU {run.cpu_seconds:.2f}s){nodes}  "
+                f"peak RSS {run.peak_rss_mb:.0f} MB")
         info = [f"   {k}: {v}" for k, v in run.info.items() if not isinstance(v, (dict, list))]
         with open(self.log_dir / "passes.log", "a") as f:
             f.write("\n".join([head, *info, *("   " + line for line in res.report)]) + "\n\n")

@@ -10,6 +10,7 @@ import io
 import json
 import logging
 import os
+import random
 import re
 import shutil
 import subprocess
@@ -217,7 +218,7 @@ def bad_files(workdir: Path, unet, model_pt: Path) -> dict[str, Path]:
     f["safetensors"] = d / "weights.safetensors"
     save_file({k: v.contiguous() for k, v in unet.state_dict().items()}, str(f["safetensors"]))
     f["corrupt_pt"] = d / "corrupt.pt"
-    f["corrupt_pt"].write_bytes(os.urandom(4096))
+    f["corrupt_pt"].write_bytes(random.Random(0).randbytes(4096))
     f["truncated_pt"] = d / "truncated.pt"
     f["truncated_pt"].write_bytes(model_pt.read_bytes()[:3000])
     f["pickled"] = d / "pickled.pt"
@@ -269,19 +270,17 @@ def test_error_missing_file(capsys, workdir: Path) -> None:
     _expect_error(capsys, [workdir / "nope.pt", "--out", out], out, "nope.pt", "no such file")
 
 
-def test_error_unknown_extension(capsys, workdir: Path, bad_files) -> None:
-    out = _out(workdir, "ext")
-    _expect_error(capsys, [bad_files["unknown_ext"], "--out", out], out, "model.txt", "unknown model kind")
-
-
-def test_error_folder_without_config(capsys, workdir: Path, bad_files) -> None:
-    out = _out(workdir, "folder")
-    _expect_error(capsys, [bad_files["no_config_folder"], "--out", out], out, "folder", "config.json")
-
-
-def test_error_safetensors_without_config(capsys, workdir: Path, bad_files) -> None:
-    out = _out(workdir, "st")
-    _expect_error(capsys, [bad_files["safetensors"], "--out", out], out, "weights.safetensors", "--config")
+@pytest.mark.parametrize("which,expected", [
+    ("unknown_ext", ("model.txt", "unknown model kind")),
+    ("no_config_folder", ("folder", "config.json")),
+    ("safetensors", ("weights.safetensors", "--config")),  # a bare .safetensors needs --config
+    ("pickled", ("pickled.pt", "--trust-pickle")),
+    ("mismatch", ("mismatch.pt", "do not match")),  # config does not match the weights
+    ("nan", ("nan.pt", "conv_in.weight", "NaN")),
+])
+def test_error_bad_model_file(capsys, workdir: Path, bad_files, which: str, expected: tuple[str, ...]) -> None:
+    out = _out(workdir, which)
+    _expect_error(capsys, [bad_files[which], "--out", out], out, *expected)
 
 
 @pytest.mark.parametrize("which", ["corrupt_pt", "truncated_pt"])
@@ -289,21 +288,6 @@ def test_error_corrupt_or_truncated_checkpoint(capsys, workdir: Path, bad_files,
     out = _out(workdir, which)
     msg = _expect_error(capsys, [bad_files[which], "--out", out], out, bad_files[which].name, "corrupt or truncated")
     assert "trust" not in msg  # never advise unpickling a damaged file
-
-
-def test_error_pickle_without_trust(capsys, workdir: Path, bad_files) -> None:
-    out = _out(workdir, "pickle")
-    _expect_error(capsys, [bad_files["pickled"], "--out", out], out, "pickled.pt", "--trust-pickle")
-
-
-def test_error_config_does_not_match_weights(capsys, workdir: Path, bad_files) -> None:
-    out = _out(workdir, "mismatch")
-    _expect_error(capsys, [bad_files["mismatch"], "--out", out], out, "mismatch.pt", "do not match")
-
-
-def test_error_nan_weights(capsys, workdir: Path, bad_files) -> None:
-    out = _out(workdir, "nan")
-    _expect_error(capsys, [bad_files["nan"], "--out", out], out, "nan.pt", "conv_in.weight", "NaN")
 
 
 def test_error_non_finite_calibration(capsys, workdir: Path, bad_files) -> None:
@@ -336,6 +320,11 @@ def test_error_unknown_choice(capsys, workdir: Path, model_pt: Path, flag: str, 
 def test_error_bad_calibration_size(capsys, workdir: Path, model_pt: Path) -> None:
     out = _out(workdir, "calib0")
     _expect_error(capsys, [model_pt, "--out", out, "--calib-samples", "0", "-q"], out, "--calib-samples")
+
+
+def test_error_bad_text_len(capsys, workdir: Path, model_pt: Path) -> None:
+    out = _out(workdir, "textlen")
+    _expect_error(capsys, [model_pt, "--out", out, "--text-len", "0", "-q"], out, "--text-len")
 
 
 def test_error_output_folder_missing(capsys, workdir: Path, model_pt: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -79,6 +80,26 @@ def test_runs_passes_in_order_and_recompiles(tmp_path: Path) -> None:
     assert not pm.runs[2].modified
 
 
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="per-pass peak RSS needs Linux /proc")
+def test_each_pass_reports_its_own_peak_rss_and_cpu_time() -> None:
+    def big(gm):
+        t = torch.ones(64 * 2**20)  # 256 MB, touched, then freed when the pass returns
+        assert float(t[::4096].sum()) == 16384
+        return PassResult(gm, False)
+
+    def busy(gm):
+        t0 = time.process_time()
+        while time.process_time() - t0 < 0.05:
+            pass
+        return PassResult(gm, False)
+
+    pm = PassManager([big, nothing, busy])
+    pm(_gm())
+    peak_big, peak_after = pm.runs[0].peak_rss_mb, pm.runs[1].peak_rss_mb
+    assert peak_big > peak_after + 200, (peak_big, peak_after)  # the mark was reset between the passes
+    assert pm.runs[2].cpu_seconds >= 0.05 and pm.runs[1].cpu_seconds < 0.05
+
+
 def test_writes_json_lines_and_text_blocks(tmp_path: Path) -> None:
     logs = tmp_path / "logs"
     pm = PassManager([AddNeg(), nothing], log_dir=logs, dump_graphs=True)
@@ -89,7 +110,7 @@ def test_writes_json_lines_and_text_blocks(tmp_path: Path) -> None:
     assert [r["index"] for r in rows] == [0, 1, 2]
     assert rows[0]["seconds"] == 0.5 and rows[0]["nodes"] == 4
     assert rows[1]["inserted"] == 1 and rows[1]["modified"] is True and rows[2]["checked"] is True
-    assert all(isinstance(r["seconds"], float) for r in rows)
+    assert all(isinstance(r["seconds"], float) and r["cpu_seconds"] >= 0 for r in rows)
     text = (logs / "passes.log").read_text()
     blocks = text.strip().split("\n\n")
     assert len(blocks) == 3

@@ -112,6 +112,17 @@ def test_check_model_over_the_protobuf_limit(compiled_unet2d, monkeypatch) -> No
         check_model(broken)
 
 
+def test_session_and_check_over_the_protobuf_limit(compiled_unet2d, monkeypatch) -> None:
+    from msfp_compiler.export.ort import session_from_model
+
+    feeds = _feeds(compiled_unet2d)
+    (ref,) = session_from_model(compiled_unet2d.onnx_model).run(None, feeds)
+    monkeypatch.setattr(onnx_export, "MAX_PROTO_BYTES", 1024)  # the model now goes through .onnx + .data
+    (out,) = session_from_model(compiled_unet2d.onnx_model).run(None, feeds)
+    assert np.array_equal(out, ref)
+    assert compiled_unet2d.check().ok
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # calibration statistics: bounded per timestep group
 
@@ -206,6 +217,16 @@ def test_sd_style_calibration_uses_77_tokens() -> None:
     gm, _ = capture(unet, sig)
     res = AnnotateSign(calib, 64)(gm)  # runs the captured graph on 77-token states
     assert res.info["calib_batches"] == 2
+
+
+def test_compile_calibrates_with_the_configured_text_length() -> None:
+    from msfp_compiler.compile import compile as msfp_compile
+    from msfp_compiler.config import CalibConfig, CompileConfig
+
+    calib = CalibConfig(num_samples=2, num_steps=2, num_groups=1, holdout_samples=1, text_len=7)
+    cm = msfp_compile(make_unet_cond(), CompileConfig(calib=calib), progress=False)
+    assert {b.cond.shape[1] for b in cm.calibration.batches + cm.calibration.holdout} == {7}
+    assert cm.check().ok  # ORT vs the torch graph on the 7-token hold-out batch
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -75,14 +75,14 @@ SD15_UNET_CONFIG = {
     "freq_shift": 0,
     "mid_block_scale_factor": 1,
 }
-SD15_TEXT_LEN = 77  # CLIP text states: SD pipelines always pad the prompt to 77 tokens
 
 # Calibration per model: the demo and CIFAR-size runs use the CLI defaults (8 samples x 10 steps, 4 groups,
-# 2 held out); SD1.5 the minimum that still has two timestep groups, no hold-out (no --check on SD1.5).
+# 2 held out); SD1.5 the minimum that still has two timestep groups, no hold-out (no --check on SD1.5), and
+# 77-token text states as SD pipelines always pass.
 CALIB = {
     "demo": dict(num_samples=8, num_steps=10, num_groups=4, holdout_samples=2),
     "cifar10": dict(num_samples=8, num_steps=10, num_groups=4, holdout_samples=2),
-    "sd15": dict(num_samples=2, num_steps=4, num_groups=2, holdout_samples=0),
+    "sd15": dict(num_samples=2, num_steps=4, num_groups=2, holdout_samples=0, text_len=77),
 }
 MODELS = tuple(CALIB)
 GOAL_SD15_SECONDS = 600.0
@@ -96,38 +96,18 @@ def _status_mb(key: str) -> float:
     return int(m.group(1)) / 1024.0 if m else float("nan")
 
 
-def _reset_peak() -> None:
-    """Reset VmHWM (and ru_maxrss) to the current RSS (Linux >= 4.0: 'echo 5 > /proc/PID/clear_refs')."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
-
-
 class Meter:
-    """Per-stage wall time, process CPU time (all threads) and peak RSS (VmHWM reset at each stage start)."""
+    """Wall time, process CPU time (all threads) and peak RSS of the stages outside compile(); the PassManager
+    measures its passes the same way (VmHWM reset at each start, pipeline.reset_peak_rss)."""
 
     def __init__(self):
         self.stages: list[dict] = []
-        self.pass_cpu: list[float] = []  # CPU seconds of each PassManager entry, in order
-        self._cpu0 = time.process_time()
-
-    def pass_done(self) -> float:
-        """Stands in for pipeline._peak_rss_mb, which the PassManager calls once after every pass / stage."""
-        now = time.process_time()
-        self.pass_cpu.append(now - self._cpu0)
-        self._cpu0 = now
-        peak = _status_mb("VmHWM")
-        _reset_peak()
-        return peak
-
-    def start_passes(self) -> None:
-        _reset_peak()
-        self._cpu0 = time.process_time()
 
     @contextmanager
     def stage(self, name: str):
-        _reset_peak()
+        from msfp_compiler.pipeline import reset_peak_rss
+
+        reset_peak_rss()
         t0, c0 = time.perf_counter(), time.process_time()
         yield
         self.stages.append({"name": name, "seconds": round(time.perf_counter() - t0, 3),
@@ -153,16 +133,12 @@ def run_one(model: str, out_json: Path, keep_dir: Path | None, ort_load: bool) -
     """Benchmark one model in this process and write its JSON entry to out_json."""
     import torch
 
-    import msfp_compiler.pipeline as pipeline
     from msfp_compiler.calibrate import collect, make_scheduler
     from msfp_compiler.capture import signature_of
     from msfp_compiler.compile import compile as msfp_compile
     from msfp_compiler.config import CalibConfig, CompileConfig
 
-    # Per-pass peaks: the PassManager reads the peak RSS after each pass; reset it there, so each pass's number is
-    # its own peak rather than the process's high-water mark so far (and take the pass's CPU time at that point).
     meter = Meter()
-    pipeline._peak_rss_mb = meter.pass_done
     load0 = os.getloadavg()
     t_all = time.perf_counter()
     with meter.stage("build"):
@@ -172,16 +148,14 @@ def run_one(model: str, out_json: Path, keep_dir: Path | None, ort_load: bool) -
     fp32_bytes = sum(t.numel() * 4 for t in unet.state_dict().values() if t.is_floating_point())
     calib_cfg = CalibConfig(**CALIB[model])
     cfg = CompileConfig(calib=calib_cfg)
-    # compile() would calibrate with signature_of(unet) (cond_len 1); SD1.5 is calibrated with 77-token text
-    # states instead, passed in as the calibration set (the captured graph takes any text length).
-    sig = signature_of(unet, cond_len=SD15_TEXT_LEN if model == "sd15" else 1)
+    # Calibrated here rather than inside compile() (which does the same) to time it as its own stage.
+    sig = signature_of(unet, cond_len=calib_cfg.text_len)
     with meter.stage("calibrate"):
         sched = make_scheduler(calib_cfg.scheduler, loaded.scheduler_config)
         calib = collect(unet, sig, calib_cfg.num_samples, calib_cfg.num_steps, calib_cfg.seed, sched,
                         calib_cfg.num_groups, calib_cfg.holdout_samples, loaded.class_embedding, progress=False)
     cond_shape = list(calib.batches[0].cond.shape) if calib.batches[0].cond is not None else None
     work = Path(tempfile.mkdtemp(prefix=f"bench_{model}_", dir=keep_dir))
-    meter.start_passes()
     t0 = time.perf_counter()
     cm = msfp_compile(loaded, cfg, log_dir=work / "logs", progress=False, calibration=calib)
     compile_s = time.perf_counter() - t0
@@ -197,9 +171,9 @@ def run_one(model: str, out_json: Path, keep_dir: Path | None, ort_load: bool) -
             sess = open_session(out)
             del sess
     total_s = time.perf_counter() - t_all
-    passes = [{"name": r.name, "seconds": round(r.seconds, 3), "cpu_seconds": round(cpu, 2),
+    passes = [{"name": r.name, "seconds": round(r.seconds, 3), "cpu_seconds": round(r.cpu_seconds, 2),
                "peak_rss_mb": round(r.peak_rss_mb, 1), "nodes_before": r.nodes_before, "nodes_after": r.nodes_after}
-              for r, cpu in zip(cm.pass_runs, meter.pass_cpu)]
+              for r in cm.pass_runs]
     rows = meter.stages[:2] + passes + meter.stages[2:]
     peak = max(r["peak_rss_mb"] for r in rows)
     entry = {
@@ -252,6 +226,7 @@ def external_data_check(out_json: Path, gb: float = 2.2) -> None:
     from onnx import TensorProto, helper
 
     from msfp_compiler.export.onnx import check_model, save_atomic
+    from msfp_compiler.pipeline import reset_peak_rss
 
     rows = int(gb * 1e9 / 4 / 1024 / 2)  # two tensors of ~gb/2 each: over 2 GB together, each under protobuf's limit
     rng = np.random.default_rng(0)
@@ -275,7 +250,7 @@ def external_data_check(out_json: Path, gb: float = 2.2) -> None:
     try:
         path = work / "big.onnx"
         for i in range(2):  # the second save goes over the first: same bytes, nothing appended
-            _reset_peak()
+            reset_peak_rss()
             t0 = time.perf_counter()
             save_atomic(model, path)
             res[f"save{i}_seconds"] = round(time.perf_counter() - t0, 2)
