@@ -7,20 +7,16 @@ point into the consumer's bias):
 - ``QuantizeInt``: uniform grid via Round (half to even, as the torch reference).
 - ``DequantizeFP4Packed(packed, scale)``: two 4-bit codes per byte -> table lookup -> reshape -> * scale.
 
-Each op has one default body, valid for every format and zero point it takes, and faster *overloads* (ONNX IR 10
-``NodeProto.overload``) that ``annotate_msfp_nodes`` picks per node. An overload name joins a core variant and a
-zero-point variant with ".":
-- core: ``unsigned`` (QuantizeFP, unsigned formats: no sign round trip), ``pow2`` (QuantizeLUT, M = 0: arithmetic
-  instead of the table);
-- zero point: ``nozp`` (the zero point is a constant 0, as for every signed format: no Sub, no Add) and ``folded``
-  (keep_zero_point = 0: no Add).
-Every body is bit-exact with ``torch.ops.msfp.quantize`` / ``quantize_folded`` up to the sign of zero
+Each op has one default body, valid for every format it takes, and faster *overloads* (ONNX IR 10
+``NodeProto.overload``) that ``annotate_msfp_nodes`` picks per node: ``unsigned`` (QuantizeFP for unsigned formats:
+no sign round trip) and ``pow2`` (QuantizeLUT for M = 0: arithmetic instead of the table). A constant zero point of
+0, or keep_zero_point = 0, needs no body of its own: onnxruntime's optimizer drops the Sub / Add of a constant 0
+(measured: bodies without them were no faster). Every body is bit-exact with ``torch.ops.msfp.quantize`` / ``quantize_folded`` up to the sign of zero
 (tests/test_scale.py; tools/bench_ort.py --verify sweeps every float32 at scale 1).
 """
 
 from __future__ import annotations
 
-import itertools
 from typing import Iterable, Mapping, Sequence, Union
 
 import numpy as np
@@ -38,8 +34,7 @@ MSFP_DOMAIN = "msfp"
 MSFP_VERSION = 1
 
 F, FS, IS = onnx.AttributeProto.FLOAT, onnx.AttributeProto.FLOATS, onnx.AttributeProto.INTS
-ZP_VARIANTS = ("", "nozp", "folded")
-_CORES = {"QuantizeFP": ("", "unsigned"), "QuantizeLUT": ("", "pow2"), "QuantizeInt": ("",)}
+QUANTIZE_OPS = ("QuantizeFP", "QuantizeLUT", "QuantizeInt")
 
 
 def quantize_op_type(fmt: str) -> str:
@@ -50,10 +45,6 @@ def quantize_op_type(fmt: str) -> str:
     # Round() ties to even *mantissa*, which is the even code only when there is a mantissa bit; E3M0/UE4M0
     # (powers of two) take the table path, whose thresholds encode ties-to-even-code exactly.
     return "QuantizeFP" if f.man_bits >= 1 else "QuantizeLUT"
-
-
-def overload_name(core: str, zp: str) -> str:
-    return ".".join(p for p in (core, zp) if p)
 
 
 def _ref(name: str, kind: int) -> onnx.AttributeProto:
@@ -76,28 +67,23 @@ def _f32(name: str, v: float) -> onnx.NodeProto:
     return helper.make_node("Constant", [], [name], value=helper.make_tensor(name, TensorProto.FLOAT, [], [v]))
 
 
-def _head(zp: str) -> list[onnx.NodeProto]:
-    """v = clip((x - zero_point) / scale, lo, hi) -> "c" (no Sub when the zero point is 0)."""
-    sub = [] if zp == "nozp" else [helper.make_node("Sub", ["x", "zero_point"], ["d"])]
-    return sub + [
-        helper.make_node("Div", ["x" if zp == "nozp" else "d", "scale"], ["v"]),
-        _const("lo", "lo", F),
-        _const("hi", "hi", F),
-        helper.make_node("Clip", ["v", "lo", "hi"], ["c"]),
-    ]
+# v = clip((x - zero_point) / scale, lo, hi) -> "c"
+_HEAD = [
+    helper.make_node("Sub", ["x", "zero_point"], ["d"]),
+    helper.make_node("Div", ["d", "scale"], ["v"]),
+    _const("lo", "lo", F),
+    _const("hi", "hi", F),
+    helper.make_node("Clip", ["v", "lo", "hi"], ["c"]),
+]
 
-
-def _tail(zp: str) -> list[onnx.NodeProto]:
-    """y = q * scale + zero_point * keep_zero_point; the variants drop the Add (z = 0, or z in the consumer's bias)."""
-    if zp:
-        return [helper.make_node("Mul", ["q", "scale"], ["y"])]
-    # keep_zero_point is 1.0, or 0.0 where fold_zero_point moved z into the consumer's bias (z * 0 + qs is exact).
-    return [
-        helper.make_node("Mul", ["q", "scale"], ["qs"]),
-        _const("keep", "keep_zero_point", F),
-        helper.make_node("Mul", ["zero_point", "keep"], ["zk"]),
-        helper.make_node("Add", ["qs", "zk"], ["y"]),
-    ]
+# y = q * scale + zero_point * keep_zero_point: keep_zero_point is 1.0, or 0.0 where fold_zero_point moved z into the
+# consumer's bias (z * 0 + qs is exact).
+_TAIL = [
+    helper.make_node("Mul", ["q", "scale"], ["qs"]),
+    _const("keep", "keep_zero_point", F),
+    helper.make_node("Mul", ["zero_point", "keep"], ["zk"]),
+    helper.make_node("Add", ["qs", "zk"], ["y"]),
+]
 
 
 # Minifloat rounding without exponent extraction (the Log/Floor/Pow body it replaced had 27 kernels): Veltkamp
@@ -197,9 +183,6 @@ _CORE_BODIES: dict[tuple[str, str], tuple[list[onnx.NodeProto], list[str], str]]
         "Fake integer quantization: zero_point + scale * round_half_even(clip((x - zp) / scale, lo, hi))."),
 }
 
-_ZP_DOCS = {"": "", "nozp": " Zero point 0: no Sub / Add.", "folded": " Zero point folded into the consumer: no Add."}
-
-
 def _dequantize_packed() -> onnx.FunctionProto:
     return helper.make_function(
         MSFP_DOMAIN, "DequantizeFP4Packed", ["packed", "scale"], ["w"],
@@ -231,9 +214,7 @@ def _dequantize_packed() -> onnx.FunctionProto:
 
 def all_overloads() -> list[tuple[str, str]]:
     """Every (op_type, overload) with a body, default bodies first."""
-    quant = [(op, overload_name(core, zp)) for op, cores in _CORES.items()
-             for core, zp in itertools.product(cores, ZP_VARIANTS)]
-    return sorted(quant, key=lambda k: (k[1] != "", k)) + [("DequantizeFP4Packed", "")]
+    return sorted(_CORE_BODIES, key=lambda k: (k[1] != "", k)) + [("DequantizeFP4Packed", "")]
 
 
 def msfp_functions(opset: int, used: Iterable[tuple[str, str]] | None = None) -> list[onnx.FunctionProto]:
@@ -248,14 +229,11 @@ def msfp_functions(opset: int, used: Iterable[tuple[str, str]] | None = None) ->
         if op == "DequantizeFP4Packed":
             f = _dequantize_packed()
         else:
-            core, _, zp = overload.partition(".") if overload.split(".")[0] in _CORES[op] else ("", "", overload)
-            if zp not in ZP_VARIANTS or (op, core) not in _CORE_BODIES:
+            if (op, overload) not in _CORE_BODIES:
                 raise KeyError(f"no body for msfp.{op} overload {overload!r}")
-            body, attrs, doc = _CORE_BODIES[(op, core)]
-            f = helper.make_function(MSFP_DOMAIN, op, ["x", "scale", "zero_point"], ["y"],
-                                     _head(zp) + body + _tail(zp), [],
-                                     attributes=["format", *attrs, "lo", "hi", "keep_zero_point"],
-                                     doc_string=doc + _ZP_DOCS[zp])
+            body, attrs, doc = _CORE_BODIES[(op, overload)]
+            f = helper.make_function(MSFP_DOMAIN, op, ["x", "scale", "zero_point"], ["y"], _HEAD + body + _TAIL, [],
+                                     attributes=["format", *attrs, "lo", "hi", "keep_zero_point"], doc_string=doc)
             f.overload = overload
         del f.opset_import[:]
         f.opset_import.append(helper.make_opsetid("", opset))
@@ -265,35 +243,13 @@ def msfp_functions(opset: int, used: Iterable[tuple[str, str]] | None = None) ->
     return funcs
 
 
-def _constants(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
-    """Small constant tensors by name: initializers and Constant nodes (scales and zero points are scalars or
-    per-channel vectors; external or large tensors are left out)."""
-    out = {t.name: t for t in graph.initializer
-           if t.data_location != TensorProto.EXTERNAL and t.ByteSize() <= 1 << 16}
-    for n in graph.node:
-        if n.op_type == "Constant" and n.domain in ("", "ai.onnx"):
-            a = next((a for a in n.attribute if a.name == "value"), None)
-            if a is not None and a.t.ByteSize() <= 1 << 16:
-                out[n.output[0]] = a.t
-    return out
-
-
-def _zp_variant(node: onnx.NodeProto, consts: Mapping[str, onnx.TensorProto]) -> str:
-    keep = next((a.f for a in node.attribute if a.name == "keep_zero_point"), 1.0)
-    zp = consts.get(node.input[2]) if len(node.input) > 2 else None
-    if zp is not None and not np.any(numpy_helper.to_array(zp)):
-        return "nozp"
-    return "folded" if keep == 0.0 else ""
-
-
-def _choose_overload(node: onnx.NodeProto, fmt, consts: Mapping[str, onnx.TensorProto]) -> str:
+def _choose_overload(node: onnx.NodeProto, fmt) -> str:
     """The fastest function body valid for this node."""
-    core = ""
     if isinstance(fmt, FPFormat) and node.op_type == "QuantizeFP" and not fmt.signed:
-        core = "unsigned"
-    elif isinstance(fmt, FPFormat) and node.op_type == "QuantizeLUT" and fmt.man_bits == 0:
-        core = "pow2"
-    return overload_name(core, _zp_variant(node, consts))
+        return "unsigned"
+    if isinstance(fmt, FPFormat) and node.op_type == "QuantizeLUT" and fmt.man_bits == 0:
+        return "pow2"
+    return ""
 
 
 def annotate_msfp_nodes(model: onnx.ModelProto, choose_overloads: bool = True) -> dict[str, int]:
@@ -301,21 +257,20 @@ def annotate_msfp_nodes(model: onnx.ModelProto, choose_overloads: bool = True) -
     constants, decode table); count the nodes. Overloads need IR version 10; an overload already set on a node is
     kept, and with ``choose_overloads=False`` every node keeps the body it names (tests pin one body that way)."""
     counts: dict[str, int] = {}
-    consts = _constants(model.graph) if choose_overloads and model.ir_version >= 10 else {}
     for node in all_nodes(model.graph):
         if node.domain != MSFP_DOMAIN:
             continue
         counts[node.op_type] = counts.get(node.op_type, 0) + 1
         fmt = get_format(next(a.s.decode() for a in node.attribute if a.name == "format"))
         extra: dict = {}
-        if node.op_type in _CORES:
+        if node.op_type in QUANTIZE_OPS:
             if choose_overloads and not node.overload and model.ir_version >= 10:
-                node.overload = _choose_overload(node, fmt, consts)
+                node.overload = _choose_overload(node, fmt)
             extra = {"lo": fmt.min, "hi": fmt.max, "keep_zero_point": 1.0}
             if isinstance(fmt, FPFormat):
                 m, emin = fmt.man_bits, 1 - fmt.bias
                 split = {"split_factor": 2.0 ** (23 - m) + 1.0, "split_floor": 1.5 * 2.0 ** (emin + 23 - m)}
-            if node.op_type == "QuantizeLUT" and node.overload.startswith("pow2"):
+            if node.op_type == "QuantizeLUT" and node.overload == "pow2":
                 extra |= split | {"inv_min_normal": 2.0 ** -emin}
             elif node.op_type == "QuantizeLUT":
                 extra |= {"levels": fmt.levels.tolist(), "thresholds": fmt.thresholds.tolist()}

@@ -214,26 +214,22 @@ def optimized_node_counts(path: Path, threads: int, opt: str, work: Path) -> dic
 
 # ---- bit-exactness sweep of the function bodies ----
 
-def bodies_for(fmt: str, zp: float, keep: float) -> list[tuple[str, str]]:
-    """(op type, overload) of every function body valid for a format at this zero point / keep_zero_point: the
-    default bodies and every overload the lowering may pick."""
-    from msfp_compiler.export.msfp_ops import overload_name
+def bodies_for(fmt: str) -> list[tuple[str, str]]:
+    """(op type, overload) of every function body the lowering may pick for a format, plus the default ones."""
     from msfp_compiler.formats import FPFormat
     from msfp_compiler.ops import get_format
 
     f = get_format(fmt)
     if not isinstance(f, FPFormat):
-        cores = [("QuantizeInt", "")]
+        return [("QuantizeInt", "")]
+    out = [("QuantizeLUT", "")]  # the table body is valid for every grid
+    if f.man_bits == 0:
+        out.append(("QuantizeLUT", "pow2"))
     else:
-        cores = [("QuantizeLUT", "")]  # the table body is valid for every grid
-        if f.man_bits == 0:
-            cores.append(("QuantizeLUT", "pow2"))
-        else:
-            cores.append(("QuantizeFP", ""))
-            if not f.signed:
-                cores.append(("QuantizeFP", "unsigned"))
-    variants = [""] + ["nozp"] * (zp == 0.0) + ["folded"] * (keep == 0.0)
-    return [(op, overload_name(core, v)) for op, core in cores for v in variants]
+        out.append(("QuantizeFP", ""))
+        if not f.signed:
+            out.append(("QuantizeFP", "unsigned"))
+    return out
 
 
 def sweep(formats: list[str], stride: int = 7, scale1_stride: int = 1) -> dict:
@@ -267,13 +263,11 @@ def sweep(formats: list[str], stride: int = 7, scale1_stride: int = 1) -> dict:
         zp = 0.0 if f.signed else -0.4125
         cases = [(1.0, 0.0, 1.0, scale1_stride), (0.0371, zp, 1.0, stride), (0.0371, zp, 0.0, stride),
                  (3.3, 1.7, 1.0, stride)]
-        res: dict[str, dict[str, int]] = {}
+        bodies = bodies_for(fmt)
+        res = {f"{op}{'/' + ov if ov else ''}": {"values": 0, "mismatches": 0} for op, ov in bodies}
         t0 = time.perf_counter()
         for scale, z, keep, step in cases:
-            sessions = {f"{op}{'/' + ov if ov else ''}": body(op, ov, fmt, scale, z, keep)
-                        for op, ov in bodies_for(fmt, z, keep)}
-            for k in sessions:
-                res.setdefault(k, {"values": 0, "mismatches": 0})
+            sessions = {k: body(op, ov, fmt, scale, z, keep) for k, (op, ov) in zip(res, bodies)}
             s_t, z_t = torch.tensor(scale), torch.tensor(z)
             ref_op = torch.ops.msfp.quantize if keep else torch.ops.msfp.quantize_folded
             for lo in range(0, top + 1, chunk * step):

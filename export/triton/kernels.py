@@ -370,6 +370,16 @@ def _decode_fp8(c, W_SHIFT: tl.constexpr, lut0, lut1, lut2, lut3, DECODE: tl.con
 
 
 @triton.jit
+def _grouped_tile(pid, num_m, num_n, GROUP_M: tl.constexpr):
+    """(row tile, column tile) of program pid in grouped order: GROUP_M row tiles share the weight tiles they read
+    while those are in L2."""
+    group = GROUP_M * num_n
+    first_m = (pid // group) * GROUP_M
+    gsize = tl.minimum(num_m - first_m, GROUP_M)
+    return first_m + (pid % group) % gsize, (pid % group) // gsize
+
+
+@triton.jit
 def _w4a4_kernel(a_ptr, w_ptr, alpha_ptr, beta_ptr, zmap_ptr, out_ptr, set_ptr, tiles_ptr, rows_ptr,
                  M, N, K, stride_am, stride_ws, stride_wn, stride_ps, stride_zs, L, s_ob, s_ol, s_on,
                  lut0, lut1, lut2, lut3, H, W, C, KW, SH, SW, PT, PL, WO,
@@ -391,13 +401,7 @@ def _w4a4_kernel(a_ptr, w_ptr, alpha_ptr, beta_ptr, zmap_ptr, out_ptr, set_ptr, 
         rmask = r < hi
         rows = tl.load(rows_ptr + r, mask=rmask, other=0).to(tl.int64)
     else:
-        # grouped tile order: GROUP_M row tiles share the weight tiles they read while those are in L2
-        num_m = tl.cdiv(M, BM)
-        group = GROUP_M * num_n
-        first_m = (pid // group) * GROUP_M
-        gsize = tl.minimum(num_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % group) % gsize
-        pid_n = (pid % group) // gsize
+        pid_m, pid_n = _grouped_tile(pid, tl.cdiv(M, BM), num_n, GROUP_M)
         wset = tl.load(set_ptr)
         rows = (pid_m * BM + tl.arange(0, BM)).to(tl.int64)
         rmask = rows < M
@@ -472,13 +476,7 @@ def _w4a4_tma_kernel(a_desc, w_desc, alpha_ptr, beta_ptr, out_ptr, set_ptr, M, N
                      GROUP_M: tl.constexpr):
     """Linear layer with E4M3 weights through the bulk tensor copy engine (TMA) for both operands."""
     pid = tl.program_id(0)
-    num_n = tl.cdiv(N, BN)
-    num_m = tl.cdiv(M, BM)
-    group = GROUP_M * num_n
-    first_m = (pid // group) * GROUP_M
-    gsize = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group) % gsize
-    pid_n = (pid % group) // gsize
+    pid_m, pid_n = _grouped_tile(pid, tl.cdiv(M, BM), tl.cdiv(N, BN), GROUP_M)
     wset = tl.load(set_ptr)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     w_row = (wset * N + pid_n * BN).to(tl.int32)  # weights as [S * N, K]; rows past N are never stored
