@@ -116,6 +116,9 @@ def session(path: Path, threads: int, opt: str, profile_prefix: str | None = Non
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
+    # Sessions are timed interleaved; a pool that spin-waits after its run would steal the cores from the next
+    # session's run (2 threads on 2 cores: FP32 itself ran 2.6x slower than with 1 thread).
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.graph_optimization_level = OPT_LEVELS[opt]
     so.log_severity_level = 3
     if profile_prefix:
@@ -318,7 +321,12 @@ def main(argv: list[str] | None = None) -> int:
     result: dict = {"onnxruntime": ort.__version__, "cpu_count": os.cpu_count(), "loadavg_start": os.getloadavg(),
                     "goal_ratio": GOAL_RATIO, "iters": args.iters, "baseline_rev": args.baseline_rev,
                     "git_head": subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
-                                               capture_output=True, text=True).stdout.strip(), "models": {}}
+                                               capture_output=True, text=True).stdout.strip(), "models": {},
+                    "note": "latency: median of interleaved single runs (intra-op pools do not spin between runs); "
+                            "msfp = default compile; msfp_nofold = CompileConfig(fold_zero_point=False); "
+                            "msfp@REV = the same quantized graph with the function bodies of REV; ratios vs the "
+                            "FP32 ONNX of the same UNet. sweep: ORT vs torch.ops.msfp.quantize, bitwise up to the "
+                            "sign of zero"}
     if args.verify or args.verify_only:
         print("bit-exactness sweep of the msfp function bodies (ORT vs torch.ops.msfp.quantize)", flush=True)
         fmts = [f for f in args.sweep_formats.split(",") if f]
