@@ -146,7 +146,7 @@ def test_midpoints_round_to_even_code(name: str) -> None:
         assert torch.equal(f.round_to_grid(-mids), -want)
 
 
-@pytest.mark.parametrize("name", NAMES + ["int8", "uint8", "e4m3", "ue5m2"])
+@pytest.mark.parametrize("name", NAMES + ["ue1m3", "int8", "uint8", "e4m3", "ue5m2"])
 def test_fast_rounding_equals_the_table_bit_for_bit(name: str) -> None:
     """round_to_grid (Veltkamp / Round arithmetic) vs round_to_grid_table on every level, tie and threshold +- 3
     ulps, powers of two down to the float32 subnormals, a strided sweep past max, inf, NaN, both signs."""

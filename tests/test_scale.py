@@ -112,14 +112,32 @@ def test_check_model_over_the_protobuf_limit(compiled_unet2d, monkeypatch) -> No
         check_model(broken)
 
 
+def test_predecoded_weights_give_the_same_session_outputs(compiled_unet2d) -> None:
+    from msfp_compiler.export.ort import predecode_weights, session_from_model
+
+    model = compiled_unet2d.onnx_model
+    before = model.SerializeToString()
+    head, decoded = predecode_weights(model)
+    assert model.SerializeToString() == before  # the caller's model is unchanged
+    packed = [n for n in model.graph.node if n.op_type == "DequantizeFP4Packed"]
+    assert len(decoded) == len(packed) > 0
+    assert not [n for n in head.graph.node if n.op_type == "DequantizeFP4Packed"]
+    assert head.ByteSize() < model.ByteSize()  # the packed codes left with their nodes
+    feeds = _feeds(compiled_unet2d)
+    (ref,) = session_from_model(model, predecode=False).run(None, feeds)  # ORT folds the function bodies
+    (out,) = session_from_model(model).run(None, feeds)
+    assert np.array_equal(out, ref)
+
+
 def test_session_and_check_over_the_protobuf_limit(compiled_unet2d, monkeypatch) -> None:
     from msfp_compiler.export.ort import session_from_model
 
     feeds = _feeds(compiled_unet2d)
     (ref,) = session_from_model(compiled_unet2d.onnx_model).run(None, feeds)
     monkeypatch.setattr(onnx_export, "MAX_PROTO_BYTES", 1024)  # the model now goes through .onnx + .data
-    (out,) = session_from_model(compiled_unet2d.onnx_model).run(None, feeds)
-    assert np.array_equal(out, ref)
+    for predecode in (True, False):
+        (out,) = session_from_model(compiled_unet2d.onnx_model, predecode=predecode).run(None, feeds)
+        assert np.array_equal(out, ref)
     assert compiled_unet2d.check().ok
 
 

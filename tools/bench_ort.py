@@ -35,7 +35,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT_JSON = ROOT / "results" / "bench_ort.json"
-MODELS = {"digits-uncond": ROOT / "examples" / "digits-uncond", "digits-cond": ROOT / "examples" / "digits-cond"}
+MODELS = {"digits-uncond": ROOT / "examples" / "digits-uncond", "digits-cond": ROOT / "examples" / "digits-cond",
+          "sd15": None}  # sd15: the Stable Diffusion 1.5 UNet config with random weights (tools/unet_configs.py)
 GOAL_RATIO = 1.3
 OPT_LEVELS = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
               "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
@@ -45,8 +46,40 @@ SWEEP_FORMATS = ["e1m2", "e2m1", "e3m0", "ue2m2", "ue3m1", "ue4m0", "int4", "uin
 
 # ---- models ----
 
+def build_sd15(work: Path) -> dict[str, Path]:
+    """FP32 and quantized ONNX (external data, > 2 GB) of the SD1.5 UNet with random weights, quantized with the
+    calibration of tools/bench_compile.py (2 samples x 4 DDIM steps, 77-token text states); cached in `work`."""
+    from msfp_compiler.capture import capture, example_inputs, signature_of
+    from msfp_compiler.compile import compile as msfp_compile
+    from msfp_compiler.config import CalibConfig, CompileConfig
+    from msfp_compiler.export.onnx import lower_to_onnx, save_atomic
+    from msfp_compiler.load import LoadedModel, model_from_config
+
+    sys.path.insert(0, str(ROOT / "tools"))
+    from unet_configs import SD15_UNET_CONFIG
+
+    fp32, quant = work / "sd15.fp32.onnx", work / "sd15.msfp.onnx"
+    if fp32.is_file() and quant.is_file():
+        return {"fp32": fp32, "msfp": quant}
+    torch.manual_seed(0)
+    with torch.no_grad():
+        unet = model_from_config(dict(SD15_UNET_CONFIG), "sd15 config").eval()
+    if not quant.is_file():
+        calib = CalibConfig(num_samples=2, num_steps=4, num_groups=2, holdout_samples=0, text_len=77)
+        cm = msfp_compile(LoadedModel(unet, Path("<sd15 config>")), CompileConfig(calib=calib), progress=False)
+        cm.save(quant)
+        del cm
+    if not fp32.is_file():
+        gm, sig = capture(unet, signature_of(unet, cond_len=77))
+        model, _ = lower_to_onnx(gm, example_inputs(sig, 2, torch.Generator().manual_seed(0)), sig.input_names)
+        save_atomic(model, fp32)
+    return {"fp32": fp32, "msfp": quant}
+
+
 def build_models(name: str, work: Path, seed: int = 0) -> dict[str, Path]:
     """FP32, quantized (default config) and quantized without zero-point folding ONNX files (cached in `work`)."""
+    if name == "sd15":
+        return build_sd15(work)
     from msfp_compiler.capture import capture, example_inputs
     from msfp_compiler.compile import compile as msfp_compile
     from msfp_compiler.config import CompileConfig
@@ -124,7 +157,11 @@ def session(path: Path, threads: int, opt: str, profile_prefix: str | None = Non
     if profile_prefix:
         so.enable_profiling = True
         so.profile_file_prefix = profile_prefix
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    from msfp_compiler.export.ort import open_session
+
+    # as msfp-sample opens a model: packed weights decoded before ORT sees them (the same graph after ORT's own
+    # constant folding, without its memory peak)
+    return open_session(path, options=so)
 
 
 def feeds_for(sess: ort.InferenceSession, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -310,6 +347,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="float32 bit-pattern stride at scale 1 (1 = every float32)")
     ap.add_argument("--sweep-stride", type=int, default=7,
                     help="float32 bit-pattern stride of the sweep at non-trivial scale / zero point")
+    ap.add_argument("--no-profile", action="store_true", help="skip the ORT op profile (long on sd15)")
     ap.add_argument("--out", default=str(OUT_JSON))
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
@@ -345,7 +383,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.baseline_rev:
             paths["msfp@" + args.baseline_rev] = with_bodies_of(args.baseline_rev, paths["msfp"],
                                                                 work / f"{name}.msfp_{args.baseline_rev}.onnx")
-        entry: dict = {"files": {k: {"path": str(p), "bytes": p.stat().st_size} for k, p in paths.items()},
+        entry: dict = {"files": {k: {"path": str(p), "bytes": sum(f.stat().st_size for f in (p, Path(f"{p}.data"))
+                                                                  if f.is_file())} for k, p in paths.items()},
                        "latency": [], "profile": {}, "optimized_graph": {}}
         for opt in opts:
             for th in threads:
@@ -363,11 +402,11 @@ def main(argv: list[str] | None = None) -> int:
                         f"{k}={r:.2f}x" for k, r in row["ratio_vs_fp32"].items()) + f"  load {load[0]:.1f}", flush=True)
                 del sessions
         prof_opt, prof_threads = opts[0], threads[0]
-        for b in batches:
+        for b in batches if not args.no_profile else []:
             for k, p in paths.items():
                 feeds = feeds_for(session(paths["fp32"], 1, "basic"), b)
                 entry["profile"][f"{k}@batch{b}"] = profile(p, feeds, prof_threads, prof_opt, 10, work)
-        for k, p in paths.items():
+        for k, p in paths.items() if not args.no_profile else []:
             entry["optimized_graph"][k] = optimized_node_counts(p, prof_threads, prof_opt, work)
         # headline: default session options (opt level all, 2 threads) at each batch
         entry["headline"] = {f"batch{r['batch']}": r["ratio_vs_fp32"] for r in entry["latency"]

@@ -225,7 +225,7 @@ def _quant_inputs(fmt: str, seed: int) -> tuple[torch.Tensor, torch.Tensor, torc
     return x, torch.tensor(scales)[:, None], torch.tensor(zps)[:, None]
 
 
-QUANT_FORMATS = ["e1m2", "e2m1", "e3m0", "ue2m2", "ue3m1", "ue4m0", "int4", "uint4", "int8", "uint8"]
+QUANT_FORMATS = ["e1m2", "e2m1", "e3m0", "ue1m3", "ue2m2", "ue3m1", "ue4m0", "int4", "uint4", "int8", "uint8"]
 
 
 def _quant_cases():

@@ -71,6 +71,18 @@ def test_msfp_mse_le_int4_every_activation(scheme_choices) -> None:
     assert not worse, f"{len(worse)} activations where int4 wins:\n" + "\n".join(worse)
 
 
+def test_msfp_with_ue1m3_le_int4_every_activation(stages_unet2d, scheme_choices) -> None:
+    # The opt-in answer to the xfail above: unsigned E1M3 is the UINT4 grid up to scale (one exponent bit makes the
+    # grid uniform, as signed E1M2 is INT4's), so with it among the candidates MSFP matches or beats INT4 everywhere.
+    gm = stages_unet2d.fresh("annotate_sign")
+    SelectFormat(QuantConfig(act_formats=("e1m2", "e2m1", "e3m0", "ue1m3", "ue2m2", "ue3m1", "ue4m0")))(gm)
+    extended = dict(scheme_choices, msfp={n.name: (r.role, r.after_silu, r.bits, r.choice) for n, r in records(gm)})
+    worse = _compare(extended, "int4", "act")
+    assert not worse, "\n".join(worse)
+    picked = {c.fmt for role, _, bits, c in extended["msfp"].values() if role == "act" and bits == 4}
+    assert "ue1m3" in picked and picked - {"ue1m3"}, picked  # used where uint4 won, FP grids elsewhere
+
+
 def test_unsigned_chosen_for_some_after_silu_inputs(scheme_choices) -> None:
     msfp = scheme_choices["msfp"]
     acts4 = [(name, silu, c) for name, (role, silu, bits, c) in msfp.items() if role == "act" and bits == 4]
