@@ -32,8 +32,8 @@ def predecode_weights(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str
     ORT folds ``DequantizeFP4Packed`` at session start but keeps every intermediate of every layer until the pass
     ends (opening the SD1.5 UNet took 16.7 GB and 58 s that way). Here each constant DequantizeFP4Packed node becomes
     an external initializer whose float32 data (``torch.ops.msfp.dequantize_packed``, bit-identical to the function
-    body) is handed to ORT from memory (``SessionOptions.add_external_initializers``). Returns the rewritten copy
-    and the arrays by name; the caller's model is unchanged, and a model without such nodes comes back as is.
+    body) is handed to ORT from memory (``SessionOptions.add_external_initializers``). Returns the rewritten copy and
+    the arrays by name; the caller's model is unchanged, and a model without such nodes comes back as is.
     """
     from .msfp_ops import MSFP_DOMAIN, all_nodes
 
@@ -80,9 +80,8 @@ def session_from_model(model: onnx.ModelProto, threads: int | None = None, *, pr
     decoded: dict[str, np.ndarray] = {}
     if predecode and serialized_size(model) is not None:
         model, decoded = predecode_weights(model)
-    values = [ort.OrtValue.ortvalue_from_numpy(a) for a in decoded.values()]
-    if values:
-        so.add_external_initializers(list(decoded), values)
+    if decoded:  # ORT copies them while loading; they can go once the session exists
+        so.add_external_initializers(list(decoded), [ort.OrtValue.ortvalue_from_numpy(a) for a in decoded.values()])
     size = serialized_size(model)
     if size is not None and size <= MAX_PROTO_BYTES:
         sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
@@ -91,7 +90,6 @@ def session_from_model(model: onnx.ModelProto, threads: int | None = None, *, pr
             path = Path(d) / "model.onnx"
             save_atomic(model, path, external_data_threshold=MAX_PROTO_BYTES)
             sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    sess.msfp_external_values = values  # ORT reads these buffers for the session's lifetime
     return sess
 
 
