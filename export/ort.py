@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import onnx
@@ -26,14 +27,14 @@ def _options(threads: int | None) -> ort.SessionOptions:
     return so
 
 
-def predecode_weights(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+def predecode_weights(model: onnx.ModelProto, store: Callable[[np.ndarray], tuple[str, int]]) -> onnx.ModelProto:
     """Decode the packed 4-bit weights here, one layer at a time, instead of in ORT's constant folding.
 
     ORT folds ``DequantizeFP4Packed`` at session start but keeps every intermediate of every layer until the pass
     ends (opening the SD1.5 UNet took 16.7 GB and 58 s that way). Here each constant DequantizeFP4Packed node becomes
-    an external initializer whose float32 data (``torch.ops.msfp.dequantize_packed``, bit-identical to the function
-    body) is handed to ORT from memory (``SessionOptions.add_external_initializers``). Returns the rewritten copy and
-    the arrays by name; the caller's model is unchanged, and a model without such nodes comes back as is.
+    an external-data initializer: its float32 value (``torch.ops.msfp.dequantize_packed``, bit-identical to the
+    function body) goes to ``store(array) -> (location, offset)`` as soon as it is decoded. Returns the rewritten copy
+    (the caller's model is unchanged); a model without such nodes comes back as is.
     """
     from .msfp_ops import MSFP_DOMAIN, all_nodes
 
@@ -43,23 +44,24 @@ def predecode_weights(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str
                 and all(i in consts for i in n.input)]
 
     if not packed_nodes(model.graph):
-        return model, {}
+        return model
     head = onnx.ModelProto()
     head.CopyFrom(model)
     g = head.graph
     inits = {t.name: t for t in g.initializer}
-    decoded: dict[str, np.ndarray] = {}
+    decoded: set[str] = set()
     for n in packed_nodes(g):
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
         packed, scale = (torch.from_numpy(onnx.numpy_helper.to_array(inits[i]).copy()) for i in n.input)
-        w = torch.ops.msfp.dequantize_packed(packed, scale, attrs["format"].decode(), list(attrs["shape"]))
-        decoded[n.output[0]] = w.numpy()
+        w = torch.ops.msfp.dequantize_packed(packed, scale, attrs["format"].decode(), list(attrs["shape"])).numpy()
+        location, offset = store(w)
         t = g.initializer.add()
         t.name, t.data_type, t.data_location = n.output[0], onnx.TensorProto.FLOAT, onnx.TensorProto.EXTERNAL
         t.dims.extend(w.shape)
-        for k, v in (("location", "msfp-predecoded"), ("offset", "0"), ("length", str(w.numel() * 4))):
+        for k, v in (("location", location), ("offset", str(offset)), ("length", str(w.nbytes))):
             e = t.external_data.add()
             e.key, e.value = k, v
+        decoded.add(n.output[0])
     keep = [n for n in g.node if n.output[0] not in decoded]
     del g.node[:]
     g.node.extend(keep)
@@ -67,30 +69,37 @@ def predecode_weights(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str
     live = [t for t in g.initializer if t.name in used]
     del g.initializer[:]
     g.initializer.extend(live)
-    return head, decoded
+    return head
 
 
 def session_from_model(model: onnx.ModelProto, threads: int | None = None, *, predecode: bool = True,
                        options: ort.SessionOptions | None = None) -> ort.InferenceSession:
-    """A CPU session on an in-memory model. Packed weights are decoded before ORT sees them (``predecode_weights``);
-    a model over protobuf's 2 GB limit goes through a temporary .onnx + .data."""
+    """A CPU session on an in-memory model.
+
+    With ``predecode`` the packed weights are decoded before ORT sees them (``predecode_weights``) into a temporary
+    external-data file that ORT maps instead of copying: the SD1.5 UNet opens at about the memory of its FP32 ONNX.
+    A model over protobuf's 2 GB limit also goes through a temporary .onnx + .data.
+    """
     from .onnx import MAX_PROTO_BYTES, save_atomic, serialized_size
 
     so = options or _options(threads)
-    decoded: dict[str, np.ndarray] = {}
-    if predecode and serialized_size(model) is not None:
-        model, decoded = predecode_weights(model)
-    if decoded:  # ORT copies them while loading; they can go once the session exists
-        so.add_external_initializers(list(decoded), [ort.OrtValue.ortvalue_from_numpy(a) for a in decoded.values()])
     size = serialized_size(model)
-    if size is not None and size <= MAX_PROTO_BYTES:
-        sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    else:
-        with tempfile.TemporaryDirectory(prefix="msfp_session_") as d:
-            path = Path(d) / "model.onnx"
-            save_atomic(model, path, external_data_threshold=MAX_PROTO_BYTES)
-            sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    return sess
+    if size is not None and size <= MAX_PROTO_BYTES and not predecode:
+        return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    # The files may go as soon as the session exists: ORT has read or mapped them (a mapping outlives the unlink).
+    with tempfile.TemporaryDirectory(prefix="msfp_session_", ignore_cleanup_errors=True) as d:
+        path = Path(d) / "model.onnx"
+        if predecode and size is not None:
+            with open(Path(d) / "weights.data", "wb") as f:
+                def store(a: np.ndarray) -> tuple[str, int]:
+                    f.write(b"\0" * (-f.tell() % 4096))  # page-aligned, so ORT can map each tensor
+                    offset = f.tell()
+                    f.write(a.tobytes())
+                    return "weights.data", offset
+
+                model = predecode_weights(model, store)
+        save_atomic(model, path, external_data_threshold=MAX_PROTO_BYTES)
+        return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
 def open_session(path: str | Path, threads: int | None = None, *, predecode: bool = True,

@@ -117,11 +117,19 @@ def test_predecoded_weights_give_the_same_session_outputs(compiled_unet2d) -> No
 
     model = compiled_unet2d.onnx_model
     before = model.SerializeToString()
-    head, decoded = predecode_weights(model)
+    stored: list[np.ndarray] = []
+
+    def store(a: np.ndarray) -> tuple[str, int]:
+        stored.append(a)
+        return "w.data", 4096 * len(stored)
+
+    head = predecode_weights(model, store)
     assert model.SerializeToString() == before  # the caller's model is unchanged
     packed = [n for n in model.graph.node if n.op_type == "DequantizeFP4Packed"]
-    assert len(decoded) == len(packed) > 0
+    assert len(stored) == len(packed) > 0 and all(a.dtype == np.float32 for a in stored)
     assert not [n for n in head.graph.node if n.op_type == "DequantizeFP4Packed"]
+    ext = [t for t in head.graph.initializer if t.data_location == TensorProto.EXTERNAL]
+    assert sorted(t.name for t in ext) == sorted(n.output[0] for n in packed)
     assert head.ByteSize() < model.ByteSize()  # the packed codes left with their nodes
     feeds = _feeds(compiled_unet2d)
     (ref,) = session_from_model(model, predecode=False).run(None, feeds)  # ORT folds the function bodies
