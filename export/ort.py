@@ -90,14 +90,18 @@ def session_from_model(model: onnx.ModelProto, threads: int | None = None, *, pr
     with tempfile.TemporaryDirectory(prefix="msfp_session_", ignore_cleanup_errors=True) as d:
         path = Path(d) / "model.onnx"
         if predecode and size is not None:
-            with open(Path(d) / "weights.data", "wb") as f:
-                def store(a: np.ndarray) -> tuple[str, int]:
-                    f.write(b"\0" * (-f.tell() % 4096))  # page-aligned, so ORT can map each tensor
-                    offset = f.tell()
-                    f.write(a.tobytes())
-                    return "weights.data", offset
+            try:
+                with open(Path(d) / "weights.data", "wb") as f:
+                    def store(a: np.ndarray) -> tuple[str, int]:
+                        f.write(b"\0" * (-f.tell() % 4096))  # page-aligned, so ORT can map each tensor
+                        offset = f.tell()
+                        f.write(a.tobytes())
+                        return "weights.data", offset
 
-                model = predecode_weights(model, store)
+                    model = predecode_weights(model, store)
+            except OSError as e:
+                raise MsfpError(f"cannot write the decoded weights to {d} ({e.strerror or e}); point TMPDIR at a "
+                                "folder with room for the float32 weights") from e
         save_atomic(model, path, external_data_threshold=MAX_PROTO_BYTES)
         return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
@@ -116,8 +120,8 @@ def open_session(path: str | Path, threads: int | None = None, *, predecode: boo
             if any(n.domain == MSFP_DOMAIN and n.op_type == "DequantizeFP4Packed" for n in head.graph.node):
                 return session_from_model(onnx.load(str(path)), threads, options=options)
         return ort.InferenceSession(str(path), options or _options(threads), providers=["CPUExecutionProvider"])
-    except MsfpError:
-        raise
+    except MsfpError as e:
+        raise MsfpError(f"{path}: {e}") from e
     except Exception as e:  # ORT and onnx raise their own exception types (Fail, InvalidGraph, DecodeError, ...)
         raise MsfpError(f"{path}: onnxruntime cannot load it ({str(e).splitlines()[0][:200]})") from e
 

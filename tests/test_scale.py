@@ -137,6 +137,24 @@ def test_predecoded_weights_give_the_same_session_outputs(compiled_unet2d) -> No
     assert np.array_equal(out, ref)
 
 
+def test_predecode_without_disk_space_is_a_one_line_error(compiled_unet2d, tmp_path: Path, monkeypatch) -> None:
+    import msfp_compiler.export.ort as ort_helpers
+    from msfp_compiler.errors import MsfpError
+
+    path = tmp_path / "m.onnx"
+    compiled_unet2d.save(path)
+
+    def disk_full(model, store):
+        store(np.zeros(4, np.float32))
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ort_helpers, "predecode_weights", disk_full)
+    with pytest.raises(MsfpError) as e:
+        ort_helpers.open_session(path)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(str(path)) and "No space left" in msg and "TMPDIR" in msg
+
+
 def test_session_and_check_over_the_protobuf_limit(compiled_unet2d, monkeypatch) -> None:
     from msfp_compiler.export.ort import session_from_model
 
