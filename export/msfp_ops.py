@@ -113,31 +113,24 @@ _MAGNITUDE = [
 ]
 
 # Power-of-two grids (M = 0; e3m0, ue4m0): the table body materializes [..., levels] int64 compares. Here: Veltkamp
-# at 1 significant bit (floored as above), which sends every tie 1.5 * 2^e up; a tie must go down when the lower
-# level has the even code, i.e. r = 2^k * 2^emin with k >= 2 even, which is exactly 2^k mod 6 == 4 (k = 0 gives 1,
-# odd k gives 2); t mod 6 = t - 6 * floor(t / 6) is exact here (t/6 is never an integer, and ORT's Mod kernel is
-# ~40x slower than Floor). ~3x faster than the table in ORT.
+# at 1 significant bit (floored as above), which sends every tie 1.5 * 2^e up (a = 0.75 r, exact: r is a power of
+# two); a tie must go down when the lower level has the even code, i.e. r = 2^k * 2^emin with k >= 2 even: bit k of
+# the integer r / 2^emin (< 2^15 for every 4-bit grid) is one of the bits of 0x55555554. ~3x faster than the table.
 _POW2_TIES = [
-    _f32("four", 4.0),
-    _f32("three", 3.0),
-    helper.make_node("Mul", ["a", "four"], ["a4"]),
-    helper.make_node("Mul", ["r", "three"], ["r3"]),
-    helper.make_node("Equal", ["a4", "r3"], ["is_tie"]),
+    _f32("three_quarters", 0.75),
+    helper.make_node("Mul", ["r", "three_quarters"], ["r34"]),
+    helper.make_node("Equal", ["a", "r34"], ["is_tie"]),
     _const("inv_min", "inv_min_normal", F),
-    _f32("sixth", 1.0 / 6.0),
-    _f32("six", 6.0),
     helper.make_node("Mul", ["r", "inv_min"], ["rk"]),
-    helper.make_node("Mul", ["rk", "sixth"], ["rk6"]),
-    helper.make_node("Floor", ["rk6"], ["fl6"]),
-    helper.make_node("Mul", ["fl6", "six"], ["m6"]),
-    helper.make_node("Sub", ["rk", "m6"], ["rm"]),
-    helper.make_node("Equal", ["rm", "four"], ["low_even"]),
+    helper.make_node("Cast", ["rk"], ["rk_int"], to=TensorProto.INT32),
+    helper.make_node("Constant", [], ["even_bits"],
+                     value=helper.make_tensor("even_bits", TensorProto.INT32, [], [0x55555554])),
+    helper.make_node("BitwiseAnd", ["rk_int", "even_bits"], ["rk_even"]),
+    helper.make_node("Cast", ["rk_even"], ["low_even"], to=TensorProto.BOOL),
     helper.make_node("And", ["is_tie", "low_even"], ["down"]),
-    helper.make_node("Cast", ["down"], ["down_f"], to=TensorProto.FLOAT),
     _f32("half", 0.5),
     helper.make_node("Mul", ["r", "half"], ["rh"]),
-    helper.make_node("Mul", ["rh", "down_f"], ["fix"]),
-    helper.make_node("Sub", ["r", "fix"], ["qa"]),
+    helper.make_node("Where", ["down", "rh", "r"], ["qa"]),
     helper.make_node("Mul", ["qa", "sg"], ["q"]),
 ]
 

@@ -373,7 +373,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.verify_only:
         out = Path(args.out)
         merged = json.loads(out.read_text()) if out.is_file() else {}
-        merged["sweep"], merged["sweep_loadavg"] = result["sweep"], result["sweep_loadavg"]
+        merged.setdefault("sweep", {}).update(result["sweep"])  # formats not swept this time keep their rows
+        merged["sweep_loadavg"] = result["sweep_loadavg"]
         out.write_text(json.dumps(merged, indent=1) + "\n")
         print(f"wrote {out}")
         return 0
