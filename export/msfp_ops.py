@@ -11,8 +11,9 @@ Each op has one default body, valid for every format it takes, and faster *overl
 ``NodeProto.overload``) that ``annotate_msfp_nodes`` picks per node: ``unsigned`` (QuantizeFP for unsigned formats:
 no sign round trip) and ``pow2`` (QuantizeLUT for M = 0: arithmetic instead of the table). A constant zero point of
 0, or keep_zero_point = 0, needs no body of its own: onnxruntime's optimizer drops the Sub / Add of a constant 0
-(measured: bodies without them were no faster). Every body is bit-exact with ``torch.ops.msfp.quantize`` / ``quantize_folded`` up to the sign of zero
-(tests/test_scale.py; tools/bench_ort.py --verify sweeps every float32 at scale 1).
+(measured: bodies without them were no faster). Every body is bit-exact with ``torch.ops.msfp.quantize`` /
+``quantize_folded`` up to the sign of zero (tests/test_scale.py; tools/bench_ort.py --verify sweeps every float32 at
+scale 1).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from msfp_compiler.formats import FPFormat, IntFormat
 from msfp_compiler.ops import get_format
 
 __all__ = ["MSFP_DOMAIN", "MSFP_VERSION", "quantize_op_type", "msfp_functions", "annotate_msfp_nodes",
-           "single_op_model", "all_nodes"]
+           "single_op_model", "used_overloads", "all_overloads", "all_nodes"]
 
 MSFP_DOMAIN = "msfp"
 MSFP_VERSION = 1
