@@ -27,6 +27,15 @@ def _options(threads: int | None) -> ort.SessionOptions:
     return so
 
 
+def _packed_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+    """DequantizeFP4Packed nodes whose inputs are all initializers (what ORT would constant-fold)."""
+    from .msfp_ops import MSFP_DOMAIN
+
+    consts = {t.name for t in graph.initializer}
+    return [n for n in graph.node if n.domain == MSFP_DOMAIN and n.op_type == "DequantizeFP4Packed"
+            and all(i in consts for i in n.input)]
+
+
 def predecode_weights(model: onnx.ModelProto, store: Callable[[np.ndarray], tuple[str, int]]) -> onnx.ModelProto:
     """Decode the packed 4-bit weights here, one layer at a time, instead of in ORT's constant folding.
 
@@ -36,21 +45,16 @@ def predecode_weights(model: onnx.ModelProto, store: Callable[[np.ndarray], tupl
     function body) goes to ``store(array) -> (location, offset)`` as soon as it is decoded. Returns the rewritten copy
     (the caller's model is unchanged); a model without such nodes comes back as is.
     """
-    from .msfp_ops import MSFP_DOMAIN, all_nodes
+    from .msfp_ops import all_nodes
 
-    def packed_nodes(graph):
-        consts = {t.name for t in graph.initializer}
-        return [n for n in graph.node if n.domain == MSFP_DOMAIN and n.op_type == "DequantizeFP4Packed"
-                and all(i in consts for i in n.input)]
-
-    if not packed_nodes(model.graph):
+    if not _packed_nodes(model.graph):
         return model
     head = onnx.ModelProto()
     head.CopyFrom(model)
     g = head.graph
     inits = {t.name: t for t in g.initializer}
     decoded: set[str] = set()
-    for n in packed_nodes(g):
+    for n in _packed_nodes(g):
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
         packed, scale = (torch.from_numpy(onnx.numpy_helper.to_array(inits[i]).copy()) for i in n.input)
         w = torch.ops.msfp.dequantize_packed(packed, scale, attrs["format"].decode(), list(attrs["shape"])).numpy()
@@ -84,12 +88,13 @@ def session_from_model(model: onnx.ModelProto, threads: int | None = None, *, pr
 
     so = options or _options(threads)
     size = serialized_size(model)
+    predecode = predecode and size is not None and bool(_packed_nodes(model.graph))
     if size is not None and size <= MAX_PROTO_BYTES and not predecode:
         return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
     # The files may go as soon as the session exists: ORT has read or mapped them (a mapping outlives the unlink).
     with tempfile.TemporaryDirectory(prefix="msfp_session_", ignore_cleanup_errors=True) as d:
         path = Path(d) / "model.onnx"
-        if predecode and size is not None:
+        if predecode:
             try:
                 with open(Path(d) / "weights.data", "wb") as f:
                     def store(a: np.ndarray) -> tuple[str, int]:
@@ -109,16 +114,15 @@ def session_from_model(model: onnx.ModelProto, threads: int | None = None, *, pr
 def open_session(path: str | Path, threads: int | None = None, *, predecode: bool = True,
                  options: ort.SessionOptions | None = None) -> ort.InferenceSession:
     """A CPU session on an ONNX file; a compiled model's packed weights are decoded before ORT sees them."""
-    from .msfp_ops import MSFP_DOMAIN
-
     path = Path(path)
     if not path.is_file():
         raise MsfpError(f"{path}: no such ONNX file")
     try:
         if predecode:
-            head = onnx.load(str(path), load_external_data=False)
-            if any(n.domain == MSFP_DOMAIN and n.op_type == "DequantizeFP4Packed" for n in head.graph.node):
-                return session_from_model(onnx.load(str(path)), threads, options=options)
+            model = onnx.load(str(path), load_external_data=False)
+            if _packed_nodes(model.graph):
+                onnx.load_external_data_for_model(model, str(path.parent))  # read once, not parsed twice
+                return session_from_model(model, threads, options=options)
         return ort.InferenceSession(str(path), options or _options(threads), providers=["CPUExecutionProvider"])
     except MsfpError as e:
         raise MsfpError(f"{path}: {e}") from e

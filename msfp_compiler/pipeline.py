@@ -22,7 +22,7 @@ import torch.fx as fx
 
 from .errors import MsfpError
 
-__all__ = ["PassResult", "Pass", "PassManager", "PassRun"]
+__all__ = ["PassResult", "Pass", "PassManager", "PassRun", "peak_rss_mb", "reset_peak_rss"]
 
 log = logging.getLogger("msfp")
 
@@ -62,7 +62,7 @@ def _pass_name(p: Callable) -> str:
 _STATUS = Path("/proc/self/status")
 
 
-def _peak_rss_mb() -> float:
+def peak_rss_mb() -> float:
     """Peak RSS since the last ``reset_peak_rss`` (VmHWM), or since process start where /proc is missing."""
     try:
         m = re.search(r"^VmHWM:\s+(\d+) kB", _STATUS.read_text(), re.M)
@@ -106,7 +106,7 @@ class PassManager:
         """Log a stage that is not an fx pass (capture, ONNX lowering) in the same format; its peak RSS is the
         peak since the previous pass or stage ended."""
         self._start_logs()
-        run = PassRun(name, seconds, _peak_rss_mb(), 0, 0, False, info, cpu_seconds)
+        run = PassRun(name, seconds, peak_rss_mb(), 0, 0, False, info, cpu_seconds)
         reset_peak_rss()
         self.runs.append(run)
         log.info("stage %-17s %7.3fs  %s", name, seconds,
@@ -134,7 +134,7 @@ class PassManager:
             except Exception as e:
                 raise RuntimeError(f"pass {name!r} left an invalid graph: {e}") from e
             gm.recompile()
-            run = PassRun(name, seconds, _peak_rss_mb(), before, len(gm.graph.nodes), res.modified, res.info, cpu)
+            run = PassRun(name, seconds, peak_rss_mb(), before, len(gm.graph.nodes), res.modified, res.info, cpu)
             reset_peak_rss()
             self.runs.append(run)
             done.append(name)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import resource
 import subprocess
 import sys
@@ -49,11 +48,6 @@ GOAL_SD15_RSS_X_FP32 = 3.0
 
 # ---- measurement helpers (run inside the per-model subprocess) ----
 
-def _status_mb(key: str) -> float:
-    m = re.search(rf"^{key}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)
-    return int(m.group(1)) / 1024.0 if m else float("nan")
-
-
 class Meter:
     """Wall time, process CPU time (all threads) and peak RSS of the stages outside compile(); the PassManager
     measures its passes the same way (VmHWM reset at each start, pipeline.reset_peak_rss)."""
@@ -63,14 +57,14 @@ class Meter:
 
     @contextmanager
     def stage(self, name: str):
-        from msfp_compiler.pipeline import reset_peak_rss
+        from msfp_compiler.pipeline import peak_rss_mb, reset_peak_rss
 
         reset_peak_rss()
         t0, c0 = time.perf_counter(), time.process_time()
         yield
         self.stages.append({"name": name, "seconds": round(time.perf_counter() - t0, 3),
                             "cpu_seconds": round(time.process_time() - c0, 2),
-                            "peak_rss_mb": round(_status_mb("VmHWM"), 1)})
+                            "peak_rss_mb": round(peak_rss_mb(), 1)})
 
 
 def _build(model: str):
@@ -184,7 +178,7 @@ def external_data_check(out_json: Path, gb: float = 2.2) -> None:
     from onnx import TensorProto, helper
 
     from msfp_compiler.export.onnx import check_model, save_atomic
-    from msfp_compiler.pipeline import reset_peak_rss
+    from msfp_compiler.pipeline import peak_rss_mb, reset_peak_rss
 
     rows = int(gb * 1e9 / 4 / 1024 / 2)  # two tensors of ~gb/2 each: over 2 GB together, each under protobuf's limit
     rng = np.random.default_rng(0)
@@ -212,7 +206,7 @@ def external_data_check(out_json: Path, gb: float = 2.2) -> None:
             t0 = time.perf_counter()
             save_atomic(model, path)
             res[f"save{i}_seconds"] = round(time.perf_counter() - t0, 2)
-            res[f"save{i}_peak_rss_mb"] = round(_status_mb("VmHWM"), 1)
+            res[f"save{i}_peak_rss_mb"] = round(peak_rss_mb(), 1)
             res[f"files_after_save{i}"] = {p.name: p.stat().st_size for p in sorted(work.iterdir())}
         res["caller_model_intact"] = model.graph.initializer[0].HasField("raw_data")
         del model, g
