@@ -11,12 +11,12 @@ import onnx
 import torch
 import torch.fx as fx
 
-from .calibrate import CalibBatch, CalibrationSet, collect, make_scheduler
+from .calibration import CalibBatch, CalibrationSet, collect, make_scheduler
 from .capture import UNetSignature, capture, signature_of
 from .config import CompileConfig
 from .errors import MsfpError
 from .load import LoadedModel
-from .pipeline import PassManager, PassRun, reset_peak_rss
+from .pass_manager import PassManager, PassRun, reset_peak_rss
 from .record import records
 from msfp_compiler.passes.fuse_talora import FuseTALoRA
 

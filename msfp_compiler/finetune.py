@@ -28,7 +28,7 @@ import torch.fx as fx
 from torch import nn
 from tqdm.auto import tqdm
 
-from .calibrate import CalibrationSet
+from .calibration import CalibrationSet
 from .capture import UNetSignature, UNetWrapper
 from .errors import MsfpError
 from .record import record_of
@@ -318,7 +318,7 @@ class FinetunePass:
     result: FinetuneResult | None = None
 
     def __call__(self, gm: fx.GraphModule):
-        from .pipeline import PassResult
+        from .pass_manager import PassResult
 
         self.result = r = finetune(gm, self.teacher, self.sig, self.data, self.config, self.scheduler, self.progress)
         info = {"steps": self.config.steps, "num_loras": self.config.num_loras, "rank": self.config.rank,

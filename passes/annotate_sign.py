@@ -14,10 +14,10 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from msfp_compiler.calibrate import CalibrationSet
+from msfp_compiler.calibration import CalibrationSet
 from msfp_compiler.errors import MsfpError
 from msfp_compiler.layer_graph import quant_operands
-from msfp_compiler.pipeline import PassResult
+from msfp_compiler.pass_manager import PassResult
 from msfp_compiler.record import META_KEY, GroupStats, TensorRecord
 
 __all__ = ["AnnotateSign"]

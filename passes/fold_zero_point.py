@@ -22,7 +22,7 @@ import torch.fx as fx
 
 from msfp_compiler.layer_graph import layer_kind
 from msfp_compiler.ops import get_format
-from msfp_compiler.pipeline import PassResult
+from msfp_compiler.pass_manager import PassResult
 from msfp_compiler.record import record_of
 
 from .insert_qdq import QUANTIZE_OP, attr_name

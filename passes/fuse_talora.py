@@ -16,7 +16,7 @@ import torch
 import torch.fx as fx
 
 from msfp_compiler.finetune import ROUTER_NAME, TALoRAWeight, router_table
-from msfp_compiler.pipeline import PassResult
+from msfp_compiler.pass_manager import PassResult
 from msfp_compiler.record import META_KEY, record_of
 
 from .insert_qdq import QUANTIZE_OP, attr_name

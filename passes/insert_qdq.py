@@ -15,7 +15,7 @@ import torch.fx as fx
 import msfp_compiler.ops  # noqa: F401  (registers torch.ops.msfp)
 from msfp_compiler.errors import MsfpError
 from msfp_compiler.layer_graph import LAYER_OPS
-from msfp_compiler.pipeline import PassResult
+from msfp_compiler.pass_manager import PassResult
 from msfp_compiler.record import records
 
 __all__ = ["InsertQDQ", "QUANTIZE_OP", "attr_name"]

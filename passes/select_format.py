@@ -17,7 +17,7 @@ import torch.fx as fx
 from msfp_compiler.config import HIGH_PRECISION, QuantConfig
 from msfp_compiler.formats import parse_format
 from msfp_compiler.layer_graph import layer_kind
-from msfp_compiler.pipeline import PassResult
+from msfp_compiler.pass_manager import PassResult
 from msfp_compiler.record import QuantChoice, TensorRecord, records
 from msfp_compiler.search import SearchResult, SortedValues, exact_mse, search_scale
 

@@ -19,10 +19,10 @@ import torch
 import torch.fx as fx
 
 import msfp_compiler.ops  # noqa: F401  (registers torch.ops.msfp)
-from msfp_compiler.calibrate import CalibrationSet, collect, make_scheduler
+from msfp_compiler.calibration import CalibrationSet, collect, make_scheduler
 from msfp_compiler.capture import UNetSignature, capture, signature_of
 from msfp_compiler.config import CalibConfig, CompileConfig, QuantConfig
-from msfp_compiler.pipeline import PassResult
+from msfp_compiler.pass_manager import PassResult
 from msfp_compiler.record import META_KEY
 
 # Two xdist workers share two (busy) cores: more intra-op threads than cores makes OpenMP spin-wait, which turns a
@@ -171,7 +171,7 @@ def _work_group(nodeid: str) -> str | None:
     if "tests/passes/" in path:
         return "stages_unet2d"
     m = _COMPILED_PARAM.search(nodeid)
-    if m and path.endswith(("tests/export/test_onnx.py", "tests/test_pipeline.py")):
+    if m and path.endswith(("tests/export/test_onnx.py", "tests/test_pass_manager.py")):
         return f"compiled_{m.group(1)}"
     return None
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 
-from msfp_compiler.calibrate import collect, make_scheduler
+from msfp_compiler.calibration import collect, make_scheduler
 from msfp_compiler.capture import capture, signature_of
 from msfp_compiler.compile import compile as msfp_compile
 from msfp_compiler.config import CalibConfig, CompileConfig, QuantConfig

@@ -50,14 +50,14 @@ GOAL_SD15_RSS_X_FP32 = 3.0
 
 class Meter:
     """Wall time, process CPU time (all threads) and peak RSS of the stages outside compile(); the PassManager
-    measures its passes the same way (VmHWM reset at each start, pipeline.reset_peak_rss)."""
+    measures its passes the same way (VmHWM reset at each start, pass_manager.reset_peak_rss)."""
 
     def __init__(self):
         self.stages: list[dict] = []
 
     @contextmanager
     def stage(self, name: str):
-        from msfp_compiler.pipeline import peak_rss_mb, reset_peak_rss
+        from msfp_compiler.pass_manager import peak_rss_mb, reset_peak_rss
 
         reset_peak_rss()
         t0, c0 = time.perf_counter(), time.process_time()
@@ -85,7 +85,7 @@ def run_one(model: str, out_json: Path, keep_dir: Path | None, ort_load: bool) -
     """Benchmark one model in this process and write its JSON entry to out_json."""
     import torch
 
-    from msfp_compiler.calibrate import collect, make_scheduler
+    from msfp_compiler.calibration import collect, make_scheduler
     from msfp_compiler.capture import signature_of
     from msfp_compiler.compile import compile as msfp_compile
     from msfp_compiler.config import CalibConfig, CompileConfig
@@ -178,7 +178,7 @@ def external_data_check(out_json: Path, gb: float = 2.2) -> None:
     from onnx import TensorProto, helper
 
     from msfp_compiler.export.onnx import check_model, save_atomic
-    from msfp_compiler.pipeline import peak_rss_mb, reset_peak_rss
+    from msfp_compiler.pass_manager import peak_rss_mb, reset_peak_rss
 
     rows = int(gb * 1e9 / 4 / 1024 / 2)  # two tensors of ~gb/2 each: over 2 GB together, each under protobuf's limit
     rng = np.random.default_rng(0)

@@ -344,10 +344,10 @@ class MiniUNet(nn.Module):
 def quantize_with_project_passes(model: nn.Module, calib_batches: list[tuple[torch.Tensor, torch.Tensor]],
                                  scheme: str) -> tuple[torch.fx.GraphModule, dict]:
     """torch.export (dynamic batch) + the compiler's passes, as msfp_compiler.compile runs them after capture."""
-    from msfp_compiler.calibrate import CalibBatch, CalibrationSet, TimestepGroup
+    from msfp_compiler.calibration import CalibBatch, CalibrationSet, TimestepGroup
     from msfp_compiler.compile import default_passes
     from msfp_compiler.config import CalibConfig, CompileConfig, QuantConfig
-    from msfp_compiler.pipeline import PassManager
+    from msfp_compiler.pass_manager import PassManager
 
     x, t = calib_batches[0]
     b = torch.export.Dim("batch", min=1, max=1024)

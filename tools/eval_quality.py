@@ -26,7 +26,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from msfp_compiler.calibrate import make_scheduler  # noqa: E402
+from msfp_compiler.calibration import make_scheduler  # noqa: E402
 from msfp_compiler.capture import capture, signature_of  # noqa: E402
 from msfp_compiler.compile import compile as msfp_compile  # noqa: E402
 from msfp_compiler.config import CalibConfig, CompileConfig, QuantConfig  # noqa: E402

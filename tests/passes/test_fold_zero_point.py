@@ -7,7 +7,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from msfp_compiler.calibrate import CalibBatch, CalibrationSet, TimestepGroup
+from msfp_compiler.calibration import CalibBatch, CalibrationSet, TimestepGroup
 from msfp_compiler.config import QuantConfig
 from msfp_compiler.passes.annotate_sign import AnnotateSign
 from msfp_compiler.passes.fold_zero_point import FOLDED_OP, FoldZeroPoint, padded_conv

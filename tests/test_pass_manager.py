@@ -1,4 +1,4 @@
-"""pipeline: the PassManager (order, lint, errors naming the pass, logs, graph dumps) and compile()'s pass list."""
+"""pass_manager: the PassManager (order, lint, errors naming the pass, logs, graph dumps) and compile()'s pass list."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 import torch.fx as fx
 
 from msfp_compiler.errors import MsfpError
-from msfp_compiler.pipeline import PassManager, PassResult
+from msfp_compiler.pass_manager import PassManager, PassResult
 
 
 def _gm() -> fx.GraphModule:
@@ -166,7 +166,7 @@ def test_compile_runs_the_default_passes_in_order(compiled) -> None:
 
 
 def test_default_passes_respect_config() -> None:
-    from msfp_compiler.calibrate import CalibrationSet
+    from msfp_compiler.calibration import CalibrationSet
     from msfp_compiler.compile import default_passes
     from msfp_compiler.config import CompileConfig
 
