@@ -265,10 +265,9 @@ def annotate_msfp_nodes(model: onnx.ModelProto, choose_overloads: bool = True) -
                 node.overload = _choose_overload(node, fmt)
             extra = {"lo": fmt.min, "hi": fmt.max, "keep_zero_point": 1.0}
             if isinstance(fmt, FPFormat):
-                m, emin = fmt.man_bits, 1 - fmt.bias
-                split = {"split_factor": 2.0 ** (23 - m) + 1.0, "split_floor": 1.5 * 2.0 ** (emin + 23 - m)}
+                split = {"split_factor": fmt.split_factor, "split_floor": fmt.split_floor}
             if node.op_type == "QuantizeLUT" and node.overload == "pow2":
-                extra |= split | {"inv_min_normal": 2.0 ** -emin}
+                extra |= split | {"inv_min_normal": 1.0 / fmt.min_normal}
             elif node.op_type == "QuantizeLUT":
                 extra |= {"levels": fmt.levels.tolist(), "thresholds": fmt.thresholds.tolist()}
             elif node.op_type == "QuantizeFP":

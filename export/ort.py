@@ -1,4 +1,4 @@
-"""onnxruntime helpers: sessions for compiled models and a DDIM sampler loop over a session (``msfp-sample``)."""
+"""onnxruntime helpers: sessions for compiled models and DDIM sampling over a session (``msfp-sample``)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 import msfp_compiler.ops  # noqa: F401  (registers torch.ops.msfp.*, used to decode packed weights)
 from msfp_compiler.errors import MsfpError
+from msfp_compiler.sampling import make_scheduler, sample
 
 __all__ = ["predecode_weights", "session_from_model", "open_session", "OrtUNet", "ddim_sample", "save_grid"]
 
@@ -152,8 +153,6 @@ def ddim_sample(unet, n: int, steps: int = 50, seed: int = 0, cond: torch.Tensor
                 scheduler_config: dict | None = None, batch_size: int = 64, channels: int | None = None,
                 size: int | None = None, progress: bool | None = None, eta: float = 0.0) -> torch.Tensor:
     """DDIM sampling with any callable unet(sample, t[, cond]); the same seed gives the same initial noise."""
-    from diffusers import DDIMScheduler
-
     channels = channels or unet.channels
     size = size or unet.size
     g = torch.Generator().manual_seed(seed)
@@ -162,17 +161,11 @@ def ddim_sample(unet, n: int, steps: int = 50, seed: int = 0, cond: torch.Tensor
     show = sys.stderr.isatty() if progress is None else progress
     bar = tqdm(total=n * steps, desc="sampling", disable=not show, leave=False, unit="evals")
     for i in range(0, n, batch_size):
-        sched = (DDIMScheduler.from_config(scheduler_config) if scheduler_config else
-                 DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02))
-        sched.set_timesteps(steps)
-        x = noise[i:i + batch_size] * sched.init_noise_sigma
+        x = noise[i:i + batch_size]
         c = cond[i:i + batch_size] if cond is not None else None
-        for t in sched.timesteps:
-            tt = torch.full((x.shape[0],), int(t), dtype=torch.int64)
-            eps = unet(sched.scale_model_input(x, t), tt, c) if c is not None else unet(sched.scale_model_input(x, t), tt)
-            x = sched.step(eps, t, x, eta=eta).prev_sample
-            bar.update(x.shape[0])
-        out.append(x)
+        eps_fn = (lambda xt, tt: unet(xt, tt, c)) if c is not None else unet  # noqa: E731
+        out.append(sample(eps_fn, x, make_scheduler("ddim", scheduler_config), steps, eta,
+                          on_step=lambda b=x.shape[0]: bar.update(b)))
     bar.close()
     return torch.cat(out)
 

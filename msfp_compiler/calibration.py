@@ -15,8 +15,9 @@ from tqdm.auto import tqdm
 
 from .capture import UNetSignature, UNetWrapper
 from .errors import MsfpError
+from .sampling import make_scheduler, sample
 
-__all__ = ["CalibBatch", "TimestepGroup", "CalibrationSet", "collect", "make_scheduler", "make_cond"]
+__all__ = ["CalibBatch", "TimestepGroup", "CalibrationSet", "collect", "make_cond"]
 
 
 @dataclass
@@ -51,18 +52,6 @@ class CalibrationSet:
         return sorted({int(t) for b in self.batches for t in b.timestep.unique()}, reverse=True)
 
 
-def make_scheduler(kind: str = "ddim", config: dict | None = None):
-    """A diffusers scheduler: the model folder's scheduler config if given, else a DDPM-default linear schedule."""
-    from diffusers import DDIMScheduler, DDPMScheduler
-
-    cls = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler}.get(kind)
-    if cls is None:
-        raise MsfpError(f"unknown scheduler {kind!r} (expected ddim or ddpm)")
-    if config:
-        return cls.from_config(config)
-    return cls(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02)
-
-
 def make_cond(sig: UNetSignature, n: int, generator: torch.Generator, class_embedding: torch.Tensor | None = None):
     """Conditioning for calibration: class-embedding rows when the model ships a table, random labels or states."""
     if sig.cond is None:
@@ -83,28 +72,29 @@ def collect(unet: torch.nn.Module, sig: UNetSignature, num_samples: int = 8, num
     if num_samples < 1 or num_steps < 1:
         raise MsfpError(f"--calib-samples and --calib-steps must be >= 1 (got {num_samples}, {num_steps})")
     scheduler = scheduler or make_scheduler()
-    scheduler.set_timesteps(num_steps)
     g = torch.Generator().manual_seed(seed)
     model = UNetWrapper(unet, sig).eval()
     total = num_samples + holdout_samples
     x = torch.randn(total, sig.in_channels, sig.sample_size, sig.sample_size, generator=g)
-    x = x * scheduler.init_noise_sigma
     cond = make_cond(sig, total, g, class_embedding)
     steps: list[CalibBatch] = []
     holdout: list[CalibBatch] = []
-    show = sys.stderr.isatty() if progress is None else progress
-    for t in tqdm(scheduler.timesteps, desc="calibration", disable=not show, leave=False):
-        tt = torch.full((total,), int(t), dtype=torch.int64)
-        inp = scheduler.scale_model_input(x, t)
+
+    def eps_fn(inp: torch.Tensor, tt: torch.Tensor) -> torch.Tensor:
+        """The FP prediction, keeping every step's input (the first num_samples rows for the search)."""
         eps = model(inp, tt, cond)
         if not torch.isfinite(eps).all():
-            raise MsfpError(f"non-finite noise prediction during calibration at timestep {int(t)} (check the weights)")
+            raise MsfpError(f"non-finite noise prediction during calibration at timestep {int(tt[0])} (check the weights)")
         c = cond[:num_samples] if cond is not None else None
         steps.append(CalibBatch(inp[:num_samples].clone(), tt[:num_samples], c))
         if holdout_samples:
             hc = cond[num_samples:] if cond is not None else None
             holdout.append(CalibBatch(inp[num_samples:].clone(), tt[num_samples:], hc))
-        x = scheduler.step(eps, t, x).prev_sample
+        return eps
+
+    show = sys.stderr.isatty() if progress is None else progress
+    with tqdm(total=num_steps, desc="calibration", disable=not show, leave=False) as bar:
+        sample(eps_fn, x, scheduler, num_steps, on_step=bar.update)
     num_groups = max(1, min(num_groups, len(steps)))
     bounds = torch.linspace(0, len(steps), num_groups + 1).round().long().tolist()
     groups = []

@@ -119,7 +119,7 @@ def _out_path(path: str, prog: str) -> Path:
 
 def _compile(args: argparse.Namespace) -> int:
     from .compile import compile
-    from .config import CalibConfig, CompileConfig, QuantConfig
+    from .config import CalibConfig, CompileConfig, FinetuneConfig, QuantConfig
     from .load import load_model
 
     out = _out_path(args.out, "msfp-compile")
@@ -133,8 +133,6 @@ def _compile(args: argparse.Namespace) -> int:
                         scheduler=args.scheduler, seed=args.seed, text_len=args.text_len)
     ft = None
     if args.finetune_steps:
-        from .finetune import FinetuneConfig
-
         ft = FinetuneConfig(steps=args.finetune_steps, num_loras=args.num_loras, rank=args.lora_rank,
                             dfa=not args.no_dfa, learn_act_scales=args.learn_act_scales,
                             samples=args.finetune_samples, sampler_steps=args.finetune_sampler_steps,

@@ -11,16 +11,17 @@ import onnx
 import torch
 import torch.fx as fx
 
-from .calibration import CalibBatch, CalibrationSet, collect, make_scheduler
+from .calibration import CalibBatch, CalibrationSet, collect
+from .sampling import make_scheduler
 from .capture import UNetSignature, capture, signature_of
 from .config import CompileConfig
 from .errors import MsfpError
 from .load import LoadedModel
 from .pass_manager import PassManager, PassRun, reset_peak_rss
 from .record import records
-from msfp_compiler.passes.fuse_talora import FuseTALoRA
 
-__all__ = ["CompiledModel", "compile", "default_passes", "LayerSummary", "CheckResult"]
+__all__ = ["CompiledModel", "compile", "default_passes", "quantize_passes", "lowering_passes", "LayerSummary",
+           "CheckResult"]
 
 
 @dataclass
@@ -129,15 +130,24 @@ class CompiledModel:
         return "\n".join(rows)
 
 
-def default_passes(config: CompileConfig, calib: CalibrationSet, extra: list[Callable] | None = None) -> list:
+def quantize_passes(config: CompileConfig, calib: CalibrationSet) -> list:
+    """Statistics, format selection and QDQ insertion: the graph after these is the quantized model."""
     from msfp_compiler.passes.annotate_sign import AnnotateSign
-    from msfp_compiler.passes.fold_zero_point import FoldZeroPoint
     from msfp_compiler.passes.insert_qdq import InsertQDQ
-    from msfp_compiler.passes.pack_weights import PackWeights
     from msfp_compiler.passes.select_format import SelectFormat
 
-    passes: list = [AnnotateSign(calib, config.quant.sample_per_group, config.calib.seed),
-                    SelectFormat(config.quant), InsertQDQ(), *(extra or [])]
+    return [AnnotateSign(calib, config.quant.sample_per_group, config.calib.seed), SelectFormat(config.quant),
+            InsertQDQ()]
+
+
+def lowering_passes(config: CompileConfig, extra: list[Callable] | None = None) -> list:
+    """Passes that prepare the quantized graph for lowering (after fine-tuning, when it runs)."""
+    from msfp_compiler.passes.fold_zero_point import FoldZeroPoint
+    from msfp_compiler.passes.fuse_talora import FuseTALoRA
+    from msfp_compiler.passes.pack_weights import PackWeights
+
+    passes: list = [FuseTALoRA()] if config.finetune is not None else []
+    passes += list(extra or [])
     if config.fold_zero_point:
         passes.append(FoldZeroPoint())
     if config.pack_weights:
@@ -145,14 +155,23 @@ def default_passes(config: CompileConfig, calib: CalibrationSet, extra: list[Cal
     return passes
 
 
-def _finetune_pass(unet, sig, loaded: LoadedModel, config: CompileConfig, progress):
-    from .finetune import FinetunePass
+def default_passes(config: CompileConfig, calib: CalibrationSet, extra: list[Callable] | None = None) -> list:
+    """Every graph pass compile runs, in order (the distillation stage, when configured, runs after insert_qdq)."""
+    return quantize_passes(config, calib) + lowering_passes(config, extra)
+
+
+def _finetune(gm: fx.GraphModule, unet: torch.nn.Module, sig: UNetSignature, loaded: LoadedModel,
+              config: CompileConfig, progress: bool | None, pm: PassManager) -> None:
+    """The distillation stage: FP trajectories as data, TALoRA training on gm in place, logged like a pass."""
+    from .distillation import finetune
 
     ft = config.finetune
+    t0, c0 = time.perf_counter(), time.process_time()
     sched = make_scheduler(ft.sampler, loaded.scheduler_config)
     data = collect(unet, sig, ft.samples, ft.sampler_steps, ft.seed + 1, sched, num_groups=1, holdout_samples=0,
                    class_embedding=loaded.class_embedding, progress=progress)
-    return FinetunePass(unet, sig, data, ft, make_scheduler(ft.sampler, loaded.scheduler_config), progress)
+    res = finetune(gm, unet, sig, data, ft, make_scheduler(ft.sampler, loaded.scheduler_config), progress)
+    pm.record("finetune", time.perf_counter() - t0, res.log_info(ft), time.process_time() - c0, res.log_report())
 
 
 def _summaries(gm: fx.GraphModule) -> list[LayerSummary]:
@@ -183,12 +202,12 @@ def compile(model: torch.nn.Module | LoadedModel, config: CompileConfig | None =
     t0, c0 = time.perf_counter(), time.process_time()
     gm, sig = capture(unet, sig)
     capture_s, capture_cpu = time.perf_counter() - t0, time.process_time() - c0
-    extra = list(extra_passes or [])
-    if config.finetune is not None:
-        extra = [_finetune_pass(unet, sig, loaded, config, progress), FuseTALoRA()] + extra
-    pm = PassManager(default_passes(config, calibration, extra), log_dir, dump_graphs)
+    pm = PassManager(log_dir=log_dir, dump_graphs=dump_graphs)
     pm.record("capture", capture_s, {"nodes": len(gm.graph.nodes)}, capture_cpu)
-    gm = pm(gm)
+    gm = pm.run(gm, quantize_passes(config, calibration))
+    if config.finetune is not None:
+        _finetune(gm, unet, sig, loaded, config, progress, pm)
+    gm = pm.run(gm, lowering_passes(config, extra_passes))
     t0, c0 = time.perf_counter(), time.process_time()
     example = calibration.holdout[0].args if calibration.holdout else calibration.batches[0].args
     onnx_model, counts = lower_to_onnx(gm, example, sig.input_names)

@@ -5,10 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .errors import MsfpError
-from .finetune import FinetuneConfig  # noqa: F401  (type of CompileConfig.finetune)
 from .formats import parse_format
 
-__all__ = ["SCHEMES", "QuantConfig", "CalibConfig", "CompileConfig"]
+__all__ = ["SCHEMES", "QuantConfig", "CalibConfig", "FinetuneConfig", "CompileConfig"]
 
 # scheme -> (activation candidates, weight candidates) at 4 bits
 SCHEMES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
@@ -82,9 +81,34 @@ class CalibConfig:
 
 
 @dataclass(frozen=True)
+class FinetuneConfig:
+    """TALoRA/LoRA + DFA distillation after insert_qdq (msfp_compiler/distillation.py)."""
+
+    steps: int = 300
+    num_loras: int = 2  # K; 1 = plain LoRA (EfficientDM)
+    rank: int = 4
+    lr: float = 1e-3
+    router_lr: float = 1e-2
+    batch_size: int = 16
+    dfa: bool = True
+    learn_act_scales: bool = False  # LSQ-style learnable activation scales
+    samples: int = 32  # FP trajectories used as distillation data
+    sampler_steps: int = 50  # DDIM steps of those trajectories (and of gamma_t)
+    sampler: str = "ddim"
+    seed: int = 0
+    checkpoint: str | None = None  # write LoRA/router state here (safetensors) at the end
+    checkpoint_every: int = 0  # also every N steps when > 0
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.num_loras < 1 or self.rank < 1:
+            raise MsfpError("--finetune-steps, --num-loras and --lora-rank must be >= 1")
+
+
+
+@dataclass(frozen=True)
 class CompileConfig:
     quant: QuantConfig = field(default_factory=QuantConfig)
     calib: CalibConfig = field(default_factory=CalibConfig)
     pack_weights: bool = True
     fold_zero_point: bool = True
-    finetune: "FinetuneConfig | None" = None  # TALoRA/LoRA + DFA distillation after insert_qdq
+    finetune: FinetuneConfig | None = None  # TALoRA/LoRA + DFA distillation after insert_qdq

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .sampling import make_scheduler, sample
+
 #: Number of digit classes; a conditional model may carry one extra "null" row (index 10).
 NUM_CLASSES = 10
 NULL_CLASS = 10
@@ -125,10 +127,6 @@ def ddim_sample_torch(unet: nn.Module, scheduler: Any, n: int, steps: int = 50, 
     [B,1,D]. `guidance_scale != 1` applies classifier-free guidance against the null row (index 10),
     which needs the table to have that row.
     """
-    from diffusers import DDIMScheduler
-
-    ddim = DDIMScheduler.from_config(scheduler.config)
-    ddim.set_timesteps(steps)
     cfg = unet.config
     shape = (n, cfg.in_channels, cfg.sample_size, cfg.sample_size)
     gen = torch.Generator().manual_seed(seed)
@@ -156,19 +154,17 @@ def ddim_sample_torch(unet: nn.Module, scheduler: Any, n: int, steps: int = 50, 
             cond = table[labels[start:start + b]].unsqueeze(1).to(device)
             if guidance_scale != 1.0:
                 uncond = table[NULL_CLASS].expand(b, 1, -1).to(device)
+        def eps_fn(x: torch.Tensor, tt: torch.Tensor, cond=cond, uncond=uncond) -> torch.Tensor:
+            if not conditional:
+                return unet(x, tt).sample
+            if uncond is None:
+                return unet(x, tt, encoder_hidden_states=cond).sample
+            both = unet(torch.cat([x, x]), torch.cat([tt, tt]), encoder_hidden_states=torch.cat([uncond, cond])).sample
+            e_u, e_c = both.chunk(2)
+            return e_u + guidance_scale * (e_c - e_u)
+
         # Each batch gets its own generator, only used when eta > 0.
         step_gen = torch.Generator().manual_seed(seed + 1 + start)
-        for t in ddim.timesteps:
-            tt = torch.full((b,), int(t), dtype=torch.int64, device=device)
-            if not conditional:
-                eps = unet(x, tt).sample
-            elif uncond is None:
-                eps = unet(x, tt, encoder_hidden_states=cond).sample
-            else:
-                both = unet(torch.cat([x, x]), torch.cat([tt, tt]),
-                            encoder_hidden_states=torch.cat([uncond, cond])).sample
-                e_u, e_c = both.chunk(2)
-                eps = e_u + guidance_scale * (e_c - e_u)
-            x = ddim.step(eps, t, x, eta=eta, generator=step_gen).prev_sample
+        x = sample(eps_fn, x, make_scheduler("ddim", scheduler.config), steps, eta, step_gen)
         out.append(x.clamp(-1, 1).cpu())
     return torch.cat(out)

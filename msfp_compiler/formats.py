@@ -147,6 +147,39 @@ class FPFormat(_GridFormat):
     def name(self) -> str:
         return f"{'' if self.signed else 'u'}e{self.exp_bits}m{self.man_bits}"
 
+    # Rounding constants: the one definition that round_to_grid, the ONNX function bodies (export/msfp_ops.py) and
+    # the Triton kernels (export/triton/kernels.py) read.
+
+    @property
+    def emin(self) -> int:
+        """Exponent of the first normal binade (the subnormal step is 2**(emin - man_bits))."""
+        return 1 - self.bias
+
+    @property
+    def min_normal(self) -> float:
+        """2**emin: below it the grid is uniform (subnormals)."""
+        return 2.0**self.emin
+
+    @property
+    def split_factor(self) -> float:
+        """Veltkamp's C = 2**(23 - M) + 1: g = C * a, g + (a - g) is a rounded to M + 1 significant bits (RNE)."""
+        return 2.0 ** (23 - self.man_bits) + 1.0
+
+    @property
+    def split_floor(self) -> float:
+        """K = 1.5 * 2**(emin + 23 - M): g = max(C * a, K) keeps the rounding step at the subnormal spacing."""
+        return 1.5 * 2.0 ** (self.emin + 23 - self.man_bits)
+
+    @property
+    def subnormal_magic(self) -> float:
+        """2**23 * the subnormal spacing: (a + magic) - magic rounds a onto the uniform subnormal grid (RNE)."""
+        return 2.0 ** (self.emin - self.man_bits + 23)
+
+    @property
+    def mantissa_shift(self) -> int:
+        """float32 mantissa bits dropped when rounding a normal value to M bits."""
+        return 23 - self.man_bits
+
     @cached_property
     def levels(self) -> torch.Tensor:
         vals = []
@@ -162,14 +195,14 @@ class FPFormat(_GridFormat):
         M >= 1: Veltkamp splitting, 3-4x faster than the table search and bit-identical to it (also for NaN, which
         goes to +-max: fmin ignores NaN). With C = 2^(23-M) + 1, g = max(C*a, K), r = g + (a - g) is a rounded to
         M+1 significant bits, ties to even; the floor K = 1.5 * 2^(emin+23-M) keeps the step at 2^(emin-M) in the
-        subnormal range. The ONNX function bodies and the Triton kernels use the same arithmetic.
+        subnormal range. The ONNX bodies (QuantizeFP) use the same arithmetic; the Triton kernels round the float32
+        bits instead (export/triton/kernels.py), from the same constants.
         """
         if self.man_bits == 0:  # power-of-two grids: Veltkamp's ties would need a parity fix, the table is exact
             return self.round_to_grid_table(v)
         v = v.float()
         a = torch.fmin(v.abs() if self.signed else v.clamp_min(0.0), torch.tensor(self.max))
-        emin = 1 - self.bias
-        g = (a * (2.0 ** (23 - self.man_bits) + 1.0)).clamp_min_(1.5 * 2.0 ** (emin + 23 - self.man_bits))
+        g = (a * self.split_factor).clamp_min_(self.split_floor)
         r = (a - g).add_(g)
         return torch.copysign(r, v) if self.signed else r
 

@@ -18,7 +18,8 @@ import torch
 
 from .formats import Format, parse_format
 
-__all__ = ["quantize", "quantize_folded", "dequantize_packed", "get_format", "pack_codes", "unpack_codes"]
+__all__ = ["quantize", "quantize_folded", "dequantize_packed", "get_format", "pack_codes", "unpack_codes", "QUANTIZE",
+           "QUANTIZE_FOLDED", "DEQUANTIZE_PACKED"]
 
 
 @lru_cache(maxsize=None)
@@ -108,3 +109,9 @@ def dequantize_packed(packed: torch.Tensor, scale: torch.Tensor, fmt: str, shape
 @dequantize_packed.register_fake
 def _(packed: torch.Tensor, scale: torch.Tensor, fmt: str, shape: list[int]) -> torch.Tensor:
     return packed.new_empty(shape, dtype=torch.float32)
+
+
+# The op overloads as fx node targets: passes, the lowering and the Triton runner match nodes against these names.
+QUANTIZE = torch.ops.msfp.quantize.default
+QUANTIZE_FOLDED = torch.ops.msfp.quantize_folded.default
+DEQUANTIZE_PACKED = torch.ops.msfp.dequantize_packed.default

@@ -1,10 +1,12 @@
-"""Pass infrastructure: Pass / PassResult and the PassManager that runs, validates, times and logs passes.
+"""Pass infrastructure: the Pass base class, PassResult and the PassManager that runs, validates, times and logs.
 
-A pass is a callable ``gm -> PassResult`` (a function or a small class with ``name``); passes never print or touch
-files. The manager is the one place that lints the graph after each pass, measures wall time, CPU time and peak
-memory, writes ``passes.jsonl`` (one JSON object per pass) and ``passes.log`` (a readable block per pass), and dumps
-graphs. The peak RSS of a pass is its own: on Linux the kernel's high-water mark (VmHWM) is reset before each pass
-(``/proc/self/clear_refs``); elsewhere it is the process's peak so far.
+A pass transforms a graph: ``Pass.call(gm) -> PassResult`` with an honest ``modified``; ``requires`` checks its
+preconditions and ``ensures`` its invariants (as torch.fx's PassBase and onnx_ir's passes do). Passes never print,
+train or touch files. The manager is the one place that lints the graph after each pass, measures wall time, CPU
+time and peak memory, writes ``passes.jsonl`` (one JSON object per pass or stage) and ``passes.log`` (a readable
+block each), and dumps graphs. Stages that are not graph passes (capture, distillation, ONNX lowering) are logged
+in the same format through ``record``. The peak RSS of a pass is its own: on Linux the kernel's high-water mark
+(VmHWM) is reset before each pass (``/proc/self/clear_refs``); elsewhere it is the process's peak so far.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, Sequence
 
 import torch.fx as fx
 
@@ -37,10 +39,29 @@ class PassResult:
     report: list[str] = field(default_factory=list)  # readable lines (e.g. one per layer) for passes.log
 
 
-class Pass(Protocol):
-    name: str
+class Pass:
+    """Base of a graph pass: subclasses set ``name`` and implement ``call``; ``requires``/``ensures`` are optional.
 
-    def __call__(self, gm: fx.GraphModule) -> PassResult: ...
+    ``requires`` raises (MsfpError for what a user can cause, AssertionError/RuntimeError for a misordered pipeline)
+    when the graph does not meet the pass's preconditions; ``ensures`` checks what the pass promises afterwards.
+    """
+
+    name: str = ""
+
+    def requires(self, gm: fx.GraphModule) -> None:
+        """Preconditions on the input graph (default: none)."""
+
+    def ensures(self, gm: fx.GraphModule) -> None:
+        """Invariants of the output graph (default: none)."""
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        raise NotImplementedError
+
+    def __call__(self, gm: fx.GraphModule) -> PassResult:
+        self.requires(gm)
+        res = self.call(gm)
+        self.ensures(res.graph_module)
+        return res
 
 
 @dataclass
@@ -84,7 +105,7 @@ def reset_peak_rss() -> None:
 class PassManager:
     """Runs passes in order; after each: graph.lint(), recompile, timing, one JSON line + one text block."""
 
-    def __init__(self, passes: Sequence[Callable[[fx.GraphModule], PassResult]], log_dir: Path | None = None,
+    def __init__(self, passes: Sequence[Callable[[fx.GraphModule], PassResult]] = (), log_dir: Path | None = None,
                  dump_graphs: bool = False):
         self.passes = list(passes)
         self.log_dir = Path(log_dir) if log_dir else None
@@ -92,6 +113,7 @@ class PassManager:
         self.runs: list[PassRun] = []
 
         self._started = False
+        self._done: list[str] = []  # passes run so far, named in the error of a failing pass
 
     def _start_logs(self) -> None:
         if self._started:
@@ -102,7 +124,8 @@ class PassManager:
             for f in ("passes.jsonl", "passes.log"):
                 (self.log_dir / f).write_text("")
 
-    def record(self, name: str, seconds: float, info: dict[str, Any], cpu_seconds: float = 0.0) -> None:
+    def record(self, name: str, seconds: float, info: dict[str, Any], cpu_seconds: float = 0.0,
+               report: Sequence[str] = ()) -> None:
         """Log a stage that is not an fx pass (capture, ONNX lowering) in the same format; its peak RSS is the
         peak since the previous pass or stage ended."""
         self._start_logs()
@@ -111,12 +134,17 @@ class PassManager:
         self.runs.append(run)
         log.info("stage %-17s %7.3fs  %s", name, seconds,
                  " ".join(f"{k}={v}" for k, v in info.items() if not isinstance(v, list)))
-        self._write(len(self.runs) - 1, run, PassResult(None, False, info))  # type: ignore[arg-type]
+        self._write(len(self.runs) - 1, run, PassResult(None, False, info, list(report)))  # type: ignore[arg-type]
 
     def __call__(self, gm: fx.GraphModule) -> fx.GraphModule:
+        return self.run(gm, self.passes)
+
+    def run(self, gm: fx.GraphModule, passes: Sequence[Callable[[fx.GraphModule], PassResult]]) -> fx.GraphModule:
+        """Run ``passes`` in order on gm, logging each like the manager's own list (a pipeline run in parts, with
+        stages between them, keeps one log)."""
         self._start_logs()
-        done: list[str] = []
-        for p in self.passes:
+        done = self._done
+        for p in passes:
             name = _pass_name(p)
             before = len(gm.graph.nodes)
             reset_peak_rss()

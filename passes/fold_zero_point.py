@@ -21,27 +21,26 @@ import torch
 import torch.fx as fx
 
 from msfp_compiler.layer_graph import layer_kind
-from msfp_compiler.ops import get_format
+from msfp_compiler.ops import QUANTIZE, QUANTIZE_FOLDED, get_format
 from msfp_compiler.pass_manager import PassResult
 from msfp_compiler.record import record_of
 
-from .insert_qdq import QUANTIZE_OP, attr_name
+from .insert_qdq import attr_name
 from .select_format import get_weight
 
 __all__ = ["FoldZeroPoint", "padded_conv"]
 
 aten = torch.ops.aten
-FOLDED_OP = torch.ops.msfp.quantize_folded.default
 
 
 def _plain_weight(node: fx.Node) -> bool:
-    return node.op == "get_attr" or (node.op == "call_function" and node.target == QUANTIZE_OP
+    return node.op == "get_attr" or (node.op == "call_function" and node.target == QUANTIZE
                                      and node.args[0].op == "get_attr")
 
 
 def _quantized_weight(gm: fx.GraphModule, wq_node: fx.Node) -> torch.Tensor:
     """Value of the layer's weight operand: the quantize node on a get_attr weight (or the raw weight)."""
-    if wq_node.op == "call_function" and wq_node.target == QUANTIZE_OP:
+    if wq_node.op == "call_function" and wq_node.target == QUANTIZE:
         w_node = wq_node.args[0]
         rec = record_of(w_node)
         return get_format(rec.choice.fmt).quantize(get_weight(gm, w_node), rec.choice.scale, rec.choice.zero_point)
@@ -59,7 +58,7 @@ class FoldZeroPoint:
         g = gm.graph
         folded = padded = 0
         report = []
-        quantizers = [n for n in g.nodes if n.op == "call_function" and n.target == QUANTIZE_OP]
+        quantizers = [n for n in g.nodes if n.op == "call_function" and n.target == QUANTIZE]
         for q in quantizers:
             src = q.args[0]
             rec = record_of(src)
@@ -79,7 +78,7 @@ class FoldZeroPoint:
                 continue
             for u in users:
                 padded += self._fold_into(gm, u, z)
-            q.target = FOLDED_OP
+            q.target = QUANTIZE_FOLDED
             folded += 1
             report.append(f"{src.name:<44} zp {z:+.4f} folded into {', '.join(u.name for u in users)}")
         return PassResult(gm, folded > 0, {"folded": folded, "explicit_pads": padded}, report)

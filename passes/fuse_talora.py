@@ -15,11 +15,12 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from msfp_compiler.finetune import ROUTER_NAME, TALoRAWeight, router_table
+from msfp_compiler.ops import QUANTIZE
 from msfp_compiler.pass_manager import PassResult
+from msfp_compiler.talora import TALoRAWeight, router_table
 from msfp_compiler.record import META_KEY, record_of
 
-from .insert_qdq import QUANTIZE_OP, attr_name
+from .insert_qdq import attr_name
 
 __all__ = ["FuseTALoRA", "table_segments"]
 
@@ -68,7 +69,7 @@ class FuseTALoRA:
                     node = g.get_attr(name)
                 node.meta[META_KEY] = copy.copy(rec)
                 merged.append(node)
-            (q,) = [u for u in lw.users if u.op == "call_function" and u.target == QUANTIZE_OP]
+            (q,) = [u for u in lw.users if u.op == "call_function" and u.target == QUANTIZE]
             if num_loras == 1:
                 q.args = (merged[0],) + tuple(q.args[1:])
             else:
@@ -81,7 +82,7 @@ class FuseTALoRA:
                     with g.inserting_after(t0):
                         k_idx = g.call_function(aten.index.Tensor, (tab, [t0]))
                 with g.inserting_before(q):
-                    qs = [g.call_function(QUANTIZE_OP, (m,) + tuple(q.args[1:])) for m in merged]
+                    qs = [g.call_function(QUANTIZE, (m,) + tuple(q.args[1:])) for m in merged]
                     stacked = g.call_function(aten.stack.default, (qs, 0))
                     sel = g.call_function(aten.index_select.default, (stacked, 0, k_idx))
                     w_sel = g.call_function(aten.squeeze.dim, (sel, 0))

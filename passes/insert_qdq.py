@@ -12,15 +12,14 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-import msfp_compiler.ops  # noqa: F401  (registers torch.ops.msfp)
 from msfp_compiler.errors import MsfpError
+from msfp_compiler.ops import QUANTIZE
 from msfp_compiler.layer_graph import LAYER_OPS
 from msfp_compiler.pass_manager import PassResult
 from msfp_compiler.record import records
 
-__all__ = ["InsertQDQ", "QUANTIZE_OP", "attr_name"]
+__all__ = ["InsertQDQ", "attr_name"]
 
-QUANTIZE_OP = torch.ops.msfp.quantize.default
 
 
 def attr_name(node: fx.Node, what: str) -> str:
@@ -55,7 +54,7 @@ class InsertQDQ:
             with g.inserting_after(s):
                 z = g.get_attr(z_name)
             with g.inserting_after(z):
-                q = g.call_function(QUANTIZE_OP, (node, s, z, rec.choice.fmt))
+                q = g.call_function(QUANTIZE, (node, s, z, rec.choice.fmt))
             q.meta["val"] = node.meta.get("val")
             q.meta["msfp_quantizer_of"] = node.name
             for cname in rec.consumers:

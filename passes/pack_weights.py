@@ -13,16 +13,15 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from msfp_compiler.ops import get_format, pack_codes
+from msfp_compiler.ops import DEQUANTIZE_PACKED, QUANTIZE, get_format, pack_codes
 from msfp_compiler.pass_manager import PassResult
 from msfp_compiler.record import record_of
 
-from .insert_qdq import QUANTIZE_OP, attr_name
+from .insert_qdq import attr_name
 from .select_format import get_weight
 
 __all__ = ["PackWeights", "drop_unused_attrs"]
 
-PACKED_OP = torch.ops.msfp.dequantize_packed.default
 
 
 def drop_unused_attrs(gm: fx.GraphModule) -> int:
@@ -45,7 +44,7 @@ class PackWeights:
     def __call__(self, gm: fx.GraphModule) -> PassResult:
         g = gm.graph
         packed = fp_bytes = packed_bytes = 0
-        for q in [n for n in g.nodes if n.op == "call_function" and n.target == QUANTIZE_OP]:
+        for q in [n for n in g.nodes if n.op == "call_function" and n.target == QUANTIZE]:
             w_node = q.args[0]
             rec = record_of(w_node)
             if rec is None or rec.role != "weight" or rec.bits != 4 or w_node.op != "get_attr":
@@ -58,7 +57,7 @@ class PackWeights:
             gm.register_buffer(name, buf)
             with g.inserting_before(q):
                 p = g.get_attr(name)
-            q.target = PACKED_OP
+            q.target = DEQUANTIZE_PACKED
             q.args = (p, q.args[1], rec.choice.fmt, list(w.shape))
             packed += 1
             fp_bytes += w.numel() * 4

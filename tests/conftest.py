@@ -19,7 +19,8 @@ import torch
 import torch.fx as fx
 
 import msfp_compiler.ops  # noqa: F401  (registers torch.ops.msfp)
-from msfp_compiler.calibration import CalibrationSet, collect, make_scheduler
+from msfp_compiler.calibration import CalibrationSet, collect
+from msfp_compiler.sampling import make_scheduler
 from msfp_compiler.capture import UNetSignature, capture, signature_of
 from msfp_compiler.config import CalibConfig, CompileConfig, QuantConfig
 from msfp_compiler.pass_manager import PassResult

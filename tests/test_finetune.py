@@ -8,12 +8,14 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 
-from msfp_compiler.calibration import collect, make_scheduler
+from msfp_compiler.calibration import collect
+from msfp_compiler.sampling import make_scheduler
 from msfp_compiler.capture import capture, signature_of
 from msfp_compiler.compile import compile as msfp_compile
-from msfp_compiler.config import CalibConfig, CompileConfig, QuantConfig
-from msfp_compiler.finetune import (ROUTER_NAME, FinetuneConfig, TimestepRouter, attach_talora, dfa_weights, finetune,
-                                    router_table)
+from msfp_compiler.config import CalibConfig, CompileConfig, FinetuneConfig, QuantConfig
+from msfp_compiler.dfa import dfa_weights
+from msfp_compiler.distillation import finetune
+from msfp_compiler.talora import ROUTER_NAME, TimestepRouter, attach_talora, router_table
 from msfp_compiler.passes.annotate_sign import AnnotateSign
 from msfp_compiler.passes.fuse_talora import TABLE_ATTR, FuseTALoRA, table_segments
 from msfp_compiler.passes.insert_qdq import InsertQDQ

@@ -24,7 +24,8 @@ import torch
 from onnx import TensorProto
 
 import msfp_compiler.export.onnx as onnx_export
-from msfp_compiler.calibration import collect, make_scheduler
+from msfp_compiler.calibration import collect
+from msfp_compiler.sampling import make_scheduler
 from msfp_compiler.capture import capture, signature_of
 from msfp_compiler.export.msfp_ops import MSFP_DOMAIN, single_op_model
 from msfp_compiler.export.onnx import check_model, save_atomic

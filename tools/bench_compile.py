@@ -85,7 +85,8 @@ def run_one(model: str, out_json: Path, keep_dir: Path | None, ort_load: bool) -
     """Benchmark one model in this process and write its JSON entry to out_json."""
     import torch
 
-    from msfp_compiler.calibration import collect, make_scheduler
+    from msfp_compiler.calibration import collect
+    from msfp_compiler.sampling import make_scheduler
     from msfp_compiler.capture import signature_of
     from msfp_compiler.compile import compile as msfp_compile
     from msfp_compiler.config import CalibConfig, CompileConfig

@@ -15,7 +15,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from msfp_compiler.calibration import collect, make_scheduler  # noqa: E402
+from msfp_compiler.calibration import collect  # noqa: E402
+from msfp_compiler.sampling import make_scheduler  # noqa: E402
 from msfp_compiler.capture import capture, signature_of  # noqa: E402
 from msfp_compiler.config import SCHEMES, QuantConfig  # noqa: E402
 from msfp_compiler.load import load_model  # noqa: E402

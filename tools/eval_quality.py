@@ -26,14 +26,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from msfp_compiler.calibration import make_scheduler  # noqa: E402
+from msfp_compiler.sampling import make_scheduler  # noqa: E402
 from msfp_compiler.capture import capture, signature_of  # noqa: E402
 from msfp_compiler.compile import compile as msfp_compile  # noqa: E402
-from msfp_compiler.config import CalibConfig, CompileConfig, QuantConfig  # noqa: E402
+from msfp_compiler.config import CalibConfig, CompileConfig, FinetuneConfig, QuantConfig  # noqa: E402
 from msfp_compiler.digits import load_classifier, load_digit_images  # noqa: E402
 from msfp_compiler.export.onnx import lower_to_onnx, save_atomic  # noqa: E402
 from msfp_compiler.export.ort import OrtUNet, ddim_sample, open_session, save_grid  # noqa: E402
-from msfp_compiler.finetune import FinetuneConfig  # noqa: E402
 from msfp_compiler.load import load_model  # noqa: E402
 from msfp_compiler.metrics import classifier_accuracy, fid_digits, mse, psnr  # noqa: E402
 

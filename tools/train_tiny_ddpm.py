@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from msfp_compiler.digits import NULL_CLASS, NUM_CLASSES, load_digit_images  # noqa: E402
+from msfp_compiler.sampling import make_scheduler  # noqa: E402
 
 CROSS_ATTENTION_DIM = 64
 
@@ -64,11 +65,9 @@ def build_unet(kind: str, size: int) -> nn.Module:
 
 
 def build_scheduler():
-    """DDPM training scheduler shared by both models (saved next to the UNet)."""
-    from diffusers import DDPMScheduler
-
-    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
-                         prediction_type="epsilon", clip_sample=True)
+    """DDPM training scheduler shared by both models (saved next to the UNet): the linear schedule, eps-prediction,
+    x0 clipped (diffusers' DDPMScheduler defaults)."""
+    return make_scheduler("ddpm")
 
 
 def count_params(module: nn.Module) -> int:

@@ -81,9 +81,7 @@ def quant_spec(fmt: str) -> QuantSpec:
         arith, magic = True, 2.0**23
     elif isinstance(f, FPFormat) and f.man_bits <= 20 and f.exp_bits <= 7 and (f.man_bits > 0 or f.bias % 2 == 1):
         arith = True
-        sub_limit = 2.0 ** (1 - f.bias)
-        magic = 2.0 ** (1 - f.bias - f.man_bits + 23)
-        shift = 23 - f.man_bits
+        sub_limit, magic, shift = f.min_normal, f.subnormal_magic, f.mantissa_shift
     return QuantSpec(f.name, f.signed, arith, f.max, sub_limit, magic, shift, f.thresholds.clone(), steps)
 
 

@@ -18,19 +18,15 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-import msfp_compiler.ops  # noqa: F401  (defines torch.ops.msfp.*)
-from msfp_compiler.ops import get_format, unpack_codes
+from msfp_compiler.ops import DEQUANTIZE_PACKED, QUANTIZE, QUANTIZE_FOLDED, get_format, unpack_codes
+from msfp_compiler.sampling import BETA_END, BETA_START, TorchDDIM, sample
 
 from . import kernels as K
 
 __all__ = ["register_cuda_kernels", "TritonRunner", "W4A4Linear", "W4A4Conv2d", "GatedW4A4Linear", "load_pt2",
-           "sample_ddim", "ddim_alphas_cumprod", "quantize_grid_fp8"]
+           "sample_ddim", "quantize_grid_fp8"]
 
 aten = torch.ops.aten
-_Q = torch.ops.msfp.quantize.default
-_QF = getattr(torch.ops.msfp, "quantize_folded", None)
-_QF = _QF.default if _QF is not None else None
-_DQP = torch.ops.msfp.dequantize_packed.default
 _FP8 = torch.float8_e4m3fn
 
 
@@ -70,8 +66,7 @@ def register_cuda_kernels() -> None:
     if _REGISTERED:
         return
     torch.library.register_kernel("msfp::quantize", "cuda", _quantize_cuda)
-    if _QF is not None:
-        torch.library.register_kernel("msfp::quantize_folded", "cuda", _quantize_folded_cuda)
+    torch.library.register_kernel("msfp::quantize_folded", "cuda", _quantize_folded_cuda)
     torch.library.register_kernel("msfp::dequantize_packed", "cuda", _dequantize_packed_cuda)
     _REGISTERED = True
 
@@ -258,7 +253,7 @@ class FuseReport:
 
 
 def _match_act(gm: fx.GraphModule, node: Any) -> _Act | str:
-    if not isinstance(node, fx.Node) or node.op != "call_function" or node.target not in (_Q, _QF):
+    if not isinstance(node, fx.Node) or node.op != "call_function" or node.target not in (QUANTIZE, QUANTIZE_FOLDED):
         return "activation is not quantized"
     x, s_n, z_n, fmt = node.args
     s, z = _const(gm, s_n), _const(gm, z_n)
@@ -268,7 +263,7 @@ def _match_act(gm: fx.GraphModule, node: Any) -> _Act | str:
         return "activation quantizer not per tensor"
     if not K.fp8_exact(fmt):
         return f"activation format {fmt} not exact in FP8"
-    return _Act(x, node, s.detach().float().reshape(()), z.detach().float().reshape(()), fmt, node.target == _QF)
+    return _Act(x, node, s.detach().float().reshape(()), z.detach().float().reshape(()), fmt, node.target == QUANTIZE_FOLDED)
 
 
 @dataclass
@@ -288,13 +283,13 @@ def _match_one_weight(gm: fx.GraphModule, node: Any) -> tuple[torch.Tensor, torc
     """(codes uint8 of the weight's shape, scale [N] or [1], fmt) of one 4-bit weight operand."""
     if not isinstance(node, fx.Node) or node.op != "call_function":
         return "weight is not quantized"
-    if node.target == _DQP:
+    if node.target == DEQUANTIZE_PACKED:
         p_n, s_n, fmt, shape = node.args
         p, s = _const(gm, p_n), _const(gm, s_n)
         if p is None or s is None:
             return "packed weight not constant"
         codes = unpack_codes(p.detach(), math.prod(shape)).reshape(shape)
-    elif node.target == _Q:
+    elif node.target == QUANTIZE:
         w_n, s_n, z_n, fmt = node.args
         w, s, z = _const(gm, w_n), _const(gm, s_n), _const(gm, z_n)
         if w is None or s is None or z is None:
@@ -509,47 +504,21 @@ def load_pt2(path: str) -> fx.GraphModule:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# DDIM sampling (no diffusers on the device)
+# DDIM sampling (no diffusers on the device: msfp_compiler.sampling's TorchDDIM)
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def ddim_alphas_cumprod(num_train_timesteps: int = 1000, beta_start: float = 1e-4,
-                        beta_end: float = 0.02) -> torch.Tensor:
-    """abar_t of the linear beta schedule, float32 as diffusers computes it."""
-    betas = torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float32)
-    return torch.cumprod(1.0 - betas, dim=0)
 
 
 @torch.no_grad()
 def sample_ddim(model: Callable[..., torch.Tensor], shape: Sequence[int], steps: int = 50, seed: int = 0,
                 cond: torch.Tensor | None = None, device: str | torch.device = "cuda", eta: float = 0.0,
                 clip_sample: bool = True, set_alpha_to_one: bool = True, num_train_timesteps: int = 1000,
-                beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
-    """DDIM (Song et al.) with diffusers' defaults: linear betas, "leading" timesteps (t = T/steps * i), x0 clipped
-    to [-1, 1], final abar = 1. ``model(x, t[, cond]) -> eps`` with t int64 [B]. The initial noise comes from a CPU
-    generator seeded with ``seed`` (same draws as the project's torch reference sampler); returns x_0 on device.
+                beta_start: float = BETA_START, beta_end: float = BETA_END) -> torch.Tensor:
+    """DDIM with diffusers' defaults (``TorchDDIM``). ``model(x, t[, cond]) -> eps`` with t int64 [B]. The initial
+    noise comes from a CPU generator seeded with ``seed`` (same draws as the project's torch reference sampler);
+    returns x_0 on device.
     """
-    device = torch.device(device)
-    ac = ddim_alphas_cumprod(num_train_timesteps, beta_start, beta_end)
-    final = torch.tensor(1.0) if set_alpha_to_one else ac[0]
-    ratio = num_train_timesteps // steps
-    timesteps = (torch.arange(steps) * ratio).flip(0)
     gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(tuple(shape), generator=gen, dtype=torch.float32).to(device)
-    step_gen = torch.Generator().manual_seed(seed + 1)
-    b = x.shape[0]
-    for t in timesteps.tolist():
-        tt = torch.full((b,), t, dtype=torch.int64, device=device)
-        eps = model(x, tt) if cond is None else model(x, tt, cond)
-        eps = eps.to(x.dtype)
-        a_t = ac[t]
-        a_prev = ac[t - ratio] if t - ratio >= 0 else final
-        x0 = (x - (1 - a_t) ** 0.5 * eps) / a_t**0.5  # ** 0.5, not sqrt(): the same float ops as diffusers
-        if clip_sample:
-            x0 = x0.clamp(-1.0, 1.0)
-        var = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
-        sigma = eta * var**0.5
-        x = a_prev**0.5 * x0 + (1 - a_prev - sigma**2) ** 0.5 * eps
-        if eta > 0:
-            x = x + sigma * torch.randn(x.shape, generator=step_gen).to(device)
-    return x
+    x = torch.randn(tuple(shape), generator=gen, dtype=torch.float32).to(torch.device(device))
+    sched = TorchDDIM(num_train_timesteps, beta_start, beta_end, clip_sample, set_alpha_to_one)
+    eps_fn = model if cond is None else (lambda xt, tt: model(xt, tt, cond))
+    return sample(eps_fn, x, sched, steps, eta, torch.Generator().manual_seed(seed + 1))

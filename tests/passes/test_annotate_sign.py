@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.fx as fx
 
-from msfp_compiler.calibration import CalibBatch, CalibrationSet, TimestepGroup, collect, make_scheduler
+from msfp_compiler.calibration import CalibBatch, CalibrationSet, TimestepGroup, collect
+from msfp_compiler.sampling import make_scheduler
 from msfp_compiler.errors import MsfpError
 from msfp_compiler.layer_graph import LAYER_OPS
 from msfp_compiler.passes.annotate_sign import HIST_BINS, AnnotateSign

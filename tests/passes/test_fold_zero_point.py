@@ -10,8 +10,9 @@ from torch import nn
 from msfp_compiler.calibration import CalibBatch, CalibrationSet, TimestepGroup
 from msfp_compiler.config import QuantConfig
 from msfp_compiler.passes.annotate_sign import AnnotateSign
-from msfp_compiler.passes.fold_zero_point import FOLDED_OP, FoldZeroPoint, padded_conv
-from msfp_compiler.passes.insert_qdq import QUANTIZE_OP, InsertQDQ
+from msfp_compiler.ops import QUANTIZE, QUANTIZE_FOLDED
+from msfp_compiler.passes.fold_zero_point import FoldZeroPoint, padded_conv
+from msfp_compiler.passes.insert_qdq import InsertQDQ
 from msfp_compiler.passes.select_format import SelectFormat
 from msfp_compiler.record import records
 from tests.conftest import clone_gm
@@ -38,7 +39,7 @@ def test_folded_unet_equals_unfolded(stages_unet2d) -> None:
 def test_unet_fold_counts_and_pads(stages_unet2d) -> None:
     gm = stages_unet2d.after["fold_zero_point"]
     info = stages_unet2d.results["fold_zero_point"].info
-    folded = _nodes(gm, FOLDED_OP)
+    folded = _nodes(gm, QUANTIZE_FOLDED)
     assert info["folded"] == len(folded) > 0
     # default: padded convs keep the zero point in their quantizer (a Pad copy costs more in ORT than it saves)
     assert info["explicit_pads"] == 0 and not _nodes(gm, aten.constant_pad_nd.default)
@@ -50,7 +51,7 @@ def test_unet_fold_counts_and_pads(stages_unet2d) -> None:
             assert not padded_conv(user)
             assert user.args[2].op == "get_attr" and "folded_bias" in user.args[2].target
     # signed, attention-fed and padded-conv-fed quantizers are left alone
-    for q in _nodes(gm, QUANTIZE_OP):
+    for q in _nodes(gm, QUANTIZE):
         c = q.args[0].meta["msfp"].choice
         if not c.signed and float(c.zero_point) != 0.0 and q.args[0].meta["msfp"].role == "act":
             assert any(u.target == aten.scaled_dot_product_attention.default
@@ -103,9 +104,9 @@ def test_small_net_default_skips_padded_convs(small_graphs) -> None:
     res = FoldZeroPoint()(gm)
     gm.recompile()
     assert res.info == {"folded": 2, "explicit_pads": 0}  # conv_1x1 and lin; the three padded convs keep z
-    folded_into = sorted(u.name for q in _nodes(gm, FOLDED_OP) for u in q.users)
+    folded_into = sorted(u.name for q in _nodes(gm, QUANTIZE_FOLDED) for u in q.users)
     assert len(folded_into) == 2
-    assert not any(padded_conv(u) for q in _nodes(gm, FOLDED_OP) for u in q.users)
+    assert not any(padded_conv(u) for q in _nodes(gm, QUANTIZE_FOLDED) for u in q.users)
     x, t = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(2)), torch.zeros(3, dtype=torch.int64)
     with torch.no_grad():
         assert _rel_max(gm(x, t), unfolded(x, t)) < 1e-5
@@ -164,4 +165,4 @@ def test_signed_choice_is_not_folded(small_graphs) -> None:
             r.choice.fmt = "e2m1"  # signed: nothing to fold
     res = FoldZeroPoint()(gm)
     assert res.info["folded"] == 0 and not res.modified
-    assert not _nodes(gm, FOLDED_OP)
+    assert not _nodes(gm, QUANTIZE_FOLDED)

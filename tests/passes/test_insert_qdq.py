@@ -8,7 +8,8 @@ import torch.fx as fx
 
 from msfp_compiler.errors import MsfpError
 from msfp_compiler.layer_graph import LAYER_OPS
-from msfp_compiler.passes.insert_qdq import QUANTIZE_OP, InsertQDQ, attr_name
+from msfp_compiler.ops import QUANTIZE
+from msfp_compiler.passes.insert_qdq import InsertQDQ, attr_name
 from msfp_compiler.record import records
 
 
@@ -18,7 +19,7 @@ def inserted(stages_unet2d) -> fx.GraphModule:
 
 
 def _quantizers(gm) -> list[fx.Node]:
-    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target == QUANTIZE_OP]
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target == QUANTIZE]
 
 
 def _layers(gm) -> list[fx.Node]:
@@ -55,7 +56,7 @@ def test_every_layer_operand_is_quantized(inserted) -> None:
         kind, act_idx, w_idx = LAYER_OPS[layer.target]
         for i in list(act_idx) + ([w_idx] if w_idx is not None else []):
             a = layer.args[i]
-            assert a.op == "call_function" and a.target == QUANTIZE_OP, (layer.name, i)
+            assert a.op == "call_function" and a.target == QUANTIZE, (layer.name, i)
 
 
 def test_only_layer_operands_are_rewired(inserted, stages_unet2d) -> None:

@@ -7,8 +7,8 @@ import torch
 import torch.fx as fx
 
 from msfp_compiler.ops import get_format
-from msfp_compiler.passes.insert_qdq import QUANTIZE_OP
-from msfp_compiler.passes.pack_weights import PACKED_OP, PackWeights
+from msfp_compiler.ops import DEQUANTIZE_PACKED, QUANTIZE
+from msfp_compiler.passes.pack_weights import PackWeights
 from msfp_compiler.passes.select_format import get_weight
 from msfp_compiler.record import records
 
@@ -19,7 +19,7 @@ def before_after(stages_unet2d) -> tuple[fx.GraphModule, fx.GraphModule]:
 
 
 def _weight_quantizers(gm) -> list[fx.Node]:
-    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target == QUANTIZE_OP
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target == QUANTIZE
             and n.args[0].op == "get_attr" and n.args[0].meta["msfp"].role == "weight"]
 
 
@@ -37,7 +37,7 @@ def test_every_4bit_weight_is_packed_and_decodes_exactly(before_after) -> None:
     four = [q for q in wq if q.args[0].meta["msfp"].bits == 4]
     eight = [q for q in wq if q.args[0].meta["msfp"].bits == 8]
     assert four and len(eight) == 2  # first and last conv stay 8-bit fake quant
-    packed = {n.name: n for n in after.graph.nodes if n.op == "call_function" and n.target == PACKED_OP}
+    packed = {n.name: n for n in after.graph.nodes if n.op == "call_function" and n.target == DEQUANTIZE_PACKED}
     assert len(packed) == len(four)
     for q in four:
         p = packed[q.name]  # the pass retargets the node in place, so the name survives
@@ -50,7 +50,7 @@ def test_every_4bit_weight_is_packed_and_decodes_exactly(before_after) -> None:
         decoded = torch.ops.msfp.dequantize_packed(buf, get_weight(after, scale_node), fmt, list(shape))
         fake = get_format(fmt).quantize(w, rec.choice.scale, rec.choice.zero_point)
         assert torch.equal(decoded, fake), q.name
-    remaining = [n for n in after.graph.nodes if n.op == "call_function" and n.target == QUANTIZE_OP
+    remaining = [n for n in after.graph.nodes if n.op == "call_function" and n.target == QUANTIZE
                  and n.args[0].op == "get_attr" and n.args[0].meta["msfp"].role == "weight"]
     assert sorted(n.name for n in remaining) == sorted(n.name for n in eight)
 

@@ -1,0 +1,135 @@
+"""TALoRA (timestep-aware LoRA): K LoRAs per quantized layer and one router shared by all layers.
+
+- LoRA (EfficientDM): every quantized conv/linear weight W becomes Q(W + B_k A_k) (LoRA merged *before* weight
+  quantization, gradients through the quantizer by the straight-through estimator).
+- The router reads the sinusoidal timestep embedding and makes a hard one-hot choice of k (forward: argmax;
+  backward: softmax gradient, straight-through). K = 1 is plain LoRA (no router).
+- After training the router depends on the timestep only: ``router_table`` resolves it to a t -> k table, which
+  passes/fuse_talora.py bakes into the graph.
+
+Choices where the paper is silent (documented in README): the router is an MLP on a 64-d sinusoidal embedding,
+warm-started to split the schedule into K equal contiguous segments so no LoRA starts unused; LoRA init
+A ~ Kaiming, B = 0.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .config import FinetuneConfig
+from .ops import QUANTIZE
+from .record import record_of
+
+__all__ = ["ROUTER_NAME", "TimestepRouter", "TALoRAWeight", "attach_talora", "router_table", "warm_start_router"]
+
+ROUTER_NAME = "talora_router"
+
+
+class TimestepRouter(nn.Module):
+    """Timestep embedding -> K logits; hard one-hot choice with a straight-through softmax gradient."""
+
+    def __init__(self, num_loras: int, emb_dim: int = 64, hidden: int = 64):
+        super().__init__()
+        self.emb_dim = emb_dim
+        self.mlp = nn.Sequential(nn.Linear(emb_dim, hidden), nn.SiLU(), nn.Linear(hidden, num_loras))
+
+    def embed(self, t: torch.Tensor) -> torch.Tensor:
+        from diffusers.models.embeddings import get_timestep_embedding
+
+        return get_timestep_embedding(t.reshape(-1).float(), self.emb_dim, flip_sin_to_cos=True,
+                                      downscale_freq_shift=0)
+
+    def logits(self, t: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.embed(t))
+
+    def forward(self, timestep: torch.Tensor) -> torch.Tensor:
+        logits = self.logits(timestep[:1])[0]
+        soft = logits.softmax(-1)
+        hard = torch.nn.functional.one_hot(soft.argmax(), soft.numel()).to(soft.dtype)
+        return hard + soft - soft.detach()
+
+    def choose(self, t: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.logits(t).argmax(-1)
+
+
+class TALoRAWeight(nn.Module):
+    """W -> W + sum_k g_k B_k A_k for a [K] gate g (one-hot in the forward pass)."""
+
+    def __init__(self, weight_shape: torch.Size, num_loras: int, rank: int, generator: torch.Generator):
+        super().__init__()
+        out_f, in_f = weight_shape[0], math.prod(weight_shape[1:])
+        a = torch.randn(num_loras, rank, in_f, generator=generator) / math.sqrt(in_f)
+        self.lora_A = nn.Parameter(a)
+        self.lora_B = nn.Parameter(torch.zeros(num_loras, out_f, rank))
+        self.shape = tuple(weight_shape)
+
+    def delta(self, k: int) -> torch.Tensor:
+        return (self.lora_B[k] @ self.lora_A[k]).reshape(self.shape)
+
+    def forward(self, weight: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        d = torch.einsum("k,kor,kri->oi", gate, self.lora_B, self.lora_A)
+        return weight + d.reshape(self.shape)
+
+
+def attach_talora(gm: fx.GraphModule, cfg: FinetuneConfig) -> list[str]:
+    """Insert the router and a TALoRAWeight module on every 4-bit weight quantizer; returns the module names."""
+    g = gm.graph
+    gen = torch.Generator().manual_seed(cfg.seed)
+    placeholders = [n for n in g.nodes if n.op == "placeholder"]
+    timestep = placeholders[1]
+    names = []
+    gate = None
+    if cfg.num_loras > 1:
+        gm.add_submodule(ROUTER_NAME, TimestepRouter(cfg.num_loras))
+        with g.inserting_after(placeholders[-1]):
+            gate = g.call_module(ROUTER_NAME, (timestep,))
+    order = {n: i for i, n in enumerate(g.nodes)}
+    for q in [n for n in g.nodes if n.op == "call_function" and n.target == QUANTIZE]:
+        w = q.args[0]
+        rec = record_of(w)
+        if rec is None or rec.role != "weight" or rec.bits != 4:
+            continue
+        name = f"talora_{w.name}"
+        weight = gm.get_parameter(w.target) if w.target in dict(gm.named_parameters()) else gm.get_buffer(w.target)
+        gm.add_submodule(name, TALoRAWeight(weight.shape, cfg.num_loras, cfg.rank, gen))
+        if gate is None:
+            gm.get_submodule(name).register_buffer("one", torch.ones(1))
+        # Weight quantizers may sit before the placeholders (get_attr order); rebuild them next to their layer,
+        # after the router.
+        layer = min(q.users, key=lambda u: order[u])
+        with g.inserting_before(layer):
+            gate_arg = gate if gate is not None else g.get_attr(f"{name}.one")
+            lw = g.call_module(name, (w, gate_arg))
+            q2 = g.call_function(QUANTIZE, (lw,) + tuple(q.args[1:]))
+        q2.meta.update(q.meta)
+        q.replace_all_uses_with(q2)
+        g.erase_node(q)
+        names.append(name)
+    gm.graph.lint()
+    gm.recompile()
+    return names
+
+
+def router_table(gm: fx.GraphModule, num_train_timesteps: int = 1000) -> torch.Tensor:
+    """The trained router resolved to a table t -> LoRA index (int64 [num_train_timesteps])."""
+    if not hasattr(gm, ROUTER_NAME):
+        return torch.zeros(num_train_timesteps, dtype=torch.int64)
+    return gm.get_submodule(ROUTER_NAME).choose(torch.arange(num_train_timesteps))
+
+
+def warm_start_router(router: TimestepRouter, k: int, T: int = 1000, steps: int = 300) -> None:
+    """Fit the router to K equal contiguous timestep segments, so every LoRA starts with its own timesteps."""
+    t = torch.arange(T)
+    target = (t * k // T).clamp_max(k - 1)
+    opt = torch.optim.Adam(router.parameters(), lr=1e-2)
+    emb = router.embed(t)
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(router.mlp(emb), target)
+        loss.backward()
+        opt.step()
