@@ -77,6 +77,10 @@ def collect(unet: torch.nn.Module, sig: UNetSignature, num_samples: int = 8, num
     total = num_samples + holdout_samples
     x = torch.randn(total, sig.in_channels, sig.sample_size, sig.sample_size, generator=g)
     cond = make_cond(sig, total, g, class_embedding)
+    # Drawn on the CPU, run on the model's device: a CPU and a GPU calibration start from the same numbers.
+    device = next(unet.parameters()).device
+    x = x.to(device)
+    cond = cond.to(device) if cond is not None else None
     steps: list[CalibBatch] = []
     holdout: list[CalibBatch] = []
 

@@ -93,5 +93,10 @@ def capture(unet: torch.nn.Module, sig: UNetSignature | None = None) -> tuple[to
     except Exception as e:  # torch.export raises many types; the user needs the model name and the first line
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise MsfpError(f"{type(unet).__name__}: torch.export failed: {first}") from e
-    gm = ep.module()
+    # No input guards on the module: the only one diffusers adds on the batch comes from Upsample2D's
+    # `if batch >= 64: x = x.contiguous()` (a memory-layout workaround for an old CUDA kernel), which export
+    # specializes to "batch <= 63" from the batch-2 example. Dropping the copy changes no value, and the guard would
+    # stop sampling or fine-tuning in batches of 64 and more.
+    gm = ep.module(check_guards=False)
+    gm._forward_pre_hooks.clear()  # the same bound, checked again as an input range constraint
     return gm, sig

@@ -76,6 +76,9 @@ def compile_parser() -> argparse.ArgumentParser:
     p.add_argument("--granularity", default="channel", choices=["channel", "tensor"], help="weight scale granularity")
     p.add_argument("--sign-rule", default="mse", choices=["mse", "stats"],
                    help="mse: signed and unsigned compete everywhere; stats: unsigned only for small bounded negatives")
+    p.add_argument("--device", default="cpu",
+                   help="where calibration, statistics, the format search and fine-tuning run: cpu or cuda[:N] "
+                        "(lowering to ONNX always runs on the CPU; default cpu)")
     p.add_argument("--keep-8bit", type=_csv, default=("first", "last"),
                    help="layers kept at 8 bits: first,last (convs) and/or node names; '' for none (default first,last)")
     p.add_argument("--calib-samples", type=int, default=8, help="noise samples for calibration (default 8)")
@@ -138,7 +141,10 @@ def _compile(args: argparse.Namespace) -> int:
                             samples=args.finetune_samples, sampler_steps=args.finetune_sampler_steps,
                             seed=args.seed, checkpoint=args.finetune_checkpoint)
     cfg = CompileConfig(quant=quant, calib=calib, pack_weights=not args.no_pack, fold_zero_point=not args.no_fold,
-                        finetune=ft)
+                        finetune=ft, device=args.device)
+    from .device import resolve_device
+
+    resolve_device(cfg.device)  # before loading a large model: no CUDA is a one-line error
     loaded = load_model(args.model, args.config, args.trust_pickle)
     log.info("msfp-compile: %s (%s, %.2fM parameters), scheme %s", args.model, type(loaded.unet).__name__,
              sum(p.numel() for p in loaded.unet.parameters()) / 1e6, args.scheme)

@@ -15,6 +15,7 @@ from .calibration import CalibBatch, CalibrationSet, collect
 from .sampling import make_scheduler
 from .capture import UNetSignature, capture, signature_of
 from .config import CompileConfig
+from .device import exact_fp32, move_graph, move_tensors, resolve_device
 from .errors import MsfpError
 from .load import LoadedModel
 from .pass_manager import PassManager, PassRun, reset_peak_rss
@@ -73,7 +74,7 @@ class CheckResult:
 @dataclass
 class CompiledModel:
     graph_module: fx.GraphModule  # the quantized torch graph (reference semantics of the ONNX)
-    onnx_model: onnx.ModelProto
+    onnx_model: onnx.ModelProto | None  # None when compiled with lower=False
     signature: UNetSignature
     calibration: CalibrationSet
     config: CompileConfig
@@ -83,9 +84,14 @@ class CompiledModel:
     scheduler_config: dict | None = None
     class_embedding: torch.Tensor | None = None
 
+    def _need_onnx(self) -> None:
+        if self.onnx_model is None:
+            raise MsfpError("this model was compiled with lower=False: it has no ONNX to save or check")
+
     def save(self, path: str | Path) -> Path:
         from msfp_compiler.export.onnx import save_atomic
 
+        self._need_onnx()
         save_atomic(self.onnx_model, Path(path))
         return Path(path)
 
@@ -109,6 +115,7 @@ class CompiledModel:
 
         # ORT folds the DequantizeFP4Packed bodies itself here, so the check covers every function body a plain
         # onnxruntime.InferenceSession(path) runs (open_session's predecoding would bypass that body).
+        self._need_onnx()
         ort_unet = OrtUNet(session_from_model(self.onnx_model, predecode=False))
         batches = batches or self.calibration.holdout or self.calibration.batches[-1:]
         errs: list[float] = []
@@ -185,35 +192,56 @@ def _summaries(gm: fx.GraphModule) -> list[LayerSummary]:
 
 def compile(model: torch.nn.Module | LoadedModel, config: CompileConfig | None = None, *,
             log_dir: str | Path | None = None, dump_graphs: bool = False, progress: bool | None = None,
-            calibration: CalibrationSet | None = None, extra_passes: list[Callable] | None = None) -> CompiledModel:
-    """Quantize a diffusers UNet with MSFP (or a baseline scheme) and lower it to ONNX with msfp custom ops."""
+            calibration: CalibrationSet | None = None, extra_passes: list[Callable] | None = None,
+            lower: bool = True) -> CompiledModel:
+    """Quantize a diffusers UNet with MSFP (or a baseline scheme) and lower it to ONNX with msfp custom ops.
+
+    Calibration, statistics, the format search and fine-tuning run on ``config.device``; capture and lowering on the
+    CPU, and the returned model lives on the CPU. ``lower=False`` stops after the passes: the CompiledModel then
+    holds the quantized torch graph only (``onnx_model`` is None), e.g. to sample it on the GPU."""
     from msfp_compiler.export.onnx import lower_to_onnx
 
     config = config or CompileConfig()
+    device = resolve_device(config.device)
     loaded = model if isinstance(model, LoadedModel) else LoadedModel(model, Path("<module>"))
     unet = loaded.unet.eval().float()
+    home = next(unet.parameters()).device
     sig = signature_of(unet, cond_len=config.calib.text_len)
-    if calibration is None:
-        sched = make_scheduler(config.calib.scheduler, loaded.scheduler_config)
-        calibration = collect(unet, sig, config.calib.num_samples, config.calib.num_steps, config.calib.seed,
-                              sched, config.calib.num_groups, config.calib.holdout_samples,
-                              loaded.class_embedding, progress)
     reset_peak_rss()
     t0, c0 = time.perf_counter(), time.process_time()
-    gm, sig = capture(unet, sig)
+    gm, sig = capture(unet.to("cpu"), sig)
     capture_s, capture_cpu = time.perf_counter() - t0, time.process_time() - c0
     pm = PassManager(log_dir=log_dir, dump_graphs=dump_graphs)
-    pm.record("capture", capture_s, {"nodes": len(gm.graph.nodes)}, capture_cpu)
-    gm = pm.run(gm, quantize_passes(config, calibration))
-    if config.finetune is not None:
-        _finetune(gm, unet, sig, loaded, config, progress, pm)
-    gm = pm.run(gm, lowering_passes(config, extra_passes))
-    t0, c0 = time.perf_counter(), time.process_time()
-    example = calibration.holdout[0].args if calibration.holdout else calibration.batches[0].args
-    onnx_model, counts = lower_to_onnx(gm, example, sig.input_names)
-    pm.record("lower_onnx", time.perf_counter() - t0, {"msfp_nodes": counts, "onnx_nodes": len(onnx_model.graph.node)},
-              time.process_time() - c0)
-    if not counts:
-        raise MsfpError("lowering produced no msfp nodes (nothing was quantized)")
+    unet.to(device)
+    try:
+        # Statistics, the search and fine-tuning in plain FP32 (no TF32 on CUDA): CPU and GPU choose the same
+        # formats, and scales agree up to float summation order.
+        with exact_fp32():
+            if calibration is None:
+                sched = make_scheduler(config.calib.scheduler, loaded.scheduler_config)
+                calibration = collect(unet, sig, config.calib.num_samples, config.calib.num_steps,
+                                      config.calib.seed, sched, config.calib.num_groups,
+                                      config.calib.holdout_samples, loaded.class_embedding, progress)
+            else:
+                calibration = move_tensors(calibration, device)
+            pm.record("capture", capture_s, {"nodes": len(gm.graph.nodes)}, capture_cpu)
+            gm = pm.run(move_graph(gm, device), quantize_passes(config, calibration))
+            if config.finetune is not None:
+                _finetune(gm, unet, sig, loaded, config, progress, pm)
+            gm = pm.run(gm, lowering_passes(config, extra_passes))
+    finally:
+        unet.to(home)
+    # Lowering, and the CompiledModel, on the CPU.
+    gm = move_graph(gm, "cpu")
+    calibration = move_tensors(calibration, torch.device("cpu"))
+    onnx_model, counts = None, {}
+    if lower:
+        t0, c0 = time.perf_counter(), time.process_time()
+        example = calibration.holdout[0].args if calibration.holdout else calibration.batches[0].args
+        onnx_model, counts = lower_to_onnx(gm, example, sig.input_names)
+        pm.record("lower_onnx", time.perf_counter() - t0,
+                  {"msfp_nodes": counts, "onnx_nodes": len(onnx_model.graph.node)}, time.process_time() - c0)
+        if not counts:
+            raise MsfpError("lowering produced no msfp nodes (nothing was quantized)")
     return CompiledModel(gm, onnx_model, sig, calibration, config, pm.runs, _summaries(gm), counts,
                          loaded.scheduler_config, loaded.class_embedding)

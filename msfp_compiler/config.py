@@ -98,6 +98,7 @@ class FinetuneConfig:
     seed: int = 0
     checkpoint: str | None = None  # write LoRA/router state here (safetensors) at the end
     checkpoint_every: int = 0  # also every N steps when > 0
+    log_every: int = 50  # a progress line (step, loss, steps/s) and a loss-curve point every N steps; 0 = none
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.num_loras < 1 or self.rank < 1:
@@ -112,3 +113,6 @@ class CompileConfig:
     pack_weights: bool = True
     fold_zero_point: bool = True
     finetune: FinetuneConfig | None = None  # TALoRA/LoRA + DFA distillation after insert_qdq
+    # Where calibration, statistics, the format search and fine-tuning run ("cpu", "cuda", "cuda:N"); capture and
+    # ONNX lowering always run on the CPU.
+    device: str = "cpu"

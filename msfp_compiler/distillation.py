@@ -8,6 +8,7 @@ runs between insert_qdq and fuse_talora, not a graph pass: it trains, shows prog
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from dataclasses import dataclass, field
@@ -28,6 +29,8 @@ from .talora import ROUTER_NAME, attach_talora, router_table, warm_start_router
 
 __all__ = ["finetune", "FinetuneResult", "save_state"]
 
+log = logging.getLogger("msfp")
+
 
 @dataclass
 class FinetuneResult:
@@ -37,12 +40,14 @@ class FinetuneResult:
     seconds: float = 0.0
     table: torch.Tensor | None = None
     gammas: dict[int, float] = field(default_factory=dict)
+    curve: list[tuple[int, float]] = field(default_factory=list)  # (step, mean loss over the interval)
 
     def log_info(self, cfg: FinetuneConfig) -> dict:
         """Facts for the pass log (JSON-able)."""
         return {"steps": cfg.steps, "num_loras": cfg.num_loras, "rank": cfg.rank, "dfa": cfg.dfa,
                 "initial_loss": round(self.initial_loss, 6), "final_loss": round(self.final_loss, 6),
-                "train_seconds": round(self.seconds, 2)}
+                "train_seconds": round(self.seconds, 2), "steps_per_s": round(cfg.steps / max(self.seconds, 1e-9), 2),
+                "loss_curve": [[s, round(v, 6)] for s, v in self.curve]}
 
     def log_report(self) -> list[str]:
         """Readable lines for passes.log: the loss before/after and a sample of gamma_t."""
@@ -102,7 +107,7 @@ def _train(gm, teacher, sig, data, cfg, gammas, progress) -> FinetuneResult:
     gen = torch.Generator().manual_seed(cfg.seed)
     show = sys.stderr.isatty() if progress is None else progress
     bar = tqdm(range(cfg.steps), desc="finetune", disable=not show, leave=False)
-    t0 = time.perf_counter()
+    t0 = tick = time.perf_counter()
     for step in bar:
         b, y = items[int(torch.randint(len(items), (1,), generator=gen))]
         n = b.sample.shape[0]
@@ -117,6 +122,14 @@ def _train(gm, teacher, sig, data, cfg, gammas, progress) -> FinetuneResult:
         res.losses.append(loss.item())
         if step % 10 == 0:
             bar.set_postfix(loss=f"{sum(res.losses[-10:]) / len(res.losses[-10:]):.4g}")
+        if cfg.log_every and ((step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps):
+            # A line per interval whatever the terminal (tqdm draws only on a TTY), so GPU runs are logged too.
+            n_int = (step + 1) - (res.curve[-1][0] if res.curve else 0)
+            mean = sum(res.losses[-n_int:]) / n_int
+            now = time.perf_counter()
+            res.curve.append((step + 1, mean))
+            log.info("finetune step %d/%d  loss %.5g  %.1f steps/s", step + 1, cfg.steps, mean, n_int / (now - tick))
+            tick = now
         if cfg.checkpoint and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
             save_state(gm, cfg.checkpoint)
     for p in gm.parameters():

@@ -61,7 +61,7 @@ class SortedValues:
 
     def mse(self, fmt: Format, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """[k, rows] scales / zero points -> [k, rows] MSE (ties at a boundary may go either way)."""
-        grid = fmt.grid.double()
+        grid = fmt.grid.double().to(self.xs.device)
         bounds = (grid[1:] + grid[:-1]) / 2
         k, rows = s.shape
         s64, z64 = s.double().T[:, :, None], z.double().T[:, :, None]  # [rows, k, 1]
@@ -80,7 +80,7 @@ def _pick(fmt: Format, x: SortedValues, s: torch.Tensor, z: torch.Tensor) -> tup
     s = s.clamp_min(torch.finfo(torch.float32).tiny)
     err = x.mse(fmt, s, z)
     i = err.argmin(dim=0)
-    cols = torch.arange(s.shape[1])
+    cols = torch.arange(s.shape[1], device=s.device)
     return i, SearchResult(s[i, cols], z[i, cols], err[i, cols])
 
 
@@ -97,7 +97,7 @@ def search_scale(fmt: Format, x: torch.Tensor, num_ratios: int = 40, num_zero_po
     rows = x.shape[0]
     sv = sorted_values if sorted_values is not None else SortedValues(x)
     if fmt.signed:
-        ratios = torch.linspace(min_ratio, 1.0, num_ratios)
+        ratios = torch.linspace(min_ratio, 1.0, num_ratios, device=x.device)
         amax = x.abs().amax(dim=1)
         s = ratios[:, None] * amax[None] / fmt.max
         res = _pick(fmt, sv, s, torch.zeros_like(s))[1]
@@ -110,16 +110,16 @@ def search_scale(fmt: Format, x: torch.Tensor, num_ratios: int = 40, num_zero_po
         return rr * (hi - z).clamp_min(0) / fmt.max, z
 
     nf, nr = max(2, num_zero_points), max(2, num_ratios)
-    f0, r0 = torch.linspace(1.0, 0.0, nf), torch.linspace(min_ratio, 1.0, nr)
+    f0, r0 = torch.linspace(1.0, 0.0, nf, device=x.device), torch.linspace(min_ratio, 1.0, nr, device=x.device)
     ff, rr = torch.meshgrid(f0, r0, indexing="ij")
     ff, rr = ff.reshape(-1, 1).expand(-1, rows), rr.reshape(-1, 1).expand(-1, rows)
     i, _ = _pick(fmt, sv, *grid(ff, rr))
-    cols = torch.arange(rows)
+    cols = torch.arange(rows, device=x.device)
     fb, rb = ff[i, cols], rr[i, cols]
     # Refine on a finer grid spanning one coarse step either side of the coarse optimum.
     df, dr = 1.0 / (nf - 1), (1.0 - min_ratio) / (nr - 1)
-    fo = torch.linspace(-df, df, 5)
-    ro = torch.linspace(-dr, dr, 9)
+    fo = torch.linspace(-df, df, 5, device=x.device)
+    ro = torch.linspace(-dr, dr, 9, device=x.device)
     fo, ro = torch.meshgrid(fo, ro, indexing="ij")
     ff2 = (fb[None] + fo.reshape(-1, 1)).clamp(0.0, 1.0)
     rr2 = (rb[None] + ro.reshape(-1, 1)).clamp(min_ratio * 0.5, 1.0)

@@ -32,9 +32,11 @@ ROUTER_NAME = "talora_router"
 class TimestepRouter(nn.Module):
     """Timestep embedding -> K logits; hard one-hot choice with a straight-through softmax gradient."""
 
-    def __init__(self, num_loras: int, emb_dim: int = 64, hidden: int = 64):
+    def __init__(self, num_loras: int, emb_dim: int = 64, hidden: int = 64, num_train_timesteps: int = 1000):
         super().__init__()
         self.emb_dim = emb_dim
+        # The timestep domain 0..T-1 the router is trained on (the scheduler's count): the size of its table.
+        self.num_train_timesteps = num_train_timesteps
         self.mlp = nn.Sequential(nn.Linear(emb_dim, hidden), nn.SiLU(), nn.Linear(hidden, num_loras))
 
     def embed(self, t: torch.Tensor) -> torch.Tensor:
@@ -110,21 +112,31 @@ def attach_talora(gm: fx.GraphModule, cfg: FinetuneConfig) -> list[str]:
         q.replace_all_uses_with(q2)
         g.erase_node(q)
         names.append(name)
+    # The new modules live where the graph's weights live (the compile device).
+    ref = next(iter(gm.parameters()), None)
+    ref = ref if ref is not None else next(iter(gm.buffers()), None)
+    if ref is not None:
+        gm.to(ref.device)
     gm.graph.lint()
     gm.recompile()
     return names
 
 
-def router_table(gm: fx.GraphModule, num_train_timesteps: int = 1000) -> torch.Tensor:
-    """The trained router resolved to a table t -> LoRA index (int64 [num_train_timesteps])."""
+def router_table(gm: fx.GraphModule, num_train_timesteps: int | None = None) -> torch.Tensor:
+    """The trained router resolved to a table t -> LoRA index (int64 [T], on the router's device); T defaults to
+    the count the router was trained on (the scheduler's num_train_timesteps)."""
     if not hasattr(gm, ROUTER_NAME):
-        return torch.zeros(num_train_timesteps, dtype=torch.int64)
-    return gm.get_submodule(ROUTER_NAME).choose(torch.arange(num_train_timesteps))
+        return torch.zeros(num_train_timesteps or 1000, dtype=torch.int64)
+    router = gm.get_submodule(ROUTER_NAME)
+    n = num_train_timesteps or router.num_train_timesteps
+    return router.choose(torch.arange(n, device=next(router.parameters()).device))
 
 
 def warm_start_router(router: TimestepRouter, k: int, T: int = 1000, steps: int = 300) -> None:
-    """Fit the router to K equal contiguous timestep segments, so every LoRA starts with its own timesteps."""
-    t = torch.arange(T)
+    """Fit the router to K equal contiguous timestep segments of 0..T-1 (T: the scheduler's training timesteps),
+    so every LoRA starts with its own timesteps."""
+    router.num_train_timesteps = T
+    t = torch.arange(T, device=next(router.parameters()).device)
     target = (t * k // T).clamp_max(k - 1)
     opt = torch.optim.Adam(router.parameters(), lr=1e-2)
     emb = router.embed(t)

@@ -89,7 +89,7 @@ class FoldZeroPoint:
         args = list(layer.args)
         args += [None] * (3 - len(args))  # (input, weight, bias): exported conv2d / linear may omit a None bias
         bias_node = args[2]
-        bias = get_weight(gm, bias_node) if bias_node is not None else torch.zeros(w.shape[0])
+        bias = get_weight(gm, bias_node) if bias_node is not None else torch.zeros(w.shape[0], device=w.device)
         new_bias = bias + z * w.reshape(w.shape[0], -1).double().sum(dim=1).float()
         name = attr_name(layer, "folded_bias")
         gm.register_buffer(name, new_bias.contiguous())

@@ -41,7 +41,8 @@ def table_segments(table: torch.Tensor) -> list[tuple[int, int, int]]:
 
 @dataclass
 class FuseTALoRA:
-    num_train_timesteps: int = 1000
+    # None: the router's own timestep count (the scheduler it was trained on), not a fixed 1000.
+    num_train_timesteps: int | None = None
     name: str = "fuse_talora"
 
     def __call__(self, gm: fx.GraphModule) -> PassResult:
@@ -98,7 +99,7 @@ class FuseTALoRA:
         for name in [n for n, _ in gm.named_children() if n.startswith("talora_")]:
             delattr(gm, name)
         gm.recompile()  # the router's submodule is gone: the old forward code must not be called again
-        segs = table_segments(table) if num_loras > 1 else [(0, self.num_train_timesteps - 1, 0)]
+        segs = table_segments(table) if num_loras > 1 else [(0, len(table) - 1, 0)]
         report = [f"t {lo:4d}..{hi:4d} -> LoRA {k}" for lo, hi, k in segs]
         info = {"talora_layers": fused, "num_loras": num_loras, "segments": len(segs),
                 "table": ";".join(f"{lo}-{hi}:{k}" for lo, hi, k in segs)}
