@@ -1,0 +1,344 @@
+#!/usr/bin/env python
+"""The W4A4 quality table at MNIST scale, computed on the GPU: 2 models x 8 rows x 3 seeds.
+
+Rows (names as results/quality.json's digits tables): FP32, INT4 PTQ, FP4 signed PTQ, MSFP PTQ, INT4 + LoRA,
+MSFP + LoRA, MSFP + TALoRA, MSFP + TALoRA + DFA. Each row is compiled with ``msfp_compiler.compile`` on --device
+(calibration, statistics, format search and fine-tuning there; lowering to ONNX on the CPU); a seed is both the
+calibration / fine-tuning seed and the sampling noise seed. Samples come from the torch quantized graph on the device
+(the Triton kernels of export/triton/runtime.py implement the msfp ops on CUDA), DDIM --steps steps, --samples
+samples in batches of --batch. Metrics: FID in the feature space of the committed MNIST classifier (generated vs the
+5000 real digits), PSNR vs the FP32 samples of the same noise, label accuracy (cond). For the seeds in --check-seeds
+every row's ONNX is run in onnxruntime against the torch graph on held-out calibration inputs (CompiledModel.check).
+
+Every (model, seed, row) is one task process, --jobs at a time (small models leave the GPU mostly idle and
+compilation is CPU work); each writes OUT/task_<model>_<seed>_<row>.json and its samples, and the parent merges them
+into OUT/quality_mnist.json + quality_mnist.md (PSNR vs the FP32 samples of the same noise is computed there).
+
+  python tools/eval_mnist.py --device cuda --jobs 16 --out results/mnist            # the committed table
+  python tools/eval_mnist.py --device cpu --samples 20 --steps 4 --finetune-steps 2 --calib-samples 2 \
+      --calib-steps 4 --seeds 0 --rows fp32,msfp+talora+dfa --models uncond          # a smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
+
+from eval_quality import ALIASES, ROWS, Row  # noqa: E402
+
+from msfp_compiler.capture import UNetWrapper, signature_of  # noqa: E402
+from msfp_compiler.compile import compile as msfp_compile  # noqa: E402
+from msfp_compiler.config import CalibConfig, CompileConfig, FinetuneConfig, QuantConfig  # noqa: E402
+from msfp_compiler.device import move_graph, resolve_device  # noqa: E402
+from msfp_compiler.digits import load_classifier  # noqa: E402
+from msfp_compiler.load import load_model  # noqa: E402
+from msfp_compiler.metrics import classifier_accuracy, classifier_features, frechet_distance, psnr  # noqa: E402
+from msfp_compiler.mnist import load_mnist_images  # noqa: E402
+
+MODELS = {"uncond": ROOT / "examples" / "mnist-uncond", "cond": ROOT / "examples" / "mnist-cond"}
+CLASSIFIER = ROOT / "examples" / "mnist_classifier.safetensors"
+
+
+def slug(name: str) -> str:
+    return name.lower().replace(" + ", "_").replace(" ", "_")
+
+
+@torch.no_grad()
+def ddim(eps_fn, n: int, steps: int, seed: int, cond: torch.Tensor | None, scheduler_config: dict | None,
+         shape: tuple[int, int, int], device: torch.device, batch: int) -> torch.Tensor:
+    """Deterministic DDIM (msfp_compiler.sampling with the model's scheduler config); noise from a CPU generator
+    seeded with seed, drawn for all n at once (results do not depend on the batch size). Returns [n, C, H, W]."""
+    from msfp_compiler.sampling import make_scheduler, sample
+
+    sched = make_scheduler("ddim", scheduler_config)
+    noise = torch.randn((n, *shape), generator=torch.Generator().manual_seed(seed))
+    out = []
+    for s in range(0, n, batch):
+        x = noise[s:s + batch].to(device)
+        c = cond[s:s + batch].to(device) if cond is not None else None
+        fn = eps_fn if c is None else (lambda xt, tt, c=c: eps_fn(xt, tt, c))
+        out.append(sample(fn, x, sched, steps).clamp(-1, 1).cpu())
+    return torch.cat(out)
+
+
+def compile_config(row: Row, args, seed: int) -> CompileConfig:
+    ft = None
+    if row.num_loras:
+        ft = FinetuneConfig(steps=args.finetune_steps, num_loras=row.num_loras, rank=args.lora_rank, dfa=row.dfa,
+                            samples=args.finetune_samples, sampler_steps=args.steps, seed=seed,
+                            batch_size=args.finetune_batch, lr=args.lora_lr, log_every=args.log_every)
+    return CompileConfig(quant=QuantConfig(scheme=row.scheme),
+                         calib=CalibConfig(num_samples=args.calib_samples, num_steps=args.calib_steps, seed=seed),
+                         finetune=ft, device=args.device)
+
+
+def run_task(model_key: str, seed: int, row: Row, args) -> dict:
+    """One row of one model and seed: compile (on the device), sample, FID / accuracy; the samples are saved as
+    OUT/samples_<model>_<seed>_<row>.pt (fp16) for PSNR against FP32 at merge time."""
+    device = resolve_device(args.device)
+    if device.type == "cuda":
+        import msfp_compiler.export.triton.runtime  # noqa: F401  (Triton kernels become the CUDA msfp ops)
+
+        # Sampling: TF32 tensor-core convolutions (10-bit mantissa, far below the 4-bit quantization noise);
+        # compile() switches TF32 off around calibration, statistics and fine-tuning itself.
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)  # fine-tuning progress lines
+    t0 = time.perf_counter()
+    loaded = load_model(args.model_dir.get(model_key, MODELS[model_key]))
+    sig = signature_of(loaded.unet)
+    shape = (sig.in_channels, sig.sample_size, sig.sample_size)
+    n = args.samples
+    labels = torch.arange(n) % 10
+    cond = loaded.class_embedding[labels].unsqueeze(1).float() if loaded.class_embedding is not None else None
+    info: dict = {"seed": seed}
+    tag = f"[{model_key} seed {seed}] {row.name}"
+    print(f"{tag}: start", flush=True)
+    if row.scheme is None:
+        eps_fn = UNetWrapper(loaded.unet.float().eval().to(device), sig)
+    else:
+        check = seed in args.check_seeds
+        cm = msfp_compile(loaded, compile_config(row, args, seed), progress=False, lower=check)
+        info["compile_seconds"] = round(time.perf_counter() - t0, 2)
+        for run in cm.pass_runs:
+            if run.name == "finetune":
+                for k in ("train_seconds", "steps_per_s", "initial_loss", "final_loss", "loss_curve"):
+                    info[k] = run.info.get(k)
+            if run.name == "fuse_talora" and "table" in run.info:
+                info["talora_table"] = run.info["table"]
+        acts = [s for s in cm.layers if s.role == "act" and s.bits == 4]
+        info["unsigned_acts"] = sum(not s.signed for s in acts)
+        info["signed_acts"] = sum(s.signed for s in acts)
+        if check:
+            chk = cm.check()
+            info["onnx_check"] = {"median_rel_rmse": chk.median, "max_abs": chk.max_abs, "flipped": chk.flipped,
+                                  "samples": len(chk.per_sample_rel_rmse), "tolerance": chk.tolerance, "ok": chk.ok}
+            print(f"{tag}: {chk}", flush=True)
+        eps_fn = move_graph(cm.graph_module, device)
+    t1 = time.perf_counter()
+    imgs = ddim(eps_fn, n, args.steps, seed, cond, loaded.scheduler_config, shape, device, args.batch)
+    info["sample_seconds"] = round(time.perf_counter() - t1, 2)
+    clf = load_classifier(args.classifier).to(device)
+    real, _ = load_mnist_images(sig.sample_size)
+    real_feats = classifier_features(clf, real.to(device)).cpu()
+    info["fid"] = frechet_distance(classifier_features(clf, imgs.to(device)).cpu(), real_feats)
+    if cond is not None:
+        info["label_accuracy"] = classifier_accuracy(clf, imgs.to(device), labels)
+    torch.save(imgs.half(), args.out / f"samples_{model_key}_{seed}_{slug(row.name)}.pt")
+    if seed == args.grid_seed:
+        from msfp_compiler.export.ort import save_grid
+
+        save_grid(imgs[:80], args.out / f"samples_{model_key}_{slug(row.name)}.png", nrow=10)
+    info["task_seconds"] = round(time.perf_counter() - t0, 2)
+    print(f"{tag}: FID {info['fid']:.3f}" + (f" acc {info['label_accuracy']:.4f}" if cond is not None else "")
+          + f" ({info['task_seconds']:.0f}s)", flush=True)
+    return info
+
+
+@torch.no_grad()
+def reference_fids(classifier: Path, n: int) -> dict:
+    """FID between real digits only: the floor a perfect model reaches with n samples against all 5000."""
+    clf = load_classifier(classifier)
+    real, _ = load_mnist_images()
+    feats = classifier_features(clf, real)
+    perm = torch.randperm(len(real), generator=torch.Generator().manual_seed(0))
+    return {f"real_{n}_vs_all": frechet_distance(feats[perm[:n]], feats),
+            "real_half_vs_half": frechet_distance(feats[perm[: len(perm) // 2]], feats[perm[len(perm) // 2:]])}
+
+
+def merge(out: Path, settings: dict) -> dict:
+    """Shard files -> {model: {row: {metric: [per seed]}}} in OUT/quality_mnist.json and the markdown table."""
+    table: dict = {}
+    for f in sorted(out.glob("task_*.json")):
+        task = json.loads(f.read_text())
+        model, seed, row, info = task["model"], task["seed"], task["row"], task["info"]
+        ref = out / f"samples_{model}_{seed}_fp32.pt"
+        mine = out / f"samples_{model}_{seed}_{slug(row)}.pt"
+        if row != "FP32" and ref.exists() and mine.exists():
+            info["psnr_vs_fp32"] = psnr(torch.load(mine).float(), torch.load(ref).float())
+        dst = table.setdefault(model, {}).setdefault(row, {"seeds": []})
+        dst["seeds"].append(seed)
+        for k, v in info.items():
+            if k != "seed":
+                dst.setdefault(k, []).append(v)
+    for model in table.values():  # seed order within each row
+        for row in model.values():
+            order = sorted(range(len(row["seeds"])), key=row["seeds"].__getitem__)
+            for k in row:
+                if len(row[k]) == len(order):
+                    row[k] = [row[k][i] for i in order]
+    res = {**{k: table[k] for k in ("uncond", "cond") if k in table}, "settings": settings}
+    tmp = out / ".quality_mnist.json.tmp"
+    tmp.write_text(json.dumps(res, indent=1, default=float))
+    tmp.replace(out / "quality_mnist.json")
+    (out / "quality_mnist.md").write_text(markdown(res))
+    plot_loss_curves(res, out / "loss_curves.png")
+    return res
+
+
+def plot_loss_curves(res: dict, path: Path) -> Path | None:
+    """Fine-tuning loss (interval means) per fine-tuned row, one panel per model, one line per seed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    models = [m for m in ("uncond", "cond") if m in res]
+    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        for i, (name, row) in enumerate(res[model].items()):
+            for j, curve in enumerate(row.get("loss_curve") or []):
+                if curve:
+                    steps, loss = zip(*curve)
+                    ax.plot(steps, loss, color=f"C{i}", alpha=0.8, label=name if j == 0 else None)
+        ax.set(title=f"mnist-{model}: distillation loss (DFA-weighted where DFA)", xlabel="step", ylabel="loss",
+               yscale="log")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _ms(vals: list[float], fmt: str = "{:.2f}") -> tuple[float, float, str]:
+    m = statistics.fmean(vals)
+    s = statistics.stdev(vals) if len(vals) > 1 else 0.0
+    return m, s, (fmt.format(m) + " ± " + fmt.format(s)) if len(vals) > 1 else fmt.format(m)
+
+
+def markdown(res: dict) -> str:
+    lines: list[str] = []
+    st = res["settings"]
+    for model in ("uncond", "cond"):
+        table = res.get(model)
+        if not table:
+            continue
+        cond = any("label_accuracy" in r for r in table.values())
+        fp = statistics.fmean(table["FP32"]["fid"]) if "FP32" in table else None
+        lines += [f"### mnist-{model} (W4A4, first/last conv 8-bit, {st['samples']} samples, DDIM {st['steps']})", "",
+                  "| method | FID (MNIST-classifier features) ↓ | / FP32 | PSNR vs FP32 (dB) ↑ |"
+                  + (" label acc ↑ |" if cond else "") + " seeds |",
+                  "|---|---|---|---|" + ("---|" if cond else "") + "---|"]
+        for name in ROWS:
+            r = table.get(name)
+            if not r:
+                continue
+            m, _, txt = _ms(r["fid"])
+            ratio = f"{m / fp:.3f}" if fp else "—"
+            ps = [p for p in r.get("psnr_vs_fp32", []) if p is not None]
+            ptxt = _ms(ps)[2] if ps else "—"
+            acc = f" {_ms([100 * a for a in r['label_accuracy']], '{:.1f}')[2]}% |" if cond else ""
+            lines.append(f"| {name} | {txt} | {ratio} | {ptxt} |{acc} {len(r['fid'])} |")
+        lines += [""]
+    lines += [f"Mean ± standard deviation over seeds {st['seeds']} (each seed: calibration and fine-tuning seed and "
+              f"sampling noise). Fine-tuning {st['finetune_steps']} steps at batch {st['finetune_batch']}, LoRA rank "
+              f"{st['lora_rank']}, {st['finetune_samples']} FP trajectories; calibration {st['calib_samples']} "
+              f"samples x {st['calib_steps']} steps; device {st['device']}.", ""]
+    ref = st.get("reference_fid")
+    if ref:
+        floor = ref[f"real_{st['samples']}_vs_all"]
+        lines += [f"FID floor of real digits in the same feature space: {st['samples']} real vs all 5000: "
+                  f"{floor:.2f}; half vs half (2500 each): {ref['real_half_vs_half']:.2f}.", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default="uncond,cond")
+    p.add_argument("--rows", default=",".join(ALIASES), help=f"subset of {','.join(ALIASES)}")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--samples", type=int, default=5000)
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps (also the DFA sampler)")
+    p.add_argument("--batch", type=int, default=2500, help="sampling batch")
+    p.add_argument("--calib-samples", type=int, default=32)
+    p.add_argument("--calib-steps", type=int, default=50)
+    p.add_argument("--finetune-steps", type=int, default=800)
+    p.add_argument("--finetune-samples", type=int, default=64)
+    p.add_argument("--finetune-batch", type=int, default=32)
+    p.add_argument("--lora-rank", type=int, default=4)
+    p.add_argument("--lora-lr", type=float, default=1e-3)
+    p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--no-tf32", dest="tf32", action="store_false", help="plain FP32 convolutions while sampling")
+    p.add_argument("--check-seeds", default="0", help="seeds whose rows are checked in onnxruntime")
+    p.add_argument("--grid-seed", type=int, default=0)
+    p.add_argument("--jobs", type=int, default=1, help="parallel task processes")
+    p.add_argument("--task", default=None, help=argparse.SUPPRESS)  # "model:seed:row", set by the parent
+    p.add_argument("--threads", type=int, default=2, help="CPU threads per task process")
+    p.add_argument("--merge-only", action="store_true", help="only merge the task files already in --out")
+    p.add_argument("--classifier", type=Path, default=CLASSIFIER)
+    p.add_argument("--model-dir", action="append", default=[], metavar="KEY=DIR",
+                   help="use DIR for model KEY (uncond/cond) instead of examples/mnist-KEY")
+    p.add_argument("--out", type=Path, default=ROOT / "results" / "mnist")
+    args = p.parse_args(argv)
+    args.model_dir = dict(kv.split("=", 1) for kv in args.model_dir)
+    args.check_seeds = {int(s) for s in args.check_seeds.split(",") if s.strip()}
+    rows = [ROWS[ALIASES.get(r.strip().lower(), r.strip())] for r in args.rows.split(",")]
+    if ROWS["FP32"] in rows:  # FP32 first: the PSNR reference of the same noise
+        rows = [ROWS["FP32"]] + [r for r in rows if r is not ROWS["FP32"]]
+    seeds = [int(s) for s in args.seeds.split(",")]
+    models = [m.strip() for m in args.models.split(",")]
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.task:
+        model, seed, alias = args.task.split(":")
+        row = ROWS[ALIASES.get(alias, alias)]
+        info = run_task(model, int(seed), row, args)
+        f = args.out / f"task_{model}_{seed}_{slug(row.name)}.json"
+        tmp = f.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"model": model, "seed": int(seed), "row": row.name, "info": info}, default=float))
+        tmp.replace(f)
+        return 0
+    t0 = time.perf_counter()
+    # FP32 rows first (cheap, and every ratio needs them), then seed by seed the fine-tuned (longest) rows before the
+    # PTQ rows: when a time limit cuts the run, whole seeds are missing rather than whole rows.
+    tasks = [(m, s, r) for s in seeds for m in models for r in rows]
+    tasks.sort(key=lambda x: (x[2].scheme is not None, x[1], not x[2].num_loras))
+    if args.merge_only:
+        tasks = []
+    base = list(argv if argv is not None else sys.argv[1:])
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(args.threads)}
+    running: list[tuple[tuple, subprocess.Popen]] = []
+    failed = []
+    for m, s, r in tasks:
+        while len([q for _, q in running if q.poll() is None]) >= args.jobs:
+            time.sleep(0.2)
+        log = open(args.out / f"log_{m}_{s}_{slug(r.name)}.txt", "w")
+        alias = next(a for a, name in ALIASES.items() if name == r.name)
+        running.append(((m, s, r.name), subprocess.Popen([sys.executable, __file__, *base, "--task", f"{m}:{s}:{alias}"],
+                                                       stdout=log, stderr=subprocess.STDOUT, env=env)))
+    for key, q in running:
+        if q.wait() != 0:
+            failed.append(":".join(map(str, key)))
+    settings = {k: getattr(args, k) for k in ("samples", "steps", "batch", "calib_samples", "calib_steps",
+                                              "finetune_steps", "finetune_samples", "finetune_batch", "lora_rank",
+                                              "lora_lr", "device", "tf32")}
+    settings["seeds"] = seeds
+    settings["wall_seconds"] = None if args.merge_only else round(time.perf_counter() - t0, 1)
+    settings["reference_fid"] = reference_fids(args.classifier, args.samples)
+    if torch.cuda.is_available():
+        settings["gpu"] = torch.cuda.get_device_name()
+    res = merge(args.out, settings)
+    print((args.out / "quality_mnist.md").read_text())
+    if failed:
+        print(f"failed tasks: {', '.join(failed)} (see {args.out}/log_*.txt)", file=sys.stderr)
+        return 1
+    return 0 if res else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
