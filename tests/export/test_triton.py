@@ -87,7 +87,9 @@ def test_quantize_bit_exact_per_channel(fmt: str) -> None:
     gen = torch.Generator().manual_seed(1)
     unsigned = fmt.startswith("u")
     # weights [C, K] and conv weights [C, Ci, 3, 3] with [C, 1, ...] scales; activations [B, C, H, W] with [1, C, 1, 1]
-    for shape, pshape in (((24, 40), (24, 1)), ((8, 3, 3, 3), (8, 1, 1, 1)), ((2, 6, 5, 5), (1, 6, 1, 1))):
+    # the last two have rows of >= 1024 elements: the row-per-program form (scalar parameter loads)
+    for shape, pshape in (((24, 40), (24, 1)), ((8, 3, 3, 3), (8, 1, 1, 1)), ((2, 6, 5, 5), (1, 6, 1, 1)),
+                          ((3, 1100), (3, 1)), ((2, 3, 33, 33), (1, 3, 1, 1))):
         x = torch.randn(shape, generator=gen) * 2
         s = torch.rand(pshape, generator=gen) * 0.5 + 0.05
         z = -torch.rand(pshape, generator=gen) * 0.3 if unsigned else torch.zeros(pshape)

@@ -1,0 +1,484 @@
+"""The fast GPU path: a quantized GraphModule rewritten into plain torch ops that torch.compile (Inductor) fuses.
+
+``TritonRunner`` runs the compiled graph as it is: float32, one kernel per op, a separate quantization pass before
+each GEMM. This module instead rewrites the graph for Inductor, so that the code around the GEMMs is generated and
+fused by the compiler:
+
+* the non-GEMM graph runs in bfloat16 (GroupNorm, SiLU, residual adds, attention through PyTorch's flash SDPA);
+* each activation quantizer in front of a 4-bit layer becomes pointwise torch ops producing the E4M3 grid values
+  (``grid_round``: integer bit arithmetic, no FMA-sensitive float tricks), which Inductor fuses into the kernel
+  that produces the activation (GroupNorm -> SiLU -> quantize -> E4M3 store);
+* each 4-bit linear / 1x1 conv is ``torch._scaled_mm`` on E4M3 operands (FP8 tensor cores, fp32 rowwise scales
+  ``s_a * s_w[n]``); each k x k conv is an NHWC im2col of the E4M3 activation (one Inductor copy kernel) and the same
+  GEMM; its output is NHWC, so activations stay channels-last end to end (no layout transforms);
+* the zero point of an activation quantizer goes into the bias (linears, unpadded convs) or into a per-position
+  map ``conv(P, W_deq)`` precomputed for the graph's spatial size (padded convs), as the Triton runner does;
+* weights stay resident as packed 4-bit codes (``weights="packed"``, 0.25 bytes per parameter plus scales) and are
+  decoded to E4M3 by a small pointwise kernel right before each GEMM (a transient buffer), or resident as E4M3
+  (``weights="fp8"``, 0.5 bytes per parameter).
+
+Quantizers the GEMMs cannot take (8-bit formats, attention Q/K/V, per-channel activation scales) stay fake
+quantization, written as pointwise torch ops (``fake_quant``) on bfloat16 tensors. The numerics differ from the
+float32 reference graph in: bfloat16 activations between ops (the quantizers see bfloat16-rounded inputs), FP8 GEMM
+accumulation (Hopper), bfloat16 GEMM outputs, bfloat16 attention; see docs/triton.md for the measured difference.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+import msfp_compiler.ops  # noqa: F401  (defines torch.ops.msfp.*)
+from msfp_compiler.formats import FPFormat, IntFormat
+from msfp_compiler.ops import get_format
+
+__all__ = ["grid_round", "fake_quant", "grid_e4m3", "FastGemm", "FastUNet", "build_fast", "FastReport",
+           "weight_bytes"]
+
+aten = torch.ops.aten
+_Q = torch.ops.msfp.quantize.default
+_QF = torch.ops.msfp.quantize_folded.default
+_DQP = torch.ops.msfp.dequantize_packed.default
+_FP8 = torch.float8_e4m3fn
+_BF16 = torch.bfloat16
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Quantization as pointwise torch ops (what Inductor fuses into the producer kernels)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _bit_rne(a: torch.Tensor, man_bits: int) -> torch.Tensor:
+    """Round positive float32 a to man_bits mantissa bits, nearest, ties to even, on the bits (no float rounding
+    tricks, so FMA contraction in generated code cannot change it)."""
+    drop = 23 - man_bits
+    bits = a.view(torch.int32)
+    lsb = (bits >> drop) & 1
+    bits = (bits + ((1 << (drop - 1)) - 1) + lsb) & ~((1 << drop) - 1)
+    return bits.view(torch.float32)
+
+
+def grid_round(v: torch.Tensor, fmt: str) -> torch.Tensor:
+    """``get_format(fmt).round_to_grid(v)`` (nearest, ties to even code, saturating) in ops Inductor fuses.
+
+    Bit-identical to the reference for finite inputs (tested): normal binades by integer RNE of the float32 bits
+    (for M = 0 the float32 exponent LSB is the code parity, true when the bias is odd), the subnormal range by
+    ``round(v * 2^(M - emin)) * 2^(emin - M)`` (exact power-of-two scalings, round half to even on the code).
+    Formats outside that (M = 0 with an even bias) use the threshold sum, also exact. NaN is not handled (the
+    reference maps it to +-max).
+    """
+    f = get_format(fmt)
+    v = v.float()
+    a = v.abs() if f.signed else v.clamp_min(0.0)
+    a = a.clamp_max(f.max)
+    if isinstance(f, IntFormat):
+        r = torch.round(a)
+    elif isinstance(f, FPFormat) and (f.man_bits > 0 or f.bias % 2 == 1):
+        emin = 1 - f.bias
+        sub = torch.round(a * 2.0 ** (f.man_bits - emin)) * 2.0 ** (emin - f.man_bits)
+        r = torch.where(a < 2.0 ** emin, sub, _bit_rne(a, f.man_bits))
+    else:
+        lv = f.levels.tolist()
+        thr = f.thresholds.tolist()
+        r = torch.zeros_like(a)
+        for i, t in enumerate(thr):
+            r = r + torch.where(a > t, lv[i + 1] - lv[i], 0.0)
+    return torch.copysign(r, v) if f.signed else r + 0.0
+
+
+def _scaled(x: torch.Tensor, scale: Any, zero_point: Any) -> torch.Tensor:
+    """(x - z) / s in float32, as the reference computes it (a Python-number scale is a 0-d constant)."""
+    return (x.float() - zero_point) / scale
+
+
+def fake_quant(x: torch.Tensor, scale: Any, zero_point: Any, fmt: str, folded: bool = False,
+               out_dtype: torch.dtype | None = _BF16) -> torch.Tensor:
+    """msfp::quantize (``folded``: msfp::quantize_folded) as pointwise ops, result in ``out_dtype`` (None: x's)."""
+    q = grid_round(_scaled(x, scale, zero_point), fmt) * scale
+    if not folded:
+        q = q + zero_point
+    return q.to(out_dtype or x.dtype)
+
+
+def grid_e4m3(x: torch.Tensor, scale: Any, zero_point: Any, fmt: str) -> torch.Tensor:
+    """The activation's grid values (quantize(x) = z + s * grid) as E4M3: the A operand of the FP8 GEMM."""
+    return grid_round(_scaled(x, scale, zero_point), fmt).to(_FP8)
+
+
+def decode_packed(packed: torch.Tensor, scale: torch.Tensor, fmt: str, shape: list[int],
+                  out_dtype: torch.dtype = _BF16) -> torch.Tensor:
+    """msfp::dequantize_packed as pointwise ops (for the layers left unfused)."""
+    codes = torch.stack([packed & 15, packed >> 4], dim=-1).reshape(-1)[:math.prod(shape)].reshape(shape)
+    table = get_format(fmt).code_table.to(packed.device)
+    return (table[codes.long()] * scale).to(out_dtype)
+
+
+def _fp8_exact(fmt: str) -> bool:
+    lv = get_format(fmt).code_table
+    return bool(torch.equal(lv.to(_FP8).float(), lv))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The fused layer
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class FastGemm(torch.nn.Module):
+    """linear / conv2d of a quantized activation and 4-bit weights as one FP8 ``torch._scaled_mm``.
+
+    ``y = (s_a s_w[n]) (G_a @ Q_w^T) + beta[n] (+ zmap[l, n])``: G_a the activation's E4M3 grid values, Q_w the
+    weight's E4M3 code values. Convs read an NHWC im2col (K ordered kh, kw, c) and return an NCHW view of NHWC memory.
+    TALoRA weight sets (S > 1) are selected per call by ``set_index``.
+    """
+
+    def __init__(self, codes: torch.Tensor, w_scale: torch.Tensor, wfmt: str, a_scale: float, a_zero: float,
+                 afmt: str, bias: torch.Tensor | None, zp_in_bias: bool, weights: str = "packed",
+                 conv: dict | None = None, w_deq_conv: torch.Tensor | None = None, zmap_args: tuple | None = None):
+        """codes uint8 [S, N, K] (conv: K in kh, kw, c order); w_scale [S, N]; bias [N] or None."""
+        super().__init__()
+        s, n, k = codes.shape
+        self.sets, self.n, self.k = s, n, k
+        self.afmt, self.a_scale, self.a_zero = afmt, float(a_scale), float(a_zero)
+        self.conv = conv
+        self.weights = weights
+        table = get_format(wfmt).code_table.double()
+        w_deq = table[codes.long()] * w_scale.double()[..., None]  # [S, N, K]
+        beta = torch.zeros(s, n, dtype=torch.float64)
+        if bias is not None:
+            beta += bias.double().reshape(1, n)
+        if not zp_in_bias:
+            beta += self.a_zero * w_deq.sum(-1)
+        self.register_buffer("beta", beta.float())  # added to the bf16 GEMM output in fp32, then rounded once
+        self.register_buffer("scale_b", (self.a_scale * w_scale.double()).float().reshape(s, 1, n))
+        if weights == "fp8":
+            self.register_buffer("w8", table[codes.long()].to(_FP8).contiguous())
+        elif weights == "packed":
+            if k % 2:
+                raise ValueError("packed weights need an even K")
+            self.register_buffer("packed", (codes[..., 0::2] | (codes[..., 1::2] << 4)).to(torch.uint8).contiguous())
+            self.register_buffer("lut", get_format(wfmt).code_table.float())
+        else:
+            raise ValueError(f"unknown weights mode {weights!r} (packed or fp8)")
+        zmap = None
+        if conv is not None and zmap_args is not None:
+            zmap = _zmap(w_deq_conv, *zmap_args)  # [S, L, N] fp32
+        self.register_buffer("zmap", zmap)
+
+    def weight_e4m3(self, set_index: torch.Tensor | None = None) -> torch.Tensor:
+        """[N, K] E4M3 weights of the chosen set (decoded from 4-bit codes in packed mode)."""
+        if self.weights == "fp8":
+            w = self.w8
+            return w[0] if self.sets == 1 else w.index_select(0, set_index.reshape(1).long())[0]
+        p = self.packed[0] if self.sets == 1 else self.packed.index_select(0, set_index.reshape(1).long())[0]
+        codes = torch.stack([p & 15, p >> 4], dim=-1).reshape(self.n, self.k)
+        return self.lut[codes.long()].to(_FP8)
+
+    def _pick(self, t: torch.Tensor, set_index: torch.Tensor | None) -> torch.Tensor:
+        return t[0] if self.sets == 1 else t.index_select(0, set_index.reshape(1).long())[0]
+
+    def forward(self, x: torch.Tensor, set_index: torch.Tensor | None = None) -> torch.Tensor:
+        """x: the quantizer's input (any float dtype / strides). Returns bfloat16."""
+        g = grid_round(_scaled(x, self.a_scale, self.a_zero), self.afmt)
+        if self.conv is None:
+            a = g.reshape(-1, self.k).to(_FP8)
+            lead = x.shape[:-1]
+        else:
+            a, lead = self._im2col(g)
+        m = a.shape[0]
+        w = self.weight_e4m3(set_index)
+        scale_a = torch.ones((m, 1), dtype=torch.float32, device=a.device)
+        y = torch._scaled_mm(a, w.t(), scale_a, self._pick(self.scale_b, set_index), out_dtype=_BF16,
+                             use_fast_accum=True)
+        if self.zmap is not None:
+            y = (y.view(-1, self.zmap.shape[1], self.n).float() + self._pick(self.zmap, set_index)).view(m, self.n)
+        y = (y.float() + self._pick(self.beta, set_index)).to(_BF16)
+        if self.conv is None:
+            return y.view(*lead, self.n)
+        b, ho, wo = lead
+        return y.view(b, ho, wo, self.n).permute(0, 3, 1, 2)
+
+    def _im2col(self, g: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        """[B*Ho*Wo, kh*kw*C] E4M3 rows of the grid values g [B, C, H, W]; padding holds grid 0 (E4M3 +0.0)."""
+        kh, kw = self.conv["kernel"]
+        sh, sw = self.conv["stride"]
+        left, right, top, bottom = self.conv["pads"]
+        b, c, h, w = g.shape
+        ho = (h + top + bottom - kh) // sh + 1
+        wo = (w + left + right - kw) // sw + 1
+        nhwc = g.permute(0, 2, 3, 1)
+        if kh == kw == sh == sw == 1 and not any(self.conv["pads"]):
+            return nhwc.reshape(-1, c).to(_FP8), (b, ho, wo)
+        xp = F.pad(nhwc, (0, 0, left, right, top, bottom))
+        cols = [xp[:, i:i + sh * (ho - 1) + 1:sh, j:j + sw * (wo - 1) + 1:sw, :] for i in range(kh) for j in range(kw)]
+        return torch.cat(cols, dim=-1).reshape(b * ho * wo, kh * kw * c).to(_FP8), (b, ho, wo)
+
+
+def _zmap(w_deq: torch.Tensor, c: int, h: int, w: int, kernel: tuple[int, int], stride: tuple[int, int],
+          pads: tuple[int, int, int, int], z_valid: float, z_pad: float) -> torch.Tensor:
+    """What the border contributes where the GEMM pads with grid 0: conv(P, W_deq), P = z_valid inside the image and
+    z_pad on the padding. w_deq [S, N, C, kh, kw] -> [S, Ho*Wo, N] (NHWC order)."""
+    left, right, top, bottom = pads
+    p = torch.full((1, c, h + top + bottom, w + left + right), z_pad, dtype=torch.float64)
+    p[:, :, top:top + h, left:left + w] = z_valid
+    s, n = w_deq.shape[:2]
+    zm = F.conv2d(p, w_deq.double().reshape(s * n, *w_deq.shape[2:]), stride=stride)  # [1, S*N, Ho, Wo]
+    return zm.reshape(s, n, -1).transpose(1, 2).float().contiguous()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Graph rewrite
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _linear_bf16(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    return F.linear(x.to(_BF16), w.to(_BF16), None if b is None else b.to(_BF16))
+
+
+def _conv2d_bf16(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, *args: Any) -> torch.Tensor:
+    return F.conv2d(x.to(_BF16), w.to(_BF16), None if b is None else b.to(_BF16), *args)
+
+
+def _sdpa_bf16(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    return F.scaled_dot_product_attention(q.to(_BF16), k.to(_BF16), v.to(_BF16), *args, **kwargs)
+
+
+@dataclass
+class FastReport:
+    """What the rewrite turned into FP8 GEMMs and why the rest stayed bf16 fake quantization."""
+
+    fused: dict[str, int] = field(default_factory=lambda: {"linear": 0, "conv2d": 0})
+    skipped: dict[str, str] = field(default_factory=dict)
+    fake_quant: int = 0
+
+    def __str__(self) -> str:
+        lines = [f"FP8 GEMMs: linear={self.fused['linear']} conv2d={self.fused['conv2d']}; "
+                 f"bf16 fake quantizers kept: {self.fake_quant}"]
+        lines += [f"  kept {k}: {v}" for k, v in self.skipped.items()]
+        return "\n".join(lines)
+
+
+def _spatial(node: fx.Node) -> tuple[int, int] | None:
+    val = node.meta.get("val")
+    if isinstance(val, torch.Tensor) and val.dim() == 4:
+        h, w = val.shape[2:]
+        if isinstance(h, int) and isinstance(w, int):
+            return h, w
+    return None
+
+
+def _fuse_one(gm: fx.GraphModule, node: fx.Node, kind: str, weights: str) -> FastGemm | str:
+    from .runtime import _const, _match_act, _match_weight
+
+    args = list(node.args)
+    inp = args[0]
+    pads = (0, 0, 0, 0)
+    z_pad = 0.0
+    if kind == "conv2d" and isinstance(inp, fx.Node) and inp.target == aten.constant_pad_nd.default:
+        pad_arg = [int(p) for p in inp.args[1]]
+        if len(pad_arg) != 4:
+            return "explicit pad is not spatial"
+        pads = tuple(pad_arg)  # type: ignore[assignment]
+        z_pad = float(inp.args[2]) if len(inp.args) > 2 else 0.0
+        inp = inp.args[0]
+    act = _match_act(gm, inp)
+    if isinstance(act, str):
+        return act
+    if not _fp8_exact(act.fmt):
+        return f"activation format {act.fmt} not exact in E4M3"
+    w = _match_weight(gm, args[1])
+    if isinstance(w, str):
+        return w
+    bias = _const(gm, args[2]) if len(args) > 2 and args[2] is not None else None
+    if len(args) > 2 and args[2] is not None and bias is None:
+        return "bias not constant"
+    bias = bias.detach().float() if bias is not None else None
+    sets, n = w.codes.shape[:2]
+    a_s, a_z = float(act.scale), float(act.zero_point)
+    if kind == "linear":
+        if w.codes.dim() != 3 or w.codes.shape[-1] % 16 or n % 16:
+            return "linear weight not 2-D with K, N multiples of 16 (FP8 GEMM)"
+        return FastGemm(w.codes, w.scale, w.fmt, a_s, a_z, act.fmt, bias, act.folded, weights)
+    stride, padding, dilation, groups = (list(args[3]) if len(args) > 3 else [1, 1],
+                                         list(args[4]) if len(args) > 4 else [0, 0],
+                                         list(args[5]) if len(args) > 5 else [1, 1],
+                                         args[6] if len(args) > 6 else 1)
+    if groups != 1 or any(d != 1 for d in dilation) or w.codes.dim() != 5:
+        return "grouped/dilated conv"
+    stride = stride * 2 if len(stride) == 1 else stride
+    padding = padding * 2 if len(padding) == 1 else padding
+    if any(padding) and any(pads):
+        return "explicit pad and conv padding together"
+    if any(padding):
+        pads = (padding[1], padding[1], padding[0], padding[0])
+    c, kh, kw = w.codes.shape[2:]
+    if (c * kh * kw) % 16 or n % 16:
+        return "conv K or N not a multiple of 16 (FP8 GEMM)"
+    flat = w.codes.permute(0, 1, 3, 4, 2).reshape(sets, n, -1)  # K as (kh, kw, c): NHWC im2col order
+    conv = {"kernel": (kh, kw), "stride": tuple(stride), "pads": tuple(pads)}
+    z_valid = 0.0 if act.folded else a_z
+    if any(pads) and (z_valid != 0.0 or z_pad != 0.0):
+        hw = _spatial(act.x)
+        if hw is None:
+            return "padded conv with a zero point needs the input's spatial size (node meta)"
+        return FastGemm(flat, w.scale, w.fmt, a_s, a_z, act.fmt, bias, True, weights, conv, w.deq(),
+                        (c, hw[0], hw[1], (kh, kw), tuple(stride), tuple(pads), z_valid, z_pad))
+    if any(pads):  # zero point 0 everywhere: padding with grid 0 is exact
+        return FastGemm(flat, w.scale, w.fmt, a_s, a_z, act.fmt, bias, True, weights, conv)
+    return FastGemm(flat, w.scale, w.fmt, a_s, a_z, act.fmt, bias, act.folded, weights, conv)
+
+
+def _rewrite(gm: fx.GraphModule, weights: str, report: FastReport) -> None:
+    g = gm.graph
+    for node in list(g.nodes):
+        if node.op != "call_function" or node.target not in (aten.linear.default, aten.conv2d.default):
+            continue
+        kind = "linear" if node.target == aten.linear.default else "conv2d"
+        mod = _fuse_one(gm, node, kind, weights)
+        if isinstance(mod, str):
+            report.skipped[node.name] = mod
+            with g.inserting_before(node):
+                new = g.call_function(_linear_bf16 if kind == "linear" else _conv2d_bf16, tuple(node.args))
+            new.meta = dict(node.meta)
+            node.replace_all_uses_with(new)
+            g.erase_node(node)
+            continue
+        from .runtime import _match_act, _match_weight
+
+        x_node = node.args[0]
+        if isinstance(x_node, fx.Node) and x_node.target == aten.constant_pad_nd.default:
+            x_node = x_node.args[0]
+        act = _match_act(gm, x_node)
+        w = _match_weight(gm, node.args[1])
+        name = f"msfp_fast_{node.name}"
+        gm.add_submodule(name, mod)
+        kwargs = {"set_index": w.set_index} if w.set_index is not None else {}  # type: ignore[union-attr]
+        with g.inserting_before(node):
+            new = g.call_module(name, (act.x,), kwargs)  # type: ignore[union-attr]
+        new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+        g.erase_node(node)
+        report.fused[kind] += 1
+    g.eliminate_dead_code()
+    # the remaining quantizers, packed weights and attention become bf16 pointwise torch ops
+    for node in list(g.nodes):
+        if node.op != "call_function":
+            continue
+        if node.target in (_Q, _QF):
+            x, s, z, fmt = node.args
+            with g.inserting_before(node):
+                new = g.call_function(fake_quant, (x, s, z, fmt, node.target == _QF))
+            report.fake_quant += 1
+        elif node.target == _DQP:
+            with g.inserting_before(node):
+                new = g.call_function(decode_packed, tuple(node.args))
+        elif node.target == aten.scaled_dot_product_attention.default:
+            with g.inserting_before(node):
+                new = g.call_function(_sdpa_bf16, tuple(node.args), dict(node.kwargs))
+        elif node.target == aten._assert_tensor_metadata.default:
+            g.erase_node(node)  # dtype assertions of the float32 capture
+            continue
+        else:
+            continue
+        new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+        g.erase_node(node)
+    g.eliminate_dead_code()
+
+
+def _cast_constants(gm: fx.GraphModule) -> None:
+    """Float32 tensor attributes -> bf16, except what quantizers read (their math stays float32)."""
+    keep: set[str] = set()
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in (fake_quant, decode_packed):
+            for a in node.args:
+                if isinstance(a, fx.Node) and a.op == "get_attr":
+                    keep.add(a.target)
+    for node in gm.graph.nodes:
+        if node.op != "get_attr" or node.target in keep:
+            continue
+        *path, leaf = node.target.split(".")
+        owner = gm.get_submodule(".".join(path)) if path else gm
+        val = getattr(owner, leaf)
+        if isinstance(val, torch.Tensor) and val.dtype == torch.float32:
+            new = val.detach().to(_BF16)
+            if isinstance(val, torch.nn.Parameter):
+                new = torch.nn.Parameter(new, requires_grad=False)
+            setattr(owner, leaf, new)
+
+
+def _to_device(gm: fx.GraphModule, device: torch.device) -> fx.GraphModule:
+    gm = gm.to(device)
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            *path, leaf = node.target.split(".")
+            owner = gm.get_submodule(".".join(path)) if path else gm
+            val = getattr(owner, leaf)
+            if isinstance(val, torch.Tensor) and val.device != device:
+                setattr(owner, leaf, val.to(device))
+        if "device" in node.kwargs and isinstance(node.kwargs["device"], torch.device) \
+                and node.kwargs["device"] != device:
+            node.kwargs = {**node.kwargs, "device": device}
+    gm.recompile()
+    return gm
+
+
+class FastUNet(torch.nn.Module):
+    """The rewritten graph: float inputs are cast to bf16, the output is returned as float32.
+
+    ``compile(mode)`` wraps it in ``torch.compile`` (Inductor); mode "max-autotune" also captures CUDA graphs.
+    """
+
+    def __init__(self, gm: fx.GraphModule, report: FastReport, weights: str):
+        super().__init__()
+        self.gm, self.report, self.weights = gm, report, weights
+        self._compiled: Any = None
+
+    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+        args = tuple(a.to(_BF16) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
+        return self.gm(*args).float()
+
+    def compile_fast(self, mode: str | None = "max-autotune", **kwargs: Any) -> Any:
+        self._compiled = torch.compile(self, mode=mode, **kwargs)
+        return self._compiled
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        with torch.no_grad():
+            return super().__call__(*args, **kwargs)
+
+
+def build_fast(gm: fx.GraphModule, device: str | torch.device = "cuda", weights: str = "packed",
+               inplace: bool = False) -> FastUNet:
+    """Rewrite a quantized GraphModule (``CompiledModel.graph_module`` or a loaded .pt2's module) for Inductor."""
+    if not inplace:
+        gm = copy.deepcopy(gm)
+    report = FastReport()
+    _rewrite(gm, weights, report)
+    _cast_constants(gm)
+    gm.recompile()
+    return FastUNet(_to_device(gm, torch.device(device)), report, weights).eval()
+
+
+def weight_bytes(module: torch.nn.Module) -> int:
+    """Bytes of every parameter and buffer resident in the module (what stays on the GPU between steps)."""
+    seen: set[int] = set()
+    total = 0
+    for t in list(module.parameters()) + list(module.buffers()):
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        total += t.numel() * t.element_size()
+    for node in getattr(module, "gm", module).graph.nodes if hasattr(getattr(module, "gm", module), "graph") else []:
+        if node.op == "get_attr":  # plain tensor attributes (lifted constants) are neither params nor buffers
+            gm = getattr(module, "gm", module)
+            *path, leaf = node.target.split(".")
+            val = getattr(gm.get_submodule(".".join(path)) if path else gm, leaf)
+            if isinstance(val, torch.Tensor) and id(val) not in seen:
+                seen.add(id(val))
+                total += val.numel() * val.element_size()
+    return total

@@ -1,0 +1,340 @@
+"""SD1.5 UNet step on the GPU: W4A4 (the fast path of export/triton/fast.py) vs bf16 baselines, same process.
+
+    python tools/bench_gpu_sd15.py --out results/gpu_sd15.json --batches 1,8 --log-dir OUT
+
+The UNet2DConditionModel of the SD1.5 config (random weights, seed 0, 64x64x4 latents, 77x768 text states) is
+quantized by the project's own verb (``msfp_compiler.compile``, MSFP W4A4, a small PTQ calibration: formats barely
+change speed) and rewritten by ``build_fast`` for torch.compile. Baselines, measured in the same process on the same
+inputs: bf16 eager replayed from a CUDA graph, and bf16 ``torch.compile`` (``--baseline-mode``, default
+"max-autotune", which also replays CUDA graphs); attention through PyTorch SDPA in all of them. Times are medians of
+CUDA-event timings after warm-up. Accuracy: per-step rel-RMSE of the fast W4A4 eps against the float32 fake-quant
+reference (the same GraphModule, unfused, registered Triton kernels, TF32 off) along the reference's DDIM trajectory.
+Each phase appends to the JSON as it finishes, so a run cut short still leaves its numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from unet_configs import SD15_UNET_CONFIG  # noqa: E402
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def time_ms(fn: Callable[[], Any], iters: int, warmup: int = 3, mark_step: bool = False) -> dict:
+    """Median / min / max of CUDA-event timings of fn (one UNet step each)."""
+    for _ in range(warmup):
+        if mark_step:
+            torch.compiler.cudagraph_mark_step_begin()
+        fn()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(iters):
+        if mark_step:
+            torch.compiler.cudagraph_mark_step_begin()
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn()
+        e.record()
+        e.synchronize()
+        ts.append(s.elapsed_time(e))
+    return {"median_ms": round(statistics.median(ts), 4), "min_ms": round(min(ts), 4), "max_ms": round(max(ts), 4),
+            "iters": iters}
+
+
+def cuda_graph(fn: Callable[..., Any], args: tuple) -> Callable[[], Any]:
+    """Capture fn(*args) once; the returned callable replays it."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn(*args)
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn(*args)
+    return g.replay
+
+
+def profile_table(fn: Callable[[], Any], mark_step: bool, rows: int = 30) -> tuple[str, list[dict]]:
+    """Device time per kernel name over 5 steps (torch.profiler), as a table and as rows."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(2):
+        if mark_step:
+            torch.compiler.cudagraph_mark_step_begin()
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        for _ in range(5):
+            if mark_step:
+                torch.compiler.cudagraph_mark_step_begin()
+            fn()
+        torch.cuda.synchronize()
+    ka = prof.key_averages()
+    items = sorted((k for k in ka if k.device_time_total > 0 and k.device_type.name == "CUDA"),
+                   key=lambda k: -k.device_time_total)
+    total = sum(k.device_time_total for k in items)
+    out = [{"kernel": k.key[:160], "ms_per_step": round(k.device_time_total / 5 / 1e3, 4), "calls_per_step": k.count / 5,
+            "share": round(k.device_time_total / total, 4)} for k in items]
+    lines = [f"device time per step {total / 5 / 1e3:.3f} ms"] + [
+        f"{r['ms_per_step']:8.3f} ms {100 * r['share']:5.1f}% x{r['calls_per_step']:6.1f}  {r['kernel']}" for r in out[:rows]]
+    return "\n".join(lines), out
+
+
+def categorize(rows: list[dict]) -> dict[str, float]:
+    """Kernel time per step by kind (name patterns of cuBLAS/CUTLASS/cuDNN/flash/Inductor kernels)."""
+    cats = {"gemm_fp8": 0.0, "gemm_bf16": 0.0, "conv": 0.0, "attention": 0.0, "layout": 0.0, "norm_pointwise": 0.0,
+            "other": 0.0}
+    for r in rows:
+        k = r["kernel"].lower()
+        if "flash" in k or "fmha" in k or "attention" in k:
+            c = "attention"
+        elif ("e4m3" in k or "f8" in k or "fp8" in k or "scaled_mm" in k) and ("gemm" in k or "mm" in k or "cutlass" in k
+                                                                             or "sm90" in k):
+            c = "gemm_fp8"
+        elif "nchwtonhwc" in k or "nhwctonchw" in k or "transpose" in k:
+            c = "layout"
+        elif "conv" in k or "implicit" in k or "xmma_fprop" in k or "fprop" in k:
+            c = "conv"
+        elif "gemm" in k or "cutlass" in k or "sm90_xmma" in k or "mm_" in k or "nvjet" in k:
+            c = "gemm_bf16"
+        elif k.startswith("triton") or "elementwise" in k or "reduce" in k or "norm" in k:
+            c = "norm_pointwise"
+        else:
+            c = "other"
+        cats[c] += r["ms_per_step"]
+    return {k: round(v, 4) for k, v in cats.items()}
+
+
+class Recorder:
+    def __init__(self, path: Path, base: dict):
+        self.path, self.data = path, base
+
+    def put(self, key: str, value: Any) -> None:
+        self.data[key] = value
+        self.save()
+
+    def save(self) -> None:
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.write_text(json.dumps(self.data, indent=1))
+        tmp.replace(self.path)
+
+
+def build_sd15() -> Any:
+    from msfp_compiler.load import LoadedModel, model_from_config
+
+    torch.manual_seed(0)
+    with torch.no_grad():
+        unet = model_from_config(dict(SD15_UNET_CONFIG), "sd15 config").eval()
+    return LoadedModel(unet, Path("<sd15 config, random weights>"))
+
+
+def inputs(batch: int, example: tuple, device: str = "cuda", seed: int = 0) -> tuple:
+    """(sample, timestep, text states) of the compiled signature at this batch size."""
+    g = torch.Generator().manual_seed(seed)
+    sample = torch.randn(batch, *example[0].shape[1:], generator=g)
+    t = example[1]
+    tt = torch.full((batch,) if t.dim() else (), 500, dtype=t.dtype)
+    cond = torch.randn(batch, *example[2].shape[1:], generator=g)
+    return sample.to(device), tt.to(device), cond.to(device)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default=str(ROOT / "results" / "gpu_sd15.json"))
+    ap.add_argument("--log-dir", default=None, help="profiles and tables go here")
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--calib", default="1x2", help="calibration samples x DDIM steps (default 1x2)")
+    ap.add_argument("--calib-device", default="cpu")
+    ap.add_argument("--baseline-mode", default="max-autotune")
+    ap.add_argument("--fast-mode", default="max-autotune")
+    ap.add_argument("--weights", default="packed", help="comma list of packed,fp8 (the first is the headline)")
+    ap.add_argument("--iters", type=int, default=30)
+    ap.add_argument("--accuracy-steps", type=int, default=4)
+    ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--save-pt2", default=None, help="also write the compiled program here and sample it through "
+                    "msfp-sample --backend triton")
+    args = ap.parse_args(argv)
+
+    import msfp_compiler  # noqa: F401
+    from msfp_compiler.compile import compile as msfp_compile
+    from msfp_compiler.config import CalibConfig, CompileConfig
+    from msfp_compiler.export.triton.fast import build_fast, weight_bytes
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    batches = [int(b) for b in args.batches.split(",")]
+    log_dir = Path(args.log_dir) if args.log_dir else None
+    if log_dir:
+        log_dir.mkdir(parents=True, exist_ok=True)
+    props = torch.cuda.get_device_properties(0)
+    rec = Recorder(Path(args.out), {
+        "device": torch.cuda.get_device_name(0), "model": "sd15", "rows": [],
+        "env": {"torch": torch.__version__, "cuda": torch.version.cuda, "sms": props.multi_processor_count,
+                "python": platform.python_version(), "cpu_threads": torch.get_num_threads()},
+        "config": vars(args), "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
+
+    # ---- build + compile with our compiler -------------------------------------------------------------------
+    t0 = time.perf_counter()
+    loaded = build_sd15()
+    n_samples, n_steps = (int(v) for v in args.calib.split("x"))
+    calib = CalibConfig(num_samples=n_samples, num_steps=n_steps, num_groups=min(2, n_steps), holdout_samples=0,
+                        text_len=77)
+    cfg_kwargs: dict[str, Any] = {"calib": calib}
+    cfg = CompileConfig(**cfg_kwargs)
+    cm = msfp_compile(loaded, cfg, progress=False)
+    compile_s = time.perf_counter() - t0
+    log(f"msfp compile (build + calibrate {args.calib} + passes + ONNX lowering): {compile_s:.1f} s")
+    rec.put("msfp_compile_seconds", round(compile_s, 1))
+    example = cm.calibration.batches[0].args
+    gm = cm.graph_module
+    del cm.onnx_model
+
+    # ---- bf16 baseline ---------------------------------------------------------------------------------------
+    unet = build_sd15().unet.to("cuda", torch.bfloat16).eval()
+    bf16_bytes = sum(p.numel() * p.element_size() for p in unet.parameters())
+
+    def bf16_step(s, t, c):
+        return unet(s, t, encoder_hidden_states=c, return_dict=False)[0]
+
+    fasts = {}
+    for wmode in args.weights.split(","):
+        fasts[wmode] = build_fast(gm, "cuda", weights=wmode)
+        log(f"fast W4A4 ({wmode} weights): {fasts[wmode].report}".split("\n")[0])
+    head = args.weights.split(",")[0]
+    rec.put("fast_report", str(fasts[head].report))
+    w_bytes = {w: weight_bytes(f) for w, f in fasts.items()}
+    rec.put("weights_bytes", {"bf16": bf16_bytes, **{f"w4a4_{w}": b for w, b in w_bytes.items()}})
+
+    rows = []
+    profiles: dict[str, Any] = {}
+    for b in batches:
+        row: dict[str, Any] = {"batch": b}
+        x = inputs(b, example)
+        with torch.no_grad():
+            try:
+                replay = cuda_graph(bf16_step, x)
+                row["bf16_cudagraph"] = time_ms(replay, args.iters)
+                row["bf16_cudagraph_ms"] = row["bf16_cudagraph"]["median_ms"]
+                del replay
+            except Exception as e:  # noqa: BLE001
+                row["bf16_cudagraph_error"] = repr(e)
+                traceback.print_exc()
+            log(f"batch {b}: bf16 eager+CUDA graph {row.get('bf16_cudagraph_ms')} ms")
+            for wmode, fast in fasts.items():
+                try:
+                    t0 = time.perf_counter()
+                    cf = torch.compile(fast, mode=args.fast_mode)
+                    cf(*x)
+                    cf(*x)
+                    row[f"w4a4_{wmode}_compile_s"] = round(time.perf_counter() - t0, 1)
+                    row[f"w4a4_{wmode}"] = time_ms(lambda: cf(*x), args.iters, mark_step=True)
+                    log(f"batch {b}: W4A4 ({wmode}) {row[f'w4a4_{wmode}']['median_ms']} ms "
+                        f"(compile {row[f'w4a4_{wmode}_compile_s']} s)")
+                    if args.profile and wmode == head and b == max(batches):
+                        table, prow = profile_table(lambda: cf(*x), mark_step=True)
+                        profiles[f"w4a4_b{b}"] = {"table": table, "by_kind": categorize(prow), "rows": prow[:60]}
+                        log(table)
+                    del cf
+                except Exception as e:  # noqa: BLE001
+                    row[f"w4a4_{wmode}_error"] = repr(e)[:2000]
+                    traceback.print_exc()
+            row["w4a4_ms"] = row.get(f"w4a4_{head}", {}).get("median_ms")
+            try:
+                t0 = time.perf_counter()
+                cb = torch.compile(unet, mode=args.baseline_mode)
+                cb(*x[:2], encoder_hidden_states=x[2], return_dict=False)
+                cb(*x[:2], encoder_hidden_states=x[2], return_dict=False)
+                row["bf16_compile_s"] = round(time.perf_counter() - t0, 1)
+                row["bf16_compile"] = time_ms(lambda: cb(*x[:2], encoder_hidden_states=x[2], return_dict=False),
+                                              args.iters, mark_step=True)
+                row["bf16_compile_ms"] = row["bf16_compile"]["median_ms"]
+                log(f"batch {b}: bf16 torch.compile({args.baseline_mode}) {row['bf16_compile_ms']} ms "
+                    f"(compile {row['bf16_compile_s']} s)")
+                if args.profile and b == max(batches):
+                    table, prow = profile_table(lambda: cb(*x[:2], encoder_hidden_states=x[2], return_dict=False),
+                                                mark_step=True)
+                    profiles[f"bf16_compile_b{b}"] = {"table": table, "by_kind": categorize(prow), "rows": prow[:60]}
+                    log(table)
+                del cb
+            except Exception as e:  # noqa: BLE001
+                row["bf16_compile_error"] = repr(e)[:2000]
+                traceback.print_exc()
+        best = min(v for v in (row.get("bf16_cudagraph_ms"), row.get("bf16_compile_ms")) if v is not None)
+        if row["w4a4_ms"]:
+            row["speedup_vs_best_bf16"] = round(best / row["w4a4_ms"], 3)
+        row["weights_gib"] = {"w4a4": round(w_bytes[head] / 2**30, 4), "bf16": round(bf16_bytes / 2**30, 4)}
+        rows.append(row)
+        rec.put("rows", rows)
+        rec.put("profiles", {k: {kk: vv for kk, vv in v.items() if kk != "rows"} for k, v in profiles.items()})
+        if log_dir:
+            (log_dir / "profiles.json").write_text(json.dumps(profiles, indent=1))
+        torch._dynamo.reset()
+
+    # ---- accuracy vs the float32 fake-quant reference ----------------------------------------------------------
+    rec.put("accuracy", accuracy(gm, fasts[head], example, args.accuracy_steps))
+    rec.put("finished", time.strftime("%Y-%m-%dT%H:%M:%S"))
+    log(json.dumps({"rows": [{k: v for k, v in r.items() if not isinstance(v, dict) or k == "weights_gib"}
+                             for r in rows]}, indent=1))
+    if args.save_pt2:
+        sample_cli(cm, args.save_pt2, rec)
+    return 0
+
+
+def accuracy(gm: Any, fast: Any, example: tuple, steps: int, batch: int = 2) -> dict:
+    """Per-step rel-RMSE of the fast path's eps vs the float32 fake-quant reference on the reference's own DDIM
+    trajectory (both see the same x_t), plus the bf16 rounding of the inputs alone."""
+    from msfp_compiler.export.triton.runtime import TritonRunner, ddim_alphas_cumprod
+
+    ref = TritonRunner(gm, fuse=False)
+    x, _, cond = inputs(batch, example, seed=1)
+    ac = ddim_alphas_cumprod(1000, 0.00085, 0.012)
+    ts = list(range(999, -1, -1000 // steps))[:steps]
+    out = []
+    with torch.no_grad():
+        for i, t in enumerate(ts):
+            tt = torch.full((batch,), t, dtype=example[1].dtype, device="cuda")
+            e_ref = ref(x, tt, cond).double()
+            e_fast = fast(x, tt, cond).double()
+            dims = tuple(range(1, e_ref.dim()))
+            err = ((e_fast - e_ref).pow(2).sum(dims).sqrt() / e_ref.pow(2).sum(dims).sqrt()).tolist()
+            out.append({"t": t, "rel_rmse_per_sample": [round(v, 5) for v in err]})
+            a_t = ac[t]
+            a_prev = ac[ts[i + 1]] if i + 1 < len(ts) else torch.tensor(1.0)
+            x0 = (x - (1 - a_t) ** 0.5 * e_ref.float()) / a_t ** 0.5
+            x = a_prev ** 0.5 * x0 + (1 - a_prev) ** 0.5 * e_ref.float()
+    return {"steps": out, "reference": "same GraphModule, float32, unfused, registered Triton fake-quant kernels",
+            "batch": batch}
+
+
+def sample_cli(cm: Any, path: str, rec: Recorder) -> None:
+    from msfp_compiler.cli import sample_main
+
+    t0 = time.perf_counter()
+    cm.save_pt2(path)
+    rc = sample_main([path, "--backend", "triton", "--out", str(Path(path).with_suffix(".png")), "--steps", "2",
+                      "-n", "1"])
+    rec.put("msfp_sample_triton", {"rc": rc, "seconds": round(time.perf_counter() - t0, 1),
+                                   "pt2_bytes": Path(path).stat().st_size})
+
+
+if __name__ == "__main__":
+    sys.exit(main())
