@@ -188,6 +188,8 @@ def sample_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", type=_csv, help="class labels for a conditional model (cycled), e.g. 0,1,2")
     p.add_argument("--class-embedding", help="class_embedding.safetensors for labels -> encoder_hidden_states")
     p.add_argument("--threads", type=int, help="onnxruntime intra-op threads")
+    p.add_argument("--fast", action="store_true", help="with --backend triton: the torch.compile fast path "
+                   "(bf16 activations, FP8 GEMMs; see docs/triton.md) instead of the exact Triton runner")
     p.add_argument("-q", "--quiet", action="store_true")
     return p
 
@@ -236,17 +238,33 @@ def _sample_triton(args: argparse.Namespace, out: Path) -> int:
 
     gm = load_pt2(args.model)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    if len(placeholders) > 2:
-        raise MsfpError(f"{args.model}: --backend triton samples unconditional models only")
+    if len(placeholders) > 3:
+        raise MsfpError(f"{args.model}: --backend triton takes (sample, timestep[, text states]) programs")
     shape = placeholders[0].meta["val"].shape
-    runner = TritonRunner(gm, cuda_graphs=True)
+    cond = None
+    if len(placeholders) == 3:  # text-conditioned (SD-style): random text states of the traced length and width
+        cshape = placeholders[2].meta["val"].shape
+        if not placeholders[2].meta["val"].is_floating_point():
+            raise MsfpError(f"{args.model}: --backend triton needs float text states as the third input")
+        cond = torch.randn(args.num, int(cshape[1]), int(cshape[2]),
+                           generator=torch.Generator().manual_seed(args.seed + 1))
+    if args.fast:
+        from msfp_compiler.export.triton.fast import build_fast
+
+        runner = torch.compile(build_fast(gm, "cuda", inplace=True), mode="max-autotune")
+    else:
+        runner = TritonRunner(gm, cuda_graphs=True)
     # torch.export records the guards diffusers' blocks put on the batch (batch <= 63 for the UNets we tried), so
     # the program is sampled in chunks; chunk i uses seed + i.
     chunk = 32
     imgs = torch.cat([sample_ddim(runner, (min(chunk, args.num - i), int(shape[1]), int(shape[2]), int(shape[3])),
-                                  args.steps, args.seed + i // chunk) for i in range(0, args.num, chunk)])
+                                  args.steps, args.seed + i // chunk,
+                                  cond=None if cond is None else cond[i:i + chunk].cuda())
+                      for i in range(0, args.num, chunk)])
     save_grid(imgs.float().cpu(), out)
-    print(f"wrote {out}: {args.num} samples, {args.steps} DDIM steps on {torch.cuda.get_device_name()} (Triton)")
+    how = "Inductor fast path, bf16 + FP8 GEMMs" if args.fast else "Triton"
+    print(f"wrote {out}: {args.num} samples, {args.steps} DDIM steps on {torch.cuda.get_device_name()} ({how})"
+          + (f"; channels 0-2 of the {int(shape[1])}-channel output shown as RGB" if int(shape[1]) > 3 else ""))
     return 0
 
 

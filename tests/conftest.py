@@ -169,6 +169,8 @@ def _work_group(nodeid: str) -> str | None:
     path = nodeid.split("::")[0]
     if path.endswith("tests/test_cli.py"):
         return "cli"  # module-scoped checkpoint, compiled model and bad files
+    if path.endswith("tests/export/test_fast.py"):
+        return "compiled_cond"  # shares the compiled tiny SD-style UNet with test_onnx's [cond] tests
     if "tests/passes/" in path:
         return "stages_unet2d"
     m = _COMPILED_PARAM.search(nodeid)

@@ -28,7 +28,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.fx as fx
@@ -54,6 +54,43 @@ _BF16 = torch.bfloat16
 # ----------------------------------------------------------------------------------------------------------------
 
 
+class _Spec(NamedTuple):
+    """What grid_round needs of a format, as plain Python values (torch.compile cannot trace the Format objects'
+    cached properties)."""
+
+    kind: str  # "int", "fp" (bit rounding) or "table"
+    signed: bool
+    max: float
+    man_bits: int
+    emin: int
+    levels: tuple[float, ...]
+    thresholds: tuple[float, ...]
+    table: tuple[float, ...]  # value of each code
+
+
+_SPECS: dict[str, _Spec] = {}
+
+
+def _spec(fmt: str) -> _Spec:
+    """The format's spec; computed on first use outside the compiled region (build_fast does it for every format
+    of the graph), a plain dict lookup inside it."""
+    if fmt not in _SPECS:
+        f = get_format(fmt)
+        if isinstance(f, IntFormat):
+            kind, man, emin = "int", 0, 0
+        elif isinstance(f, FPFormat) and (f.man_bits > 0 or f.bias % 2 == 1):
+            kind, man, emin = "fp", f.man_bits, 1 - f.bias
+        else:
+            kind, man, emin = "table", 0, 0
+        _SPECS[fmt] = _Spec(kind, f.signed, f.max, man, emin, tuple(f.levels.tolist()), tuple(f.thresholds.tolist()),
+                            tuple(f.code_table.tolist()))
+    return _SPECS[fmt]
+
+
+for _f in ("e1m2", "e2m1", "e3m0", "ue1m3", "ue2m2", "ue3m1", "ue4m0", "int4", "uint4", "int8", "uint8"):
+    _spec(_f)  # the formats the compiler chooses from, ready before any tracing
+
+
 def _bit_rne(a: torch.Tensor, man_bits: int) -> torch.Tensor:
     """Round positive float32 a to man_bits mantissa bits, nearest, ties to even, on the bits (no float rounding
     tricks, so FMA contraction in generated code cannot change it)."""
@@ -73,21 +110,18 @@ def grid_round(v: torch.Tensor, fmt: str) -> torch.Tensor:
     Formats outside that (M = 0 with an even bias) use the threshold sum, also exact. NaN is not handled (the
     reference maps it to +-max).
     """
-    f = get_format(fmt)
+    f = _spec(fmt)
     v = v.float()
     a = v.abs() if f.signed else v.clamp_min(0.0)
     a = a.clamp_max(f.max)
-    if isinstance(f, IntFormat):
+    if f.kind == "int":
         r = torch.round(a)
-    elif isinstance(f, FPFormat) and (f.man_bits > 0 or f.bias % 2 == 1):
-        emin = 1 - f.bias
-        sub = torch.round(a * 2.0 ** (f.man_bits - emin)) * 2.0 ** (emin - f.man_bits)
-        r = torch.where(a < 2.0 ** emin, sub, _bit_rne(a, f.man_bits))
+    elif f.kind == "fp":
+        sub = torch.round(a * 2.0 ** (f.man_bits - f.emin)) * 2.0 ** (f.emin - f.man_bits)
+        r = torch.where(a < 2.0 ** f.emin, sub, _bit_rne(a, f.man_bits))
     else:
-        lv = f.levels.tolist()
-        thr = f.thresholds.tolist()
-        r = torch.zeros_like(a)
-        for i, t in enumerate(thr):
+        lv, r = f.levels, torch.zeros_like(a)
+        for i, t in enumerate(f.thresholds):
             r = r + torch.where(a > t, lv[i + 1] - lv[i], 0.0)
     return torch.copysign(r, v) if f.signed else r + 0.0
 
@@ -115,7 +149,7 @@ def decode_packed(packed: torch.Tensor, scale: torch.Tensor, fmt: str, shape: li
                   out_dtype: torch.dtype = _BF16) -> torch.Tensor:
     """msfp::dequantize_packed as pointwise ops (for the layers left unfused)."""
     codes = torch.stack([packed & 15, packed >> 4], dim=-1).reshape(-1)[:math.prod(shape)].reshape(shape)
-    table = get_format(fmt).code_table.to(packed.device)
+    table = torch.tensor(_spec(fmt).table, dtype=torch.float32, device=packed.device)
     return (table[codes.long()] * scale).to(out_dtype)
 
 
@@ -139,14 +173,17 @@ class FastGemm(torch.nn.Module):
 
     def __init__(self, codes: torch.Tensor, w_scale: torch.Tensor, wfmt: str, a_scale: float, a_zero: float,
                  afmt: str, bias: torch.Tensor | None, zp_in_bias: bool, weights: str = "packed",
-                 conv: dict | None = None, w_deq_conv: torch.Tensor | None = None, zmap_args: tuple | None = None):
+                 conv: dict | None = None, w_deq_conv: torch.Tensor | None = None, zmap_args: tuple | None = None,
+                 dtype: torch.dtype = _BF16):
         """codes uint8 [S, N, K] (conv: K in kh, kw, c order); w_scale [S, N]; bias [N] or None."""
         super().__init__()
         s, n, k = codes.shape
         self.sets, self.n, self.k = s, n, k
+        _spec(afmt), _spec(wfmt)
         self.afmt, self.a_scale, self.a_zero = afmt, float(a_scale), float(a_zero)
         self.conv = conv
         self.weights = weights
+        self.dtype = dtype  # of the output (bf16 on the fast path; float32 to check the rewrite itself)
         table = get_format(wfmt).code_table.double()
         w_deq = table[codes.long()] * w_scale.double()[..., None]  # [S, N, K]
         beta = torch.zeros(s, n, dtype=torch.float64)
@@ -193,11 +230,11 @@ class FastGemm(torch.nn.Module):
         m = a.shape[0]
         w = self.weight_e4m3(set_index)
         scale_a = torch.ones((m, 1), dtype=torch.float32, device=a.device)
-        y = torch._scaled_mm(a, w.t(), scale_a, self._pick(self.scale_b, set_index), out_dtype=_BF16,
+        y = torch._scaled_mm(a, w.t(), scale_a, self._pick(self.scale_b, set_index), out_dtype=self.dtype,
                              use_fast_accum=True)
         if self.zmap is not None:
             y = (y.view(-1, self.zmap.shape[1], self.n).float() + self._pick(self.zmap, set_index)).view(m, self.n)
-        y = (y.float() + self._pick(self.beta, set_index)).to(_BF16)
+        y = (y.float() + self._pick(self.beta, set_index)).to(self.dtype)
         if self.conv is None:
             return y.view(*lead, self.n)
         b, ho, wo = lead
@@ -236,16 +273,18 @@ def _zmap(w_deq: torch.Tensor, c: int, h: int, w: int, kernel: tuple[int, int], 
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _linear_bf16(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-    return F.linear(x.to(_BF16), w.to(_BF16), None if b is None else b.to(_BF16))
+def _linear_as(dtype: torch.dtype, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    return F.linear(x.to(dtype), w.to(dtype), None if b is None else b.to(dtype))
 
 
-def _conv2d_bf16(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, *args: Any) -> torch.Tensor:
-    return F.conv2d(x.to(_BF16), w.to(_BF16), None if b is None else b.to(_BF16), *args)
+def _conv2d_as(dtype: torch.dtype, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None,
+               *args: Any) -> torch.Tensor:
+    return F.conv2d(x.to(dtype), w.to(dtype), None if b is None else b.to(dtype), *args)
 
 
-def _sdpa_bf16(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-    return F.scaled_dot_product_attention(q.to(_BF16), k.to(_BF16), v.to(_BF16), *args, **kwargs)
+def _sdpa_as(dtype: torch.dtype, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *args: Any,
+             **kwargs: Any) -> torch.Tensor:
+    return F.scaled_dot_product_attention(q.to(dtype), k.to(dtype), v.to(dtype), *args, **kwargs)
 
 
 @dataclass
@@ -272,7 +311,7 @@ def _spatial(node: fx.Node) -> tuple[int, int] | None:
     return None
 
 
-def _fuse_one(gm: fx.GraphModule, node: fx.Node, kind: str, weights: str) -> FastGemm | str:
+def _fuse_one(gm: fx.GraphModule, node: fx.Node, kind: str, weights: str, dtype: torch.dtype) -> FastGemm | str:
     from .runtime import _const, _match_act, _match_weight
 
     args = list(node.args)
@@ -303,7 +342,7 @@ def _fuse_one(gm: fx.GraphModule, node: fx.Node, kind: str, weights: str) -> Fas
     if kind == "linear":
         if w.codes.dim() != 3 or w.codes.shape[-1] % 16 or n % 16:
             return "linear weight not 2-D with K, N multiples of 16 (FP8 GEMM)"
-        return FastGemm(w.codes, w.scale, w.fmt, a_s, a_z, act.fmt, bias, act.folded, weights)
+        return FastGemm(w.codes, w.scale, w.fmt, a_s, a_z, act.fmt, bias, act.folded, weights, dtype=dtype)
     stride, padding, dilation, groups = (list(args[3]) if len(args) > 3 else [1, 1],
                                          list(args[4]) if len(args) > 4 else [0, 0],
                                          list(args[5]) if len(args) > 5 else [1, 1],
@@ -327,23 +366,23 @@ def _fuse_one(gm: fx.GraphModule, node: fx.Node, kind: str, weights: str) -> Fas
         if hw is None:
             return "padded conv with a zero point needs the input's spatial size (node meta)"
         return FastGemm(flat, w.scale, w.fmt, a_s, a_z, act.fmt, bias, True, weights, conv, w.deq(),
-                        (c, hw[0], hw[1], (kh, kw), tuple(stride), tuple(pads), z_valid, z_pad))
+                        (c, hw[0], hw[1], (kh, kw), tuple(stride), tuple(pads), z_valid, z_pad), dtype)
     if any(pads):  # zero point 0 everywhere: padding with grid 0 is exact
-        return FastGemm(flat, w.scale, w.fmt, a_s, a_z, act.fmt, bias, True, weights, conv)
-    return FastGemm(flat, w.scale, w.fmt, a_s, a_z, act.fmt, bias, act.folded, weights, conv)
+        return FastGemm(flat, w.scale, w.fmt, a_s, a_z, act.fmt, bias, True, weights, conv, dtype=dtype)
+    return FastGemm(flat, w.scale, w.fmt, a_s, a_z, act.fmt, bias, act.folded, weights, conv, dtype=dtype)
 
 
-def _rewrite(gm: fx.GraphModule, weights: str, report: FastReport) -> None:
+def _rewrite(gm: fx.GraphModule, weights: str, report: FastReport, dtype: torch.dtype) -> None:
     g = gm.graph
     for node in list(g.nodes):
         if node.op != "call_function" or node.target not in (aten.linear.default, aten.conv2d.default):
             continue
         kind = "linear" if node.target == aten.linear.default else "conv2d"
-        mod = _fuse_one(gm, node, kind, weights)
+        mod = _fuse_one(gm, node, kind, weights, dtype)
         if isinstance(mod, str):
             report.skipped[node.name] = mod
             with g.inserting_before(node):
-                new = g.call_function(_linear_bf16 if kind == "linear" else _conv2d_bf16, tuple(node.args))
+                new = g.call_function(_linear_as if kind == "linear" else _conv2d_as, (dtype, *node.args))
             new.meta = dict(node.meta)
             node.replace_all_uses_with(new)
             g.erase_node(node)
@@ -371,15 +410,17 @@ def _rewrite(gm: fx.GraphModule, weights: str, report: FastReport) -> None:
             continue
         if node.target in (_Q, _QF):
             x, s, z, fmt = node.args
+            _spec(fmt)
             with g.inserting_before(node):
-                new = g.call_function(fake_quant, (x, s, z, fmt, node.target == _QF))
+                new = g.call_function(fake_quant, (x, s, z, fmt, node.target == _QF, dtype))
             report.fake_quant += 1
         elif node.target == _DQP:
+            _spec(node.args[2])
             with g.inserting_before(node):
-                new = g.call_function(decode_packed, tuple(node.args))
+                new = g.call_function(decode_packed, (*node.args, dtype))
         elif node.target == aten.scaled_dot_product_attention.default:
             with g.inserting_before(node):
-                new = g.call_function(_sdpa_bf16, tuple(node.args), dict(node.kwargs))
+                new = g.call_function(_sdpa_as, (dtype, *node.args), dict(node.kwargs))
         elif node.target == aten._assert_tensor_metadata.default:
             g.erase_node(node)  # dtype assertions of the float32 capture
             continue
@@ -391,8 +432,8 @@ def _rewrite(gm: fx.GraphModule, weights: str, report: FastReport) -> None:
     g.eliminate_dead_code()
 
 
-def _cast_constants(gm: fx.GraphModule) -> None:
-    """Float32 tensor attributes -> bf16, except what quantizers read (their math stays float32)."""
+def _cast_constants(gm: fx.GraphModule, dtype: torch.dtype) -> None:
+    """Float32 tensor attributes -> dtype, except what quantizers read (their math stays float32)."""
     keep: set[str] = set()
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target in (fake_quant, decode_packed):
@@ -406,7 +447,7 @@ def _cast_constants(gm: fx.GraphModule) -> None:
         owner = gm.get_submodule(".".join(path)) if path else gm
         val = getattr(owner, leaf)
         if isinstance(val, torch.Tensor) and val.dtype == torch.float32:
-            new = val.detach().to(_BF16)
+            new = val.detach().to(dtype)
             if isinstance(val, torch.nn.Parameter):
                 new = torch.nn.Parameter(new, requires_grad=False)
             setattr(owner, leaf, new)
@@ -434,13 +475,13 @@ class FastUNet(torch.nn.Module):
     ``compile(mode)`` wraps it in ``torch.compile`` (Inductor); mode "max-autotune" also captures CUDA graphs.
     """
 
-    def __init__(self, gm: fx.GraphModule, report: FastReport, weights: str):
+    def __init__(self, gm: fx.GraphModule, report: FastReport, weights: str, dtype: torch.dtype = _BF16):
         super().__init__()
-        self.gm, self.report, self.weights = gm, report, weights
+        self.gm, self.report, self.weights, self.dtype = gm, report, weights, dtype
         self._compiled: Any = None
 
     def forward(self, *args: torch.Tensor) -> torch.Tensor:
-        args = tuple(a.to(_BF16) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
+        args = tuple(a.to(self.dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
         return self.gm(*args).float()
 
     def compile_fast(self, mode: str | None = "max-autotune", **kwargs: Any) -> Any:
@@ -453,15 +494,18 @@ class FastUNet(torch.nn.Module):
 
 
 def build_fast(gm: fx.GraphModule, device: str | torch.device = "cuda", weights: str = "packed",
-               inplace: bool = False) -> FastUNet:
-    """Rewrite a quantized GraphModule (``CompiledModel.graph_module`` or a loaded .pt2's module) for Inductor."""
+               inplace: bool = False, dtype: torch.dtype = _BF16) -> FastUNet:
+    """Rewrite a quantized GraphModule (``CompiledModel.graph_module`` or a loaded .pt2's module) for Inductor.
+
+    ``dtype``: of the activations between ops (bf16; float32 checks the rewrite against the reference graph with
+    only the GEMM's accumulation order and FP8-exact operands differing)."""
     if not inplace:
         gm = copy.deepcopy(gm)
     report = FastReport()
-    _rewrite(gm, weights, report)
-    _cast_constants(gm)
+    _rewrite(gm, weights, report, dtype)
+    _cast_constants(gm, dtype)
     gm.recompile()
-    return FastUNet(_to_device(gm, torch.device(device)), report, weights).eval()
+    return FastUNet(_to_device(gm, torch.device(device)), report, weights, dtype).eval()
 
 
 def weight_bytes(module: torch.nn.Module) -> int:
