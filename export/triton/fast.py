@@ -181,6 +181,10 @@ class FastGemm(torch.nn.Module):
         self.sets, self.n, self.k = s, n, k
         _spec(afmt), _spec(wfmt)
         self.afmt, self.a_scale, self.a_zero = afmt, float(a_scale), float(a_zero)
+        # 0-d buffers rather than Python constants: layers of one shape and format then generate the same kernel
+        # source, which Inductor compiles once (baked constants made every layer's kernels unique)
+        self.register_buffer("a_s", torch.tensor(self.a_scale))
+        self.register_buffer("a_z", torch.tensor(self.a_zero))
         self.conv = conv
         self.weights = weights
         self.dtype = dtype  # of the output (bf16 on the fast path; float32 to check the rewrite itself)
@@ -204,7 +208,9 @@ class FastGemm(torch.nn.Module):
             raise ValueError(f"unknown weights mode {weights!r} (packed or fp8)")
         zmap = None
         if conv is not None and zmap_args is not None:
-            zmap = _zmap(w_deq_conv, *zmap_args)  # [S, L, N] fp32
+            # [S, L, N], bf16 on the bf16 path: it only corrects the bf16 GEMM output (its own rounding is 2^-9 of
+            # the zero-point term), and float32 maps were ~90 MB resident on SD1.5
+            zmap = _zmap(w_deq_conv, *zmap_args).to(torch.float32 if dtype == torch.float32 else _BF16)
         self.register_buffer("zmap", zmap)
 
     def weight_e4m3(self, set_index: torch.Tensor | None = None) -> torch.Tensor:
@@ -221,9 +227,9 @@ class FastGemm(torch.nn.Module):
 
     def forward(self, x: torch.Tensor, set_index: torch.Tensor | None = None) -> torch.Tensor:
         """x: the quantizer's input (any float dtype / strides). Returns bfloat16."""
-        g = grid_round(_scaled(x, self.a_scale, self.a_zero), self.afmt)
+        g = grid_round(_scaled(x, self.a_s, self.a_z), self.afmt)
         if self.conv is None:
-            a = g.reshape(-1, self.k).to(_FP8)
+            a = g.reshape(-1, self.k).to(_FP8).contiguous()  # _scaled_mm wants A row-major (a view may not be)
             lead = x.shape[:-1]
         else:
             a, lead = self._im2col(g)
@@ -250,7 +256,7 @@ class FastGemm(torch.nn.Module):
         wo = (w + left + right - kw) // sw + 1
         nhwc = g.permute(0, 2, 3, 1)
         if kh == kw == sh == sw == 1 and not any(self.conv["pads"]):
-            return nhwc.reshape(-1, c).to(_FP8), (b, ho, wo)
+            return nhwc.reshape(-1, c).to(_FP8).contiguous(), (b, ho, wo)
         xp = F.pad(nhwc, (0, 0, left, right, top, bottom))
         cols = [xp[:, i:i + sh * (ho - 1) + 1:sh, j:j + sw * (wo - 1) + 1:sw, :] for i in range(kh) for j in range(kw)]
         return torch.cat(cols, dim=-1).reshape(b * ho * wo, kh * kw * c).to(_FP8), (b, ho, wo)
@@ -432,6 +438,21 @@ def _rewrite(gm: fx.GraphModule, weights: str, report: FastReport, dtype: torch.
     g.eliminate_dead_code()
 
 
+def _drop_unused_attributes(gm: fx.GraphModule) -> None:
+    """Delete tensors no node reads any more (the fused layers' original packed codes, scales, biases): they would
+    otherwise be moved to the GPU and stay resident next to the FastGemm copies."""
+    used = {n.target for n in gm.graph.nodes if n.op in ("get_attr", "call_module")}
+    prefixes = {".".join(t.split(".")[:i]) for t in used for i in range(1, t.count(".") + 2)}
+    for name, _ in list(gm.named_parameters()) + list(gm.named_buffers()):
+        if name in used or any(name.startswith(u + ".") for u in used):
+            continue
+        *path, leaf = name.split(".")
+        delattr(gm.get_submodule(".".join(path)) if path else gm, leaf)
+    for name in [k for k, v in vars(gm).items() if isinstance(v, torch.Tensor) and k not in prefixes]:
+        delattr(gm, name)
+    gm.delete_all_unused_submodules()
+
+
 def _cast_constants(gm: fx.GraphModule, dtype: torch.dtype) -> None:
     """Float32 tensor attributes -> dtype, except what quantizers read (their math stays float32)."""
     keep: set[str] = set()
@@ -503,6 +524,7 @@ def build_fast(gm: fx.GraphModule, device: str | torch.device = "cuda", weights:
         gm = copy.deepcopy(gm)
     report = FastReport()
     _rewrite(gm, weights, report, dtype)
+    _drop_unused_attributes(gm)
     _cast_constants(gm, dtype)
     gm.recompile()
     return FastUNet(_to_device(gm, torch.device(device)), report, weights, dtype).eval()
