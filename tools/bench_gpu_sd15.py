@@ -139,6 +139,11 @@ class Recorder:
         tmp.replace(self.path)
 
 
+def bf16_inputs(x: tuple) -> tuple:
+    """The baseline's inputs: what a bf16 pipeline passes (latents and text states in bf16, int timesteps)."""
+    return tuple(t.bfloat16() if t.is_floating_point() else t for t in x)
+
+
 def build_sd15() -> Any:
     from msfp_compiler.load import LoadedModel, model_from_config
 
@@ -273,9 +278,9 @@ def main(argv: list[str] | None = None) -> int:
 
         profiles: dict[str, Any] = {}
         for b in batches:
-            row, x = rows[b], xs[b]
+            row, x, xb = rows[b], xs[b], bf16_inputs(xs[b])
             try:
-                replay = cuda_graph(bf16_step, x)
+                replay = cuda_graph(bf16_step, xb)
                 row["bf16_cudagraph"] = time_ms(replay, args.iters)
                 row["bf16_cudagraph_ms"] = row["bf16_cudagraph"]["median_ms"]
                 del replay
@@ -303,15 +308,15 @@ def main(argv: list[str] | None = None) -> int:
                 cb = torch.compile(unet, mode=args.baseline_mode)
                 for _ in range(2):
                     torch.compiler.cudagraph_mark_step_begin()
-                    cb(*x[:2], encoder_hidden_states=x[2], return_dict=False)
+                    cb(*xb[:2], encoder_hidden_states=xb[2], return_dict=False)
                 row["bf16_compile_s"] = round(time.perf_counter() - t0, 1)
-                row["bf16_compile"] = time_ms(lambda: cb(*x[:2], encoder_hidden_states=x[2], return_dict=False),
+                row["bf16_compile"] = time_ms(lambda: cb(*xb[:2], encoder_hidden_states=xb[2], return_dict=False),
                                               args.iters, mark_step=True)
                 row["bf16_compile_ms"] = row["bf16_compile"]["median_ms"]
                 log(f"batch {b}: bf16 torch.compile({args.baseline_mode}) {row['bf16_compile_ms']} ms "
                     f"(compile {row['bf16_compile_s']} s in this process)")
                 if args.profile and b in (max(batches), min(batches)):
-                    table, prow = profile_table(lambda: cb(*x[:2], encoder_hidden_states=x[2], return_dict=False),
+                    table, prow = profile_table(lambda: cb(*xb[:2], encoder_hidden_states=xb[2], return_dict=False),
                                                 mark_step=True)
                     profiles[f"bf16_compile_b{b}"] = {"table": table, "by_kind": categorize(prow), "rows": prow[:80]}
                     log(table)
@@ -394,7 +399,7 @@ def warm_baseline(batches: list[int], mode: str) -> int:
     unet = build_sd15().unet.to("cuda", torch.bfloat16).eval()
     example = (torch.zeros(1, 4, 64, 64), torch.zeros(1, dtype=torch.int64), torch.zeros(1, 77, 768))
     for b in batches:
-        x = inputs(b, example)
+        x = bf16_inputs(inputs(b, example))
         t0 = time.perf_counter()
         with torch.no_grad():
             torch.compile(unet, mode=mode)(*x[:2], encoder_hidden_states=x[2], return_dict=False)
@@ -406,11 +411,12 @@ def warm_baseline(batches: list[int], mode: str) -> int:
 def accuracy(gm: Any, fast: Any, example: tuple, steps: int, batch: int) -> dict:
     """Per-step rel-RMSE of the compiled fast path's eps vs the float32 fake-quant reference on the reference's own
     DDIM trajectory (both see the same x_t at every step)."""
-    from msfp_compiler.export.triton.runtime import TritonRunner, ddim_alphas_cumprod
+    from msfp_compiler.export.triton.runtime import TritonRunner
+    from msfp_compiler.sampling import linear_alphas_cumprod
 
     ref = TritonRunner(gm, fuse=False)
     x, _, cond = inputs(batch, example)  # the inputs the fast path was compiled (and CUDA-graphed) for
-    ac = ddim_alphas_cumprod(1000, 0.00085, 0.012)
+    ac = linear_alphas_cumprod(1000, 0.00085, 0.012)
     ts = list(range(999, -1, -1000 // steps))[:steps]
     out = []
     with torch.no_grad():
