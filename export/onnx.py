@@ -21,8 +21,11 @@ import torch
 import torch.fx as fx
 from onnx import TensorProto, helper
 from onnxscript import FLOAT, UINT8
+from onnxscript import opset18 as op
 
 from msfp_compiler.errors import MsfpError
+from msfp_compiler.ops import DEQUANTIZE_PACKED, QUANTIZE, QUANTIZE_FOLDED
+from msfp_compiler.talora import SELECT_WEIGHT
 
 from .msfp_ops import (MSFP_DOMAIN, MSFP_VERSION, all_nodes, annotate_msfp_nodes, msfp_functions, quantize_op_type,
                        used_overloads)
@@ -86,6 +89,14 @@ def _translate_dequantize_packed(packed, scale, fmt: str, shape: Sequence[int]):
     return _dequantize_packed(packed, scale, fmt=fmt, shape=list(shape))
 
 
+def _translate_select_weight(table, timestep, weights):
+    """TALoRA's set choice in standard ops: Squeeze(Gather(Concat(Unsqueeze(W_k)), table[timestep[0:1]]))."""
+    zero, one = op.Constant(value_ints=[0]), op.Constant(value_ints=[1])
+    k = op.Gather(table, op.Slice(timestep, zero, one), axis=0)
+    stacked = op.Concat(*[op.Unsqueeze(w, zero) for w in weights], axis=0)
+    return op.Squeeze(op.Gather(stacked, k, axis=0), zero)
+
+
 def _strip_debug_info(model: onnx.ModelProto) -> None:
     """Drop the exporter's per-node stack traces and scope names (~2 KB a node: more than packed 4-bit weights)."""
     for n in all_nodes(model.graph):
@@ -116,9 +127,10 @@ def lower_to_onnx(gm: fx.GraphModule, example_args: tuple, input_names: list[str
                   output_name: str = "noise_pred") -> tuple[onnx.ModelProto, dict[str, int]]:
     """Export the (quantized) GraphModule to an ONNX ModelProto with msfp custom ops and a dynamic batch."""
     table = {
-        torch.ops.msfp.quantize.default: _translate_quantize,
-        torch.ops.msfp.quantize_folded.default: _translate_quantize_folded,
-        torch.ops.msfp.dequantize_packed.default: _translate_dequantize_packed,
+        QUANTIZE: _translate_quantize,
+        QUANTIZE_FOLDED: _translate_quantize_folded,
+        DEQUANTIZE_PACKED: _translate_dequantize_packed,
+        SELECT_WEIGHT: _translate_select_weight,
     }
     batch = torch.export.Dim.AUTO
     dyn = tuple({0: batch} for _ in example_args)

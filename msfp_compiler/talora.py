@@ -5,7 +5,8 @@
 - The router reads the sinusoidal timestep embedding and makes a hard one-hot choice of k (forward: argmax;
   backward: softmax gradient, straight-through). K = 1 is plain LoRA (no router).
 - After training the router depends on the timestep only: ``router_table`` resolves it to a t -> k table, which
-  passes/fuse_talora.py bakes into the graph.
+  passes/fuse_talora.py bakes into the graph as ``msfp::select_weight(table, timestep, [W_0, ..., W_K-1])`` on each
+  layer: one op that the ONNX lowering and the Triton runner recognize by name.
 
 Choices where the paper is silent (documented in README): the router is an MLP on a 64-d sinusoidal embedding,
 warm-started to split the schedule into K equal contiguous segments so no LoRA starts unused; LoRA init
@@ -24,9 +25,29 @@ from .config import FinetuneConfig
 from .ops import QUANTIZE
 from .record import record_of
 
-__all__ = ["ROUTER_NAME", "TimestepRouter", "TALoRAWeight", "attach_talora", "router_table", "warm_start_router"]
+__all__ = ["ROUTER_NAME", "TimestepRouter", "TALoRAWeight", "attach_talora", "router_table", "warm_start_router",
+           "select_weight", "SELECT_WEIGHT", "chosen_set"]
 
 ROUTER_NAME = "talora_router"
+
+
+def chosen_set(table: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+    """The weight set of a batch, int64 [1]: ``table[timestep[0]]`` (samplers give a batch one timestep)."""
+    return table[timestep[:1]]
+
+
+@torch.library.custom_op("msfp::select_weight", mutates_args=())
+def select_weight(table: torch.Tensor, timestep: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:
+    """The fused TALoRA weight of a layer: ``weights[table[timestep[0]]]``, the LoRA set the router picks for t."""
+    return torch.stack(weights).index_select(0, chosen_set(table, timestep)).squeeze(0)
+
+
+@select_weight.register_fake
+def _(table: torch.Tensor, timestep: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:
+    return torch.empty_like(weights[0])
+
+
+SELECT_WEIGHT = torch.ops.msfp.select_weight.default
 
 
 class TimestepRouter(nn.Module):

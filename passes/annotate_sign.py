@@ -17,7 +17,7 @@ import torch.fx as fx
 from msfp_compiler.calibration import CalibrationSet
 from msfp_compiler.errors import MsfpError
 from msfp_compiler.layer_graph import quant_operands
-from msfp_compiler.pass_manager import PassResult
+from msfp_compiler.pass_manager import Pass, PassResult
 from msfp_compiler.record import META_KEY, GroupStats, TensorRecord
 
 __all__ = ["AnnotateSign"]
@@ -59,7 +59,7 @@ def _update(g: GroupStats, v: torch.Tensor, k: int, gen: torch.Generator, name: 
 
 
 @dataclass
-class AnnotateSign:
+class AnnotateSign(Pass):
     """Pass: attach a TensorRecord with per-timestep-group statistics to every quantized operand's producer."""
 
     calib: CalibrationSet
@@ -67,7 +67,11 @@ class AnnotateSign:
     seed: int = 0
     name: str = "annotate_sign"
 
-    def __call__(self, gm: fx.GraphModule) -> PassResult:
+    def requires(self, gm: fx.GraphModule) -> None:
+        if not self.calib.groups or not self.calib.batches:
+            raise MsfpError("annotate_sign: the calibration set is empty")
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
         watched: dict[fx.Node, TensorRecord] = {}
         n_act = n_w = n_silu = 0
         for q in quant_operands(gm):
@@ -99,4 +103,4 @@ class AnnotateSign:
                           f"{'  after SiLU' if rec.after_silu else ''}")
         info = {"activations": n_act, "weights": n_w, "after_silu": n_silu, "timestep_groups": len(self.calib.groups),
                 "calib_batches": len(self.calib.batches)}
-        return PassResult(gm, True, info, report)
+        return PassResult(gm, bool(n_act or n_w), info, report)

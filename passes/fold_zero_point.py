@@ -22,7 +22,7 @@ import torch.fx as fx
 
 from msfp_compiler.layer_graph import layer_kind
 from msfp_compiler.ops import QUANTIZE, QUANTIZE_FOLDED, get_format
-from msfp_compiler.pass_manager import PassResult
+from msfp_compiler.pass_manager import Pass, PassResult
 from msfp_compiler.record import record_of
 
 from .insert_qdq import attr_name
@@ -48,13 +48,18 @@ def _quantized_weight(gm: fx.GraphModule, wq_node: fx.Node) -> torch.Tensor:
 
 
 @dataclass
-class FoldZeroPoint:
+class FoldZeroPoint(Pass):
     """Pass: fold unsigned zero points into consumer biases (see module docstring)."""
 
     pad_convs: bool = False
     name: str = "fold_zero_point"
 
-    def __call__(self, gm: fx.GraphModule) -> PassResult:
+    def ensures(self, gm: fx.GraphModule) -> None:
+        for q in gm.graph.nodes:
+            if q.op == "call_function" and q.target == QUANTIZE_FOLDED:
+                assert all(layer_kind(u) in ("conv", "linear") for u in q.users), f"{q.name} folded into a non-layer"
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
         g = gm.graph
         folded = padded = 0
         report = []

@@ -15,7 +15,7 @@ import torch.fx as fx
 from msfp_compiler.errors import MsfpError
 from msfp_compiler.ops import QUANTIZE
 from msfp_compiler.layer_graph import LAYER_OPS
-from msfp_compiler.pass_manager import PassResult
+from msfp_compiler.pass_manager import Pass, PassResult
 from msfp_compiler.record import records
 
 __all__ = ["InsertQDQ", "attr_name"]
@@ -33,18 +33,21 @@ def _register(gm: fx.GraphModule, name: str, value: torch.Tensor) -> None:
 
 
 @dataclass
-class InsertQDQ:
+class InsertQDQ(Pass):
     """Pass: insert quantize nodes for every record with a choice."""
 
     name: str = "insert_qdq"
 
-    def __call__(self, gm: fx.GraphModule) -> PassResult:
+    def requires(self, gm: fx.GraphModule) -> None:
+        for node, rec in records(gm):
+            if rec.choice is None:
+                raise MsfpError(f"node {node.name}: no format chosen (run select_format before insert_qdq)")
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
         g = gm.graph
         by_name = {n.name: n for n in g.nodes}
         inserted = {"act": 0, "weight": 0}
         for node, rec in records(gm):
-            if rec.choice is None:
-                raise MsfpError(f"node {node.name}: no format chosen (run select_format before insert_qdq)")
             s_name, z_name = attr_name(node, "scale"), attr_name(node, "zero_point")
             _register(gm, s_name, rec.choice.scale)
             _register(gm, z_name, rec.choice.zero_point)
@@ -67,7 +70,7 @@ class InsertQDQ:
                         args[i] = q
                 c.args = tuple(args)
             inserted[rec.role] += 1
-        return PassResult(gm, True, {"quantize_nodes": inserted["act"] + inserted["weight"],
+        return PassResult(gm, any(inserted.values()), {"quantize_nodes": inserted["act"] + inserted["weight"],
                                      "act_quantizers": inserted["act"], "weight_quantizers": inserted["weight"]})
 
 

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 import torch.fx as fx
 
 from msfp_compiler.ops import DEQUANTIZE_PACKED, QUANTIZE, get_format, pack_codes
-from msfp_compiler.pass_manager import PassResult
+from msfp_compiler.pass_manager import Pass, PassResult
 from msfp_compiler.record import record_of
 
 from .insert_qdq import attr_name
@@ -37,18 +36,28 @@ def drop_unused_attrs(gm: fx.GraphModule) -> int:
     return freed
 
 
+def _packable(q: fx.Node) -> bool:
+    """A quantize node on a 4-bit weight held in a get_attr."""
+    rec = record_of(q.args[0])
+    return rec is not None and rec.role == "weight" and rec.bits == 4 and q.args[0].op == "get_attr"
+
+
 @dataclass
-class PackWeights:
+class PackWeights(Pass):
+    """Pass: 4-bit weight quantizers -> dequantize_packed of 4-bit codes; unused FP32 weights dropped."""
+
     name: str = "pack_weights"
 
-    def __call__(self, gm: fx.GraphModule) -> PassResult:
+    def ensures(self, gm: fx.GraphModule) -> None:
+        left = [q.name for q in gm.graph.nodes if q.op == "call_function" and q.target == QUANTIZE and _packable(q)]
+        assert not left, f"pack_weights left 4-bit weights unpacked: {left[:5]}"
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
         g = gm.graph
         packed = fp_bytes = packed_bytes = 0
-        for q in [n for n in g.nodes if n.op == "call_function" and n.target == QUANTIZE]:
+        for q in [n for n in g.nodes if n.op == "call_function" and n.target == QUANTIZE and _packable(n)]:
             w_node = q.args[0]
             rec = record_of(w_node)
-            if rec is None or rec.role != "weight" or rec.bits != 4 or w_node.op != "get_attr":
-                continue
             fmt = get_format(rec.choice.fmt)
             w = get_weight(gm, w_node)
             codes = fmt.encode(fmt.round_to_grid(w / rec.choice.scale))
@@ -65,4 +74,4 @@ class PackWeights:
         freed = drop_unused_attrs(gm)
         info = {"packed_weights": packed, "fp32_bytes": fp_bytes, "packed_bytes": packed_bytes,
                 "ratio": round(packed_bytes / fp_bytes, 4) if fp_bytes else None, "freed_bytes": freed}
-        return PassResult(gm, packed > 0, info)
+        return PassResult(gm, packed > 0 or freed > 0, info)

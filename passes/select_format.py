@@ -17,7 +17,7 @@ import torch.fx as fx
 from msfp_compiler.config import HIGH_PRECISION, QuantConfig
 from msfp_compiler.formats import parse_format
 from msfp_compiler.layer_graph import layer_kind
-from msfp_compiler.pass_manager import PassResult
+from msfp_compiler.pass_manager import Pass, PassResult
 from msfp_compiler.record import QuantChoice, TensorRecord, records
 from msfp_compiler.search import SearchResult, SortedValues, exact_mse, search_scale
 
@@ -49,13 +49,17 @@ def _unsigned_allowed(rec: TensorRecord, cfg: QuantConfig) -> bool:
 
 
 @dataclass
-class SelectFormat:
+class SelectFormat(Pass):
     """Pass: fill ``record.choice`` for every quantized tensor."""
 
     config: QuantConfig
     name: str = "select_format"
 
-    def __call__(self, gm: fx.GraphModule) -> PassResult:
+    def ensures(self, gm: fx.GraphModule) -> None:
+        missing = [n.name for n, rec in records(gm) if rec.choice is None]
+        assert not missing, f"select_format left records without a choice: {missing[:5]}"
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
         cfg = self.config
         hp = high_precision_layers(gm, cfg.keep_8bit)
         report: list[str] = []
@@ -107,4 +111,4 @@ class SelectFormat:
                               f"{float(res.scale.max()):.3g} | {cand_txt}")
         info = {"act_signed": n_signed, "act_unsigned": n_unsigned, "act_8bit": n_8bit, "formats": fmt_count,
                 "high_precision_layers": sorted(hp)}
-        return PassResult(gm, True, info, report)
+        return PassResult(gm, bool(fmt_count), info, report)

@@ -159,6 +159,37 @@ def compiled(request):
     return request.getfixturevalue("compiled_unet2d" if request.param == "unet2d" else "compiled_cond")
 
 
+def make_tiny_talora_unet() -> torch.nn.Module:
+    """The UNet2DModel of the TALoRA tests (8x8, channels (8, 16), self-attention; seed 0)."""
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(0)
+    return UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
+                       down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+                       norm_num_groups=4).eval()
+
+
+@pytest.fixture(scope="session")
+def tuned():
+    """A tiny UNet, quantized and fine-tuned with 2 LoRAs for a few steps (before fusion): (gm, sig, result)."""
+    from msfp_compiler.distillation import finetune
+    from msfp_compiler.passes.annotate_sign import AnnotateSign
+    from msfp_compiler.passes.insert_qdq import InsertQDQ
+    from msfp_compiler.passes.select_format import SelectFormat
+    from msfp_compiler.config import FinetuneConfig
+
+    unet = make_tiny_talora_unet()
+    sig = signature_of(unet)
+    calib = collect(unet, sig, 2, 4, 0, make_scheduler("ddim"), num_groups=2, holdout_samples=0, progress=False)
+    gm, _ = capture(unet, sig)
+    for p in (AnnotateSign(calib, 256), SelectFormat(QuantConfig(keep_8bit=())), InsertQDQ()):
+        gm = p(gm).graph_module
+    data = collect(unet, sig, 4, 8, 1, make_scheduler("ddim"), num_groups=1, holdout_samples=0, progress=False)
+    cfg = FinetuneConfig(steps=40, num_loras=2, rank=2, batch_size=4, lr=5e-3, samples=4, sampler_steps=8)
+    res = finetune(gm, unet, sig, data, cfg, make_scheduler("ddim"), progress=False)
+    return gm, sig, res
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # xdist: keep the tests that share an expensive session-scoped artifact on one worker
 
@@ -171,8 +202,8 @@ def _work_group(nodeid: str) -> str | None:
         return "cli"  # module-scoped checkpoint, compiled model and bad files
     if path.endswith("tests/export/test_fast.py"):
         return "compiled_cond"  # shares the compiled tiny SD-style UNet with test_onnx's [cond] tests
-    if "tests/passes/" in path:
-        return "stages_unet2d"
+    if "tests/passes/" in path or nodeid.endswith("test_distillation.py::test_finetune_lowers_distillation_loss"):
+        return "stages_unet2d"  # (and the session's fine-tuned graph, ``tuned``)
     m = _COMPILED_PARAM.search(nodeid)
     if m and path.endswith(("tests/export/test_onnx.py", "tests/test_pass_manager.py")):
         return f"compiled_{m.group(1)}"

@@ -11,7 +11,7 @@ import torch
 import torch.fx as fx
 
 from msfp_compiler.errors import MsfpError
-from msfp_compiler.pass_manager import PassManager, PassResult
+from msfp_compiler.pass_manager import Pass, PassManager, PassResult
 
 
 def _gm() -> fx.GraphModule:
@@ -149,6 +149,46 @@ def test_user_error_passes_through_unchanged() -> None:
     with pytest.raises(MsfpError) as e:
         PassManager([Raises(err)])(_gm())
     assert e.value is err
+
+
+class Checked(Pass):
+    """A Pass subclass that records the order of its hooks; ``broken`` makes ensures fail."""
+
+    name = "checked"
+
+    def __init__(self, broken: bool = False):
+        self.calls: list[str] = []
+        self.broken = broken
+
+    def requires(self, gm):
+        self.calls.append("requires")
+
+    def call(self, gm):
+        self.calls.append("call")
+        return PassResult(gm, False)
+
+    def ensures(self, gm):
+        self.calls.append("ensures")
+        assert not self.broken, "invariant broken"
+
+
+def test_pass_base_checks_requires_then_call_then_ensures() -> None:
+    p = Checked()
+    PassManager([p])(_gm())
+    assert p.calls == ["requires", "call", "ensures"]
+    with pytest.raises(RuntimeError, match="pass 'checked' failed") as e:
+        PassManager([nothing, Checked(broken=True)])(_gm())
+    assert "invariant broken" in str(e.value.__cause__)
+
+
+def test_run_in_parts_with_a_stage_between_keeps_one_log(tmp_path: Path) -> None:
+    pm = PassManager(log_dir=tmp_path)
+    gm = pm.run(_gm(), [AddNeg()])
+    pm.record("train", 0.5, {"steps": 3}, report=["loss 1.0 -> 0.5"])
+    pm.run(gm, [nothing])
+    rows = [json.loads(line) for line in (tmp_path / "passes.jsonl").read_text().splitlines()]
+    assert [r["pass"] for r in rows] == ["add_neg", "train", "nothing"] and rows[1]["steps"] == 3
+    assert "loss 1.0 -> 0.5" in (tmp_path / "passes.log").read_text()
 
 
 def test_compile_runs_the_default_passes_in_order(compiled) -> None:

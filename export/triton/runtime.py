@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from msfp_compiler.ops import DEQUANTIZE_PACKED, QUANTIZE, QUANTIZE_FOLDED, get_format, unpack_codes
 from msfp_compiler.sampling import BETA_END, BETA_START, TorchDDIM, sample
+from msfp_compiler.talora import SELECT_WEIGHT, chosen_set
 
 from . import kernels as K
 
@@ -271,7 +272,7 @@ class _Weight:
     codes: torch.Tensor  # uint8 [S, N, ...]: S weight sets (S > 1: TALoRA, selected per call)
     scale: torch.Tensor  # float32 [S, N]
     fmt: str
-    set_index: fx.Node | None  # int tensor node holding the chosen set (table[timestep[0]])
+    select: fx.Node | None  # the msfp::select_weight node choosing the set per call (None: one set)
 
     def deq(self) -> torch.Tensor:
         """Dequantized weights [S, N, ...] in float32, as the graph's dequantize/quantize computes them."""
@@ -311,18 +312,11 @@ def _match_one_weight(gm: fx.GraphModule, node: Any) -> tuple[torch.Tensor, torc
 
 
 def _match_weight(gm: fx.GraphModule, node: Any) -> _Weight | str:
-    """A 4-bit weight, or fuse_talora's per-call choice squeeze(index_select(stack([W_k...]), 0, k), 0)."""
-    set_node = None
+    """A 4-bit weight, or fuse_talora's per-call choice ``msfp::select_weight(table, timestep, [W_k...])``."""
+    select = None
     parts: list[Any] = [node]
-    if isinstance(node, fx.Node) and node.target == aten.squeeze.dim and node.args[1] == 0:
-        sel = node.args[0]
-        if not (isinstance(sel, fx.Node) and sel.target == aten.index_select.default and sel.args[1] == 0):
-            return "weight is not quantized"
-        stacked, set_node = sel.args[0], sel.args[2]
-        if not (isinstance(stacked, fx.Node) and stacked.target == aten.stack.default
-                and (len(stacked.args) < 2 or stacked.args[1] == 0)):
-            return "weight is not quantized"
-        parts = list(stacked.args[0])
+    if isinstance(node, fx.Node) and node.op == "call_function" and node.target == SELECT_WEIGHT:
+        select, parts = node, list(node.args[2])
     matched = [_match_one_weight(gm, p) for p in parts]
     for m in matched:
         if isinstance(m, str):
@@ -334,7 +328,7 @@ def _match_weight(gm: fx.GraphModule, node: Any) -> _Weight | str:
     codes = torch.stack([m[0] for m in matched])  # type: ignore[index]
     n = codes.shape[1]
     scale = torch.stack([m[1].expand(n) for m in matched])  # type: ignore[index]
-    return _Weight(codes, scale, fmts.pop(), set_node)
+    return _Weight(codes, scale, fmts.pop(), select)
 
 
 class TritonRunner:
@@ -444,7 +438,10 @@ class TritonRunner:
         gm.add_submodule(name, mod)
         a_node = self._grid_node(grid, act, nhwc=kind == "conv2d")
         with g.inserting_before(node):
-            new = g.call_module(name, (a_node,), {"set_index": w.set_index} if w.set_index is not None else {})
+            kwargs = {}
+            if w.select is not None:  # the set index, int64 [1]: table[timestep[0]]
+                kwargs["set_index"] = g.call_function(chosen_set, tuple(w.select.args[:2]))
+            new = g.call_module(name, (a_node,), kwargs)
         new.meta = dict(node.meta)
         node.replace_all_uses_with(new)
         g.erase_node(node)

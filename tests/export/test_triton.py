@@ -333,7 +333,7 @@ aten_conv = torch.ops.aten.conv2d.default
 
 
 class _TALoRANet(torch.nn.Module):
-    """fuse_talora's graph form: K quantized weight sets stacked, one chosen per call by table[timestep[0]]."""
+    """fuse_talora's graph form: K quantized weight sets, one chosen per call by msfp::select_weight."""
 
     def __init__(self, sets: int = 3):
         super().__init__()
@@ -355,15 +355,14 @@ class _TALoRANet(torch.nn.Module):
         self.sets = sets
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        q = torch.ops.msfp.quantize
-        k = self.table[t[:1]]
-        wc = torch.stack([q(getattr(self, f"conv_w{i}"), self.conv_s, self.zero, "e2m1") for i in range(self.sets)], 0)
-        h = torch.nn.functional.conv2d(q(x, self.a_s, self.a_z, "ue3m1"), wc.index_select(0, k).squeeze(0),
-                                       self.conv_b, padding=1)
-        wl = torch.stack([torch.ops.msfp.dequantize_packed(getattr(self, f"lin_p{i}"), self.lin_s, "e2m1", [10, 12])
-                          for i in range(self.sets)], 0)
+        q, select = torch.ops.msfp.quantize, torch.ops.msfp.select_weight
+        wc = [q(getattr(self, f"conv_w{i}"), self.conv_s, self.zero, "e2m1") for i in range(self.sets)]
+        h = torch.nn.functional.conv2d(q(x, self.a_s, self.a_z, "ue3m1"), select(self.table, t, wc), self.conv_b,
+                                       padding=1)
+        wl = [torch.ops.msfp.dequantize_packed(getattr(self, f"lin_p{i}"), self.lin_s, "e2m1", [10, 12])
+              for i in range(self.sets)]
         tq = q(h.flatten(2).transpose(1, 2), self.b_s, self.zero, "e2m1")
-        return torch.nn.functional.linear(tq, wl.index_select(0, k).squeeze(0))
+        return torch.nn.functional.linear(tq, select(self.table, t, wl))
 
 
 def test_runner_fuses_talora_weight_sets() -> None:

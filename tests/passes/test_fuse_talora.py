@@ -1,4 +1,5 @@
-"""fuse_talora uses the scheduler's number of training timesteps (the count the router was trained on)."""
+"""fuse_talora: the router becomes a t -> LoRA table (the scheduler's timestep count) and every LoRA layer one
+msfp::select_weight node."""
 
 from __future__ import annotations
 
@@ -10,14 +11,58 @@ from msfp_compiler.calibration import collect
 from msfp_compiler.capture import capture, signature_of
 from msfp_compiler.config import FinetuneConfig, QuantConfig
 from msfp_compiler.distillation import finetune
-from msfp_compiler.sampling import make_scheduler
-from msfp_compiler.talora import router_table
 from msfp_compiler.passes.annotate_sign import AnnotateSign
 from msfp_compiler.passes.fuse_talora import TABLE_ATTR, FuseTALoRA, table_segments
 from msfp_compiler.passes.insert_qdq import InsertQDQ
 from msfp_compiler.passes.select_format import SelectFormat
+from msfp_compiler.sampling import make_scheduler
+from msfp_compiler.talora import ROUTER_NAME, SELECT_WEIGHT, attach_talora, router_table
 
+from ..conftest import make_tiny_talora_unet as _unet
 from ..conftest import make_unet_min
+
+
+def test_router_table_is_what_the_fused_graph_selects(tuned):
+    gm, sig, res = tuned
+    table = router_table(gm)
+    assert table.shape == (1000,) and set(table.unique().tolist()) <= {0, 1}
+    assert torch.equal(table, res.table)
+    trained = copy.deepcopy(gm)
+    fused = FuseTALoRA()(copy.deepcopy(gm)).graph_module
+    assert not any(n.op == "call_module" for n in fused.graph.nodes)  # router and LoRA modules are gone
+    # One select_weight node per LoRA layer, each choosing between K = 2 quantized weights by the table and t.
+    loras = [n for n in gm.graph.nodes if n.op == "call_module" and n.target.startswith("talora_")
+             and n.target != ROUTER_NAME]
+    selects = [n for n in fused.graph.nodes if n.op == "call_function" and n.target == SELECT_WEIGHT]
+    assert len(selects) == len(loras) > 0
+    assert all(s.args[0].target == TABLE_ATTR and s.args[1].op == "placeholder" and len(s.args[2]) == 2
+               for s in selects)
+    assert torch.equal(getattr(fused, TABLE_ATTR), table)
+    x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+    for lo, hi, k in table_segments(table):
+        t = torch.full((2,), (lo + hi) // 2)
+        ref = trained(x, t)
+        assert torch.allclose(fused(x, t), ref, atol=1e-4, rtol=1e-4), f"segment {lo}..{hi} -> LoRA {k}"
+    # Selection is live: forcing every timestep to the other LoRA changes the output.
+    setattr(fused, TABLE_ATTR, 1 - table)
+    t = torch.full((2,), 500)
+    assert not torch.allclose(fused(x, t), trained(x, t), atol=1e-6)
+
+
+def test_plain_lora_has_no_router():
+    unet = _unet()
+    sig = signature_of(unet)
+    calib = collect(unet, sig, 2, 3, 0, make_scheduler("ddim"), num_groups=1, holdout_samples=0, progress=False)
+    gm, _ = capture(unet, sig)
+    for p in (AnnotateSign(calib, 128), SelectFormat(QuantConfig(keep_8bit=())), InsertQDQ()):
+        gm = p(gm).graph_module
+    names = attach_talora(gm, FinetuneConfig(num_loras=1, rank=2))
+    assert names and not hasattr(gm, ROUTER_NAME)
+    x, t = torch.randn(1, 1, 8, 8), torch.tensor([10])
+    before = gm(x, t)
+    fused = FuseTALoRA()(gm).graph_module
+    assert TABLE_ATTR not in dict(fused.named_buffers())
+    assert torch.allclose(fused(x, t), before, atol=1e-6)  # B = 0 at init: merged weights equal W
 
 
 def test_fuse_talora_table_covers_a_2000_step_scheduler():
