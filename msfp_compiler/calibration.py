@@ -47,10 +47,6 @@ class CalibrationSet:
     def batches(self) -> list[CalibBatch]:
         return [b for g in self.groups for b in g.batches]
 
-    @property
-    def timesteps(self) -> list[int]:
-        return sorted({int(t) for b in self.batches for t in b.timestep.unique()}, reverse=True)
-
 
 def make_cond(sig: UNetSignature, n: int, generator: torch.Generator, class_embedding: torch.Tensor | None = None):
     """Conditioning for calibration: class-embedding rows when the model ships a table, random labels or states."""
@@ -70,7 +66,7 @@ def collect(unet: torch.nn.Module, sig: UNetSignature, num_samples: int = 8, num
             class_embedding: torch.Tensor | None = None, progress: bool | None = None) -> CalibrationSet:
     """Run the FP model along sampler trajectories and keep every step's inputs, grouped by timestep."""
     if num_samples < 1 or num_steps < 1:
-        raise MsfpError(f"--calib-samples and --calib-steps must be >= 1 (got {num_samples}, {num_steps})")
+        raise MsfpError(f"CalibConfig.num_samples and CalibConfig.num_steps must be >= 1 (got {num_samples}, {num_steps})")
     scheduler = scheduler or make_scheduler()
     g = torch.Generator().manual_seed(seed)
     model = UNetWrapper(unet, sig).eval()

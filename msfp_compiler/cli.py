@@ -36,6 +36,23 @@ def _setup_logging(verbose: bool) -> None:
     warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 
+# Config fields as the flags that set them: library errors name fields, the CLI speaks in flags.
+FLAGS = {"QuantConfig.scheme": "--scheme", "QuantConfig.act_formats": "--formats",
+         "QuantConfig.weight_formats": "--weight-formats", "QuantConfig.weight_granularity": "--granularity",
+         "QuantConfig.sign_rule": "--sign-rule", "QuantConfig.keep_8bit": "--keep-8bit",
+         "CalibConfig.num_samples": "--calib-samples", "CalibConfig.num_steps": "--calib-steps",
+         "CalibConfig.num_groups": "--calib-groups", "CalibConfig.text_len": "--text-len",
+         "FinetuneConfig.steps": "--finetune-steps", "FinetuneConfig.num_loras": "--num-loras",
+         "FinetuneConfig.rank": "--lora-rank"}
+
+
+def flag_message(message: str) -> str:
+    """A library error message with config field names replaced by the flags that set them."""
+    for field, flag in sorted(FLAGS.items(), key=lambda kv: -len(kv[0])):
+        message = message.replace(field, flag)
+    return message
+
+
 def _run(prog: str, main: Callable[[argparse.Namespace], int], parser: argparse.ArgumentParser,
          argv: Sequence[str] | None) -> int:
     args = parser.parse_args(argv)
@@ -43,7 +60,7 @@ def _run(prog: str, main: Callable[[argparse.Namespace], int], parser: argparse.
     try:
         return main(args)
     except MsfpError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {flag_message(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{prog}: interrupted (no output written)", file=sys.stderr)
@@ -111,7 +128,7 @@ def compile_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _out_path(path: str, prog: str) -> Path:
+def _out_path(path: str) -> Path:
     out = Path(path)
     if not out.parent.resolve().is_dir():
         raise MsfpError(f"{out}: output folder {out.parent} does not exist")
@@ -125,13 +142,11 @@ def _compile(args: argparse.Namespace) -> int:
     from .config import CalibConfig, CompileConfig, FinetuneConfig, QuantConfig
     from .load import load_model
 
-    out = _out_path(args.out, "msfp-compile")
+    out = _out_path(args.out)
     if args.plots and not args.log_dir:
         raise MsfpError("--plots needs --log-dir")
     quant = QuantConfig(scheme=args.scheme, act_formats=args.formats or None, weight_formats=args.weight_formats or None,
                         weight_granularity=args.granularity, sign_rule=args.sign_rule, keep_8bit=args.keep_8bit)
-    if args.text_len < 1:
-        raise MsfpError(f"--text-len must be >= 1 (got {args.text_len})")
     calib = CalibConfig(num_samples=args.calib_samples, num_steps=args.calib_steps, num_groups=args.calib_groups,
                         scheduler=args.scheduler, seed=args.seed, text_len=args.text_len)
     ft = None
@@ -199,7 +214,7 @@ def _sample(args: argparse.Namespace) -> int:
 
     from msfp_compiler.export.ort import OrtUNet, ddim_sample, open_session, save_grid
 
-    out = _out_path(args.out, "msfp-sample")
+    out = _out_path(args.out)
     if args.steps < 1 or args.num < 1:
         raise MsfpError("--steps and --num must be >= 1")
     if args.backend == "triton":

@@ -1,4 +1,7 @@
-"""Compile options as frozen dataclasses; the CLI only maps flags onto these."""
+"""Compile options as frozen dataclasses (plain data); the CLI only maps flags onto these.
+
+Validation errors name the field (``QuantConfig.scheme``); the CLI rewrites field names into its flags.
+"""
 
 from __future__ import annotations
 
@@ -39,8 +42,9 @@ class QuantConfig:
 
     def __post_init__(self) -> None:
         if self.scheme not in SCHEMES:
-            raise MsfpError(f"unknown --scheme {self.scheme!r} (expected one of {', '.join(SCHEMES)})")
-        for opt, fmts in (("--formats", self.act_formats), ("--weight-formats", self.weight_formats)):
+            raise MsfpError(f"QuantConfig.scheme: unknown scheme {self.scheme!r} (expected one of {', '.join(SCHEMES)})")
+        for opt, fmts in (("QuantConfig.act_formats", self.act_formats), ("QuantConfig.weight_formats",
+                                                                          self.weight_formats)):
             for f in fmts or ():
                 try:
                     bits = parse_format(f).bits
@@ -49,14 +53,15 @@ class QuantConfig:
                 # records, packing (two codes per byte) and the ONNX decode all assume 4-bit candidates
                 if bits != 4:
                     raise MsfpError(f"{opt}: {f!r} is a {bits}-bit format; candidates must be 4-bit "
-                                    "(keep whole layers at 8 bits with --keep-8bit)")
+                                    "(keep whole layers at 8 bits with QuantConfig.keep_8bit)")
         for f in self.weight_formats or ():
             if f.startswith("u"):
-                raise MsfpError(f"weight format {f!r} must be signed (weights are symmetric per channel)")
+                raise MsfpError(f"QuantConfig.weight_formats: {f!r} must be signed (weights are symmetric per channel)")
         if self.weight_granularity not in ("channel", "tensor"):
-            raise MsfpError(f"unknown --granularity {self.weight_granularity!r} (expected channel or tensor)")
+            raise MsfpError(f"QuantConfig.weight_granularity: unknown {self.weight_granularity!r} "
+                            "(expected channel or tensor)")
         if self.sign_rule not in ("mse", "stats"):
-            raise MsfpError(f"unknown --sign-rule {self.sign_rule!r} (expected mse or stats)")
+            raise MsfpError(f"QuantConfig.sign_rule: unknown {self.sign_rule!r} (expected mse or stats)")
 
     @property
     def act_candidates(self) -> tuple[str, ...]:
@@ -78,6 +83,11 @@ class CalibConfig:
     # Tokens in the random text states that calibrate a cross-attention model without a class-embedding table
     # (the exported graph takes any length): Stable Diffusion pipelines always pass 77.
     text_len: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("num_samples", "num_steps", "num_groups", "text_len"):
+            if getattr(self, name) < 1:
+                raise MsfpError(f"CalibConfig.{name} must be >= 1 (got {getattr(self, name)})")
 
 
 @dataclass(frozen=True)
@@ -102,7 +112,7 @@ class FinetuneConfig:
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.num_loras < 1 or self.rank < 1:
-            raise MsfpError("--finetune-steps, --num-loras and --lora-rank must be >= 1")
+            raise MsfpError("FinetuneConfig.steps, FinetuneConfig.num_loras and FinetuneConfig.rank must be >= 1")
 
 
 

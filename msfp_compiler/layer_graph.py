@@ -1,18 +1,19 @@
-"""The layer graph: quantizable layers (conv, linear, attention) and their operands as a networkx DiGraph.
+"""The layer graph: quantizable layers (conv, linear, attention) and the operands they read, over the fx graph.
 
-Graph questions live here: which quantized inputs come straight from a SiLU (mixup-sign candidates), which layers
-share an input (one quantizer, not two), and the layer order used in reports and plots.
+Graph questions live here: which quantized inputs come from a SiLU through value-preserving view ops (mixup-sign
+candidates), which layers share an input (one quantizer, not two), and the layer order used in reports and plots.
+The fx graph answers them directly (``node.users``, ``all_input_nodes``, graph order); a networkx copy of it was
+never needed, so there is none.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import networkx as nx
 import torch
 import torch.fx as fx
 
-__all__ = ["LAYER_OPS", "QuantOperand", "layer_kind", "build_layer_graph", "quant_operands"]
+__all__ = ["LAYER_OPS", "QuantOperand", "layer_kind", "quant_operands"]
 
 aten = torch.ops.aten
 
@@ -50,16 +51,6 @@ def _source_op(node: fx.Node):
     return node.target if node.op == "call_function" else None
 
 
-def build_layer_graph(gm: fx.GraphModule) -> nx.DiGraph:
-    """DiGraph of the fx graph (node names), with 'kind' on layer nodes and 'op' on every node."""
-    g = nx.DiGraph()
-    for n in gm.graph.nodes:
-        g.add_node(n.name, op=str(n.target), kind=layer_kind(n))
-        for a in n.all_input_nodes:
-            g.add_edge(a.name, n.name)
-    return g
-
-
 def quant_operands(gm: fx.GraphModule) -> list[QuantOperand]:
     """Every tensor that feeds a layer as a quantized operand, deduplicated by producer, in graph order."""
     consumers: dict[tuple[fx.Node, str], list[fx.Node]] = {}
@@ -75,7 +66,7 @@ def quant_operands(gm: fx.GraphModule) -> list[QuantOperand]:
             kinds.setdefault(src, kind)
         if w_idx is not None:
             w = n.args[w_idx]
-            role = "weight" if w.op in ("get_attr", "placeholder") and w.op == "get_attr" else "act"
+            role = "weight" if w.op == "get_attr" else "act"
             consumers.setdefault((w, role), []).append(n)
             kinds.setdefault(w, kind)
     order = {n: i for i, n in enumerate(gm.graph.nodes)}

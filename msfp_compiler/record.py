@@ -27,7 +27,7 @@ class GroupStats:
     min: float = float("inf")
     max: float = float("-inf")
     negatives: int = 0
-    hist: torch.Tensor | None = None  # counts over hist_edges of the owning record
+    hist: torch.Tensor | None = None  # HIST_BINS counts over [min, max] of this group's sample (annotate_sign)
     sample: torch.Tensor | None = None  # a bounded random subsample of values, for the MSE search
 
     @property
@@ -44,7 +44,6 @@ class QuantChoice:
     zero_point: torch.Tensor
     candidates_mse: dict[str, float] = field(default_factory=dict)
     mse: float = float("nan")
-    reason: str = ""
 
     @property
     def signed(self) -> bool:
@@ -60,7 +59,6 @@ class TensorRecord:
     layer_kind: str  # "conv", "linear" or "attn" (of the first consumer)
     after_silu: bool = False
     groups: list[GroupStats] = field(default_factory=list)
-    hist_edges: torch.Tensor | None = None
     bits: int = 4
     choice: QuantChoice | None = None
     channel_axis: int | None = None  # weights: per output channel along this axis

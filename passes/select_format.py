@@ -94,8 +94,7 @@ class SelectFormat(Pass):
             scale = res.scale.reshape(bshape) if bshape else res.scale.reshape(())
             zp = res.zero_point.reshape(bshape) if bshape else res.zero_point.reshape(())
             rec.bits = 8 if eight else 4
-            rec.choice = QuantChoice(best, scale, zp, mses, mses[best],
-                                     "8-bit layer" if eight else ("min MSE of " + ",".join(cands)))
+            rec.choice = QuantChoice(best, scale, zp, mses, mses[best])
             fmt_count[best] = fmt_count.get(best, 0) + 1
             if rec.role == "act":
                 n_8bit += eight

@@ -1,4 +1,5 @@
-"""capture: the exported graph runs at any batch size, also past diffusers' Upsample2D batch-64 branch."""
+"""capture: the exported graph runs at any batch size (also past diffusers' Upsample2D batch-64 branch) and, for
+cross-attention UNets, any text length."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import torch
 
 from msfp_compiler.capture import capture, signature_of
 
-from .conftest import make_unet2d
+from .conftest import make_unet2d, make_unet_cond
 
 
 def test_captured_graph_runs_batches_of_64_and_more():
@@ -20,3 +21,16 @@ def test_captured_graph_runs_batches_of_64_and_more():
         out = gm(x, t)
         ref = unet(x, t).sample
     assert torch.allclose(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_captured_graph_takes_any_text_length() -> None:
+    unet = make_unet_cond()
+    sig = signature_of(unet)  # cond_len 1 by default, e.g. a class-embedding row
+    gm, _ = capture(unet, sig)
+    g = torch.Generator().manual_seed(0)
+    for batch, length in ((1, 1), (3, 77), (2, 5)):
+        x, t = torch.randn(batch, 4, 8, 8, generator=g), torch.randint(0, 1000, (batch,), generator=g)
+        c = torch.randn(batch, length, 16, generator=g)
+        with torch.no_grad():
+            ref = unet(x, t, encoder_hidden_states=c).sample
+            assert torch.allclose(gm(x, t, c), ref, atol=1e-5)

@@ -18,7 +18,9 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
+import msfp_compiler.export.onnx as onnx_export
 from msfp_compiler.compile import compile
+from msfp_compiler.export.onnx import check_model, save_atomic
 from msfp_compiler.export.msfp_ops import MSFP_DOMAIN, quantize_op_type, single_op_model
 from msfp_compiler.formats import IntFormat
 from msfp_compiler.ops import get_format, pack_codes
@@ -275,3 +277,73 @@ def test_dequantize_packed_function_body_matches_torch_op(fmt: str, shape: list[
     ref = torch.ops.msfp.dequantize_packed(packed, scale, fmt, shape).numpy()
     assert out.shape == tuple(shape)
     assert not _same_bits_up_to_zero_sign(out, ref).any()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# external data (the > 2 GB path), with the threshold lowered so a tiny model takes it
+
+
+def _feeds(cm, batch: int = 2) -> dict[str, np.ndarray]:
+    b = (cm.calibration.holdout or cm.calibration.batches)[0]
+    return {n: a[:batch].numpy() for n, a in zip(cm.signature.input_names, b.args)}
+
+
+
+
+def test_external_data_round_trip(compiled_unet2d, tmp_path: Path) -> None:
+    model = compiled_unet2d.onnx_model
+    before = model.SerializeToString()
+    path = tmp_path / "m.onnx"
+    save_atomic(model, path, external_data_threshold=0, external_min_bytes=256)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data"]  # no temp files left
+    assert model.SerializeToString() == before  # the caller's model keeps its weights
+    data = (tmp_path / "m.onnx.data").read_bytes()
+    head = onnx.load(str(path), load_external_data=False)
+    ext = [t for t in head.graph.initializer if t.data_location == TensorProto.EXTERNAL]
+    inline = {t.name: t for t in model.graph.initializer}
+    moved = 0
+    for t in ext:
+        info = {e.key: e.value for e in t.external_data}
+        assert info["location"] == "m.onnx.data" and int(info["offset"]) % 4096 == 0
+        off, n = int(info["offset"]), int(info["length"])
+        assert data[off:off + n] == inline[t.name].raw_data and inline[t.name].ByteSize() >= 256
+        moved += n
+    assert ext and path.stat().st_size < len(before) - moved + 100 * len(ext)  # the weights left the .onnx
+    assert [t.name for t in head.graph.initializer] == [t.name for t in model.graph.initializer]  # same order
+    # onnx and onnxruntime load it from the path; outputs are bit-identical to the in-memory model
+    assert onnx.load(str(path)).graph.initializer[0].raw_data == model.graph.initializer[0].raw_data
+    feeds = _feeds(compiled_unet2d)
+    (out,) = _session(path).run(None, feeds)
+    (ref,) = _session(model).run(None, feeds)
+    assert np.array_equal(out, ref)
+    # a re-save rewrites the data file (never appends); a small save removes the now unused data file
+    save_atomic(model, path, external_data_threshold=0, external_min_bytes=256)
+    assert (tmp_path / "m.onnx.data").read_bytes() == data
+    save_atomic(model, path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+    assert path.read_bytes() == before
+
+
+def test_external_data_save_leaves_nothing_on_failure(compiled_unet2d, tmp_path: Path, monkeypatch) -> None:
+    from msfp_compiler.errors import MsfpError
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(onnx_export, "_externalized", disk_full)
+    with pytest.raises(MsfpError, match="cannot write"):
+        save_atomic(compiled_unet2d.onnx_model, tmp_path / "m.onnx", external_data_threshold=0)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_check_model_over_the_protobuf_limit(compiled_unet2d, monkeypatch) -> None:
+    model = compiled_unet2d.onnx_model
+    before = model.SerializeToString()
+    monkeypatch.setattr(onnx_export, "MAX_PROTO_BYTES", 1024)  # everything is "too big to serialize" now
+    check_model(model)
+    assert model.SerializeToString() == before
+    broken = onnx.ModelProto()
+    broken.CopyFrom(model)
+    broken.graph.node[0].input[0] = "no_such_tensor"
+    with pytest.raises(onnx.checker.ValidationError):
+        check_model(broken)

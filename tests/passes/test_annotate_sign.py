@@ -7,11 +7,13 @@ import torch
 import torch.fx as fx
 
 from msfp_compiler.calibration import CalibBatch, CalibrationSet, TimestepGroup, collect
-from msfp_compiler.sampling import make_scheduler
+from msfp_compiler.capture import capture, signature_of
 from msfp_compiler.errors import MsfpError
 from msfp_compiler.layer_graph import LAYER_OPS
 from msfp_compiler.passes.annotate_sign import HIST_BINS, AnnotateSign
 from msfp_compiler.record import TensorRecord, records
+from msfp_compiler.sampling import make_scheduler
+from tests.conftest import make_unet2d
 
 aten = torch.ops.aten
 SILU_MIN = -0.2784645  # min of x * sigmoid(x), at x = -1.2785
@@ -175,3 +177,52 @@ def test_same_seed_same_statistics(stages_unet2d) -> None:
         assert n1.name == n2.name
         for g1, g2 in zip(r1.groups, r2.groups):
             assert torch.equal(g1.sample, g2.sample) and g1.min == g2.min and g1.negatives == g2.negatives
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# statistics stay bounded per timestep group however much calibration data there is
+
+
+
+
+def _stats(gm, calib, per_group: int):
+    res = AnnotateSign(calib, per_group, seed=0)(gm)
+    acts = [r for _, r in records(res.graph_module) if r.role == "act"]
+    return acts
+
+
+@pytest.mark.parametrize("per_group", [64, 300])
+def test_statistics_memory_is_bounded_per_timestep_group(per_group: int) -> None:
+    unet = make_unet2d()
+    sig = signature_of(unet)
+    small = collect(unet, sig, 2, 4, 0, make_scheduler(), num_groups=2, holdout_samples=0, progress=False)
+    large = collect(unet, sig, 6, 8, 0, make_scheduler(), num_groups=2, holdout_samples=0, progress=False)
+    kept = {}
+    for name, calib in (("small", small), ("large", large)):
+        gm, _ = capture(unet, sig)
+        acts = _stats(gm, calib, per_group)
+        assert acts
+        for rec in acts:
+            assert len(rec.groups) == 2
+            for g in rec.groups:
+                assert g.sample is not None and 0 < g.sample.numel() <= per_group  # bounded, whatever the data
+                assert g.hist is not None and g.hist.numel() == 64
+        kept[name] = (sum(g.sample.numel() for r in acts for g in r.groups), sum(g.count for r in acts for g in r.groups),
+                      len(acts))
+    # 6x the calibration data (3x samples, 2x steps): all of it is counted, what is kept stays under the same
+    # bound (records x groups x per_group), independent of the calibration size
+    assert kept["large"][1] == 6 * kept["small"][1]
+    assert kept["large"][2] == kept["small"][2]
+    assert kept["large"][0] <= kept["large"][2] * 2 * per_group
+
+
+def test_statistics_reject_non_finite_activations() -> None:
+    from msfp_compiler.errors import MsfpError
+
+    unet = make_unet2d()
+    sig = signature_of(unet)
+    calib = collect(unet, sig, 1, 2, 0, make_scheduler(), num_groups=1, holdout_samples=0, progress=False)
+    calib.groups[0].batches[0].sample[0, 0, 0, 0] = float("nan")
+    gm, _ = capture(unet, sig)
+    with pytest.raises(MsfpError, match="non-finite activation"):
+        AnnotateSign(calib, 64)(gm)

@@ -1,0 +1,89 @@
+"""export/msfp_ops.py: the fast function bodies (unsigned and power-of-two overloads) are bit-exact with
+torch.ops.msfp.quantize on every grid level, tie and their float32 neighbours (tools/bench_ort.py --verify runs the
+dense sweep), and the lowering picks them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto
+
+from msfp_compiler.export.msfp_ops import MSFP_DOMAIN, single_op_model
+from msfp_compiler.ops import get_format
+
+
+def _session(src) -> ort.InferenceSession:
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.intra_op_num_threads = 1
+    return ort.InferenceSession(str(src) if isinstance(src, Path) else src.SerializeToString(), so,
+                                providers=["CPUExecutionProvider"])
+
+
+def _feeds(cm, batch: int = 2) -> dict[str, np.ndarray]:
+    b = (cm.calibration.holdout or cm.calibration.batches)[0]
+    return {n: a[:batch].numpy() for n, a in zip(cm.signature.input_names, b.args)}
+
+
+
+
+def _one_node(op_type: str, overload: str, fmt: str, scale: float, zp: float, keep: float) -> ort.InferenceSession:
+    """One msfp node with the given body; scale and zero point are initializers as in compiled models, so ORT's
+    constant folding and fusions (which once rejected an FP8 zero point) run on it."""
+    m = single_op_model(op_type, fmt, {"x": (TensorProto.FLOAT, ["n"]), "scale": np.array(scale, np.float32),
+                                       "zero_point": np.array(zp, np.float32)}, ["n"], overload=overload,
+                        keep_zero_point=keep)
+    assert m.graph.node[0].overload == overload and [f.overload for f in m.functions] == [overload]
+    return _session(m)
+
+
+def _tie_heavy(fmt: str) -> np.ndarray:
+    """Every level, midpoint (tie) and threshold +- 3 float32 ulps, a strided sweep, huge and tiny values."""
+    f = get_format(fmt)
+    lv = f.levels.double().numpy()
+    pts = np.concatenate([lv, (lv[1:] + lv[:-1]) / 2, f.thresholds.double().numpy(), 2.0 ** np.arange(-12, 12)])
+    bits = pts.astype(np.float32).view(np.int32)[:, None] + np.arange(-3, 4)[None]
+    sweep = np.arange(0, int(np.float32(f.max * 1.25).view(np.int32)), 4099, dtype=np.int64).astype(np.int32)
+    x = np.concatenate([bits.ravel(), sweep]).view(np.float32)
+    x = np.concatenate([x, -x, np.array([1e30, 3e38, 1e-40, 0.0], np.float32)])
+    return x[~np.isnan(x)]  # (bit patterns below +0 are NaNs; NaN in, NaN out is not specified)
+
+
+@pytest.mark.parametrize("fmt,op_type,overload", [
+    ("e1m2", "QuantizeFP", ""), ("e2m1", "QuantizeFP", ""), ("ue3m1", "QuantizeFP", ""), ("ue2m2", "QuantizeFP", ""),
+    ("ue2m2", "QuantizeFP", "unsigned"), ("ue3m1", "QuantizeFP", "unsigned"),
+    ("e3m0", "QuantizeLUT", "pow2"), ("ue4m0", "QuantizeLUT", "pow2"), ("e3m0", "QuantizeLUT", ""),
+    ("int4", "QuantizeInt", ""),
+])
+@pytest.mark.parametrize("scale,zp,keep", [(1.0, 0.0, 1.0), (0.0371, 0.0, 1.0), (0.0371, -0.4125, 1.0),
+                                           (0.0371, -0.4125, 0.0), (3.3, 1.7, 1.0)])
+def test_fast_quantize_bodies_are_bit_exact(fmt, op_type, overload, scale, zp, keep) -> None:
+    v = _tie_heavy(fmt)
+    with np.errstate(over="ignore"):  # 3e38 * 3.3 -> inf, on purpose
+        x = v if (scale, zp) == (1.0, 0.0) else (np.float32(zp) + v * np.float32(scale)).astype(np.float32)
+    sess = _one_node(op_type, overload, fmt, scale, zp, keep)
+    (y,) = sess.run(None, {"x": x})
+    op = torch.ops.msfp.quantize if keep else torch.ops.msfp.quantize_folded
+    ref = op(torch.from_numpy(x), torch.tensor(scale), torch.tensor(zp), fmt).numpy()
+    y, ref = y + np.float32(0), ref + np.float32(0)  # -0 == +0
+    bad = y.view(np.int32) != ref.view(np.int32)
+    assert not bad.any(), f"{bad.sum()} differ: x={x[bad][:5]} onnx={y[bad][:5]} torch={ref[bad][:5]}"
+
+
+def test_lowering_picks_the_fast_bodies(compiled_unet2d) -> None:
+    m = compiled_unet2d.onnx_model
+    for n in m.graph.node:
+        if n.domain != MSFP_DOMAIN or n.op_type not in ("QuantizeFP", "QuantizeLUT"):
+            continue
+        f = get_format(next(a.s.decode() for a in n.attribute if a.name == "format"))
+        if n.op_type == "QuantizeLUT":
+            assert n.overload == ("pow2" if f.man_bits == 0 else "")
+        else:
+            assert n.overload == ("" if f.signed else "unsigned")
+    overloads = {(f.name, f.overload) for f in m.functions}
+    assert {(n.op_type, n.overload) for n in m.graph.node if n.domain == MSFP_DOMAIN} == overloads  # only those used
+    assert m.ir_version >= 10  # function overloads
