@@ -30,7 +30,7 @@ from msfp_compiler.talora import SELECT_WEIGHT
 from .msfp_ops import (MSFP_DOMAIN, MSFP_VERSION, all_nodes, annotate_msfp_nodes, msfp_functions, quantize_op_type,
                        used_overloads)
 
-__all__ = ["MSFP_DOMAIN", "lower_to_onnx", "msfp_functions", "annotate_msfp_nodes", "save_atomic", "check_model",
+__all__ = ["MSFP_DOMAIN", "lower_to_onnx", "lower_fp32", "msfp_functions", "annotate_msfp_nodes", "save_atomic", "check_model",
            "quantize_op_type"]
 
 _msfp = onnxscript.values.Opset(MSFP_DOMAIN, MSFP_VERSION)
@@ -149,6 +149,16 @@ def lower_to_onnx(gm: fx.GraphModule, example_args: tuple, input_names: list[str
             dims[0].dim_param = "batch"
     check_model(model)
     return model, counts
+
+
+def lower_fp32(unet: torch.nn.Module, cond_len: int = 1) -> onnx.ModelProto:
+    """The unquantized UNet through the same capture and exporter (same opset, dynamic batch): the FP32 baseline
+    every comparison uses. ``cond_len``: text tokens of the example conditioning (the graph takes any length)."""
+    from msfp_compiler.capture import capture, example_inputs, signature_of
+
+    gm, sig = capture(unet.eval(), signature_of(unet, cond_len=cond_len))
+    model, _ = lower_to_onnx(gm, example_inputs(sig, 2, torch.Generator().manual_seed(0)), sig.input_names)
+    return model
 
 
 MAX_PROTO_BYTES = 2**31 - 2**26  # protobuf cannot serialize a message over 2 GB; keep a margin for the graph

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -18,7 +17,7 @@ from .config import CompileConfig
 from .device import exact_fp32, move_graph, move_tensors, resolve_device
 from .errors import MsfpError
 from .load import LoadedModel
-from .pass_manager import PassManager, PassRun, reset_peak_rss
+from .pass_manager import PassManager, PassRun
 from .record import records
 
 __all__ = ["CompiledModel", "compile", "default_passes", "quantize_passes", "lowering_passes", "LayerSummary",
@@ -173,12 +172,13 @@ def _finetune(gm: fx.GraphModule, unet: torch.nn.Module, sig: UNetSignature, loa
     from .distillation import finetune
 
     ft = config.finetune
-    t0, c0 = time.perf_counter(), time.process_time()
-    sched = make_scheduler(ft.sampler, loaded.scheduler_config)
-    data = collect(unet, sig, ft.samples, ft.sampler_steps, ft.seed + 1, sched, num_groups=1, holdout_samples=0,
-                   class_embedding=loaded.class_embedding, progress=progress)
-    res = finetune(gm, unet, sig, data, ft, make_scheduler(ft.sampler, loaded.scheduler_config), progress)
-    pm.record("finetune", time.perf_counter() - t0, res.log_info(ft), time.process_time() - c0, res.log_report())
+    with pm.stage("finetune") as (info, report):
+        sched = make_scheduler(ft.sampler, loaded.scheduler_config)
+        data = collect(unet, sig, ft.samples, ft.sampler_steps, ft.seed + 1, sched, num_groups=1, holdout_samples=0,
+                       class_embedding=loaded.class_embedding, progress=progress)
+        res = finetune(gm, unet, sig, data, ft, make_scheduler(ft.sampler, loaded.scheduler_config), progress)
+        info.update(res.log_info(ft))
+        report += res.log_report()
 
 
 def _summaries(gm: fx.GraphModule) -> list[LayerSummary]:
@@ -207,11 +207,10 @@ def compile(model: torch.nn.Module | LoadedModel, config: CompileConfig | None =
     unet = loaded.unet.eval().float()
     home = next(unet.parameters()).device
     sig = signature_of(unet, cond_len=config.calib.text_len)
-    reset_peak_rss()
-    t0, c0 = time.perf_counter(), time.process_time()
-    gm, sig = capture(unet.to("cpu"), sig)
-    capture_s, capture_cpu = time.perf_counter() - t0, time.process_time() - c0
     pm = PassManager(log_dir=log_dir, dump_graphs=dump_graphs)
+    with pm.stage("capture") as (info, _):
+        gm, sig = capture(unet.to("cpu"), sig)
+        info["nodes"] = len(gm.graph.nodes)
     unet.to(device)
     try:
         # Statistics, the search and fine-tuning in plain FP32 (no TF32 on CUDA): CPU and GPU choose the same
@@ -224,7 +223,6 @@ def compile(model: torch.nn.Module | LoadedModel, config: CompileConfig | None =
                                       config.calib.holdout_samples, loaded.class_embedding, progress)
             else:
                 calibration = move_tensors(calibration, device)
-            pm.record("capture", capture_s, {"nodes": len(gm.graph.nodes)}, capture_cpu)
             gm = pm.run(move_graph(gm, device), quantize_passes(config, calibration))
             if config.finetune is not None:
                 _finetune(gm, unet, sig, loaded, config, progress, pm)
@@ -236,11 +234,10 @@ def compile(model: torch.nn.Module | LoadedModel, config: CompileConfig | None =
     calibration = move_tensors(calibration, torch.device("cpu"))
     onnx_model, counts = None, {}
     if lower:
-        t0, c0 = time.perf_counter(), time.process_time()
-        example = calibration.holdout[0].args if calibration.holdout else calibration.batches[0].args
-        onnx_model, counts = lower_to_onnx(gm, example, sig.input_names)
-        pm.record("lower_onnx", time.perf_counter() - t0,
-                  {"msfp_nodes": counts, "onnx_nodes": len(onnx_model.graph.node)}, time.process_time() - c0)
+        with pm.stage("lower_onnx") as (info, _):
+            example = calibration.holdout[0].args if calibration.holdout else calibration.batches[0].args
+            onnx_model, counts = lower_to_onnx(gm, example, sig.input_names)
+            info.update(msfp_nodes=counts, onnx_nodes=len(onnx_model.graph.node))
         if not counts:
             raise MsfpError("lowering produced no msfp nodes (nothing was quantized)")
     return CompiledModel(gm, onnx_model, sig, calibration, config, pm.runs, _summaries(gm), counts,

@@ -16,9 +16,10 @@ import logging
 import re
 import resource
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch.fx as fx
 
@@ -135,6 +136,17 @@ class PassManager:
         log.info("stage %-17s %7.3fs  %s", name, seconds,
                  " ".join(f"{k}={v}" for k, v in info.items() if not isinstance(v, list)))
         self._write(len(self.runs) - 1, run, PassResult(None, False, info, list(report)))  # type: ignore[arg-type]
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[tuple[dict[str, Any], list[str]]]:
+        """Measure a stage that is not a graph pass (calibration, capture, distillation, lowering) like a pass:
+        wall time, CPU time and its own peak RSS. The block fills the yielded (info, report) for the log."""
+        info: dict[str, Any] = {}
+        report: list[str] = []
+        reset_peak_rss()
+        t0, c0 = time.perf_counter(), time.process_time()
+        yield info, report
+        self.record(name, time.perf_counter() - t0, info, time.process_time() - c0, report)
 
     def __call__(self, gm: fx.GraphModule) -> fx.GraphModule:
         return self.run(gm, self.passes)

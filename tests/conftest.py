@@ -13,6 +13,7 @@ import copy
 import os
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 import torch
@@ -169,21 +170,48 @@ def make_tiny_talora_unet() -> torch.nn.Module:
                        norm_num_groups=4).eval()
 
 
-@pytest.fixture(scope="session")
-def tuned():
-    """A tiny UNet, quantized and fine-tuned with 2 LoRAs for a few steps (before fusion): (gm, sig, result)."""
-    from msfp_compiler.distillation import finetune
+def ort_session(src, threads: int = 1):
+    """An onnxruntime CPU session of a ModelProto or a path, quiet, ``threads`` intra-op threads."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.intra_op_num_threads = threads
+    return ort.InferenceSession(str(src) if isinstance(src, Path) else src.SerializeToString(), so,
+                                providers=["CPUExecutionProvider"])
+
+
+def holdout_feeds(cm, batch: int = 2) -> dict:
+    """ORT feeds of a compiled model's first held-out calibration batch (numpy, ``batch`` rows)."""
+    b = (cm.calibration.holdout or cm.calibration.batches)[0]
+    return {n: a[:batch].numpy() for n, a in zip(cm.signature.input_names, b.args)}
+
+
+def quantize_tiny(unet: torch.nn.Module, steps: int = 3, groups: int = 1, sample_per_group: int = 128):
+    """annotate_sign, select_format (every layer 4-bit) and insert_qdq on a tiny UNet, recompiled as the
+    PassManager leaves it; returns (gm, sig)."""
     from msfp_compiler.passes.annotate_sign import AnnotateSign
     from msfp_compiler.passes.insert_qdq import InsertQDQ
     from msfp_compiler.passes.select_format import SelectFormat
+
+    sig = signature_of(unet)
+    calib = collect(unet, sig, 2, steps, 0, make_scheduler("ddim"), num_groups=groups, holdout_samples=0,
+                    progress=False)
+    gm, _ = capture(unet, sig)
+    for p in (AnnotateSign(calib, sample_per_group), SelectFormat(QuantConfig(keep_8bit=())), InsertQDQ()):
+        gm = p(gm).graph_module
+    gm.recompile()
+    return gm, sig
+
+
+@pytest.fixture(scope="session")
+def tuned():
+    """A tiny UNet, quantized and fine-tuned with 2 LoRAs for a few steps (before fusion): (gm, sig, result)."""
     from msfp_compiler.config import FinetuneConfig
+    from msfp_compiler.distillation import finetune
 
     unet = make_tiny_talora_unet()
-    sig = signature_of(unet)
-    calib = collect(unet, sig, 2, 4, 0, make_scheduler("ddim"), num_groups=2, holdout_samples=0, progress=False)
-    gm, _ = capture(unet, sig)
-    for p in (AnnotateSign(calib, 256), SelectFormat(QuantConfig(keep_8bit=())), InsertQDQ()):
-        gm = p(gm).graph_module
+    gm, sig = quantize_tiny(unet, steps=4, groups=2, sample_per_group=256)
     data = collect(unet, sig, 4, 8, 1, make_scheduler("ddim"), num_groups=1, holdout_samples=0, progress=False)
     cfg = FinetuneConfig(steps=40, num_loras=2, rank=2, batch_size=4, lr=5e-3, samples=4, sampler_steps=8)
     res = finetune(gm, unet, sig, data, cfg, make_scheduler("ddim"), progress=False)

@@ -5,16 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from msfp_compiler.capture import capture, signature_of
-from msfp_compiler.calibration import collect
-from msfp_compiler.config import FinetuneConfig, QuantConfig
-from msfp_compiler.passes.annotate_sign import AnnotateSign
-from msfp_compiler.passes.insert_qdq import InsertQDQ
-from msfp_compiler.passes.select_format import SelectFormat
-from msfp_compiler.sampling import make_scheduler
+from msfp_compiler.config import FinetuneConfig
 from msfp_compiler.talora import ROUTER_NAME, SELECT_WEIGHT, TALoRAWeight, TimestepRouter, attach_talora
 
-from .conftest import make_tiny_talora_unet
+from .conftest import make_tiny_talora_unet, quantize_tiny
 
 
 def test_router_hard_choice_straight_through():
@@ -37,13 +31,7 @@ def test_select_weight_picks_the_tables_set_for_the_first_timestep():
 
 
 def test_attach_talora_wraps_every_4bit_weight_quantizer():
-    unet = make_tiny_talora_unet()
-    sig = signature_of(unet)
-    calib = collect(unet, sig, 2, 3, 0, make_scheduler("ddim"), num_groups=1, holdout_samples=0, progress=False)
-    gm, _ = capture(unet, sig)
-    for p in (AnnotateSign(calib, 128), SelectFormat(QuantConfig(keep_8bit=())), InsertQDQ()):
-        gm = p(gm).graph_module
-    gm.recompile()  # what the PassManager does after each pass
+    gm, _ = quantize_tiny(make_tiny_talora_unet())
     x, t = torch.randn(1, 1, 8, 8), torch.tensor([10])
     before = gm(x, t)
     names = attach_talora(gm, FinetuneConfig(num_loras=2, rank=2))

@@ -25,7 +25,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,23 +47,13 @@ GOAL_SD15_RSS_X_FP32 = 3.0
 
 # ---- measurement helpers (run inside the per-model subprocess) ----
 
-class Meter:
-    """Wall time, process CPU time (all threads) and peak RSS of the stages outside compile(); the PassManager
-    measures its passes the same way (VmHWM reset at each start, pass_manager.reset_peak_rss)."""
-
-    def __init__(self):
-        self.stages: list[dict] = []
-
-    @contextmanager
-    def stage(self, name: str):
-        from msfp_compiler.pass_manager import peak_rss_mb, reset_peak_rss
-
-        reset_peak_rss()
-        t0, c0 = time.perf_counter(), time.process_time()
-        yield
-        self.stages.append({"name": name, "seconds": round(time.perf_counter() - t0, 3),
-                            "cpu_seconds": round(time.process_time() - c0, 2),
-                            "peak_rss_mb": round(peak_rss_mb(), 1)})
+def _row(run) -> dict:
+    """One stage or pass of the PassManager's measurements (wall, CPU, its own peak RSS) as a JSON row."""
+    row = {"name": run.name, "seconds": round(run.seconds, 3), "cpu_seconds": round(run.cpu_seconds, 2),
+           "peak_rss_mb": round(run.peak_rss_mb, 1)}
+    if run.nodes_before:
+        row |= {"nodes_before": run.nodes_before, "nodes_after": run.nodes_after}
+    return row
 
 
 def _build(model: str):
@@ -90,8 +79,9 @@ def run_one(model: str, out_json: Path, keep_dir: Path | None, ort_load: bool) -
     from msfp_compiler.capture import signature_of
     from msfp_compiler.compile import compile as msfp_compile
     from msfp_compiler.config import CalibConfig, CompileConfig
+    from msfp_compiler.pass_manager import PassManager
 
-    meter = Meter()
+    meter = PassManager()  # stages outside compile(), measured as compile's PassManager measures its passes
     load0 = os.getloadavg()
     t_all = time.perf_counter()
     with meter.stage("build"):
@@ -124,10 +114,7 @@ def run_one(model: str, out_json: Path, keep_dir: Path | None, ort_load: bool) -
             sess = open_session(out)
             del sess
     total_s = time.perf_counter() - t_all
-    passes = [{"name": r.name, "seconds": round(r.seconds, 3), "cpu_seconds": round(r.cpu_seconds, 2),
-               "peak_rss_mb": round(r.peak_rss_mb, 1), "nodes_before": r.nodes_before, "nodes_after": r.nodes_after}
-              for r in cm.pass_runs]
-    rows = meter.stages[:2] + passes + meter.stages[2:]
+    rows = [_row(r) for r in meter.runs[:2] + cm.pass_runs + meter.runs[2:]]
     peak = max(r["peak_rss_mb"] for r in rows)
     entry = {
         "model": model,

@@ -49,10 +49,9 @@ SWEEP_FORMATS = ["e1m2", "e2m1", "e3m0", "ue2m2", "ue3m1", "ue4m0", "int4", "uin
 def build_sd15(work: Path) -> dict[str, Path]:
     """FP32 and quantized ONNX (external data, > 2 GB) of the SD1.5 UNet with random weights, quantized with the
     calibration of tools/bench_compile.py (2 samples x 4 DDIM steps, 77-token text states); cached in `work`."""
-    from msfp_compiler.capture import capture, example_inputs, signature_of
     from msfp_compiler.compile import compile as msfp_compile
     from msfp_compiler.config import CalibConfig, CompileConfig
-    from msfp_compiler.export.onnx import lower_to_onnx, save_atomic
+    from msfp_compiler.export.onnx import lower_fp32, save_atomic
     from msfp_compiler.load import LoadedModel, model_from_config
 
     sys.path.insert(0, str(ROOT / "tools"))
@@ -70,9 +69,7 @@ def build_sd15(work: Path) -> dict[str, Path]:
         cm.save(quant)
         del cm
     if not fp32.is_file():
-        gm, sig = capture(unet, signature_of(unet, cond_len=77))
-        model, _ = lower_to_onnx(gm, example_inputs(sig, 2, torch.Generator().manual_seed(0)), sig.input_names)
-        save_atomic(model, fp32)
+        save_atomic(lower_fp32(unet, cond_len=77), fp32)
     return {"fp32": fp32, "msfp": quant}
 
 
@@ -80,10 +77,9 @@ def build_models(name: str, work: Path, seed: int = 0) -> dict[str, Path]:
     """FP32, quantized (default config) and quantized without zero-point folding ONNX files (cached in `work`)."""
     if name == "sd15":
         return build_sd15(work)
-    from msfp_compiler.capture import capture, example_inputs
     from msfp_compiler.compile import compile as msfp_compile
     from msfp_compiler.config import CompileConfig
-    from msfp_compiler.export.onnx import lower_to_onnx, save_atomic
+    from msfp_compiler.export.onnx import lower_fp32, save_atomic
     from msfp_compiler.load import load_model
 
     fp32, quant, nofold = (work / f"{name}.{k}.onnx" for k in ("fp32", "msfp", "msfp_nofold"))
@@ -94,12 +90,7 @@ def build_models(name: str, work: Path, seed: int = 0) -> dict[str, Path]:
         # zero points kept in the quantizers: no explicit Pad in front of padded convs (see the profile)
         msfp_compile(loaded, CompileConfig(fold_zero_point=False), progress=False).save(nofold)
     if not fp32.is_file():
-        gm, sig = capture(loaded.unet.eval())
-        example = example_inputs(sig, 2, torch.Generator().manual_seed(0))
-        if loaded.class_embedding is not None:  # conditioning is one class-embedding row, as in calibration
-            example = example[:2] + (loaded.class_embedding[:2].unsqueeze(1).float(),)
-        model, _ = lower_to_onnx(gm, example, sig.input_names)
-        save_atomic(model, fp32)
+        save_atomic(lower_fp32(loaded.unet), fp32)
     return {"fp32": fp32, "msfp": quant, "msfp_nofold": nofold}
 
 

@@ -31,7 +31,7 @@ from msfp_compiler.capture import capture, signature_of  # noqa: E402
 from msfp_compiler.compile import compile as msfp_compile  # noqa: E402
 from msfp_compiler.config import CalibConfig, CompileConfig, FinetuneConfig, QuantConfig  # noqa: E402
 from msfp_compiler.digits import load_classifier, load_digit_images  # noqa: E402
-from msfp_compiler.export.onnx import lower_to_onnx, save_atomic  # noqa: E402
+from msfp_compiler.export.onnx import lower_fp32, save_atomic  # noqa: E402
 from msfp_compiler.export.ort import OrtUNet, ddim_sample, open_session, save_grid  # noqa: E402
 from msfp_compiler.load import load_model  # noqa: E402
 from msfp_compiler.metrics import classifier_accuracy, fid_digits, mse, psnr  # noqa: E402
@@ -69,12 +69,7 @@ def build_onnx(row: Row, loaded, args, path: Path) -> dict:
     t0 = time.perf_counter()
     info: dict = {}
     if row.scheme is None:
-        sig = signature_of(loaded.unet)
-        gm, _ = capture(loaded.unet.eval(), sig)
-        from msfp_compiler.capture import example_inputs
-
-        model, _ = lower_to_onnx(gm, example_inputs(sig, 2), sig.input_names)
-        save_atomic(model, path)
+        save_atomic(lower_fp32(loaded.unet), path)
     else:
         ft = None
         if row.num_loras:

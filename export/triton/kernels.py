@@ -401,6 +401,7 @@ def _grouped_tile(pid, num_m, num_n, GROUP_M: tl.constexpr):
     return first_m + (pid % group) % gsize, (pid % group) // gsize
 
 
+# Over 60 lines: one Triton program (load, decode, dot, epilogue); its helpers are already @triton.jit functions.
 @triton.jit
 def _w4a4_kernel(a_ptr, w_ptr, alpha_ptr, beta_ptr, zmap_ptr, out_ptr, set_ptr, tiles_ptr, rows_ptr,
                  M, N, K, stride_am, stride_ws, stride_wn, stride_ps, stride_zs, L, s_ob, s_ol, s_on,

@@ -4,7 +4,6 @@ dense sweep), and the lowering picks them."""
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -14,19 +13,8 @@ from onnx import TensorProto
 
 from msfp_compiler.export.msfp_ops import MSFP_DOMAIN, single_op_model
 from msfp_compiler.ops import get_format
+from tests.conftest import ort_session
 
-
-def _session(src) -> ort.InferenceSession:
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    so.intra_op_num_threads = 1
-    return ort.InferenceSession(str(src) if isinstance(src, Path) else src.SerializeToString(), so,
-                                providers=["CPUExecutionProvider"])
-
-
-def _feeds(cm, batch: int = 2) -> dict[str, np.ndarray]:
-    b = (cm.calibration.holdout or cm.calibration.batches)[0]
-    return {n: a[:batch].numpy() for n, a in zip(cm.signature.input_names, b.args)}
 
 
 
@@ -38,7 +26,7 @@ def _one_node(op_type: str, overload: str, fmt: str, scale: float, zp: float, ke
                                        "zero_point": np.array(zp, np.float32)}, ["n"], overload=overload,
                         keep_zero_point=keep)
     assert m.graph.node[0].overload == overload and [f.overload for f in m.functions] == [overload]
-    return _session(m)
+    return ort_session(m)
 
 
 def _tie_heavy(fmt: str) -> np.ndarray:

@@ -24,7 +24,7 @@ from msfp_compiler.export.onnx import check_model, save_atomic
 from msfp_compiler.export.msfp_ops import MSFP_DOMAIN, quantize_op_type, single_op_model
 from msfp_compiler.formats import IntFormat
 from msfp_compiler.ops import get_format, pack_codes
-from tests.conftest import FAST_CONFIG
+from tests.conftest import FAST_CONFIG, holdout_feeds
 
 QUANT_OPS = {"QuantizeFP", "QuantizeLUT", "QuantizeInt"}
 TORCH_QUANT = {torch.ops.msfp.quantize.default, torch.ops.msfp.quantize_folded.default}
@@ -283,11 +283,6 @@ def test_dequantize_packed_function_body_matches_torch_op(fmt: str, shape: list[
 # external data (the > 2 GB path), with the threshold lowered so a tiny model takes it
 
 
-def _feeds(cm, batch: int = 2) -> dict[str, np.ndarray]:
-    b = (cm.calibration.holdout or cm.calibration.batches)[0]
-    return {n: a[:batch].numpy() for n, a in zip(cm.signature.input_names, b.args)}
-
-
 
 
 def test_external_data_round_trip(compiled_unet2d, tmp_path: Path) -> None:
@@ -312,7 +307,7 @@ def test_external_data_round_trip(compiled_unet2d, tmp_path: Path) -> None:
     assert [t.name for t in head.graph.initializer] == [t.name for t in model.graph.initializer]  # same order
     # onnx and onnxruntime load it from the path; outputs are bit-identical to the in-memory model
     assert onnx.load(str(path)).graph.initializer[0].raw_data == model.graph.initializer[0].raw_data
-    feeds = _feeds(compiled_unet2d)
+    feeds = holdout_feeds(compiled_unet2d)
     (out,) = _session(path).run(None, feeds)
     (ref,) = _session(model).run(None, feeds)
     assert np.array_equal(out, ref)

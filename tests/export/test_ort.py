@@ -5,24 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import pytest
 from onnx import TensorProto
 
 import msfp_compiler.export.onnx as onnx_export
-
-
-def _session(src) -> ort.InferenceSession:
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    so.intra_op_num_threads = 1
-    return ort.InferenceSession(str(src) if isinstance(src, Path) else src.SerializeToString(), so,
-                                providers=["CPUExecutionProvider"])
-
-
-def _feeds(cm, batch: int = 2) -> dict[str, np.ndarray]:
-    b = (cm.calibration.holdout or cm.calibration.batches)[0]
-    return {n: a[:batch].numpy() for n, a in zip(cm.signature.input_names, b.args)}
+from tests.conftest import holdout_feeds
 
 
 def test_predecoded_weights_give_the_same_session_outputs(compiled_unet2d) -> None:
@@ -44,7 +31,7 @@ def test_predecoded_weights_give_the_same_session_outputs(compiled_unet2d) -> No
     ext = [t for t in head.graph.initializer if t.data_location == TensorProto.EXTERNAL]
     assert sorted(t.name for t in ext) == sorted(n.output[0] for n in packed)
     assert head.ByteSize() < model.ByteSize()  # the packed codes left with their nodes
-    feeds = _feeds(compiled_unet2d)
+    feeds = holdout_feeds(compiled_unet2d)
     (ref,) = session_from_model(model, predecode=False).run(None, feeds)  # ORT folds the function bodies
     (out,) = session_from_model(model).run(None, feeds)
     assert np.array_equal(out, ref)
@@ -71,7 +58,7 @@ def test_predecode_without_disk_space_is_a_one_line_error(compiled_unet2d, tmp_p
 def test_session_and_check_over_the_protobuf_limit(compiled_unet2d, monkeypatch) -> None:
     from msfp_compiler.export.ort import session_from_model
 
-    feeds = _feeds(compiled_unet2d)
+    feeds = holdout_feeds(compiled_unet2d)
     (ref,) = session_from_model(compiled_unet2d.onnx_model).run(None, feeds)
     monkeypatch.setattr(onnx_export, "MAX_PROTO_BYTES", 1024)  # the model now goes through .onnx + .data
     for predecode in (True, False):

@@ -19,7 +19,7 @@ from msfp_compiler.sampling import make_scheduler
 from msfp_compiler.talora import ROUTER_NAME, SELECT_WEIGHT, attach_talora, router_table
 
 from ..conftest import make_tiny_talora_unet as _unet
-from ..conftest import make_unet_min
+from ..conftest import make_unet_min, quantize_tiny
 
 
 def test_router_table_is_what_the_fused_graph_selects(tuned):
@@ -50,12 +50,7 @@ def test_router_table_is_what_the_fused_graph_selects(tuned):
 
 
 def test_plain_lora_has_no_router():
-    unet = _unet()
-    sig = signature_of(unet)
-    calib = collect(unet, sig, 2, 3, 0, make_scheduler("ddim"), num_groups=1, holdout_samples=0, progress=False)
-    gm, _ = capture(unet, sig)
-    for p in (AnnotateSign(calib, 128), SelectFormat(QuantConfig(keep_8bit=())), InsertQDQ()):
-        gm = p(gm).graph_module
+    gm, _ = quantize_tiny(_unet())
     names = attach_talora(gm, FinetuneConfig(num_loras=1, rank=2))
     assert names and not hasattr(gm, ROUTER_NAME)
     x, t = torch.randn(1, 1, 8, 8), torch.tensor([10])
