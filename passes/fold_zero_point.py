@@ -57,7 +57,9 @@ class FoldZeroPoint(Pass):
     def ensures(self, gm: fx.GraphModule) -> None:
         for q in gm.graph.nodes:
             if q.op == "call_function" and q.target == QUANTIZE_FOLDED:
-                assert all(layer_kind(u) in ("conv", "linear") for u in q.users), f"{q.name} folded into a non-layer"
+                # every reader carries the zero point in its bias: a conv/linear, or the explicit pad of a conv
+                readers = [v for u in q.users for v in (u.users if u.target == aten.constant_pad_nd.default else [u])]
+                assert all(layer_kind(r) in ("conv", "linear") for r in readers), f"{q.name} folded into a non-layer"
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         g = gm.graph

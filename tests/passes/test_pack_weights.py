@@ -91,4 +91,6 @@ def test_packing_is_a_no_op_without_4bit_weights(stages_unet2d) -> None:
     for _, r in records(gm):
         r.bits = 8
     res = PackWeights()(gm)
-    assert res.info["packed_weights"] == 0 and not res.modified
+    assert res.info["packed_weights"] == 0
+    # fold_zero_point's replaced biases are the only buffers left to drop: modified says whether any were
+    assert res.modified == (res.info["freed_bytes"] > 0)

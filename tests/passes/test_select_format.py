@@ -207,13 +207,13 @@ def test_report_logs_format_scale_zero_point_candidates_and_neg_fraction(stages_
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(scheme="int5"), "--scheme"),
-    (dict(act_formats=("e2m1", "e9z9")), "--formats: .*e9z9"),
-    (dict(act_formats=("e4m3",)), "--formats: 'e4m3' is a 8-bit format"),
-    (dict(weight_formats=("e2m1", "int8")), "--weight-formats: 'int8' is a 8-bit format"),
+    (dict(scheme="int5"), r"QuantConfig\.scheme"),
+    (dict(act_formats=("e2m1", "e9z9")), r"QuantConfig\.act_formats: .*e9z9"),
+    (dict(act_formats=("e4m3",)), r"QuantConfig\.act_formats: 'e4m3' is a 8-bit format"),
+    (dict(weight_formats=("e2m1", "int8")), r"QuantConfig\.weight_formats: 'int8' is a 8-bit format"),
     (dict(weight_formats=("ue2m2",)), "must be signed"),
-    (dict(weight_granularity="row"), "--granularity"),
-    (dict(sign_rule="maybe"), "--sign-rule"),
+    (dict(weight_granularity="row"), r"QuantConfig\.weight_granularity"),
+    (dict(sign_rule="maybe"), r"QuantConfig\.sign_rule"),
 ])
 def test_config_errors(kwargs, match: str) -> None:
     with pytest.raises(MsfpError, match=match):
