@@ -37,6 +37,7 @@ import torch.nn.functional as F
 import msfp_compiler.ops  # noqa: F401  (defines torch.ops.msfp.*)
 from msfp_compiler.formats import FPFormat, IntFormat
 from msfp_compiler.ops import get_format
+from msfp_compiler.talora import chosen_set
 
 __all__ = ["grid_round", "fake_quant", "grid_e4m3", "FastGemm", "FastUNet", "build_fast", "FastReport",
            "weight_bytes"]
@@ -402,8 +403,10 @@ def _rewrite(gm: fx.GraphModule, weights: str, report: FastReport, dtype: torch.
         w = _match_weight(gm, node.args[1])
         name = f"msfp_fast_{node.name}"
         gm.add_submodule(name, mod)
-        kwargs = {"set_index": w.set_index} if w.set_index is not None else {}  # type: ignore[union-attr]
         with g.inserting_before(node):
+            kwargs = {}
+            if w.select is not None:  # type: ignore[union-attr]  # the set index, int64 [1]: table[timestep[0]]
+                kwargs["set_index"] = g.call_function(chosen_set, tuple(w.select.args[:2]))  # type: ignore[union-attr]
             new = g.call_module(name, (act.x,), kwargs)  # type: ignore[union-attr]
         new.meta = dict(node.meta)
         node.replace_all_uses_with(new)
