@@ -263,8 +263,11 @@ def save_atomic(model: onnx.ModelProto, path: Path, external_data_threshold: int
                 f_onnx.write(head.SerializeToString())
             else:
                 f_onnx.write(model.SerializeToString())
+        mode = file_mode()  # mkstemp makes 0600 files; an output gets what open() would give it
         if big:
+            os.chmod(tmp_data, mode)
             os.replace(tmp_data, data_path)
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
         if not big and data_path.exists():
             data_path.unlink()  # left by an earlier, larger model at this path; the new .onnx does not use it
@@ -276,6 +279,13 @@ def save_atomic(model: onnx.ModelProto, path: Path, external_data_threshold: int
         for t in temps:
             if os.path.exists(t):
                 os.unlink(t)
+
+
+def file_mode() -> int:
+    """0666 minus the process umask: the mode a plain open() gives a new file."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def serialized_size(model: onnx.ModelProto) -> int | None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -11,11 +10,11 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
-from tqdm.auto import tqdm
 
 import msfp_compiler.ops  # noqa: F401  (registers torch.ops.msfp.*, used to decode packed weights)
 from msfp_compiler.errors import MsfpError
 from msfp_compiler.sampling import make_scheduler, sample
+from msfp_compiler.progress import Progress
 
 __all__ = ["predecode_weights", "session_from_model", "open_session", "OrtUNet", "ddim_sample", "save_grid"]
 
@@ -158,8 +157,7 @@ def ddim_sample(unet, n: int, steps: int = 50, seed: int = 0, cond: torch.Tensor
     g = torch.Generator().manual_seed(seed)
     noise = torch.randn(n, channels, size, size, generator=g)
     out = []
-    show = sys.stderr.isatty() if progress is None else progress
-    bar = tqdm(total=n * steps, desc="sampling", disable=not show, leave=False, unit="evals")
+    bar = Progress(n * steps, "sampling", progress, unit="evals")
     for i in range(0, n, batch_size):
         x = noise[i:i + batch_size]
         c = cond[i:i + batch_size] if cond is not None else None

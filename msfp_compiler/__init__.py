@@ -1,3 +1,5 @@
-"""msfp-compiler: mixup-sign FP4 quantization of diffusion UNets, as torch.fx passes lowered to ONNX."""
+"""msfp-compiler: mixup-sign FP4 quantization of diffusion UNets, as torch.fx passes lowered to ONNX.
 
-from . import ops  # noqa: F401,E402  (registers torch.ops.msfp.* on import)
+Importing the package imports nothing heavy (``msfp-compile --help`` stays fast); the modules that use
+``torch.ops.msfp.*`` import ``msfp_compiler.ops``, which registers them.
+"""

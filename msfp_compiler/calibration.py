@@ -7,17 +7,25 @@ statistics and the format search see every part of the trajectory, not only the 
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 
 import torch
-from tqdm.auto import tqdm
 
 from .capture import UNetSignature, UNetWrapper
 from .errors import MsfpError
+from .progress import Progress
 from .sampling import make_scheduler, sample
 
-__all__ = ["CalibBatch", "TimestepGroup", "CalibrationSet", "collect", "make_cond"]
+__all__ = ["CalibBatch", "TimestepGroup", "CalibrationSet", "collect", "make_cond", "CALIB_BUDGET",
+           "default_calibration"]
+
+# The default calibration size scales with the model: samples x steps x parameters <= CALIB_BUDGET. Every UNet up to
+# 150M parameters (the digit models, a CIFAR-10 DDPM) gets the full 8 samples x 10 steps; larger ones keep 2 samples
+# and as many steps as fit, but never fewer steps than timestep groups. SD1.5 (860M): 2 x 6. The cost of calibration
+# and of the statistics pass is one FP forward per sample and step, so this bounds both (results/bench_compile.json,
+# row sd15-defaults).
+CALIB_BUDGET = 8 * 10 * 150e6
+DEFAULT_SAMPLES, DEFAULT_STEPS, MIN_SAMPLES = 8, 10, 2
 
 
 @dataclass
@@ -60,6 +68,32 @@ def make_cond(sig: UNetSignature, n: int, generator: torch.Generator, class_embe
     return torch.randn(n, sig.cond_len, sig.cond_dim, generator=generator)
 
 
+def default_calibration(num_params: int, num_groups: int = 4, samples: int | None = None,
+                        steps: int | None = None) -> tuple[int, int, int, str]:
+    """(samples, steps, groups, the rule in words) for a model of ``num_params`` parameters; ``samples`` / ``steps``
+    given by the user are kept as they are. See CALIB_BUDGET."""
+    fits = int(CALIB_BUDGET // max(num_params, 1))  # sample-steps the budget allows
+    given = samples is not None, steps is not None
+    if not any(given) and DEFAULT_SAMPLES * DEFAULT_STEPS <= fits:
+        limit = CALIB_BUDGET / (DEFAULT_SAMPLES * DEFAULT_STEPS) / 1e6
+        return (DEFAULT_SAMPLES, DEFAULT_STEPS, num_groups,
+                f"the default for models up to {limit:.0f}M parameters; this one has {num_params / 1e6:.1f}M")
+    if samples is None:
+        samples = DEFAULT_SAMPLES if steps is None else max(MIN_SAMPLES, min(DEFAULT_SAMPLES, fits // steps))
+        if steps is None:
+            samples = max(MIN_SAMPLES, min(DEFAULT_SAMPLES, fits // DEFAULT_STEPS))
+    if steps is None:
+        steps = max(num_groups, min(DEFAULT_STEPS, fits // samples))
+    groups = min(num_groups, steps)
+    if all(given):
+        rule = "as given"
+    else:
+        rule = (f"{'samples' if not given[0] else ''}{' and ' if not any(given) else ''}"
+                f"{'steps' if not given[1] else ''} scaled to the model: samples x steps x parameters <= "
+                f"{CALIB_BUDGET:.2g} ({num_params / 1e6:.0f}M parameters)")
+    return samples, steps, groups, rule
+
+
 @torch.no_grad()
 def collect(unet: torch.nn.Module, sig: UNetSignature, num_samples: int = 8, num_steps: int = 10, seed: int = 0,
             scheduler=None, num_groups: int = 4, holdout_samples: int = 2,
@@ -71,8 +105,15 @@ def collect(unet: torch.nn.Module, sig: UNetSignature, num_samples: int = 8, num
     g = torch.Generator().manual_seed(seed)
     model = UNetWrapper(unet, sig).eval()
     total = num_samples + holdout_samples
-    x = torch.randn(total, sig.in_channels, sig.sample_size, sig.sample_size, generator=g)
-    cond = make_cond(sig, total, g, class_embedding)
+    # The calibration samples are drawn first and the held-out ones after them, so the calibration data (and the
+    # compiled model) do not depend on how many samples are held out (msfp-compile holds out only for --check).
+    shape = (sig.in_channels, sig.sample_size, sig.sample_size)
+    x = torch.randn(num_samples, *shape, generator=g)
+    cond = make_cond(sig, num_samples, g, class_embedding)
+    if holdout_samples:
+        x = torch.cat([x, torch.randn(holdout_samples, *shape, generator=g)])
+        hc = make_cond(sig, holdout_samples, g, class_embedding)
+        cond = torch.cat([cond, hc]) if cond is not None else None
     # Drawn on the CPU, run on the model's device: a CPU and a GPU calibration start from the same numbers.
     device = next(unet.parameters()).device
     x = x.to(device)
@@ -92,8 +133,7 @@ def collect(unet: torch.nn.Module, sig: UNetSignature, num_samples: int = 8, num
             holdout.append(CalibBatch(inp[num_samples:].clone(), tt[num_samples:], hc))
         return eps
 
-    show = sys.stderr.isatty() if progress is None else progress
-    with tqdm(total=num_steps, desc="calibration", disable=not show, leave=False) as bar:
+    with Progress(num_steps, f"calibration ({total} samples x {num_steps} steps)", progress, unit="steps") as bar:
         sample(eps_fn, x, scheduler, num_steps, on_step=bar.update)
     num_groups = max(1, min(num_groups, len(steps)))
     bounds = torch.linspace(0, len(steps), num_groups + 1).round().long().tolist()

@@ -26,8 +26,14 @@ def _setup_logging(verbose: bool) -> None:
     log.handlers[:] = [handler]
     log.setLevel(logging.INFO if verbose else logging.WARNING)
     log.propagate = False
-    # The exporter and onnx_ir are chatty at INFO/WARNING about things a user cannot act on.
-    for name in ("torch.onnx", "onnxscript", "onnx_ir", "torch.export", "torch._export"):
+    _quiet_libraries()
+
+
+def _quiet_libraries() -> None:
+    """The exporter and onnx_ir are chatty at INFO/WARNING about things a user cannot act on. Called again once
+    torch is imported (lazily, after argument checks): importing torch configures its loggers."""
+    for name in ("torch.onnx", "onnxscript", "onnx_ir", "torch.export", "torch._export",
+                 "torch.onnx._internal.exporter._registration"):
         logging.getLogger(name).setLevel(logging.ERROR)
     import warnings
 
@@ -36,20 +42,27 @@ def _setup_logging(verbose: bool) -> None:
     warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 
-# Config fields as the flags that set them: library errors name fields, the CLI speaks in flags.
-FLAGS = {"QuantConfig.scheme": "--scheme", "QuantConfig.act_formats": "--formats",
-         "QuantConfig.weight_formats": "--weight-formats", "QuantConfig.weight_granularity": "--granularity",
-         "QuantConfig.sign_rule": "--sign-rule", "QuantConfig.keep_8bit": "--keep-8bit",
-         "CalibConfig.num_samples": "--calib-samples", "CalibConfig.num_steps": "--calib-steps",
-         "CalibConfig.num_groups": "--calib-groups", "CalibConfig.text_len": "--text-len",
-         "FinetuneConfig.steps": "--finetune-steps", "FinetuneConfig.num_loras": "--num-loras",
-         "FinetuneConfig.rank": "--lora-rank"}
+# Library errors name config fields (they know no flags); the CLI says which flag sets each one.
+FIELD_FLAGS = {
+    "QuantConfig.scheme": "--scheme", "QuantConfig.act_formats": "--formats",
+    "QuantConfig.weight_formats": "--weight-formats", "QuantConfig.weight_granularity": "--granularity",
+    "QuantConfig.sign_rule": "--sign-rule", "QuantConfig.keep_8bit": "--keep-8bit",
+    "CalibConfig.num_samples": "--calib-samples", "CalibConfig.num_steps": "--calib-steps",
+    "CalibConfig.num_groups": "--calib-groups", "CalibConfig.text_len": "--text-len",
+    "CalibConfig.scheduler": "--scheduler", "CalibConfig.seed": "--seed",
+    "FinetuneConfig.steps": "--finetune-steps", "FinetuneConfig.num_loras": "--num-loras",
+    "FinetuneConfig.rank": "--lora-rank", "FinetuneConfig.samples": "--finetune-samples",
+    "FinetuneConfig.sampler_steps": "--finetune-sampler-steps", "FinetuneConfig.checkpoint": "--finetune-checkpoint",
+}
+
+
+FLAGS = FIELD_FLAGS
 
 
 def flag_message(message: str) -> str:
-    """A library error message with config field names replaced by the flags that set them."""
-    for field, flag in sorted(FLAGS.items(), key=lambda kv: -len(kv[0])):
-        message = message.replace(field, flag)
+    """A library message with config field names replaced by the flags that set them."""
+    for field_name, flag in sorted(FIELD_FLAGS.items(), key=lambda kv: -len(kv[0])):
+        message = message.replace(field_name, flag)
     return message
 
 
@@ -78,16 +91,20 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def compile_parser() -> argparse.ArgumentParser:
-    from .config import SCHEMES
+# The scheme names, without importing config (and torch) just to print --help; tests/test_cli.py checks that this
+# is config.SCHEMES.
+SCHEME_NAMES = ("fp4-signed", "int4", "msfp")
 
+
+def compile_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="msfp-compile", description="Quantize a diffusers UNet to 4-bit (MSFP) and "
                 "lower it to ONNX with msfp custom ops that stock onnxruntime runs.")
-    p.add_argument("model", help="diffusers model folder, .safetensors (with --config) or .pt checkpoint")
+    p.add_argument("model", help="diffusers model folder, .safetensors (with --config) or .pt checkpoint "
+                   "(e.g. demo_out/model.pt from `make demo`)")
     p.add_argument("--out", required=True, help="output .onnx path")
     p.add_argument("--config", help="UNet config JSON for a .safetensors model")
     p.add_argument("--trust-pickle", action="store_true", help="allow a pickled nn.Module in a .pt (runs code!)")
-    p.add_argument("--scheme", default="msfp", choices=sorted(SCHEMES), help="quantization scheme (default msfp)")
+    p.add_argument("--scheme", default="msfp", choices=SCHEME_NAMES, help="quantization scheme (default msfp)")
     p.add_argument("--formats", type=_csv, help="activation candidate formats, e.g. e2m1,ue3m1 (default: scheme's)")
     p.add_argument("--weight-formats", type=_csv, help="weight candidate formats (signed), e.g. e2m1,e3m0")
     p.add_argument("--granularity", default="channel", choices=["channel", "tensor"], help="weight scale granularity")
@@ -97,10 +114,13 @@ def compile_parser() -> argparse.ArgumentParser:
                    help="where calibration, statistics, the format search and fine-tuning run: cpu or cuda[:N] "
                         "(lowering to ONNX always runs on the CPU; default cpu)")
     p.add_argument("--keep-8bit", type=_csv, default=("first", "last"),
-                   help="layers kept at 8 bits: first,last (convs) and/or node names; '' for none (default first,last)")
-    p.add_argument("--calib-samples", type=int, default=8, help="noise samples for calibration (default 8)")
-    p.add_argument("--calib-steps", type=int, default=10, help="sampler steps per calibration trajectory (default 10)")
-    p.add_argument("--calib-groups", type=int, default=4, help="timestep groups for statistics (default 4)")
+                   help="layers kept at 8 bits: first,last (convs) and/or module paths, e.g. "
+                   "down_blocks.0.resnets.0.conv1 or a whole block (mid_block); '' for none (default first,last)")
+    p.add_argument("--calib-samples", type=int, help="noise samples for calibration (default: 8, fewer for large "
+                   "models, see README 'Calibration size')")
+    p.add_argument("--calib-steps", type=int, help="sampler steps per calibration trajectory (default: 10, fewer "
+                   "for large models)")
+    p.add_argument("--calib-groups", type=int, help="timestep groups for statistics (default 4, at most the steps)")
     p.add_argument("--text-len", type=int, default=1,
                    help="tokens of the random text states used for calibration (default 1; 77 for Stable Diffusion)")
     p.add_argument("--scheduler", default="ddim", choices=["ddim", "ddpm"], help="calibration sampler (default ddim)")
@@ -121,69 +141,176 @@ def compile_parser() -> argparse.ArgumentParser:
     p.add_argument("--dump-graph", action="store_true", help="with --log-dir: write the fx graph after each pass")
     p.add_argument("--plots", action="store_true", help="with --log-dir: activation histograms and a sign summary")
     p.add_argument("--save-pt2", help="also save the quantized torch program (torch.export) for the Triton runner")
-    p.add_argument("--check", action="store_true", help="compare ORT with the torch quantized graph on held-out inputs")
-    p.add_argument("--tolerance", type=float, default=1e-3, help="--check median relative RMSE bound (default 1e-3)")
+    p.add_argument("--check", action="store_true",
+                   help="compare ORT with the torch quantized graph quantizer by quantizer on held-out inputs; on a "
+                   "mismatch print FAIL with the first diverging layer, write nothing and exit 1")
+    p.add_argument("--tolerance", type=float,
+                   help="with --check: bound on a float difference relative to the tensor's largest value "
+                   "(default 1e-3); rounding flips at a quantizer threshold are counted, not bounded")
     p.add_argument("--summary", action="store_true", help="print the per-layer format table")
-    p.add_argument("-q", "--quiet", action="store_true", help="no pass log on stderr")
+    p.add_argument("-q", "--quiet", action="store_true", help="no pass log or progress on stderr")
     return p
 
 
-def _out_path(path: str) -> Path:
+def _out_path(path: str, flag: str = "--out") -> Path:
+    """An output file path that can be written: checked before any work, by creating (and removing) a file there."""
+    import tempfile
+
     out = Path(path)
-    if not out.parent.resolve().is_dir():
-        raise MsfpError(f"{out}: output folder {out.parent} does not exist")
-    if not os.access(out.parent.resolve(), os.W_OK):
-        raise MsfpError(f"{out}: output folder {out.parent} is not writable")
+    if out.is_dir():
+        raise MsfpError(f"{flag} {out}: is a folder; give a file name inside it (e.g. {out / 'model.onnx'})")
+    parent = out.parent
+    for anc in [parent, *parent.parents]:  # the nearest existing ancestor tells a missing folder from a file
+        if anc.exists():
+            if not anc.is_dir():
+                raise MsfpError(f"{flag} {out}: {anc} is a file, not a folder")
+            if anc != parent:
+                raise MsfpError(f"{flag} {out}: output folder {parent} does not exist")
+            break
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".probe", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise MsfpError(f"{flag} {out}: output folder {parent} is not writable ({e.strerror or e})") from None
     return out
 
 
+def _log_dir(path: str) -> Path:
+    """--log-dir: created now (with parents) and written to once, so it cannot fail after the compile."""
+    d = Path(path)
+    for anc in [d, *d.parents]:
+        if anc.exists():
+            if not anc.is_dir():
+                raise MsfpError(f"--log-dir {d}: {anc} is a file, not a folder")
+            break
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise MsfpError(f"--log-dir {d}: cannot create it ({e.strerror or e})") from None
+    _out_path(str(d / "passes.log"), "--log-dir")
+    return d
+
+
+def _validate_compile_args(args: argparse.Namespace) -> None:
+    """Every check that needs no model, so a typo fails in a second, not after loading and calibrating."""
+    def at_least(flag: str, value: int | None, lo: int) -> None:
+        if value is not None and value < lo:
+            raise MsfpError(f"{flag} must be >= {lo} (got {value})")
+
+    at_least("--calib-samples", args.calib_samples, 1)
+    at_least("--calib-steps", args.calib_steps, 1)
+    at_least("--calib-groups", args.calib_groups, 1)
+    if args.calib_steps is not None and args.calib_groups is not None and args.calib_groups > args.calib_steps:
+        raise MsfpError(f"--calib-groups {args.calib_groups} exceeds --calib-steps {args.calib_steps} "
+                        "(each timestep group needs at least one step)")
+    at_least("--text-len", args.text_len, 1)
+    at_least("--finetune-steps", args.finetune_steps, 0)
+    for flag, value in (("--num-loras", args.num_loras), ("--lora-rank", args.lora_rank),
+                        ("--finetune-samples", args.finetune_samples),
+                        ("--finetune-sampler-steps", args.finetune_sampler_steps)):
+        at_least(flag, value, 1)
+    if not args.finetune_steps:
+        given = [f for f, v in (("--finetune-checkpoint", args.finetune_checkpoint), ("--no-dfa", args.no_dfa),
+                                ("--learn-act-scales", args.learn_act_scales)) if v]
+        if given:
+            raise MsfpError(f"{', '.join(given)} only apply to fine-tuning; add --finetune-steps N (N >= 1)")
+    for flag, on in (("--plots", args.plots), ("--dump-graph", args.dump_graph)):
+        if on and not args.log_dir:
+            raise MsfpError(f"{flag} needs --log-dir")
+    if args.tolerance is not None and not args.check:
+        raise MsfpError("--tolerance only applies with --check")
+    if args.tolerance is not None and not args.tolerance > 0:
+        raise MsfpError(f"--tolerance must be > 0 (got {args.tolerance})")
+    if args.config and not Path(args.config).is_file():
+        raise MsfpError(f"--config {args.config}: no such file")
+    if not Path(args.model).exists():
+        raise MsfpError(f"{args.model}: no such file or folder")
+
+
+def _act_formats_line(cm) -> str:
+    """'34 unsigned (ue2m2 20, ue3m1 14), 32 signed (e2m1 32), 2 at 8 bits' -- formats by name, whatever the scheme."""
+    acts = [s for s in cm.layers if s.role == "act"]
+    parts = []
+    for label, group in (("unsigned", [s for s in acts if s.bits == 4 and not s.signed]),
+                         ("signed", [s for s in acts if s.bits == 4 and s.signed])):
+        if group:
+            counts: dict[str, int] = {}
+            for s in group:
+                counts[s.fmt] = counts.get(s.fmt, 0) + 1
+            parts.append(f"{len(group)} {label} ({', '.join(f'{f} {n}' for f, n in sorted(counts.items()))})")
+    eight = sum(s.bits == 8 for s in acts)
+    if eight:
+        parts.append(f"{eight} at 8 bits")
+    return ", ".join(parts) or "none"
+
+
 def _compile(args: argparse.Namespace) -> int:
+    import time
+
+    _validate_compile_args(args)
+    out = _out_path(args.out)
+    for flag, path in (("--save-pt2", args.save_pt2), ("--finetune-checkpoint", args.finetune_checkpoint)):
+        if path:
+            _out_path(path, flag)
+    if args.log_dir:
+        _log_dir(args.log_dir)
+    log.info("msfp-compile: importing torch ...")
     from .compile import compile
+    from .calibration import default_calibration
     from .config import CalibConfig, CompileConfig, FinetuneConfig, QuantConfig
     from .load import load_model
 
-    out = _out_path(args.out)
-    if args.plots and not args.log_dir:
-        raise MsfpError("--plots needs --log-dir")
+    _quiet_libraries()
     quant = QuantConfig(scheme=args.scheme, act_formats=args.formats or None, weight_formats=args.weight_formats or None,
                         weight_granularity=args.granularity, sign_rule=args.sign_rule, keep_8bit=args.keep_8bit)
-    calib = CalibConfig(num_samples=args.calib_samples, num_steps=args.calib_steps, num_groups=args.calib_groups,
-                        scheduler=args.scheduler, seed=args.seed, text_len=args.text_len)
     ft = None
     if args.finetune_steps:
         ft = FinetuneConfig(steps=args.finetune_steps, num_loras=args.num_loras, rank=args.lora_rank,
                             dfa=not args.no_dfa, learn_act_scales=args.learn_act_scales,
                             samples=args.finetune_samples, sampler_steps=args.finetune_sampler_steps,
                             seed=args.seed, checkpoint=args.finetune_checkpoint)
-    cfg = CompileConfig(quant=quant, calib=calib, pack_weights=not args.no_pack, fold_zero_point=not args.no_fold,
-                        finetune=ft, device=args.device)
     from .device import resolve_device
 
-    resolve_device(cfg.device)  # before loading a large model: no CUDA is a one-line error
+    resolve_device(args.device)  # before loading a large model: no CUDA is a one-line error
+    t0 = time.perf_counter()
+    log.info("msfp-compile: loading %s ...", args.model)
     loaded = load_model(args.model, args.config, args.trust_pickle)
-    log.info("msfp-compile: %s (%s, %.2fM parameters), scheme %s", args.model, type(loaded.unet).__name__,
-             sum(p.numel() for p in loaded.unet.parameters()) / 1e6, args.scheme)
+    n_params = sum(p.numel() for p in loaded.unet.parameters())
+    log.info("msfp-compile: %s (%s, %.2fM parameters) loaded in %.1fs, scheme %s", args.model,
+             type(loaded.unet).__name__, n_params / 1e6, time.perf_counter() - t0, args.scheme)
+    samples, steps, groups, rule = default_calibration(n_params, args.calib_groups or 4, args.calib_samples,
+                                                       args.calib_steps)
+    # held-out trajectories only feed --check: without it they would cost calibration time for nothing
+    calib = CalibConfig(num_samples=samples, num_steps=steps, num_groups=groups, holdout_samples=2 if args.check else 0,
+                        scheduler=args.scheduler, seed=args.seed, text_len=args.text_len, note=rule)
+    cfg = CompileConfig(quant=quant, calib=calib, pack_weights=not args.no_pack, fold_zero_point=not args.no_fold,
+                        finetune=ft, device=args.device)
     cm = compile(loaded, cfg, log_dir=args.log_dir, dump_graphs=args.dump_graph)
     if args.plots:
         from .plots import write_plots
 
-        write_plots(cm, Path(args.log_dir))
-    status = 0
+        t0, c0 = time.perf_counter(), time.process_time()
+        written = write_plots(cm, Path(args.log_dir))
+        cm.log_stage("plots", time.perf_counter() - t0, {"files": len(written), "folder": str(Path(args.log_dir) /
+                     "plots")}, time.process_time() - c0)
     if args.check:
-        res = cm.check(args.tolerance)
+        tol = args.tolerance if args.tolerance is not None else 1e-3
+        c0 = time.process_time()
+        res = cm.check(tol)
+        cm.log_stage("check", res.seconds, res.info(), time.process_time() - c0, report=res.report())
         print(str(res))
         if not res.ok:
-            status = 1
+            print(f"msfp-compile: --check failed; {out} not written", file=sys.stderr)
+            return 1
     cm.save(out)
     if args.save_pt2:
         cm.save_pt2(args.save_pt2)
-    acts = [s for s in cm.layers if s.role == "act" and s.bits == 4]
     print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB): {sum(cm.onnx_op_counts.values())} msfp nodes "
-          f"{json.dumps(cm.onnx_op_counts)}; activations: {sum(not s.signed for s in acts)} unsigned, "
-          f"{sum(s.signed for s in acts)} signed FP4")
+          f"{json.dumps(cm.onnx_op_counts)}; activations: {_act_formats_line(cm)}")
     if args.summary:
         print(cm.summary_table())
-    return status
+    return 0
 
 
 def compile_main(argv: Sequence[str] | None = None) -> int:
@@ -205,29 +332,83 @@ def sample_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="onnxruntime intra-op threads")
     p.add_argument("--fast", action="store_true", help="with --backend triton: the torch.compile fast path "
                    "(bf16 activations, FP8 GEMMs; see docs/triton.md) instead of the exact Triton runner")
-    p.add_argument("-q", "--quiet", action="store_true")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     return p
 
 
+def _onnx_inputs(path: str) -> dict[str, list]:
+    """Input name -> shape of an ONNX file, read without its weights (a second, not a session)."""
+    import onnx
+
+    try:
+        m = onnx.load(path, load_external_data=False)
+    except Exception as e:  # DecodeError and friends: not an ONNX file
+        raise MsfpError(f"{path}: onnxruntime cannot load it ({str(e).splitlines()[0][:200] if str(e) else e})") from e
+    return {i.name: [d.dim_value or d.dim_param for d in i.type.tensor_type.shape.dim] for i in m.graph.input}
+
+
+def _validate_sample_args(args: argparse.Namespace) -> list[int] | None:
+    """Everything checked before a session opens (numbers, the output path, then what the model takes); returns
+    the parsed labels."""
+    for flag, value in (("--steps", args.steps), ("-n/--num", args.num), ("--threads", args.threads)):
+        if value is not None and value < 1:
+            raise MsfpError(f"{flag} must be >= 1 (got {value})")
+    labels = None
+    if args.labels is not None:
+        try:
+            labels = [int(x) for x in args.labels]
+        except ValueError:
+            raise MsfpError(f"--labels: expected integers, e.g. 0,1,2 (got {','.join(args.labels)})") from None
+        if not labels or min(labels) < 0:
+            raise MsfpError("--labels: expected non-negative integers, e.g. 0,1,2")
+    if args.class_embedding and not Path(args.class_embedding).is_file():
+        raise MsfpError(f"--class-embedding {args.class_embedding}: no such file")
+    _out_path(args.out)
+    if args.backend == "triton":
+        if labels is not None or args.class_embedding:
+            raise MsfpError("--backend triton samples unconditional models only (no --labels / --class-embedding)")
+        return labels
+    if not Path(args.model).is_file():
+        raise MsfpError(f"{args.model}: no such ONNX file")
+    inputs = _onnx_inputs(args.model)
+    cond = next((n for n in inputs if n not in ("sample", "timestep")), None)
+    for flag, given in (("--labels", labels is not None), ("--class-embedding", bool(args.class_embedding))):
+        if given and cond is None:
+            raise MsfpError(f"{flag}: {args.model} is an unconditional model (inputs sample, timestep)")
+    if cond == "encoder_hidden_states" and labels is not None and not args.class_embedding:
+        raise MsfpError(f"--labels needs --class-embedding: {args.model} takes encoder_hidden_states, and labels "
+                        "become states through the model's class-embedding table (e.g. "
+                        "examples/digits-cond/class_embedding.safetensors)")
+    if cond == "class_labels" and args.class_embedding:
+        raise MsfpError(f"--class-embedding: {args.model} takes class_labels directly; pass --labels only")
+    return labels
+
+
 def _sample(args: argparse.Namespace) -> int:
+    labels_given = _validate_sample_args(args)
+    out = _out_path(args.out)
+    if args.backend == "triton":
+        return _sample_triton(args, out)
     import torch
 
     from msfp_compiler.export.ort import OrtUNet, ddim_sample, open_session, save_grid
 
-    out = _out_path(args.out)
-    if args.steps < 1 or args.num < 1:
-        raise MsfpError("--steps and --num must be >= 1")
-    if args.backend == "triton":
-        return _sample_triton(args, out)
     unet = OrtUNet(open_session(args.model, args.threads))
     cond = None
     if unet.cond:
-        labels = torch.tensor([int(x) for x in (args.labels or [str(i % 10) for i in range(10)])])
+        labels = torch.tensor(labels_given or [i % 10 for i in range(10)])
         labels = labels.repeat((args.num + len(labels) - 1) // len(labels))[: args.num]
         if args.class_embedding:
             from safetensors.torch import load_file
 
-            table = load_file(args.class_embedding)["weight"]
+            try:
+                table = load_file(args.class_embedding)["weight"]
+            except Exception as e:
+                raise MsfpError(f"--class-embedding {args.class_embedding}: not a safetensors file with a 'weight' "
+                                f"table ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from e
+            if int(labels.max()) >= table.shape[0]:
+                raise MsfpError(f"--labels: {int(labels.max())} is out of range; the class-embedding table has "
+                                f"{table.shape[0]} classes")
             cond = table[labels].unsqueeze(1).float()
         elif unet.cond == "class_labels":
             cond = labels

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -11,17 +13,20 @@ import torch
 import torch.fx as fx
 
 from .calibration import CalibBatch, CalibrationSet, collect
-from .sampling import make_scheduler
 from .capture import UNetSignature, capture, signature_of
+from .check import CheckResult, check_onnx
 from .config import CompileConfig
 from .device import exact_fp32, move_graph, move_tensors, resolve_device
 from .errors import MsfpError
 from .load import LoadedModel
 from .pass_manager import PassManager, PassRun
 from .record import records
+from .sampling import make_scheduler
 
 __all__ = ["CompiledModel", "compile", "default_passes", "quantize_passes", "lowering_passes", "LayerSummary",
            "CheckResult"]
+
+log = logging.getLogger("msfp")
 
 
 @dataclass
@@ -35,39 +40,7 @@ class LayerSummary:
     neg_fraction: float
     mse: float
     consumers: list[str]
-
-
-@dataclass
-class CheckResult:
-    """ORT vs torch quantized graph on held-out calibration inputs, per sample.
-
-    The pass criterion is the *median* per-sample relative RMSE. Why not the max: ORT and torch sum convolutions
-    and evaluate sin/exp in different orders, so a value within an ulp of an FP4 rounding threshold can land on
-    the neighbouring grid level in one backend; that flip is a full FP4 step and propagates through the rest of
-    the UNet (a flip in the timestep embedding changes the whole sample). A lowering bug shows in every sample, a
-    threshold flip in a few, so the median catches bugs while the flips are counted and reported.
-    """
-
-    per_sample_rel_rmse: list[float]
-    max_abs: float
-    tolerance: float
-
-    @property
-    def median(self) -> float:
-        return float(torch.tensor(self.per_sample_rel_rmse).median())
-
-    @property
-    def flipped(self) -> int:
-        return sum(e > self.tolerance for e in self.per_sample_rel_rmse)
-
-    @property
-    def ok(self) -> bool:
-        return self.median <= self.tolerance
-
-    def __str__(self) -> str:
-        return (f"ORT vs torch: median rel-RMSE {self.median:.2e} (tolerance {self.tolerance:.0e}), "
-                f"max abs {self.max_abs:.3g}, {self.flipped}/{len(self.per_sample_rel_rmse)} samples with "
-                f"rounding-threshold flips")
+    name: str = ""  # readable: module path of the layer reading it (names.py)
 
 
 @dataclass
@@ -82,6 +55,14 @@ class CompiledModel:
     onnx_op_counts: dict[str, int] = field(default_factory=dict)
     scheduler_config: dict | None = None
     class_embedding: torch.Tensor | None = None
+    pass_manager: PassManager | None = None  # logs later stages (--check, plots) into the same passes.log
+
+    def log_stage(self, name: str, seconds: float, info: dict, cpu_seconds: float = 0.0,
+                  report: list[str] | None = None) -> None:
+        """Record a stage run after compile() (--check, plots) in passes.log / passes.jsonl."""
+        if self.pass_manager is not None:
+            self.pass_manager.record(name, seconds, info, cpu_seconds, report=report)
+            self.pass_runs = self.pass_manager.runs
 
     def _need_onnx(self) -> None:
         if self.onnx_model is None:
@@ -109,29 +90,17 @@ class CompiledModel:
             return self.graph_module(*args)
 
     def check(self, tolerance: float = 1e-3, batches: list[CalibBatch] | None = None) -> CheckResult:
-        """Run the ONNX in onnxruntime on held-out inputs and compare with the torch quantized graph."""
-        from msfp_compiler.export.ort import OrtUNet, session_from_model
-
-        # ORT folds the DequantizeFP4Packed bodies itself here, so the check covers every function body a plain
-        # onnxruntime.InferenceSession(path) runs (open_session's predecoding would bypass that body).
+        """Run the ONNX in onnxruntime on held-out inputs and compare it with the torch quantized graph quantizer
+        by quantizer (msfp_compiler.check): rounding flips are counted, anything else fails and is named."""
         self._need_onnx()
-        ort_unet = OrtUNet(session_from_model(self.onnx_model, predecode=False))
         batches = batches or self.calibration.holdout or self.calibration.batches[-1:]
-        errs: list[float] = []
-        max_abs = 0.0
-        for b in batches:
-            ref = self(*b.args).double()
-            out = ort_unet(*b.args).double()
-            dims = tuple(range(1, ref.dim()))
-            rel = (out - ref).pow(2).sum(dims).sqrt() / ref.pow(2).sum(dims).sqrt().clamp_min(1e-30)
-            errs += rel.tolist()
-            max_abs = max(max_abs, float((out - ref).abs().max()))
-        return CheckResult(errs, max_abs, tolerance)
+        return check_onnx(self.graph_module, self.onnx_model, batches, tolerance)
 
     def summary_table(self) -> str:
-        rows = [f"{'tensor':<48} {'role':<6} {'format':<6} {'bits':>4} {'neg%':>6} {'silu':>4} {'mse':>10}"]
+        w = max([48] + [len(s.name or s.node) for s in self.layers])
+        rows = [f"{'tensor':<{w}} {'role':<6} {'format':<6} {'bits':>4} {'neg%':>6} {'silu':>4} {'mse':>10}"]
         for s in self.layers:
-            rows.append(f"{s.node:<48} {s.role:<6} {s.fmt:<6} {s.bits:>4} {100 * s.neg_fraction:6.1f} "
+            rows.append(f"{s.name or s.node:<{w}} {s.role:<6} {s.fmt:<6} {s.bits:>4} {100 * s.neg_fraction:6.1f} "
                         f"{'yes' if s.after_silu else '':>4} {s.mse:10.3g}")
         return "\n".join(rows)
 
@@ -181,12 +150,27 @@ def _finetune(gm: fx.GraphModule, unet: torch.nn.Module, sig: UNetSignature, loa
         report += res.log_report()
 
 
+def check_layer_names(unet: torch.nn.Module, keep_8bit: tuple[str, ...]) -> None:
+    """keep_8bit names must be 'first', 'last' or module paths of layers (or of blocks holding layers)."""
+    from .names import model_layer_names, unknown_names_error
+
+    valid = model_layer_names(unet)
+    unknown = [k for k in keep_8bit if k not in ("first", "last")
+               and not any(v == k or v.startswith(k + ".") for v in valid)]
+    if unknown:
+        raise unknown_names_error("QuantConfig.keep_8bit", unknown, ["first", "last", *valid])
+
+
 def _summaries(gm: fx.GraphModule) -> list[LayerSummary]:
+    from .names import tensor_names
+
+    names = tensor_names(gm)
     out = []
     for node, rec in records(gm):
         c = rec.choice
         out.append(LayerSummary(node.name, rec.role, c.fmt, rec.bits, c.signed, rec.after_silu,
-                                rec.neg_fraction if rec.role == "act" else 0.0, c.mse, rec.consumers))
+                                rec.neg_fraction if rec.role == "act" else 0.0, c.mse, rec.consumers,
+                                names.get(node.name, node.name)))
     return out
 
 
@@ -206,6 +190,7 @@ def compile(model: torch.nn.Module | LoadedModel, config: CompileConfig | None =
     loaded = model if isinstance(model, LoadedModel) else LoadedModel(model, Path("<module>"))
     unet = loaded.unet.eval().float()
     home = next(unet.parameters()).device
+    check_layer_names(unet, config.quant.keep_8bit)  # before the minutes of calibration, not after
     sig = signature_of(unet, cond_len=config.calib.text_len)
     pm = PassManager(log_dir=log_dir, dump_graphs=dump_graphs)
     with pm.stage("capture") as (info, _):
@@ -217,10 +202,16 @@ def compile(model: torch.nn.Module | LoadedModel, config: CompileConfig | None =
         # formats, and scales agree up to float summation order.
         with exact_fp32():
             if calibration is None:
-                sched = make_scheduler(config.calib.scheduler, loaded.scheduler_config)
-                calibration = collect(unet, sig, config.calib.num_samples, config.calib.num_steps,
-                                      config.calib.seed, sched, config.calib.num_groups,
-                                      config.calib.holdout_samples, loaded.class_embedding, progress)
+                c = config.calib
+                reset_peak_rss()
+                t0, c0 = time.perf_counter(), time.process_time()
+                sched = make_scheduler(c.scheduler, loaded.scheduler_config)
+                calibration = collect(unet, sig, c.num_samples, c.num_steps, c.seed, sched, c.num_groups,
+                                      c.holdout_samples, loaded.class_embedding, progress)
+                pm.record("calibrate", time.perf_counter() - t0,
+                          {"samples": c.num_samples, "steps": c.num_steps, "groups": len(calibration.groups),
+                           "holdout_samples": c.holdout_samples, **({"size_rule": c.note} if c.note else {})},
+                          time.process_time() - c0)
             else:
                 calibration = move_tensors(calibration, device)
             gm = pm.run(move_graph(gm, device), quantize_passes(config, calibration))
@@ -234,6 +225,7 @@ def compile(model: torch.nn.Module | LoadedModel, config: CompileConfig | None =
     calibration = move_tensors(calibration, torch.device("cpu"))
     onnx_model, counts = None, {}
     if lower:
+        log.info("lowering to ONNX (torch.onnx.export) ...")
         with pm.stage("lower_onnx") as (info, _):
             example = calibration.holdout[0].args if calibration.holdout else calibration.batches[0].args
             onnx_model, counts = lower_to_onnx(gm, example, sig.input_names)
@@ -241,4 +233,4 @@ def compile(model: torch.nn.Module | LoadedModel, config: CompileConfig | None =
         if not counts:
             raise MsfpError("lowering produced no msfp nodes (nothing was quantized)")
     return CompiledModel(gm, onnx_model, sig, calibration, config, pm.runs, _summaries(gm), counts,
-                         loaded.scheduler_config, loaded.class_embedding)
+                         loaded.scheduler_config, loaded.class_embedding, pm)

@@ -83,6 +83,7 @@ class CalibConfig:
     # Tokens in the random text states that calibrate a cross-attention model without a class-embedding table
     # (the exported graph takes any length): Stable Diffusion pipelines always pass 77.
     text_len: int = 1
+    note: str = ""  # why this size (calibration.default_calibration's rule), written to passes.log
 
     def __post_init__(self) -> None:
         for name in ("num_samples", "num_steps", "num_groups", "text_len"):

@@ -17,13 +17,13 @@ from pathlib import Path
 import torch
 import torch.fx as fx
 from torch import nn
-from tqdm.auto import tqdm
 
 from .calibration import CalibrationSet
 from .capture import UNetSignature, UNetWrapper
 from .config import FinetuneConfig
 from .dfa import dfa_weights
 from .ops import QUANTIZE
+from .progress import Progress
 from .record import record_of
 from .talora import ROUTER_NAME, attach_talora, router_table, warm_start_router
 
@@ -132,6 +132,7 @@ def _train(gm, teacher, sig, data, cfg, gammas, progress) -> FinetuneResult:
             tick = now
         if cfg.checkpoint and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
             save_state(gm, cfg.checkpoint)
+    bar.close()
     for p in gm.parameters():
         p.requires_grad_(False)
     res.seconds = time.perf_counter() - t0

@@ -126,16 +126,17 @@ class PassManager:
                 (self.log_dir / f).write_text("")
 
     def record(self, name: str, seconds: float, info: dict[str, Any], cpu_seconds: float = 0.0,
-               report: Sequence[str] = ()) -> None:
-        """Log a stage that is not an fx pass (capture, ONNX lowering) in the same format; its peak RSS is the
-        peak since the previous pass or stage ended."""
+               report: Sequence[str] | None = None, *, nodes: tuple[int, int] = (0, 0)) -> None:
+        """Log a stage that is not an fx pass (capture, ONNX lowering, --check, plots) in the same format; its peak
+        RSS is the peak since the previous pass or stage ended. ``nodes``: graph size before and after, where the
+        stage has one (capture: 0 -> the captured graph)."""
         self._start_logs()
-        run = PassRun(name, seconds, peak_rss_mb(), 0, 0, False, info, cpu_seconds)
+        run = PassRun(name, seconds, peak_rss_mb(), nodes[0], nodes[1], False, info, cpu_seconds)
         reset_peak_rss()
         self.runs.append(run)
         log.info("stage %-17s %7.3fs  %s", name, seconds,
-                 " ".join(f"{k}={v}" for k, v in info.items() if not isinstance(v, list)))
-        self._write(len(self.runs) - 1, run, PassResult(None, False, info, list(report)))  # type: ignore[arg-type]
+                 " ".join(f"{k}={v}" for k, v in info.items() if not isinstance(v, (dict, list))))
+        self._write(len(self.runs) - 1, run, PassResult(None, False, info, list(report or [])))  # type: ignore[arg-type]
 
     @contextmanager
     def stage(self, name: str) -> Iterator[tuple[dict[str, Any], list[str]]]:
@@ -194,7 +195,7 @@ class PassManager:
                "nodes_before": run.nodes_before, "nodes_after": run.nodes_after, "modified": run.modified, **run.info}
         with open(self.log_dir / "passes.jsonl", "a") as f:
             f.write(json.dumps(row, sort_keys=False, default=str) + "\n")
-        nodes = f"  nodes {run.nodes_before} -> {run.nodes_after}" if run.nodes_before else ""
+        nodes = f"  nodes {run.nodes_before} -> {run.nodes_after}" if run.nodes_before or run.nodes_after else ""
         head = (f"== pass {i}: {run.name}  {run.seconds:.3f}s (CPU {run.cpu_seconds:.2f}s){nodes}  "
                 f"peak RSS {run.peak_rss_mb:.0f} MB")
         info = [f"   {k}: {v}" for k, v in run.info.items() if not isinstance(v, (dict, list))]

@@ -17,7 +17,9 @@ import torch.fx as fx
 from msfp_compiler.calibration import CalibrationSet
 from msfp_compiler.errors import MsfpError
 from msfp_compiler.layer_graph import quant_operands
+from msfp_compiler.names import tensor_names
 from msfp_compiler.pass_manager import Pass, PassResult
+from msfp_compiler.progress import Progress
 from msfp_compiler.record import META_KEY, GroupStats, TensorRecord
 
 __all__ = ["AnnotateSign"]
@@ -86,6 +88,7 @@ class AnnotateSign(Pass):
             q.producer.meta[META_KEY] = rec
         gen = torch.Generator().manual_seed(self.seed)
         report = []
+        bar = Progress(len(self.calib.batches), "activation statistics", unit="batches")
         with torch.no_grad():
             for grp in self.calib.groups:
                 for rec in watched.values():
@@ -94,12 +97,15 @@ class AnnotateSign(Pass):
                 interp = _StatsInterpreter(gm, watched, per_batch, gen)
                 for b in grp.batches:
                     interp.run(*b.args)
+                    bar.update()
+        bar.close()
+        names = tensor_names(gm)
         for node, rec in watched.items():
             for g in rec.groups:
                 if g.sample is not None and g.sample.numel():
                     lo, hi = g.min, g.max if g.max > g.min else g.min + 1e-6
                     g.hist = torch.histc(g.sample, bins=HIST_BINS, min=lo, max=hi)
-            report.append(f"{node.name:<48} min {rec.min:+9.4f} max {rec.max:+9.4f} neg {rec.neg_fraction:6.1%}"
+            report.append(f"{names.get(node.name, node.name):<56} min {rec.min:+9.4f} max {rec.max:+9.4f} neg {rec.neg_fraction:6.1%}"
                           f"{'  after SiLU' if rec.after_silu else ''}")
         info = {"activations": n_act, "weights": n_w, "after_silu": n_silu, "timestep_groups": len(self.calib.groups),
                 "calib_batches": len(self.calib.batches)}

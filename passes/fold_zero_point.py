@@ -21,6 +21,7 @@ import torch
 import torch.fx as fx
 
 from msfp_compiler.layer_graph import layer_kind
+from msfp_compiler.names import layer_names, tensor_names
 from msfp_compiler.ops import QUANTIZE, QUANTIZE_FOLDED, get_format
 from msfp_compiler.pass_manager import Pass, PassResult
 from msfp_compiler.record import record_of
@@ -65,6 +66,7 @@ class FoldZeroPoint(Pass):
         g = gm.graph
         folded = padded = 0
         report = []
+        names, layers = tensor_names(gm), layer_names(gm)
         quantizers = [n for n in g.nodes if n.op == "call_function" and n.target == QUANTIZE]
         for q in quantizers:
             src = q.args[0]
@@ -87,7 +89,8 @@ class FoldZeroPoint(Pass):
                 padded += self._fold_into(gm, u, z)
             q.target = QUANTIZE_FOLDED
             folded += 1
-            report.append(f"{src.name:<44} zp {z:+.4f} folded into {', '.join(u.name for u in users)}")
+            report.append(f"{names.get(src.name, src.name):<56} zp {z:+.4f} folded into "
+                          f"{', '.join(layers.get(u.name, u.name) for u in users)}")
         return PassResult(gm, folded > 0, {"folded": folded, "explicit_pads": padded}, report)
 
     def _fold_into(self, gm: fx.GraphModule, layer: fx.Node, z: float) -> int:

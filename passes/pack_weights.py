@@ -23,15 +23,15 @@ __all__ = ["PackWeights", "drop_unused_attrs"]
 
 
 
-def drop_unused_attrs(gm: fx.GraphModule) -> int:
-    """Remove dead nodes and the buffers/parameters no get_attr reads any more; returns bytes freed."""
+def drop_unused_attrs(gm: fx.GraphModule) -> dict[str, int]:
+    """Remove dead nodes and the buffers/parameters no get_attr reads any more; returns name -> bytes freed."""
     gm.graph.eliminate_dead_code()
     used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
-    freed = 0
+    freed = {}
     for name, buf in list(gm.named_buffers()) + list(gm.named_parameters()):
         if name not in used:
             owner_path, _, leaf = name.rpartition(".")
-            freed += buf.numel() * buf.element_size()
+            freed[name] = buf.numel() * buf.element_size()
             delattr(gm.get_submodule(owner_path) if owner_path else gm, leaf)
     return freed
 
@@ -55,11 +55,13 @@ class PackWeights(Pass):
     def call(self, gm: fx.GraphModule) -> PassResult:
         g = gm.graph
         packed = fp_bytes = packed_bytes = 0
+        weight_targets = set()
         for q in [n for n in g.nodes if n.op == "call_function" and n.target == QUANTIZE and _packable(n)]:
             w_node = q.args[0]
             rec = record_of(w_node)
             fmt = get_format(rec.choice.fmt)
             w = get_weight(gm, w_node)
+            weight_targets.add(str(w_node.target))
             codes = fmt.encode(fmt.round_to_grid(w / rec.choice.scale))
             buf = pack_codes(codes)
             name = attr_name(w_node, "packed")
@@ -72,6 +74,9 @@ class PackWeights(Pass):
             fp_bytes += w.numel() * 4
             packed_bytes += buf.numel() + rec.choice.scale.numel() * 4
         freed = drop_unused_attrs(gm)
+        # fp32_bytes: the weights packed here; other_freed_bytes: buffers earlier passes left unused (biases that
+        # fold_zero_point replaced, scales of weights now packed), dropped at the same time
         info = {"packed_weights": packed, "fp32_bytes": fp_bytes, "packed_bytes": packed_bytes,
-                "ratio": round(packed_bytes / fp_bytes, 4) if fp_bytes else None, "freed_bytes": freed}
-        return PassResult(gm, packed > 0 or freed > 0, info)
+                "ratio": round(packed_bytes / fp_bytes, 4) if fp_bytes else None,
+                "other_freed_bytes": sum(b for n, b in freed.items() if n not in weight_targets)}
+        return PassResult(gm, packed > 0 or bool(freed), info)

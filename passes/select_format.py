@@ -17,7 +17,9 @@ import torch.fx as fx
 from msfp_compiler.config import HIGH_PRECISION, QuantConfig
 from msfp_compiler.formats import parse_format
 from msfp_compiler.layer_graph import layer_kind
+from msfp_compiler.names import layer_names, tensor_names, unknown_names_error
 from msfp_compiler.pass_manager import Pass, PassResult
+from msfp_compiler.progress import Progress
 from msfp_compiler.record import QuantChoice, TensorRecord, records
 from msfp_compiler.search import SearchResult, SortedValues, exact_mse, search_scale
 
@@ -32,9 +34,23 @@ def get_weight(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
 
 
 def high_precision_layers(gm: fx.GraphModule, keep: tuple[str, ...]) -> set[str]:
-    """Names of layer nodes kept at 8 bits: 'first'/'last' conv in graph order, or explicit node names."""
+    """fx names of the layer nodes kept at 8 bits: 'first'/'last' conv in graph order, layers by module path
+    (``down_blocks.1.attentions.0.to_q``; a block path such as ``mid_block`` keeps every layer in it) or fx name.
+    Unknown names raise MsfpError with the closest layer names."""
     convs = [n.name for n in gm.graph.nodes if layer_kind(n) == "conv"]
-    out = {k for k in keep if k not in ("first", "last")}
+    layers = layer_names(gm)
+    out: set[str] = set()
+    unknown = []
+    for k in keep:
+        if k in ("first", "last"):
+            continue
+        hit = {fx_name for fx_name, path in layers.items()
+               if fx_name == k or path == k or path.split("#")[0] == k or path.startswith(k + ".")}
+        if not hit:
+            unknown.append(k)
+        out |= hit
+    if unknown:
+        raise unknown_names_error("QuantConfig.keep_8bit", unknown, ["first", "last", *layers.values()])
     if convs and "first" in keep:
         out.add(convs[0])
     if convs and "last" in keep:
@@ -65,7 +81,11 @@ class SelectFormat(Pass):
         report: list[str] = []
         n_signed = n_unsigned = n_8bit = 0
         fmt_count: dict[str, int] = {}
-        for node, rec in records(gm):
+        recs = records(gm)
+        names, layers = tensor_names(gm), layer_names(gm)
+        bar = Progress(len(recs), "format search", unit="tensors")
+        for node, rec in recs:
+            bar.update()
             eight = any(c in hp for c in rec.consumers)
             if rec.role == "weight":
                 w = get_weight(gm, node)
@@ -103,11 +123,12 @@ class SelectFormat(Pass):
                     n_signed += rec.choice.signed
             cand_txt = " ".join(f"{c}={m:.3g}" for c, m in mses.items())
             if rec.role == "act":
-                report.append(f"{node.name:<44} act    {best:<6} scale {float(scale):.4g} zp {float(zp):+.4f} "
+                report.append(f"{names.get(node.name, node.name):<56} act    {best:<6} scale {float(scale):.4g} zp {float(zp):+.4f} "
                               f"neg {rec.neg_fraction:5.1%}{' silu' if rec.after_silu else '     '} | {cand_txt}")
             else:
-                report.append(f"{node.name:<44} weight {best:<6} scale {float(res.scale.min()):.3g}.."
+                report.append(f"{names.get(node.name, node.name):<56} weight {best:<6} scale {float(res.scale.min()):.3g}.."
                               f"{float(res.scale.max()):.3g} | {cand_txt}")
+        bar.close()
         info = {"act_signed": n_signed, "act_unsigned": n_unsigned, "act_8bit": n_8bit, "formats": fmt_count,
-                "high_precision_layers": sorted(hp)}
+                "high_precision_layers": sorted(layers.get(n, n) for n in hp)}
         return PassResult(gm, bool(fmt_count), info, report)

@@ -233,7 +233,7 @@ def _work_group(nodeid: str) -> str | None:
     if "tests/passes/" in path or nodeid.endswith("test_distillation.py::test_finetune_lowers_distillation_loss"):
         return "stages_unet2d"  # (and the session's fine-tuned graph, ``tuned``)
     m = _COMPILED_PARAM.search(nodeid)
-    if m and path.endswith(("tests/export/test_onnx.py", "tests/test_pass_manager.py")):
+    if m and path.endswith(("tests/export/test_onnx.py", "tests/test_pass_manager.py", "tests/test_check.py")):
         return f"compiled_{m.group(1)}"
     return None
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from msfp_compiler.calibration import collect
+import pytest
+
+from msfp_compiler.calibration import CALIB_BUDGET, collect, default_calibration
 from msfp_compiler.capture import capture, signature_of
 from msfp_compiler.passes.annotate_sign import AnnotateSign
 from msfp_compiler.sampling import make_scheduler
@@ -27,3 +29,28 @@ def test_compile_calibrates_with_the_configured_text_length() -> None:
     cm = msfp_compile(make_unet_cond(), CompileConfig(calib=calib), progress=False)
     assert {b.cond.shape[1] for b in cm.calibration.batches + cm.calibration.holdout} == {7}
     assert cm.check().ok  # ORT vs the torch graph on the 7-token hold-out batch
+
+
+@pytest.mark.parametrize("params", [1_100_000, 35_700_000, 150_000_000])
+def test_small_models_get_the_full_default(params: int) -> None:
+    samples, steps, groups, rule = default_calibration(params)
+    assert (samples, steps, groups) == (8, 10, 4) and "default" in rule
+
+
+@pytest.mark.parametrize("params", [300_000_000, 859_520_964, 2_600_000_000])
+def test_large_models_stay_within_the_budget(params: int) -> None:
+    samples, steps, groups, rule = default_calibration(params)
+    assert samples >= 2 and steps >= groups == 4
+    assert samples * steps * params <= CALIB_BUDGET or (samples, steps) == (2, 4)  # the floor: 2 samples x groups
+    assert "scaled to the model" in rule and f"{params / 1e6:.0f}M parameters" in rule
+
+
+def test_sd15_size() -> None:
+    assert default_calibration(859_520_964)[:3] == (2, 6, 4)
+
+
+def test_given_values_are_kept() -> None:
+    assert default_calibration(859_520_964, samples=8, steps=10)[:3] == (8, 10, 4)
+    s, st, g, rule = default_calibration(859_520_964, samples=4)
+    assert s == 4 and st == 4 and "steps scaled" in rule  # 3 steps would fit; never fewer steps than groups
+    assert default_calibration(1_000_000, steps=2)[2] == 2  # groups never exceed steps

@@ -71,9 +71,14 @@ def full_run(workdir: Path, model_pt: Path) -> dict:
     lg = logging.getLogger("msfp")
     saved = (lg.handlers[:], lg.level, lg.propagate)
     so, se = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(so), contextlib.redirect_stderr(se):
-        rc = _call(compile_main, [model_pt, "--out", out, "--log-dir", logs, "--dump-graph", "--plots", "--check",
-                                  "--summary", *FAST])
+    old = os.environ.get("MSFP_PROGRESS_INTERVAL")
+    os.environ["MSFP_PROGRESS_INTERVAL"] = "0"  # a progress line at every update: stderr is not a terminal here
+    try:
+        with contextlib.redirect_stdout(so), contextlib.redirect_stderr(se):
+            rc = _call(compile_main, [model_pt, "--out", out, "--log-dir", logs, "--dump-graph", "--plots", "--check",
+                                      "--summary", *FAST])
+    finally:
+        os.environ.pop("MSFP_PROGRESS_INTERVAL") if old is None else os.environ.__setitem__("MSFP_PROGRESS_INTERVAL", old)
     lg.handlers[:], lg.level, lg.propagate = saved
     return {"rc": rc, "out": out, "logs": logs, "stdout": so.getvalue(), "stderr": se.getvalue()}
 
@@ -95,12 +100,22 @@ def test_compile_checkpoint_in_process(full_run) -> None:
     assert y.shape == (2, 1, 8, 8)
     # verbose by default: the pass log goes to stderr
     assert "select_format" in full_run["stderr"]
+    # output files get the umask's mode (0644 under umask 022), not mkstemp's 0600
+    mask = os.umask(0)
+    os.umask(mask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~mask
 
 
-def test_check_prints_ort_vs_torch_line(full_run) -> None:
-    m = re.search(r"ORT vs torch: median rel-RMSE ([0-9.e+-]+) \(tolerance ([0-9.e+-]+)\)", full_run["stdout"])
-    assert m, full_run["stdout"]
-    assert float(m.group(1)) <= float(m.group(2)) == 1e-3
+def test_progress_lines_without_a_terminal(full_run) -> None:
+    err = full_run["stderr"]
+    for what in ("calibration (", "activation statistics:", "format search:"):
+        assert re.search(rf"^{re.escape(what)}.*\d+/\d+ .*elapsed, ~.* left", err, re.M), (what, err[-3000:])
+    assert re.search(r"msfp-compile: .*model\.pt \(UNet2DModel, [0-9.]+M parameters\) loaded in", err)
+
+def test_check_prints_a_pass_line(full_run) -> None:
+    m = re.search(r"^check PASS: ORT matches torch at (\d+) quantizers and the output on (\d+) held-out samples "
+                  r"\(tolerance 1e-03\); (\d+) rounding flips", full_run["stdout"], re.M)
+    assert m and int(m.group(1)) > 0 and int(m.group(2)) == 2 * 3, full_run["stdout"]  # 2 held out x 3 steps
 
 
 def test_summary_table(full_run) -> None:
@@ -109,16 +124,27 @@ def test_summary_table(full_run) -> None:
     rows = [ln.split() for ln in lines[head + 1:] if ln.strip()]
     assert rows and {r[1] for r in rows} == {"act", "weight"}
     assert {r[2] for r in rows} <= {"e2m1", "ue3m1", "int8", "uint8"}
+    # tensors are named by module path (conv_in.input, down_blocks.0.resnets.0.conv1.input, ...), not fx nodes
+    names = [r[0] for r in rows]
+    assert "conv_in.input" in names and "conv_in.weight" in names
+    assert any(n.startswith("down_blocks.0.resnets.0.") for n in names)
+    assert not any(re.fullmatch(r"(silu|conv2d|clone|cat|transpose)(_\d+)?", n) for n in names), names
 
 
 def test_pass_logs(full_run) -> None:
     logs = full_run["logs"]
     rows = [json.loads(line) for line in (logs / "passes.jsonl").read_text().splitlines()]
     names = [r["pass"] for r in rows]
-    assert names == ["capture", *FX_PASSES, "lower_onnx"]  # one line per pass (and per non-fx stage)
+    # one line per pass and per non-fx stage, --check and --plots included
+    assert names == ["calibrate", "capture", *FX_PASSES, "lower_onnx", "plots", "check"]
     for r in rows:
         assert isinstance(r["seconds"], float) and r["seconds"] >= 0
         assert r["peak_rss_mb"] > 0
+    stage = {r["pass"]: r for r in rows}
+    assert stage["capture"]["nodes_before"] == 0 and stage["capture"]["nodes_after"] > 100  # not "0 -> 0"
+    assert stage["calibrate"]["samples"] == 2 and stage["calibrate"]["steps"] == 3
+    assert stage["check"]["ok"] is True and stage["check"]["quantizers"] > 0 and stage["plots"]["files"] > 1
+    assert stage["pack_weights"]["fp32_bytes"] > 0 and "freed_bytes" not in stage["pack_weights"]
     fx = {r["pass"]: r for r in rows if r["pass"] in FX_PASSES}
     assert all(r["nodes_after"] > 0 for r in fx.values())
     assert fx["insert_qdq"]["nodes_after"] > fx["insert_qdq"]["nodes_before"]
@@ -128,8 +154,11 @@ def test_pass_logs(full_run) -> None:
     assert [b[1] for b in blocks] == names
     assert [int(b[0]) for b in blocks] == list(range(len(names)))
     # select_format's block has one line per quantized tensor with its format
-    sel = text.split("== pass 2: select_format")[1].split("== pass 3")[0]
+    sel = text.split("== pass 3: select_format")[1].split("== pass 4")[0]
     assert re.search(r"act\s+(e2m1|ue3m1)\s+scale", sel) and "weight" in sel
+    assert re.search(r"^   down_blocks\.0\.resnets\.0\.conv1\.input\s+act ", sel, re.M), sel  # module paths
+    assert "check PASS" in text and re.search(r"== pass 0: calibrate .*\n.*samples: 2", text)
+    assert re.search(r"== pass 1: capture .*nodes 0 -> \d+", text)
 
 
 def test_dump_graph_files(full_run) -> None:
@@ -150,6 +179,7 @@ def test_plots(full_run) -> None:
     n_act = next(r for r in rows if r["pass"] == "annotate_sign")["activations"]
     hists = sorted(plots.glob("hist_*.png"))
     assert len(hists) == n_act > 0
+    assert (plots / "hist_conv_in.input.png").is_file()  # named by module path
     for p in [plots / "sign_summary.png", hists[0]]:
         with Image.open(p) as im:
             assert im.format == "PNG" and im.width > 100 and im.height > 100
@@ -245,10 +275,13 @@ def _expect_error(capsys, argv: list, out: Path, *must_contain: str, prog=compil
     before = sorted(p.name for p in folder.iterdir()) if folder else None
     rc = _call(prog, argv)
     cap = capsys.readouterr()
-    lines = cap.err.strip().splitlines()
     assert rc == 2, (rc, cap.err)
     name = "msfp-sample" if prog is sample_main else "msfp-compile"
-    assert len(lines) == 1 and lines[0].startswith(f"{name}: error: "), cap.err
+    # the error is one line, the last; what comes before it is progress ("msfp-compile: loading ..."), no traceback
+    errors = [ln for ln in cap.err.strip().splitlines() if ": error: " in ln]
+    lines = errors[-1:]
+    assert len(errors) == 1 and cap.err.strip().splitlines()[-1] == errors[0], cap.err
+    assert errors[0].startswith(f"{name}: error: ") and "Traceback" not in cap.err, cap.err
     for s in must_contain:
         assert s in lines[0], lines[0]
     assert not out.exists()
@@ -366,3 +399,177 @@ def test_sample_errors(capsys, workdir: Path) -> None:
     _expect_error(capsys, [bogus, "--out", png], png, "bogus.onnx", "onnxruntime cannot load", prog=sample_main)
     _expect_error(capsys, [bogus, "--out", workdir / "missing" / "x.png"], workdir / "missing" / "x.png",
                   "missing", prog=sample_main)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# arguments and output paths are checked before the model loads: with a corrupt model file, the error must still
+# be about the option (a check after loading would report the corrupt file instead)
+
+
+@pytest.mark.parametrize("extra,expected", [
+    (["--calib-samples", "0"], ("--calib-samples must be >= 1",)),
+    (["--calib-steps", "0"], ("--calib-steps must be >= 1",)),
+    (["--calib-groups", "0"], ("--calib-groups must be >= 1",)),
+    (["--calib-groups", "5", "--calib-steps", "3"], ("--calib-groups 5 exceeds --calib-steps 3",)),
+    (["--text-len", "0"], ("--text-len",)),
+    (["--finetune-steps", "-5"], ("--finetune-steps must be >= 0 (got -5)",)),
+    (["--finetune-steps", "3", "--num-loras", "0"], ("--num-loras must be >= 1",)),
+    (["--finetune-steps", "3", "--lora-rank", "0"], ("--lora-rank must be >= 1",)),
+    (["--no-dfa"], ("--no-dfa", "--finetune-steps")),
+    (["--tolerance", "1e-3"], ("--tolerance only applies with --check",)),
+    (["--check", "--tolerance", "0"], ("--tolerance must be > 0",)),
+    (["--dump-graph"], ("--dump-graph needs --log-dir",)),
+    (["--plots"], ("--plots needs --log-dir",)),
+    (["--config", "nope.json"], ("--config nope.json", "no such file")),
+    (["--formats", "e2m1,fp9"], ("--formats", "fp9")),
+])
+def test_error_arguments_before_loading(capsys, workdir: Path, bad_files, extra: list, expected: tuple) -> None:
+    out = _out(workdir, "args")
+    _expect_error(capsys, [bad_files["corrupt_pt"], "--out", out, *extra], out, *expected)
+
+
+@pytest.mark.parametrize("where,expected", [
+    ("folder", ("is a folder",)),
+    ("proc", ("/proc", "not writable")),
+    ("under_file", ("somefile.txt is a file, not a folder",)),
+    ("missing", ("does not exist",)),
+])
+def test_error_output_paths_before_loading(capsys, workdir: Path, bad_files, where: str, expected: tuple) -> None:
+    out = {"folder": workdir, "proc": Path("/proc/msfp_model.onnx"),
+           "under_file": bad_files["a_file"] / "model.onnx", "missing": workdir / "nope" / "model.onnx"}[where]
+    rc = _call(compile_main, [bad_files["corrupt_pt"], "--out", out])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("msfp-compile: error: --out "), err  # nothing loaded
+    for s in expected:
+        assert s in err[0], err[0]
+
+
+@pytest.mark.parametrize("flag", ["--save-pt2", "--finetune-checkpoint", "--log-dir"])
+def test_error_other_output_paths(capsys, workdir: Path, bad_files, flag: str) -> None:
+    out = _out(workdir, "other")
+    extra = ["--finetune-steps", "1"] if flag == "--finetune-checkpoint" else []
+    target = bad_files["a_file"] / "sub" / "x"
+    msg = _expect_error(capsys, [bad_files["corrupt_pt"], "--out", out, flag, target, *extra], out, flag,
+                        "somefile.txt is a file")
+    assert "Traceback" not in msg
+
+
+def test_error_log_dir_not_creatable(capsys, workdir: Path, bad_files) -> None:
+    out = _out(workdir, "logdir")
+    _expect_error(capsys, [bad_files["corrupt_pt"], "--out", out, "--log-dir", "/proc/msfp_logs"], out,
+                  "--log-dir /proc/msfp_logs")
+
+
+@pytest.mark.parametrize("keep,expected", [
+    ("first,nosuchlayer", ("--keep-8bit: unknown layer 'nosuchlayer'",)),
+    ("down_blocks.0.resnet.0.conv1", ("did you mean down_blocks.0.resnets.0.conv1",)),
+])
+def test_error_unknown_layer_names(capsys, workdir: Path, model_pt: Path, keep: str, expected: tuple) -> None:
+    out = _out(workdir, "keep")
+    _expect_error(capsys, [model_pt, "--out", out, "--keep-8bit", keep, "-q", *FAST], out, *expected)
+
+
+def test_keep_8bit_by_module_path(workdir: Path, model_pt: Path, capsys) -> None:
+    out = _out(workdir, "keep_ok")
+    rc = _call(compile_main, [model_pt, "--out", out, "--keep-8bit", "down_blocks.0.resnets.0.conv1", "-q",
+                              "--summary", *FAST])
+    so = capsys.readouterr().out
+    assert rc == 0
+    row = next(ln.split() for ln in so.splitlines() if ln.startswith("down_blocks.0.resnets.0.conv1.weight "))
+    assert row[2] == "int8" and row[3] == "8"
+
+
+def test_failed_check_prints_fail_exits_1_and_writes_nothing(workdir: Path, model_pt: Path, capsys,
+                                                             monkeypatch) -> None:
+    import onnx
+    from onnx import numpy_helper
+
+    import msfp_compiler.export.onnx as lowering
+
+    real = lowering.lower_to_onnx
+
+    def buggy(*a, **k):  # a lowering bug in one layer: one activation scale 1.5x too large
+        model, counts = real(*a, **k)
+        (nd,) = [n for n in model.graph.node if n.domain == "msfp" and n.op_type.startswith("Quantize")][2:3]
+        (t,) = [t for t in model.graph.initializer if t.name == nd.input[1]]
+        t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t) * 1.5, t.name))
+        return model, counts
+
+    monkeypatch.setattr(lowering, "lower_to_onnx", buggy)
+    out = _out(workdir, "failcheck")
+    before = sorted(p.name for p in out.parent.iterdir())
+    rc = _call(compile_main, [model_pt, "--out", out, "--check", "-q", *FAST])
+    cap = capsys.readouterr()
+    assert rc == 1, cap.err
+    assert re.search(r"^check FAIL at \S+\.input \(quantize\S*\): .*not on this quantizer's", cap.out, re.M), cap.out
+    assert "not written" in cap.err and not out.exists()
+    assert sorted(p.name for p in out.parent.iterdir()) == before
+    del onnx
+
+
+def test_activation_summary_names_formats_not_fp4() -> None:
+    from types import SimpleNamespace
+
+    from msfp_compiler.cli import _act_formats_line
+    from msfp_compiler.compile import LayerSummary
+
+    def act(fmt, bits=4):
+        return LayerSummary("n", "act", fmt, bits, not fmt.startswith("u"), False, 0.0, 0.0, [])
+
+    int4 = SimpleNamespace(layers=[act("uint4")] * 3 + [act("uint8", 8)])
+    assert _act_formats_line(int4) == "3 unsigned (uint4 3), 1 at 8 bits"
+    msfp = SimpleNamespace(layers=[act("ue2m2"), act("e2m1"), act("ue3m1"), act("e2m1")])
+    assert _act_formats_line(msfp) == "2 unsigned (ue2m2 1, ue3m1 1), 2 signed (e2m1 2)"
+
+
+def test_help_does_not_import_torch() -> None:
+    code = ("import sys; from msfp_compiler.cli import compile_parser, sample_parser; compile_parser(); "
+            "sample_parser(); print('torch' in sys.modules)")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and res.stdout.strip() == "False", res.stderr
+
+
+def test_scheme_names_match_config() -> None:
+    from msfp_compiler.cli import SCHEME_NAMES
+    from msfp_compiler.config import SCHEMES
+
+    assert sorted(SCHEME_NAMES) == sorted(SCHEMES)
+
+
+def test_library_field_names_become_flags() -> None:
+    from msfp_compiler.cli import flag_message
+
+    assert flag_message("QuantConfig.keep_8bit: unknown layer 'x'") == "--keep-8bit: unknown layer 'x'"
+    assert flag_message("CalibConfig.num_samples must be >= 1") == "--calib-samples must be >= 1"
+
+
+@pytest.fixture(scope="module")
+def cond_onnx(workdir: Path) -> Path:
+    """An ONNX that takes encoder_hidden_states (the sampler's argument checks read only the inputs)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    ins = [helper.make_tensor_value_info("sample", TensorProto.FLOAT, ["batch", 1, 8, 8]),
+           helper.make_tensor_value_info("timestep", TensorProto.INT64, ["batch"]),
+           helper.make_tensor_value_info("encoder_hidden_states", TensorProto.FLOAT, ["batch", 1, 16])]
+    g = helper.make_graph([helper.make_node("Identity", ["sample"], ["noise_pred"])], "g", ins,
+                          [helper.make_tensor_value_info("noise_pred", TensorProto.FLOAT, ["batch", 1, 8, 8])])
+    p = workdir / "cond.onnx"
+    onnx.save(helper.make_model(g), str(p))
+    return p
+
+
+@pytest.mark.parametrize("which,extra,expected", [
+    ("uncond", ["--labels", "1,2"], ("--labels", "unconditional")),
+    ("uncond", ["--class-embedding", "EMB"], ("--class-embedding", "unconditional")),
+    ("cond", ["--labels", "1,2"], ("--labels needs --class-embedding", "encoder_hidden_states")),
+    ("cond", ["--labels", "one"], ("--labels: expected integers",)),
+    ("cond", ["--steps", "0"], ("--steps must be >= 1",)),
+    ("cond", ["-n", "0"], ("-n/--num must be >= 1",)),
+    ("cond", ["--class-embedding", "missing.safetensors"], ("--class-embedding missing.safetensors", "no such file")),
+])
+def test_sample_argument_errors(capsys, workdir: Path, full_run, cond_onnx, bad_files, which, extra, expected) -> None:
+    model = full_run["out"] if which == "uncond" else cond_onnx
+    extra = [str(bad_files["a_file"]) if a == "EMB" else a for a in extra]
+    png = workdir / "args.png"
+    _expect_error(capsys, [model, "--out", png, *extra], png, *expected, prog=sample_main)

@@ -193,9 +193,11 @@ def test_run_in_parts_with_a_stage_between_keeps_one_log(tmp_path: Path) -> None
 
 def test_compile_runs_the_default_passes_in_order(compiled) -> None:
     names = [r.name for r in compiled.pass_runs]
-    assert names == ["capture", "annotate_sign", "select_format", "insert_qdq", "fold_zero_point", "pack_weights",
-                     "lower_onnx"]
+    assert names == ["calibrate", "capture", "annotate_sign", "select_format", "insert_qdq", "fold_zero_point",
+                     "pack_weights", "lower_onnx"]
     by = {r.name: r for r in compiled.pass_runs}
+    assert by["capture"].nodes_before == 0 and by["capture"].nodes_after == by["annotate_sign"].nodes_before > 0
+    assert by["calibrate"].info["samples"] == compiled.config.calib.num_samples
     assert by["insert_qdq"].info["quantize_nodes"] > 0
     assert by["lower_onnx"].info["msfp_nodes"] == compiled.onnx_op_counts
     # the per-layer summary covers every quantized tensor still in the graph

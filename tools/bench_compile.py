@@ -5,6 +5,9 @@ Models (random weights are built from configs in code; nothing is downloaded):
 - ``cifar10``: UNet2DModel of google/ddpm-cifar10-32 size (35.7M parameters), random weights
 - ``sd15``:  the Stable Diffusion 1.5 UNet2DConditionModel config (860M parameters), random weights, 64x64x4
   latents and 77x768 text states, minimal PTQ calibration (2 samples x 4 DDIM steps, 2 timestep groups)
+- ``sd15-defaults``: the same UNet with what ``msfp-compile MODEL --out X --text-len 77`` does by default: the
+  calibration size from ``calibration.default_calibration`` (scaled to the parameter count), 4 timestep groups, no
+  hold-out (no --check), every other option at its default
 
 Each model runs in its own subprocess, so its peak RSS is its own. Inside that process the kernel's peak-RSS
 counter (VmHWM) is reset before every stage (``/proc/self/clear_refs``), so "peak_rss_mb" of a stage is the peak
@@ -39,6 +42,7 @@ CALIB = {
     "demo": dict(num_samples=8, num_steps=10, num_groups=4, holdout_samples=2),
     "cifar10": dict(num_samples=8, num_steps=10, num_groups=4, holdout_samples=2),
     "sd15": dict(num_samples=2, num_steps=4, num_groups=2, holdout_samples=0, text_len=77),
+    "sd15-defaults": None,  # the CLI's default rule, see _calib_config
 }
 MODELS = tuple(CALIB)
 GOAL_SD15_SECONDS = 600.0
@@ -63,11 +67,23 @@ def _build(model: str):
 
     if model == "demo":
         return load_model(ROOT / "examples" / "digits-uncond")
-    cfg = {"cifar10": CIFAR10_DDPM_CONFIG, "sd15": SD15_UNET_CONFIG}[model]
+    cfg = {"cifar10": CIFAR10_DDPM_CONFIG, "sd15": SD15_UNET_CONFIG, "sd15-defaults": SD15_UNET_CONFIG}[model]
     torch.manual_seed(0)
     with torch.no_grad():
         unet = model_from_config(dict(cfg), f"{model} config").eval()
     return LoadedModel(unet, Path(f"<{model} config, random weights>"))
+
+
+def _calib_config(model: str, n_params: int):
+    """The calibration of a benchmark row: fixed, or (sd15-defaults) what the CLI picks without options."""
+    from msfp_compiler.calibration import default_calibration
+    from msfp_compiler.config import CalibConfig
+
+    if CALIB[model] is not None:
+        return CalibConfig(**CALIB[model])
+    samples, steps, groups, rule = default_calibration(n_params)
+    return CalibConfig(num_samples=samples, num_steps=steps, num_groups=groups, holdout_samples=0, text_len=77,
+                       note=rule)
 
 
 def run_one(model: str, out_json: Path, keep_dir: Path | None, ort_load: bool) -> None:
@@ -89,7 +105,7 @@ def run_one(model: str, out_json: Path, keep_dir: Path | None, ort_load: bool) -
     unet = loaded.unet
     n_params = sum(p.numel() for p in unet.parameters())
     fp32_bytes = sum(t.numel() * 4 for t in unet.state_dict().values() if t.is_floating_point())
-    calib_cfg = CalibConfig(**CALIB[model])
+    calib_cfg = _calib_config(model, n_params)
     cfg = CompileConfig(calib=calib_cfg)
     # Calibrated here rather than inside compile() (which does the same) to time it as its own stage.
     sig = signature_of(unet, cond_len=calib_cfg.text_len)
@@ -123,7 +139,8 @@ def run_one(model: str, out_json: Path, keep_dir: Path | None, ort_load: bool) -
         "params": n_params,
         "fp32_weight_bytes": fp32_bytes,
         "input": {"sample": [1, sig.in_channels, sig.sample_size, sig.sample_size], sig.cond or "cond": cond_shape},
-        "calibration": CALIB[model],
+        "calibration": {k: getattr(calib_cfg, k) for k in ("num_samples", "num_steps", "num_groups",
+                                                           "holdout_samples", "text_len", "note")},
         "stages": rows,  # build, calibrate, capture, each pass, lower_onnx, save[, ort_session], in order
         "compile_seconds": round(compile_s, 2),  # msfp_compiler.compile() (capture + passes + lowering)
         "cpu_seconds": round(sum(r["cpu_seconds"] for r in rows), 1),  # process CPU time, all threads, all stages
@@ -139,7 +156,7 @@ def run_one(model: str, out_json: Path, keep_dir: Path | None, ort_load: bool) -
         "loadavg_end": [round(x, 2) for x in os.getloadavg()],
         "cpu_count": os.cpu_count(),
     }
-    if model == "sd15":
+    if model.startswith("sd15"):
         # The goal is stated for the compile on a calibrated model (what `msfp-compile` does after loading):
         # calibration + capture + passes + lowering + save; building random weights is not part of it.
         goal_rows = [r for r in rows if r["name"] not in ("build", "ort_session")]

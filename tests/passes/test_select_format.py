@@ -148,7 +148,7 @@ def test_keep_8bit_first_and_last_conv(selected, stages_unet2d) -> None:
         if n.name in expected:
             assert r.choice.fmt == ("int8" if r.role == "weight" else "uint8")
     info = stages_unet2d.results["select_format"].info
-    assert info["high_precision_layers"] == sorted([first.name, last.name])
+    assert info["high_precision_layers"] == ["conv_in", "conv_out"]  # module paths, not fx names
     assert info["act_8bit"] == 2
 
 
@@ -165,6 +165,27 @@ def test_keep_8bit_none_and_by_name(stages_unet2d) -> None:
     SelectFormat(QuantConfig(keep_8bit=(linear.name,), **FAST))(gm)
     eight = {n.name for n, r in records(gm) if r.bits == 8}
     assert eight == {linear.args[0].name, linear.args[1].name}
+    # the same layer by its module path, and a block path keeps every layer under it
+    path = linear.meta["nn_module_stack"][next(reversed(linear.meta["nn_module_stack"]))][0].removeprefix("unet.")
+    gm = stages_unet2d.fresh("annotate_sign")
+    SelectFormat(QuantConfig(keep_8bit=(path,), **FAST))(gm)
+    assert {n.name for n, r in records(gm) if r.bits == 8} == eight
+    gm = stages_unet2d.fresh("annotate_sign")
+    SelectFormat(QuantConfig(keep_8bit=("mid_block",), **FAST))(gm)
+    from msfp_compiler.names import layer_names
+
+    layers = layer_names(gm)
+    mid = {n.name for n, r in records(gm) if any(layers[c].startswith("mid_block.") for c in r.consumers)}
+    assert mid and {n.name for n, r in records(gm) if r.bits == 8} == mid
+
+
+def test_keep_8bit_unknown_name_suggests_the_closest(stages_unet2d) -> None:
+    from msfp_compiler.errors import MsfpError
+
+    gm = stages_unet2d.fresh("annotate_sign")
+    with pytest.raises(MsfpError, match=r"keep_8bit: unknown layer 'mid_block.resnet.0.conv1' \(did you mean "
+                                        r"mid_block.resnets.0.conv1"):
+        SelectFormat(QuantConfig(keep_8bit=("first", "mid_block.resnet.0.conv1"), **FAST))(gm)
 
 
 def test_stats_sign_rule_limits_unsigned(stages_unet2d) -> None:
