@@ -105,36 +105,39 @@ def collect(unet: torch.nn.Module, sig: UNetSignature, num_samples: int = 8, num
     g = torch.Generator().manual_seed(seed)
     model = UNetWrapper(unet, sig).eval()
     total = num_samples + holdout_samples
-    # The calibration samples are drawn first and the held-out ones after them, so the calibration data (and the
-    # compiled model) do not depend on how many samples are held out (msfp-compile holds out only for --check).
+    # The calibration samples are drawn first and the held-out ones after them, and the two sets run as separate
+    # batches (a batch's float results depend on its size), so the calibration data and the compiled model do not
+    # depend on how many samples are held out (msfp-compile holds out only for --check).
     shape = (sig.in_channels, sig.sample_size, sig.sample_size)
     x = torch.randn(num_samples, *shape, generator=g)
     cond = make_cond(sig, num_samples, g, class_embedding)
-    if holdout_samples:
-        x = torch.cat([x, torch.randn(holdout_samples, *shape, generator=g)])
-        hc = make_cond(sig, holdout_samples, g, class_embedding)
-        cond = torch.cat([cond, hc]) if cond is not None else None
+    xh = torch.randn(holdout_samples, *shape, generator=g) if holdout_samples else None
+    ch = make_cond(sig, holdout_samples, g, class_embedding) if holdout_samples else None
     # Drawn on the CPU, run on the model's device: a CPU and a GPU calibration start from the same numbers.
     device = next(unet.parameters()).device
-    x = x.to(device)
-    cond = cond.to(device) if cond is not None else None
     steps: list[CalibBatch] = []
     holdout: list[CalibBatch] = []
 
-    def eps_fn(inp: torch.Tensor, tt: torch.Tensor) -> torch.Tensor:
-        """The FP prediction, keeping every step's input (the first num_samples rows for the search)."""
-        eps = model(inp, tt, cond)
-        if not torch.isfinite(eps).all():
-            raise MsfpError(f"non-finite noise prediction during calibration at timestep {int(tt[0])} (check the weights)")
-        c = cond[:num_samples] if cond is not None else None
-        steps.append(CalibBatch(inp[:num_samples].clone(), tt[:num_samples], c))
-        if holdout_samples:
-            hc = cond[num_samples:] if cond is not None else None
-            holdout.append(CalibBatch(inp[num_samples:].clone(), tt[num_samples:], hc))
-        return eps
+    def run(x0: torch.Tensor, c0: torch.Tensor | None, keep: list[CalibBatch], bar: Progress) -> None:
+        x0 = x0.to(device)
+        c0 = c0.to(device) if c0 is not None else None
 
-    with Progress(num_steps, f"calibration ({total} samples x {num_steps} steps)", progress, unit="steps") as bar:
-        sample(eps_fn, x, scheduler, num_steps, on_step=bar.update)
+        def eps_fn(inp: torch.Tensor, tt: torch.Tensor) -> torch.Tensor:
+            """The FP prediction, keeping every step's input."""
+            eps = model(inp, tt, c0)
+            if not torch.isfinite(eps).all():
+                raise MsfpError(f"non-finite noise prediction during calibration at timestep {int(tt[0])} "
+                                "(check the weights)")
+            keep.append(CalibBatch(inp.clone(), tt, c0))
+            return eps
+
+        sample(eps_fn, x0, scheduler, num_steps, on_step=bar.update)
+
+    with Progress(num_steps * (2 if holdout_samples else 1), f"calibration ({total} samples x {num_steps} steps)",
+                  progress, unit="steps") as bar:
+        run(x, cond, steps, bar)
+        if holdout_samples:
+            run(xh, ch, holdout, bar)
     num_groups = max(1, min(num_groups, len(steps)))
     bounds = torch.linspace(0, len(steps), num_groups + 1).round().long().tolist()
     groups = []

@@ -227,7 +227,7 @@ def compile(model: torch.nn.Module | LoadedModel, config: CompileConfig | None =
     if lower:
         log.info("lowering to ONNX (torch.onnx.export) ...")
         with pm.stage("lower_onnx") as (info, _):
-            example = calibration.holdout[0].args if calibration.holdout else calibration.batches[0].args
+            example = calibration.batches[0].args  # not the hold-out: --check must not change the model
             onnx_model, counts = lower_to_onnx(gm, example, sig.input_names)
             info.update(msfp_nodes=counts, onnx_nodes=len(onnx_model.graph.node))
         if not counts:

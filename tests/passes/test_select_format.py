@@ -215,8 +215,11 @@ def test_report_logs_format_scale_zero_point_candidates_and_neg_fraction(stages_
     res = stages_unet2d.results["select_format"]
     recs = records(selected)
     assert len(res.report) == len(recs)
+    from msfp_compiler.names import tensor_names
+
+    names = tensor_names(selected)
     for line, (n, r) in zip(res.report, recs):
-        assert line.startswith(n.name) and r.choice.fmt in line
+        assert line.startswith(names[n.name] + " ") and r.choice.fmt in line  # module path, not the fx name
         if r.role == "act":
             assert "scale" in line and "zp" in line and "neg" in line
             assert all(f"{c}=" in line for c in r.choice.candidates_mse)
