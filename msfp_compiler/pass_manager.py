@@ -147,7 +147,8 @@ class PassManager:
         reset_peak_rss()
         t0, c0 = time.perf_counter(), time.process_time()
         yield info, report
-        self.record(name, time.perf_counter() - t0, info, time.process_time() - c0, report)
+        nodes = (0, int(info.get("nodes", 0))) if name == "capture" else (0, 0)  # capture makes the graph
+        self.record(name, time.perf_counter() - t0, info, time.process_time() - c0, report, nodes=nodes)
 
     def __call__(self, gm: fx.GraphModule) -> fx.GraphModule:
         return self.run(gm, self.passes)

@@ -136,7 +136,7 @@ def test_pass_logs(full_run) -> None:
     rows = [json.loads(line) for line in (logs / "passes.jsonl").read_text().splitlines()]
     names = [r["pass"] for r in rows]
     # one line per pass and per non-fx stage, --check and --plots included
-    assert names == ["calibrate", "capture", *FX_PASSES, "lower_onnx", "plots", "check"]
+    assert names == ["capture", "calibrate", *FX_PASSES, "lower_onnx", "plots", "check"]
     for r in rows:
         assert isinstance(r["seconds"], float) and r["seconds"] >= 0
         assert r["peak_rss_mb"] > 0
@@ -157,8 +157,8 @@ def test_pass_logs(full_run) -> None:
     sel = text.split("== pass 3: select_format")[1].split("== pass 4")[0]
     assert re.search(r"act\s+(e2m1|ue3m1)\s+scale", sel) and "weight" in sel
     assert re.search(r"^   down_blocks\.0\.resnets\.0\.conv1\.input\s+act ", sel, re.M), sel  # module paths
-    assert "check PASS" in text and re.search(r"== pass 0: calibrate .*\n.*samples: 2", text)
-    assert re.search(r"== pass 1: capture .*nodes 0 -> \d+", text)
+    assert "check PASS" in text and re.search(r"== pass 1: calibrate .*\n.*samples: 2", text)
+    assert re.search(r"== pass 0: capture .*nodes 0 -> \d+", text)
 
 
 def test_dump_graph_files(full_run) -> None:

@@ -193,7 +193,7 @@ def test_run_in_parts_with_a_stage_between_keeps_one_log(tmp_path: Path) -> None
 
 def test_compile_runs_the_default_passes_in_order(compiled) -> None:
     names = [r.name for r in compiled.pass_runs]
-    assert names == ["calibrate", "capture", "annotate_sign", "select_format", "insert_qdq", "fold_zero_point",
+    assert names == ["capture", "calibrate", "annotate_sign", "select_format", "insert_qdq", "fold_zero_point",
                      "pack_weights", "lower_onnx"]
     by = {r.name: r for r in compiled.pass_runs}
     assert by["capture"].nodes_before == 0 and by["capture"].nodes_after == by["annotate_sign"].nodes_before > 0
