@@ -19,7 +19,7 @@ from .config import CompileConfig
 from .device import exact_fp32, move_graph, move_tensors, resolve_device
 from .errors import MsfpError
 from .load import LoadedModel
-from .pass_manager import PassManager, PassRun
+from .pass_manager import PassManager, PassRun, reset_peak_rss
 from .record import records
 from .sampling import make_scheduler
 
