@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 import torch.fx as fx
 from torch import nn
+from tqdm.auto import tqdm
 
 from .calibration import CalibrationSet
 from .capture import UNetSignature, UNetWrapper
