@@ -319,7 +319,7 @@ def _spatial(node: fx.Node) -> tuple[int, int] | None:
 
 
 def _fuse_one(gm: fx.GraphModule, node: fx.Node, kind: str, weights: str, dtype: torch.dtype) -> FastGemm | str:
-    from .runtime import _const, _match_act, _match_weight
+    from .runtime import _const, _match_act, _match_weight, conv_geometry
 
     args = list(node.args)
     inp = args[0]
@@ -350,18 +350,10 @@ def _fuse_one(gm: fx.GraphModule, node: fx.Node, kind: str, weights: str, dtype:
         if w.codes.dim() != 3 or w.codes.shape[-1] % 16 or n % 16:
             return "linear weight not 2-D with K, N multiples of 16 (FP8 GEMM)"
         return FastGemm(w.codes, w.scale, w.fmt, a_s, a_z, act.fmt, bias, act.folded, weights, dtype=dtype)
-    stride, padding, dilation, groups = (list(args[3]) if len(args) > 3 else [1, 1],
-                                         list(args[4]) if len(args) > 4 else [0, 0],
-                                         list(args[5]) if len(args) > 5 else [1, 1],
-                                         args[6] if len(args) > 6 else 1)
-    if groups != 1 or any(d != 1 for d in dilation) or w.codes.dim() != 5:
-        return "grouped/dilated conv"
-    stride = stride * 2 if len(stride) == 1 else stride
-    padding = padding * 2 if len(padding) == 1 else padding
-    if any(padding) and any(pads):
-        return "explicit pad and conv padding together"
-    if any(padding):
-        pads = (padding[1], padding[1], padding[0], padding[0])
+    geom = conv_geometry(args, w.codes, pads)
+    if isinstance(geom, str):
+        return geom
+    stride, pads = geom
     c, kh, kw = w.codes.shape[2:]
     if (c * kh * kw) % 16 or n % 16:
         return "conv K or N not a multiple of 16 (FP8 GEMM)"

@@ -331,6 +331,27 @@ def _match_weight(gm: fx.GraphModule, node: Any) -> _Weight | str:
     return _Weight(codes, scale, fmts.pop(), select)
 
 
+def conv_geometry(args: Sequence[Any], codes: torch.Tensor, pads: tuple[int, ...]
+                  ) -> tuple[list[int], tuple[int, ...]] | str:
+    """(stride, F.pad-order padding) of an ``aten.conv2d`` call the fused kernels take, or why not.
+
+    ``pads`` is an explicit ``constant_pad_nd`` in front of the conv (FoldZeroPoint(pad_convs=True)); a conv may
+    have that or its own padding, not both."""
+    stride, padding, dilation, groups = (list(args[3]) if len(args) > 3 else [1, 1],
+                                         list(args[4]) if len(args) > 4 else [0, 0],
+                                         list(args[5]) if len(args) > 5 else [1, 1],
+                                         args[6] if len(args) > 6 else 1)
+    if groups != 1 or any(d != 1 for d in dilation) or codes.dim() != 5:
+        return "grouped/dilated conv"
+    stride = stride * 2 if len(stride) == 1 else stride
+    padding = padding * 2 if len(padding) == 1 else padding
+    if any(padding) and any(pads):
+        return "explicit pad and conv padding together"
+    if any(padding):
+        pads = (padding[1], padding[1], padding[0], padding[0])
+    return stride, pads
+
+
 class TritonRunner:
     """Runs a quantized GraphModule on the GPU: msfp ops through Triton, quantized linear/conv as W4A4 FP8 GEMMs.
 
@@ -411,18 +432,10 @@ class TritonRunner:
                                mode=weight_mode)
             mod: torch.nn.Module = W4A4Linear(wp, precise)
         else:
-            stride, padding, dilation, groups = (list(args[3]) if len(args) > 3 else [1, 1],
-                                                 list(args[4]) if len(args) > 4 else [0, 0],
-                                                 list(args[5]) if len(args) > 5 else [1, 1],
-                                                 args[6] if len(args) > 6 else 1)
-            if groups != 1 or any(d != 1 for d in dilation) or w.codes.dim() != 5:
-                return "grouped/dilated conv"
-            stride = stride * 2 if len(stride) == 1 else stride
-            padding = padding * 2 if len(padding) == 1 else padding
-            if any(padding) and any(pads):
-                return "explicit pad and conv padding together"
-            if any(padding):
-                pads = (padding[1], padding[1], padding[0], padding[0])
+            geom = conv_geometry(args, w.codes, pads)
+            if isinstance(geom, str):
+                return geom
+            stride, pads = geom
             flat = w.codes.permute(0, 1, 3, 4, 2).reshape(sets, n, -1)  # K as (kh, kw, c): NHWC im2col order
             z_valid = 0.0 if act.folded else float(act.zero_point)
             if any(pads):
