@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import json
 import math
 import platform
@@ -38,8 +37,11 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from msfp_compiler.digits import NULL_CLASS, NUM_CLASSES, DigitClassifier, save_classifier  # noqa: E402
+from msfp_compiler.digits import DigitClassifier, save_classifier  # noqa: E402
 from msfp_compiler.mnist import MNIST_SIZE, load_mnist_images  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ddpm_training import DDPMTrainer, with_class_embedding  # noqa: E402
 
 CROSS_ATTENTION_DIM = 128
 
@@ -85,51 +87,23 @@ def train_unet(args) -> dict:
     images, labels = (t.to(device) for t in load_mnist_images())
     unet = build_unet(args.what).to(device).train()
     scheduler = build_scheduler()
-    trainable = nn.ModuleDict({"unet": unet})
-    if args.what == "cond":
-        emb = nn.Embedding(NUM_CLASSES + 1, CROSS_ATTENTION_DIM)
-        nn.init.normal_(emb.weight, std=1.0)
-        trainable["class_embedding"] = emb.to(device)
-    ema = copy.deepcopy(trainable).eval().requires_grad_(False)
-    params, ema_params = list(trainable.parameters()), list(ema.parameters())
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-2)
-    abar = scheduler.alphas_cumprod.float().to(device)
-    sqrt_ac, sqrt_1mac = abar.sqrt(), (1 - abar).sqrt()
-    n_train = scheduler.config.num_train_timesteps
+    tr = DDPMTrainer(with_class_embedding(unet, CROSS_ATTENTION_DIM if args.what == "cond" else None), scheduler,
+                     images, labels, gen, args.lr, args.warmup_steps, args.batch_size, args.ema_decay,
+                     args.cond_dropout, autocast=lambda: _autocast(device, args.bf16))
+    ema = tr.ema
     budget = args.minutes * 60.0
     t0 = time.perf_counter()
-    step, curve, window = 0, [], []
-    while time.perf_counter() - t0 < budget and (args.max_steps is None or step < args.max_steps):
-        for g in opt.param_groups:
-            g["lr"] = args.lr * min(1.0, (step + 1) / args.warmup_steps)
-        idx = torch.randint(0, images.shape[0], (args.batch_size,), generator=gen, device=device)
-        x0 = images[idx]
-        noise = torch.randn(x0.shape, generator=gen, device=device)
-        t = torch.randint(0, n_train, (args.batch_size,), generator=gen, device=device)
-        xt = sqrt_ac[t].view(-1, 1, 1, 1) * x0 + sqrt_1mac[t].view(-1, 1, 1, 1) * noise
-        with _autocast(device, args.bf16):
-            if args.what == "uncond":
-                pred = unet(xt, t).sample
-            else:
-                y = labels[idx].clone()
-                y[torch.rand(args.batch_size, generator=gen, device=device) < args.cond_dropout] = NULL_CLASS
-                pred = unet(xt, t, encoder_hidden_states=trainable["class_embedding"](y).unsqueeze(1)).sample
-            loss = F.mse_loss(pred.float(), noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        decay = min(args.ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            torch._foreach_lerp_(ema_params, [p.detach() for p in params], 1.0 - decay)
-        step += 1
-        window.append(loss.detach())
+    curve, window = [], []
+    while time.perf_counter() - t0 < budget and (args.max_steps is None or tr.steps < args.max_steps):
+        window.append(tr.step())
+        step = tr.steps
         if step % args.log_every == 0:
             mean = float(torch.stack(window).mean())
             window = []
             curve.append([step, round(mean, 5)])
             el = time.perf_counter() - t0
             print(f"[{args.what}] step {step} loss {mean:.4f} {step / el:.1f} steps/s {el:.0f}s", flush=True)
+    step = tr.steps
     if device.type == "cuda":
         torch.cuda.synchronize()
     wall = time.perf_counter() - t0

@@ -18,7 +18,6 @@ Example:
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import platform
@@ -27,13 +26,15 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from msfp_compiler.digits import NULL_CLASS, NUM_CLASSES, load_digit_images  # noqa: E402
+from msfp_compiler.digits import NULL_CLASS, load_digit_images  # noqa: E402
 from msfp_compiler.sampling import make_scheduler  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ddpm_training import DDPMTrainer, with_class_embedding  # noqa: E402
 
 CROSS_ATTENTION_DIM = 64
 
@@ -101,61 +102,27 @@ def main(argv: list[str] | None = None) -> None:
     images, labels = load_digit_images(args.size)
     unet = build_unet(args.kind, args.size).train()
     scheduler = build_scheduler()
-    trainable: nn.ModuleDict = nn.ModuleDict({"unet": unet})
-    if args.kind == "cond":
-        # +1 row: the null class used for label dropout.
-        emb = nn.Embedding(NUM_CLASSES + 1, CROSS_ATTENTION_DIM)
-        nn.init.normal_(emb.weight, std=1.0)
-        trainable["class_embedding"] = emb
-    ema = copy.deepcopy(trainable).eval().requires_grad_(False)
-    params = list(trainable.parameters())
-    ema_params = list(ema.parameters())
-
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-2)
-    alphas_cumprod = scheduler.alphas_cumprod.float()
-    sqrt_ac, sqrt_1mac = alphas_cumprod.sqrt(), (1 - alphas_cumprod).sqrt()
-    n_train = scheduler.config.num_train_timesteps
+    # +1 embedding row: the null class used for label dropout.
+    tr = DDPMTrainer(with_class_embedding(unet, CROSS_ATTENTION_DIM if args.kind == "cond" else None), scheduler,
+                     images, labels, gen, args.lr, args.warmup_steps, args.batch_size, args.ema_decay,
+                     args.cond_dropout)
+    ema = tr.ema
 
     budget = args.minutes * 60.0
     t0 = time.perf_counter()
-    step, losses = 0, []
+    losses = []
     smooth = None
     bar = tqdm(total=int(budget), unit="s", desc=f"train {args.kind}", dynamic_ncols=True, mininterval=5.0)
     last_tick = 0
-    while True:
-        elapsed = time.perf_counter() - t0
-        if elapsed >= budget or (args.max_steps is not None and step >= args.max_steps):
-            break
-        for g in opt.param_groups:  # linear warmup, then constant (the run length is time-based)
-            g["lr"] = args.lr * min(1.0, (step + 1) / args.warmup_steps)
-        idx = torch.randint(0, images.shape[0], (args.batch_size,), generator=gen)
-        x0 = images[idx]
-        noise = torch.randn(x0.shape, generator=gen)
-        t = torch.randint(0, n_train, (args.batch_size,), generator=gen)
-        xt = sqrt_ac[t].view(-1, 1, 1, 1) * x0 + sqrt_1mac[t].view(-1, 1, 1, 1) * noise
-        if args.kind == "uncond":
-            pred = unet(xt, t).sample
-        else:
-            y = labels[idx].clone()
-            y[torch.rand(args.batch_size, generator=gen) < args.cond_dropout] = NULL_CLASS
-            pred = unet(xt, t, encoder_hidden_states=trainable["class_embedding"](y).unsqueeze(1)).sample
-        loss = F.mse_loss(pred, noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        # EMA with a warmup so early (bad) weights do not dominate a short run.
-        decay = min(args.ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            torch._foreach_lerp_(ema_params, [p.detach() for p in params], 1.0 - decay)
-        step += 1
-        losses.append(loss.item())
+    while time.perf_counter() - t0 < budget and (args.max_steps is None or tr.steps < args.max_steps):
+        losses.append(tr.step().item())
         smooth = losses[-1] if smooth is None else 0.98 * smooth + 0.02 * losses[-1]
         now = int(time.perf_counter() - t0)
         if now > last_tick:
             bar.update(min(now, int(budget)) - last_tick)
             last_tick = min(now, int(budget))
-            bar.set_postfix(step=step, loss=f"{smooth:.4f}", refresh=False)
+            bar.set_postfix(step=tr.steps, loss=f"{smooth:.4f}", refresh=False)
+    step = tr.steps
     bar.close()
     wall = time.perf_counter() - t0
 
