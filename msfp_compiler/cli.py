@@ -53,6 +53,7 @@ FIELD_FLAGS = {
     "FinetuneConfig.steps": "--finetune-steps", "FinetuneConfig.num_loras": "--num-loras",
     "FinetuneConfig.rank": "--lora-rank", "FinetuneConfig.samples": "--finetune-samples",
     "FinetuneConfig.sampler_steps": "--finetune-sampler-steps", "FinetuneConfig.checkpoint": "--finetune-checkpoint",
+    "load_model.config": "--config", "load_model.trust_pickle": "--trust-pickle",
 }
 
 

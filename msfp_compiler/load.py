@@ -106,7 +106,7 @@ def load_model(path: str | Path, config: str | Path | None = None, trust_pickle:
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
         if config is None:
-            raise MsfpError(f"{path}: a .safetensors model needs --config CONFIG.json")
+            raise MsfpError(f"{path}: a .safetensors model needs load_model.config (its config JSON)")
         unet = model_from_config(_read_json(Path(config)), str(config))
         _load_state(unet, _read_safetensors(path), str(path))
         return LoadedModel(unet, path)
@@ -125,7 +125,7 @@ def _load_pt(path: Path, trust_pickle: bool) -> LoadedModel:
         if "Unsupported global" not in str(e):
             raise MsfpError(corrupt) from e
         if not trust_pickle:
-            raise MsfpError(f"{path}: holds pickled objects beyond tensors and dicts; pass --trust-pickle "
+            raise MsfpError(f"{path}: holds pickled objects beyond tensors and dicts; set load_model.trust_pickle "
                             "only if you trust this file (unpickling runs code)") from e
         raise MsfpError(f"{path}: cannot unpickle ({str(e).splitlines()[0]})") from e
     except Exception as e:  # garbage makes the unpickler raise anything: IndexError, KeyError, UnicodeDecodeError...

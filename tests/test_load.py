@@ -64,14 +64,14 @@ def test_safetensors_with_config(small, tmp_path: Path) -> None:
     (tmp_path / "c.json").write_text(json.dumps(dict(small.config), default=list))
     loaded = load_model(tmp_path / "w.safetensors", tmp_path / "c.json")
     assert _same_weights(loaded.unet, small)
-    with pytest.raises(MsfpError, match="needs --config"):
+    with pytest.raises(MsfpError, match="needs load_model.config"):
         load_model(tmp_path / "w.safetensors")
 
 
 def test_pickled_module_only_with_trust(small, tmp_path: Path) -> None:
     p = tmp_path / "module.pt"
     torch.save(small, p)
-    with pytest.raises(MsfpError, match="--trust-pickle"):
+    with pytest.raises(MsfpError, match="load_model.trust_pickle"):
         load_model(p)
     loaded = load_model(p, trust_pickle=True)
     assert _same_weights(loaded.unet, small)
