@@ -22,6 +22,8 @@ into OUT/quality_mnist.json + quality_mnist.md (PSNR vs the FP32 samples of the 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
 import os
 import statistics
@@ -53,6 +55,31 @@ CLASSIFIER = ROOT / "examples" / "mnist_classifier.safetensors"
 
 def slug(name: str) -> str:
     return name.lower().replace(" + ", "_").replace(" ", "_")
+
+
+@contextlib.contextmanager
+def gpu_slot(folder: Path, slots: int, gpu: str):
+    """Hold one of ``slots`` lock files of this GPU while sampling (0: no limit). Sampling saturates the GPU, so a
+    few tasks at a time finish as fast in total as all at once, but they finish one after another (a time limit
+    then cuts whole tasks, not every task) and their activations need not all fit in GPU memory together."""
+    if slots <= 0:
+        yield
+        return
+    while True:
+        for k in range(slots):
+            fh = open(folder / f".gpu{gpu}_slot{k}.lock", "w")
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                fh.close()
+                continue
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+                fh.close()
+            return
+        time.sleep(0.5)
 
 
 @torch.no_grad()
@@ -124,19 +151,23 @@ def run_task(model_key: str, seed: int, row: Row, args) -> dict:
         info["signed_acts"] = sum(s.signed for s in acts)
         if check:
             chk = cm.check()
-            info["onnx_check"] = {"median_rel_rmse": chk.median, "max_abs": chk.max_abs, "flipped": chk.flipped,
-                                  "samples": len(chk.per_sample_rel_rmse), "tolerance": chk.tolerance, "ok": chk.ok}
+            info["onnx_check"] = chk.info()  # per-quantizer verdict (msfp_compiler.check): flips counted, not failed
             print(f"{tag}: {chk}", flush=True)
         eps_fn = move_graph(cm.graph_module, device)
     t1 = time.perf_counter()
-    imgs = ddim(eps_fn, n, args.steps, seed, cond, loaded.scheduler_config, shape, device, args.batch)
-    info["sample_seconds"] = round(time.perf_counter() - t1, 2)
-    clf = load_classifier(args.classifier).to(device)
-    real, _ = load_mnist_images(sig.sample_size)
-    real_feats = classifier_features(clf, real.to(device)).cpu()
-    info["fid"] = frechet_distance(classifier_features(clf, imgs.to(device)).cpu(), real_feats)
-    if cond is not None:
-        info["label_accuracy"] = classifier_accuracy(clf, imgs.to(device), labels)
+    with gpu_slot(args.out, args.gpu_slots if device.type == "cuda" else 0, os.environ.get("CUDA_VISIBLE_DEVICES", "")):
+        info["slot_wait_seconds"] = round(time.perf_counter() - t1, 2)
+        t1 = time.perf_counter()
+        # Sampling repeats one batch shape 50 times: let cuDNN pick its fastest convolutions (summation order only).
+        torch.backends.cudnn.benchmark = device.type == "cuda"
+        imgs = ddim(eps_fn, n, args.steps, seed, cond, loaded.scheduler_config, shape, device, args.batch)
+        info["sample_seconds"] = round(time.perf_counter() - t1, 2)
+        clf = load_classifier(args.classifier).to(device)
+        real, _ = load_mnist_images(sig.sample_size)
+        real_feats = classifier_features(clf, real.to(device)).cpu()
+        info["fid"] = frechet_distance(classifier_features(clf, imgs.to(device)).cpu(), real_feats)
+        if cond is not None:
+            info["label_accuracy"] = classifier_accuracy(clf, imgs.to(device), labels)
     torch.save(imgs.half(), args.out / f"samples_{model_key}_{seed}_{slug(row.name)}.pt")
     if seed == args.grid_seed:
         from msfp_compiler.export.ort import save_grid
@@ -146,6 +177,14 @@ def run_task(model_key: str, seed: int, row: Row, args) -> dict:
     print(f"{tag}: FID {info['fid']:.3f}" + (f" acc {info['label_accuracy']:.4f}" if cond is not None else "")
           + f" ({info['task_seconds']:.0f}s)", flush=True)
     return info
+
+
+def visible_gpus() -> list[str]:
+    """CUDA_VISIBLE_DEVICES values, one per GPU the tasks may use (the parent never touches the GPU itself)."""
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env:
+        return [g.strip() for g in env.split(",") if g.strip()]
+    return [str(i) for i in range(torch.cuda.device_count())]
 
 
 @torch.no_grad()
@@ -249,6 +288,10 @@ def markdown(res: dict) -> str:
               f"sampling noise). Fine-tuning {st['finetune_steps']} steps at batch {st['finetune_batch']}, LoRA rank "
               f"{st['lora_rank']}, {st['finetune_samples']} FP trajectories; calibration {st['calib_samples']} "
               f"samples x {st['calib_steps']} steps; device {st['device']}.", ""]
+    missing = {k: st.get(k) or [] for k in ("failed_tasks", "cut_at_time_limit", "not_started")}
+    if any(missing.values()):
+        lines += ["Incomplete run: " + "; ".join(f"{k.replace('_', ' ')}: {', '.join(v)}" for k, v in missing.items()
+                                                if v) + ". Each row shows the seeds that finished.", ""]
     ref = st.get("reference_fid")
     if ref:
         floor = ref[f"real_{st['samples']}_vs_all"]
@@ -277,7 +320,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-tf32", dest="tf32", action="store_false", help="plain FP32 convolutions while sampling")
     p.add_argument("--check-seeds", default="0", help="seeds whose rows are checked in onnxruntime")
     p.add_argument("--grid-seed", type=int, default=0)
-    p.add_argument("--jobs", type=int, default=1, help="parallel task processes")
+    p.add_argument("--jobs", type=int, default=1, help="parallel task processes (spread over the visible GPUs)")
+    p.add_argument("--gpu-slots", type=int, default=4, help="tasks sampling on one GPU at a time (0: no limit)")
+    p.add_argument("--time-limit", type=float, default=None, metavar="S",
+                   help="seconds: launch no task in the last --launch-margin seconds, stop the tasks still running "
+                        "at S and merge what finished (each finished task has its file already)")
+    p.add_argument("--launch-margin", type=float, default=90.0, metavar="S")
     p.add_argument("--task", default=None, help=argparse.SUPPRESS)  # "model:seed:row", set by the parent
     p.add_argument("--threads", type=int, default=2, help="CPU threads per task process")
     p.add_argument("--merge-only", action="store_true", help="only merge the task files already in --out")
@@ -312,28 +360,49 @@ def main(argv: list[str] | None = None) -> int:
         tasks = []
     base = list(argv if argv is not None else sys.argv[1:])
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(args.threads)}
+    gpus = visible_gpus() if not args.merge_only and resolve_device(args.device).type == "cuda" else []
+    deadline = t0 + args.time_limit if args.time_limit else float("inf")
     running: list[tuple[tuple, subprocess.Popen]] = []
-    failed = []
-    for m, s, r in tasks:
-        while len([q for _, q in running if q.poll() is None]) >= args.jobs:
+    failed, cut, skipped = [], [], []
+    for i, (m, s, r) in enumerate(tasks):
+        while len([q for _, q in running if q.poll() is None]) >= args.jobs and time.perf_counter() < deadline:
             time.sleep(0.2)
+        if time.perf_counter() > deadline - args.launch_margin:
+            skipped.append(f"{m}:{s}:{r.name}")
+            continue
         log = open(args.out / f"log_{m}_{s}_{slug(r.name)}.txt", "w")
         alias = next(a for a, name in ALIASES.items() if name == r.name)
+        task_env = {**env, "CUDA_VISIBLE_DEVICES": gpus[i % len(gpus)]} if len(gpus) > 1 else env
         running.append(((m, s, r.name), subprocess.Popen([sys.executable, __file__, *base, "--task", f"{m}:{s}:{alias}"],
-                                                       stdout=log, stderr=subprocess.STDOUT, env=env)))
+                                                       stdout=log, stderr=subprocess.STDOUT, env=task_env)))
     for key, q in running:
-        if q.wait() != 0:
+        try:
+            rc = q.wait(timeout=max(0.0, deadline - time.perf_counter()) if deadline < float("inf") else None)
+        except subprocess.TimeoutExpired:
+            q.terminate()
+            try:
+                q.wait(10)
+            except subprocess.TimeoutExpired:
+                q.kill()
+                q.wait()
+            cut.append(":".join(map(str, key)))
+            continue
+        if rc != 0:
             failed.append(":".join(map(str, key)))
     settings = {k: getattr(args, k) for k in ("samples", "steps", "batch", "calib_samples", "calib_steps",
                                               "finetune_steps", "finetune_samples", "finetune_batch", "lora_rank",
                                               "lora_lr", "device", "tf32")}
     settings["seeds"] = seeds
     settings["wall_seconds"] = None if args.merge_only else round(time.perf_counter() - t0, 1)
+    if not args.merge_only:
+        settings.update(failed_tasks=failed, cut_at_time_limit=cut, not_started=skipped, gpus=len(gpus) or None)
     settings["reference_fid"] = reference_fids(args.classifier, args.samples)
     if torch.cuda.is_available():
         settings["gpu"] = torch.cuda.get_device_name()
     res = merge(args.out, settings)
     print((args.out / "quality_mnist.md").read_text())
+    if cut or skipped:
+        print(f"time limit: {len(cut)} task(s) stopped, {len(skipped)} not started", file=sys.stderr)
     if failed:
         print(f"failed tasks: {', '.join(failed)} (see {args.out}/log_*.txt)", file=sys.stderr)
         return 1
