@@ -216,8 +216,14 @@ def _grid_units(y: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor | None) -
 
 
 def _judge(fmt_name: str, o: torch.Tensor, t: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor | None,
-           x_t: torch.Tensor | None, x_o: torch.Tensor | None, drift_bound: float) -> tuple[int, str | None]:
-    """(flips, problem) for ORT output o vs torch output t of one quantizer; see the module docstring."""
+           x_t: torch.Tensor | None, x_o: torch.Tensor | None, drift_bound: float,
+           zp_in: torch.Tensor | None = None) -> tuple[int, str | None]:
+    """(flips, problem) for ORT output o vs torch output t of one quantizer; see the module docstring.
+
+    ``zp`` is the zero point in the *output* (None for quantize_folded, whose output is scale * level), ``zp_in``
+    the one subtracted from the *input* before rounding (the quantizer's zero point, folded or not; defaults to
+    ``zp``): a folded quantizer's thresholds sit at zp_in + scale * midpoint in input units."""
+    zp_in = zp if zp_in is None else zp_in
     if o.shape != t.shape:
         return 0, f"ORT value has shape {tuple(o.shape)}, torch {tuple(t.shape)}"
     if not torch.isfinite(o).all():
@@ -251,9 +257,9 @@ def _judge(fmt_name: str, o: torch.Tensor, t: torch.Tensor, scale: torch.Tensor,
     eps = _EPS * thr.abs().clamp_min(1.0)
     if x_t is None:  # dequantized weights: same codes in, nothing may differ
         return 0, f"{n_flip} of {o.numel()} decoded weight values differ from torch by one grid step"
-    vin_t = _grid_units(x_t, scale, zp).expand_as(vt)[flip]
+    vin_t = _grid_units(x_t, scale, zp_in).expand_as(vt)[flip]
     if x_o is not None:
-        vin_o = _grid_units(x_o, scale, zp).expand_as(vt)[flip]
+        vin_o = _grid_units(x_o, scale, zp_in).expand_as(vt)[flip]
         ok = (thr >= torch.minimum(vin_o, vin_t) - eps) & (thr <= torch.maximum(vin_o, vin_t) + eps)
     else:
         bound = (drift_bound / scale.double().abs()).expand_as(vt)[flip]
@@ -294,7 +300,8 @@ class _ForcingInterpreter(fx.Interpreter):
         c.elements += o.numel()
         packed = _target_name(n) in _PACKED_TARGETS
         scale = self.env[n.args[1]]
-        zp = None if packed or _target_name(n) == "msfp.quantize_folded" else self.env[n.args[2]]
+        zp_in = None if packed else self.env[n.args[2]]
+        zp = None if _target_name(n) == "msfp.quantize_folded" else zp_in
         x_t = None if packed else self.env[n.args[0]]
         x_o = self.ort_in.get(n)
         if n in self.const_in:  # the ONNX reads the same constant (a weight): no input drift at all
@@ -308,7 +315,7 @@ class _ForcingInterpreter(fx.Interpreter):
                              f"{self.tol:.0e}): the float layers before it diverge (its input is {src.name}"
                              f"{' in ' + path if (path := module_path(src)) else ''})")
         drift = self.tol * float(x_t.abs().max()) if x_t is not None and x_t.numel() else 0.0
-        flips, problem = _judge(_fmt_of(n), o, out, scale, zp, x_t, x_o if x_o is not None else None, drift)
+        flips, problem = _judge(_fmt_of(n), o, out, scale, zp, x_t, x_o if x_o is not None else None, drift, zp_in)
         c.flips += flips
         if problem and c.problem is None:
             c.problem = problem

@@ -260,6 +260,40 @@ def _ms(vals: list[float], fmt: str = "{:.2f}") -> tuple[float, float, str]:
     return m, s, (fmt.format(m) + " ± " + fmt.format(s)) if len(vals) > 1 else fmt.format(m)
 
 
+def _check_cell(row: dict) -> str:
+    chk = [c for c in row.get("onnx_check", []) if c]
+    if not chk:
+        return "—"
+    c = chk[0]
+    return ("PASS" if c["ok"] else "**FAIL**") + f" ({c['flips']} flips)"
+
+
+def compare(a: list[float], b: list[float]) -> str:
+    """'lower' / 'higher' when the seeds' ranges of a and b are disjoint, else 'tie' (a difference inside the
+    seeds' spread)."""
+    if max(a) < min(b):
+        return "lower"
+    if min(a) > max(b):
+        return "higher"
+    return "tie"
+
+
+def goal_lines(table: dict) -> list[str]:
+    """The issue's goals for one model, each with its verdict (ties called ties)."""
+    out = []
+    fid = {k: v["fid"] for k, v in table.items()}
+    if "FP32" in fid and "MSFP + TALoRA + DFA" in fid:
+        r = statistics.fmean(fid["MSFP + TALoRA + DFA"]) / statistics.fmean(fid["FP32"])
+        out.append(f"- MSFP + TALoRA + DFA / FP32 mean FID: {r:.3f} (goal <= 1.10: {'met' if r <= 1.10 else 'missed'})")
+    for a, b in (("MSFP PTQ", "FP4 signed PTQ"), ("MSFP PTQ", "INT4 PTQ"), ("MSFP + TALoRA + DFA", "MSFP + LoRA")):
+        if a in fid and b in fid:
+            d = statistics.fmean(fid[a]) - statistics.fmean(fid[b])
+            v = compare(fid[a], fid[b])
+            word = {"lower": "below", "higher": "ABOVE", "tie": "tie (the seeds' ranges overlap)"}[v]
+            out.append(f"- {a} vs {b}: {d:+.2f} FID, {word}")
+    return out
+
+
 def markdown(res: dict) -> str:
     lines: list[str] = []
     st = res["settings"]
@@ -271,8 +305,8 @@ def markdown(res: dict) -> str:
         fp = statistics.fmean(table["FP32"]["fid"]) if "FP32" in table else None
         lines += [f"### mnist-{model} (W4A4, first/last conv 8-bit, {st['samples']} samples, DDIM {st['steps']})", "",
                   "| method | FID (MNIST-classifier features) ↓ | / FP32 | PSNR vs FP32 (dB) ↑ |"
-                  + (" label acc ↑ |" if cond else "") + " seeds |",
-                  "|---|---|---|---|" + ("---|" if cond else "") + "---|"]
+                  + (" label acc ↑ |" if cond else "") + " ORT check (seed 0) | seeds |",
+                  "|---|---|---|---|" + ("---|" if cond else "") + "---|---|"]
         for name in ROWS:
             r = table.get(name)
             if not r:
@@ -282,8 +316,8 @@ def markdown(res: dict) -> str:
             ps = [p for p in r.get("psnr_vs_fp32", []) if p is not None]
             ptxt = _ms(ps)[2] if ps else "—"
             acc = f" {_ms([100 * a for a in r['label_accuracy']], '{:.1f}')[2]}% |" if cond else ""
-            lines.append(f"| {name} | {txt} | {ratio} | {ptxt} |{acc} {len(r['fid'])} |")
-        lines += [""]
+            lines.append(f"| {name} | {txt} | {ratio} | {ptxt} |{acc} {_check_cell(r)} | {len(r['fid'])} |")
+        lines += ["", *goal_lines(table), ""]
     lines += [f"Mean ± standard deviation over seeds {st['seeds']} (each seed: calibration and fine-tuning seed and "
               f"sampling noise). Fine-tuning {st['finetune_steps']} steps at batch {st['finetune_batch']}, LoRA rank "
               f"{st['lora_rank']}, {st['finetune_samples']} FP trajectories; calibration {st['calib_samples']} "
