@@ -39,6 +39,8 @@ from msfp_compiler.formats import FPFormat, IntFormat
 from msfp_compiler.ops import get_format
 from msfp_compiler.talora import chosen_set
 
+from .fast_ops import e4m3_lut, pack_halves  # also defines torch.ops.msfp_fast.*
+
 __all__ = ["grid_round", "fake_quant", "grid_e4m3", "FastGemm", "FastUNet", "build_fast", "FastReport",
            "weight_bytes"]
 
@@ -200,11 +202,9 @@ class FastGemm(torch.nn.Module):
         self.register_buffer("scale_b", (self.a_scale * w_scale.double()).float().reshape(s, 1, n))
         if weights == "fp8":
             self.register_buffer("w8", table[codes.long()].to(_FP8).contiguous())
-        elif weights == "packed":
-            if k % 2:
-                raise ValueError("packed weights need an even K")
-            self.register_buffer("packed", (codes[..., 0::2] | (codes[..., 1::2] << 4)).to(torch.uint8).contiguous())
-            self.register_buffer("lut", get_format(wfmt).code_table.float())
+        elif weights == "packed":  # decoded per step by one bandwidth-bound Triton kernel (w4_decode)
+            self.register_buffer("packed", pack_halves(codes))
+            self.register_buffer("lut", e4m3_lut(wfmt))
         else:
             raise ValueError(f"unknown weights mode {weights!r} (packed or fp8)")
         zmap = None
@@ -219,9 +219,7 @@ class FastGemm(torch.nn.Module):
         if self.weights == "fp8":
             w = self.w8
             return w[0] if self.sets == 1 else w.index_select(0, set_index.reshape(1).long())[0]
-        p = self.packed[0] if self.sets == 1 else self.packed.index_select(0, set_index.reshape(1).long())[0]
-        codes = torch.stack([p & 15, p >> 4], dim=-1).reshape(self.n, self.k)
-        return self.lut[codes.long()].to(_FP8)
+        return torch.ops.msfp_fast.decode_w4(self.packed, self.lut, None if self.sets == 1 else set_index)
 
     def _pick(self, t: torch.Tensor, set_index: torch.Tensor | None) -> torch.Tensor:
         return t[0] if self.sets == 1 else t.index_select(0, set_index.reshape(1).long())[0]
@@ -255,12 +253,11 @@ class FastGemm(torch.nn.Module):
         b, c, h, w = g.shape
         ho = (h + top + bottom - kh) // sh + 1
         wo = (w + left + right - kw) // sw + 1
-        nhwc = g.permute(0, 2, 3, 1)
+        nhwc = g.permute(0, 2, 3, 1).to(_FP8).contiguous()  # Inductor fuses this store into the producer
         if kh == kw == sh == sw == 1 and not any(self.conv["pads"]):
-            return nhwc.reshape(-1, c).to(_FP8).contiguous(), (b, ho, wo)
-        xp = F.pad(nhwc, (0, 0, left, right, top, bottom))
-        cols = [xp[:, i:i + sh * (ho - 1) + 1:sh, j:j + sw * (wo - 1) + 1:sw, :] for i in range(kh) for j in range(kw)]
-        return torch.cat(cols, dim=-1).reshape(b * ho * wo, kh * kw * c).to(_FP8), (b, ho, wo)
+            return nhwc.reshape(-1, c), (b, ho, wo)
+        cols = torch.ops.msfp_fast.im2col_e4m3(nhwc, [kh, kw], [sh, sw], [left, right, top, bottom])
+        return cols, (b, ho, wo)
 
 
 def _zmap(w_deq: torch.Tensor, c: int, h: int, w: int, kernel: tuple[int, int], stride: tuple[int, int],

@@ -1,0 +1,100 @@
+"""torch.library ops of the fast path: the Triton kernels Inductor should not regenerate, as opaque ops.
+
+``msfp_fast::decode_w4`` (packed 4-bit weights -> E4M3 [N, K], kernel in ``w4_decode``) and
+``msfp_fast::im2col_e4m3`` (NHWC E4M3 -> im2col rows, kernel in ``im2col``). Each has a fake implementation
+(shapes only) so torch.compile traces through it and Inductor fuses the code around it, a CUDA implementation that
+launches the Triton kernel (captured by CUDA graphs like any launch), and the reference in torch ops for every other
+device (CPU tests, eager CPU runs). The Triton modules are imported on first CUDA use only: their kernels must be
+defined after a test has chosen the interpreter (TRITON_INTERPRET is read when a kernel is defined).
+
+Packed layout ("halves"): a row of K codes is K/2 bytes, byte j holding code j in its low nibble and code j + K/2
+in its high nibble, so the decode writes two contiguous runs per row (no nibble interleave).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from msfp_compiler.ops import get_format
+
+__all__ = ["decode_w4", "im2col_e4m3", "conv_out_size", "pack_halves", "unpack_halves", "e4m3_lut"]
+
+_FP8 = torch.float8_e4m3fn
+
+
+def pack_halves(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 codes [..., K] (K even) -> [..., K/2] bytes: code j low nibble, code j + K/2 high nibble."""
+    k = codes.shape[-1]
+    if k % 2:
+        raise ValueError(f"packed weights need an even K, got {k}")
+    c = codes.to(torch.uint8)
+    return (c[..., : k // 2] | (c[..., k // 2:] << 4)).contiguous()
+
+
+def unpack_halves(packed: torch.Tensor) -> torch.Tensor:
+    """The inverse of pack_halves: [..., K/2] bytes -> uint8 codes [..., K]."""
+    return torch.cat([packed & 15, packed >> 4], dim=-1)
+
+
+def e4m3_lut(fmt: str) -> torch.Tensor:
+    """uint8 [16]: the E4M3 bit pattern of each code's value (codes past the table map to 0)."""
+    table = get_format(fmt).code_table.float()
+    bits = table.to(_FP8).view(torch.uint8)
+    if not torch.equal(bits.view(_FP8).float(), table):
+        raise ValueError(f"format {fmt} is not exact in E4M3")
+    lut = torch.zeros(16, dtype=torch.uint8)
+    lut[: bits.numel()] = bits
+    return lut
+
+
+def conv_out_size(h: int, w: int, kernel: list[int], stride: list[int], pads: list[int]) -> tuple[int, int]:
+    """(Ho, Wo) of a conv over [H, W] with pads (left, right, top, bottom)."""
+    left, right, top, bottom = pads
+    return (h + top + bottom - kernel[0]) // stride[0] + 1, (w + left + right - kernel[1]) // stride[1] + 1
+
+
+@torch.library.custom_op("msfp_fast::decode_w4", mutates_args=())
+def decode_w4(packed: torch.Tensor, lut: torch.Tensor, set_index: torch.Tensor | None = None) -> torch.Tensor:
+    """packed uint8 [S, N, K/2], lut uint8 [16], set_index int64 [1] or None (set 0) -> E4M3 [N, K], row-major."""
+    p = packed[0] if set_index is None else packed.index_select(0, set_index.reshape(1).long())[0]
+    return lut[unpack_halves(p).long()].view(_FP8)
+
+
+@decode_w4.register_kernel("cuda")
+def _decode_w4_cuda(packed: torch.Tensor, lut: torch.Tensor, set_index: torch.Tensor | None = None) -> torch.Tensor:
+    from .w4_decode import decode_w4_triton
+
+    return decode_w4_triton(packed, lut, set_index)
+
+
+@decode_w4.register_fake
+def _decode_w4_fake(packed: torch.Tensor, lut: torch.Tensor, set_index: torch.Tensor | None = None) -> torch.Tensor:
+    return packed.new_empty((packed.shape[1], 2 * packed.shape[2]), dtype=_FP8)
+
+
+@torch.library.custom_op("msfp_fast::im2col_e4m3", mutates_args=())
+def im2col_e4m3(x: torch.Tensor, kernel: list[int], stride: list[int], pads: list[int]) -> torch.Tensor:
+    """x E4M3 [B, H, W, C] -> [B*Ho*Wo, kh*kw*C] (K ordered kh, kw, c; padding E4M3 +0.0); pads (l, r, t, b)."""
+    b, h, w, c = x.shape
+    ho, wo = conv_out_size(h, w, kernel, stride, pads)
+    left, right, top, bottom = pads
+    xp = F.pad(x.contiguous().view(torch.uint8), (0, 0, left, right, top, bottom))
+    sh, sw = stride
+    cols = [xp[:, i:i + sh * (ho - 1) + 1:sh, j:j + sw * (wo - 1) + 1:sw, :]
+            for i in range(kernel[0]) for j in range(kernel[1])]
+    return torch.cat(cols, dim=-1).reshape(b * ho * wo, -1).view(x.dtype)
+
+
+@im2col_e4m3.register_kernel("cuda")
+def _im2col_cuda(x: torch.Tensor, kernel: list[int], stride: list[int], pads: list[int]) -> torch.Tensor:
+    from .im2col import im2col_triton
+
+    return im2col_triton(x, kernel, stride, pads)
+
+
+@im2col_e4m3.register_fake
+def _im2col_fake(x: torch.Tensor, kernel: list[int], stride: list[int], pads: list[int]) -> torch.Tensor:
+    b, h, w, c = x.shape
+    ho, wo = conv_out_size(h, w, kernel, stride, pads)
+    return x.new_empty((b * ho * wo, kernel[0] * kernel[1] * c))

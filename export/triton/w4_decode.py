@@ -1,0 +1,50 @@
+"""Packed 4-bit weight codes -> the E4M3 B operand of an FP8 GEMM, one bandwidth-bound Triton kernel per layer.
+
+Layout ("halves"): a row of K codes is stored as K/2 bytes, byte j holding code j in its low nibble and code
+j + K/2 in its high nibble. The decode then writes two contiguous runs per row (no interleave of nibbles, no
+transpose), every load and store coalesced: 0.5 byte read and 1 byte written per weight. Each code maps to its
+E4M3 bit pattern through a 16-byte table (``fast_ops.e4m3_lut``: every 4-bit grid value here is exact in E4M3).
+
+This replaces the decode Inductor generated from pointwise torch ops, which it fused horizontally with the
+activation's quantization (both feed the same ``_scaled_mm``) into kernels ~20x slower than the traffic allows.
+``fast_ops`` registers the launcher as the torch.library op ``msfp_fast::decode_w4`` (opaque to Inductor, captured
+by CUDA graphs); the Triton interpreter runs it on the CPU for the tests.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["decode_w4_triton"]
+
+
+@triton.jit
+def _decode_kernel(p_ptr, lut_ptr, set_ptr, out_ptr, half, total, HAS_SET: tl.constexpr, BLOCK: tl.constexpr):
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = i < total
+    base = 0
+    if HAS_SET:  # TALoRA: the set is chosen on the device (timestep table), so no host sync and no copy of the set
+        base = tl.load(set_ptr).to(tl.int64) * total
+    p = tl.load(p_ptr + base + i, mask=mask, other=0).to(tl.int32)
+    lo = tl.load(lut_ptr + (p & 15))
+    hi = tl.load(lut_ptr + (p >> 4))
+    o = i + (i // half) * half  # row n, byte j: out[n * K + j] and out[n * K + j + K/2]
+    tl.store(out_ptr + o, lo, mask=mask)
+    tl.store(out_ptr + o + half, hi, mask=mask)
+
+
+def decode_w4_triton(packed: torch.Tensor, lut: torch.Tensor, set_index: torch.Tensor | None = None,
+                     block: int = 4096) -> torch.Tensor:
+    """packed uint8 [S, N, K/2] (fast_ops.pack_halves layout), lut uint8 [16] (fast_ops.e4m3_lut), set_index int64 [1] or None (set
+    0) -> E4M3 [N, K], row-major (its transpose is the column-major B that ``torch._scaled_mm`` wants)."""
+    s, n, half = packed.shape
+    out = torch.empty((n, 2 * half), dtype=torch.float8_e4m3fn, device=packed.device)
+    total = n * half
+    if total == 0:
+        return out
+    sel = set_index if set_index is not None else packed
+    _decode_kernel[(triton.cdiv(total, block),)](packed, lut, sel, out.view(torch.uint8), half, total,
+                                                 HAS_SET=set_index is not None, BLOCK=block, num_warps=8)
+    return out

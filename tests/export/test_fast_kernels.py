@@ -1,0 +1,74 @@
+"""The fast path's own Triton kernels (export/triton/w4_decode.py, im2col.py) against their torch references
+(export/triton/fast_ops.py), bit-exact. Without CUDA they run in Triton's interpreter on small shapes."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+pytest.importorskip("triton", reason="triton is not installed")
+
+from msfp_compiler.export.triton import fast_ops as O  # noqa: E402
+from msfp_compiler.export.triton.im2col import im2col_triton  # noqa: E402
+from msfp_compiler.export.triton.w4_decode import decode_w4_triton  # noqa: E402
+from msfp_compiler.ops import get_format  # noqa: E402
+
+if not CUDA and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("no CUDA and TRITON_INTERPRET is off", allow_module_level=True)
+
+DEV = torch.device("cuda" if CUDA else "cpu")
+
+
+def _u8(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.uint8).cpu()
+
+
+@pytest.mark.parametrize("fmt", ["e2m1", "e1m2", "e3m0", "ue2m2", "ue4m0", "int4", "uint4"])
+def test_e4m3_lut_and_halves_roundtrip(fmt: str) -> None:
+    table = get_format(fmt).code_table.float()
+    lut = O.e4m3_lut(fmt)
+    assert torch.equal(lut[: table.numel()].view(torch.float8_e4m3fn).float(), table)
+    codes = torch.randint(0, table.numel(), (3, 5, 22), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    packed = O.pack_halves(codes)
+    assert packed.shape == (3, 5, 11) and torch.equal(O.unpack_halves(packed), codes)
+
+
+@pytest.mark.parametrize("fmt,sets,n,k,block", [("e2m1", 1, 5, 34, 16), ("e1m2", 3, 7, 16, 32),
+                                                 ("int4", 2, 3, 64, 4096), ("ue4m0", 1, 1, 2, 16)])
+def test_decode_w4_bit_exact(fmt: str, sets: int, n: int, k: int, block: int) -> None:
+    gen = torch.Generator().manual_seed(1)
+    levels = get_format(fmt).code_table.numel()
+    codes = torch.randint(0, levels, (sets, n, k), generator=gen, dtype=torch.uint8)
+    packed, lut = O.pack_halves(codes).to(DEV), O.e4m3_lut(fmt).to(DEV)
+    ref_values = get_format(fmt).code_table.float()[codes.long()]
+    for s in range(sets):
+        sel = torch.tensor([s], device=DEV) if sets > 1 else None
+        got = decode_w4_triton(packed, lut, sel, block=block)
+        assert got.shape == (n, k) and got.dtype == torch.float8_e4m3fn and got.is_contiguous()
+        assert torch.equal(got.float().cpu(), ref_values[s])
+        assert torch.equal(_u8(got), _u8(torch.ops.msfp_fast.decode_w4(packed.cpu(), lut.cpu(), None if sel is None
+                                                                         else sel.cpu())))
+
+
+@pytest.mark.parametrize("kernel,stride,pads,c", [((3, 3), (1, 1), (1, 1, 1, 1), 20), ((3, 3), (2, 2), (1, 1, 1, 1), 16),
+                                                  ((3, 3), (2, 2), (0, 1, 0, 1), 32), ((1, 1), (2, 2), (0, 0, 0, 0), 8),
+                                                  ((2, 3), (1, 2), (2, 0, 1, 1), 48)])
+def test_im2col_bit_exact(kernel, stride, pads, c) -> None:
+    gen = torch.Generator().manual_seed(2)
+    x = (torch.randn(2, 5, 7, c, generator=gen) * 4).to(torch.float8_e4m3fn)
+    ref = torch.ops.msfp_fast.im2col_e4m3(x, list(kernel), list(stride), list(pads))
+    got = im2col_triton(x.to(DEV), list(kernel), list(stride), list(pads), bm=16, bc=16)
+    assert got.shape == ref.shape and got.dtype == torch.float8_e4m3fn
+    assert torch.equal(_u8(got), _u8(ref))
+    # the reference against a float conv: each row is the conv window (padding = 0)
+    w = torch.randn(3, c, *kernel, generator=gen, dtype=torch.float64)
+    conv = torch.nn.functional.conv2d(torch.nn.functional.pad(x.double().permute(0, 3, 1, 2), pads), w, stride=stride)
+    gemm = ref.double() @ w.permute(0, 2, 3, 1).reshape(3, -1).T
+    assert torch.allclose(gemm.reshape(2, *conv.shape[2:], 3).permute(0, 3, 1, 2), conv, atol=1e-9)
