@@ -74,7 +74,7 @@ def cuda_graph(fn: Callable[..., Any], args: tuple) -> Callable[[], Any]:
     return g.replay
 
 
-def profile_table(fn: Callable[[], Any], mark_step: bool, rows: int = 30) -> tuple[str, list[dict]]:
+def profile_table(fn: Callable[[], Any], mark_step: bool, rows: int = 60) -> tuple[str, list[dict]]:
     """Device time per kernel name over 5 steps (torch.profiler), as a table and as rows."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -103,10 +103,14 @@ def profile_table(fn: Callable[[], Any], mark_step: bool, rows: int = 30) -> tup
 def categorize(rows: list[dict]) -> dict[str, float]:
     """Kernel time per step by kind (name patterns of cuBLAS/CUTLASS/cuDNN/flash/Inductor kernels)."""
     cats = {"gemm_fp8": 0.0, "gemm_bf16": 0.0, "conv": 0.0, "attention": 0.0, "layout": 0.0, "norm_pointwise": 0.0,
-            "other": 0.0}
+            "weight_decode": 0.0, "im2col": 0.0, "other": 0.0}
     for r in rows:
         k = r["kernel"].lower()
-        if "flash" in k or "fmha" in k or "attention" in k:
+        if k.startswith("_decode_kernel"):  # export/triton/w4_decode.py
+            c = "weight_decode"
+        elif k.startswith("_im2col_kernel"):  # export/triton/im2col.py
+            c = "im2col"
+        elif "flash" in k or "fmha" in k or "attention" in k:
             c = "attention"
         elif ("e4m3" in k or "f8" in k or "fp8" in k or "scaled_mm" in k) and ("gemm" in k or "mm" in k or "cutlass" in k
                                                                              or "sm90" in k):
@@ -246,84 +250,30 @@ def main(argv: list[str] | None = None) -> int:
     xs = {b: inputs(b, example) for b in batches}
     compiled: dict[tuple[str, int], Any] = {}
     rows = {b: {"batch": b} for b in batches}
+    profiles: dict[str, Any] = {}
+    unet = None
+    # one batch size at a time (compile, time, profile, baselines), so a run cut short keeps whole rows
     with torch.no_grad():
         for b in batches:
+            row = rows[b]
             for wmode, fast in fasts.items():
-                try:
-                    t0 = time.perf_counter()
-                    cf = torch.compile(fast, mode=args.fast_mode)
-                    for _ in range(2):
-                        torch.compiler.cudagraph_mark_step_begin()
-                        cf(*xs[b])
-                    torch.cuda.synchronize()
-                    rows[b][f"w4a4_{wmode}_compile_s"] = round(time.perf_counter() - t0, 1)
-                    compiled[(wmode, b)] = cf
-                    log(f"batch {b}: W4A4 ({wmode}) torch.compile({args.fast_mode}): "
-                        f"{rows[b][f'w4a4_{wmode}_compile_s']} s")
-                except Exception as e:  # noqa: BLE001
-                    rows[b][f"w4a4_{wmode}_error"] = repr(e)[:3000]
-                    traceback.print_exc()
-        rec.put("rows", list(rows.values()))
-        if warm is not None:
-            t0 = time.perf_counter()
-            rec.put("warm_baseline_rc", warm.wait())
-            log(f"waited {time.perf_counter() - t0:.1f} s for the baseline warm-up process")
-
-        # ---- timings, same process, same inputs ----------------------------------------------------------------
-        unet = build_sd15().unet.to("cuda", torch.bfloat16).eval()
-
-        def bf16_step(s, t, c):
-            return unet(s, t, encoder_hidden_states=c, return_dict=False)[0]
-
-        profiles: dict[str, Any] = {}
-        for b in batches:
-            row, x, xb = rows[b], xs[b], bf16_inputs(xs[b])
-            try:
-                replay = cuda_graph(bf16_step, xb)
-                row["bf16_cudagraph"] = time_ms(replay, args.iters)
-                row["bf16_cudagraph_ms"] = row["bf16_cudagraph"]["median_ms"]
-                del replay
-            except Exception as e:  # noqa: BLE001
-                row["bf16_cudagraph_error"] = repr(e)[:3000]
-                traceback.print_exc()
-            log(f"batch {b}: bf16 eager+CUDA graph {row.get('bf16_cudagraph_ms')} ms")
-            for wmode in fasts:
-                cf = compiled.get((wmode, b))
+                cf = compile_fast(fast, xs[b], args.fast_mode, row, wmode)
                 if cf is None:
                     continue
-                try:
-                    row[f"w4a4_{wmode}"] = time_ms(lambda: cf(*x), args.iters, mark_step=True)
-                    log(f"batch {b}: W4A4 ({wmode}) {row[f'w4a4_{wmode}']['median_ms']} ms")
-                    if args.profile and wmode == head and b in (max(batches), min(batches)):
-                        table, prow = profile_table(lambda: cf(*x), mark_step=True)
-                        profiles[f"w4a4_b{b}"] = {"table": table, "by_kind": categorize(prow), "rows": prow[:80]}
-                        log(table)
-                except Exception as e:  # noqa: BLE001
-                    row[f"w4a4_{wmode}_error"] = repr(e)[:3000]
-                    traceback.print_exc()
+                compiled[(wmode, b)] = cf
+                if warm is not None:  # its autotuning must not share the GPU with the timings
+                    t0 = time.perf_counter()
+                    rec.put("warm_baseline_rc", warm.wait())
+                    log(f"waited {time.perf_counter() - t0:.1f} s for the baseline warm-up process")
+                    warm = None
+                prof = profiles if args.profile and wmode == head else None
+                time_fast(cf, xs[b], row, wmode, args.iters, prof)
             row["w4a4_ms"] = row.get(f"w4a4_{head}", {}).get("median_ms")
-            try:
-                t0 = time.perf_counter()
-                cb = torch.compile(unet, mode=args.baseline_mode)
-                for _ in range(2):
-                    torch.compiler.cudagraph_mark_step_begin()
-                    cb(*xb[:2], encoder_hidden_states=xb[2], return_dict=False)
-                row["bf16_compile_s"] = round(time.perf_counter() - t0, 1)
-                row["bf16_compile"] = time_ms(lambda: cb(*xb[:2], encoder_hidden_states=xb[2], return_dict=False),
-                                              args.iters, mark_step=True)
-                row["bf16_compile_ms"] = row["bf16_compile"]["median_ms"]
-                log(f"batch {b}: bf16 torch.compile({args.baseline_mode}) {row['bf16_compile_ms']} ms "
-                    f"(compile {row['bf16_compile_s']} s in this process)")
-                if args.profile and b in (max(batches), min(batches)):
-                    table, prow = profile_table(lambda: cb(*xb[:2], encoder_hidden_states=xb[2], return_dict=False),
-                                                mark_step=True)
-                    profiles[f"bf16_compile_b{b}"] = {"table": table, "by_kind": categorize(prow), "rows": prow[:80]}
-                    log(table)
-                del cb
-            except Exception as e:  # noqa: BLE001
-                row["bf16_compile_error"] = repr(e)[:3000]
-                traceback.print_exc()
-            base = [v for v in (row.get("bf16_cudagraph_ms"), row.get("bf16_compile_ms")) if v is not None]
+            if unet is None:
+                unet = build_sd15().unet.to("cuda", torch.bfloat16).eval()
+            time_baselines(unet, bf16_inputs(xs[b]), row, args.baseline_mode.split(","), args.iters,
+                           profiles if args.profile else None)
+            base = [v for k, v in row.items() if k.startswith("bf16_") and k.endswith("_ms") and v is not None]
             if row["w4a4_ms"] and base:
                 row["speedup_vs_best_bf16"] = round(min(base) / row["w4a4_ms"], 3)
             row["weights_gib"] = {"w4a4": round(w_bytes[head] / 2**30, 4), "bf16": round(bf16_bytes / 2**30, 4)}
@@ -367,6 +317,79 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def compile_fast(fast: Any, x: tuple, mode: str, row: dict, wmode: str) -> Any:
+    """torch.compile the fast W4A4 module for this batch size (two calls: compile, then CUDA graph recording)."""
+    try:
+        t0 = time.perf_counter()
+        cf = torch.compile(fast, mode=mode)
+        for _ in range(2):
+            torch.compiler.cudagraph_mark_step_begin()
+            cf(*x)
+        torch.cuda.synchronize()
+        row[f"w4a4_{wmode}_compile_s"] = round(time.perf_counter() - t0, 1)
+        log(f"batch {row['batch']}: W4A4 ({wmode}) torch.compile({mode}): {row[f'w4a4_{wmode}_compile_s']} s")
+        return cf
+    except Exception as e:  # noqa: BLE001
+        row[f"w4a4_{wmode}_error"] = repr(e)[:3000]
+        traceback.print_exc()
+        return None
+
+
+def time_fast(cf: Any, x: tuple, row: dict, wmode: str, iters: int, profiles: dict | None) -> None:
+    """Median step time of the compiled fast path, and its kernel profile when ``profiles`` is given."""
+    b = row["batch"]
+    try:
+        row[f"w4a4_{wmode}"] = time_ms(lambda: cf(*x), iters, mark_step=True)
+        log(f"batch {b}: W4A4 ({wmode}) {row[f'w4a4_{wmode}']['median_ms']} ms")
+        if profiles is not None:
+            table, prow = profile_table(lambda: cf(*x), mark_step=True)
+            profiles[f"w4a4_b{b}"] = {"table": table, "by_kind": categorize(prow), "rows": prow}
+            log(table)
+    except Exception as e:  # noqa: BLE001
+        row[f"w4a4_{wmode}_error"] = repr(e)[:3000]
+        traceback.print_exc()
+
+
+def time_baselines(unet: Any, xb: tuple, row: dict, modes: list[str], iters: int, profiles: dict | None) -> None:
+    """bf16 eager replayed from a CUDA graph, then bf16 torch.compile in each mode (keys bf16_compile_ms for the
+    first mode, bf16_compile_<mode>_ms for the others)."""
+    b = row["batch"]
+
+    def step(s, t, c):
+        return unet(s, t, encoder_hidden_states=c, return_dict=False)[0]
+
+    try:
+        replay = cuda_graph(step, xb)
+        row["bf16_cudagraph"] = time_ms(replay, iters)
+        row["bf16_cudagraph_ms"] = row["bf16_cudagraph"]["median_ms"]
+        del replay
+    except Exception as e:  # noqa: BLE001
+        row["bf16_cudagraph_error"] = repr(e)[:3000]
+        traceback.print_exc()
+    log(f"batch {b}: bf16 eager+CUDA graph {row.get('bf16_cudagraph_ms')} ms")
+    for i, mode in enumerate(modes):
+        key = "bf16_compile" if i == 0 else f"bf16_compile_{mode.replace('-', '_')}"
+        try:
+            t0 = time.perf_counter()
+            cb = torch.compile(unet, mode=mode)
+            for _ in range(2):
+                torch.compiler.cudagraph_mark_step_begin()
+                cb(*xb[:2], encoder_hidden_states=xb[2], return_dict=False)
+            row[f"{key}_s"] = round(time.perf_counter() - t0, 1)
+            run = lambda: cb(*xb[:2], encoder_hidden_states=xb[2], return_dict=False)  # noqa: E731
+            row[key] = {**time_ms(run, iters, mark_step=True), "mode": mode}
+            row[f"{key}_ms"] = row[key]["median_ms"]
+            log(f"batch {b}: bf16 torch.compile({mode}) {row[f'{key}_ms']} ms (compile {row[f'{key}_s']} s)")
+            if profiles is not None:
+                table, prow = profile_table(run, mark_step=True)
+                profiles[f"bf16_{mode}_b{b}"] = {"table": table, "by_kind": categorize(prow), "rows": prow}
+                log(table)
+            del cb
+        except Exception as e:  # noqa: BLE001
+            row[f"{key}_error"] = repr(e)[:3000]
+            traceback.print_exc()
+
+
 def fake_quant_bandwidth() -> dict:
     """Fake quantization (export/triton/kernels.py) per tensor / per output channel vs a device copy, GB/s."""
     from triton.testing import do_bench
@@ -399,11 +422,12 @@ def warm_baseline(batches: list[int], mode: str) -> int:
     example = (torch.zeros(1, 4, 64, 64), torch.zeros(1, dtype=torch.int64), torch.zeros(1, 77, 768))
     for b in batches:
         x = bf16_inputs(inputs(b, example))
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            torch.compile(unet, mode=mode)(*x[:2], encoder_hidden_states=x[2], return_dict=False)
-        log(f"warm-up: bf16 torch.compile({mode}) batch {b}: {time.perf_counter() - t0:.1f} s")
-        torch._dynamo.reset()
+        for m in mode.split(","):
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                torch.compile(unet, mode=m)(*x[:2], encoder_hidden_states=x[2], return_dict=False)
+            log(f"warm-up: bf16 torch.compile({m}) batch {b}: {time.perf_counter() - t0:.1f} s")
+            torch._dynamo.reset()
     return 0
 
 

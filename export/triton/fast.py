@@ -8,14 +8,15 @@ fused by the compiler:
 * each activation quantizer in front of a 4-bit layer becomes pointwise torch ops producing the E4M3 grid values
   (``grid_round``: integer bit arithmetic, no FMA-sensitive float tricks), which Inductor fuses into the kernel
   that produces the activation (GroupNorm -> SiLU -> quantize -> E4M3 store);
-* each 4-bit linear / 1x1 conv is ``torch._scaled_mm`` on E4M3 operands (FP8 tensor cores, fp32 rowwise scales
-  ``s_a * s_w[n]``); each k x k conv is an NHWC im2col of the E4M3 activation (one Inductor copy kernel) and the same
+* each 4-bit linear / 1x1 conv is ``torch._scaled_mm`` on E4M3 operands (FP8 tensor cores, unit scales; the
+  column scale ``s_a * s_w[n]`` and the bias are a pointwise epilogue that Inductor fuses into the consumer); each
+  k x k conv is an NHWC im2col of the E4M3 activation (``msfp_fast::im2col_e4m3``, one Triton kernel) and the same
   GEMM; its output is NHWC, so activations stay channels-last end to end (no layout transforms);
 * the zero point of an activation quantizer goes into the bias (linears, unpadded convs) or into a per-position
   map ``conv(P, W_deq)`` precomputed for the graph's spatial size (padded convs), as the Triton runner does;
 * weights stay resident as packed 4-bit codes (``weights="packed"``, 0.25 bytes per parameter plus scales) and are
-  decoded to E4M3 by a small pointwise kernel right before each GEMM (a transient buffer), or resident as E4M3
-  (``weights="fp8"``, 0.5 bytes per parameter).
+  decoded to E4M3 by one bandwidth-bound Triton kernel right before each GEMM (``msfp_fast::decode_w4``, a transient
+  buffer), or resident as E4M3 (``weights="fp8"``, 0.5 bytes per parameter).
 
 Quantizers the GEMMs cannot take (8-bit formats, attention Q/K/V, per-channel activation scales) stay fake
 quantization, written as pointwise torch ops (``fake_quant``) on bfloat16 tensors. The numerics differ from the
@@ -200,6 +201,7 @@ class FastGemm(torch.nn.Module):
             beta += self.a_zero * w_deq.sum(-1)
         self.register_buffer("beta", beta.float())  # added to the bf16 GEMM output in fp32, then rounded once
         self.register_buffer("scale_b", (self.a_scale * w_scale.double()).float().reshape(s, 1, n))
+        self.register_buffer("one", torch.ones((), dtype=torch.float32))
         if weights == "fp8":
             self.register_buffer("w8", table[codes.long()].to(_FP8).contiguous())
         elif weights == "packed":  # decoded per step by one bandwidth-bound Triton kernel (w4_decode)
@@ -234,12 +236,13 @@ class FastGemm(torch.nn.Module):
             a, lead = self._im2col(g)
         m = a.shape[0]
         w = self.weight_e4m3(set_index)
-        scale_a = torch.ones((m, 1), dtype=torch.float32, device=a.device)
-        y = torch._scaled_mm(a, w.t(), scale_a, self._pick(self.scale_b, set_index), out_dtype=self.dtype,
-                             use_fast_accum=True)
+        # tensorwise unit scales: the per-column scale joins beta in the pointwise epilogue Inductor fuses into the
+        # consumer (rowwise scales needed a [M, 1] ones tensor written per GEMM, one more kernel each)
+        y = torch._scaled_mm(a, w.t(), self.one, self.one, out_dtype=self.dtype, use_fast_accum=True)
+        y = y.float() * self._pick(self.scale_b, set_index)
         if self.zmap is not None:
-            y = (y.view(-1, self.zmap.shape[1], self.n).float() + self._pick(self.zmap, set_index)).view(m, self.n)
-        y = (y.float() + self._pick(self.beta, set_index)).to(self.dtype)
+            y = (y.view(-1, self.zmap.shape[1], self.n) + self._pick(self.zmap, set_index)).view(m, self.n)
+        y = (y + self._pick(self.beta, set_index)).to(self.dtype)
         if self.conv is None:
             return y.view(*lead, self.n)
         b, ho, wo = lead

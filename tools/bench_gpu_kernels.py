@@ -1,0 +1,146 @@
+"""The fast path's GEMM building blocks on the SD1.5 UNet's own layer shapes (GPU), per layer kind and per step.
+
+    python tools/bench_gpu_kernels.py --batch 8 --out results/gpu_sd15_kernels.json
+
+The layer list comes from one bf16 forward of the SD1.5-config UNet (random weights) with hooks on every Linear and
+Conv2d (input shape, weight shape, stride, padding). For each distinct GEMM shape it times (``triton.testing.
+do_bench``, median, ms): the cuBLAS FP8 GEMM of the fast path (``torch._scaled_mm``, rowwise scales, bf16 out) with
+E4M3 weights resident, the per-step decode of packed 4-bit weights to E4M3 (``w4_decode``), the im2col of a k x k
+conv (``im2col``), the Triton W4A4 GEMM that decodes packed weights in registers (``kernels.w4a4_gemm``; implicit
+GEMM for k x k convs, no im2col), and the bf16 layer (cuBLAS / cuDNN channels-last) for scale. Totals weight each
+shape by its count per UNet step, so they read as "ms per step spent in GEMM-like work" for each choice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from unet_configs import SD15_UNET_CONFIG  # noqa: E402
+
+DEV = "cuda"
+
+
+def layer_shapes(batch: int) -> Counter:
+    """(kind, M-side input shape, weight shape, stride, padding) -> count per UNet step, from one bf16 forward."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel.from_config(dict(SD15_UNET_CONFIG)).to("cuda", torch.bfloat16).eval()
+    seen: Counter = Counter()
+
+    def hook(mod, inp, _out):
+        x = inp[0]
+        if isinstance(mod, torch.nn.Linear):
+            seen[("linear", (x.numel() // x.shape[-1], x.shape[-1]), tuple(mod.weight.shape), (1, 1), (0, 0))] += 1
+        else:
+            seen[("conv", tuple(x.shape), tuple(mod.weight.shape), tuple(mod.stride), tuple(mod.padding))] += 1
+
+    for m in unet.modules():
+        if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
+            m.register_forward_hook(hook)
+    x = torch.randn(batch, 4, 64, 64, device="cuda", dtype=torch.bfloat16)
+    c = torch.randn(batch, 77, 768, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        unet(x, torch.full((batch,), 500, device="cuda"), encoder_hidden_states=c)
+    del unet
+    torch.cuda.empty_cache()
+    return seen
+
+
+def bench_shape(kind: str, xs: tuple, ws: tuple, stride: tuple, pad: tuple) -> dict:
+    """Times of each way to run one layer of this shape (ms)."""
+    from functools import partial
+
+    from triton.testing import do_bench as _do_bench
+
+    from msfp_compiler.export.triton import kernels as K
+    from msfp_compiler.export.triton.fast_ops import pack_halves
+    from msfp_compiler.export.triton.im2col import im2col_triton
+    from msfp_compiler.export.triton.w4_decode import decode_w4_triton
+
+    do_bench = partial(_do_bench, warmup=10, rep=40)
+    dev = DEV
+    n = ws[0]
+    k = ws[1] * (ws[2] * ws[3] if kind == "conv" else 1)
+    codes = torch.randint(0, 15, (1, n, k), device=dev, dtype=torch.uint8)
+    packed, lut = pack_halves(codes), torch.arange(16, device=dev, dtype=torch.uint8) + 40
+    w8 = decode_w4_triton(packed, lut)
+    r: dict = {}
+    if kind == "conv":
+        b, c, h, w = xs
+        x8 = (torch.randn(b, h, w, c, device=dev) * 2).to(torch.float8_e4m3fn)
+        kern, strd, pads = [ws[2], ws[3]], list(stride), [pad[1], pad[1], pad[0], pad[0]]
+        a = im2col_triton(x8, kern, strd, pads) if ws[2] * ws[3] > 1 or strd != [1, 1] else x8.reshape(-1, c)
+        if ws[2] * ws[3] > 1:
+            r["im2col_ms"] = do_bench(lambda: im2col_triton(x8, kern, strd, pads), return_mode="median")
+    else:
+        a = (torch.randn(*xs, device=dev) * 2).to(torch.float8_e4m3fn)
+    m = a.shape[0]
+    sa, sb = torch.ones(m, 1, device=dev), torch.rand(1, n, device=dev)
+    r["M"], r["N"], r["K"] = m, n, k
+    r["cublas_fp8_ms"] = do_bench(lambda: torch._scaled_mm(a, w8.t(), sa, sb, out_dtype=torch.bfloat16,
+                                                           use_fast_accum=True), return_mode="median")
+    r["decode_ms"] = do_bench(lambda: decode_w4_triton(packed, lut), return_mode="median")
+    wp = K.pack_weight(codes, torch.rand(n, device=dev) + 0.5, "e2m1")
+    try:
+        if kind == "conv" and ws[2] * ws[3] > 1:
+            g = K.ConvGeom(xs[2], xs[3], xs[1], ws[2], ws[3], stride[0], stride[1], pad[0], pad[1],
+                           (xs[2] + 2 * pad[0] - ws[2]) // stride[0] + 1, (xs[3] + 2 * pad[1] - ws[3]) // stride[1] + 1)
+            xn = x8.permute(0, 3, 1, 2)
+            r["triton_w4_ms"] = do_bench(lambda: K.w4a4_gemm(xn, wp, out_dtype=torch.bfloat16, conv=g),
+                                         return_mode="median")
+        else:
+            r["triton_w4_ms"] = do_bench(lambda: K.w4a4_gemm(a, wp, out_dtype=torch.bfloat16), return_mode="median")
+    except Exception as e:  # noqa: BLE001
+        r["triton_w4_error"] = repr(e)[:300]
+    wb = torch.randn(ws, device=dev, dtype=torch.bfloat16)
+    if kind == "conv":
+        xb = torch.randn(xs, device=dev, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+        wb = wb.contiguous(memory_format=torch.channels_last)
+        r["bf16_ms"] = do_bench(lambda: F.conv2d(xb, wb, None, stride, pad), return_mode="median")
+    else:
+        xb = torch.randn(xs, device=dev, dtype=torch.bfloat16)
+        r["bf16_ms"] = do_bench(lambda: F.linear(xb, wb), return_mode="median")
+    return {kk: round(v, 5) if isinstance(v, float) else v for kk, v in r.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--out", default=str(ROOT / "results" / "gpu_sd15_kernels.json"))
+    args = ap.parse_args(argv)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    t0 = time.perf_counter()
+    shapes = layer_shapes(args.batch)
+    rows, totals = [], Counter()
+    for (kind, xs, ws, stride, pad), count in sorted(shapes.items(), key=lambda kv: str(kv[0])):
+        if ws[0] % 16 or ws[1] < 16:  # conv_in / conv_out (4 channels): kept 8-bit by the compiler
+            continue
+        r = {"kind": kind, "x": xs, "w": ws, "stride": stride, "pad": pad, "count": count, **bench_shape(kind, xs, ws,
+                                                                                                       stride, pad)}
+        rows.append(r)
+        for key in ("cublas_fp8_ms", "decode_ms", "im2col_ms", "triton_w4_ms", "bf16_ms"):
+            totals[key] += count * r.get(key, 0.0)
+        print(json.dumps(r), flush=True)
+    res = {"device": torch.cuda.get_device_name(0), "batch": args.batch, "timing": "triton.testing.do_bench median",
+           "per_step_ms": {k: round(v, 4) for k, v in totals.items()}, "layers": sum(shapes.values()),
+           "seconds": round(time.perf_counter() - t0, 1), "rows": rows}
+    Path(args.out).write_text(json.dumps(res, indent=1))
+    print(json.dumps(res["per_step_ms"]), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
