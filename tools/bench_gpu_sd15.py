@@ -110,6 +110,10 @@ def categorize(rows: list[dict]) -> dict[str, float]:
             c = "weight_decode"
         elif k.startswith("_im2col_kernel"):  # export/triton/im2col.py
             c = "im2col"
+        elif k.startswith("triton"):  # Inductor-generated (names carry the fused ops, e.g. _scaled_mm's operands)
+            c = "norm_pointwise"
+        elif k.startswith("nvjet") and "_qq" in k:  # cuBLAS FP8 x FP8 (torch._scaled_mm)
+            c = "gemm_fp8"
         elif "flash" in k or "fmha" in k or "attention" in k:
             c = "attention"
         elif ("e4m3" in k or "f8" in k or "fp8" in k or "scaled_mm" in k) and ("gemm" in k or "mm" in k or "cutlass" in k
@@ -177,14 +181,17 @@ def main(argv: list[str] | None = None) -> int:
                     "search (capture stays on the CPU)")
     ap.add_argument("--baseline-mode", default="max-autotune")
     ap.add_argument("--fast-mode", default="max-autotune")
-    ap.add_argument("--weights", default="packed", help="comma list of packed,fp8 (the first is the headline)")
+    ap.add_argument("--weights", default="mixed", help="comma list of mixed,packed,fp8 (build_fast's weights "
+                    "modes; the first is the headline)")
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--accuracy-steps", type=int, default=4)
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--warm-baseline", action="store_true", help="compile the bf16 baseline in a subprocess while "
                     "our compiler runs on the CPU (fills the Inductor cache; the timed compile in this process then "
                     "hits it)")
-    ap.add_argument("--only-warm-baseline", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--warm-timeout", type=float, default=600.0, help="seconds the timings wait for the warm-up "
+                    "process; baseline compiles it has not finished by then are skipped (recorded as such)")
+    ap.add_argument("--only-warm-baseline", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--save-pt2", default=None, help="also write the compiled program here and sample it through "
                     "msfp-sample --backend triton")
     ap.add_argument("--digits-only", default=None, metavar="DEVICE", help="only the digits models' sample accuracy "
@@ -205,13 +212,15 @@ def main(argv: list[str] | None = None) -> int:
     torch.backends.cudnn.allow_tf32 = False
     batches = [int(b) for b in args.batches.split(",")]
     if args.only_warm_baseline:
-        return warm_baseline(batches, args.baseline_mode)
-    warm = None
+        return warm_baseline(batches, args.baseline_mode, Path(args.only_warm_baseline))
+    warm, warm_done = None, None
     if args.warm_baseline:
         import subprocess
+        import tempfile
 
-        warm = subprocess.Popen([sys.executable, __file__, "--only-warm-baseline", "--batches", args.batches,
-                                 "--baseline-mode", args.baseline_mode])
+        warm_done = Path(tempfile.mkdtemp()) / "warm_done.txt"
+        warm = subprocess.Popen([sys.executable, __file__, "--only-warm-baseline", str(warm_done), "--batches",
+                                 args.batches, "--baseline-mode", args.baseline_mode])
     log_dir = Path(args.log_dir) if args.log_dir else None
     if log_dir:
         log_dir.mkdir(parents=True, exist_ok=True)
@@ -252,27 +261,33 @@ def main(argv: list[str] | None = None) -> int:
     rows = {b: {"batch": b} for b in batches}
     profiles: dict[str, Any] = {}
     unet = None
-    # one batch size at a time (compile, time, profile, baselines), so a run cut short keeps whole rows
     with torch.no_grad():
+        # every W4A4 compile first, while the warm-up process compiles the baselines on the other cores
+        for b in batches:
+            for wmode, fast in fasts.items():
+                cf = compile_fast(fast, xs[b], args.fast_mode, rows[b], wmode)
+                if cf is not None:
+                    compiled[(wmode, b)] = cf
+        rec.put("rows", list(rows.values()))
+        if warm is not None:  # its autotuning must not share the GPU with the timings
+            rec.put("warm_baseline", wait_warm(warm, args.warm_timeout))
+        # then one batch size at a time (time, profile, baselines), so a run cut short keeps whole rows
         for b in batches:
             row = rows[b]
-            for wmode, fast in fasts.items():
-                cf = compile_fast(fast, xs[b], args.fast_mode, row, wmode)
-                if cf is None:
-                    continue
-                compiled[(wmode, b)] = cf
-                if warm is not None:  # its autotuning must not share the GPU with the timings
-                    t0 = time.perf_counter()
-                    rec.put("warm_baseline_rc", warm.wait())
-                    log(f"waited {time.perf_counter() - t0:.1f} s for the baseline warm-up process")
-                    warm = None
-                prof = profiles if args.profile and wmode == head else None
-                time_fast(cf, xs[b], row, wmode, args.iters, prof)
+            for wmode in fasts:
+                if (wmode, b) in compiled:
+                    prof = profiles if args.profile and wmode == head else None
+                    time_fast(compiled[(wmode, b)], xs[b], row, wmode, args.iters, prof)
             row["w4a4_ms"] = row.get(f"w4a4_{head}", {}).get("median_ms")
             if unet is None:
                 unet = build_sd15().unet.to("cuda", torch.bfloat16).eval()
-            time_baselines(unet, bf16_inputs(xs[b]), row, args.baseline_mode.split(","), args.iters,
-                           profiles if args.profile else None)
+            modes = args.baseline_mode.split(",")
+            if warm_done is not None:  # compile in this process only what the warm-up cached
+                done = set(warm_done.read_text().split("\n")) if warm_done.exists() else set()
+                for m in [m for m in modes if f"{m} {b}" not in done]:
+                    row[f"bf16_compile_{m.replace('-', '_')}_skipped"] = "warm-up compile did not finish in time"
+                modes = [m for m in modes if f"{m} {b}" in done]
+            time_baselines(unet, bf16_inputs(xs[b]), row, modes, args.iters, profiles if args.profile else None)
             base = [v for k, v in row.items() if k.startswith("bf16_") and k.endswith("_ms") and v is not None]
             if row["w4a4_ms"] and base:
                 row["speedup_vs_best_bf16"] = round(min(base) / row["w4a4_ms"], 3)
@@ -351,8 +366,8 @@ def time_fast(cf: Any, x: tuple, row: dict, wmode: str, iters: int, profiles: di
 
 
 def time_baselines(unet: Any, xb: tuple, row: dict, modes: list[str], iters: int, profiles: dict | None) -> None:
-    """bf16 eager replayed from a CUDA graph, then bf16 torch.compile in each mode (keys bf16_compile_ms for the
-    first mode, bf16_compile_<mode>_ms for the others)."""
+    """bf16 eager replayed from a CUDA graph, then bf16 torch.compile in each mode (bf16_compile_<mode>_ms;
+    bf16_compile_ms is the faster mode)."""
     b = row["batch"]
 
     def step(s, t, c):
@@ -367,8 +382,8 @@ def time_baselines(unet: Any, xb: tuple, row: dict, modes: list[str], iters: int
         row["bf16_cudagraph_error"] = repr(e)[:3000]
         traceback.print_exc()
     log(f"batch {b}: bf16 eager+CUDA graph {row.get('bf16_cudagraph_ms')} ms")
-    for i, mode in enumerate(modes):
-        key = "bf16_compile" if i == 0 else f"bf16_compile_{mode.replace('-', '_')}"
+    for mode in modes:
+        key = f"bf16_compile_{mode.replace('-', '_')}"
         try:
             t0 = time.perf_counter()
             cb = torch.compile(unet, mode=mode)
@@ -388,6 +403,11 @@ def time_baselines(unet: Any, xb: tuple, row: dict, modes: list[str], iters: int
         except Exception as e:  # noqa: BLE001
             row[f"{key}_error"] = repr(e)[:3000]
             traceback.print_exc()
+    done = {m: row[f"bf16_compile_{m.replace('-', '_')}_ms"] for m in modes
+            if f"bf16_compile_{m.replace('-', '_')}_ms" in row}
+    if done:  # the issue's bf16_compile_ms: the faster torch.compile mode measured
+        row["bf16_compile_mode"] = min(done, key=done.get)
+        row["bf16_compile_ms"] = done[row["bf16_compile_mode"]]
 
 
 def fake_quant_bandwidth() -> dict:
@@ -416,18 +436,35 @@ def fake_quant_bandwidth() -> dict:
     return out
 
 
-def warm_baseline(batches: list[int], mode: str) -> int:
-    """Compile the bf16 baseline once per batch size (fills TORCHINDUCTOR_CACHE_DIR); nothing is timed."""
+def wait_warm(warm: Any, timeout: float) -> dict:
+    """Wait for the warm-up process up to ``timeout`` seconds, then stop it (its unfinished compiles are skipped)."""
+    import subprocess
+
+    t0 = time.perf_counter()
+    try:
+        rc = warm.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        warm.kill()
+        rc = f"killed after {timeout:.0f} s"
+    log(f"waited {time.perf_counter() - t0:.1f} s for the baseline warm-up process (rc {rc})")
+    return {"rc": rc, "waited_s": round(time.perf_counter() - t0, 1)}
+
+
+def warm_baseline(batches: list[int], mode: str, done: Path) -> int:
+    """Compile the bf16 baseline once per batch size and mode (fills the Inductor caches); nothing is timed. Each
+    finished compile appends "mode batch" to ``done``."""
     unet = build_sd15().unet.to("cuda", torch.bfloat16).eval()
     example = (torch.zeros(1, 4, 64, 64), torch.zeros(1, dtype=torch.int64), torch.zeros(1, 77, 768))
-    for b in batches:
-        x = bf16_inputs(inputs(b, example))
-        for m in mode.split(","):
+    for m in mode.split(","):  # the cheap mode for every batch first
+        for b in batches:
+            x = bf16_inputs(inputs(b, example))
             t0 = time.perf_counter()
             with torch.no_grad():
                 torch.compile(unet, mode=m)(*x[:2], encoder_hidden_states=x[2], return_dict=False)
             log(f"warm-up: bf16 torch.compile({m}) batch {b}: {time.perf_counter() - t0:.1f} s")
             torch._dynamo.reset()
+            with done.open("a") as f:
+                f.write(f"{m} {b}\n")
     return 0
 
 

@@ -16,7 +16,8 @@ fused by the compiler:
   map ``conv(P, W_deq)`` precomputed for the graph's spatial size (padded convs), as the Triton runner does;
 * weights stay resident as packed 4-bit codes (``weights="packed"``, 0.25 bytes per parameter plus scales) and are
   decoded to E4M3 by one bandwidth-bound Triton kernel right before each GEMM (``msfp_fast::decode_w4``, a transient
-  buffer), or resident as E4M3 (``weights="fp8"``, 0.5 bytes per parameter).
+  buffer), or resident as E4M3 (``weights="fp8"``, 0.5 bytes per parameter), or ``"mixed"``: E4M3 for layers of
+  at most ``SMALL_LAYER`` weights (their decode is launch-bound), packed for the rest.
 
 Quantizers the GEMMs cannot take (8-bit formats, attention Q/K/V, per-channel activation scales) stay fake
 quantization, written as pointwise torch ops (``fake_quant``) on bfloat16 tensors. The numerics differ from the
@@ -208,7 +209,7 @@ class FastGemm(torch.nn.Module):
             self.register_buffer("packed", pack_halves(codes))
             self.register_buffer("lut", e4m3_lut(wfmt))
         else:
-            raise ValueError(f"unknown weights mode {weights!r} (packed or fp8)")
+            raise ValueError(f"unknown weights mode {weights!r} (packed, fp8 or mixed)")
         zmap = None
         if conv is not None and zmap_args is not None:
             # [S, L, N], bf16 on the bf16 path: it only corrects the bf16 GEMM output (its own rounding is 2^-9 of
@@ -291,7 +292,10 @@ def _conv2d_as(dtype: torch.dtype, x: torch.Tensor, w: torch.Tensor, b: torch.Te
 
 def _sdpa_as(dtype: torch.dtype, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *args: Any,
              **kwargs: Any) -> torch.Tensor:
-    return F.scaled_dot_product_attention(q.to(dtype), k.to(dtype), v.to(dtype), *args, **kwargs)
+    """SDPA in dtype, its output in [B, L, heads, d] memory as the captured graph's views expect (the flash kernels
+    write that layout; float32 on the GPU runs a kernel that writes [B, heads, L, d], which those views reject)."""
+    out = F.scaled_dot_product_attention(q.to(dtype), k.to(dtype), v.to(dtype), *args, **kwargs)
+    return out.transpose(1, 2).contiguous().transpose(1, 2) if out.dim() == 4 else out
 
 
 @dataclass
@@ -318,20 +322,37 @@ def _spatial(node: fx.Node) -> tuple[int, int] | None:
     return None
 
 
-def _fuse_one(gm: fx.GraphModule, node: fx.Node, kind: str, weights: str, dtype: torch.dtype) -> FastGemm | str:
-    from .runtime import _const, _match_act, _match_weight, conv_geometry
+# "mixed" weights: layers of at most this many weights keep E4M3 resident. Their decode is launch-bound (~3 us for
+# any size below ~2M weights on the H200), and on SD1.5 they are 148 of 280 layers but 63M of 859M weights, so
+# keeping them E4M3 removes half the decode launches for +16 MB (resident 0.28x -> 0.29x of bf16).
+SMALL_LAYER = 1 << 20
 
-    args = list(node.args)
-    inp = args[0]
-    pads = (0, 0, 0, 0)
-    z_pad = 0.0
-    if kind == "conv2d" and isinstance(inp, fx.Node) and inp.target == aten.constant_pad_nd.default:
+
+def _layer_weights(weights: str, n: int, k: int) -> str:
+    if weights == "mixed":
+        return "fp8" if n * k <= SMALL_LAYER else "packed"
+    return weights
+
+
+def _input_pad(node: fx.Node) -> tuple[Any, tuple[int, int, int, int], float] | str:
+    """(activation node, explicit spatial pads, pad value) of a conv whose input may be an explicit constant_pad_nd."""
+    inp = node.args[0]
+    if isinstance(inp, fx.Node) and inp.target == aten.constant_pad_nd.default:
         pad_arg = [int(p) for p in inp.args[1]]
         if len(pad_arg) != 4:
             return "explicit pad is not spatial"
-        pads = tuple(pad_arg)  # type: ignore[assignment]
-        z_pad = float(inp.args[2]) if len(inp.args) > 2 else 0.0
-        inp = inp.args[0]
+        return inp.args[0], tuple(pad_arg), float(inp.args[2]) if len(inp.args) > 2 else 0.0  # type: ignore
+    return inp, (0, 0, 0, 0), 0.0
+
+
+def _fuse_one(gm: fx.GraphModule, node: fx.Node, kind: str, weights: str, dtype: torch.dtype) -> FastGemm | str:
+    from .runtime import _const, _match_act, _match_weight
+
+    args = list(node.args)
+    padded = _input_pad(node) if kind == "conv2d" else (args[0], (0, 0, 0, 0), 0.0)
+    if isinstance(padded, str):
+        return padded
+    inp, pads, z_pad = padded
     act = _match_act(gm, inp)
     if isinstance(act, str):
         return act
@@ -344,31 +365,42 @@ def _fuse_one(gm: fx.GraphModule, node: fx.Node, kind: str, weights: str, dtype:
     if len(args) > 2 and args[2] is not None and bias is None:
         return "bias not constant"
     bias = bias.detach().float() if bias is not None else None
-    sets, n = w.codes.shape[:2]
+    n = w.codes.shape[1]
     a_s, a_z = float(act.scale), float(act.zero_point)
     if kind == "linear":
         if w.codes.dim() != 3 or w.codes.shape[-1] % 16 or n % 16:
             return "linear weight not 2-D with K, N multiples of 16 (FP8 GEMM)"
-        return FastGemm(w.codes, w.scale, w.fmt, a_s, a_z, act.fmt, bias, act.folded, weights, dtype=dtype)
+        mode = _layer_weights(weights, n, w.codes.shape[-1])
+        return FastGemm(w.codes, w.scale, w.fmt, a_s, a_z, act.fmt, bias, act.folded, mode, dtype=dtype)
+    return _fuse_conv(args, act, w, bias, pads, z_pad, weights, dtype)
+
+
+def _fuse_conv(args: list, act: Any, w: Any, bias: torch.Tensor | None, pads: tuple[int, int, int, int],
+               z_pad: float, weights: str, dtype: torch.dtype) -> FastGemm | str:
+    """The FastGemm of a conv2d (im2col order, zero-point border map where padding meets a zero point)."""
+    from .runtime import conv_geometry
+
     geom = conv_geometry(args, w.codes, pads)
     if isinstance(geom, str):
         return geom
     stride, pads = geom
-    c, kh, kw = w.codes.shape[2:]
+    sets, n, c, kh, kw = w.codes.shape
     if (c * kh * kw) % 16 or n % 16:
         return "conv K or N not a multiple of 16 (FP8 GEMM)"
     flat = w.codes.permute(0, 1, 3, 4, 2).reshape(sets, n, -1)  # K as (kh, kw, c): NHWC im2col order
     conv = {"kernel": (kh, kw), "stride": tuple(stride), "pads": tuple(pads)}
+    a_s, a_z = float(act.scale), float(act.zero_point)
+    mode = _layer_weights(weights, n, c * kh * kw)
     z_valid = 0.0 if act.folded else a_z
     if any(pads) and (z_valid != 0.0 or z_pad != 0.0):
         hw = _spatial(act.x)
         if hw is None:
             return "padded conv with a zero point needs the input's spatial size (node meta)"
-        return FastGemm(flat, w.scale, w.fmt, a_s, a_z, act.fmt, bias, True, weights, conv, w.deq(),
+        return FastGemm(flat, w.scale, w.fmt, a_s, a_z, act.fmt, bias, True, mode, conv, w.deq(),
                         (c, hw[0], hw[1], (kh, kw), tuple(stride), tuple(pads), z_valid, z_pad), dtype)
     if any(pads):  # zero point 0 everywhere: padding with grid 0 is exact
-        return FastGemm(flat, w.scale, w.fmt, a_s, a_z, act.fmt, bias, True, weights, conv, dtype=dtype)
-    return FastGemm(flat, w.scale, w.fmt, a_s, a_z, act.fmt, bias, act.folded, weights, conv, dtype=dtype)
+        return FastGemm(flat, w.scale, w.fmt, a_s, a_z, act.fmt, bias, True, mode, conv, dtype=dtype)
+    return FastGemm(flat, w.scale, w.fmt, a_s, a_z, act.fmt, bias, act.folded, mode, conv, dtype=dtype)
 
 
 def _rewrite(gm: fx.GraphModule, weights: str, report: FastReport, dtype: torch.dtype) -> None:
@@ -518,6 +550,8 @@ def build_fast(gm: fx.GraphModule, device: str | torch.device = "cuda", weights:
 
     ``dtype``: of the activations between ops (bf16; float32 checks the rewrite against the reference graph with
     only the GEMM's accumulation order and FP8-exact operands differing)."""
+    if weights not in ("packed", "fp8", "mixed"):
+        raise ValueError(f"unknown weights mode {weights!r} (packed, fp8 or mixed)")
     if not inplace:
         gm = copy.deepcopy(gm)
     report = FastReport()

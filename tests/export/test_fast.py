@@ -163,6 +163,24 @@ def test_build_fast_on_compiled_cond_unet(compiled_cond) -> None:
     assert FA.weight_bytes(fp8) - FA.weight_bytes(packed) >= 0.9 * codes  # E4M3: 2 bytes per packed byte
 
 
+def test_build_fast_mixed_weights(compiled_cond, monkeypatch) -> None:
+    """weights="mixed": small layers E4M3-resident, large ones packed; decoding is exact, so the output is the packed
+    model's bit for bit, and the resident bytes lie between the two."""
+    gm = compiled_cond.graph_module
+    args = [a.to(DEV) for a in compiled_cond.calibration.batches[0].args]
+    sizes = sorted(m.n * m.k for m in FA.build_fast(gm, "cpu").modules() if isinstance(m, FA.FastGemm))
+    monkeypatch.setattr(FA, "SMALL_LAYER", sizes[len(sizes) // 2])
+    mixed = FA.build_fast(gm, DEV, weights="mixed")
+    modes = {m.weights for m in mixed.modules() if isinstance(m, FA.FastGemm)}
+    assert modes == {"fp8", "packed"}
+    packed, fp8 = FA.build_fast(gm, DEV, weights="packed"), FA.build_fast(gm, DEV, weights="fp8")
+    with torch.no_grad():
+        assert torch.equal(mixed(*args), packed(*args))
+    assert FA.weight_bytes(packed) < FA.weight_bytes(mixed) < FA.weight_bytes(fp8)
+    with pytest.raises(ValueError, match="weights mode"):
+        FA.build_fast(gm, DEV, weights="int4")
+
+
 def test_decode_packed_matches_op() -> None:
     gen = torch.Generator().manual_seed(4)
     codes = torch.randint(0, 16, (6, 7), generator=gen, dtype=torch.uint8)
