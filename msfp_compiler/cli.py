@@ -449,7 +449,7 @@ def _sample_triton(args: argparse.Namespace, out: Path) -> int:
         from msfp_compiler.export.triton.fast import build_fast
 
         # Inductor + CUDA graphs, the configuration benchmarked in docs/triton.md
-        runner = torch.compile(build_fast(gm, "cuda", weights="mixed", inplace=True), mode="reduce-overhead")
+        runner = torch.compile(build_fast(gm, "cuda", inplace=True), mode="reduce-overhead")
     else:
         runner = TritonRunner(gm, cuda_graphs=True)
     # torch.export records the guards diffusers' blocks put on the batch (batch <= 63 for the UNets we tried), so

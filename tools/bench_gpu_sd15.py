@@ -5,8 +5,9 @@
 The UNet2DConditionModel of the SD1.5 config (random weights, seed 0, 64x64x4 latents, 77x768 text states) is
 quantized by the project's own verb (``msfp_compiler.compile``, MSFP W4A4, a small PTQ calibration: formats barely
 change speed) and rewritten by ``build_fast`` for torch.compile. Baselines, measured in the same process on the same
-inputs: bf16 eager replayed from a CUDA graph, and bf16 ``torch.compile`` (``--baseline-mode``, default
-"max-autotune", which also replays CUDA graphs); attention through PyTorch SDPA in all of them. Times are medians of
+inputs: bf16 eager replayed from a CUDA graph, and bf16 ``torch.compile`` in each ``--baseline-mode`` (default
+"reduce-overhead,max-autotune", both replay CUDA graphs); attention through PyTorch SDPA in all of them. The fast
+path is compiled with ``--fast-mode`` (default "reduce-overhead"). Times are medians of
 CUDA-event timings after warm-up. Accuracy: per-step rel-RMSE of the fast W4A4 eps against the float32 fake-quant
 reference (the same GraphModule, unfused, registered Triton kernels, TF32 off) along the reference's DDIM trajectory.
 Each phase appends to the JSON as it finishes, so a run cut short still leaves its numbers.
@@ -171,7 +172,7 @@ def inputs(batch: int, example: tuple, device: str = "cuda", seed: int = 0) -> t
     return sample.to(device), tt.to(device), cond.to(device)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=str(ROOT / "results" / "gpu_sd15.json"))
     ap.add_argument("--log-dir", default=None, help="profiles and tables go here")
@@ -179,16 +180,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--calib", default="1x2", help="calibration samples x DDIM steps (default 1x2)")
     ap.add_argument("--calib-device", default="cuda", help="CompileConfig.device: calibration, statistics and format "
                     "search (capture stays on the CPU)")
-    ap.add_argument("--baseline-mode", default="max-autotune")
-    ap.add_argument("--fast-mode", default="max-autotune")
-    ap.add_argument("--weights", default="mixed", help="comma list of mixed,packed,fp8 (build_fast's weights "
+    ap.add_argument("--baseline-mode", default="reduce-overhead,max-autotune", help="comma list of torch.compile "
+                    "modes for the bf16 baseline (bf16_compile_ms is the faster)")
+    ap.add_argument("--fast-mode", default="reduce-overhead")
+    ap.add_argument("--weights", default="packed", help="comma list of packed,mixed,fp8 (build_fast's weights "
                     "modes; the first is the headline)")
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--accuracy-steps", type=int, default=4)
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--warm-baseline", action="store_true", help="compile the bf16 baseline in a subprocess while "
-                    "our compiler runs on the CPU (fills the Inductor cache; the timed compile in this process then "
-                    "hits it)")
+                    "our compiler runs (fills the Inductor caches; the timed compile in this process then hits them)")
     ap.add_argument("--warm-timeout", type=float, default=600.0, help="seconds the timings wait for the warm-up "
                     "process; baseline compiles it has not finished by then are skipped (recorded as such)")
     ap.add_argument("--only-warm-baseline", default=None, help=argparse.SUPPRESS)
@@ -196,42 +197,69 @@ def main(argv: list[str] | None = None) -> int:
                     "msfp-sample --backend triton")
     ap.add_argument("--digits-only", default=None, metavar="DEVICE", help="only the digits models' sample accuracy "
                     "(fast path on DEVICE, cpu or cuda, vs onnxruntime); writes --out")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     if args.digits_only:
         res = digits_accuracy(args.digits_only, compiled=args.digits_only == "cuda")
         res["loadavg"] = os.getloadavg()
         Recorder(Path(args.out), res).save()
         return 0
-
-    import msfp_compiler  # noqa: F401
-    from msfp_compiler.compile import compile as msfp_compile
-    from msfp_compiler.config import CalibConfig, CompileConfig
-    from msfp_compiler.export.triton.fast import build_fast, weight_bytes
-
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     batches = [int(b) for b in args.batches.split(",")]
     if args.only_warm_baseline:
         return warm_baseline(batches, args.baseline_mode, Path(args.only_warm_baseline))
-    warm, warm_done = None, None
-    if args.warm_baseline:
-        import subprocess
-        import tempfile
-
-        warm_done = Path(tempfile.mkdtemp()) / "warm_done.txt"
-        warm = subprocess.Popen([sys.executable, __file__, "--only-warm-baseline", str(warm_done), "--batches",
-                                 args.batches, "--baseline-mode", args.baseline_mode])
-    log_dir = Path(args.log_dir) if args.log_dir else None
-    if log_dir:
-        log_dir.mkdir(parents=True, exist_ok=True)
+    warm = start_warm(args) if args.warm_baseline else None
+    if args.log_dir:
+        Path(args.log_dir).mkdir(parents=True, exist_ok=True)
     props = torch.cuda.get_device_properties(0)
     rec = Recorder(Path(args.out), {
         "device": torch.cuda.get_device_name(0), "model": "sd15", "rows": [],
         "env": {"torch": torch.__version__, "cuda": torch.version.cuda, "sms": props.multi_processor_count,
                 "python": platform.python_version(), "cpu_threads": torch.get_num_threads()},
         "config": vars(args), "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    cm, bf16_bytes = msfp_sd15(args, rec)
+    with torch.no_grad():
+        rows = measure(args, rec, cm, bf16_bytes, batches, warm)
+        torch._dynamo.reset()
+        torch.cuda.empty_cache()
+    log(json.dumps([{k: v for k, v in r.items() if not isinstance(v, dict) or k == "weights_gib"}
+                    for r in rows], indent=1))
+    try:
+        rec.put("fake_quant_bandwidth", fake_quant_bandwidth())
+        log(f"fake_quant_bandwidth: {json.dumps(rec.data['fake_quant_bandwidth'])[:1500]}")
+    except Exception as e:  # noqa: BLE001
+        rec.put("fake_quant_bandwidth", {"error": repr(e)[:3000]})
+        traceback.print_exc()
+    if args.save_pt2:
+        try:
+            sample_cli(cm, args.save_pt2, rec)
+        except Exception as e:  # noqa: BLE001
+            rec.put("msfp_sample_triton", {"error": repr(e)[:3000]})
+            traceback.print_exc()
+    rec.put("finished", time.strftime("%Y-%m-%dT%H:%M:%S"))
+    return 0
 
-    # ---- build + compile with our compiler -------------------------------------------------------------------
+
+def start_warm(args: argparse.Namespace) -> tuple[Any, Path]:
+    """The bf16 baseline compiles in a subprocess (fills the Inductor caches while our compiler runs)."""
+    import subprocess
+    import tempfile
+
+    done = Path(tempfile.mkdtemp()) / "warm_done.txt"
+    proc = subprocess.Popen([sys.executable, __file__, "--only-warm-baseline", str(done), "--batches", args.batches,
+                             "--baseline-mode", args.baseline_mode])
+    return proc, done
+
+
+def msfp_sd15(args: argparse.Namespace, rec: Recorder) -> tuple[Any, int]:
+    """The SD1.5 UNet quantized by our own compiler (build + calibrate + passes, no ONNX), and bf16's weight bytes."""
+    from msfp_compiler.compile import compile as msfp_compile
+    from msfp_compiler.config import CalibConfig, CompileConfig
+
     t0 = time.perf_counter()
     loaded = build_sd15()
     n_samples, n_steps = (int(v) for v in args.calib.split("x"))
@@ -242,94 +270,76 @@ def main(argv: list[str] | None = None) -> int:
     compile_s = time.perf_counter() - t0
     log(f"msfp compile (build + calibrate {args.calib} + passes, {args.calib_device}): {compile_s:.1f} s")
     rec.put("msfp_compile_seconds", round(compile_s, 1))
-    example = cm.calibration.batches[0].args
-    gm = cm.graph_module
+    bf16_bytes = sum(t.numel() * 2 for t in loaded.unet.state_dict().values() if t.is_floating_point())
+    return cm, bf16_bytes
 
-    # ---- the fast W4A4 module, compiled per batch size (the baseline warm-up may still autotune meanwhile) --------
-    fasts = {}
-    for wmode in args.weights.split(","):
-        fasts[wmode] = build_fast(gm, "cuda", weights=wmode)
+
+def measure(args: argparse.Namespace, rec: Recorder, cm: Any, bf16_bytes: int, batches: list[int],
+            warm: tuple[Any, Path] | None) -> list[dict]:
+    """Every W4A4 compile first (the warm-up compiles the baselines meanwhile), then per batch size: W4A4 timings
+    and profile, the bf16 baselines, the row; then the accuracy of the largest batch's compiled fast path."""
+    from msfp_compiler.export.triton.fast import build_fast, weight_bytes
+
+    gm, example = cm.graph_module, cm.calibration.batches[0].args
+    fasts = {w: build_fast(gm, "cuda", weights=w) for w in args.weights.split(",")}
     head = args.weights.split(",")[0]
     rec.put("fast_report", str(fasts[head].report))
     log(str(fasts[head].report).split("\n")[0])
-    bf16_bytes = sum(t.numel() * 2 for t in loaded.unet.state_dict().values() if t.is_floating_point())
-    del loaded
     w_bytes = {w: weight_bytes(f) for w, f in fasts.items()}
     rec.put("weights_bytes", {"bf16": bf16_bytes, **{f"w4a4_{w}": b for w, b in w_bytes.items()}})
     xs = {b: inputs(b, example) for b in batches}
-    compiled: dict[tuple[str, int], Any] = {}
     rows = {b: {"batch": b} for b in batches}
+    compiled = {(w, b): cf for b in batches for w, f in fasts.items()
+                if (cf := compile_fast(f, xs[b], args.fast_mode, rows[b], w)) is not None}
+    rec.put("rows", list(rows.values()))
+    if warm is not None:  # its autotuning must not share the GPU with the timings
+        rec.put("warm_baseline", wait_warm(warm[0], args.warm_timeout))
     profiles: dict[str, Any] = {}
-    unet = None
-    with torch.no_grad():
-        # every W4A4 compile first, while the warm-up process compiles the baselines on the other cores
-        for b in batches:
-            for wmode, fast in fasts.items():
-                cf = compile_fast(fast, xs[b], args.fast_mode, rows[b], wmode)
-                if cf is not None:
-                    compiled[(wmode, b)] = cf
+    unet = build_sd15().unet.to("cuda", torch.bfloat16).eval()
+    for b in batches:  # one batch size at a time, so a run cut short keeps whole rows
+        row = rows[b]
+        for w in fasts:
+            if (w, b) in compiled:
+                time_fast(compiled[(w, b)], xs[b], row, w, args.iters, profiles if args.profile and w == head else None)
+        row["w4a4_ms"] = row.get(f"w4a4_{head}", {}).get("median_ms")
+        time_baselines(unet, bf16_inputs(xs[b]), row, cached_modes(args.baseline_mode, b, warm, row), args.iters,
+                       profiles if args.profile else None)
+        base = [v for k, v in row.items() if k.startswith("bf16_") and k.endswith("_ms") and v is not None]
+        if row["w4a4_ms"] and base:
+            row["speedup_vs_best_bf16"] = round(min(base) / row["w4a4_ms"], 3)
+        row["weights_gib"] = {"w4a4": round(w_bytes[head] / 2**30, 4), "bf16": round(bf16_bytes / 2**30, 4)}
         rec.put("rows", list(rows.values()))
-        if warm is not None:  # its autotuning must not share the GPU with the timings
-            rec.put("warm_baseline", wait_warm(warm, args.warm_timeout))
-        # then one batch size at a time (time, profile, baselines), so a run cut short keeps whole rows
-        for b in batches:
-            row = rows[b]
-            for wmode in fasts:
-                if (wmode, b) in compiled:
-                    prof = profiles if args.profile and wmode == head else None
-                    time_fast(compiled[(wmode, b)], xs[b], row, wmode, args.iters, prof)
-            row["w4a4_ms"] = row.get(f"w4a4_{head}", {}).get("median_ms")
-            if unet is None:
-                unet = build_sd15().unet.to("cuda", torch.bfloat16).eval()
-            modes = args.baseline_mode.split(",")
-            if warm_done is not None:  # compile in this process only what the warm-up cached
-                done = set(warm_done.read_text().split("\n")) if warm_done.exists() else set()
-                for m in [m for m in modes if f"{m} {b}" not in done]:
-                    row[f"bf16_compile_{m.replace('-', '_')}_skipped"] = "warm-up compile did not finish in time"
-                modes = [m for m in modes if f"{m} {b}" in done]
-            time_baselines(unet, bf16_inputs(xs[b]), row, modes, args.iters, profiles if args.profile else None)
-            base = [v for k, v in row.items() if k.startswith("bf16_") and k.endswith("_ms") and v is not None]
-            if row["w4a4_ms"] and base:
-                row["speedup_vs_best_bf16"] = round(min(base) / row["w4a4_ms"], 3)
-            row["weights_gib"] = {"w4a4": round(w_bytes[head] / 2**30, 4), "bf16": round(bf16_bytes / 2**30, 4)}
-            rec.put("rows", list(rows.values()))
-            rec.put("profiles", {k: {kk: vv for kk, vv in v.items() if kk != "rows"} for k, v in profiles.items()})
-            if log_dir:
-                (log_dir / "profiles.json").write_text(json.dumps(profiles, indent=1))
-                (log_dir / "profiles.txt").write_text("\n\n".join(f"== {k}\n{v['table']}" for k, v in profiles.items()))
-        rec.put("peak_gpu_memory_gib", round(torch.cuda.max_memory_allocated() / 2**30, 2))
-        del unet
-        # ---- accuracy of the compiled fast path vs the float32 fake-quant reference ------------------------------
-        b_acc = max(b for b in batches if (head, b) in compiled) if any(k[0] == head for k in compiled) else None
-        if b_acc is not None:
-            try:
-                rec.put("accuracy", accuracy(gm, compiled[(head, b_acc)], example, args.accuracy_steps, b_acc))
-                log(f"accuracy: {json.dumps(rec.data['accuracy'])[:1500]}")
-            except Exception as e:  # noqa: BLE001
-                rec.put("accuracy", {"error": repr(e)[:3000]})
-                traceback.print_exc()
-        del compiled
-        torch._dynamo.reset()
-        torch.cuda.empty_cache()
+        save_profiles(rec, profiles, args.log_dir)
+    rec.put("peak_gpu_memory_gib", round(torch.cuda.max_memory_allocated() / 2**30, 2))
+    del unet
+    b_acc = max((b for b in batches if (head, b) in compiled), default=None)
+    if b_acc is not None:
+        try:
+            rec.put("accuracy", accuracy(gm, compiled[(head, b_acc)], example, args.accuracy_steps, b_acc))
+            log(f"accuracy: {json.dumps(rec.data['accuracy'])[:1500]}")
+        except Exception as e:  # noqa: BLE001
+            rec.put("accuracy", {"error": repr(e)[:3000]})
+            traceback.print_exc()
+    return list(rows.values())
 
-    log(json.dumps([{k: v for k, v in r.items() if not isinstance(v, dict) or k == "weights_gib"}
-                    for r in rows.values()], indent=1))
-    # ---- accuracy vs the float32 fake-quant reference ----------------------------------------------------------
-    for name, fn in (("fake_quant_bandwidth", fake_quant_bandwidth),):
-        try:
-            rec.put(name, fn())
-            log(f"{name}: {json.dumps(rec.data[name])[:1500]}")
-        except Exception as e:  # noqa: BLE001
-            rec.put(name, {"error": repr(e)[:3000]})
-            traceback.print_exc()
-    if args.save_pt2:
-        try:
-            sample_cli(cm, args.save_pt2, rec)
-        except Exception as e:  # noqa: BLE001
-            rec.put("msfp_sample_triton", {"error": repr(e)[:3000]})
-            traceback.print_exc()
-    rec.put("finished", time.strftime("%Y-%m-%dT%H:%M:%S"))
-    return 0
+
+def cached_modes(modes_arg: str, b: int, warm: tuple[Any, Path] | None, row: dict) -> list[str]:
+    """The baseline modes to compile in this process: with a warm-up, only those it finished (cache hits)."""
+    modes = modes_arg.split(",")
+    if warm is None:
+        return modes
+    done = set(warm[1].read_text().split("\n")) if warm[1].exists() else set()
+    for m in modes:
+        if f"{m} {b}" not in done:
+            row[f"bf16_compile_{m.replace('-', '_')}_skipped"] = "warm-up compile did not finish in time"
+    return [m for m in modes if f"{m} {b}" in done]
+
+
+def save_profiles(rec: Recorder, profiles: dict, log_dir: str | None) -> None:
+    rec.put("profiles", {k: {kk: vv for kk, vv in v.items() if kk != "rows"} for k, v in profiles.items()})
+    if log_dir:
+        (Path(log_dir) / "profiles.json").write_text(json.dumps(profiles, indent=1))
+        (Path(log_dir) / "profiles.txt").write_text("\n\n".join(f"== {k}\n{v['table']}" for k, v in profiles.items()))
 
 
 def compile_fast(fast: Any, x: tuple, mode: str, row: dict, wmode: str) -> Any:

@@ -322,10 +322,10 @@ def _spatial(node: fx.Node) -> tuple[int, int] | None:
     return None
 
 
-# "mixed" weights: layers of at most this many weights keep E4M3 resident. Their decode is launch-bound (~3 us for
-# any size below ~2M weights on the H200), and on SD1.5 they are 148 of 280 layers but 63M of 859M weights, so
-# keeping them E4M3 removes half the decode launches for +16 MB (resident 0.28x -> 0.29x of bf16).
-SMALL_LAYER = 1 << 20
+# "mixed" weights: layers of at most this many weights keep E4M3 resident (1 byte a weight instead of 0.5). Their
+# decode is launch-bound (~3-5 us for any size below ~2M weights on the H200, results/gpu_sd15_kernels.json); on
+# SD1.5 they are 115 of 280 layers but 33M of 859M weights: +17 MB resident (0.28x -> 0.29x of bf16).
+SMALL_LAYER = 1 << 19
 
 
 def _layer_weights(weights: str, n: int, k: int) -> str:
@@ -559,7 +559,10 @@ def build_fast(gm: fx.GraphModule, device: str | torch.device = "cuda", weights:
     _drop_unused_attributes(gm)
     _cast_constants(gm, dtype)
     gm.recompile()
-    return FastUNet(_to_device(gm, torch.device(device)), report, weights, dtype).eval()
+    fast = FastUNet(_to_device(gm, torch.device(device)), report, weights, dtype)
+    for m in fast.modules():  # not .eval(): a loaded .pt2's module raises in train() (torch 2.11)
+        m.training = False
+    return fast
 
 
 def weight_bytes(module: torch.nn.Module) -> int:

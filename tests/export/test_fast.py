@@ -181,6 +181,19 @@ def test_build_fast_mixed_weights(compiled_cond, monkeypatch) -> None:
         FA.build_fast(gm, DEV, weights="int4")
 
 
+def test_build_fast_on_loaded_pt2(compiled_cond, tmp_path) -> None:
+    """msfp-sample --backend triton --fast rewrites the module of a loaded .pt2 (whose train()/eval() raise)."""
+    from msfp_compiler.export.triton.runtime import load_pt2
+
+    path = tmp_path / "m.pt2"
+    compiled_cond.save_pt2(str(path))
+    args = [a.to(DEV) for a in compiled_cond.calibration.batches[0].args]
+    fast = FA.build_fast(load_pt2(str(path)), DEV)
+    assert not fast.training and fast.report.fused["conv2d"] >= 10
+    with torch.no_grad():
+        assert torch.equal(fast(*args), FA.build_fast(compiled_cond.graph_module, DEV)(*args))
+
+
 def test_decode_packed_matches_op() -> None:
     gen = torch.Generator().manual_seed(4)
     codes = torch.randint(0, 16, (6, 7), generator=gen, dtype=torch.uint8)
