@@ -7,9 +7,11 @@ point into the consumer's bias):
 - ``QuantizeInt``: uniform grid via Round (half to even, as the torch reference).
 - ``DequantizeFP4Packed(packed, scale)``: two 4-bit codes per byte -> table lookup -> reshape -> * scale.
 
-Each op has one default body, valid for every format it takes, and faster *overloads* (ONNX IR 10
-``NodeProto.overload``) that ``annotate_msfp_nodes`` picks per node: ``unsigned`` (QuantizeFP for unsigned formats:
-no sign round trip) and ``pow2`` (QuantizeLUT for M = 0: arithmetic instead of the table). A constant zero point of
+Each op has one default body, valid for every format it takes, and faster *variants* that ``annotate_msfp_nodes``
+picks per node: ``QuantizeFPUnsigned`` (QuantizeFP for unsigned formats: no sign round trip) and ``QuantizeLUTPow2``
+(QuantizeLUT for M = 0: arithmetic instead of the table). Every body has an op name of its own: ONNX function
+*overloads* (IR 10) would be the natural fit, but onnx's ReferenceEvaluator ignores them (it ran the first function
+of a name for every node), so the same model meant different things in different runtimes. A constant zero point of
 0, or keep_zero_point = 0, needs no body of its own: onnxruntime's optimizer drops the Sub / Add of a constant 0
 (measured: bodies without them were no faster). Every body is bit-exact with ``torch.ops.msfp.quantize`` /
 ``quantize_folded`` up to the sign of zero (tests/test_scale.py; tools/bench_ort.py --verify sweeps every float32 at
@@ -29,13 +31,18 @@ from msfp_compiler.formats import FPFormat, IntFormat
 from msfp_compiler.ops import get_format
 
 __all__ = ["MSFP_DOMAIN", "MSFP_VERSION", "quantize_op_type", "msfp_functions", "annotate_msfp_nodes",
-           "single_op_model", "used_overloads", "all_overloads", "all_nodes"]
+           "single_op_model", "used_ops", "all_ops", "all_nodes", "BODY_OPS", "QUANTIZE_OPS"]
 
 MSFP_DOMAIN = "msfp"
 MSFP_VERSION = 1
 
 F, FS, IS = onnx.AttributeProto.FLOAT, onnx.AttributeProto.FLOATS, onnx.AttributeProto.INTS
-QUANTIZE_OPS = ("QuantizeFP", "QuantizeLUT", "QuantizeInt")
+# (op, variant) -> the op name of that body; the variants are picked per node by annotate_msfp_nodes
+BODY_OPS = {("QuantizeFP", ""): "QuantizeFP", ("QuantizeFP", "unsigned"): "QuantizeFPUnsigned",
+            ("QuantizeLUT", ""): "QuantizeLUT", ("QuantizeLUT", "pow2"): "QuantizeLUTPow2",
+            ("QuantizeInt", ""): "QuantizeInt"}
+BODY_OF = {name: key for key, name in BODY_OPS.items()}
+QUANTIZE_OPS = tuple(BODY_OPS.values())
 
 
 def quantize_op_type(fmt: str) -> str:
@@ -209,78 +216,78 @@ def _dequantize_packed() -> onnx.FunctionProto:
     )
 
 
-def all_overloads() -> list[tuple[str, str]]:
-    """Every (op_type, overload) with a body, default bodies first."""
-    return sorted(_CORE_BODIES, key=lambda k: (k[1] != "", k)) + [("DequantizeFP4Packed", "")]
+def all_ops() -> list[str]:
+    """Every msfp op name with a body (one body per name), default bodies first."""
+    return sorted(BODY_OPS.values(), key=lambda o: (BODY_OF[o][1] != "", o)) + ["DequantizeFP4Packed"]
 
 
-def msfp_functions(opset: int, used: Iterable[tuple[str, str]] | None = None) -> list[onnx.FunctionProto]:
-    """FunctionProtos (standard-op bodies) for the msfp ops, all or the (op_type, overload) pairs in ``used``.
+def msfp_functions(opset: int, used: Iterable[str] | None = None) -> list[onnx.FunctionProto]:
+    """FunctionProtos (standard-op bodies) for the msfp ops, all or the op names in ``used``.
 
-    Attributes are read by reference; body nodes are named ``<op>[.<overload>].<i>.<op_type>`` because ORT names
-    inlined nodes '_inlfunc_<function>_..._<body node name>', so a profile (SessionOptions.enable_profiling)
-    attributes kernel time to the msfp op and body (tools/bench_ort.py reads it)."""
-    wanted = all_overloads() if used is None else sorted(set(used), key=lambda k: (k[1] != "", k))
+    Attributes are read by reference; body nodes are named ``<op>.<i>.<op_type>`` because ORT names inlined nodes
+    '_inlfunc_<function>_..._<body node name>', so a profile (SessionOptions.enable_profiling) attributes kernel
+    time to the msfp op (tools/bench_ort.py reads it)."""
+    order = all_ops()
+    wanted = order if used is None else sorted(set(used), key=lambda o: order.index(o) if o in order else -1)
     funcs = []
-    for op, overload in wanted:
+    for op in wanted:
         if op == "DequantizeFP4Packed":
             f = _dequantize_packed()
         else:
-            if (op, overload) not in _CORE_BODIES:
-                raise KeyError(f"no body for msfp.{op} overload {overload!r}")
-            body, attrs, doc = _CORE_BODIES[(op, overload)]
+            if op not in BODY_OF:
+                raise KeyError(f"no body for msfp.{op}")
+            body, attrs, doc = _CORE_BODIES[BODY_OF[op]]
             f = helper.make_function(MSFP_DOMAIN, op, ["x", "scale", "zero_point"], ["y"], _HEAD + body + _TAIL, [],
                                      attributes=["format", *attrs, "lo", "hi", "keep_zero_point"], doc_string=doc)
-            f.overload = overload
         del f.opset_import[:]
         f.opset_import.append(helper.make_opsetid("", opset))
         for i, n in enumerate(f.node):
-            n.name = f"{f.name}{'.' + f.overload if f.overload else ''}.{i}.{n.op_type}"
+            n.name = f"{f.name}.{i}.{n.op_type}"
         funcs.append(f)
     return funcs
 
 
-def _choose_overload(node: onnx.NodeProto, fmt) -> str:
-    """The fastest function body valid for this node."""
-    if isinstance(fmt, FPFormat) and node.op_type == "QuantizeFP" and not fmt.signed:
-        return "unsigned"
-    if isinstance(fmt, FPFormat) and node.op_type == "QuantizeLUT" and fmt.man_bits == 0:
-        return "pow2"
-    return ""
+def _choose_body(op_type: str, fmt) -> str:
+    """The fastest body (op name) valid for a node of ``op_type`` quantizing onto ``fmt``."""
+    if isinstance(fmt, FPFormat) and op_type == "QuantizeFP" and not fmt.signed:
+        return "QuantizeFPUnsigned"
+    if isinstance(fmt, FPFormat) and op_type == "QuantizeLUT" and fmt.man_bits == 0:
+        return "QuantizeLUTPow2"
+    return op_type
 
 
-def annotate_msfp_nodes(model: onnx.ModelProto, choose_overloads: bool = True) -> dict[str, int]:
-    """Pick each msfp node's function body (overload) and add the attributes it reads (clip bounds, tables, split
-    constants, decode table); count the nodes. Overloads need IR version 10; an overload already set on a node is
-    kept, and with ``choose_overloads=False`` every node keeps the body it names (tests pin one body that way)."""
+def annotate_msfp_nodes(model: onnx.ModelProto, choose_bodies: bool = True) -> dict[str, int]:
+    """Pick each msfp node's function body (its op name) and add the attributes it reads (clip bounds, tables,
+    split constants, decode table); count the nodes by op name. With ``choose_bodies=False`` every node keeps the
+    body it names (tests pin one body that way)."""
     counts: dict[str, int] = {}
     for node in all_nodes(model.graph):
         if node.domain != MSFP_DOMAIN:
             continue
-        counts[node.op_type] = counts.get(node.op_type, 0) + 1
         fmt = get_format(next(a.s.decode() for a in node.attribute if a.name == "format"))
         extra: dict = {}
         if node.op_type in QUANTIZE_OPS:
-            if choose_overloads and not node.overload and model.ir_version >= 10:
-                node.overload = _choose_overload(node, fmt)
+            if choose_bodies:
+                node.op_type = _choose_body(node.op_type, fmt)
             extra = {"lo": fmt.min, "hi": fmt.max, "keep_zero_point": 1.0}
             if isinstance(fmt, FPFormat):
                 split = {"split_factor": fmt.split_factor, "split_floor": fmt.split_floor}
-            if node.op_type == "QuantizeLUT" and node.overload == "pow2":
+            if node.op_type == "QuantizeLUTPow2":
                 extra |= split | {"inv_min_normal": 1.0 / fmt.min_normal}
             elif node.op_type == "QuantizeLUT":
                 extra |= {"levels": fmt.levels.tolist(), "thresholds": fmt.thresholds.tolist()}
-            elif node.op_type == "QuantizeFP":
+            elif node.op_type in ("QuantizeFP", "QuantizeFPUnsigned"):
                 extra |= split
         elif node.op_type == "DequantizeFP4Packed":
             extra = {"table": fmt.code_table.tolist()}
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
         present = {a.name for a in node.attribute}
         node.attribute.extend(helper.make_attribute(k, v) for k, v in extra.items() if k not in present)
     return counts
 
 
-def used_overloads(model: onnx.ModelProto) -> set[tuple[str, str]]:
-    return {(n.op_type, n.overload) for n in all_nodes(model.graph) if n.domain == MSFP_DOMAIN}
+def used_ops(model: onnx.ModelProto) -> set[str]:
+    return {n.op_type for n in all_nodes(model.graph) if n.domain == MSFP_DOMAIN}
 
 
 def all_nodes(graph: onnx.GraphProto):
@@ -295,14 +302,13 @@ Arg = Union[np.ndarray, tuple[int, Sequence]]
 
 
 def single_op_model(op_type: str, fmt: str, args: Mapping[str, Arg], out_shape: Sequence, *,
-                    overload: str | None = None, opset: int = 20, **attrs) -> onnx.ModelProto:
+                    choose_body: bool = False, opset: int = 20, **attrs) -> onnx.ModelProto:
     """A checked one-node model of an msfp op (tests, benchmarks, the bit-exactness sweep).
 
     ``args`` are the op's inputs in order: a numpy array becomes an initializer (as scales and zero points are in
-    compiled models, so ORT's constant folding runs on them), ``(elem_type, shape)`` a graph input. ``overload``
-    pins the body; None lets ``annotate_msfp_nodes`` choose."""
+    compiled models, so ORT's constant folding runs on them), ``(elem_type, shape)`` a graph input. ``op_type``
+    names the body; ``choose_body`` lets ``annotate_msfp_nodes`` pick the fastest one for the format instead."""
     node = helper.make_node(op_type, list(args), ["y"], domain=MSFP_DOMAIN, format=fmt, **attrs)
-    node.overload = overload or ""
     inputs, inits = [], []
     for name, a in args.items():
         if isinstance(a, np.ndarray):
@@ -313,7 +319,7 @@ def single_op_model(op_type: str, fmt: str, args: Mapping[str, Arg], out_shape: 
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(out_shape))], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset),
                                                     helper.make_opsetid(MSFP_DOMAIN, MSFP_VERSION)])
-    annotate_msfp_nodes(model, choose_overloads=overload is None)
-    model.functions.extend(msfp_functions(opset, used_overloads(model)))
+    annotate_msfp_nodes(model, choose_bodies=choose_body)
+    model.functions.extend(msfp_functions(opset, used_ops(model)))
     onnx.checker.check_model(model, full_check=True)
     return model

@@ -2,7 +2,7 @@
 
 torch.onnx.export(dynamo=True) translates ``torch.ops.msfp.*`` through a custom translation table into nodes of
 domain ``msfp`` that carry only the format name. A post-processing step then (1) picks each node's function body and
-adds the attributes it reads (export/msfp_ops.py), (2) appends one model-local FunctionProto per (op, overload) used,
+adds the attributes it reads (export/msfp_ops.py), (2) appends one model-local FunctionProto per op name used,
 whose body uses standard ops, and (3) imports the msfp opset. ORT inlines the functions, so no plugin is needed; a
 native kernel library can still claim the nodes by (domain, op_type) and use the attributes. Models over 2 GB are
 checked and saved with external data (``save_atomic``).
@@ -10,6 +10,7 @@ checked and saved with external data (``save_atomic``).
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -28,11 +29,13 @@ from msfp_compiler.ops import DEQUANTIZE_PACKED, QUANTIZE, QUANTIZE_FOLDED
 from msfp_compiler.talora import SELECT_WEIGHT
 
 from .msfp_ops import (MSFP_DOMAIN, MSFP_VERSION, all_nodes, annotate_msfp_nodes, msfp_functions, quantize_op_type,
-                       used_overloads)
+                       used_ops)
 
-__all__ = ["MSFP_DOMAIN", "lower_to_onnx", "lower_fp32", "msfp_functions", "annotate_msfp_nodes", "save_atomic", "check_model",
+__all__ = ["MSFP_DOMAIN", "lower_to_onnx", "lower_fp32", "to_integer", "msfp_functions", "annotate_msfp_nodes",
+           "save_atomic", "check_model",
            "quantize_op_type"]
 
+TEXT_INPUT = "encoder_hidden_states"
 _msfp = onnxscript.values.Opset(MSFP_DOMAIN, MSFP_VERSION)
 # The translation functions live in their own opset: the exporter inlines them and leaves the msfp node inside.
 _wrap = onnxscript.values.Opset("msfp.translation", 1)
@@ -116,16 +119,21 @@ def _finalize(model: onnx.ModelProto) -> dict[str, int]:
     keep = [o for o in model.opset_import if o.domain not in (MSFP_DOMAIN, "msfp.translation")]
     del model.opset_import[:]
     model.opset_import.extend(keep + [helper.make_opsetid(MSFP_DOMAIN, MSFP_VERSION)])
-    existing = {(f.domain, f.name, f.overload) for f in model.functions}
-    model.functions.extend(f for f in msfp_functions(opset, used_overloads(model))
-                           if (f.domain, f.name, f.overload) not in existing)
+    existing = {(f.domain, f.name) for f in model.functions}
+    model.functions.extend(f for f in msfp_functions(opset, used_ops(model)) if (f.domain, f.name) not in existing)
     model.producer_name, model.producer_version = "msfp-compiler", "0.1.0"
     return counts
 
 
 def lower_to_onnx(gm: fx.GraphModule, example_args: tuple, input_names: list[str], *,
-                  output_name: str = "noise_pred") -> tuple[onnx.ModelProto, dict[str, int]]:
-    """Export the (quantized) GraphModule to an ONNX ModelProto with msfp custom ops and a dynamic batch."""
+                  output_name: str = "noise_pred", integer: bool = True,
+                  unet_config: dict | None = None) -> tuple[onnx.ModelProto, dict[str, int]]:
+    """Export the (quantized) GraphModule to an ONNX ModelProto with msfp custom ops and a dynamic batch.
+
+    With ``integer`` (export/integer_kernels.py) packed weights become int8 initializers + DequantizeLinear and
+    linears on integer-grid activations run as MatMulInteger; without it the packed weights stay 4-bit
+    (DequantizeFP4Packed), which a plain session folds to FP32. ``unet_config`` (the diffusers config) is stored
+    as JSON in the model's metadata (``diffusers_config``), where ``OrtUNet`` finds it."""
     table = {
         QUANTIZE: _translate_quantize,
         QUANTIZE_FOLDED: _translate_quantize_folded,
@@ -133,31 +141,74 @@ def lower_to_onnx(gm: fx.GraphModule, example_args: tuple, input_names: list[str
         SELECT_WEIGHT: _translate_select_weight,
     }
     batch = torch.export.Dim.AUTO
-    dyn = tuple({0: batch} for _ in example_args)
+    dyn = [{0: batch} for _ in example_args]
+    example_args = tuple(example_args)
+    if TEXT_INPUT in input_names:
+        # Any text length, whatever the calibration used: export specializes a size-1 example, so trace with >= 2
+        # tokens (the captured graph is symbolic in the length, see capture.py).
+        i = input_names.index(TEXT_INPUT)
+        cond = example_args[i]
+        if cond.shape[1] < 2:
+            cond = cond.expand(-1, 2, -1).contiguous()
+        example_args = example_args[:i] + (cond,) + example_args[i + 1:]
+        dyn[i] = {0: batch, 1: torch.export.Dim.AUTO}
     with torch.no_grad():
         prog = torch.onnx.export(gm, example_args, dynamo=True, custom_translation_table=table,
-                                 input_names=input_names, output_names=[output_name], dynamic_shapes=dyn,
+                                 input_names=input_names, output_names=[output_name], dynamic_shapes=tuple(dyn),
                                  optimize=True, verbose=False, report=False, external_data=False)
     if prog is None:
         raise MsfpError("torch.onnx.export returned no program")
     model = prog.model_proto
     counts = _finalize(model)
+    if integer:
+        counts = to_integer(model)
     # Rename the symbolic batch dim so every input and the output share one readable name.
     for vi in list(model.graph.input) + list(model.graph.output):
         dims = vi.type.tensor_type.shape.dim
         if dims and not dims[0].HasField("dim_value"):
             dims[0].dim_param = "batch"
+        if vi.name == TEXT_INPUT and len(dims) > 1 and not dims[1].HasField("dim_value"):
+            dims[1].dim_param = "text_len"
+    if unet_config is not None:
+        meta = model.metadata_props.add()
+        # diffusers' private keys (``_use_default_values`` is a list in set order, which changes with the hash
+        # seed) would make the ONNX bytes differ between processes; from_config does not need them
+        config = {k: v for k, v in dict(unet_config).items() if not k.startswith("_") or k == "_class_name"}
+        meta.key, meta.value = "diffusers_config", json.dumps(config, sort_keys=True, default=list)
     check_model(model)
     return model, counts
 
 
-def lower_fp32(unet: torch.nn.Module, cond_len: int = 1) -> onnx.ModelProto:
-    """The unquantized UNet through the same capture and exporter (same opset, dynamic batch): the FP32 baseline
-    every comparison uses. ``cond_len``: text tokens of the example conditioning (the graph takes any length)."""
+def to_integer(model: onnx.ModelProto) -> dict[str, int]:
+    """Packed 4-bit weights -> int8 + DequantizeLinear, linears -> MatMulInteger (export/integer_kernels.py), in
+    place; returns the msfp node counts plus what was rewritten."""
+    from .integer_kernels import lower_integer
+
+    info = lower_integer(model)
+    used = used_ops(model)
+    keep = [f for f in model.functions if f.domain != MSFP_DOMAIN or f.name in used]
+    del model.functions[:]
+    model.functions.extend(keep)
+    counts: dict[str, int] = {}
+    for n in all_nodes(model.graph):
+        if n.domain == MSFP_DOMAIN:
+            counts[n.op_type] = counts.get(n.op_type, 0) + 1
+    counts.update({k: v for k, v in (("int8_weights", info.int8_weights), ("integer_matmuls", info.integer_matmuls))
+                   if v})
+    return counts
+
+
+def lower_fp32(unet: torch.nn.Module, cond_len: int = 1, seed: int = 0) -> onnx.ModelProto:
+    """The unquantized diffusers UNet lowered through the same path as compiled models (capture + lower_to_onnx):
+    same inputs, output, dynamic batch and text length (``cond_len`` only sizes the example conditioning);
+    ``save_atomic`` writes external data above 2 GB. The FP32 baseline every comparison uses
+    (``msfp-compile --scheme fp32`` does the same from the CLI)."""
     from msfp_compiler.capture import capture, example_inputs, signature_of
 
-    gm, sig = capture(unet.eval(), signature_of(unet, cond_len=cond_len))
-    model, _ = lower_to_onnx(gm, example_inputs(sig, 2, torch.Generator().manual_seed(0)), sig.input_names)
+    sig = signature_of(unet, cond_len=cond_len)
+    gm, sig = capture(unet.eval().float(), sig)
+    model, _ = lower_to_onnx(gm, example_inputs(sig, 2, torch.Generator().manual_seed(seed)), sig.input_names,
+                             unet_config=dict(unet.config))
     return model
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -130,28 +131,89 @@ def open_session(path: str | Path, threads: int | None = None, *, predecode: boo
         raise MsfpError(f"{path}: onnxruntime cannot load it ({str(e).splitlines()[0][:200]})") from e
 
 
-class OrtUNet:
-    """Calls an ORT session with the compiled model's convention: (sample, timestep[, cond]) -> noise_pred."""
+CONFIG_KEY = "diffusers_config"  # ONNX metadata_props key: the UNet's diffusers config (JSON), set at lowering
 
-    def __init__(self, session: ort.InferenceSession):
-        self.session = session
-        self.inputs = [i.name for i in session.get_inputs()]
-        shape = session.get_inputs()[0].shape
+
+class OrtUNet:
+    """An onnxruntime session of a compiled (or ``--scheme fp32``) UNet with the diffusers UNet interface.
+
+    ``config``, ``dtype``, ``device`` and ``__call__(sample, timestep, encoder_hidden_states=None, class_labels=None,
+    return_dict=True, **ignored)`` returning ``UNet2DOutput`` / ``UNet2DConditionOutput`` (or a 1-tuple), so it
+    replaces the torch UNet of a diffusers pipeline: ``DDIMPipeline(unet=OrtUNet(path), scheduler=...)``,
+    ``StableDiffusionPipeline(..., unet=OrtUNet(path), ...)``. A scalar timestep is broadcast to the batch, as the
+    torch UNet does. ``eps(sample, timestep[, cond])`` is the compiler's own convention (a tensor back).
+
+    ``config`` defaults to the diffusers config stored in the ONNX metadata at lowering (``diffusers_config``).
+    """
+
+    dtype = torch.float32
+    device = torch.device("cpu")
+
+    def __init__(self, model: "ort.InferenceSession | str | Path", config: dict | None = None,
+                 threads: int | None = None):
+        from diffusers.configuration_utils import FrozenDict
+
+        if isinstance(model, ort.InferenceSession):
+            self.session = model
+        else:
+            self.session = open_session(model, threads)
+        meta = self.session.get_modelmeta().custom_metadata_map
+        if config is None and CONFIG_KEY in meta:
+            config = json.loads(meta[CONFIG_KEY])
+        ins = self.session.get_inputs()
+        self.inputs = [i.name for i in ins]
+        shape = ins[0].shape
         self.channels, self.size = int(shape[1]), int(shape[2])
         self.cond = self.inputs[2] if len(self.inputs) > 2 else None
-        self.cond_shape = session.get_inputs()[2].shape if self.cond else None
+        self.cond_shape = ins[2].shape if self.cond else None
+        config = dict(config or {"in_channels": self.channels, "out_channels": self.channels,
+                                 "sample_size": self.size})
+        self.config = FrozenDict(config)
 
-    def __call__(self, sample: torch.Tensor, timestep: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
-        feeds = {"sample": sample.float().numpy(), "timestep": timestep.long().numpy()}
+    @property
+    def in_channels(self) -> int:
+        return self.channels
+
+    def eps(self, sample: torch.Tensor, timestep: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        """The model output for (sample, timestep[, conditioning]) as a float32 CPU tensor."""
+        sample = torch.as_tensor(sample)
+        t = torch.as_tensor(timestep).reshape(-1)
+        if t.numel() == 1 and sample.shape[0] != 1:
+            t = t.expand(sample.shape[0])
+        feeds = {"sample": sample.detach().float().cpu().numpy(),
+                 "timestep": t.detach().cpu().round().long().numpy()}
         if self.cond:
-            feeds[self.cond] = cond.numpy()
+            if cond is None:
+                raise MsfpError(f"this model needs {self.cond}")
+            c = torch.as_tensor(cond).detach().cpu()
+            feeds[self.cond] = c.long().numpy() if self.cond == "class_labels" else c.float().numpy()
         return torch.from_numpy(self.session.run(None, feeds)[0])
+
+    def __call__(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor | None = None,
+                 class_labels: torch.Tensor | None = None, return_dict: bool = True, **ignored):
+        """The diffusers UNet call; keyword arguments an exported UNet cannot take (timestep_cond,
+        cross_attention_kwargs, added_cond_kwargs, ...) must be None."""
+        extra = [k for k, v in ignored.items() if v is not None]
+        if extra:
+            raise MsfpError(f"OrtUNet: the ONNX model takes no {', '.join(sorted(extra))}")
+        cond = class_labels if self.cond == "class_labels" else encoder_hidden_states
+        out = self.eps(sample, timestep, cond).to(torch.as_tensor(sample).dtype)
+        if not return_dict:
+            return (out,)
+        if self.cond == "encoder_hidden_states":
+            from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+
+            return UNet2DConditionOutput(sample=out)
+        from diffusers.models.unets.unet_2d import UNet2DOutput
+
+        return UNet2DOutput(sample=out)
 
 
 def ddim_sample(unet, n: int, steps: int = 50, seed: int = 0, cond: torch.Tensor | None = None,
                 scheduler_config: dict | None = None, batch_size: int = 64, channels: int | None = None,
                 size: int | None = None, progress: bool | None = None, eta: float = 0.0) -> torch.Tensor:
     """DDIM sampling with any callable unet(sample, t[, cond]); the same seed gives the same initial noise."""
+    f = unet.eps if isinstance(unet, OrtUNet) else unet
     channels = channels or unet.channels
     size = size or unet.size
     g = torch.Generator().manual_seed(seed)
@@ -161,7 +223,7 @@ def ddim_sample(unet, n: int, steps: int = 50, seed: int = 0, cond: torch.Tensor
     for i in range(0, n, batch_size):
         x = noise[i:i + batch_size]
         c = cond[i:i + batch_size] if cond is not None else None
-        eps_fn = (lambda xt, tt: unet(xt, tt, c)) if c is not None else unet  # noqa: E731
+        eps_fn = (lambda xt, tt: f(xt, tt, c)) if c is not None else f  # noqa: E731
         out.append(sample(eps_fn, x, make_scheduler("ddim", scheduler_config), steps, eta,
                           on_step=lambda b=x.shape[0]: bar.update(b)))
     bar.close()

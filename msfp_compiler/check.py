@@ -16,7 +16,10 @@ What counts as what, per quantizer (values in grid units, v = (y - zero_point) /
 
 The first failing node in topological order is named by its module path (names.py). Quantizers are found in the
 ONNX by the msfp-domain node that reads their scale initializer (by name, then by value), so the check does not
-depend on how a quantizer's body is written.
+depend on how a quantizer's body is written. Packed weights lowered to int8 (export/integer_kernels.py) are found by
+their int8 initializer's name: through the DequantizeLinear that reads it, or, for a weight only an integer kernel
+(MatMulInteger) reads, as its int8 values times scale / 2^k, the values the kernel multiplies (the kernel's
+rescale is then judged at the next quantizer's input).
 """
 
 from __future__ import annotations
@@ -38,6 +41,32 @@ __all__ = ["CheckResult", "NodeCheck", "check_onnx", "quantizer_nodes"]
 _QUANTIZE_TARGETS = ("msfp.quantize", "msfp.quantize_folded")
 _PACKED_TARGETS = ("msfp.dequantize_packed",)
 _EPS = 1e-5  # relative float error of computing (x - zp) / scale in two different ways
+
+
+def _int8_weights(gm: fx.GraphModule, qnodes: list[fx.Node], matched: dict, model: onnx.ModelProto
+                  ) -> dict[fx.Node, torch.Tensor]:
+    """Packed weights no DequantizeLinear decodes (only an integer kernel reads their int8 initializer): the values
+    the kernel multiplies, int8 * scale / 2^k, in torch's layout."""
+    from msfp_compiler.export.integer_kernels import int8_name, integer_shift
+
+    inits = {t.name: t for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT8}
+    out = {}
+    for q in qnodes:
+        if q in matched or _target_name(q) not in _PACKED_TARGETS:
+            continue
+        consts = _const_args(gm, q)
+        if 0 not in consts or 1 not in consts or int8_name(consts[0][0]) not in inits:
+            continue
+        k = integer_shift(get_format(_fmt_of(q)), 127)
+        if k is None:
+            continue
+        w = torch.from_numpy(onnx.numpy_helper.to_array(inits[int8_name(consts[0][0])]).copy()).float()
+        shape = list(q.args[3])
+        if w.dim() == 2:
+            w = w.T  # MatMulInteger reads [K, N]; torch's linear weight is [N, K]
+        scale = consts[1][1].float() * 2.0 ** -k  # exact: a power-of-two change
+        out[q] = w.reshape(shape) * scale.reshape([-1] + [1] * (len(shape) - 1) if scale.numel() > 1 else [])
+    return out
 
 
 def _target_name(n: fx.Node) -> str:
@@ -151,6 +180,7 @@ def _fmt_of(n: fx.Node) -> str:
 
 
 def _match(gm: fx.GraphModule, qnodes: list[fx.Node], model: onnx.ModelProto) -> dict[fx.Node, onnx.NodeProto]:
+    from msfp_compiler.export.integer_kernels import int8_name
     from msfp_compiler.export.msfp_ops import MSFP_DOMAIN
 
     inits = {t.name: t for t in model.graph.initializer}
@@ -165,6 +195,10 @@ def _match(gm: fx.GraphModule, qnodes: list[fx.Node], model: onnx.ModelProto) ->
 
     cands = []
     for node in model.graph.node:
+        if node.domain in ("", "ai.onnx") and node.op_type == "DequantizeLinear" and node.input[0] in inits \
+                and inits[node.input[0]].data_type == onnx.TensorProto.INT8:
+            cands.append((node, None, True))  # an int8 weight (export/integer_kernels.py), found by name below
+            continue
         if node.domain != MSFP_DOMAIN:
             continue
         fmt = next((a.s.decode() for a in node.attribute if a.name == "format"), None)
@@ -184,6 +218,9 @@ def _match(gm: fx.GraphModule, qnodes: list[fx.Node], model: onnx.ModelProto) ->
         # 1) the node reading the quantizer's own scale (or codes) initializer: found whatever its format says
         by_name = [c for c in kind if any(p < len(c[1].input) and c[1].input[p] == consts[p][0]
                                           for p in keys if p in consts)]
+        if packed and 0 in consts:
+            by_name += [c for c in kind if c[1].op_type == "DequantizeLinear"
+                        and c[1].input[0] == int8_name(consts[0][0])]
 
         # 2) same format and every buffer equal to the initializer in the same position (the exporter merges equal
         #    initializers, and identical nodes, so several quantizers may map to one node)
@@ -290,6 +327,7 @@ class _ForcingInterpreter(fx.Interpreter):
         super().__init__(gm)
         self.ort_out, self.ort_in, self.checks, self.tol, self.names = ort_out, ort_in, checks, tolerance, names
         self.const_in = const_in
+        self.transposed: dict[fx.Node, bool] = {}
 
     def run_node(self, n: fx.Node):
         out = super().run_node(n)
@@ -299,6 +337,8 @@ class _ForcingInterpreter(fx.Interpreter):
         c = self.checks[n]
         c.elements += o.numel()
         packed = _target_name(n) in _PACKED_TARGETS
+        if packed and self.transposed.get(n):
+            o = o.T  # an int8 weight the lowering stored transposed (a linear's MatMul reads [K, N])
         scale = self.env[n.args[1]]
         zp_in = None if packed else self.env[n.args[2]]
         zp = None if _target_name(n) == "msfp.quantize_folded" else zp_in
@@ -339,6 +379,7 @@ def check_onnx(gm: fx.GraphModule, model: onnx.ModelProto, batches: Sequence, to
                threads: int | None = None) -> CheckResult:
     """Compare ORT running ``model`` with the torch graph ``gm`` per quantizer on ``batches`` (CalibBatch-like:
     ``.args`` is the input tuple)."""
+    from msfp_compiler.export.integer_kernels import TRANSPOSED
     from msfp_compiler.export.ort import session_from_model
 
     from .names import display_names
@@ -369,7 +410,10 @@ def check_onnx(gm: fx.GraphModule, model: onnx.ModelProto, batches: Sequence, to
     checks = {q: NodeCheck(order[q], q.name, names.get(q.name, q.name)) for q in matched}
     out_node = next(n for n in gm.graph.nodes if n.op == "output")
     out_check = NodeCheck(order[out_node], "output", f"output {out_name} (layers after the last quantizer)")
-    res = CheckResult(tolerance, 0, unobserved=[names.get(q.name, q.name) for q in qnodes if q not in matched])
+    int8_only = _int8_weights(gm, qnodes, matched, model)
+    checks.update({q: NodeCheck(order[q], q.name, names.get(q.name, q.name)) for q in int8_only})
+    res = CheckResult(tolerance, 0, unobserved=[names.get(q.name, q.name) for q in qnodes
+                                                if q not in matched and q not in int8_only])
     for b in batches:
         args = b.args
         feeds = {}
@@ -378,9 +422,12 @@ def check_onnx(gm: fx.GraphModule, model: onnx.ModelProto, batches: Sequence, to
         vals = dict(zip(outputs, sess.run(outputs, feeds)))
         vals.update(feeds)
         ort_out = {q: torch.from_numpy(np.asarray(vals[nd.output[0]])) for q, nd in matched.items()}
+        ort_out.update(int8_only)
         ort_in = {q: torch.from_numpy(np.asarray(vals[nm])).float() for q, nm in in_name.items() if nm in vals}
         with torch.no_grad():
-            forced = _ForcingInterpreter(gm, ort_out, ort_in, checks, tolerance, names, const_in).run(*args)
+            interp = _ForcingInterpreter(gm, ort_out, ort_in, checks, tolerance, names, const_in)
+            interp.transposed = {q: nd.doc_string == TRANSPOSED for q, nd in matched.items()}
+            forced = interp.run(*args)
             free = gm(*args)
         o = torch.from_numpy(np.asarray(vals[out_name]))
         rel = _rel(o, forced)

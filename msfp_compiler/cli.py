@@ -93,8 +93,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 # The scheme names, without importing config (and torch) just to print --help; tests/test_cli.py checks that this
-# is config.SCHEMES.
-SCHEME_NAMES = ("fp4-signed", "int4", "msfp")
+# is config.SCHEME_NAMES (fp32: the unquantized baseline through the same lowering).
+SCHEME_NAMES = ("fp32", "fp4-signed", "int4", "msfp")
 
 
 def compile_parser() -> argparse.ArgumentParser:
@@ -105,7 +105,8 @@ def compile_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output .onnx path")
     p.add_argument("--config", help="UNet config JSON for a .safetensors model")
     p.add_argument("--trust-pickle", action="store_true", help="allow a pickled nn.Module in a .pt (runs code!)")
-    p.add_argument("--scheme", default="msfp", choices=SCHEME_NAMES, help="quantization scheme (default msfp)")
+    p.add_argument("--scheme", default="msfp", choices=SCHEME_NAMES,
+                   help="quantization scheme (default msfp; fp32: the unquantized baseline)")
     p.add_argument("--formats", type=_csv, help="activation candidate formats, e.g. e2m1,ue3m1 (default: scheme's)")
     p.add_argument("--weight-formats", type=_csv, help="weight candidate formats (signed), e.g. e2m1,e3m0")
     p.add_argument("--granularity", default="channel", choices=["channel", "tensor"], help="weight scale granularity")
@@ -307,7 +308,8 @@ def _compile(args: argparse.Namespace) -> int:
     cm.save(out)
     if args.save_pt2:
         cm.save_pt2(args.save_pt2)
-    print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB): {sum(cm.onnx_op_counts.values())} msfp nodes "
+    n_msfp = sum(v for k, v in cm.onnx_op_counts.items() if k[0].isupper())  # op names; the rest: int8_weights, ...
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB): {n_msfp} msfp nodes "
           f"{json.dumps(cm.onnx_op_counts)}; activations: {_act_formats_line(cm)}")
     if args.summary:
         print(cm.summary_table())

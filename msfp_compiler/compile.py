@@ -15,7 +15,7 @@ import torch.fx as fx
 from .calibration import CalibBatch, CalibrationSet, collect
 from .capture import UNetSignature, capture, signature_of
 from .check import CheckResult, check_onnx
-from .config import CompileConfig
+from .config import FP32_SCHEME, CompileConfig
 from .device import exact_fp32, move_graph, move_tensors, resolve_device
 from .errors import MsfpError
 from .load import LoadedModel
@@ -192,6 +192,13 @@ def compile(model: torch.nn.Module | LoadedModel, config: CompileConfig | None =
     home = next(unet.parameters()).device
     check_layer_names(unet, config.quant.keep_8bit)  # before the minutes of calibration, not after
     sig = signature_of(unet, cond_len=config.calib.text_len)
+    fp32 = config.quant.scheme == FP32_SCHEME
+    if fp32 and calibration is None:
+        # nothing to calibrate: one random batch is the export example and the check's hold-out
+        from .capture import example_inputs
+
+        args = example_inputs(sig, 2, torch.Generator().manual_seed(config.calib.seed))
+        calibration = CalibrationSet([], [CalibBatch(*args)])
     pm = PassManager(log_dir=log_dir, dump_graphs=dump_graphs)
     with pm.stage("capture") as (info, _):
         gm, sig = capture(unet.to("cpu"), sig)
@@ -214,10 +221,11 @@ def compile(model: torch.nn.Module | LoadedModel, config: CompileConfig | None =
                           time.process_time() - c0)
             else:
                 calibration = move_tensors(calibration, device)
-            gm = pm.run(move_graph(gm, device), quantize_passes(config, calibration))
-            if config.finetune is not None:
-                _finetune(gm, unet, sig, loaded, config, progress, pm)
-            gm = pm.run(gm, lowering_passes(config, extra_passes))
+            if not fp32:
+                gm = pm.run(move_graph(gm, device), quantize_passes(config, calibration))
+                if config.finetune is not None:
+                    _finetune(gm, unet, sig, loaded, config, progress, pm)
+                gm = pm.run(gm, lowering_passes(config, extra_passes))
     finally:
         unet.to(home)
     # Lowering, and the CompiledModel, on the CPU.
@@ -227,10 +235,12 @@ def compile(model: torch.nn.Module | LoadedModel, config: CompileConfig | None =
     if lower:
         log.info("lowering to ONNX (torch.onnx.export) ...")
         with pm.stage("lower_onnx") as (info, _):
-            example = calibration.batches[0].args  # not the hold-out: --check must not change the model
-            onnx_model, counts = lower_to_onnx(gm, example, sig.input_names)
+            # not the hold-out: --check must not change the model (fp32 has no calibration batches, only the example)
+            example = (calibration.batches or calibration.holdout)[0].args
+            onnx_model, counts = lower_to_onnx(gm, example, sig.input_names, integer=config.integer_kernels,
+                                               unet_config=dict(unet.config))
             info.update(msfp_nodes=counts, onnx_nodes=len(onnx_model.graph.node))
-        if not counts:
+        if not counts and not fp32:
             raise MsfpError("lowering produced no msfp nodes (nothing was quantized)")
     return CompiledModel(gm, onnx_model, sig, calibration, config, pm.runs, _summaries(gm), counts,
                          loaded.scheduler_config, loaded.class_embedding, pm)

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from .errors import MsfpError
 from .formats import parse_format
 
-__all__ = ["SCHEMES", "QuantConfig", "CalibConfig", "FinetuneConfig", "CompileConfig"]
+__all__ = ["SCHEMES", "SCHEME_NAMES", "FP32_SCHEME", "QuantConfig", "CalibConfig", "FinetuneConfig", "CompileConfig"]
 
 # scheme -> (activation candidates, weight candidates) at 4 bits
 SCHEMES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
@@ -21,6 +21,9 @@ SCHEMES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     # Q-Diffusion-style INT4: asymmetric activations (zero point), symmetric per-channel weights.
     "int4": (("uint4",), ("int4",)),
 }
+# No quantization: the FP32 model lowered through the same path (inputs, outputs, external data), the baseline.
+FP32_SCHEME = "fp32"
+SCHEME_NAMES = (*SCHEMES, FP32_SCHEME)
 HIGH_PRECISION = (("uint8",), ("int8",))
 
 
@@ -41,8 +44,9 @@ class QuantConfig:
     quantize_attention: bool = True  # quantize q, k, v operands of scaled_dot_product_attention
 
     def __post_init__(self) -> None:
-        if self.scheme not in SCHEMES:
-            raise MsfpError(f"QuantConfig.scheme: unknown scheme {self.scheme!r} (expected one of {', '.join(SCHEMES)})")
+        if self.scheme not in SCHEME_NAMES:
+            raise MsfpError(f"QuantConfig.scheme: unknown scheme {self.scheme!r} (expected one of "
+                            f"{', '.join(SCHEME_NAMES)})")
         for opt, fmts in (("QuantConfig.act_formats", self.act_formats), ("QuantConfig.weight_formats",
                                                                           self.weight_formats)):
             for f in fmts or ():
@@ -122,6 +126,9 @@ class CompileConfig:
     quant: QuantConfig = field(default_factory=QuantConfig)
     calib: CalibConfig = field(default_factory=CalibConfig)
     pack_weights: bool = True
+    # ONNX weights as int8 + DequantizeLinear and linears as MatMulInteger (1 byte a weight in a plain ORT session);
+    # False keeps the 4-bit packed weights in the file (half its size), which a plain session expands to FP32
+    integer_kernels: bool = True
     fold_zero_point: bool = True
     finetune: FinetuneConfig | None = None  # TALoRA/LoRA + DFA distillation after insert_qdq
     # Where calibration, statistics, the format search and fine-tuning run ("cpu", "cuda", "cuda:N"); capture and

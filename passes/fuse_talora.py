@@ -3,8 +3,10 @@
 After training the router depends on the timestep only, so it becomes an int64 table over all training timesteps.
 Every TALoRA layer becomes K quantized weights Q(W + B_k A_k) (same scale as W's quantizer, as in training), chosen
 at run time by one ``msfp::select_weight(table, timestep, [Q(W_0), ...])`` node (talora.py), so one graph / one ONNX
-serves every timestep and the lowering and the Triton runner find the choice by its op. With K = 1 (plain LoRA) the
-merged weight simply replaces W. pack_weights then packs every W_k; the ONNX grows by at most K x the packed weights.
+serves every timestep and the lowering and the Triton runner find the choice by its op. Only the LoRAs the table
+selects for some timestep are kept (the table is renumbered over them): a router that ends up using one LoRA
+everywhere gives plain quantized layers with that LoRA merged into W, as K = 1 (plain LoRA) does. pack_weights then
+packs every kept W_k; the ONNX grows by at most K x the packed weights.
 """
 
 from __future__ import annotations
@@ -60,9 +62,11 @@ class FuseTALoRA(Pass):
             return PassResult(gm, False, {"talora_layers": 0})
         table = router_table(gm, self.num_train_timesteps)
         num_loras = gm.get_submodule(lora_nodes[0].target).lora_A.shape[0]
-        tab = self._table_node(gm, table) if num_loras > 1 else None
+        kept = sorted({int(k) for k in table.tolist()})  # LoRAs some timestep selects
+        table = torch.searchsorted(torch.tensor(kept, device=table.device), table)  # renumbered over the kept ones
+        tab = self._table_node(gm, table) if len(kept) > 1 else None
         for lw in lora_nodes:
-            self._fuse_one(gm, lw, tab)
+            self._fuse_one(gm, lw, tab, kept)
         # Dead router / LoRA nodes (and the K = 1 gate's get_attr) go before the modules they reference.
         g = gm.graph
         for n in [n for n in g.nodes if n.op == "call_module"]:
@@ -72,9 +76,13 @@ class FuseTALoRA(Pass):
         for name in [n for n, _ in gm.named_children() if n.startswith("talora_")]:
             delattr(gm, name)
         gm.recompile()  # the router's submodule is gone: the old forward code must not be called again
-        segs = table_segments(table) if num_loras > 1 else [(0, len(table) - 1, 0)]
+        segs = [(lo, hi, kept[k]) for lo, hi, k in table_segments(table)]  # numbered as in training
         report = [f"t {lo:4d}..{hi:4d} -> LoRA {k}" for lo, hi, k in segs]
-        info = {"talora_layers": len(lora_nodes), "num_loras": num_loras, "segments": len(segs),
+        if len(kept) < num_loras:
+            report.append(f"dropped LoRA {', '.join(str(k) for k in range(num_loras) if k not in kept)}: "
+                          "no timestep selects it")
+        info = {"talora_layers": len(lora_nodes), "num_loras": num_loras, "kept_loras": len(kept),
+                "segments": len(segs),
                 "table": ";".join(f"{lo}-{hi}:{k}" for lo, hi, k in segs)}
         return PassResult(gm, True, info, report)
 
@@ -86,15 +94,16 @@ class FuseTALoRA(Pass):
             return gm.graph.get_attr(TABLE_ATTR)
 
     @staticmethod
-    def _fuse_one(gm: fx.GraphModule, lw: fx.Node, tab: fx.Node | None) -> None:
-        """One layer: K merged weights, each behind a copy of W's quantizer, then the set choice (K > 1)."""
+    def _fuse_one(gm: fx.GraphModule, lw: fx.Node, tab: fx.Node | None, kept: list[int]) -> None:
+        """One layer: the kept LoRAs merged into W, each behind a copy of W's quantizer, then the set choice (when
+        more than one is kept)."""
         g = gm.graph
         mod: TALoRAWeight = gm.get_submodule(lw.target)
         w_node = lw.args[0]
         rec = record_of(w_node)
         weight = _tensor(gm, w_node.target)
         merged = []
-        for k in range(mod.lora_A.shape[0]):
+        for k in kept:
             name = attr_name(w_node, f"lora{k}")
             gm.register_buffer(name, (weight + mod.delta(k)).detach().contiguous())
             with g.inserting_before(lw):

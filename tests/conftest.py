@@ -143,6 +143,20 @@ def compiled_unet2d(unet2d):
 
 
 @pytest.fixture(scope="session")
+def packed_unet2d(compiled_unet2d):
+    """compiled_unet2d lowered with 4-bit packed weights (CompileConfig(integer_kernels=False)): the msfp
+    DequantizeFP4Packed body, which a plain session folds to FP32 and open_session predecodes."""
+    import dataclasses
+
+    from msfp_compiler.export.onnx import lower_to_onnx
+
+    cm = compiled_unet2d
+    model, counts = lower_to_onnx(cm.graph_module, cm.calibration.batches[0].args, cm.signature.input_names,
+                                  integer=False)
+    return dataclasses.replace(cm, onnx_model=model, onnx_op_counts=counts)
+
+
+@pytest.fixture(scope="session")
 def compiled_cond(unet_cond):
     from msfp_compiler.compile import compile
 
@@ -232,6 +246,12 @@ def _work_group(nodeid: str) -> str | None:
         return "compiled_cond"  # shares the compiled tiny SD-style UNet with test_onnx's [cond] tests
     if "tests/passes/" in path or nodeid.endswith("test_distillation.py::test_finetune_lowers_distillation_loss"):
         return "stages_unet2d"  # (and the session's fine-tuned graph, ``tuned``)
+    name = nodeid.split("::")[-1]
+    if path.endswith("tests/export/test_ort.py"):
+        return "compiled_unet2d"
+    if path.endswith("tests/export/test_ort_unet.py") or name.startswith(("test_reference_evaluator",
+                                                                         "test_any_text_length")):
+        return "compiled_cond" if ("stable_diffusion" in name or "text_length" in name) else "compiled_unet2d"
     m = _COMPILED_PARAM.search(nodeid)
     if m and path.endswith(("tests/export/test_onnx.py", "tests/test_pass_manager.py", "tests/test_check.py")):
         return f"compiled_{m.group(1)}"

@@ -1,7 +1,7 @@
 """--check (msfp_compiler/check.py): a correct lowering passes; bugs planted in the lowering are caught and named.
 
 Each planted bug is one edit of a copy of a compiled model's ONNX, the way a lowering bug would show: a wrong
-scale in one layer, a wrong format in one quantizer, a quantizer body off by one level, a packed-weight decode table
+scale in one layer, a wrong format in one quantizer, a quantizer body off by one level, an int8 weight
 off by one level, a wrong bias in one float layer. The check must fail AT the node that was changed (or, for the
 float layer, at the first quantizer its output reaches).
 """
@@ -16,6 +16,7 @@ import torch
 from onnx import numpy_helper
 
 from msfp_compiler.check import _judge, _match, check_onnx, quantizer_nodes
+from msfp_compiler.export.integer_kernels import int8_name, integer_shift
 from msfp_compiler.export.msfp_ops import MSFP_DOMAIN, annotate_msfp_nodes, msfp_functions
 from msfp_compiler.ops import get_format
 
@@ -94,26 +95,37 @@ def test_body_off_by_one_level(compiled) -> None:
     del nd.attribute[:]
     nd.attribute.extend(keep + [onnx.helper.make_attribute("levels", levels),
                                 onnx.helper.make_attribute("thresholds", f.thresholds.tolist())])
-    nd.op_type, nd.overload = "QuantizeLUT", ""
-    have = {(x.name, x.overload) for x in m.functions}
+    nd.op_type = "QuantizeLUT"
+    have = {x.name for x in m.functions}
     opset = next(o.version for o in m.opset_import if o.domain in ("", "ai.onnx"))
-    m.functions.extend(x for x in msfp_functions(opset, [("QuantizeLUT", "")]) if (x.name, x.overload) not in have)
+    m.functions.extend(x for x in msfp_functions(opset, ["QuantizeLUT"]) if x.name not in have)
     res = _check(cm, m)
     assert not res.ok and res.first_failure.node == _fx_of(cm, m, nd), str(res)
     assert "not at a rounding threshold" in res.first_failure.problem
 
 
-def test_packed_weight_table_off_by_one_level(compiled_unet2d) -> None:
+@pytest.mark.parametrize("reader", ["DequantizeLinear", "MatMulInteger"])
+def test_int8_weight_off_by_one_level(compiled_unet2d, reader: str) -> None:
+    """One weight value one grid level off in an int8 initializer (export/integer_kernels.py), read by a
+    DequantizeLinear (FP32 kernel) or only by an integer kernel."""
     cm = compiled_unet2d
     m = _copy(cm)
-    nd = [n for n in m.graph.node if n.domain == MSFP_DOMAIN and n.op_type == "DequantizeFP4Packed"][5]
-    table = _attrs(nd)["table"]
-    vals = list(table.floats)
-    vals[1] = vals[2]
-    del table.floats[:]
-    table.floats.extend(vals)
+    inits = {t.name: t for t in m.graph.initializer}
+    pos = 0 if reader == "DequantizeLinear" else 1
+    nd = [n for n in m.graph.node if n.op_type == reader and n.input[pos] in inits
+          and inits[n.input[pos]].data_type == onnx.TensorProto.INT8][2]
+    name = nd.input[pos]
+    (q,) = [q for q in quantizer_nodes(cm.graph_module)
+            if str(q.target).startswith("msfp.dequantize_packed") and int8_name(q.args[0].target) == name]
+    fmt = get_format(q.args[2])
+    grid = sorted({round(v * 2.0 ** integer_shift(fmt, 127)) for v in fmt.code_table.tolist()})
+    w = numpy_helper.to_array(inits[name]).copy()
+    i = grid.index(int(w.flat[0]))
+    w.flat[0] = grid[i + 1] if i + 1 < len(grid) else grid[i - 1]
+    inits[name].CopyFrom(numpy_helper.from_array(w, name))
     res = _check(cm, m)
-    assert not res.ok and res.first_failure.node == _fx_of(cm, m, nd), str(res)
+    assert not res.ok and res.first_failure.node == q.name, str(res)
+    assert "decoded weight values differ from torch by one grid step" in res.first_failure.problem
     assert res.first_failure.name.endswith(".weight")  # named by the layer's parameter path
 
 

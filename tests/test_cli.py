@@ -532,9 +532,9 @@ def test_help_does_not_import_torch() -> None:
 
 def test_scheme_names_match_config() -> None:
     from msfp_compiler.cli import SCHEME_NAMES
-    from msfp_compiler.config import SCHEMES
+    from msfp_compiler.config import SCHEME_NAMES as CONFIG_SCHEME_NAMES
 
-    assert sorted(SCHEME_NAMES) == sorted(SCHEMES)
+    assert sorted(SCHEME_NAMES) == sorted(CONFIG_SCHEME_NAMES)
 
 
 def test_library_field_names_become_flags() -> None:

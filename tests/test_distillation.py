@@ -25,11 +25,11 @@ def test_talora_compile_onnx_agrees_with_torch(tmp_path):
     assert runs["fuse_talora"].info["num_loras"] == 2
     res = cm.check()
     assert res.ok, str(res)
-    assert cm.onnx_op_counts["DequantizeFP4Packed"] > 0
-    # Both LoRAs' weights are in the model: more packed weights than PTQ, at most K = 2 times as many (the
+    assert cm.onnx_op_counts["int8_weights"] > 0
+    # Both LoRAs' weights are in the model: more int8 weights than PTQ, at most K = 2 times as many (the
     # exporter merges a LoRA pair whose merged weights quantize to identical codes).
     ptq = msfp_compile(_unet(), CompileConfig(quant=cfg.quant, calib=cfg.calib), progress=False)
-    n_ptq, n_ta = ptq.onnx_op_counts["DequantizeFP4Packed"], cm.onnx_op_counts["DequantizeFP4Packed"]
+    n_ptq, n_ta = ptq.onnx_op_counts["int8_weights"], cm.onnx_op_counts["int8_weights"]
     assert n_ptq < n_ta <= 2 * n_ptq
     size = lambda m: sum(len(t.raw_data) for t in m.graph.initializer)  # noqa: E731
     assert size(cm.onnx_model) <= 2 * size(ptq.onnx_model) + 4096  # + the t -> LoRA table

@@ -1,18 +1,24 @@
-"""ORT CPU latency of the compiled (quantized) ONNX vs the FP32 ONNX of the same UNet, with an op-level profile.
+"""ORT CPU memory and latency of the compiled (quantized) ONNX vs the FP32 ONNX of the same UNet, with an op profile.
 
-For each example model (examples/digits-uncond, examples/digits-cond):
-- FP32 ONNX: ``capture`` + ``lower_to_onnx`` of the unquantized graph (same exporter, same opset);
-- quantized ONNX: ``msfp_compiler.compile`` with the default config (MSFP, packed 4-bit weights);
-- optionally the same quantized graph with the msfp function bodies of an older revision of export/onnx.py
-  (``--baseline-rev``), so old and new bodies are timed in the same process, interleaved, on the same inputs.
+Models: examples/digits-uncond, examples/digits-cond, ``cifar`` (the google/ddpm-cifar10-32 UNet2DModel config) and
+``sd15`` (the Stable Diffusion 1.5 UNet config), the last two with random weights. Variants:
+- fp32: ``lower_fp32`` (the FP32 model through the same lowering, what ``msfp-compile --scheme fp32`` writes);
+- msfp: ``msfp_compiler.compile`` with the default config (int8 weights + DequantizeLinear, MatMulInteger linears);
+- msfp_packed: the same graph with 4-bit packed weights (``CompileConfig(integer_kernels=False)``), opened with
+  ``open_session`` (weights decoded to FP32 before ORT sees them);
+- msfp_nofold (digits only): without zero-point folding;
+- optionally the same quantized graph with the msfp function bodies of an older revision (``--baseline-rev``).
+Memory: peak RSS (VmHWM) and time of open + first run of each file in a fresh process, as a plain
+``onnxruntime.InferenceSession(path)`` (and the packed file through open_session), batch 1, 1 thread.
 Latency is the median of interleaved single runs (variants alternate, so a change in machine load hits all of
-them alike) at batch 1 and 16, for a few session-option settings. One profiled session per quantized variant
-(``SessionOptions.enable_profiling``) attributes kernel time to op types and to the msfp functions (inlined body
-nodes carry the function's name, see export/onnx.py). The machine is shared: every run records os.getloadavg().
+them alike), for the given batches, threads and session-option settings. One profiled session per variant
+(``SessionOptions.enable_profiling``) attributes kernel time to op types and to the msfp functions. The machine is
+shared: every run records os.getloadavg().
 
-    python tools/bench_ort.py                                   # writes results/bench_ort.json
-    python tools/bench_ort.py --baseline-rev 3a1dc93 --iters 60 # also time the bodies of that commit
-    python tools/bench_ort.py --verify                          # dense bit-exactness sweep of the bodies first
+    python tools/bench_ort.py --models cifar --batches 4 --opt-levels all --out results/bench_ort_cifar.json
+    flock /work/coord/sd15.lock python tools/bench_ort.py --models sd15 --batches 1 --opt-levels all --iters 3 \
+        --no-profile --variants fp32,msfp --out results/bench_ort_sd15.json
+    python tools/bench_ort.py --verify-only                     # dense bit-exactness sweep of the bodies
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 OUT_JSON = ROOT / "results" / "bench_ort.json"
 MODELS = {"digits-uncond": ROOT / "examples" / "digits-uncond", "digits-cond": ROOT / "examples" / "digits-cond",
-          "sd15": None}  # sd15: the Stable Diffusion 1.5 UNet config with random weights (tools/unet_configs.py)
+          "cifar": None, "sd15": None}  # cifar, sd15: public UNet configs with random weights (tools/unet_configs.py)
 GOAL_RATIO = 1.3
 OPT_LEVELS = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
               "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
@@ -46,10 +52,27 @@ SWEEP_FORMATS = ["e1m2", "e2m1", "e3m0", "ue2m2", "ue3m1", "ue4m0", "int4", "uin
 
 # ---- models ----
 
+def _quantized_pair(loaded, config, work: Path, name: str) -> tuple[Path, Path]:
+    """The default (integer-kernel) ONNX and the same graph with 4-bit packed weights, from one compile."""
+    from dataclasses import replace
+
+    from msfp_compiler.compile import compile as msfp_compile
+    from msfp_compiler.export.onnx import save_atomic, to_integer
+
+    quant, packed = work / f"{name}.msfp.onnx", work / f"{name}.msfp_packed.onnx"
+    if not (quant.is_file() and packed.is_file()):
+        cm = msfp_compile(loaded, replace(config, integer_kernels=False), progress=False)
+        save_atomic(cm.onnx_model, packed)
+        model = cm.onnx_model
+        del cm
+        to_integer(model)  # what lower_to_onnx(integer=True) does after the export
+        save_atomic(model, quant)
+    return quant, packed
+
+
 def build_sd15(work: Path) -> dict[str, Path]:
     """FP32 and quantized ONNX (external data, > 2 GB) of the SD1.5 UNet with random weights, quantized with the
     calibration of tools/bench_compile.py (2 samples x 4 DDIM steps, 77-token text states); cached in `work`."""
-    from msfp_compiler.compile import compile as msfp_compile
     from msfp_compiler.config import CalibConfig, CompileConfig
     from msfp_compiler.export.onnx import lower_fp32, save_atomic
     from msfp_compiler.load import LoadedModel, model_from_config
@@ -57,41 +80,99 @@ def build_sd15(work: Path) -> dict[str, Path]:
     sys.path.insert(0, str(ROOT / "tools"))
     from unet_configs import SD15_UNET_CONFIG
 
-    fp32, quant = work / "sd15.fp32.onnx", work / "sd15.msfp.onnx"
-    if fp32.is_file() and quant.is_file():
-        return {"fp32": fp32, "msfp": quant}
     torch.manual_seed(0)
     with torch.no_grad():
         unet = model_from_config(dict(SD15_UNET_CONFIG), "sd15 config").eval()
-    if not quant.is_file():
-        calib = CalibConfig(num_samples=2, num_steps=4, num_groups=2, holdout_samples=0, text_len=77)
-        cm = msfp_compile(LoadedModel(unet, Path("<sd15 config>")), CompileConfig(calib=calib), progress=False)
-        cm.save(quant)
-        del cm
+    calib = CalibConfig(num_samples=2, num_steps=4, num_groups=2, holdout_samples=0, text_len=77)
+    quant, packed = _quantized_pair(LoadedModel(unet, Path("<sd15 config>")), CompileConfig(calib=calib), work, "sd15")
+    fp32 = work / "sd15.fp32.onnx"
     if not fp32.is_file():
         save_atomic(lower_fp32(unet, cond_len=77), fp32)
-    return {"fp32": fp32, "msfp": quant}
+    return {"fp32": fp32, "msfp": quant, "msfp_packed": packed}
+
+
+def build_cifar(work: Path) -> dict[str, Path]:
+    """The google/ddpm-cifar10-32 UNet2DModel config (35.7M parameters) with random weights: FP32, quantized
+    (default config, 4 samples x 10 DDIM steps of calibration) and its packed 4-bit variant; cached in `work`."""
+    from msfp_compiler.config import CalibConfig, CompileConfig
+    from msfp_compiler.export.onnx import lower_fp32, save_atomic
+    from msfp_compiler.load import LoadedModel, model_from_config
+
+    sys.path.insert(0, str(ROOT / "tools"))
+    from unet_configs import CIFAR10_DDPM_CONFIG
+
+    torch.manual_seed(0)
+    with torch.no_grad():
+        unet = model_from_config(dict(CIFAR10_DDPM_CONFIG), "cifar10 config").eval()
+    calib = CalibConfig(num_samples=4, num_steps=10, num_groups=4, holdout_samples=0)
+    quant, packed = _quantized_pair(LoadedModel(unet, Path("<cifar10 config>")), CompileConfig(calib=calib), work,
+                                    "cifar")
+    fp32 = work / "cifar.fp32.onnx"
+    if not fp32.is_file():
+        save_atomic(lower_fp32(unet), fp32)
+    return {"fp32": fp32, "msfp": quant, "msfp_packed": packed}
 
 
 def build_models(name: str, work: Path, seed: int = 0) -> dict[str, Path]:
-    """FP32, quantized (default config) and quantized without zero-point folding ONNX files (cached in `work`)."""
+    """FP32, quantized (default config: integer kernels), the same with 4-bit packed weights and quantized without
+    zero-point folding ONNX files (cached in `work`)."""
     if name == "sd15":
         return build_sd15(work)
+    if name == "cifar":
+        return build_cifar(work)
     from msfp_compiler.compile import compile as msfp_compile
     from msfp_compiler.config import CompileConfig
     from msfp_compiler.export.onnx import lower_fp32, save_atomic
     from msfp_compiler.load import load_model
 
-    fp32, quant, nofold = (work / f"{name}.{k}.onnx" for k in ("fp32", "msfp", "msfp_nofold"))
+    fp32, nofold = (work / f"{name}.{k}.onnx" for k in ("fp32", "msfp_nofold"))
     loaded = load_model(MODELS[name])
-    if not quant.is_file():
-        msfp_compile(loaded, CompileConfig(), progress=False).save(quant)
+    quant, packed = _quantized_pair(loaded, CompileConfig(), work, name)
     if not nofold.is_file():
         # zero points kept in the quantizers: no explicit Pad in front of padded convs (see the profile)
         msfp_compile(loaded, CompileConfig(fold_zero_point=False), progress=False).save(nofold)
     if not fp32.is_file():
         save_atomic(lower_fp32(loaded.unet), fp32)
-    return {"fp32": fp32, "msfp": quant, "msfp_nofold": nofold}
+    return {"fp32": fp32, "msfp": quant, "msfp_packed": packed, "msfp_nofold": nofold}
+
+
+_MEMORY_PROBE = r"""
+import json, sys, time
+import numpy as np, onnxruntime as ort
+def hwm_mb():  # VmHWM: this process's own peak (ru_maxrss would carry the parent's peak across fork + exec)
+    return int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0]) // 1024
+path, threads, batch = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+rss0 = hwm_mb()
+so = ort.SessionOptions(); so.intra_op_num_threads = threads; so.log_severity_level = 3
+t0 = time.perf_counter()
+if sys.argv[4] == "open_session":
+    from msfp_compiler.export.ort import open_session
+    sess = open_session(path, options=so)
+else:
+    sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+t_open = time.perf_counter() - t0
+rss_open = hwm_mb()
+rng = np.random.default_rng(0)
+feeds = {}
+for i in sess.get_inputs():
+    shape = [batch] + [int(d) if isinstance(d, int) else 77 for d in i.shape[1:]]
+    feeds[i.name] = (rng.integers(0, 1000, size=shape, dtype=np.int64) if i.type == "tensor(int64)"
+                     else rng.standard_normal(shape, dtype=np.float32))
+t0 = time.perf_counter()
+sess.run(None, feeds)
+t_run = time.perf_counter() - t0
+print(json.dumps({"open_s": round(t_open, 2), "first_run_s": round(t_run, 2), "peak_rss_open_mb": rss_open,
+                  "peak_rss_mb": hwm_mb(), "python_baseline_rss_mb": rss0}))
+"""
+
+
+def memory(path: Path, how: str, threads: int = 1, batch: int = 1) -> dict:
+    """Peak RSS and time of opening ``path`` and running it once, in a fresh process: ``how`` = "plain"
+    (onnxruntime.InferenceSession(path), what a user writes) or "open_session" (our helper)."""
+    out = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, str(path), str(threads), str(batch), how],
+                         capture_output=True, text=True, check=True)
+    return {"how": how, "threads": threads, "batch": batch, "loadavg": [round(x, 2) for x in os.getloadavg()],
+            **json.loads(out.stdout.strip().splitlines()[-1])}
 
 
 def _load_module_at_rev(rev: str, relpath: str, name: str):
@@ -155,11 +236,11 @@ def session(path: Path, threads: int, opt: str, profile_prefix: str | None = Non
     return open_session(path, options=so)
 
 
-def feeds_for(sess: ort.InferenceSession, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
+def feeds_for(sess: ort.InferenceSession, batch: int, seed: int = 0, text_len: int = 1) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     out = {}
     for i in sess.get_inputs():
-        shape = [batch] + [int(d) for d in i.shape[1:]]
+        shape = [batch] + [int(d) if isinstance(d, int) else text_len for d in i.shape[1:]]
         if i.type == "tensor(int64)":
             out[i.name] = rng.integers(0, 1000, size=shape, dtype=np.int64)
         else:
@@ -245,21 +326,21 @@ def optimized_node_counts(path: Path, threads: int, opt: str, work: Path) -> dic
 
 # ---- bit-exactness sweep of the function bodies ----
 
-def bodies_for(fmt: str) -> list[tuple[str, str]]:
-    """(op type, overload) of every function body the lowering may pick for a format, plus the default ones."""
+def bodies_for(fmt: str) -> list[str]:
+    """Every function body (op name) the lowering may pick for a format, plus the default ones."""
     from msfp_compiler.formats import FPFormat
     from msfp_compiler.ops import get_format
 
     f = get_format(fmt)
     if not isinstance(f, FPFormat):
-        return [("QuantizeInt", "")]
-    out = [("QuantizeLUT", "")]  # the table body is valid for every grid
+        return ["QuantizeInt"]
+    out = ["QuantizeLUT"]  # the table body is valid for every grid
     if f.man_bits == 0:
-        out.append(("QuantizeLUT", "pow2"))
+        out.append("QuantizeLUTPow2")
     else:
-        out.append(("QuantizeFP", ""))
+        out.append("QuantizeFP")
         if not f.signed:
-            out.append(("QuantizeFP", "unsigned"))
+            out.append("QuantizeFPUnsigned")
     return out
 
 
@@ -277,11 +358,10 @@ def sweep(formats: list[str], stride: int = 7, scale1_stride: int = 1) -> dict:
     from msfp_compiler.export.msfp_ops import single_op_model
     from msfp_compiler.ops import get_format
 
-    def body(op_type: str, overload: str, fmt: str, scale: float, zp: float, keep: float) -> ort.InferenceSession:
+    def body(op_type: str, fmt: str, scale: float, zp: float, keep: float) -> ort.InferenceSession:
         # scale and zero point are initializers, as in a compiled model, so ORT's constant folding and fusions run
         m = single_op_model(op_type, fmt, {"x": (TensorProto.FLOAT, ["n"]), "scale": np.array(scale, np.float32),
-                                           "zero_point": np.array(zp, np.float32)}, ["n"], overload=overload,
-                            keep_zero_point=keep)
+                                           "zero_point": np.array(zp, np.float32)}, ["n"], keep_zero_point=keep)
         so = ort.SessionOptions()
         so.log_severity_level = 3
         return ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
@@ -295,10 +375,10 @@ def sweep(formats: list[str], stride: int = 7, scale1_stride: int = 1) -> dict:
         cases = [(1.0, 0.0, 1.0, scale1_stride), (0.0371, zp, 1.0, stride), (0.0371, zp, 0.0, stride),
                  (3.3, 1.7, 1.0, stride)]
         bodies = bodies_for(fmt)
-        res = {f"{op}{'/' + ov if ov else ''}": {"values": 0, "mismatches": 0} for op, ov in bodies}
+        res = {op: {"values": 0, "mismatches": 0} for op in bodies}
         t0 = time.perf_counter()
         for scale, z, keep, step in cases:
-            sessions = {k: body(op, ov, fmt, scale, z, keep) for k, (op, ov) in zip(res, bodies)}
+            sessions = {op: body(op, fmt, scale, z, keep) for op in bodies}
             s_t, z_t = torch.tensor(scale), torch.tensor(z)
             ref_op = torch.ops.msfp.quantize if keep else torch.ops.msfp.quantize_folded
             for lo in range(0, top + 1, chunk * step):
@@ -339,6 +419,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sweep-stride", type=int, default=7,
                     help="float32 bit-pattern stride of the sweep at non-trivial scale / zero point")
     ap.add_argument("--no-profile", action="store_true", help="skip the ORT op profile (long on sd15)")
+    ap.add_argument("--variants", help="comma-separated variants to time (default: all built; fp32 always)")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed runs per variant before timing")
+    ap.add_argument("--no-memory", action="store_true",
+                    help="skip the peak-RSS / open-time probes (a fresh process per variant)")
     ap.add_argument("--out", default=str(OUT_JSON))
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
@@ -352,7 +436,9 @@ def main(argv: list[str] | None = None) -> int:
                     "git_head": subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
                                                capture_output=True, text=True).stdout.strip(), "models": {},
                     "note": "latency: median of interleaved single runs (intra-op pools do not spin between runs); "
-                            "msfp = default compile; msfp_nofold = CompileConfig(fold_zero_point=False); "
+                            "msfp = default compile (int8 weights, MatMulInteger linears), plain InferenceSession; "
+                            "msfp_packed = CompileConfig(integer_kernels=False) through open_session; "
+                            "msfp_nofold = CompileConfig(fold_zero_point=False); "
                             "msfp@REV = the same quantized graph with the function bodies of REV; ratios vs the "
                             "FP32 ONNX of the same UNet. sweep: ORT vs torch.ops.msfp.quantize, bitwise up to the "
                             "sign of zero"}
@@ -378,13 +464,29 @@ def main(argv: list[str] | None = None) -> int:
         entry: dict = {"files": {k: {"path": str(p), "bytes": sum(f.stat().st_size for f in (p, Path(f"{p}.data"))
                                                                   if f.is_file())} for k, p in paths.items()},
                        "latency": [], "profile": {}, "optimized_graph": {}}
+        if not args.no_memory:
+            # a plain onnxruntime.InferenceSession(path) of each variant; the packed 4-bit file also through
+            # open_session (predecode). SD1.5's packed file in a plain session needs 16.7 GB: not probed here.
+            probes = [(k, "plain") for k in paths if not (name == "sd15" and k == "msfp_packed")]
+            probes += [(k, "open_session") for k in paths if k == "msfp_packed"]
+            entry["memory"] = {}
+            for k, how in probes:
+                entry["memory"][f"{k}/{how}"] = m = memory(paths[k], how)
+                print(f"  memory {k:<12} {how:<12} open {m['open_s']:.1f}s first run {m['first_run_s']:.1f}s "
+                      f"peak RSS {m['peak_rss_mb']} MB", flush=True)
+            fp = entry["memory"]["fp32/plain"]
+            for k, m in entry["memory"].items():
+                m["peak_rss_vs_fp32"] = round(m["peak_rss_mb"] / fp["peak_rss_mb"], 3)
+                m["open_vs_fp32"] = round(m["open_s"] / max(fp["open_s"], 1e-9), 3)
+        timed = {k: p for k, p in paths.items()
+                 if not args.variants or k == "fp32" or k in args.variants.split(",")}
         for opt in opts:
             for th in threads:
-                sessions = {k: session(p, th, opt) for k, p in paths.items()}
+                sessions = {k: session(p, th, opt) for k, p in timed.items()}
                 for b in batches:
-                    feeds = feeds_for(sessions["fp32"], b)
+                    feeds = feeds_for(sessions["fp32"], b, text_len=77 if name == "sd15" else 1)
                     load = os.getloadavg()
-                    lat = interleaved_latency(sessions, feeds, args.iters)
+                    lat = interleaved_latency(sessions, feeds, args.iters, args.warmup)
                     row = {"opt_level": opt, "threads": th, "batch": b, "loadavg": [round(x, 2) for x in load],
                            "ms": lat, "ratio_vs_fp32": {k: round(v["median_ms"] / lat["fp32"]["median_ms"], 3)
                                                         for k, v in lat.items() if k != "fp32"}}
@@ -395,10 +497,10 @@ def main(argv: list[str] | None = None) -> int:
                 del sessions
         prof_opt, prof_threads = opts[0], threads[0]
         for b in batches if not args.no_profile else []:
-            for k, p in paths.items():
-                feeds = feeds_for(session(paths["fp32"], 1, "basic"), b)
+            for k, p in timed.items():
+                feeds = feeds_for(session(paths["fp32"], 1, "basic"), b, text_len=77 if name == "sd15" else 1)
                 entry["profile"][f"{k}@batch{b}"] = profile(p, feeds, prof_threads, prof_opt, 10, work)
-        for k, p in paths.items() if not args.no_profile else []:
+        for k, p in timed.items() if not args.no_profile else []:
             entry["optimized_graph"][k] = optimized_node_counts(p, prof_threads, prof_opt, work)
         # headline: default session options (opt level all, 2 threads) at each batch
         entry["headline"] = {f"batch{r['batch']}": r["ratio_vs_fp32"] for r in entry["latency"]

@@ -1,6 +1,7 @@
-"""export/msfp_ops.py: the fast function bodies (unsigned and power-of-two overloads) are bit-exact with
-torch.ops.msfp.quantize on every grid level, tie and their float32 neighbours (tools/bench_ort.py --verify runs the
-dense sweep), and the lowering picks them."""
+"""export/msfp_ops.py: the fast function bodies (unsigned and power-of-two variants, each its own op name) are
+bit-exact with torch.ops.msfp.quantize on every grid level, tie and their float32 neighbours (tools/bench_ort.py
+--verify runs the dense sweep), the lowering picks them, and onnx's ReferenceEvaluator runs each body bit for bit as
+onnxruntime does."""
 
 from __future__ import annotations
 
@@ -16,16 +17,12 @@ from msfp_compiler.ops import get_format
 from tests.conftest import ort_session
 
 
-
-
-
-def _one_node(op_type: str, overload: str, fmt: str, scale: float, zp: float, keep: float) -> ort.InferenceSession:
+def _one_node(op_type: str, fmt: str, scale: float, zp: float, keep: float) -> ort.InferenceSession:
     """One msfp node with the given body; scale and zero point are initializers as in compiled models, so ORT's
     constant folding and fusions (which once rejected an FP8 zero point) run on it."""
     m = single_op_model(op_type, fmt, {"x": (TensorProto.FLOAT, ["n"]), "scale": np.array(scale, np.float32),
-                                       "zero_point": np.array(zp, np.float32)}, ["n"], overload=overload,
-                        keep_zero_point=keep)
-    assert m.graph.node[0].overload == overload and [f.overload for f in m.functions] == [overload]
+                                       "zero_point": np.array(zp, np.float32)}, ["n"], keep_zero_point=keep)
+    assert m.graph.node[0].op_type == op_type and [f.name for f in m.functions] == [op_type]
     return ort_session(m)
 
 
@@ -41,19 +38,19 @@ def _tie_heavy(fmt: str) -> np.ndarray:
     return x[~np.isnan(x)]  # (bit patterns below +0 are NaNs; NaN in, NaN out is not specified)
 
 
-@pytest.mark.parametrize("fmt,op_type,overload", [
-    ("e1m2", "QuantizeFP", ""), ("e2m1", "QuantizeFP", ""), ("ue3m1", "QuantizeFP", ""), ("ue2m2", "QuantizeFP", ""),
-    ("ue2m2", "QuantizeFP", "unsigned"), ("ue3m1", "QuantizeFP", "unsigned"),
-    ("e3m0", "QuantizeLUT", "pow2"), ("ue4m0", "QuantizeLUT", "pow2"), ("e3m0", "QuantizeLUT", ""),
-    ("int4", "QuantizeInt", ""),
+@pytest.mark.parametrize("fmt,op_type", [
+    ("e1m2", "QuantizeFP"), ("e2m1", "QuantizeFP"), ("ue3m1", "QuantizeFP"), ("ue2m2", "QuantizeFP"),
+    ("ue2m2", "QuantizeFPUnsigned"), ("ue3m1", "QuantizeFPUnsigned"),
+    ("e3m0", "QuantizeLUTPow2"), ("ue4m0", "QuantizeLUTPow2"), ("e3m0", "QuantizeLUT"),
+    ("int4", "QuantizeInt"),
 ])
 @pytest.mark.parametrize("scale,zp,keep", [(1.0, 0.0, 1.0), (0.0371, 0.0, 1.0), (0.0371, -0.4125, 1.0),
                                            (0.0371, -0.4125, 0.0), (3.3, 1.7, 1.0)])
-def test_fast_quantize_bodies_are_bit_exact(fmt, op_type, overload, scale, zp, keep) -> None:
+def test_fast_quantize_bodies_are_bit_exact(fmt, op_type, scale, zp, keep) -> None:
     v = _tie_heavy(fmt)
     with np.errstate(over="ignore"):  # 3e38 * 3.3 -> inf, on purpose
         x = v if (scale, zp) == (1.0, 0.0) else (np.float32(zp) + v * np.float32(scale)).astype(np.float32)
-    sess = _one_node(op_type, overload, fmt, scale, zp, keep)
+    sess = _one_node(op_type, fmt, scale, zp, keep)
     (y,) = sess.run(None, {"x": x})
     op = torch.ops.msfp.quantize if keep else torch.ops.msfp.quantize_folded
     ref = op(torch.from_numpy(x), torch.tensor(scale), torch.tensor(zp), fmt).numpy()
@@ -65,13 +62,32 @@ def test_fast_quantize_bodies_are_bit_exact(fmt, op_type, overload, scale, zp, k
 def test_lowering_picks_the_fast_bodies(compiled_unet2d) -> None:
     m = compiled_unet2d.onnx_model
     for n in m.graph.node:
-        if n.domain != MSFP_DOMAIN or n.op_type not in ("QuantizeFP", "QuantizeLUT"):
+        if n.domain != MSFP_DOMAIN or not n.op_type.startswith(("QuantizeFP", "QuantizeLUT")):
             continue
         f = get_format(next(a.s.decode() for a in n.attribute if a.name == "format"))
-        if n.op_type == "QuantizeLUT":
-            assert n.overload == ("pow2" if f.man_bits == 0 else "")
+        if n.op_type.startswith("QuantizeLUT"):
+            assert n.op_type == ("QuantizeLUTPow2" if f.man_bits == 0 else "QuantizeLUT")
         else:
-            assert n.overload == ("" if f.signed else "unsigned")
-    overloads = {(f.name, f.overload) for f in m.functions}
-    assert {(n.op_type, n.overload) for n in m.graph.node if n.domain == MSFP_DOMAIN} == overloads  # only those used
-    assert m.ir_version >= 10  # function overloads
+            assert n.op_type == ("QuantizeFP" if f.signed else "QuantizeFPUnsigned")
+        assert not n.overload  # onnx's ReferenceEvaluator ignores overloads: one op name per body
+    names = [(f.name, f.overload) for f in m.functions]
+    assert len(names) == len(set(n for n, _ in names)) and all(not o for _, o in names)
+    assert {n.op_type for n in m.graph.node if n.domain == MSFP_DOMAIN} == {n for n, _ in names}  # only those used
+
+
+@pytest.mark.parametrize("fmt,op_type", [
+    ("e1m2", "QuantizeFP"), ("ue3m1", "QuantizeFPUnsigned"), ("e3m0", "QuantizeLUTPow2"), ("ue4m0", "QuantizeLUTPow2"),
+    ("e2m1", "QuantizeLUT"), ("uint4", "QuantizeInt"),
+])
+def test_reference_evaluator_runs_each_body_bit_for_bit_as_onnxruntime(fmt, op_type) -> None:
+    """onnx.reference gives the same bits as onnxruntime for every quantize body (each has its own op name)."""
+    from onnx.reference import ReferenceEvaluator
+
+    zp = 0.0 if get_format(fmt).signed else -0.4125
+    m = single_op_model(op_type, fmt, {"x": (TensorProto.FLOAT, ["n"]), "scale": np.array(0.0371, np.float32),
+                                       "zero_point": np.array(zp, np.float32)}, ["n"])
+    x = (np.float32(zp) + _tie_heavy(fmt)[:20000] * np.float32(0.0371)).astype(np.float32)
+    (y,) = ort_session(m).run(None, {"x": x})
+    (r,) = ReferenceEvaluator(m).run(None, {"x": x})
+    y, r = y + np.float32(0), r.astype(np.float32) + np.float32(0)
+    assert np.array_equal(y.view(np.int32), r.view(np.int32))

@@ -12,10 +12,10 @@ import msfp_compiler.export.onnx as onnx_export
 from tests.conftest import holdout_feeds
 
 
-def test_predecoded_weights_give_the_same_session_outputs(compiled_unet2d) -> None:
+def test_predecoded_weights_give_the_same_session_outputs(packed_unet2d) -> None:
     from msfp_compiler.export.ort import predecode_weights, session_from_model
 
-    model = compiled_unet2d.onnx_model
+    model = packed_unet2d.onnx_model
     before = model.SerializeToString()
     stored: list[np.ndarray] = []
 
@@ -31,18 +31,18 @@ def test_predecoded_weights_give_the_same_session_outputs(compiled_unet2d) -> No
     ext = [t for t in head.graph.initializer if t.data_location == TensorProto.EXTERNAL]
     assert sorted(t.name for t in ext) == sorted(n.output[0] for n in packed)
     assert head.ByteSize() < model.ByteSize()  # the packed codes left with their nodes
-    feeds = holdout_feeds(compiled_unet2d)
+    feeds = holdout_feeds(packed_unet2d)
     (ref,) = session_from_model(model, predecode=False).run(None, feeds)  # ORT folds the function bodies
     (out,) = session_from_model(model).run(None, feeds)
     assert np.array_equal(out, ref)
 
 
-def test_predecode_without_disk_space_is_a_one_line_error(compiled_unet2d, tmp_path: Path, monkeypatch) -> None:
+def test_predecode_without_disk_space_is_a_one_line_error(packed_unet2d, tmp_path: Path, monkeypatch) -> None:
     import msfp_compiler.export.ort as ort_helpers
     from msfp_compiler.errors import MsfpError
 
     path = tmp_path / "m.onnx"
-    compiled_unet2d.save(path)
+    packed_unet2d.save(path)
 
     def disk_full(model, store):
         store(np.zeros(4, np.float32))
@@ -55,13 +55,15 @@ def test_predecode_without_disk_space_is_a_one_line_error(compiled_unet2d, tmp_p
     assert "\n" not in msg and msg.startswith(str(path)) and "No space left" in msg and "TMPDIR" in msg
 
 
-def test_session_and_check_over_the_protobuf_limit(compiled_unet2d, monkeypatch) -> None:
+@pytest.mark.parametrize("weights", ["int8", "packed"])
+def test_session_and_check_over_the_protobuf_limit(compiled_unet2d, packed_unet2d, monkeypatch, weights) -> None:
     from msfp_compiler.export.ort import session_from_model
 
-    feeds = holdout_feeds(compiled_unet2d)
-    (ref,) = session_from_model(compiled_unet2d.onnx_model).run(None, feeds)
+    cm = compiled_unet2d if weights == "int8" else packed_unet2d
+    feeds = holdout_feeds(cm)
+    (ref,) = session_from_model(cm.onnx_model).run(None, feeds)
     monkeypatch.setattr(onnx_export, "MAX_PROTO_BYTES", 1024)  # the model now goes through .onnx + .data
     for predecode in (True, False):
-        (out,) = session_from_model(compiled_unet2d.onnx_model, predecode=predecode).run(None, feeds)
+        (out,) = session_from_model(cm.onnx_model, predecode=predecode).run(None, feeds)
         assert np.array_equal(out, ref)
-    assert compiled_unet2d.check().ok
+    assert cm.check().ok

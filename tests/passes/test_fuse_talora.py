@@ -49,6 +49,29 @@ def test_router_table_is_what_the_fused_graph_selects(tuned):
     assert not torch.allclose(fused(x, t), trained(x, t), atol=1e-6)
 
 
+def test_weight_sets_no_timestep_selects_are_dropped(tuned):
+    """A router that picks one LoRA for every timestep leaves plain quantized layers: no table, no select_weight."""
+    gm, _, _ = tuned
+    k = int(router_table(gm)[500])
+    forced = copy.deepcopy(gm)
+    forced.get_submodule(ROUTER_NAME).choose = lambda t: torch.full_like(t, k)
+    res = FuseTALoRA()(forced)
+    fused = res.graph_module
+    assert res.info["num_loras"] == 2 and res.info["kept_loras"] == 1 and res.info["segments"] == 1
+    assert res.info["table"].endswith(f":{k}")  # numbered as in training
+    assert any("dropped LoRA" in line for line in res.report)
+    assert TABLE_ATTR not in dict(fused.named_buffers())
+    assert not any(n.op == "call_function" and n.target == SELECT_WEIGHT for n in fused.graph.nodes)
+    assert sum("_lora" in name for name, _ in fused.named_buffers()) == res.info["talora_layers"]  # one set a layer
+    both = FuseTALoRA()(copy.deepcopy(gm)).graph_module  # keeps both sets, told to select LoRA k everywhere
+    setattr(both, TABLE_ATTR, torch.full_like(getattr(both, TABLE_ATTR), k))
+    x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(5))
+    for t in (0, 500, 999):
+        tt = torch.full((2,), t)
+        # the same weights; only the kernels may sum in another order (a selected weight)
+        torch.testing.assert_close(fused(x, tt), both(x, tt), rtol=1e-5, atol=1e-5)
+
+
 def test_plain_lora_has_no_router():
     gm, _ = quantize_tiny(_unet())
     names = attach_talora(gm, FinetuneConfig(num_loras=1, rank=2))

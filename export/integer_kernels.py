@@ -1,0 +1,298 @@
+"""Integer weights and integer matmuls in the lowered ONNX, so a plain onnxruntime session holds 1 byte a weight.
+
+Every 4-bit weight grid we use is an integer grid after a power-of-two rescale (E1M2 x2 = INT4, E2M1 x2 -> +-12,
+E3M0 x4 -> +-64), and so are most activation grids (UE2M2 x4 -> 0..28, UE3M1 x8 -> 0..192; not UE4M0). Two rewrites
+of the ONNX graph use that:
+
+1. ``DequantizeFP4Packed(packed, scale)`` on initializers becomes an int8 initializer (the codes' integer values)
+   and a standard ``DequantizeLinear`` with the per-channel scale / 2^k. onnxruntime's constant folding leaves
+   DequantizeLinear alone while QDQ optimizations are on (the default), so the session keeps the int8 tensor and
+   dequantizes at run time; the msfp function body on initializers was folded to FP32 at session start (4 bytes a
+   weight, and a fold peak of 16.7 GB on SD1.5). ``int * (scale / 2^k)`` equals ``(int / 2^k) * scale`` bit for bit
+   (both are the exact product rounded once), so the weights are unchanged. A weight transposed by the exporter
+   (``Transpose(perm=[1, 0])``, linears on 3-D inputs) is stored transposed instead.
+2. A linear whose input quantizer is integer-representable (scalar scale, zero point 0 or folded into the bias) and
+   whose weight came from 1. becomes ``MatMulInteger(codes_u8, w_i8) -> Cast -> Mul(s_a * s_w) [-> Add bias]``,
+   where ``codes = uint8(round(y * 2^ka / s_a) + offset)`` recovers the integer grid value from the quantizer's
+   output y (offset 128 for signed grids, given to MatMulInteger as the activation zero point). The int32
+   accumulation is exact; torch's FP32 matmul of the fake-quantized operands rounds after every partial sum, so the
+   two differ by that rounding only (~1e-7 relative), and the integer result is the more accurate one. Weights are
+   limited to |w| <= 64 so that the u8 x s8 pair sums of AVX2 kernels without VNNI (vpmaddubsw, int16 saturating)
+   cannot saturate: 2 * 255 * 64 < 2^15.
+
+Convolutions keep FP32 kernels on the dequantized weight: onnxruntime's ConvInteger is several times slower than its
+FP32 Conv on this class of CPU, and QLinearConv requantizes its output (inexact).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from msfp_compiler.formats import Format
+from msfp_compiler.ops import get_format
+
+from .msfp_ops import MSFP_DOMAIN, QUANTIZE_OPS
+
+__all__ = ["integer_shift", "int8_name", "TRANSPOSED", "lower_integer", "IntegerLoweringInfo"]
+
+MAX_WEIGHT_FOR_U8S8 = 64  # 2 * 255 * 64 = 32640 < 32767: no int16 saturation in vpmaddubsw pair sums
+
+
+TRANSPOSED = "int8 weight stored transposed"  # doc_string of such a DequantizeLinear (read by --check)
+
+
+def int8_name(packed: str) -> str:
+    """The int8 initializer made from the packed initializer ``packed``: --check (msfp_compiler/check.py) finds a
+    weight's integer codes by this name, whether a DequantizeLinear or an integer kernel reads them."""
+    return f"{packed}_int8"
+
+
+def integer_shift(fmt: Format, limit: int) -> int | None:
+    """The smallest k with every grid value * 2^k an integer of magnitude <= limit, or None."""
+    lv = fmt.levels.double().numpy()
+    for k in range(0, 16):
+        v = lv * 2.0 ** k
+        if np.all(v == np.round(v)):
+            return k if v.max() <= limit else None
+    return None
+
+
+@dataclass
+class IntegerLoweringInfo:
+    int8_weights: int = 0
+    int8_weight_bytes: int = 0
+    integer_matmuls: int = 0
+    float_matmuls_on_int8_weights: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class _Weight:
+    """An int8 weight made by rewrite 1: its initializer name and per-output-channel (or scalar) scale / 2^k."""
+
+    init: str
+    scale: np.ndarray  # float32, the DequantizeLinear scale (1 value or one per channel of `axis`)
+    axis: int
+    max_abs: int
+
+
+def _attrs(node: onnx.NodeProto) -> dict:
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def lower_integer(model: onnx.ModelProto) -> IntegerLoweringInfo:
+    """Rewrite ``model`` in place (see the module docstring); returns what was rewritten."""
+    g = model.graph
+    info = IntegerLoweringInfo()
+    inits = {t.name: t for t in g.initializer}
+    consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+    for n in g.node:
+        for i in n.input:
+            consumers[i].append(n)
+    producer = {o: n for n in g.node for o in n.output}
+    arrays: dict[str, np.ndarray] = {}
+
+    def array(name: str) -> np.ndarray:
+        if name not in arrays:
+            arrays[name] = numpy_helper.to_array(inits[name])
+        return arrays[name]
+
+    new_inits: list[onnx.TensorProto] = []
+    dropped: set[str] = set()  # nodes (by first output) removed
+    weights: dict[str, _Weight] = {}  # DequantizeLinear output -> weight
+    taken: set[str] = set(inits)
+
+    # 1. packed 4-bit weights -> int8 + DequantizeLinear
+    for n in g.node:
+        if n.domain != MSFP_DOMAIN or n.op_type != "DequantizeFP4Packed" or not all(i in inits for i in n.input):
+            continue
+        a = _attrs(n)
+        fmt = get_format(a["format"].decode())
+        k = integer_shift(fmt, 127)
+        if k is None:
+            continue
+        shape = list(a["shape"])
+        numel = int(np.prod(shape))
+        packed = array(n.input[0])
+        codes = np.stack([packed & 0xF, packed >> 4], -1).reshape(-1)[:numel]
+        table = np.asarray(a["table"], np.float64) * 2.0 ** k
+        w = table[codes].astype(np.int8).reshape(shape)
+        scale = array(n.input[1]).astype(np.float32)
+        per_channel = scale.size > 1
+        if per_channel and scale.size != shape[0]:
+            continue
+        s = (scale.reshape(-1) if per_channel else scale.reshape(())) * np.float32(2.0 ** -k)  # exact
+        axis = 0
+        out = n.output[0]
+        users = consumers[out]
+        if (len(users) == 1 and users[0].op_type == "Transpose" and len(shape) == 2
+                and list(_attrs(users[0]).get("perm", [1, 0])) == [1, 0] and users[0].output[0] not in
+                {o.name for o in g.output}):
+            t = users[0]
+            w, axis = np.ascontiguousarray(w.T), 1
+            dropped.add(t.output[0])
+            out = t.output[0]
+        base = out.replace("/", "_")
+        w_name, s_name = int8_name(n.input[0]), f"{base}_scale"
+        if w_name in taken:  # the exporter shared one packed tensor between two weights (equal codes)
+            w_name = f"{base}_int8"
+        taken.add(w_name)
+        new_inits += [numpy_helper.from_array(w, w_name), numpy_helper.from_array(s.astype(np.float32), s_name)]
+        dq = helper.make_node("DequantizeLinear", [w_name, s_name], [out], name=f"{base}_dq",
+                              **({"axis": axis} if per_channel else {}))
+        if out != n.output[0]:
+            dq.doc_string = TRANSPOSED
+        n.CopyFrom(dq)
+        weights[out] = _Weight(w_name, s, axis if per_channel else -1, int(np.abs(w).max(initial=0)))
+        info.int8_weights += 1
+        info.int8_weight_bytes += w.size
+
+    nodes = [n for n in g.node if n.output[0] not in dropped]
+    if weights:
+        producer = {o: n for n in nodes for o in n.output}
+        consumers = defaultdict(list)
+        for n in nodes:
+            for i in n.input:
+                consumers[i].append(n)
+
+    # 2. linears on integer-representable activations -> MatMulInteger
+    codes_of: dict[str, str] = {}  # quantizer output -> uint8 codes tensor
+    out_nodes: list[onnx.NodeProto] = []
+    const_id = [0]
+
+    def const(value: np.ndarray, hint: str) -> str:
+        name = f"{hint}_c{const_id[0]}"
+        const_id[0] += 1
+        new_inits.append(numpy_helper.from_array(value, name))
+        return name
+
+    def activation(name: str) -> tuple[float, int, str] | None:
+        """(scale / 2^k, activation zero point code, codes tensor) for an integer-representable quantizer output."""
+        q = producer.get(name)
+        if q is None or q.domain != MSFP_DOMAIN or q.op_type not in QUANTIZE_OPS:
+            return None
+        if not all(i in inits for i in q.input[1:]):
+            return None
+        fmt = get_format(_attrs(q)["format"].decode())
+        k = integer_shift(fmt, 127 if fmt.signed else 255)
+        sc, zp = array(q.input[1]), array(q.input[2])
+        if k is None or sc.size != 1 or (_attrs(q).get("keep_zero_point", 1.0) != 0.0 and np.any(zp != 0)):
+            return None
+        s = float(sc.reshape(())) * 2.0 ** -k
+        offset = 128 if fmt.signed else 0
+        if name not in codes_of:
+            base = name.replace("/", "_")
+            inv = const(np.array(2.0 ** k / float(sc.reshape(())), np.float32), f"{base}_inv")
+            chain = [helper.make_node("Mul", [name, inv], [f"{base}_v"], name=f"{base}_codes_mul"),
+                     helper.make_node("Round", [f"{base}_v"], [f"{base}_r"], name=f"{base}_codes_round")]
+            last = f"{base}_r"
+            if offset:
+                off = const(np.array(float(offset), np.float32), f"{base}_off")
+                chain.append(helper.make_node("Add", [last, off], [f"{base}_ro"], name=f"{base}_codes_offset"))
+                last = f"{base}_ro"
+            chain.append(helper.make_node("Cast", [last], [f"{base}_codes"], to=TensorProto.UINT8,
+                                          name=f"{base}_codes_cast"))
+            out_nodes.extend(chain)
+            codes_of[name] = f"{base}_codes"
+        return s, offset, codes_of[name]
+
+    for n in nodes:
+        rewritten = None
+        if n.op_type in ("MatMul", "Gemm") and n.domain in ("", "ai.onnx"):
+            rewritten = _integer_matmul(n, weights, activation, const, consumers, inits, array, new_inits)
+        if rewritten is None:
+            if n.op_type in ("MatMul", "Gemm") and any(i in weights for i in n.input):
+                info.float_matmuls_on_int8_weights += 1
+            out_nodes.append(n)
+        else:
+            out_nodes.extend(rewritten)
+            info.integer_matmuls += 1
+
+    outputs = {o.name for o in g.output}
+    while True:  # drop what the rewrites left dead (a Gemm's transposed weight leaves its DequantizeLinear unread)
+        read = {i for n in out_nodes for i in n.input} | outputs
+        live = [n for n in out_nodes if any(o in read for o in n.output)]
+        if len(live) == len(out_nodes):
+            break
+        out_nodes = live
+    del g.node[:]
+    g.node.extend(_just_in_time(out_nodes, {t.name for t in list(g.initializer) + new_inits}))
+    used = {i for n in g.node for i in n.input} | outputs
+    keep = [t for t in list(g.initializer) + new_inits if t.name in used]
+    del g.initializer[:]
+    g.initializer.extend(keep)
+    return info
+
+
+def _integer_matmul(n, weights, activation, const, consumers, inits, array, new_inits):
+    """The MatMulInteger chain replacing MatMul / Gemm node ``n``, or None where it does not apply."""
+    a_name, b_name = n.input[0], n.input[1]
+    w = weights.get(b_name)
+    if w is None or w.max_abs > MAX_WEIGHT_FOR_U8S8:
+        return None
+    bias = None
+    w_init, w_scale = w.init, w.scale
+    if n.op_type == "Gemm":
+        at = _attrs(n)
+        if at.get("transA", 0) or at.get("alpha", 1.0) != 1.0 or (len(n.input) > 2 and at.get("beta", 1.0) != 1.0):
+            return None
+        if at.get("transB", 0):
+            # stored [N, K] (channel axis 0): MatMulInteger wants [K, N]; only when no one else reads the weight
+            if len(consumers[b_name]) != 1 or w.axis not in (0, -1):
+                return None
+            t = inits[w_init] if w_init in inits else next(x for x in new_inits if x.name == w_init)
+            wt = np.ascontiguousarray(numpy_helper.to_array(t).T)
+            t.CopyFrom(numpy_helper.from_array(wt, w_init))
+            w.axis = 1 if w.axis == 0 else -1
+        elif w.axis == 0:
+            return None
+        bias = n.input[2] if len(n.input) > 2 and n.input[2] else None
+    elif w.axis == 0:
+        return None  # a [K, N] weight with per-K scales is not a per-output-channel rescale
+    act = activation(a_name)
+    if act is None:
+        return None
+    s_a, a_zp, codes = act
+    base = n.output[0].replace("/", "_")
+    comb = (np.float64(s_a) * w_scale.astype(np.float64)).astype(np.float32)
+    comb_name = const(comb, f"{base}_scale")
+    azp = const(np.array(a_zp, np.uint8), f"{base}_azp")
+    chain = [helper.make_node("MatMulInteger", [codes, w_init, azp], [f"{base}_acc"], name=f"{base}_mmi"),
+             helper.make_node("Cast", [f"{base}_acc"], [f"{base}_accf"], to=TensorProto.FLOAT, name=f"{base}_cast")]
+    if bias is None:
+        chain.append(helper.make_node("Mul", [f"{base}_accf", comb_name], [n.output[0]], name=f"{base}_rescale"))
+    else:
+        chain += [helper.make_node("Mul", [f"{base}_accf", comb_name], [f"{base}_y"], name=f"{base}_rescale"),
+                  helper.make_node("Add", [f"{base}_y", bias], [n.output[0]], name=f"{base}_bias")]
+    return chain
+
+
+def _just_in_time(nodes: list[onnx.NodeProto], inits: set[str]) -> list[onnx.NodeProto]:
+    """Each DequantizeLinear of an initializer moved right before its first reader.
+
+    onnxruntime runs nodes in the graph's order, and the exporter put every weight first: all weights would be
+    dequantized at the start of a run and held until their layer (the FP32 weights again, in the arena). Next to
+    its reader, a dequantized weight lives for one layer."""
+    movable = {id(n) for n in nodes if n.op_type == "DequantizeLinear" and all(i in inits for i in n.input)}
+    first_reader: dict[str, int] = {}
+    for i, n in enumerate(nodes):
+        for x in n.input:
+            first_reader.setdefault(x, i)
+    before: dict[int, list[onnx.NodeProto]] = defaultdict(list)
+    for n in nodes:
+        if id(n) in movable:
+            before[min(first_reader.get(o, len(nodes)) for o in n.output)].append(n)
+    out: list[onnx.NodeProto] = []
+    for i, n in enumerate(nodes):
+        out.extend(before.get(i, ()))
+        if id(n) not in movable:
+            out.append(n)
+    out.extend(before.get(len(nodes), ()))
+    return out
