@@ -21,7 +21,12 @@ of the ONNX graph use that:
    cannot saturate: 2 * 255 * 64 < 2^15.
 
 Convolutions keep FP32 kernels on the dequantized weight: onnxruntime's ConvInteger is several times slower than its
-FP32 Conv on this class of CPU, and QLinearConv requantizes its output (inexact).
+FP32 Conv on this class of CPU, and QLinearConv requantizes its output (inexact). A weight that comes out of a
+DequantizeLinear at run time is not a constant to ORT, so its Conv loses the weight prepacking (NCHWc layout, fused
+activation) that FP32 models get: 1.2x the FP32 latency on the CIFAR-size UNet. ``conv_weights="float32"``
+(CompileConfig.conv_weights) trades memory for that speed: conv weights are decoded here into FP32 initializers
+(the same values, 4 bytes a weight), linears stay int8 + MatMulInteger. An FP16 initializer + Cast would halve the
+file but not the session: ORT folds the Cast at session start (checked on an optimized-model dump).
 """
 
 from __future__ import annotations
@@ -38,8 +43,9 @@ from msfp_compiler.ops import get_format
 
 from .msfp_ops import MSFP_DOMAIN, QUANTIZE_OPS
 
-__all__ = ["integer_shift", "int8_name", "TRANSPOSED", "lower_integer", "IntegerLoweringInfo"]
+__all__ = ["CONV_WEIGHTS", "integer_shift", "int8_name", "TRANSPOSED", "lower_integer", "IntegerLoweringInfo"]
 
+CONV_WEIGHTS = ("int8", "float32")  # CompileConfig.conv_weights: 1 byte a weight, or prepacked FP32 kernels
 MAX_WEIGHT_FOR_U8S8 = 64  # 2 * 255 * 64 = 32640 < 32767: no int16 saturation in vpmaddubsw pair sums
 
 
@@ -67,6 +73,7 @@ class IntegerLoweringInfo:
     int8_weights: int = 0
     int8_weight_bytes: int = 0
     integer_matmuls: int = 0
+    float32_conv_weights: int = 0
     float_matmuls_on_int8_weights: int = 0
 
     def as_dict(self) -> dict[str, int]:
@@ -87,8 +94,9 @@ def _attrs(node: onnx.NodeProto) -> dict:
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
-def lower_integer(model: onnx.ModelProto) -> IntegerLoweringInfo:
-    """Rewrite ``model`` in place (see the module docstring); returns what was rewritten."""
+def lower_integer(model: onnx.ModelProto, float_convs: bool = False) -> IntegerLoweringInfo:
+    """Rewrite ``model`` in place (see the module docstring); returns what was rewritten. ``float_convs``: conv
+    weights become FP32 initializers instead (see CONV_WEIGHTS)."""
     g = model.graph
     info = IntegerLoweringInfo()
     inits = {t.name: t for t in g.initializer}
@@ -132,6 +140,13 @@ def lower_integer(model: onnx.ModelProto) -> IntegerLoweringInfo:
         axis = 0
         out = n.output[0]
         users = consumers[out]
+        if float_convs and users and all(u.op_type == "Conv" and list(u.input).index(out) == 1 for u in users):
+            # decoded here, bit for bit as DequantizeLinear would (one rounding of int * scale / 2^k)
+            wf = w.astype(np.float32) * (s.reshape([-1] + [1] * (len(shape) - 1)) if per_channel else s)
+            new_inits.append(numpy_helper.from_array(wf.astype(np.float32), out))
+            dropped.add(out)
+            info.float32_conv_weights += 1
+            continue
         if (len(users) == 1 and users[0].op_type == "Transpose" and len(shape) == 2
                 and list(_attrs(users[0]).get("perm", [1, 0])) == [1, 0] and users[0].output[0] not in
                 {o.name for o in g.output}):

@@ -126,13 +126,14 @@ def _finalize(model: onnx.ModelProto) -> dict[str, int]:
 
 
 def lower_to_onnx(gm: fx.GraphModule, example_args: tuple, input_names: list[str], *,
-                  output_name: str = "noise_pred", integer: bool = True,
+                  output_name: str = "noise_pred", integer: bool = True, conv_weights: str = "int8",
                   unet_config: dict | None = None) -> tuple[onnx.ModelProto, dict[str, int]]:
     """Export the (quantized) GraphModule to an ONNX ModelProto with msfp custom ops and a dynamic batch.
 
     With ``integer`` (export/integer_kernels.py) packed weights become int8 initializers + DequantizeLinear and
     linears on integer-grid activations run as MatMulInteger; without it the packed weights stay 4-bit
-    (DequantizeFP4Packed), which a plain session folds to FP32. ``unet_config`` (the diffusers config) is stored
+    (DequantizeFP4Packed), which a plain session folds to FP32. ``conv_weights="float32"``: conv weights as FP32
+    initializers (faster convs, 4 bytes a weight; see export/integer_kernels.py). ``unet_config`` (the diffusers config) is stored
     as JSON in the model's metadata (``diffusers_config``), where ``OrtUNet`` finds it."""
     table = {
         QUANTIZE: _translate_quantize,
@@ -161,7 +162,7 @@ def lower_to_onnx(gm: fx.GraphModule, example_args: tuple, input_names: list[str
     model = prog.model_proto
     counts = _finalize(model)
     if integer:
-        counts = to_integer(model)
+        counts = to_integer(model, conv_weights)
     # Rename the symbolic batch dim so every input and the output share one readable name.
     for vi in list(model.graph.input) + list(model.graph.output):
         dims = vi.type.tensor_type.shape.dim
@@ -179,12 +180,13 @@ def lower_to_onnx(gm: fx.GraphModule, example_args: tuple, input_names: list[str
     return model, counts
 
 
-def to_integer(model: onnx.ModelProto) -> dict[str, int]:
-    """Packed 4-bit weights -> int8 + DequantizeLinear, linears -> MatMulInteger (export/integer_kernels.py), in
-    place; returns the msfp node counts plus what was rewritten."""
+def to_integer(model: onnx.ModelProto, conv_weights: str = "int8") -> dict[str, int]:
+    """Packed 4-bit weights -> int8 + DequantizeLinear (conv weights: FP32 with ``conv_weights="float32"``),
+    linears -> MatMulInteger (export/integer_kernels.py), in place; returns the msfp node counts plus what was
+    rewritten."""
     from .integer_kernels import lower_integer
 
-    info = lower_integer(model)
+    info = lower_integer(model, float_convs=conv_weights == "float32")
     used = used_ops(model)
     keep = [f for f in model.functions if f.domain != MSFP_DOMAIN or f.name in used]
     del model.functions[:]
@@ -193,8 +195,8 @@ def to_integer(model: onnx.ModelProto) -> dict[str, int]:
     for n in all_nodes(model.graph):
         if n.domain == MSFP_DOMAIN:
             counts[n.op_type] = counts.get(n.op_type, 0) + 1
-    counts.update({k: v for k, v in (("int8_weights", info.int8_weights), ("integer_matmuls", info.integer_matmuls))
-                   if v})
+    counts.update({k: v for k, v in (("int8_weights", info.int8_weights), ("integer_matmuls", info.integer_matmuls),
+                                     ("float32_conv_weights", info.float32_conv_weights)) if v})
     return counts
 
 

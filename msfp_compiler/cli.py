@@ -54,6 +54,7 @@ FIELD_FLAGS = {
     "FinetuneConfig.rank": "--lora-rank", "FinetuneConfig.samples": "--finetune-samples",
     "FinetuneConfig.sampler_steps": "--finetune-sampler-steps", "FinetuneConfig.checkpoint": "--finetune-checkpoint",
     "load_model.config": "--config", "load_model.trust_pickle": "--trust-pickle",
+    "CompileConfig.conv_weights": "--conv-weights",
 }
 
 
@@ -139,6 +140,9 @@ def compile_parser() -> argparse.ArgumentParser:
     ft.add_argument("--finetune-checkpoint", help="write LoRA + router tensors here (.safetensors)")
     p.add_argument("--no-pack", action="store_true", help="keep FP32 weights + fake quantization (larger file)")
     p.add_argument("--no-fold", action="store_true", help="do not fold unsigned zero points into biases")
+    p.add_argument("--conv-weights", default="int8", choices=["int8", "float32"],
+                   help="conv weights in the ONNX: int8 + DequantizeLinear (1 byte a weight in onnxruntime) or "
+                        "float32 (4 bytes, faster convs: onnxruntime prepacks constant weights; default int8)")
     p.add_argument("--log-dir", help="write passes.jsonl, passes.log (and graph dumps) here")
     p.add_argument("--dump-graph", action="store_true", help="with --log-dir: write the fx graph after each pass")
     p.add_argument("--plots", action="store_true", help="with --log-dir: activation histograms and a sign summary")
@@ -287,7 +291,7 @@ def _compile(args: argparse.Namespace) -> int:
     calib = CalibConfig(num_samples=samples, num_steps=steps, num_groups=groups, holdout_samples=2 if args.check else 0,
                         scheduler=args.scheduler, seed=args.seed, text_len=args.text_len, note=rule)
     cfg = CompileConfig(quant=quant, calib=calib, pack_weights=not args.no_pack, fold_zero_point=not args.no_fold,
-                        finetune=ft, device=args.device)
+                        conv_weights=args.conv_weights, finetune=ft, device=args.device)
     cm = compile(loaded, cfg, log_dir=args.log_dir, dump_graphs=args.dump_graph)
     if args.plots:
         from .plots import write_plots

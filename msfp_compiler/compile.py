@@ -238,7 +238,7 @@ def compile(model: torch.nn.Module | LoadedModel, config: CompileConfig | None =
             # not the hold-out: --check must not change the model (fp32 has no calibration batches, only the example)
             example = (calibration.batches or calibration.holdout)[0].args
             onnx_model, counts = lower_to_onnx(gm, example, sig.input_names, integer=config.integer_kernels,
-                                               unet_config=dict(unet.config))
+                                               conv_weights=config.conv_weights, unet_config=dict(unet.config))
             info.update(msfp_nodes=counts, onnx_nodes=len(onnx_model.graph.node))
         if not counts and not fp32:
             raise MsfpError("lowering produced no msfp nodes (nothing was quantized)")

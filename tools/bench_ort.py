@@ -4,6 +4,7 @@ Models: examples/digits-uncond, examples/digits-cond, ``cifar`` (the google/ddpm
 ``sd15`` (the Stable Diffusion 1.5 UNet config), the last two with random weights. Variants:
 - fp32: ``lower_fp32`` (the FP32 model through the same lowering, what ``msfp-compile --scheme fp32`` writes);
 - msfp: ``msfp_compiler.compile`` with the default config (int8 weights + DequantizeLinear, MatMulInteger linears);
+- msfp_fp32conv: the same with FP32 conv weights (``CompileConfig(conv_weights="float32")``: prepacked convs);
 - msfp_packed: the same graph with 4-bit packed weights (``CompileConfig(integer_kernels=False)``), opened with
   ``open_session`` (weights decoded to FP32 before ORT sees them);
 - msfp_nofold (digits only): without zero-point folding;
@@ -52,22 +53,29 @@ SWEEP_FORMATS = ["e1m2", "e2m1", "e3m0", "ue2m2", "ue3m1", "ue4m0", "int4", "uin
 
 # ---- models ----
 
-def _quantized_pair(loaded, config, work: Path, name: str) -> tuple[Path, Path]:
-    """The default (integer-kernel) ONNX and the same graph with 4-bit packed weights, from one compile."""
+def _quantized_pair(loaded, config, work: Path, name: str) -> tuple[Path, Path, Path]:
+    """The default (integer-kernel) ONNX, the same with FP32 conv weights (``conv_weights="float32"``) and with
+    4-bit packed weights, from one compile (the two integer files are lowered from the packed one, as
+    lower_to_onnx does after the export)."""
     from dataclasses import replace
+
+    import onnx
 
     from msfp_compiler.compile import compile as msfp_compile
     from msfp_compiler.export.onnx import save_atomic, to_integer
 
-    quant, packed = work / f"{name}.msfp.onnx", work / f"{name}.msfp_packed.onnx"
-    if not (quant.is_file() and packed.is_file()):
+    quant, fp32conv, packed = (work / f"{name}.{k}.onnx" for k in ("msfp", "msfp_fp32conv", "msfp_packed"))
+    if not packed.is_file():
         cm = msfp_compile(loaded, replace(config, integer_kernels=False), progress=False)
         save_atomic(cm.onnx_model, packed)
-        model = cm.onnx_model
         del cm
-        to_integer(model)  # what lower_to_onnx(integer=True) does after the export
-        save_atomic(model, quant)
-    return quant, packed
+    for path, conv in ((quant, "int8"), (fp32conv, "float32")):
+        if not path.is_file():
+            model = onnx.load(str(packed))
+            to_integer(model, conv)
+            save_atomic(model, path)
+            del model
+    return quant, fp32conv, packed
 
 
 def build_sd15(work: Path) -> dict[str, Path]:
@@ -84,11 +92,12 @@ def build_sd15(work: Path) -> dict[str, Path]:
     with torch.no_grad():
         unet = model_from_config(dict(SD15_UNET_CONFIG), "sd15 config").eval()
     calib = CalibConfig(num_samples=2, num_steps=4, num_groups=2, holdout_samples=0, text_len=77)
-    quant, packed = _quantized_pair(LoadedModel(unet, Path("<sd15 config>")), CompileConfig(calib=calib), work, "sd15")
+    quant, fp32conv, packed = _quantized_pair(LoadedModel(unet, Path("<sd15 config>")), CompileConfig(calib=calib),
+                                              work, "sd15")
     fp32 = work / "sd15.fp32.onnx"
     if not fp32.is_file():
         save_atomic(lower_fp32(unet, cond_len=77), fp32)
-    return {"fp32": fp32, "msfp": quant, "msfp_packed": packed}
+    return {"fp32": fp32, "msfp": quant, "msfp_fp32conv": fp32conv, "msfp_packed": packed}
 
 
 def build_cifar(work: Path) -> dict[str, Path]:
@@ -105,12 +114,12 @@ def build_cifar(work: Path) -> dict[str, Path]:
     with torch.no_grad():
         unet = model_from_config(dict(CIFAR10_DDPM_CONFIG), "cifar10 config").eval()
     calib = CalibConfig(num_samples=4, num_steps=10, num_groups=4, holdout_samples=0)
-    quant, packed = _quantized_pair(LoadedModel(unet, Path("<cifar10 config>")), CompileConfig(calib=calib), work,
-                                    "cifar")
+    quant, fp32conv, packed = _quantized_pair(LoadedModel(unet, Path("<cifar10 config>")), CompileConfig(calib=calib),
+                                              work, "cifar")
     fp32 = work / "cifar.fp32.onnx"
     if not fp32.is_file():
         save_atomic(lower_fp32(unet), fp32)
-    return {"fp32": fp32, "msfp": quant, "msfp_packed": packed}
+    return {"fp32": fp32, "msfp": quant, "msfp_fp32conv": fp32conv, "msfp_packed": packed}
 
 
 def build_models(name: str, work: Path, seed: int = 0) -> dict[str, Path]:
@@ -127,13 +136,13 @@ def build_models(name: str, work: Path, seed: int = 0) -> dict[str, Path]:
 
     fp32, nofold = (work / f"{name}.{k}.onnx" for k in ("fp32", "msfp_nofold"))
     loaded = load_model(MODELS[name])
-    quant, packed = _quantized_pair(loaded, CompileConfig(), work, name)
+    quant, fp32conv, packed = _quantized_pair(loaded, CompileConfig(), work, name)
     if not nofold.is_file():
         # zero points kept in the quantizers: no explicit Pad in front of padded convs (see the profile)
         msfp_compile(loaded, CompileConfig(fold_zero_point=False), progress=False).save(nofold)
     if not fp32.is_file():
         save_atomic(lower_fp32(loaded.unet), fp32)
-    return {"fp32": fp32, "msfp": quant, "msfp_packed": packed, "msfp_nofold": nofold}
+    return {"fp32": fp32, "msfp": quant, "msfp_fp32conv": fp32conv, "msfp_packed": packed, "msfp_nofold": nofold}
 
 
 _MEMORY_PROBE = r"""

@@ -67,3 +67,35 @@ def test_session_and_check_over_the_protobuf_limit(compiled_unet2d, packed_unet2
         (out,) = session_from_model(cm.onnx_model, predecode=predecode).run(None, feeds)
         assert np.array_equal(out, ref)
     assert cm.check().ok
+
+
+def test_float32_conv_weights_are_the_int8_weights_decoded(compiled_unet2d, packed_unet2d) -> None:
+    """CompileConfig.conv_weights="float32": conv weights as FP32 initializers (ORT prepacks them), bit for bit what
+    the int8 model's DequantizeLinear computes; linears keep int8 + MatMulInteger."""
+    import onnx
+    from onnx import numpy_helper
+
+    from msfp_compiler.export.onnx import to_integer
+    from msfp_compiler.export.ort import session_from_model
+
+    m = onnx.ModelProto()
+    m.CopyFrom(packed_unet2d.onnx_model)
+    counts = to_integer(m, conv_weights="float32")
+    int8 = compiled_unet2d.onnx_model
+    assert counts["float32_conv_weights"] > 0 and counts["integer_matmuls"] == compiled_unet2d.onnx_op_counts[
+        "integer_matmuls"]
+    assert counts["int8_weights"] + counts["float32_conv_weights"] == compiled_unet2d.onnx_op_counts["int8_weights"]
+    inits = {t.name: t for t in m.graph.initializer}
+    convs = [n for n in m.graph.node if n.op_type == "Conv"]
+    fp32_w = [n.input[1] for n in convs if n.input[1] in inits and inits[n.input[1]].data_type == TensorProto.FLOAT]
+    assert len(set(fp32_w)) == counts["float32_conv_weights"]
+    assert not any(n.op_type == "DequantizeLinear" and n.output[0] in fp32_w for n in m.graph.node)
+    probe = onnx.ModelProto()
+    probe.CopyFrom(int8)
+    probe.graph.output.extend(onnx.helper.make_tensor_value_info(w, TensorProto.FLOAT, None) for w in fp32_w)
+    feeds = holdout_feeds(compiled_unet2d)
+    outs = session_from_model(probe).run(None, feeds)
+    for w, v in zip(fp32_w, outs[1:]):
+        assert np.array_equal(numpy_helper.to_array(inits[w]).view(np.int32), v.view(np.int32)), w
+    (out,) = session_from_model(m).run(None, feeds)
+    assert np.linalg.norm(out - outs[0]) / np.linalg.norm(outs[0]) < 1e-5  # conv kernels may sum in another order
