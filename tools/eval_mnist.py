@@ -213,6 +213,7 @@ def merge(out: Path, settings: dict) -> dict:
         for k, v in info.items():
             if k != "seed":
                 dst.setdefault(k, []).append(v)
+    table = {m: {r: rows[r] for r in ROWS if r in rows} for m, rows in table.items()}  # the digits table's order
     for model in table.values():  # seed order within each row
         for row in model.values():
             order = sorted(range(len(row["seeds"])), key=row["seeds"].__getitem__)
@@ -270,7 +271,9 @@ def _check_cell(row: dict) -> str:
 
 def compare(a: list[float], b: list[float]) -> str:
     """'lower' / 'higher' when the seeds' ranges of a and b are disjoint, else 'tie' (a difference inside the
-    seeds' spread)."""
+    seeds' spread); 'one seed' when either row has a single seed (no spread to judge by)."""
+    if min(len(a), len(b)) < 2:
+        return "one seed"
     if max(a) < min(b):
         return "lower"
     if min(a) > max(b):
@@ -289,8 +292,9 @@ def goal_lines(table: dict) -> list[str]:
         if a in fid and b in fid:
             d = statistics.fmean(fid[a]) - statistics.fmean(fid[b])
             v = compare(fid[a], fid[b])
-            word = {"lower": "below", "higher": "ABOVE", "tie": "tie (the seeds' ranges overlap)"}[v]
-            out.append(f"- {a} vs {b}: {d:+.2f} FID, {word}")
+            word = {"lower": "below", "higher": "ABOVE", "tie": "tie (the seeds' ranges overlap)",
+                    "one seed": "undecided (a single seed has no spread)"}[v]
+            out.append(f"- {a} vs {b}: {d:+.2f} FID, {word} ({len(fid[a])} vs {len(fid[b])} seeds)")
     return out
 
 
