@@ -111,7 +111,8 @@ def quantize_passes(config: CompileConfig, calib: CalibrationSet) -> list:
     from msfp_compiler.passes.insert_qdq import InsertQDQ
     from msfp_compiler.passes.select_format import SelectFormat
 
-    return [AnnotateSign(calib, config.quant.sample_per_group, config.calib.seed), SelectFormat(config.quant),
+    return [AnnotateSign(calib, config.quant.sample_per_group, config.calib.seed,
+                         config.quant.quantize_attention), SelectFormat(config.quant),
             InsertQDQ()]
 
 

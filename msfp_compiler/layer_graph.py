@@ -51,13 +51,14 @@ def _source_op(node: fx.Node):
     return node.target if node.op == "call_function" else None
 
 
-def quant_operands(gm: fx.GraphModule) -> list[QuantOperand]:
-    """Every tensor that feeds a layer as a quantized operand, deduplicated by producer, in graph order."""
+def quant_operands(gm: fx.GraphModule, attention: bool = True) -> list[QuantOperand]:
+    """Every tensor that feeds a layer as a quantized operand, deduplicated by producer, in graph order;
+    ``attention=False`` leaves the q, k, v operands of scaled_dot_product_attention in float."""
     consumers: dict[tuple[fx.Node, str], list[fx.Node]] = {}
     kinds: dict[fx.Node, str] = {}
     for n in gm.graph.nodes:
         spec = LAYER_OPS.get(n.target) if n.op == "call_function" else None
-        if not spec:
+        if not spec or (spec[0] == "attn" and not attention):
             continue
         kind, act_idx, w_idx = spec
         for i in act_idx:

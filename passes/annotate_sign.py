@@ -67,6 +67,7 @@ class AnnotateSign(Pass):
     calib: CalibrationSet
     sample_per_group: int = 4096
     seed: int = 0
+    quantize_attention: bool = True  # False: q, k, v of scaled_dot_product_attention get no record (stay float)
     name: str = "annotate_sign"
 
     def requires(self, gm: fx.GraphModule) -> None:
@@ -76,7 +77,7 @@ class AnnotateSign(Pass):
     def call(self, gm: fx.GraphModule) -> PassResult:
         watched: dict[fx.Node, TensorRecord] = {}
         n_act = n_w = n_silu = 0
-        for q in quant_operands(gm):
+        for q in quant_operands(gm, self.quantize_attention):
             rec = TensorRecord(q.role, [c.name for c in q.consumers], q.layer_kind, after_silu=q.after_silu)
             if q.role == "weight":
                 rec.channel_axis = 0

@@ -1,0 +1,57 @@
+"""tools/eval_mnist.py: the goal verdicts (ties called ties) and the GPU sampling slots."""
+
+from __future__ import annotations
+
+import fcntl
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
+
+eval_mnist = pytest.importorskip("eval_mnist")
+
+
+def test_compare_calls_overlapping_seed_ranges_a_tie() -> None:
+    assert eval_mnist.compare([10.0, 11.0, 12.0], [13.0, 14.0, 15.0]) == "lower"
+    assert eval_mnist.compare([13.0, 14.0], [10.0, 12.9]) == "higher"
+    assert eval_mnist.compare([10.0, 13.5], [13.0, 14.0]) == "tie"  # means differ, ranges overlap
+    assert eval_mnist.compare([10.0], [20.0]) == "one seed"  # no spread to judge by
+
+
+def test_goal_lines_ratio_and_verdicts() -> None:
+    table = {"FP32": {"fid": [10.0, 12.0]}, "MSFP + TALoRA + DFA": {"fid": [11.0, 12.0]},
+             "MSFP + LoRA": {"fid": [11.5, 12.5]}, "MSFP PTQ": {"fid": [20.0, 21.0]},
+             "INT4 PTQ": {"fid": [30.0, 31.0]}}
+    lines = eval_mnist.goal_lines(table)
+    assert lines[0].startswith("- MSFP + TALoRA + DFA / FP32 mean FID: 1.045") and "met" in lines[0]
+    assert any(line.startswith("- MSFP PTQ vs INT4 PTQ: -10.00 FID, below") for line in lines)
+    assert any("vs MSFP + LoRA" in line and "tie" in line for line in lines)
+    assert not any("FP4 signed" in line for line in lines)  # a missing row is not judged
+
+
+def test_gpu_slot_admits_at_most_slots_holders(tmp_path) -> None:
+    inside, peak, lock = [0], [0], threading.Lock()
+
+    def work() -> None:
+        with eval_mnist.gpu_slot(tmp_path, 2, "0"):
+            with lock:
+                inside[0] += 1
+                peak[0] = max(peak[0], inside[0])
+            time.sleep(0.3)
+            with lock:
+                inside[0] -= 1
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert peak[0] == 2
+    # released afterwards: a non-blocking lock of every slot file succeeds
+    for k in range(2):
+        with open(tmp_path / f".gpu0_slot{k}.lock", "w") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
