@@ -428,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sweep-stride", type=int, default=7,
                     help="float32 bit-pattern stride of the sweep at non-trivial scale / zero point")
     ap.add_argument("--no-profile", action="store_true", help="skip the ORT op profile (long on sd15)")
-    ap.add_argument("--variants", help="comma-separated variants to time (default: all built; fp32 always)")
+    ap.add_argument("--variants", help="comma-separated variants to time and probe (default: all built; fp32 always)")
     ap.add_argument("--warmup", type=int, default=3, help="untimed runs per variant before timing")
     ap.add_argument("--no-memory", action="store_true",
                     help="skip the peak-RSS / open-time probes (a fresh process per variant)")
@@ -473,11 +473,13 @@ def main(argv: list[str] | None = None) -> int:
         entry: dict = {"files": {k: {"path": str(p), "bytes": sum(f.stat().st_size for f in (p, Path(f"{p}.data"))
                                                                   if f.is_file())} for k, p in paths.items()},
                        "latency": [], "profile": {}, "optimized_graph": {}}
+        timed = {k: p for k, p in paths.items()
+                 if not args.variants or k == "fp32" or k in args.variants.split(",")}
         if not args.no_memory:
-            # a plain onnxruntime.InferenceSession(path) of each variant; the packed 4-bit file also through
+            # a plain onnxruntime.InferenceSession(path) of each timed variant; the packed 4-bit file also through
             # open_session (predecode). SD1.5's packed file in a plain session needs 16.7 GB: not probed here.
-            probes = [(k, "plain") for k in paths if not (name == "sd15" and k == "msfp_packed")]
-            probes += [(k, "open_session") for k in paths if k == "msfp_packed"]
+            probes = [(k, "plain") for k in timed if not (name == "sd15" and k == "msfp_packed")]
+            probes += [(k, "open_session") for k in timed if k == "msfp_packed"]
             entry["memory"] = {}
             for k, how in probes:
                 entry["memory"][f"{k}/{how}"] = m = memory(paths[k], how)
@@ -487,8 +489,6 @@ def main(argv: list[str] | None = None) -> int:
             for k, m in entry["memory"].items():
                 m["peak_rss_vs_fp32"] = round(m["peak_rss_mb"] / fp["peak_rss_mb"], 3)
                 m["open_vs_fp32"] = round(m["open_s"] / max(fp["open_s"], 1e-9), 3)
-        timed = {k: p for k, p in paths.items()
-                 if not args.variants or k == "fp32" or k in args.variants.split(",")}
         for opt in opts:
             for th in threads:
                 sessions = {k: session(p, th, opt) for k, p in timed.items()}
