@@ -1,23 +1,35 @@
-"""Calibration data: (x_t, t, cond) inputs recorded along FP sampler trajectories, grouped by timestep.
+"""Calibration: (x_t, t, cond) inputs recorded along FP sampler trajectories, grouped by timestep, and the
+activation statistics of the quantized operands on them.
 
 The FP UNet is run with a diffusers scheduler (DDIM by default, or the scheduler config shipped in the model
 folder) for N steps on M noise samples. Every step's UNet input is kept; steps are grouped into timestep buckets so
 statistics and the format search see every part of the trajectory, not only the last steps.
+
+Statistics (per activation and timestep group: min, max, negative count and a bounded random subsample for the
+format search) are streamed as the values appear, so memory is bounded by ``sample_per_group`` values per tensor
+and group whatever the calibration size. When ``collect`` is given the captured graph, the trajectories run through
+it and the statistics come from the same forwards (one FP forward per sample and step in all); otherwise
+``activation_stats`` runs the graph over the recorded inputs once more. Both give the same numbers: the captured
+graph computes what the eager UNet computes, and the subsample draws the same random indices in the same order.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
+import torch.fx as fx
 
 from .capture import UNetSignature, UNetWrapper
 from .errors import MsfpError
+from .layer_graph import quant_operands
 from .progress import Progress
+from .record import GroupStats
 from .sampling import make_scheduler, sample
 
-__all__ = ["CalibBatch", "TimestepGroup", "CalibrationSet", "collect", "make_cond", "CALIB_BUDGET",
-           "default_calibration"]
+__all__ = ["CalibBatch", "TimestepGroup", "CalibrationSet", "ActivationStats", "collect", "activation_stats",
+           "stats_nodes", "make_cond", "CALIB_BUDGET", "default_calibration"]
 
 # The default calibration size scales with the model: samples x steps x parameters <= CALIB_BUDGET. Every UNet up to
 # 150M parameters (the digit models, a CIFAR-10 DDPM) gets the full 8 samples x 10 steps; larger ones keep 2 samples
@@ -47,13 +59,84 @@ class TimestepGroup:
 
 
 @dataclass
+class ActivationStats:
+    """Per timestep group statistics of the graph's quantized activations, by fx node name (of the graph they were
+    computed on), and the subsample size and seed they were computed with."""
+
+    groups: dict[str, list[GroupStats]]
+    sample_per_group: int
+    seed: int
+
+
+@dataclass
 class CalibrationSet:
     groups: list[TimestepGroup]
     holdout: list[CalibBatch] = field(default_factory=list)  # same trajectories' distribution, unseen by the search
+    stats: ActivationStats | None = None  # filled by collect(graph=...) from the calibration forwards themselves
 
     @property
     def batches(self) -> list[CalibBatch]:
         return [b for g in self.groups for b in g.batches]
+
+
+def stats_nodes(gm: fx.GraphModule, attention: bool = True) -> list[fx.Node]:
+    """The nodes whose values get statistics: producers of the activations layers read as quantized operands
+    (``attention=False``: not the q, k, v of attention, QuantConfig.quantize_attention)."""
+    return [q.producer for q in quant_operands(gm, attention) if q.role == "act"]
+
+
+def _update(g: GroupStats, v: torch.Tensor, k: int, gen: torch.Generator, name: str) -> None:
+    # Two passes over the activation: aminmax (NaN propagates into it, Inf shows as the min or max, so it doubles
+    # as the finiteness check) and count_nonzero. isfinite().all() and (x < 0).sum() cost ~10x more on CPU,
+    # which made these statistics ~40% of the statistics forward on SD1.5.
+    flat = v.reshape(-1).float()
+    lo, hi = (float(t) for t in torch.aminmax(flat))
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise MsfpError(f"node {name}: non-finite activation during calibration (timesteps {g.t_lo}..{g.t_hi})")
+    g.count += flat.numel()
+    g.min = min(g.min, lo)
+    g.max = max(g.max, hi)
+    g.negatives += 0 if lo >= 0 else flat.numel() if hi < 0 else int(torch.count_nonzero(flat < 0))
+    pick = flat if flat.numel() <= k else flat[torch.randint(0, flat.numel(), (k,), generator=gen)]
+    g.sample = pick.clone() if g.sample is None else torch.cat([g.sample, pick])
+
+
+class _StatsInterpreter(fx.Interpreter):
+    """Runs the graph and streams the watched nodes' values into their GroupStats of the current group."""
+
+    def __init__(self, gm: fx.GraphModule, nodes: list[fx.Node], sample_per_group: int, seed: int):
+        super().__init__(gm)
+        self.stats = ActivationStats({n.name: [] for n in nodes}, sample_per_group, seed)
+        self.watched = {n: self.stats.groups[n.name] for n in nodes}
+        self.gen = torch.Generator().manual_seed(seed)
+        self.per_batch = 1
+
+    def start_group(self, t_lo: int, t_hi: int, num_batches: int) -> None:
+        for groups in self.watched.values():
+            groups.append(GroupStats(t_lo, t_hi))
+        self.per_batch = max(1, self.stats.sample_per_group // max(num_batches, 1))
+
+    def run_node(self, n: fx.Node):
+        out = super().run_node(n)
+        groups = self.watched.get(n)
+        if groups is not None:
+            _update(groups[-1], out.detach(), self.per_batch, self.gen, n.name)
+        return out
+
+
+@torch.no_grad()
+def activation_stats(gm: fx.GraphModule, calib: CalibrationSet, sample_per_group: int = 4096, seed: int = 0,
+                     attention: bool = True, progress: bool | None = None) -> ActivationStats:
+    """Statistics of ``stats_nodes(gm)`` over the recorded calibration inputs (one more forward per batch; collect
+    with ``graph=gm`` gets them from the calibration forwards instead)."""
+    interp = _StatsInterpreter(gm, stats_nodes(gm, attention), sample_per_group, seed)
+    with Progress(len(calib.batches), "activation statistics", progress, unit="batches") as bar:
+        for grp in calib.groups:
+            interp.start_group(grp.t_lo, grp.t_hi, len(grp.batches))
+            for b in grp.batches:
+                interp.run(*b.args)
+                bar.update()
+    return interp.stats
 
 
 def make_cond(sig: UNetSignature, n: int, generator: torch.Generator, class_embedding: torch.Tensor | None = None):
@@ -97,13 +180,26 @@ def default_calibration(num_params: int, num_groups: int = 4, samples: int | Non
 @torch.no_grad()
 def collect(unet: torch.nn.Module, sig: UNetSignature, num_samples: int = 8, num_steps: int = 10, seed: int = 0,
             scheduler=None, num_groups: int = 4, holdout_samples: int = 2,
-            class_embedding: torch.Tensor | None = None, progress: bool | None = None) -> CalibrationSet:
-    """Run the FP model along sampler trajectories and keep every step's inputs, grouped by timestep."""
+            class_embedding: torch.Tensor | None = None, progress: bool | None = None,
+            graph: fx.GraphModule | None = None, sample_per_group: int = 4096, stats_seed: int = 0,
+            attention: bool = True) -> CalibrationSet:
+    """Run the FP model along sampler trajectories and keep every step's inputs, grouped by timestep.
+
+    With ``graph`` (the captured UNet, on the model's device) the calibration trajectories run through the graph
+    and their forwards also stream the activation statistics into ``CalibrationSet.stats`` (the numbers
+    ``activation_stats(graph, calib, sample_per_group, stats_seed)`` gives, without a forward of their own)."""
     if num_samples < 1 or num_steps < 1:
         raise MsfpError(f"CalibConfig.num_samples and CalibConfig.num_steps must be >= 1 (got {num_samples}, {num_steps})")
     scheduler = scheduler or make_scheduler()
     g = torch.Generator().manual_seed(seed)
     model = UNetWrapper(unet, sig).eval()
+    # Timestep groups: near-equal runs of consecutive steps (DDIM and DDPM make one forward per step).
+    scheduler.set_timesteps(num_steps)
+    timesteps = [int(t) for t in scheduler.timesteps]
+    bounds = torch.linspace(0, num_steps, max(1, min(num_groups, num_steps)) + 1).round().long().tolist()
+    starts = {a: (min(timesteps[a:b]), max(timesteps[a:b]), b - a) for a, b in zip(bounds[:-1], bounds[1:])}
+    stats = (_StatsInterpreter(graph, stats_nodes(graph, attention), sample_per_group, stats_seed)
+             if graph is not None else None)
     total = num_samples + holdout_samples
     # The calibration samples are drawn first and the held-out ones after them, and the two sets run as separate
     # batches (a batch's float results depend on its size), so the calibration data and the compiled model do not
@@ -118,13 +214,19 @@ def collect(unet: torch.nn.Module, sig: UNetSignature, num_samples: int = 8, num
     steps: list[CalibBatch] = []
     holdout: list[CalibBatch] = []
 
-    def run(x0: torch.Tensor, c0: torch.Tensor | None, keep: list[CalibBatch], bar: Progress) -> None:
+    def run(x0: torch.Tensor, c0: torch.Tensor | None, keep: list[CalibBatch], bar: Progress,
+            watch: _StatsInterpreter | None) -> None:
         x0 = x0.to(device)
         c0 = c0.to(device) if c0 is not None else None
 
         def eps_fn(inp: torch.Tensor, tt: torch.Tensor) -> torch.Tensor:
-            """The FP prediction, keeping every step's input."""
-            eps = model(inp, tt, c0)
+            """The FP prediction, keeping every step's input (and, watched, streaming its statistics)."""
+            if watch is None:
+                eps = model(inp, tt, c0)
+            else:
+                if len(keep) in starts:
+                    watch.start_group(*starts[len(keep)])
+                eps = watch.run(inp, tt, *(() if c0 is None else (c0,)))
             if not torch.isfinite(eps).all():
                 raise MsfpError(f"non-finite noise prediction during calibration at timestep {int(tt[0])} "
                                 "(check the weights)")
@@ -135,13 +237,10 @@ def collect(unet: torch.nn.Module, sig: UNetSignature, num_samples: int = 8, num
 
     with Progress(num_steps * (2 if holdout_samples else 1), f"calibration ({total} samples x {num_steps} steps)",
                   progress, unit="steps") as bar:
-        run(x, cond, steps, bar)
+        run(x, cond, steps, bar, stats)
         if holdout_samples:
-            run(xh, ch, holdout, bar)
-    num_groups = max(1, min(num_groups, len(steps)))
-    bounds = torch.linspace(0, len(steps), num_groups + 1).round().long().tolist()
-    groups = []
-    for a, b in zip(bounds[:-1], bounds[1:]):
-        ts = [int(s.timestep[0]) for s in steps[a:b]]
-        groups.append(TimestepGroup(min(ts), max(ts), steps[a:b]))
-    return CalibrationSet(groups, holdout)
+            run(xh, ch, holdout, bar, None)
+    if [int(b.timestep[0]) for b in steps] != timesteps:
+        raise RuntimeError(f"{type(scheduler).__name__}: the forwards did not follow its {num_steps} timesteps")
+    groups = [TimestepGroup(*starts[a][:2], steps[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+    return CalibrationSet(groups, holdout, stats.stats if stats is not None else None)

@@ -205,6 +205,7 @@ def compile(model: torch.nn.Module | LoadedModel, config: CompileConfig | None =
         gm, sig = capture(unet.to("cpu"), sig)
         info["nodes"] = len(gm.graph.nodes)
     unet.to(device)
+    gm = move_graph(gm, device)
     try:
         # Statistics, the search and fine-tuning in plain FP32 (no TF32 on CUDA): CPU and GPU choose the same
         # formats, and scales agree up to float summation order.
@@ -214,8 +215,11 @@ def compile(model: torch.nn.Module | LoadedModel, config: CompileConfig | None =
                 reset_peak_rss()
                 t0, c0 = time.perf_counter(), time.process_time()
                 sched = make_scheduler(c.scheduler, loaded.scheduler_config)
+                # Through the captured graph, so the same forwards give annotate_sign its statistics.
                 calibration = collect(unet, sig, c.num_samples, c.num_steps, c.seed, sched, c.num_groups,
-                                      c.holdout_samples, loaded.class_embedding, progress)
+                                      c.holdout_samples, loaded.class_embedding, progress, graph=gm,
+                                      sample_per_group=config.quant.sample_per_group, stats_seed=c.seed,
+                                      attention=config.quant.quantize_attention)
                 pm.record("calibrate", time.perf_counter() - t0,
                           {"samples": c.num_samples, "steps": c.num_steps, "groups": len(calibration.groups),
                            "holdout_samples": c.holdout_samples, **({"size_rule": c.note} if c.note else {})},
@@ -223,7 +227,7 @@ def compile(model: torch.nn.Module | LoadedModel, config: CompileConfig | None =
             else:
                 calibration = move_tensors(calibration, device)
             if not fp32:
-                gm = pm.run(move_graph(gm, device), quantize_passes(config, calibration))
+                gm = pm.run(gm, quantize_passes(config, calibration))
                 if config.finetune is not None:
                     _finetune(gm, unet, sig, loaded, config, progress, pm)
                 gm = pm.run(gm, lowering_passes(config, extra_passes))

@@ -27,7 +27,6 @@ class GroupStats:
     min: float = float("inf")
     max: float = float("-inf")
     negatives: int = 0
-    hist: torch.Tensor | None = None  # HIST_BINS counts over [min, max] of this group's sample (annotate_sign)
     sample: torch.Tensor | None = None  # a bounded random subsample of values, for the MSE search
 
     @property

@@ -54,3 +54,36 @@ def test_given_values_are_kept() -> None:
     s, st, g, rule = default_calibration(859_520_964, samples=4)
     assert s == 4 and st == 4 and "steps scaled" in rule  # 3 steps would fit; never fewer steps than groups
     assert default_calibration(1_000_000, steps=2)[2] == 2  # groups never exceed steps
+
+
+def test_statistics_from_the_calibration_forwards_equal_a_separate_pass() -> None:
+    """collect(graph=gm) runs the trajectories through the captured graph and streams the statistics on the way; they
+    must equal what a forward of their own over the recorded inputs gives (activation_stats), and the recorded inputs
+    must equal the eager calibration's."""
+    import torch
+
+    from msfp_compiler.calibration import activation_stats, stats_nodes
+    from tests.conftest import make_unet2d
+
+    unet = make_unet2d()
+    sig = signature_of(unet)
+    gm, _ = capture(unet, sig)
+    args = dict(num_samples=2, num_steps=5, seed=3, num_groups=2, holdout_samples=1, progress=False)
+    eager = collect(unet, sig, scheduler=make_scheduler(), **args)
+    fused = collect(unet, sig, scheduler=make_scheduler(), graph=gm, sample_per_group=100, stats_seed=9, **args)
+    assert eager.stats is None and fused.stats is not None
+    for a, b in zip(eager.batches + eager.holdout, fused.batches + fused.holdout):
+        assert torch.equal(a.sample, b.sample) and torch.equal(a.timestep, b.timestep)
+    assert [(g.t_lo, g.t_hi, len(g.batches)) for g in fused.groups] == [(g.t_lo, g.t_hi, len(g.batches))
+                                                                        for g in eager.groups]
+    separate = activation_stats(gm, eager, sample_per_group=100, seed=9, progress=False)
+    assert set(fused.stats.groups) == set(separate.groups) == {n.name for n in stats_nodes(gm)}
+    for name, groups in separate.groups.items():
+        assert len(groups) == 2
+        for x, y in zip(groups, fused.stats.groups[name]):
+            assert (x.t_lo, x.t_hi, x.count, x.min, x.max, x.negatives) == (y.t_lo, y.t_hi, y.count, y.min, y.max,
+                                                                            y.negatives)
+            assert torch.equal(x.sample, y.sample)
+    # annotate_sign takes them as they are (no forward), or computes them when the subsample size differs
+    assert AnnotateSign(fused, 100, 9)(capture(unet, sig)[0]).info["statistics"] == "from the calibration forwards"
+    assert AnnotateSign(fused, 64, 9)(capture(unet, sig)[0]).info["statistics"] == "one forward per calibration batch"

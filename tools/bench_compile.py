@@ -90,11 +90,9 @@ def run_one(model: str, out_json: Path, keep_dir: Path | None, ort_load: bool) -
     """Benchmark one model in this process and write its JSON entry to out_json."""
     import torch
 
-    from msfp_compiler.calibration import collect
-    from msfp_compiler.sampling import make_scheduler
     from msfp_compiler.capture import signature_of
     from msfp_compiler.compile import compile as msfp_compile
-    from msfp_compiler.config import CalibConfig, CompileConfig
+    from msfp_compiler.config import CompileConfig
     from msfp_compiler.pass_manager import PassManager
 
     meter = PassManager()  # stages outside compile(), measured as compile's PassManager measures its passes
@@ -107,17 +105,15 @@ def run_one(model: str, out_json: Path, keep_dir: Path | None, ort_load: bool) -
     fp32_bytes = sum(t.numel() * 4 for t in unet.state_dict().values() if t.is_floating_point())
     calib_cfg = _calib_config(model, n_params)
     cfg = CompileConfig(calib=calib_cfg)
-    # Calibrated here rather than inside compile() (which does the same) to time it as its own stage.
     sig = signature_of(unet, cond_len=calib_cfg.text_len)
-    with meter.stage("calibrate"):
-        sched = make_scheduler(calib_cfg.scheduler, loaded.scheduler_config)
-        calib = collect(unet, sig, calib_cfg.num_samples, calib_cfg.num_steps, calib_cfg.seed, sched,
-                        calib_cfg.num_groups, calib_cfg.holdout_samples, loaded.class_embedding, progress=False)
-    cond_shape = list(calib.batches[0].cond.shape) if calib.batches[0].cond is not None else None
     work = Path(tempfile.mkdtemp(prefix=f"bench_{model}_", dir=keep_dir))
     t0 = time.perf_counter()
-    cm = msfp_compile(loaded, cfg, log_dir=work / "logs", progress=False, calibration=calib)
+    # compile() calibrates itself, as msfp-compile does: through the captured graph, so the same forwards give the
+    # activation statistics (a calibration set passed in would cost annotate_sign a forward per batch again).
+    cm = msfp_compile(loaded, cfg, log_dir=work / "logs", progress=False)
     compile_s = time.perf_counter() - t0
+    calib = cm.calibration
+    cond_shape = list(calib.batches[0].cond.shape) if calib.batches[0].cond is not None else None
     out = work / "model.onnx"
     with meter.stage("save"):
         cm.save(out)
@@ -130,7 +126,7 @@ def run_one(model: str, out_json: Path, keep_dir: Path | None, ort_load: bool) -
             sess = open_session(out)
             del sess
     total_s = time.perf_counter() - t_all
-    rows = [_row(r) for r in meter.runs[:2] + cm.pass_runs + meter.runs[2:]]
+    rows = [_row(r) for r in meter.runs[:1] + cm.pass_runs + meter.runs[1:]]
     peak = max(r["peak_rss_mb"] for r in rows)
     entry = {
         "model": model,
@@ -138,11 +134,11 @@ def run_one(model: str, out_json: Path, keep_dir: Path | None, ort_load: bool) -
         "class": type(unet).__name__,
         "params": n_params,
         "fp32_weight_bytes": fp32_bytes,
-        "input": {"sample": [1, sig.in_channels, sig.sample_size, sig.sample_size], sig.cond or "cond": cond_shape},
+        "input": {"sample": list(calib.batches[0].sample.shape), sig.cond or "cond": cond_shape},  # one batch
         "calibration": {k: getattr(calib_cfg, k) for k in ("num_samples", "num_steps", "num_groups",
                                                            "holdout_samples", "text_len", "note")},
-        "stages": rows,  # build, calibrate, capture, each pass, lower_onnx, save[, ort_session], in order
-        "compile_seconds": round(compile_s, 2),  # msfp_compiler.compile() (capture + passes + lowering)
+        "stages": rows,  # build, capture, calibrate, each pass, lower_onnx, save[, ort_session], in order
+        "compile_seconds": round(compile_s, 2),  # msfp_compiler.compile() (capture, calibration, passes, lowering)
         "cpu_seconds": round(sum(r["cpu_seconds"] for r in rows), 1),  # process CPU time, all threads, all stages
         "total_seconds": round(total_s, 2),  # build + calibration + compile + save (+ ORT session)
         "peak_rss_mb": round(peak, 1),

@@ -10,7 +10,7 @@ from msfp_compiler.calibration import CalibBatch, CalibrationSet, TimestepGroup,
 from msfp_compiler.capture import capture, signature_of
 from msfp_compiler.errors import MsfpError
 from msfp_compiler.layer_graph import LAYER_OPS
-from msfp_compiler.passes.annotate_sign import HIST_BINS, AnnotateSign
+from msfp_compiler.passes.annotate_sign import AnnotateSign
 from msfp_compiler.record import TensorRecord, records
 from msfp_compiler.sampling import make_scheduler
 from tests.conftest import make_unet2d
@@ -122,14 +122,13 @@ def test_min_max_negative_fraction_match_direct_computation(annotated, stages_un
         assert r.neg_fraction == pytest.approx(sum(g.negatives for g in r.groups) / total)
 
 
-def test_samples_bounded_and_histograms(annotated, stages_unet2d) -> None:
+def test_samples_bounded_and_drawn_from_the_values(annotated, stages_unet2d) -> None:
     k = 2048  # QuantConfig.sample_per_group default, passed by compile's default_passes
     assert stages_unet2d.config.quant.sample_per_group == k
     for n, r in _act_records(annotated):
         for g in r.groups:
             assert 0 < g.sample.numel() <= max(k, len(stages_unet2d.calib.groups[0].batches))
-            assert g.hist is not None and g.hist.numel() == HIST_BINS
-            assert float(g.hist.sum()) == g.sample.numel()
+            assert g.min <= float(g.sample.min()) and float(g.sample.max()) <= g.max  # drawn from the values
         x = r.calibration_sample()
         assert x.numel() == sum(g.sample.numel() for g in r.groups)  # every group, not only the last
 
@@ -206,7 +205,6 @@ def test_statistics_memory_is_bounded_per_timestep_group(per_group: int) -> None
             assert len(rec.groups) == 2
             for g in rec.groups:
                 assert g.sample is not None and 0 < g.sample.numel() <= per_group  # bounded, whatever the data
-                assert g.hist is not None and g.hist.numel() == 64
         kept[name] = (sum(g.sample.numel() for r in acts for g in r.groups), sum(g.count for r in acts for g in r.groups),
                       len(acts))
     # 6x the calibration data (3x samples, 2x steps): all of it is counted, what is kept stays under the same
