@@ -177,6 +177,20 @@ def default_calibration(num_params: int, num_groups: int = 4, samples: int | Non
     return samples, steps, groups, rule
 
 
+def _draw(sig: UNetSignature, n: int, g: torch.Generator, class_embedding: torch.Tensor | None) -> tuple:
+    """Starting noise and conditioning of ``n`` trajectories."""
+    x = torch.randn(n, sig.in_channels, sig.sample_size, sig.sample_size, generator=g)
+    return x, make_cond(sig, n, g, class_embedding)
+
+
+def _timestep_groups(scheduler, num_steps: int, num_groups: int) -> tuple[list[int], list[int]]:
+    """The sampler's timesteps and the step indices where the timestep groups start (and the end): near-equal runs
+    of consecutive steps (DDIM and DDPM make one forward per step)."""
+    scheduler.set_timesteps(num_steps)
+    bounds = torch.linspace(0, num_steps, max(1, min(num_groups, num_steps)) + 1).round().long().tolist()
+    return [int(t) for t in scheduler.timesteps], bounds
+
+
 @torch.no_grad()
 def collect(unet: torch.nn.Module, sig: UNetSignature, num_samples: int = 8, num_steps: int = 10, seed: int = 0,
             scheduler=None, num_groups: int = 4, holdout_samples: int = 2,
@@ -193,10 +207,7 @@ def collect(unet: torch.nn.Module, sig: UNetSignature, num_samples: int = 8, num
     scheduler = scheduler or make_scheduler()
     g = torch.Generator().manual_seed(seed)
     model = UNetWrapper(unet, sig).eval()
-    # Timestep groups: near-equal runs of consecutive steps (DDIM and DDPM make one forward per step).
-    scheduler.set_timesteps(num_steps)
-    timesteps = [int(t) for t in scheduler.timesteps]
-    bounds = torch.linspace(0, num_steps, max(1, min(num_groups, num_steps)) + 1).round().long().tolist()
+    timesteps, bounds = _timestep_groups(scheduler, num_steps, num_groups)
     starts = {a: (min(timesteps[a:b]), max(timesteps[a:b]), b - a) for a, b in zip(bounds[:-1], bounds[1:])}
     stats = (_StatsInterpreter(graph, stats_nodes(graph, attention), sample_per_group, stats_seed)
              if graph is not None else None)
@@ -204,11 +215,8 @@ def collect(unet: torch.nn.Module, sig: UNetSignature, num_samples: int = 8, num
     # The calibration samples are drawn first and the held-out ones after them, and the two sets run as separate
     # batches (a batch's float results depend on its size), so the calibration data and the compiled model do not
     # depend on how many samples are held out (msfp-compile holds out only for --check).
-    shape = (sig.in_channels, sig.sample_size, sig.sample_size)
-    x = torch.randn(num_samples, *shape, generator=g)
-    cond = make_cond(sig, num_samples, g, class_embedding)
-    xh = torch.randn(holdout_samples, *shape, generator=g) if holdout_samples else None
-    ch = make_cond(sig, holdout_samples, g, class_embedding) if holdout_samples else None
+    x, cond = _draw(sig, num_samples, g, class_embedding)
+    xh, ch = _draw(sig, holdout_samples, g, class_embedding) if holdout_samples else (None, None)
     # Drawn on the CPU, run on the model's device: a CPU and a GPU calibration start from the same numbers.
     device = next(unet.parameters()).device
     steps: list[CalibBatch] = []

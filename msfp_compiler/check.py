@@ -179,9 +179,25 @@ def _fmt_of(n: fx.Node) -> str:
     return n.args[3] if _target_name(n) in _QUANTIZE_TARGETS else n.args[2]
 
 
+def _candidates(model: onnx.ModelProto, inits: dict) -> list[tuple[onnx.NodeProto, str | None, bool]]:
+    """ONNX nodes a quantizer can lower to: (node, format, reads packed weights)."""
+    from msfp_compiler.export.msfp_ops import MSFP_DOMAIN
+
+    cands = []
+    for node in model.graph.node:
+        if node.domain in ("", "ai.onnx") and node.op_type == "DequantizeLinear" and node.input[0] in inits \
+                and inits[node.input[0]].data_type == onnx.TensorProto.INT8:
+            cands.append((node, None, True))  # an int8 weight (export/integer_kernels.py), found by name below
+            continue
+        if node.domain != MSFP_DOMAIN:
+            continue
+        fmt = next((a.s.decode() for a in node.attribute if a.name == "format"), None)
+        cands.append((node, fmt, node.op_type.startswith("Dequantize")))
+    return cands
+
+
 def _match(gm: fx.GraphModule, qnodes: list[fx.Node], model: onnx.ModelProto) -> dict[fx.Node, onnx.NodeProto]:
     from msfp_compiler.export.integer_kernels import int8_name
-    from msfp_compiler.export.msfp_ops import MSFP_DOMAIN
 
     inits = {t.name: t for t in model.graph.initializer}
     cache: dict[str, np.ndarray] = {}
@@ -193,17 +209,7 @@ def _match(gm: fx.GraphModule, qnodes: list[fx.Node], model: onnx.ModelProto) ->
             cache[name] = onnx.numpy_helper.to_array(inits[name])
         return cache[name]
 
-    cands = []
-    for node in model.graph.node:
-        if node.domain in ("", "ai.onnx") and node.op_type == "DequantizeLinear" and node.input[0] in inits \
-                and inits[node.input[0]].data_type == onnx.TensorProto.INT8:
-            cands.append((node, None, True))  # an int8 weight (export/integer_kernels.py), found by name below
-            continue
-        if node.domain != MSFP_DOMAIN:
-            continue
-        fmt = next((a.s.decode() for a in node.attribute if a.name == "format"), None)
-        packed = node.op_type.startswith("Dequantize")
-        cands.append((node, fmt, packed))
+    cands = _candidates(model, inits)
     used: set[int] = set()
     out: dict[fx.Node, onnx.NodeProto] = {}
     for q in qnodes:
@@ -375,6 +381,26 @@ def _probe_model(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProt
     return probe
 
 
+def _probe_plan(model: onnx.ModelProto, matched: dict[fx.Node, onnx.NodeProto]
+                ) -> tuple[list[str], dict[fx.Node, str], set[fx.Node]]:
+    """What the check-only ONNX must return (every matched node's output and quantizer inputs), the ONNX name of
+    each quantizer's input, and the quantizers whose input is a constant (an initializer)."""
+    graph_inputs = {i.name for i in model.graph.input}
+    inits = {t.name for t in model.graph.initializer}
+    wanted: list[str] = []
+    in_name: dict[fx.Node, str] = {}
+    const_in: set[fx.Node] = set()
+    for q, nd in matched.items():
+        wanted.append(nd.output[0])
+        if _target_name(q) in _QUANTIZE_TARGETS and nd.input and nd.input[0] in inits:
+            const_in.add(q)
+        elif _target_name(q) in _QUANTIZE_TARGETS and nd.input:
+            in_name[q] = nd.input[0]
+            if nd.input[0] not in graph_inputs:
+                wanted.append(nd.input[0])
+    return wanted, in_name, const_in
+
+
 def check_onnx(gm: fx.GraphModule, model: onnx.ModelProto, batches: Sequence, tolerance: float = 1e-3,
                threads: int | None = None) -> CheckResult:
     """Compare ORT running ``model`` with the torch graph ``gm`` per quantizer on ``batches`` (CalibBatch-like:
@@ -388,21 +414,9 @@ def check_onnx(gm: fx.GraphModule, model: onnx.ModelProto, batches: Sequence, to
     names = display_names(gm)
     qnodes = quantizer_nodes(gm)
     matched = _match(gm, qnodes, model)
-    graph_inputs = {i.name for i in model.graph.input}
-    inits = {t.name for t in model.graph.initializer}
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     out_name = model.graph.output[0].name
-    wanted: list[str] = []
-    in_name: dict[fx.Node, str] = {}
-    const_in: set[fx.Node] = set()
-    for q, nd in matched.items():
-        wanted.append(nd.output[0])
-        if _target_name(q) in _QUANTIZE_TARGETS and nd.input and nd.input[0] in inits:
-            const_in.add(q)
-        elif _target_name(q) in _QUANTIZE_TARGETS and nd.input:
-            in_name[q] = nd.input[0]
-            if nd.input[0] not in graph_inputs:
-                wanted.append(nd.input[0])
+    wanted, in_name, const_in = _probe_plan(model, matched)
     # ORT's own decode of the packed weights stays in (no predecode), so every body a plain session runs is checked
     sess = session_from_model(_probe_model(model, wanted), threads, predecode=False)
     outputs = [o.name for o in sess.get_outputs()]

@@ -251,6 +251,32 @@ def _act_formats_line(cm) -> str:
     return ", ".join(parts) or "none"
 
 
+def _quant_finetune_configs(args: argparse.Namespace):
+    """QuantConfig and FinetuneConfig (None without --finetune-steps) from the flags."""
+    from .config import FinetuneConfig, QuantConfig
+
+    quant = QuantConfig(scheme=args.scheme, act_formats=args.formats or None, weight_formats=args.weight_formats or None,
+                        weight_granularity=args.granularity, sign_rule=args.sign_rule, keep_8bit=args.keep_8bit)
+    if not args.finetune_steps:
+        return quant, None
+    return quant, FinetuneConfig(steps=args.finetune_steps, num_loras=args.num_loras, rank=args.lora_rank,
+                                 dfa=not args.no_dfa, learn_act_scales=args.learn_act_scales,
+                                 samples=args.finetune_samples, sampler_steps=args.finetune_sampler_steps,
+                                 seed=args.seed, checkpoint=args.finetune_checkpoint)
+
+
+def _plots(cm, log_dir: Path) -> None:
+    """--plots, logged as a stage of passes.log."""
+    import time
+
+    from .plots import write_plots
+
+    t0, c0 = time.perf_counter(), time.process_time()
+    written = write_plots(cm, log_dir)
+    cm.log_stage("plots", time.perf_counter() - t0, {"files": len(written), "folder": str(log_dir / "plots")},
+                 time.process_time() - c0)
+
+
 def _compile(args: argparse.Namespace) -> int:
     import time
 
@@ -264,18 +290,11 @@ def _compile(args: argparse.Namespace) -> int:
     log.info("msfp-compile: importing torch ...")
     from .compile import compile
     from .calibration import default_calibration
-    from .config import CalibConfig, CompileConfig, FinetuneConfig, QuantConfig
+    from .config import CalibConfig, CompileConfig
     from .load import load_model
 
     _quiet_libraries()
-    quant = QuantConfig(scheme=args.scheme, act_formats=args.formats or None, weight_formats=args.weight_formats or None,
-                        weight_granularity=args.granularity, sign_rule=args.sign_rule, keep_8bit=args.keep_8bit)
-    ft = None
-    if args.finetune_steps:
-        ft = FinetuneConfig(steps=args.finetune_steps, num_loras=args.num_loras, rank=args.lora_rank,
-                            dfa=not args.no_dfa, learn_act_scales=args.learn_act_scales,
-                            samples=args.finetune_samples, sampler_steps=args.finetune_sampler_steps,
-                            seed=args.seed, checkpoint=args.finetune_checkpoint)
+    quant, ft = _quant_finetune_configs(args)  # the configs validate themselves: before the model loads
     from .device import resolve_device
 
     resolve_device(args.device)  # before loading a large model: no CUDA is a one-line error
@@ -294,12 +313,7 @@ def _compile(args: argparse.Namespace) -> int:
                         conv_weights=args.conv_weights, finetune=ft, device=args.device)
     cm = compile(loaded, cfg, log_dir=args.log_dir, dump_graphs=args.dump_graph)
     if args.plots:
-        from .plots import write_plots
-
-        t0, c0 = time.perf_counter(), time.process_time()
-        written = write_plots(cm, Path(args.log_dir))
-        cm.log_stage("plots", time.perf_counter() - t0, {"files": len(written), "folder": str(Path(args.log_dir) /
-                     "plots")}, time.process_time() - c0)
+        _plots(cm, Path(args.log_dir))
     if args.check:
         tol = args.tolerance if args.tolerance is not None else 1e-3
         c0 = time.process_time()

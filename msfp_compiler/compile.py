@@ -151,6 +151,41 @@ def _finetune(gm: fx.GraphModule, unet: torch.nn.Module, sig: UNetSignature, loa
         report += res.log_report()
 
 
+def _calibrate(unet: torch.nn.Module, gm: fx.GraphModule, sig: UNetSignature, loaded: LoadedModel,
+               config: CompileConfig, progress: bool | None, pm: PassManager) -> CalibrationSet:
+    """The calibration stage, through the captured graph so the same forwards give annotate_sign its statistics."""
+    c = config.calib
+    reset_peak_rss()
+    t0, c0 = time.perf_counter(), time.process_time()
+    sched = make_scheduler(c.scheduler, loaded.scheduler_config)
+    calibration = collect(unet, sig, c.num_samples, c.num_steps, c.seed, sched, c.num_groups, c.holdout_samples,
+                          loaded.class_embedding, progress, graph=gm, sample_per_group=config.quant.sample_per_group,
+                          stats_seed=c.seed, attention=config.quant.quantize_attention)
+    pm.record("calibrate", time.perf_counter() - t0,
+              {"samples": c.num_samples, "steps": c.num_steps, "groups": len(calibration.groups),
+               "holdout_samples": c.holdout_samples, "statistics": "from the same forwards (captured graph)",
+               **({"size_rule": c.note} if c.note else {})},
+              time.process_time() - c0)
+    return calibration
+
+
+def _lower(gm: fx.GraphModule, calibration: CalibrationSet, sig: UNetSignature, config: CompileConfig,
+           unet_config: dict, pm: PassManager) -> tuple[onnx.ModelProto, dict[str, int]]:
+    """The ONNX lowering stage (on the CPU)."""
+    from msfp_compiler.export.onnx import lower_to_onnx
+
+    log.info("lowering to ONNX (torch.onnx.export) ...")
+    with pm.stage("lower_onnx") as (info, _):
+        # not the hold-out: --check must not change the model (fp32 has no calibration batches, only the example)
+        example = (calibration.batches or calibration.holdout)[0].args
+        onnx_model, counts = lower_to_onnx(gm, example, sig.input_names, integer=config.integer_kernels,
+                                           conv_weights=config.conv_weights, unet_config=unet_config)
+        info.update(msfp_nodes=counts, onnx_nodes=len(onnx_model.graph.node))
+    if not counts and config.quant.scheme != FP32_SCHEME:
+        raise MsfpError("lowering produced no msfp nodes (nothing was quantized)")
+    return onnx_model, counts
+
+
 def check_layer_names(unet: torch.nn.Module, keep_8bit: tuple[str, ...]) -> None:
     """keep_8bit names must be 'first', 'last' or module paths of layers (or of blocks holding layers)."""
     from .names import model_layer_names, unknown_names_error
@@ -184,8 +219,6 @@ def compile(model: torch.nn.Module | LoadedModel, config: CompileConfig | None =
     Calibration, statistics, the format search and fine-tuning run on ``config.device``; capture and lowering on the
     CPU, and the returned model lives on the CPU. ``lower=False`` stops after the passes: the CompiledModel then
     holds the quantized torch graph only (``onnx_model`` is None), e.g. to sample it on the GPU."""
-    from msfp_compiler.export.onnx import lower_to_onnx
-
     config = config or CompileConfig()
     device = resolve_device(config.device)
     loaded = model if isinstance(model, LoadedModel) else LoadedModel(model, Path("<module>"))
@@ -211,19 +244,7 @@ def compile(model: torch.nn.Module | LoadedModel, config: CompileConfig | None =
         # formats, and scales agree up to float summation order.
         with exact_fp32():
             if calibration is None:
-                c = config.calib
-                reset_peak_rss()
-                t0, c0 = time.perf_counter(), time.process_time()
-                sched = make_scheduler(c.scheduler, loaded.scheduler_config)
-                # Through the captured graph, so the same forwards give annotate_sign its statistics.
-                calibration = collect(unet, sig, c.num_samples, c.num_steps, c.seed, sched, c.num_groups,
-                                      c.holdout_samples, loaded.class_embedding, progress, graph=gm,
-                                      sample_per_group=config.quant.sample_per_group, stats_seed=c.seed,
-                                      attention=config.quant.quantize_attention)
-                pm.record("calibrate", time.perf_counter() - t0,
-                          {"samples": c.num_samples, "steps": c.num_steps, "groups": len(calibration.groups),
-                           "holdout_samples": c.holdout_samples, **({"size_rule": c.note} if c.note else {})},
-                          time.process_time() - c0)
+                calibration = _calibrate(unet, gm, sig, loaded, config, progress, pm)
             else:
                 calibration = move_tensors(calibration, device)
             if not fp32:
@@ -236,16 +257,6 @@ def compile(model: torch.nn.Module | LoadedModel, config: CompileConfig | None =
     # Lowering, and the CompiledModel, on the CPU.
     gm = move_graph(gm, "cpu")
     calibration = move_tensors(calibration, torch.device("cpu"))
-    onnx_model, counts = None, {}
-    if lower:
-        log.info("lowering to ONNX (torch.onnx.export) ...")
-        with pm.stage("lower_onnx") as (info, _):
-            # not the hold-out: --check must not change the model (fp32 has no calibration batches, only the example)
-            example = (calibration.batches or calibration.holdout)[0].args
-            onnx_model, counts = lower_to_onnx(gm, example, sig.input_names, integer=config.integer_kernels,
-                                               conv_weights=config.conv_weights, unet_config=dict(unet.config))
-            info.update(msfp_nodes=counts, onnx_nodes=len(onnx_model.graph.node))
-        if not counts and not fp32:
-            raise MsfpError("lowering produced no msfp nodes (nothing was quantized)")
+    onnx_model, counts = _lower(gm, calibration, sig, config, dict(unet.config), pm) if lower else (None, {})
     return CompiledModel(gm, onnx_model, sig, calibration, config, pm.runs, _summaries(gm), counts,
                          loaded.scheduler_config, loaded.class_embedding, pm)

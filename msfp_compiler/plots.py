@@ -32,7 +32,6 @@ def write_plots(cm, log_dir: Path, max_layers: int | None = None, progress: bool
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.patches import Patch
 
     out_dir = Path(log_dir) / "plots"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -43,38 +42,53 @@ def write_plots(cm, log_dir: Path, max_layers: int | None = None, progress: bool
     bar = Progress(len(todo) + 1, "plots", progress, unit="files")
     for node, rec in todo:
         bar.update()
-        x = rec.calibration_sample()
-        if x.numel() == 0:
-            continue
-        c = rec.choice
-        fmt = get_format(c.fmt)
         name = names.get(node.name, node.name)
-        levels = (c.zero_point + fmt.grid * c.scale).reshape(-1)
-        fig, ax = plt.subplots(figsize=(6, 3))
-        ax.hist(x.numpy(), bins=128, color="#4477aa", alpha=0.8, log=True)
-        if levels.numel() <= _MAX_GRID_LINES:
-            for v in levels.tolist():
-                ax.axvline(v, color="#cc3311", lw=0.6, alpha=0.7)
-            grid_txt = f"red: the {levels.numel()} grid levels"
-        else:
-            ax.axvspan(float(levels.min()), float(levels.max()), color="#cc3311", alpha=0.12)
-            grid_txt = f"red band: range of the {levels.numel()}-level grid"
-        for v in (rec.min, rec.max):
-            ax.axvline(v, color="k", lw=0.8, ls="--")
-        ax.set_title(f"{name}: {c.fmt} ({rec.bits}-bit, scale {float(c.scale):.3g}, zp {float(c.zero_point):+.3f}), "
-                     f"neg {rec.neg_fraction:.0%}", fontsize=8)
-        ax.set_xlabel(f"activation value ({x.numel()} sampled of {sum(g.count for g in rec.groups)})\n{grid_txt}; "
-                      "dashed: min / max of all values", fontsize=7)
-        ax.set_ylabel("count (log)", fontsize=8)
-        fig.tight_layout()
         p = out_dir / plot_file_name(name)
-        fig.savefig(p, dpi=80)
-        plt.close(fig)
-        written.append(p)
+        if _histogram(plt, rec, name, p):
+            written.append(p)
+    written.append(_sign_summary(plt, [r for _, r in acts], out_dir / "sign_summary.png"))
+    bar.update()
+    bar.close()
+    return written
+
+
+def _histogram(plt, rec, name: str, path: Path) -> bool:
+    """One activation's calibration values, its grid and the min / max over all values; False if it has no values."""
+    x = rec.calibration_sample()
+    if x.numel() == 0:
+        return False
+    c = rec.choice
+    fmt = get_format(c.fmt)
+    levels = (c.zero_point + fmt.grid * c.scale).reshape(-1)
+    fig, ax = plt.subplots(figsize=(6, 3))
+    ax.hist(x.numpy(), bins=128, color="#4477aa", alpha=0.8, log=True)
+    if levels.numel() <= _MAX_GRID_LINES:
+        for v in levels.tolist():
+            ax.axvline(v, color="#cc3311", lw=0.6, alpha=0.7)
+        grid_txt = f"red: the {levels.numel()} grid levels"
+    else:
+        ax.axvspan(float(levels.min()), float(levels.max()), color="#cc3311", alpha=0.12)
+        grid_txt = f"red band: range of the {levels.numel()}-level grid"
+    for v in (rec.min, rec.max):
+        ax.axvline(v, color="k", lw=0.8, ls="--")
+    ax.set_title(f"{name}: {c.fmt} ({rec.bits}-bit, scale {float(c.scale):.3g}, zp {float(c.zero_point):+.3f}), "
+                 f"neg {rec.neg_fraction:.0%}", fontsize=8)
+    ax.set_xlabel(f"activation value ({x.numel()} sampled of {sum(g.count for g in rec.groups)})\n{grid_txt}; "
+                  "dashed: min / max of all values", fontsize=7)
+    ax.set_ylabel("count (log)", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return True
+
+
+def _sign_summary(plt, acts: list, path: Path) -> Path:
+    """Negative fraction per activation in graph order, coloured by the chosen sign (or 8 bits)."""
+    from matplotlib.patches import Patch
+
     fig, ax = plt.subplots(figsize=(max(6, len(acts) * 0.12), 3.2))
-    colors = ["#999999" if r.bits > 4 else ("#cc3311" if not r.choice.signed else "#4477aa") for _, r in acts]
-    neg = [r.neg_fraction for _, r in acts]
-    ax.bar(range(len(acts)), neg, color=colors, width=0.8)
+    colors = ["#999999" if r.bits > 4 else ("#cc3311" if not r.choice.signed else "#4477aa") for r in acts]
+    ax.bar(range(len(acts)), [r.neg_fraction for r in acts], color=colors, width=0.8)
     ax.set_ylim(0, 1)
     ax.set_ylabel("fraction of negative values")
     ax.set_xlabel(f"quantized activation, index in graph order (0..{len(acts) - 1}; names in passes.log)")
@@ -83,10 +97,6 @@ def write_plots(cm, log_dir: Path, max_layers: int | None = None, progress: bool
                        Patch(color="#4477aa", label="signed"), Patch(color="#999999", label="8-bit")],
               fontsize=7, loc="upper right")
     fig.tight_layout()
-    p = out_dir / "sign_summary.png"
-    fig.savefig(p, dpi=100)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
-    written.append(p)
-    bar.update()
-    bar.close()
-    return written
+    return path
