@@ -116,6 +116,12 @@ class _StatsInterpreter(fx.Interpreter):
             groups.append(GroupStats(t_lo, t_hi))
         self.per_batch = max(1, self.stats.sample_per_group // max(num_batches, 1))
 
+    def run(self, *args):
+        try:
+            return super().run(*args)
+        except MsfpError as e:  # the Interpreter appends the node and its stack trace: a user error stays one line
+            raise MsfpError(str(e).splitlines()[0]) from e
+
     def run_node(self, n: fx.Node):
         out = super().run_node(n)
         groups = self.watched.get(n)
@@ -243,8 +249,8 @@ def collect(unet: torch.nn.Module, sig: UNetSignature, num_samples: int = 8, num
 
         sample(eps_fn, x0, scheduler, num_steps, on_step=bar.update)
 
-    with Progress(num_steps * (2 if holdout_samples else 1), f"calibration ({total} samples x {num_steps} steps)",
-                  progress, unit="steps") as bar:
+    what = f"calibration ({total} samples x {num_steps} steps{' + activation statistics' if graph is not None else ''})"
+    with Progress(num_steps * (2 if holdout_samples else 1), what, progress, unit="steps") as bar:
         run(x, cond, steps, bar, stats)
         if holdout_samples:
             run(xh, ch, holdout, bar, None)

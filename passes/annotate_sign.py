@@ -52,8 +52,7 @@ class AnnotateSign(Pass):
     def call(self, gm: fx.GraphModule) -> PassResult:
         ops = quant_operands(gm, self.quantize_attention)
         stats, reused = self._stats(gm, [q.producer for q in ops if q.role == "act"])
-        names = tensor_names(gm)
-        report = []
+        acts = []
         n_act = n_w = n_silu = 0
         for q in ops:
             rec = TensorRecord(q.role, [c.name for c in q.consumers], q.layer_kind, after_silu=q.after_silu)
@@ -64,9 +63,11 @@ class AnnotateSign(Pass):
                 rec.groups = copy.deepcopy(stats.groups[q.producer.name])  # records are the graph's to rewrite
                 n_act += 1
                 n_silu += q.after_silu
-                report.append(f"{names.get(q.producer.name, q.producer.name):<56} min {rec.min:+9.4f} max "
-                              f"{rec.max:+9.4f} neg {rec.neg_fraction:6.1%}{'  after SiLU' if rec.after_silu else ''}")
+                acts.append((q.producer.name, rec))
             q.producer.meta[META_KEY] = rec
+        names = tensor_names(gm)  # by module path of the layers reading them: needs the records
+        report = [f"{names.get(n, n):<56} min {rec.min:+9.4f} max {rec.max:+9.4f} neg {rec.neg_fraction:6.1%}"
+                  f"{'  after SiLU' if rec.after_silu else ''}" for n, rec in acts]
         info = {"activations": n_act, "weights": n_w, "after_silu": n_silu, "timestep_groups": len(self.calib.groups),
                 "calib_batches": len(self.calib.batches),
                 "statistics": "from the calibration forwards" if reused else "one forward per calibration batch"}

@@ -142,6 +142,8 @@ def test_info_and_report(stages_unet2d) -> None:
     assert res.info["after_silu"] == sum(r.after_silu for _, r in acts)
     assert res.info["timestep_groups"] == 3
     assert len(res.report) == len(acts) and any("after SiLU" in line for line in res.report)
+    assert res.report[0].startswith("conv_in.input ")  # module paths, not fx node names
+    assert not any(line.split()[0] in {n.name for n, _ in acts} for line in res.report)
 
 
 @pytest.mark.parametrize("num_groups", [2])
