@@ -87,3 +87,19 @@ def test_statistics_from_the_calibration_forwards_equal_a_separate_pass() -> Non
     # annotate_sign takes them as they are (no forward), or computes them when the subsample size differs
     assert AnnotateSign(fused, 100, 9)(capture(unet, sig)[0]).info["statistics"] == "from the calibration forwards"
     assert AnnotateSign(fused, 64, 9)(capture(unet, sig)[0]).info["statistics"] == "one forward per calibration batch"
+
+
+@pytest.mark.parametrize("attention", [True, False])
+def test_compile_takes_the_statistics_from_the_calibration_forwards(attention: bool) -> None:
+    """compile() calibrates through the captured graph, watching exactly the operands annotate_sign records (also with
+    QuantConfig.quantize_attention=False), so annotate_sign runs no forward of its own."""
+    from msfp_compiler.compile import compile as msfp_compile
+    from msfp_compiler.config import CalibConfig, CompileConfig, QuantConfig
+    from tests.conftest import make_unet2d
+
+    cfg = CompileConfig(quant=QuantConfig(quantize_attention=attention, clip_ratios=8, zero_points=4),
+                        calib=CalibConfig(num_samples=1, num_steps=2, num_groups=2, holdout_samples=0))
+    cm = msfp_compile(make_unet2d(), cfg, progress=False, lower=False)
+    info = {r.name: r.info for r in cm.pass_runs}["annotate_sign"]
+    assert info["statistics"] == "from the calibration forwards"
+    assert len(cm.calibration.stats.groups) == info["activations"]
