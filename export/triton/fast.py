@@ -41,7 +41,7 @@ from msfp_compiler.formats import FPFormat, IntFormat
 from msfp_compiler.ops import get_format
 from msfp_compiler.talora import chosen_set
 
-from .fast_ops import e4m3_lut, pack_halves  # also defines torch.ops.msfp_fast.*
+from .fast_ops import conv_out_size, e4m3_lut, pack_halves  # also defines torch.ops.msfp_fast.*
 
 __all__ = ["grid_round", "fake_quant", "grid_e4m3", "FastGemm", "FastUNet", "build_fast", "FastReport",
            "weight_bytes"]
@@ -255,8 +255,7 @@ class FastGemm(torch.nn.Module):
         sh, sw = self.conv["stride"]
         left, right, top, bottom = self.conv["pads"]
         b, c, h, w = g.shape
-        ho = (h + top + bottom - kh) // sh + 1
-        wo = (w + left + right - kw) // sw + 1
+        ho, wo = conv_out_size(h, w, [kh, kw], [sh, sw], [left, right, top, bottom])
         nhwc = g.permute(0, 2, 3, 1).to(_FP8).contiguous()  # Inductor fuses this store into the producer
         if kh == kw == sh == sw == 1 and not any(self.conv["pads"]):
             return nhwc.reshape(-1, c), (b, ho, wo)

@@ -23,6 +23,7 @@ from msfp_compiler.sampling import BETA_END, BETA_START, TorchDDIM, sample
 from msfp_compiler.talora import SELECT_WEIGHT, chosen_set
 
 from . import kernels as K
+from .fast_ops import conv_out_size
 
 __all__ = ["register_cuda_kernels", "TritonRunner", "W4A4Linear", "W4A4Conv2d", "GatedW4A4Linear", "load_pt2",
            "sample_ddim", "quantize_grid_fp8"]
@@ -155,8 +156,7 @@ class W4A4Conv2d(torch.nn.Module):
         kh, kw = self.kernel
         sh, sw = self.stride
         left, right, top, bottom = self.pads
-        ho = (h + top + bottom - kh) // sh + 1
-        wo = (w + left + right - kw) // sw + 1
+        ho, wo = conv_out_size(h, w, [kh, kw], [sh, sw], [left, right, top, bottom])
         n, L = self.wp.n, ho * wo
         out = torch.empty(b, n, ho, wo, dtype=out_dtype, device=a_q.device)
         layout = (L, n * L, 1, L)
