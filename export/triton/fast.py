@@ -14,10 +14,11 @@ fused by the compiler:
   GEMM; its output is NHWC, so activations stay channels-last end to end (no layout transforms);
 * the zero point of an activation quantizer goes into the bias (linears, unpadded convs) or into a per-position
   map ``conv(P, W_deq)`` precomputed for the graph's spatial size (padded convs), as the Triton runner does;
-* weights stay resident as packed 4-bit codes (``weights="packed"``, 0.25 bytes per parameter plus scales) and are
-  decoded to E4M3 by one bandwidth-bound Triton kernel right before each GEMM (``msfp_fast::decode_w4``, a transient
-  buffer), or resident as E4M3 (``weights="fp8"``, 0.5 bytes per parameter), or ``"mixed"``: E4M3 for layers of
-  at most ``SMALL_LAYER`` weights (their decode is launch-bound), packed for the rest.
+* weights stay resident as packed 4-bit codes (``weights="packed"``, 0.5 bytes per parameter plus scales) and are
+  decoded to E4M3 by bandwidth-bound Triton kernels, one launch per group of consecutive layers
+  (``msfp_fast::decode_w4_group``, up to ``DECODE_GROUP_BYTES`` of transient E4M3 per group), or resident as E4M3
+  (``weights="fp8"``, 1 byte per parameter), or ``"mixed"``: E4M3 for layers of at most ``SMALL_LAYER`` weights,
+  packed for the rest.
 
 Quantizers the GEMMs cannot take (8-bit formats, attention Q/K/V, per-channel activation scales) stay fake
 quantization, written as pointwise torch ops (``fake_quant``) on bfloat16 tensors. The numerics differ from the
@@ -43,7 +44,7 @@ from msfp_compiler.talora import chosen_set
 
 from .fast_ops import conv_out_size, e4m3_lut, pack_halves  # also defines torch.ops.msfp_fast.*
 
-__all__ = ["grid_round", "fake_quant", "grid_e4m3", "FastGemm", "FastUNet", "build_fast", "FastReport",
+__all__ = ["grid_round", "fake_quant", "grid_e4m3", "FastGemm", "DecodeGroup", "FastUNet", "build_fast", "FastReport",
            "weight_bytes"]
 
 aten = torch.ops.aten
@@ -203,6 +204,7 @@ class FastGemm(torch.nn.Module):
         self.register_buffer("beta", beta.float())  # added to the bf16 GEMM output in fp32, then rounded once
         self.register_buffer("scale_b", (self.a_scale * w_scale.double()).float().reshape(s, 1, n))
         self.register_buffer("one", torch.ones((), dtype=torch.float32))
+        self.group_offset = 0  # where its weights start in its DecodeGroup's output (when grouped)
         if weights == "fp8":
             self.register_buffer("w8", table[codes.long()].to(_FP8).contiguous())
         elif weights == "packed":  # decoded per step by one bandwidth-bound Triton kernel (w4_decode)
@@ -217,8 +219,11 @@ class FastGemm(torch.nn.Module):
             zmap = _zmap(w_deq_conv, *zmap_args).to(torch.float32 if dtype == torch.float32 else _BF16)
         self.register_buffer("zmap", zmap)
 
-    def weight_e4m3(self, set_index: torch.Tensor | None = None) -> torch.Tensor:
-        """[N, K] E4M3 weights of the chosen set (decoded from 4-bit codes in packed mode)."""
+    def weight_e4m3(self, set_index: torch.Tensor | None = None, wflat: torch.Tensor | None = None) -> torch.Tensor:
+        """[N, K] E4M3 weights of the chosen set: resident (fp8), a slice of the decode group's output ``wflat``
+        (packed, grouped), or decoded by one launch of its own (packed)."""
+        if wflat is not None:
+            return wflat[self.group_offset:self.group_offset + self.n * self.k].view(self.n, self.k)
         if self.weights == "fp8":
             w = self.w8
             return w[0] if self.sets == 1 else w.index_select(0, set_index.reshape(1).long())[0]
@@ -227,8 +232,10 @@ class FastGemm(torch.nn.Module):
     def _pick(self, t: torch.Tensor, set_index: torch.Tensor | None) -> torch.Tensor:
         return t[0] if self.sets == 1 else t.index_select(0, set_index.reshape(1).long())[0]
 
-    def forward(self, x: torch.Tensor, set_index: torch.Tensor | None = None) -> torch.Tensor:
-        """x: the quantizer's input (any float dtype / strides). Returns bfloat16."""
+    def forward(self, x: torch.Tensor, set_index: torch.Tensor | None = None,
+                wflat: torch.Tensor | None = None) -> torch.Tensor:
+        """x: the quantizer's input (any float dtype / strides); wflat: the output of this layer's DecodeGroup.
+        Returns bfloat16."""
         g = grid_round(_scaled(x, self.a_s, self.a_z), self.afmt)
         if self.conv is None:
             a = g.reshape(-1, self.k).to(_FP8).contiguous()  # _scaled_mm wants A row-major (a view may not be)
@@ -236,7 +243,7 @@ class FastGemm(torch.nn.Module):
         else:
             a, lead = self._im2col(g)
         m = a.shape[0]
-        w = self.weight_e4m3(set_index)
+        w = self.weight_e4m3(set_index, wflat)
         # tensorwise unit scales: the per-column scale joins beta in the pointwise epilogue Inductor fuses into the
         # consumer (rowwise scales needed a [M, 1] ones tensor written per GEMM, one more kernel each)
         y = torch._scaled_mm(a, w.t(), self.one, self.one, out_dtype=self.dtype, use_fast_accum=True)
@@ -261,6 +268,69 @@ class FastGemm(torch.nn.Module):
             return nhwc.reshape(-1, c), (b, ho, wo)
         cols = torch.ops.msfp_fast.im2col_e4m3(nhwc, [kh, kw], [sh, sw], [left, right, top, bottom])
         return cols, (b, ho, wo)
+
+
+class DecodeGroup(torch.nn.Module):
+    """The packed weights of consecutive layers, decoded to E4M3 by one launch (``msfp_fast::decode_w4_group``).
+
+    Takes the members' ``packed`` / ``lut`` buffers over (the 4-bit codes stay resident once); each member reads its
+    [N, K] slice of the group's output, a transient buffer of the group's decoded size."""
+
+    def __init__(self, layers: list[FastGemm], block: int | None = None):
+        """block: bytes per kernel program (a power of two; each layer starts on a block boundary). Default: the
+        largest of 4096, 2048, ..., 256 whose padding stays under 1/32 of the codes (4096 on SD1.5)."""
+        super().__init__()
+        sizes = [m.packed[0].numel() for m in layers]
+        if block is None:
+            block = next((b for b in (4096, 2048, 1024, 512) if sum(-s % b for s in sizes) * 32 <= sum(sizes)), 256)
+        parts, meta, block_layer, start = [], [], [], 0
+        for i, m in enumerate(layers):
+            p = m.packed[0].reshape(-1)
+            blocks = -(-p.numel() // block)
+            parts += [p, p.new_zeros(blocks * block - p.numel())]
+            meta.append((start, m.k // 2, p.numel()))
+            block_layer += [i] * blocks
+            m.group_offset = 2 * start
+            start += blocks * block
+        self.register_buffer("packed", torch.cat(parts))
+        self.register_buffer("luts", torch.stack([m.lut for m in layers]))
+        self.register_buffer("block_layer", torch.tensor(block_layer, dtype=torch.int32))
+        self.register_buffer("meta", torch.tensor(meta, dtype=torch.int64))
+        for m in layers:
+            m.packed = m.lut = None
+
+    def forward(self) -> torch.Tensor:
+        return torch.ops.msfp_fast.decode_w4_group(self.packed, self.luts, self.block_layer, self.meta)
+
+
+# Decoded E4M3 bytes per decode group (the transient buffer one group's layers read their weights from). One launch
+# per layer was launch-bound (280 launches of 3-20 us per SD1.5 step on the H200, 0.8 ms at any batch size); 64 MiB
+# makes ~14 groups on SD1.5, each launch long enough to run at memory bandwidth. 0: one launch per layer.
+DECODE_GROUP_BYTES = 64 << 20
+
+
+def _group_decodes(gm: fx.GraphModule, group_bytes: int) -> int:
+    """Gather the packed single-set FastGemm layers, in graph order, into DecodeGroups of at most ``group_bytes``
+    decoded bytes (a larger layer makes a group of its own); returns the number of groups."""
+    groups: list[list[fx.Node]] = []
+    size = 0
+    for node in gm.graph.nodes:
+        mod = gm.get_submodule(node.target) if node.op == "call_module" else None
+        if not isinstance(mod, FastGemm) or mod.weights != "packed" or mod.sets != 1:
+            continue
+        if not groups or size + mod.n * mod.k > group_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(node)
+        size += mod.n * mod.k
+    for i, nodes in enumerate(groups):
+        name = f"msfp_fast_decode_group_{i}"
+        gm.add_submodule(name, DecodeGroup([gm.get_submodule(n.target) for n in nodes]))
+        with gm.graph.inserting_before(nodes[0]):
+            wflat = gm.graph.call_module(name, ())
+        for n in nodes:
+            n.kwargs = {**n.kwargs, "wflat": wflat}
+    return len(groups)
 
 
 def _zmap(w_deq: torch.Tensor, c: int, h: int, w: int, kernel: tuple[int, int], stride: tuple[int, int],
@@ -304,10 +374,11 @@ class FastReport:
     fused: dict[str, int] = field(default_factory=lambda: {"linear": 0, "conv2d": 0})
     skipped: dict[str, str] = field(default_factory=dict)
     fake_quant: int = 0
+    decode_groups: int = 0
 
     def __str__(self) -> str:
         lines = [f"FP8 GEMMs: linear={self.fused['linear']} conv2d={self.fused['conv2d']}; "
-                 f"bf16 fake quantizers kept: {self.fake_quant}"]
+                 f"bf16 fake quantizers kept: {self.fake_quant}; packed-weight decode launches: {self.decode_groups}"]
         lines += [f"  kept {k}: {v}" for k, v in self.skipped.items()]
         return "\n".join(lines)
 
@@ -544,17 +615,23 @@ class FastUNet(torch.nn.Module):
 
 
 def build_fast(gm: fx.GraphModule, device: str | torch.device = "cuda", weights: str = "packed",
-               inplace: bool = False, dtype: torch.dtype = _BF16) -> FastUNet:
+               inplace: bool = False, dtype: torch.dtype = _BF16,
+               decode_group_bytes: int | None = None) -> FastUNet:
     """Rewrite a quantized GraphModule (``CompiledModel.graph_module`` or a loaded .pt2's module) for Inductor.
 
     ``dtype``: of the activations between ops (bf16; float32 checks the rewrite against the reference graph with
-    only the GEMM's accumulation order and FP8-exact operands differing)."""
+    only the GEMM's accumulation order and FP8-exact operands differing). ``decode_group_bytes``: decoded bytes per
+    launch of the packed-weight decode (default ``DECODE_GROUP_BYTES``; 0: one launch per layer)."""
     if weights not in ("packed", "fp8", "mixed"):
         raise ValueError(f"unknown weights mode {weights!r} (packed, fp8 or mixed)")
     if not inplace:
         gm = copy.deepcopy(gm)
     report = FastReport()
     _rewrite(gm, weights, report, dtype)
+    group_bytes = DECODE_GROUP_BYTES if decode_group_bytes is None else decode_group_bytes
+    groups = _group_decodes(gm, group_bytes) if group_bytes > 0 else 0
+    report.decode_groups = groups + sum(1 for m in gm.modules() if isinstance(m, FastGemm)
+                                          and getattr(m, "packed", None) is not None)
     _drop_unused_attributes(gm)
     _cast_constants(gm, dtype)
     gm.recompile()

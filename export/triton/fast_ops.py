@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from msfp_compiler.ops import get_format
 
-__all__ = ["decode_w4", "im2col_e4m3", "conv_out_size", "pack_halves", "unpack_halves", "e4m3_lut"]
+__all__ = ["decode_w4", "decode_w4_group", "im2col_e4m3", "conv_out_size", "pack_halves", "unpack_halves", "e4m3_lut"]
 
 _FP8 = torch.float8_e4m3fn
 
@@ -71,6 +71,37 @@ def _decode_w4_cuda(packed: torch.Tensor, lut: torch.Tensor, set_index: torch.Te
 @decode_w4.register_fake
 def _decode_w4_fake(packed: torch.Tensor, lut: torch.Tensor, set_index: torch.Tensor | None = None) -> torch.Tensor:
     return packed.new_empty((packed.shape[1], 2 * packed.shape[2]), dtype=_FP8)
+
+
+@torch.library.custom_op("msfp_fast::decode_w4_group", mutates_args=())
+def decode_w4_group(packed: torch.Tensor, luts: torch.Tensor, block_layer: torch.Tensor,
+                    meta: torch.Tensor) -> torch.Tensor:
+    """Several layers' packed weights decoded by one launch (one launch per layer was launch-bound: 280 per SD1.5
+    step, most of them a few microseconds).
+
+    packed uint8 [P]: the layers' pack_halves bytes one after another, each layer starting at a multiple of the block
+    (P / len(block_layer) bytes); luts uint8 [L, 16]; block_layer int32 [P / block]: the layer of each block;
+    meta int64 [L, 3]: (start byte, K/2, N*K/2) of each layer. Returns E4M3 [2P]: layer l's [N, K] row-major
+    weights at element 2 * start (the padding between layers is left unwritten)."""
+    out = torch.zeros(2 * packed.numel(), dtype=torch.uint8, device=packed.device)
+    for layer, (start, half, total) in enumerate(meta.tolist()):
+        codes = unpack_halves(packed[start:start + total].view(-1, half))
+        out[2 * start:2 * (start + total)] = luts[layer][codes.long()].reshape(-1)
+    return out.view(_FP8)
+
+
+@decode_w4_group.register_kernel("cuda")
+def _decode_w4_group_cuda(packed: torch.Tensor, luts: torch.Tensor, block_layer: torch.Tensor,
+                          meta: torch.Tensor) -> torch.Tensor:
+    from .w4_decode import decode_w4_group_triton
+
+    return decode_w4_group_triton(packed, luts, block_layer, meta)
+
+
+@decode_w4_group.register_fake
+def _decode_w4_group_fake(packed: torch.Tensor, luts: torch.Tensor, block_layer: torch.Tensor,
+                          meta: torch.Tensor) -> torch.Tensor:
+    return packed.new_empty((2 * packed.numel(),), dtype=_FP8)
 
 
 @torch.library.custom_op("msfp_fast::im2col_e4m3", mutates_args=())

@@ -17,7 +17,7 @@ pytest.importorskip("triton", reason="triton is not installed")
 
 from msfp_compiler.export.triton import fast_ops as O  # noqa: E402
 from msfp_compiler.export.triton.im2col import im2col_triton  # noqa: E402
-from msfp_compiler.export.triton.w4_decode import decode_w4_triton  # noqa: E402
+from msfp_compiler.export.triton.w4_decode import decode_w4_group_triton, decode_w4_triton  # noqa: E402
 from msfp_compiler.ops import get_format  # noqa: E402
 
 if not CUDA and os.environ.get("TRITON_INTERPRET") != "1":
@@ -55,6 +55,36 @@ def test_decode_w4_bit_exact(fmt: str, sets: int, n: int, k: int, block: int) ->
         assert torch.equal(got.float().cpu(), ref_values[s])
         assert torch.equal(_u8(got), _u8(torch.ops.msfp_fast.decode_w4(packed.cpu(), lut.cpu(), None if sel is None
                                                                          else sel.cpu())))
+
+
+def test_decode_w4_group_bit_exact() -> None:
+    """Layers of different formats, shapes and block counts (one smaller than a block, one spanning several)
+    decoded by one launch: each layer's slice equals its own decode_w4, on the kernel and on the reference."""
+    from msfp_compiler.export.triton.fast import DecodeGroup
+
+    gen = torch.Generator().manual_seed(5)
+
+    class Layer:  # what DecodeGroup reads of a FastGemm
+        def __init__(self, fmt: str, n: int, k: int):
+            self.n, self.k = n, k
+            self.codes = torch.randint(0, get_format(fmt).code_table.numel(), (1, n, k), generator=gen,
+                                       dtype=torch.uint8)
+            self.packed, self.lut = O.pack_halves(self.codes), O.e4m3_lut(fmt)
+            self.values = get_format(fmt).code_table.float()[self.codes[0].long()]
+
+    layers = [Layer("e2m1", 5, 34), Layer("int4", 16, 64), Layer("ue4m0", 3, 2), Layer("e1m2", 9, 48)]
+    group = DecodeGroup(layers, block=32)  # type: ignore[arg-type]
+    assert all(m.packed is None for m in layers) and group.packed.numel() % 32 == 0
+    ref = torch.ops.msfp_fast.decode_w4_group(group.packed, group.luts, group.block_layer, group.meta)
+    got = decode_w4_group_triton(group.packed.to(DEV), group.luts.to(DEV), group.block_layer.to(DEV),
+                                 group.meta.to(DEV))
+    assert got.dtype == torch.float8_e4m3fn and got.numel() == ref.numel() == 2 * group.packed.numel()
+    for m in layers:
+        n_k = m.n * m.k
+        assert m.group_offset % 16 == 0  # 16-byte aligned slices: cuBLAS FP8 operands
+        for out in (ref, got):
+            w = out[m.group_offset:m.group_offset + n_k].view(m.n, m.k)
+            assert torch.equal(w.float().cpu(), m.values)
 
 
 @pytest.mark.parametrize("kernel,stride,pads,c", [((3, 3), (1, 1), (1, 1, 1, 1), 20), ((3, 3), (2, 2), (1, 1, 1, 1), 16),
