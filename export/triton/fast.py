@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import copy
 import math
+import operator
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -205,6 +206,8 @@ class FastGemm(torch.nn.Module):
         self.register_buffer("scale_b", (self.a_scale * w_scale.double()).float().reshape(s, 1, n))
         self.register_buffer("one", torch.ones((), dtype=torch.float32))
         self.group_offset = 0  # where its weights start in its DecodeGroup's output (when grouped)
+        self.parts: list[int] | None = None  # merged layers (merge): the output's split along N
+        self.lut_rows = [n]  # rows decoded by each row of lut ([16] here, [R, 16] in merged layers)
         if weights == "fp8":
             self.register_buffer("w8", table[codes.long()].to(_FP8).contiguous())
         elif weights == "packed":  # decoded per step by one bandwidth-bound Triton kernel (w4_decode)
@@ -227,7 +230,35 @@ class FastGemm(torch.nn.Module):
         if self.weights == "fp8":
             w = self.w8
             return w[0] if self.sets == 1 else w.index_select(0, set_index.reshape(1).long())[0]
-        return torch.ops.msfp_fast.decode_w4(self.packed, self.lut, None if self.sets == 1 else set_index)
+        if self.lut.dim() == 1:
+            return torch.ops.msfp_fast.decode_w4(self.packed, self.lut, None if self.sets == 1 else set_index)
+        rows = self.packed.split(self.lut_rows, dim=1)  # a merged layer of several formats (one set)
+        return torch.cat([torch.ops.msfp_fast.decode_w4(r.contiguous(), lut) for r, lut in zip(rows, self.lut)])
+
+    @classmethod
+    def merge(cls, layers: list["FastGemm"]) -> "FastGemm":
+        """One GEMM for linears that read the same quantized activation (Q/K/V projections of an attention block,
+        every cross-attention K/V projection of the text states): weights, scales and biases concatenated along N;
+        forward returns the members' outputs as a tuple."""
+        f = layers[0]
+        m = cls.__new__(cls)
+        torch.nn.Module.__init__(m)
+        m.sets, m.k, m.n = 1, f.k, sum(x.n for x in layers)
+        m.afmt, m.a_scale, m.a_zero, m.conv, m.weights, m.dtype = f.afmt, f.a_scale, f.a_zero, None, f.weights, f.dtype
+        m.group_offset, m.parts = 0, [x.n for x in layers]
+        for name in ("a_s", "a_z", "one"):
+            m.register_buffer(name, getattr(f, name))
+        m.register_buffer("beta", torch.cat([x.beta for x in layers], 1))
+        m.register_buffer("scale_b", torch.cat([x.scale_b for x in layers], 2))
+        m.register_buffer("zmap", None)
+        if f.weights == "fp8":
+            m.register_buffer("w8", torch.cat([x.w8 for x in layers], 1))
+            m.lut_rows = [m.n]
+        else:
+            m.register_buffer("packed", torch.cat([x.packed for x in layers], 1))
+            m.register_buffer("lut", torch.cat([x.lut.reshape(-1, 16) for x in layers]))
+            m.lut_rows = [r for x in layers for r in x.lut_rows]
+        return m
 
     def _pick(self, t: torch.Tensor, set_index: torch.Tensor | None) -> torch.Tensor:
         return t[0] if self.sets == 1 else t.index_select(0, set_index.reshape(1).long())[0]
@@ -252,7 +283,8 @@ class FastGemm(torch.nn.Module):
             y = (y.view(-1, self.zmap.shape[1], self.n) + self._pick(self.zmap, set_index)).view(m, self.n)
         y = (y + self._pick(self.beta, set_index)).to(self.dtype)
         if self.conv is None:
-            return y.view(*lead, self.n)
+            y = y.view(*lead, self.n)
+            return y if self.parts is None else tuple(p.contiguous() for p in y.split(self.parts, dim=-1))
         b, ho, wo = lead
         return y.view(b, ho, wo, self.n).permute(0, 3, 1, 2)
 
@@ -283,24 +315,29 @@ class DecodeGroup(torch.nn.Module):
         sizes = [m.packed[0].numel() for m in layers]
         if block is None:
             block = next((b for b in (4096, 2048, 1024, 512) if sum(-s % b for s in sizes) * 32 <= sum(sizes)), 256)
-        parts, meta, block_layer, start = [], [], [], 0
+        parts, meta, block_layer, row_lut, start = [], [], [], [], 0
+        luts: dict[tuple[int, ...], int] = {}
         for i, m in enumerate(layers):
             p = m.packed[0].reshape(-1)
             blocks = -(-p.numel() // block)
             parts += [p, p.new_zeros(blocks * block - p.numel())]
-            meta.append((start, m.k // 2, p.numel()))
+            meta.append((start, m.k // 2, p.numel(), len(row_lut)))
             block_layer += [i] * blocks
+            for lut, rows in zip(m.lut.reshape(-1, 16), m.lut_rows):
+                key = tuple(lut.tolist())  # one table per format: row_lut fits a byte
+                row_lut += [luts.setdefault(key, len(luts))] * rows
             m.group_offset = 2 * start
             start += blocks * block
         self.register_buffer("packed", torch.cat(parts))
-        self.register_buffer("luts", torch.stack([m.lut for m in layers]))
+        self.register_buffer("luts", torch.tensor(list(luts), dtype=torch.uint8))
+        self.register_buffer("row_lut", torch.tensor(row_lut, dtype=torch.uint8))
         self.register_buffer("block_layer", torch.tensor(block_layer, dtype=torch.int32))
         self.register_buffer("meta", torch.tensor(meta, dtype=torch.int64))
         for m in layers:
             m.packed = m.lut = None
 
     def forward(self) -> torch.Tensor:
-        return torch.ops.msfp_fast.decode_w4_group(self.packed, self.luts, self.block_layer, self.meta)
+        return torch.ops.msfp_fast.decode_w4_group(self.packed, self.luts, self.row_lut, self.block_layer, self.meta)
 
 
 # Decoded E4M3 bytes per decode group (the transient buffer one group's layers read their weights from). One launch
@@ -331,6 +368,32 @@ def _group_decodes(gm: fx.GraphModule, group_bytes: int) -> int:
         for n in nodes:
             n.kwargs = {**n.kwargs, "wflat": wflat}
     return len(groups)
+
+
+def _merge_shared_inputs(gm: fx.GraphModule) -> int:
+    """Merge the single-set linears that read the same activation through the same quantizer into one FastGemm
+    each (FastGemm.merge); returns how many GEMMs that removes."""
+    groups: dict[tuple, list[fx.Node]] = {}
+    for node in gm.graph.nodes:
+        mod = gm.get_submodule(node.target) if node.op == "call_module" else None
+        if not isinstance(mod, FastGemm) or mod.conv is not None or mod.sets != 1 or node.kwargs:
+            continue
+        key = (node.args[0], mod.afmt, mod.a_scale, mod.a_zero, mod.weights, mod.dtype, mod.k)
+        groups.setdefault(key, []).append(node)
+    removed = 0
+    for i, nodes in enumerate(g for g in groups.values() if len(g) > 1):
+        name = f"msfp_fast_merged_{i}"
+        gm.add_submodule(name, FastGemm.merge([gm.get_submodule(n.target) for n in nodes]))
+        with gm.graph.inserting_before(nodes[0]):  # the first reader in graph order: before every member's users
+            merged = gm.graph.call_module(name, (nodes[0].args[0],))
+        for j, n in enumerate(nodes):
+            with gm.graph.inserting_before(n):
+                item = gm.graph.call_function(operator.getitem, (merged, j))
+            item.meta = dict(n.meta)
+            n.replace_all_uses_with(item)
+            gm.graph.erase_node(n)
+        removed += len(nodes) - 1
+    return removed
 
 
 def _zmap(w_deq: torch.Tensor, c: int, h: int, w: int, kernel: tuple[int, int], stride: tuple[int, int],
@@ -375,10 +438,12 @@ class FastReport:
     skipped: dict[str, str] = field(default_factory=dict)
     fake_quant: int = 0
     decode_groups: int = 0
+    merged_away: int = 0  # GEMMs saved by merging linears of one quantized input
 
     def __str__(self) -> str:
         lines = [f"FP8 GEMMs: linear={self.fused['linear']} conv2d={self.fused['conv2d']}; "
-                 f"bf16 fake quantizers kept: {self.fake_quant}; packed-weight decode launches: {self.decode_groups}"]
+                 f"bf16 fake quantizers kept: {self.fake_quant}; GEMMs saved by merging linears of one input: "
+                 f"{self.merged_away}; packed-weight decode launches: {self.decode_groups}"]
         lines += [f"  kept {k}: {v}" for k, v in self.skipped.items()]
         return "\n".join(lines)
 
@@ -616,23 +681,26 @@ class FastUNet(torch.nn.Module):
 
 def build_fast(gm: fx.GraphModule, device: str | torch.device = "cuda", weights: str = "packed",
                inplace: bool = False, dtype: torch.dtype = _BF16,
-               decode_group_bytes: int | None = None) -> FastUNet:
+               decode_group_bytes: int | None = None, merge: bool = True) -> FastUNet:
     """Rewrite a quantized GraphModule (``CompiledModel.graph_module`` or a loaded .pt2's module) for Inductor.
 
     ``dtype``: of the activations between ops (bf16; float32 checks the rewrite against the reference graph with
     only the GEMM's accumulation order and FP8-exact operands differing). ``decode_group_bytes``: decoded bytes per
-    launch of the packed-weight decode (default ``DECODE_GROUP_BYTES``; 0: one launch per layer)."""
+    launch of the packed-weight decode (default ``DECODE_GROUP_BYTES``; 0: one launch per layer). ``merge``: one GEMM
+    for the linears that share a quantized input (Q/K/V; the cross-attention K/V of every block)."""
     if weights not in ("packed", "fp8", "mixed"):
         raise ValueError(f"unknown weights mode {weights!r} (packed, fp8 or mixed)")
     if not inplace:
         gm = copy.deepcopy(gm)
     report = FastReport()
     _rewrite(gm, weights, report, dtype)
+    if merge:
+        report.merged_away = _merge_shared_inputs(gm)
     group_bytes = DECODE_GROUP_BYTES if decode_group_bytes is None else decode_group_bytes
     groups = _group_decodes(gm, group_bytes) if group_bytes > 0 else 0
-    report.decode_groups = groups + sum(1 for m in gm.modules() if isinstance(m, FastGemm)
-                                          and getattr(m, "packed", None) is not None)
     _drop_unused_attributes(gm)
+    report.decode_groups = groups + sum(len(m.lut_rows) if m.lut.dim() == 2 else 1 for m in gm.modules()
+                                        if isinstance(m, FastGemm) and getattr(m, "packed", None) is not None)
     _cast_constants(gm, dtype)
     gm.recompile()
     fast = FastUNet(_to_device(gm, torch.device(device)), report, weights, dtype)

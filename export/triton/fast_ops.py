@@ -74,32 +74,34 @@ def _decode_w4_fake(packed: torch.Tensor, lut: torch.Tensor, set_index: torch.Te
 
 
 @torch.library.custom_op("msfp_fast::decode_w4_group", mutates_args=())
-def decode_w4_group(packed: torch.Tensor, luts: torch.Tensor, block_layer: torch.Tensor,
+def decode_w4_group(packed: torch.Tensor, luts: torch.Tensor, row_lut: torch.Tensor, block_layer: torch.Tensor,
                     meta: torch.Tensor) -> torch.Tensor:
     """Several layers' packed weights decoded by one launch (one launch per layer was launch-bound: 280 per SD1.5
     step, most of them a few microseconds).
 
     packed uint8 [P]: the layers' pack_halves bytes one after another, each layer starting at a multiple of the block
-    (P / len(block_layer) bytes); luts uint8 [L, 16]; block_layer int32 [P / block]: the layer of each block;
-    meta int64 [L, 3]: (start byte, K/2, N*K/2) of each layer. Returns E4M3 [2P]: layer l's [N, K] row-major
-    weights at element 2 * start (the padding between layers is left unwritten)."""
+    (P / len(block_layer) bytes); luts uint8 [U, 16]; row_lut uint8 [rows]: the table of each weight row (the rows of
+    a merged layer may come from layers of different formats); block_layer int32 [P / block]: the layer of each
+    block; meta int64 [L, 4]: (start byte, K/2, N*K/2, first row in row_lut) of each layer. Returns E4M3 [2P]:
+    layer l's [N, K] row-major weights at element 2 * start (the padding between layers is left unwritten)."""
     out = torch.zeros(2 * packed.numel(), dtype=torch.uint8, device=packed.device)
-    for layer, (start, half, total) in enumerate(meta.tolist()):
+    for start, half, total, row0 in meta.tolist():
         codes = unpack_halves(packed[start:start + total].view(-1, half))
-        out[2 * start:2 * (start + total)] = luts[layer][codes.long()].reshape(-1)
+        tables = luts[row_lut[row0:row0 + codes.shape[0]].long()]  # [N, 16]
+        out[2 * start:2 * (start + total)] = torch.gather(tables, 1, codes.long()).reshape(-1)
     return out.view(_FP8)
 
 
 @decode_w4_group.register_kernel("cuda")
-def _decode_w4_group_cuda(packed: torch.Tensor, luts: torch.Tensor, block_layer: torch.Tensor,
+def _decode_w4_group_cuda(packed: torch.Tensor, luts: torch.Tensor, row_lut: torch.Tensor, block_layer: torch.Tensor,
                           meta: torch.Tensor) -> torch.Tensor:
     from .w4_decode import decode_w4_group_triton
 
-    return decode_w4_group_triton(packed, luts, block_layer, meta)
+    return decode_w4_group_triton(packed, luts, row_lut, block_layer, meta)
 
 
 @decode_w4_group.register_fake
-def _decode_w4_group_fake(packed: torch.Tensor, luts: torch.Tensor, block_layer: torch.Tensor,
+def _decode_w4_group_fake(packed: torch.Tensor, luts: torch.Tensor, row_lut: torch.Tensor, block_layer: torch.Tensor,
                           meta: torch.Tensor) -> torch.Tensor:
     return packed.new_empty((2 * packed.numel(),), dtype=_FP8)
 

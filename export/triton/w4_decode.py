@@ -51,30 +51,33 @@ def decode_w4_triton(packed: torch.Tensor, lut: torch.Tensor, set_index: torch.T
 
 
 @triton.jit
-def _decode_group_kernel(p_ptr, lut_ptr, layer_ptr, meta_ptr, out_ptr, BLOCK: tl.constexpr):
+def _decode_group_kernel(p_ptr, lut_ptr, row_lut_ptr, layer_ptr, meta_ptr, out_ptr, BLOCK: tl.constexpr):
     # one program = one BLOCK of one layer's packed bytes (layers start on BLOCK boundaries, so no block straddles two)
     pid = tl.program_id(0)
     layer = tl.load(layer_ptr + pid)
-    seg = tl.load(meta_ptr + 3 * layer)
-    half = tl.load(meta_ptr + 3 * layer + 1)
-    total = tl.load(meta_ptr + 3 * layer + 2)
+    seg = tl.load(meta_ptr + 4 * layer)
+    half = tl.load(meta_ptr + 4 * layer + 1)
+    total = tl.load(meta_ptr + 4 * layer + 2)
+    row0 = tl.load(meta_ptr + 4 * layer + 3)
     i = (pid * BLOCK - seg) + tl.arange(0, BLOCK)
     mask = i < total
     p = tl.load(p_ptr + seg + i, mask=mask, other=0).to(tl.int32)
-    lo = tl.load(lut_ptr + layer * 16 + (p & 15))
-    hi = tl.load(lut_ptr + layer * 16 + (p >> 4))
-    o = 2 * seg + i + (i // half) * half
+    row = i // half
+    lut = tl.load(row_lut_ptr + row0 + row, mask=mask, other=0).to(tl.int32) * 16  # rows of a merged layer differ in format
+    lo = tl.load(lut_ptr + lut + (p & 15))
+    hi = tl.load(lut_ptr + lut + (p >> 4))
+    o = 2 * seg + i + row * half
     tl.store(out_ptr + o, lo, mask=mask)
     tl.store(out_ptr + o + half, hi, mask=mask)
 
 
-def decode_w4_group_triton(packed: torch.Tensor, luts: torch.Tensor, block_layer: torch.Tensor,
+def decode_w4_group_triton(packed: torch.Tensor, luts: torch.Tensor, row_lut: torch.Tensor, block_layer: torch.Tensor,
                            meta: torch.Tensor) -> torch.Tensor:
     """Every layer of a decode group in one launch (``fast_ops.decode_w4_group`` describes the arguments)."""
     out = torch.empty(2 * packed.numel(), dtype=torch.float8_e4m3fn, device=packed.device)
     blocks = block_layer.numel()
     if blocks == 0:
         return out
-    _decode_group_kernel[(blocks,)](packed, luts, block_layer, meta, out.view(torch.uint8),
+    _decode_group_kernel[(blocks,)](packed, luts, row_lut, block_layer, meta, out.view(torch.uint8),
                                     BLOCK=packed.numel() // blocks, num_warps=8)
     return out

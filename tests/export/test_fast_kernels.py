@@ -58,32 +58,34 @@ def test_decode_w4_bit_exact(fmt: str, sets: int, n: int, k: int, block: int) ->
 
 
 def test_decode_w4_group_bit_exact() -> None:
-    """Layers of different formats, shapes and block counts (one smaller than a block, one spanning several)
-    decoded by one launch: each layer's slice equals its own decode_w4, on the kernel and on the reference."""
+    """Layers of different formats, shapes and block counts (one smaller than a block, one spanning several, one
+    merged from two formats) decoded by one launch: each layer's slice holds its code values, on the kernel and on
+    the reference."""
     from msfp_compiler.export.triton.fast import DecodeGroup
 
     gen = torch.Generator().manual_seed(5)
 
     class Layer:  # what DecodeGroup reads of a FastGemm
-        def __init__(self, fmt: str, n: int, k: int):
-            self.n, self.k = n, k
-            self.codes = torch.randint(0, get_format(fmt).code_table.numel(), (1, n, k), generator=gen,
-                                       dtype=torch.uint8)
-            self.packed, self.lut = O.pack_halves(self.codes), O.e4m3_lut(fmt)
-            self.values = get_format(fmt).code_table.float()[self.codes[0].long()]
+        def __init__(self, k: int, *parts: tuple[str, int]):
+            self.k, self.n, self.lut_rows = k, sum(n for _, n in parts), [n for _, n in parts]
+            codes = [torch.randint(0, get_format(f).code_table.numel(), (1, n, k), generator=gen, dtype=torch.uint8)
+                     for f, n in parts]
+            self.packed = O.pack_halves(torch.cat(codes, 1))
+            self.lut = torch.stack([O.e4m3_lut(f) for f, _ in parts]) if len(parts) > 1 else O.e4m3_lut(parts[0][0])
+            self.values = torch.cat([get_format(f).code_table.float()[c[0].long()] for (f, _), c in zip(parts, codes)])
 
-    layers = [Layer("e2m1", 5, 34), Layer("int4", 16, 64), Layer("ue4m0", 3, 2), Layer("e1m2", 9, 48)]
+    layers = [Layer(34, ("e2m1", 5)), Layer(64, ("int4", 16)), Layer(2, ("ue4m0", 3)),
+              Layer(48, ("e1m2", 4), ("e3m0", 7), ("e2m1", 2))]
     group = DecodeGroup(layers, block=32)  # type: ignore[arg-type]
     assert all(m.packed is None for m in layers) and group.packed.numel() % 32 == 0
-    ref = torch.ops.msfp_fast.decode_w4_group(group.packed, group.luts, group.block_layer, group.meta)
-    got = decode_w4_group_triton(group.packed.to(DEV), group.luts.to(DEV), group.block_layer.to(DEV),
-                                 group.meta.to(DEV))
+    args = (group.packed, group.luts, group.row_lut, group.block_layer, group.meta)
+    ref = torch.ops.msfp_fast.decode_w4_group(*args)
+    got = decode_w4_group_triton(*(a.to(DEV) for a in args))
     assert got.dtype == torch.float8_e4m3fn and got.numel() == ref.numel() == 2 * group.packed.numel()
     for m in layers:
-        n_k = m.n * m.k
         assert m.group_offset % 16 == 0  # 16-byte aligned slices: cuBLAS FP8 operands
         for out in (ref, got):
-            w = out[m.group_offset:m.group_offset + n_k].view(m.n, m.k)
+            w = out[m.group_offset:m.group_offset + m.n * m.k].view(m.n, m.k)
             assert torch.equal(w.float().cpu(), m.values)
 
 
