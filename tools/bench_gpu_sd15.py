@@ -192,6 +192,10 @@ def parser() -> argparse.ArgumentParser:
                     "our compiler runs (fills the Inductor caches; the timed compile in this process then hits them)")
     ap.add_argument("--warm-timeout", type=float, default=600.0, help="seconds the timings wait for the warm-up "
                     "process; baseline compiles it has not finished by then are skipped (recorded as such)")
+    ap.add_argument("--skip", default="", help="comma list of phases to leave out: accuracy, bandwidth")
+    ap.add_argument("--gpu-lock", default=None, metavar="FILE", help="hold an exclusive lock on FILE from the first "
+                    "timing to the end (benchmarks of other batch sizes compiling in parallel processes time one "
+                    "at a time)")
     ap.add_argument("--only-warm-baseline", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--save-pt2", default=None, help="also write the compiled program here and sample it through "
                     "msfp-sample --backend triton")
@@ -228,6 +232,9 @@ def main(argv: list[str] | None = None) -> int:
         torch.cuda.empty_cache()
     log(json.dumps([{k: v for k, v in r.items() if not isinstance(v, dict) or k == "weights_gib"}
                     for r in rows], indent=1))
+    if "bandwidth" in args.skip.split(","):
+        rec.put("finished", time.strftime("%Y-%m-%dT%H:%M:%S"))
+        return 0
     try:
         rec.put("fake_quant_bandwidth", fake_quant_bandwidth())
         log(f"fake_quant_bandwidth: {json.dumps(rec.data['fake_quant_bandwidth'])[:1500]}")
@@ -300,6 +307,13 @@ def measure(args: argparse.Namespace, rec: Recorder, cm: Any, bf16_bytes: int, b
     rec.put("rows", list(rows.values()))
     if warm is not None:  # its autotuning must not share the GPU with the timings
         rec.put("warm_baseline", wait_warm(warm[0], args.warm_timeout))
+    if args.gpu_lock:
+        import fcntl
+
+        t0 = time.perf_counter()
+        lock = open(args.gpu_lock, "a")  # noqa: SIM115  (held until the process ends)
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        rec.put("gpu_lock_wait_s", round(time.perf_counter() - t0, 1))
     profiles: dict[str, Any] = {}
     unet = build_sd15().unet.to("cuda", torch.bfloat16).eval()
     for b in batches:  # one batch size at a time, so a run cut short keeps whole rows
@@ -319,7 +333,7 @@ def measure(args: argparse.Namespace, rec: Recorder, cm: Any, bf16_bytes: int, b
     rec.put("peak_gpu_memory_gib", round(torch.cuda.max_memory_allocated() / 2**30, 2))
     del unet
     b_acc = max((b for b in batches if (head, b) in compiled), default=None)
-    if b_acc is not None:
+    if b_acc is not None and "accuracy" not in args.skip.split(","):
         try:
             rec.put("accuracy", accuracy(gm, compiled[(head, b_acc)], example, args.accuracy_steps, b_acc))
             log(f"accuracy: {json.dumps(rec.data['accuracy'])[:1500]}")

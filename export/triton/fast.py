@@ -332,7 +332,9 @@ class DecodeGroup(torch.nn.Module):
         self.register_buffer("luts", torch.tensor(list(luts), dtype=torch.uint8))
         self.register_buffer("row_lut", torch.tensor(row_lut, dtype=torch.uint8))
         self.register_buffer("block_layer", torch.tensor(block_layer, dtype=torch.int32))
-        self.register_buffer("meta", torch.tensor(meta, dtype=torch.int64))
+        if 2 * start >= 2**31:
+            raise ValueError(f"decode group of {2 * start} bytes: over the kernel's int32 offsets")
+        self.register_buffer("meta", torch.tensor(meta, dtype=torch.int32))
         for m in layers:
             m.packed = m.lut = None
 

@@ -82,7 +82,7 @@ def decode_w4_group(packed: torch.Tensor, luts: torch.Tensor, row_lut: torch.Ten
     packed uint8 [P]: the layers' pack_halves bytes one after another, each layer starting at a multiple of the block
     (P / len(block_layer) bytes); luts uint8 [U, 16]; row_lut uint8 [rows]: the table of each weight row (the rows of
     a merged layer may come from layers of different formats); block_layer int32 [P / block]: the layer of each
-    block; meta int64 [L, 4]: (start byte, K/2, N*K/2, first row in row_lut) of each layer. Returns E4M3 [2P]:
+    block; meta int32 [L, 4]: (start byte, K/2, N*K/2, first row in row_lut) of each layer. Returns E4M3 [2P]:
     layer l's [N, K] row-major weights at element 2 * start (the padding between layers is left unwritten)."""
     out = torch.zeros(2 * packed.numel(), dtype=torch.uint8, device=packed.device)
     for start, half, total, row0 in meta.tolist():

@@ -55,6 +55,7 @@ def _decode_group_kernel(p_ptr, lut_ptr, row_lut_ptr, layer_ptr, meta_ptr, out_p
     # one program = one BLOCK of one layer's packed bytes (layers start on BLOCK boundaries, so no block straddles two)
     pid = tl.program_id(0)
     layer = tl.load(layer_ptr + pid)
+    # int32 index math (meta is int32): with int64 offsets the per-element row division ran ~10x below bandwidth
     seg = tl.load(meta_ptr + 4 * layer)
     half = tl.load(meta_ptr + 4 * layer + 1)
     total = tl.load(meta_ptr + 4 * layer + 2)
