@@ -171,11 +171,10 @@ class W4A4Conv2d(torch.nn.Module):
             geom = K.ConvGeom(h, w, c, kh, kw, sh, sw, top, left, ho, wo)
             K.w4a4_gemm(nhwc.permute(0, 3, 1, 2), self.wp, out=out, out_layout=layout, zmap=zmap, conv=geom,
                         set_index=set_index, precise=self.precise)
-        else:  # explicit im2col in the same (kh, kw, c) order
-            u8 = F.pad(nhwc.view(torch.uint8), (0, 0, left, right, top, bottom))  # byte 0 is E4M3 +0.0
-            cols = u8.unfold(1, kh, sh).unfold(2, kw, sw).permute(0, 1, 2, 4, 5, 3).reshape(b * L, kh * kw * c)
-            K.w4a4_gemm(cols.contiguous().view(_FP8), self.wp, out=out, out_layout=layout, zmap=zmap,
-                        set_index=set_index, precise=self.precise)
+        else:  # explicit im2col in the same (kh, kw, c) order, padding E4M3 +0.0: the fast path's op
+            cols = torch.ops.msfp_fast.im2col_e4m3(nhwc.view(_FP8), [kh, kw], [sh, sw], [left, right, top, bottom])
+            K.w4a4_gemm(cols, self.wp, out=out, out_layout=layout, zmap=zmap, set_index=set_index,
+                        precise=self.precise)
         return out
 
 
