@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from gpu_timing import kernel_ms  # noqa: E402
 from unet_configs import SD15_UNET_CONFIG  # noqa: E402
 
 DEV = "cuda"
@@ -63,14 +64,13 @@ def bench_shape(kind: str, xs: tuple, ws: tuple, stride: tuple, pad: tuple) -> d
     """Times of each way to run one layer of this shape (ms)."""
     from functools import partial
 
-    from triton.testing import do_bench as _do_bench
 
     from msfp_compiler.export.triton import kernels as K
     from msfp_compiler.export.triton.fast_ops import pack_halves
     from msfp_compiler.export.triton.im2col import im2col_triton
     from msfp_compiler.export.triton.w4_decode import decode_w4_triton
 
-    do_bench = partial(_do_bench, warmup=10, rep=40)
+    do_bench = partial(kernel_ms, warmup=10, rep=40)
     dev = DEV
     n = ws[0]
     k = ws[1] * (ws[2] * ws[3] if kind == "conv" else 1)
@@ -84,35 +84,34 @@ def bench_shape(kind: str, xs: tuple, ws: tuple, stride: tuple, pad: tuple) -> d
         kern, strd, pads = [ws[2], ws[3]], list(stride), [pad[1], pad[1], pad[0], pad[0]]
         a = im2col_triton(x8, kern, strd, pads) if ws[2] * ws[3] > 1 or strd != [1, 1] else x8.reshape(-1, c)
         if ws[2] * ws[3] > 1:
-            r["im2col_ms"] = do_bench(lambda: im2col_triton(x8, kern, strd, pads), return_mode="median")
+            r["im2col_ms"] = do_bench(lambda: im2col_triton(x8, kern, strd, pads))
     else:
         a = (torch.randn(*xs, device=dev) * 2).to(torch.float8_e4m3fn)
     m = a.shape[0]
     sa, sb = torch.ones(m, 1, device=dev), torch.rand(1, n, device=dev)
     r["M"], r["N"], r["K"] = m, n, k
     r["cublas_fp8_ms"] = do_bench(lambda: torch._scaled_mm(a, w8.t(), sa, sb, out_dtype=torch.bfloat16,
-                                                           use_fast_accum=True), return_mode="median")
-    r["decode_ms"] = do_bench(lambda: decode_w4_triton(packed, lut), return_mode="median")
+                                                           use_fast_accum=True))
+    r["decode_ms"] = do_bench(lambda: decode_w4_triton(packed, lut))
     wp = K.pack_weight(codes, torch.rand(n, device=dev) + 0.5, "e2m1")
     try:
         if kind == "conv" and ws[2] * ws[3] > 1:
             g = K.ConvGeom(xs[2], xs[3], xs[1], ws[2], ws[3], stride[0], stride[1], pad[0], pad[1],
                            (xs[2] + 2 * pad[0] - ws[2]) // stride[0] + 1, (xs[3] + 2 * pad[1] - ws[3]) // stride[1] + 1)
             xn = x8.permute(0, 3, 1, 2)
-            r["triton_w4_ms"] = do_bench(lambda: K.w4a4_gemm(xn, wp, out_dtype=torch.bfloat16, conv=g),
-                                         return_mode="median")
+            r["triton_w4_ms"] = do_bench(lambda: K.w4a4_gemm(xn, wp, out_dtype=torch.bfloat16, conv=g))
         else:
-            r["triton_w4_ms"] = do_bench(lambda: K.w4a4_gemm(a, wp, out_dtype=torch.bfloat16), return_mode="median")
+            r["triton_w4_ms"] = do_bench(lambda: K.w4a4_gemm(a, wp, out_dtype=torch.bfloat16))
     except Exception as e:  # noqa: BLE001
         r["triton_w4_error"] = repr(e)[:300]
     wb = torch.randn(ws, device=dev, dtype=torch.bfloat16)
     if kind == "conv":
         xb = torch.randn(xs, device=dev, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
         wb = wb.contiguous(memory_format=torch.channels_last)
-        r["bf16_ms"] = do_bench(lambda: F.conv2d(xb, wb, None, stride, pad), return_mode="median")
+        r["bf16_ms"] = do_bench(lambda: F.conv2d(xb, wb, None, stride, pad))
     else:
         xb = torch.randn(xs, device=dev, dtype=torch.bfloat16)
-        r["bf16_ms"] = do_bench(lambda: F.linear(xb, wb), return_mode="median")
+        r["bf16_ms"] = do_bench(lambda: F.linear(xb, wb))
     return {kk: round(v, 5) if isinstance(v, float) else v for kk, v in r.items()}
 
 

@@ -20,7 +20,6 @@ import json
 import math
 import os
 import platform
-import statistics
 import sys
 import time
 import traceback
@@ -33,46 +32,12 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from gpu_timing import cuda_graph, kernel_ms, step_ms  # noqa: E402
 from unet_configs import SD15_UNET_CONFIG  # noqa: E402
 
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def time_ms(fn: Callable[[], Any], iters: int, warmup: int = 3, mark_step: bool = False) -> dict:
-    """Median / min / max of CUDA-event timings of fn (one UNet step each)."""
-    for _ in range(warmup):
-        if mark_step:
-            torch.compiler.cudagraph_mark_step_begin()
-        fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(iters):
-        if mark_step:
-            torch.compiler.cudagraph_mark_step_begin()
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        e.synchronize()
-        ts.append(s.elapsed_time(e))
-    return {"median_ms": round(statistics.median(ts), 4), "min_ms": round(min(ts), 4), "max_ms": round(max(ts), 4),
-            "iters": iters}
-
-
-def cuda_graph(fn: Callable[..., Any], args: tuple) -> Callable[[], Any]:
-    """Capture fn(*args) once; the returned callable replays it."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn(*args)
-    torch.cuda.current_stream().wait_stream(side)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn(*args)
-    return g.replay
 
 
 def profile_table(fn: Callable[[], Any], mark_step: bool, rows: int = 60) -> tuple[str, list[dict]]:
@@ -384,7 +349,7 @@ def time_fast(cf: Any, x: tuple, row: dict, wmode: str, iters: int, profiles: di
     """Median step time of the compiled fast path, and its kernel profile when ``profiles`` is given."""
     b = row["batch"]
     try:
-        row[f"w4a4_{wmode}"] = time_ms(lambda: cf(*x), iters, mark_step=True)
+        row[f"w4a4_{wmode}"] = step_ms(lambda: cf(*x), iters, mark_step=True)
         log(f"batch {b}: W4A4 ({wmode}) {row[f'w4a4_{wmode}']['median_ms']} ms")
         if profiles is not None:
             table, prow = profile_table(lambda: cf(*x), mark_step=True)
@@ -405,7 +370,7 @@ def time_baselines(unet: Any, xb: tuple, row: dict, modes: list[str], iters: int
 
     try:
         replay = cuda_graph(step, xb)
-        row["bf16_cudagraph"] = time_ms(replay, iters)
+        row["bf16_cudagraph"] = step_ms(replay, iters)
         row["bf16_cudagraph_ms"] = row["bf16_cudagraph"]["median_ms"]
         del replay
     except Exception as e:  # noqa: BLE001
@@ -422,7 +387,7 @@ def time_baselines(unet: Any, xb: tuple, row: dict, modes: list[str], iters: int
                 cb(*xb[:2], encoder_hidden_states=xb[2], return_dict=False)
             row[f"{key}_s"] = round(time.perf_counter() - t0, 1)
             run = lambda: cb(*xb[:2], encoder_hidden_states=xb[2], return_dict=False)  # noqa: E731
-            row[key] = {**time_ms(run, iters, mark_step=True), "mode": mode}
+            row[key] = {**step_ms(run, iters, mark_step=True), "mode": mode}
             row[f"{key}_ms"] = row[key]["median_ms"]
             log(f"batch {b}: bf16 torch.compile({mode}) {row[f'{key}_ms']} ms (compile {row[f'{key}_s']} s)")
             if profiles is not None:
@@ -442,26 +407,24 @@ def time_baselines(unet: Any, xb: tuple, row: dict, modes: list[str], iters: int
 
 def fake_quant_bandwidth() -> dict:
     """Fake quantization (export/triton/kernels.py) per tensor / per output channel vs a device copy, GB/s."""
-    from triton.testing import do_bench
-
     from msfp_compiler.export.triton import kernels as K
 
     out: dict[str, Any] = {}
     x = torch.randn(4096, 65536, device="cuda")
     y = torch.empty_like(x)
-    copy_ms = do_bench(lambda: y.copy_(x), return_mode="median")
+    copy_ms = kernel_ms(lambda: y.copy_(x))
     gb = 2 * x.numel() * 4 / 1e9
     out["copy_GBps"] = round(gb / copy_ms * 1e3, 1)
     s1, z1 = torch.tensor(0.05, device="cuda"), torch.tensor(0.0, device="cuda")
     sc = (torch.rand(4096, 1, device="cuda") * 0.05 + 0.01)
     zc = torch.zeros(4096, 1, device="cuda")
     for name, s, z in (("per_tensor_e2m1", s1, z1), ("per_channel_e2m1", sc, zc)):
-        ms = do_bench(lambda: K.quantize(x, s, z, "e2m1"), return_mode="median")
+        ms = kernel_ms(lambda: K.quantize(x, s, z, "e2m1"))
         out[name] = {"GBps": round(gb / ms * 1e3, 1), "of_copy": round(copy_ms / ms, 3)}
     xb = x.bfloat16()
     yb = torch.empty_like(xb)
-    copy_b = do_bench(lambda: yb.copy_(xb), return_mode="median")
-    ms = do_bench(lambda: K.quantize(xb, s1, z1, "ue3m1"), return_mode="median")
+    copy_b = kernel_ms(lambda: yb.copy_(xb))
+    ms = kernel_ms(lambda: K.quantize(xb, s1, z1, "ue3m1"))
     out["bf16_per_tensor_ue3m1"] = {"of_copy": round(copy_b / ms, 3)}
     return out
 

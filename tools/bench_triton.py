@@ -29,9 +29,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import triton  # noqa: E402
-from triton.testing import do_bench  # noqa: E402
+from gpu_timing import graphed_ms, kernel_ms  # noqa: E402
 
 import msfp_compiler  # noqa: E402,F401
 from msfp_compiler.export.triton import kernels as K  # noqa: E402
@@ -43,16 +44,8 @@ def log(msg: str) -> None:
     print(msg, flush=True)
 
 
-def bench(fn: Callable[[], Any], warmup: int = 25, rep: int = 100) -> float:
-    """Median milliseconds."""
-    return float(do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
-
-
-def bench_graph(fn: Callable[[], Any]) -> float:
-    """Median milliseconds of fn replayed from a CUDA graph: device time without Python launch cost."""
-    from triton.testing import do_bench_cudagraph
-
-    return float(do_bench_cudagraph(fn, rep=50, return_mode="median"))
+bench = kernel_ms  # median ms of a kernel (tools/gpu_timing.py)
+bench_graph = graphed_ms  # median ms replayed from a CUDA graph
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:

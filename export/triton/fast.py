@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 import msfp_compiler.ops  # noqa: F401  (defines torch.ops.msfp.*)
 from msfp_compiler.formats import FPFormat, IntFormat
-from msfp_compiler.ops import get_format
+from msfp_compiler.ops import get_format, unpack_codes
 from msfp_compiler.talora import chosen_set
 
 from .fast_ops import conv_out_size, e4m3_lut, pack_halves  # also defines torch.ops.msfp_fast.*
@@ -152,12 +152,22 @@ def grid_e4m3(x: torch.Tensor, scale: Any, zero_point: Any, fmt: str) -> torch.T
     return grid_round(_scaled(x, scale, zero_point), fmt).to(_FP8)
 
 
-def decode_packed(packed: torch.Tensor, scale: torch.Tensor, fmt: str, shape: list[int],
+def decode_packed(halves: torch.Tensor, lut: torch.Tensor, scale: torch.Tensor, shape: list[int],
                   out_dtype: torch.dtype = _BF16) -> torch.Tensor:
-    """msfp::dequantize_packed as pointwise ops (for the layers left unfused)."""
-    codes = torch.stack([packed & 15, packed >> 4], dim=-1).reshape(-1)[:math.prod(shape)].reshape(shape)
-    table = torch.tensor(_spec(fmt).table, dtype=torch.float32, device=packed.device)
-    return (table[codes.long()] * scale).to(out_dtype)
+    """msfp::dequantize_packed (for the layers left unfused) from the fast path's own layout: ``halves`` [1, N, K'/2]
+    (``pack_halves`` of the codes as [N, K], K' = K rounded up to even) decoded by ``msfp_fast::decode_w4``, then
+    ``scale * value`` in float32 as the reference computes it (every 4-bit value is exact in E4M3)."""
+    k = math.prod(shape[1:])
+    w = torch.ops.msfp_fast.decode_w4(halves, lut)[:, :k].float().reshape(shape)
+    return (w * scale).to(out_dtype)
+
+
+def halves_of_packed(packed: torch.Tensor, shape: list[int]) -> torch.Tensor:
+    """The compiler's packed codes (``msfp_compiler.ops.pack_codes``: flat, element 2i in the low nibble) in the
+    layout ``decode_packed`` reads: [1, N, K'/2] halves rows, K' = K rounded up to even (padded with code 0)."""
+    n, k = shape[0], math.prod(shape[1:])
+    codes = unpack_codes(packed.reshape(-1), n * k).reshape(n, k)
+    return pack_halves(F.pad(codes, (0, k % 2)))[None]
 
 
 def _fp8_exact(fmt: str) -> bool:
@@ -575,6 +585,8 @@ def _rewrite(gm: fx.GraphModule, weights: str, report: FastReport, dtype: torch.
         report.fused[kind] += 1
     g.eliminate_dead_code()
     # the remaining quantizers, packed weights and attention become bf16 pointwise torch ops
+    from .runtime import _const
+
     for node in list(g.nodes):
         if node.op != "call_function":
             continue
@@ -585,9 +597,16 @@ def _rewrite(gm: fx.GraphModule, weights: str, report: FastReport, dtype: torch.
                 new = g.call_function(fake_quant, (x, s, z, fmt, node.target == _QF, dtype))
             report.fake_quant += 1
         elif node.target == _DQP:
-            _spec(node.args[2])
+            packed_n, scale_n, fmt, shape = node.args
+            packed = _const(gm, packed_n)
+            if packed is None:  # not a constant: the registered op decodes it
+                continue
+            halves = f"{packed_n.target.replace('.', '_')}_halves"
+            setattr(gm, halves, halves_of_packed(packed, list(shape)))
+            setattr(gm, f"{halves}_lut", e4m3_lut(fmt))
             with g.inserting_before(node):
-                new = g.call_function(decode_packed, (*node.args, dtype))
+                new = g.call_function(decode_packed, (g.get_attr(halves), g.get_attr(f"{halves}_lut"), scale_n,
+                                                      list(shape), dtype))
         elif node.target == aten.scaled_dot_product_attention.default:
             with g.inserting_before(node):
                 new = g.call_function(_sdpa_as, (dtype, *node.args), dict(node.kwargs))

@@ -1,4 +1,6 @@
-"""Packed 4-bit weight codes -> the E4M3 B operand of an FP8 GEMM, one bandwidth-bound Triton kernel per layer.
+"""Packed 4-bit weight codes -> the E4M3 B operand of an FP8 GEMM: bandwidth-bound Triton kernels, one launch per
+layer (``_decode_kernel``) or per group of consecutive layers (``_decode_group_kernel``: 15 launches per SD1.5 step
+instead of 280 launch-bound ones).
 
 Layout ("halves"): a row of K codes is stored as K/2 bytes, byte j holding code j in its low nibble and code
 j + K/2 in its high nibble. The decode then writes two contiguous runs per row (no interleave of nibbles, no

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 import msfp_compiler  # noqa: F401
 from msfp_compiler.export.triton import fast as FA
+from msfp_compiler.export.triton import fast_ops as O
 from msfp_compiler.ops import get_format, pack_codes
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -244,9 +245,14 @@ def test_build_fast_on_loaded_pt2(compiled_cond, tmp_path) -> None:
         assert torch.equal(fast(*args), FA.build_fast(compiled_cond.graph_module, DEV)(*args))
 
 
-def test_decode_packed_matches_op() -> None:
+@pytest.mark.parametrize("fmt,shape", [("e2m1", [6, 7]), ("int4", [4, 3, 3, 3]), ("ue2m2", [5, 2, 1, 1])])
+def test_decode_packed_matches_op(fmt: str, shape: list[int]) -> None:
+    """Unfused packed weights: the compiler's interleaved codes in the fast path's halves layout (odd K padded),
+    decoded by msfp_fast::decode_w4 and scaled, equal msfp::dequantize_packed bit for bit."""
     gen = torch.Generator().manual_seed(4)
-    codes = torch.randint(0, 16, (6, 7), generator=gen, dtype=torch.uint8)
-    p, s = pack_codes(codes), torch.rand(6, 1, generator=gen)
-    ref = torch.ops.msfp.dequantize_packed(p, s, "e2m1", [6, 7])
-    assert torch.equal(FA.decode_packed(p, s, "e2m1", [6, 7], torch.float32), ref)
+    codes = torch.randint(0, get_format(fmt).code_table.numel(), shape, generator=gen, dtype=torch.uint8)
+    p, s = pack_codes(codes), torch.rand(shape[0], *([1] * (len(shape) - 1)), generator=gen)
+    ref = torch.ops.msfp.dequantize_packed(p, s, fmt, shape)
+    halves = FA.halves_of_packed(p, shape)
+    assert halves.shape == (1, shape[0], (math.prod(shape[1:]) + 1) // 2)
+    assert torch.equal(FA.decode_packed(halves, O.e4m3_lut(fmt), s, shape, torch.float32), ref)
