@@ -25,8 +25,10 @@ FP32 Conv on this class of CPU, and QLinearConv requantizes its output (inexact)
 DequantizeLinear at run time is not a constant to ORT, so its Conv loses the weight prepacking (NCHWc layout, fused
 activation) that FP32 models get: 1.2x the FP32 latency on the CIFAR-size UNet. ``conv_weights="float32"``
 (CompileConfig.conv_weights) trades memory for that speed: conv weights are decoded here into FP32 initializers
-(the same values, 4 bytes a weight), linears stay int8 + MatMulInteger. An FP16 initializer + Cast would halve the
-file but not the session: ORT folds the Cast at session start (checked on an optimized-model dump).
+(the same values, 4 bytes a weight), linears stay int8 + MatMulInteger. ``conv_weights="mixed"`` spends a bounded
+amount of memory where it buys the most time: FP32 kernels for the convs with the most output positions (the
+multiply-adds per weight), up to MIXED_BUDGET more weight bytes (see _float_conv_weights). An FP16 initializer + Cast
+would halve the file but not the session: ORT folds the Cast at session start (checked on an optimized-model dump).
 """
 
 from __future__ import annotations
@@ -43,9 +45,12 @@ from msfp_compiler.ops import get_format
 
 from .msfp_ops import MSFP_DOMAIN, QUANTIZE_OPS
 
-__all__ = ["CONV_WEIGHTS", "integer_shift", "int8_name", "TRANSPOSED", "lower_integer", "IntegerLoweringInfo"]
+__all__ = ["CONV_WEIGHTS", "MIXED_BUDGET", "integer_shift", "int8_name", "TRANSPOSED", "lower_integer",
+           "IntegerLoweringInfo"]
 
-CONV_WEIGHTS = ("int8", "float32")  # CompileConfig.conv_weights: 1 byte a weight, or prepacked FP32 kernels
+CONV_WEIGHTS = ("int8", "float32", "mixed")  # CompileConfig.conv_weights: 1 byte a weight, prepacked FP32 kernels,
+# or FP32 kernels where they pay most (_float_conv_weights)
+MIXED_BUDGET = 0.10  # "mixed": extra bytes of FP32 conv weights, as a fraction of the int8 weight bytes
 MAX_WEIGHT_FOR_U8S8 = 64  # 2 * 255 * 64 = 32640 < 32767: no int16 saturation in vpmaddubsw pair sums
 
 
@@ -94,72 +99,176 @@ def _attrs(node: onnx.NodeProto) -> dict:
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
-def lower_integer(model: onnx.ModelProto, float_convs: bool = False) -> IntegerLoweringInfo:
-    """Rewrite ``model`` in place (see the module docstring); returns what was rewritten. ``float_convs``: conv
-    weights become FP32 initializers instead (see CONV_WEIGHTS)."""
-    g = model.graph
+class _Rewrite:
+    """The graph being rewritten: initializers (read lazily as arrays), producers and consumers, and the
+    initializers the rewrites add."""
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        self.graph = model.graph
+        self.inits = {t.name: t for t in self.graph.initializer}
+        self.new_inits: list[onnx.TensorProto] = []
+        self.taken: set[str] = set(self.inits)
+        self.outputs = {o.name for o in self.graph.output}
+        self._arrays: dict[str, np.ndarray] = {}
+        self._const_id = 0
+        self.index(list(self.graph.node))
+
+    def index(self, nodes: list[onnx.NodeProto]) -> None:
+        self.producer = {o: n for n in nodes for o in n.output}
+        self.consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+        for n in nodes:
+            for i in n.input:
+                self.consumers[i].append(n)
+
+    def array(self, name: str) -> np.ndarray:
+        if name not in self._arrays:
+            self._arrays[name] = numpy_helper.to_array(self.inits[name])
+        return self._arrays[name]
+
+    def const(self, value: np.ndarray, hint: str) -> str:
+        name = f"{hint}_c{self._const_id}"
+        self._const_id += 1
+        self.new_inits.append(numpy_helper.from_array(value, name))
+        return name
+
+    def initializer(self, name: str) -> onnx.TensorProto:
+        return self.inits[name] if name in self.inits else next(t for t in self.new_inits if t.name == name)
+
+    def finish(self, nodes: list[onnx.NodeProto]) -> None:
+        """Install ``nodes`` (dead ones dropped, weights dequantized just in time) and the initializers they read."""
+        g = self.graph
+        while True:  # drop what the rewrites left dead (a Gemm's transposed weight leaves its DequantizeLinear unread)
+            read = {i for n in nodes for i in n.input} | self.outputs
+            live = [n for n in nodes if any(o in read for o in n.output)]
+            if len(live) == len(nodes):
+                break
+            nodes = live
+        del g.node[:]
+        g.node.extend(_just_in_time(nodes, {t.name for t in list(g.initializer) + self.new_inits}))
+        used = {i for n in g.node for i in n.input} | self.outputs
+        keep = [t for t in list(g.initializer) + self.new_inits if t.name in used]
+        del g.initializer[:]
+        g.initializer.extend(keep)
+
+
+def lower_integer(model: onnx.ModelProto, conv_weights: str = "int8") -> IntegerLoweringInfo:
+    """Rewrite ``model`` in place (see the module docstring); returns what was rewritten. ``conv_weights``: one of
+    CONV_WEIGHTS (FP32 initializers for all conv weights, for none, or for the "mixed" choice of
+    ``_float_conv_weights``)."""
+    if conv_weights not in CONV_WEIGHTS:
+        raise ValueError(f"conv_weights {conv_weights!r}: expected one of {CONV_WEIGHTS}")
+    rw = _Rewrite(model)
     info = IntegerLoweringInfo()
-    inits = {t.name: t for t in g.initializer}
-    consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
-    for n in g.node:
-        for i in n.input:
-            consumers[i].append(n)
-    producer = {o: n for n in g.node for o in n.output}
-    arrays: dict[str, np.ndarray] = {}
+    float_convs = _float_conv_weights(rw, conv_weights)
+    weights, dropped = _int8_weights(rw, float_convs, info)
+    nodes = [n for n in rw.graph.node if n.output[0] not in dropped]
+    rw.index(nodes)
+    rw.finish(_integer_matmuls(rw, nodes, weights, info))
+    return info
 
-    def array(name: str) -> np.ndarray:
-        if name not in arrays:
-            arrays[name] = numpy_helper.to_array(inits[name])
-        return arrays[name]
 
-    new_inits: list[onnx.TensorProto] = []
-    dropped: set[str] = set()  # nodes (by first output) removed
-    weights: dict[str, _Weight] = {}  # DequantizeLinear output -> weight
-    taken: set[str] = set(inits)
+def _packed_weights(rw: _Rewrite) -> list[tuple[onnx.NodeProto, int]]:
+    """The DequantizeFP4Packed nodes on initializers whose grid is an integer grid after a 2^k rescale, with k."""
+    out = []
+    for n in rw.graph.node:
+        if n.domain != MSFP_DOMAIN or n.op_type != "DequantizeFP4Packed" or not all(i in rw.inits for i in n.input):
+            continue
+        k = integer_shift(get_format(_attrs(n)["format"].decode()), 127)
+        if k is not None:
+            out.append((n, k))
+    return out
 
-    # 1. packed 4-bit weights -> int8 + DequantizeLinear
-    for n in g.node:
-        if n.domain != MSFP_DOMAIN or n.op_type != "DequantizeFP4Packed" or not all(i in inits for i in n.input):
+
+def _conv_positions(rw: _Rewrite, weight: str) -> int | None:
+    """Output positions (H_out * W_out) of the convs reading ``weight`` (their fewest), None if it is not only a conv
+    weight; 0 where the graph does not say."""
+    users = rw.consumers[weight]
+    if not users or not all(u.op_type == "Conv" and list(u.input).index(weight) == 1 for u in users):
+        return None
+    vi = {v.name: v for v in rw.graph.value_info}
+    pos = []
+    for u in users:
+        v = vi.get(u.output[0])
+        dims = [d.dim_value if d.HasField("dim_value") else 0 for d in v.type.tensor_type.shape.dim] if v else []
+        pos.append(int(np.prod(dims[2:])) if len(dims) > 2 else 0)
+    return min(pos)
+
+
+def _float_conv_weights(rw: _Rewrite, conv_weights: str) -> set[str]:
+    """The conv weights (DequantizeFP4Packed outputs) to decode into FP32 initializers.
+
+    "mixed": a conv's cost of losing ORT's weight prepacking grows with its multiply-adds, H_out * W_out per weight,
+    and its FP32 weight costs 3 bytes a weight more than int8. So the convs with the most output positions are
+    decoded first (SD1.5: the 64x64 and then the 32x32 ones, 4096 and 1024 multiply-adds per weight, where a 16x16
+    1280-channel conv costs 16x the memory for the same time), until the extra bytes reach MIXED_BUDGET of the int8
+    weight bytes."""
+    if conv_weights == "int8":
+        return set()
+    packed = _packed_weights(rw)
+    convs = [(pos, n.output[0], int(np.prod(_attrs(n)["shape"]))) for n, _ in packed
+             if (pos := _conv_positions(rw, n.output[0])) is not None]
+    if conv_weights == "float32":
+        return {out for _, out, _ in convs}
+    budget = MIXED_BUDGET * sum(int(np.prod(_attrs(n)["shape"])) for n, _ in packed)
+    chosen, extra = set(), 0
+    for pos, out, numel in sorted(convs, key=lambda c: -c[0]):  # stable: graph order among equals
+        if pos == 0 or extra + 3 * numel > budget:
+            break
+        chosen.add(out)
+        extra += 3 * numel
+    return chosen
+
+
+def _decode(rw: _Rewrite, n: onnx.NodeProto, k: int) -> tuple[np.ndarray, np.ndarray, bool] | None:
+    """(int8 grid values * 2^k in the weight's shape, DequantizeLinear scale = scale / 2^k, per channel) of a
+    DequantizeFP4Packed node, or None for a scale that is neither scalar nor per output channel."""
+    a = _attrs(n)
+    shape = list(a["shape"])
+    numel = int(np.prod(shape))
+    packed = rw.array(n.input[0])
+    codes = np.stack([packed & 0xF, packed >> 4], -1).reshape(-1)[:numel]
+    table = np.asarray(a["table"], np.float64) * 2.0 ** k
+    w = table[codes].astype(np.int8).reshape(shape)
+    scale = rw.array(n.input[1]).astype(np.float32)
+    per_channel = scale.size > 1
+    if per_channel and scale.size != shape[0]:
+        return None
+    s = (scale.reshape(-1) if per_channel else scale.reshape(())) * np.float32(2.0 ** -k)  # exact
+    return w, s, per_channel
+
+
+def _int8_weights(rw: _Rewrite, float_convs: set[str], info: IntegerLoweringInfo
+                  ) -> tuple[dict[str, _Weight], set[str]]:
+    """Rewrite 1: packed 4-bit weights -> int8 + DequantizeLinear (or FP32 initializers for ``float_convs``), the
+    DequantizeFP4Packed nodes replaced in place. Returns the int8 weights by DequantizeLinear output and the
+    outputs of nodes to drop (decoded conv weights, transposes folded into the stored weight)."""
+    weights: dict[str, _Weight] = {}
+    dropped: set[str] = set()
+    for n, k in _packed_weights(rw):
+        decoded = _decode(rw, n, k)
+        if decoded is None:
             continue
-        a = _attrs(n)
-        fmt = get_format(a["format"].decode())
-        k = integer_shift(fmt, 127)
-        if k is None:
-            continue
-        shape = list(a["shape"])
-        numel = int(np.prod(shape))
-        packed = array(n.input[0])
-        codes = np.stack([packed & 0xF, packed >> 4], -1).reshape(-1)[:numel]
-        table = np.asarray(a["table"], np.float64) * 2.0 ** k
-        w = table[codes].astype(np.int8).reshape(shape)
-        scale = array(n.input[1]).astype(np.float32)
-        per_channel = scale.size > 1
-        if per_channel and scale.size != shape[0]:
-            continue
-        s = (scale.reshape(-1) if per_channel else scale.reshape(())) * np.float32(2.0 ** -k)  # exact
-        axis = 0
+        w, s, per_channel = decoded
         out = n.output[0]
-        users = consumers[out]
-        if float_convs and users and all(u.op_type == "Conv" and list(u.input).index(out) == 1 for u in users):
+        if out in float_convs:
             # decoded here, bit for bit as DequantizeLinear would (one rounding of int * scale / 2^k)
-            wf = w.astype(np.float32) * (s.reshape([-1] + [1] * (len(shape) - 1)) if per_channel else s)
-            new_inits.append(numpy_helper.from_array(wf.astype(np.float32), out))
+            wf = w.astype(np.float32) * (s.reshape([-1] + [1] * (w.ndim - 1)) if per_channel else s)
+            rw.new_inits.append(numpy_helper.from_array(wf.astype(np.float32), out))
             dropped.add(out)
             info.float32_conv_weights += 1
             continue
-        if (len(users) == 1 and users[0].op_type == "Transpose" and len(shape) == 2
-                and list(_attrs(users[0]).get("perm", [1, 0])) == [1, 0] and users[0].output[0] not in
-                {o.name for o in g.output}):
-            t = users[0]
-            w, axis = np.ascontiguousarray(w.T), 1
-            dropped.add(t.output[0])
-            out = t.output[0]
+        axis = 0
+        users = rw.consumers[out]
+        if (len(users) == 1 and users[0].op_type == "Transpose" and w.ndim == 2
+                and list(_attrs(users[0]).get("perm", [1, 0])) == [1, 0] and users[0].output[0] not in rw.outputs):
+            w, axis, out = np.ascontiguousarray(w.T), 1, users[0].output[0]
+            dropped.add(out)
         base = out.replace("/", "_")
         w_name, s_name = int8_name(n.input[0]), f"{base}_scale"
-        if w_name in taken:  # the exporter shared one packed tensor between two weights (equal codes)
+        if w_name in rw.taken:  # the exporter shared one packed tensor between two weights (equal codes)
             w_name = f"{base}_int8"
-        taken.add(w_name)
-        new_inits += [numpy_helper.from_array(w, w_name), numpy_helper.from_array(s.astype(np.float32), s_name)]
+        rw.taken.add(w_name)
+        rw.new_inits += [numpy_helper.from_array(w, w_name), numpy_helper.from_array(s.astype(np.float32), s_name)]
         dq = helper.make_node("DequantizeLinear", [w_name, s_name], [out], name=f"{base}_dq",
                               **({"axis": axis} if per_channel else {}))
         if out != n.output[0]:
@@ -168,60 +277,19 @@ def lower_integer(model: onnx.ModelProto, float_convs: bool = False) -> IntegerL
         weights[out] = _Weight(w_name, s, axis if per_channel else -1, int(np.abs(w).max(initial=0)))
         info.int8_weights += 1
         info.int8_weight_bytes += w.size
+    return weights, dropped
 
-    nodes = [n for n in g.node if n.output[0] not in dropped]
-    if weights:
-        producer = {o: n for n in nodes for o in n.output}
-        consumers = defaultdict(list)
-        for n in nodes:
-            for i in n.input:
-                consumers[i].append(n)
 
-    # 2. linears on integer-representable activations -> MatMulInteger
+def _integer_matmuls(rw: _Rewrite, nodes: list[onnx.NodeProto], weights: dict[str, _Weight],
+                     info: IntegerLoweringInfo) -> list[onnx.NodeProto]:
+    """Rewrite 2: ``nodes`` with linears on integer-representable activations as MatMulInteger chains (the codes of
+    each quantizer output computed once, right where the first such linear needs them)."""
     codes_of: dict[str, str] = {}  # quantizer output -> uint8 codes tensor
     out_nodes: list[onnx.NodeProto] = []
-    const_id = [0]
-
-    def const(value: np.ndarray, hint: str) -> str:
-        name = f"{hint}_c{const_id[0]}"
-        const_id[0] += 1
-        new_inits.append(numpy_helper.from_array(value, name))
-        return name
-
-    def activation(name: str) -> tuple[float, int, str] | None:
-        """(scale / 2^k, activation zero point code, codes tensor) for an integer-representable quantizer output."""
-        q = producer.get(name)
-        if q is None or q.domain != MSFP_DOMAIN or q.op_type not in QUANTIZE_OPS:
-            return None
-        if not all(i in inits for i in q.input[1:]):
-            return None
-        fmt = get_format(_attrs(q)["format"].decode())
-        k = integer_shift(fmt, 127 if fmt.signed else 255)
-        sc, zp = array(q.input[1]), array(q.input[2])
-        if k is None or sc.size != 1 or (_attrs(q).get("keep_zero_point", 1.0) != 0.0 and np.any(zp != 0)):
-            return None
-        s = float(sc.reshape(())) * 2.0 ** -k
-        offset = 128 if fmt.signed else 0
-        if name not in codes_of:
-            base = name.replace("/", "_")
-            inv = const(np.array(2.0 ** k / float(sc.reshape(())), np.float32), f"{base}_inv")
-            chain = [helper.make_node("Mul", [name, inv], [f"{base}_v"], name=f"{base}_codes_mul"),
-                     helper.make_node("Round", [f"{base}_v"], [f"{base}_r"], name=f"{base}_codes_round")]
-            last = f"{base}_r"
-            if offset:
-                off = const(np.array(float(offset), np.float32), f"{base}_off")
-                chain.append(helper.make_node("Add", [last, off], [f"{base}_ro"], name=f"{base}_codes_offset"))
-                last = f"{base}_ro"
-            chain.append(helper.make_node("Cast", [last], [f"{base}_codes"], to=TensorProto.UINT8,
-                                          name=f"{base}_codes_cast"))
-            out_nodes.extend(chain)
-            codes_of[name] = f"{base}_codes"
-        return s, offset, codes_of[name]
-
     for n in nodes:
         rewritten = None
         if n.op_type in ("MatMul", "Gemm") and n.domain in ("", "ai.onnx"):
-            rewritten = _integer_matmul(n, weights, activation, const, consumers, inits, array, new_inits)
+            rewritten = _integer_matmul(rw, n, weights, lambda name: _activation(rw, name, codes_of, out_nodes))
         if rewritten is None:
             if n.op_type in ("MatMul", "Gemm") and any(i in weights for i in n.input):
                 info.float_matmuls_on_int8_weights += 1
@@ -229,24 +297,44 @@ def lower_integer(model: onnx.ModelProto, float_convs: bool = False) -> IntegerL
         else:
             out_nodes.extend(rewritten)
             info.integer_matmuls += 1
-
-    outputs = {o.name for o in g.output}
-    while True:  # drop what the rewrites left dead (a Gemm's transposed weight leaves its DequantizeLinear unread)
-        read = {i for n in out_nodes for i in n.input} | outputs
-        live = [n for n in out_nodes if any(o in read for o in n.output)]
-        if len(live) == len(out_nodes):
-            break
-        out_nodes = live
-    del g.node[:]
-    g.node.extend(_just_in_time(out_nodes, {t.name for t in list(g.initializer) + new_inits}))
-    used = {i for n in g.node for i in n.input} | outputs
-    keep = [t for t in list(g.initializer) + new_inits if t.name in used]
-    del g.initializer[:]
-    g.initializer.extend(keep)
-    return info
+    return out_nodes
 
 
-def _integer_matmul(n, weights, activation, const, consumers, inits, array, new_inits):
+def _activation(rw: _Rewrite, name: str, codes_of: dict[str, str], out_nodes: list[onnx.NodeProto]
+                ) -> tuple[float, int, str] | None:
+    """(scale / 2^k, activation zero point code, codes tensor) for an integer-representable quantizer output; the
+    first call for a tensor appends the nodes computing its codes to ``out_nodes``."""
+    q = rw.producer.get(name)
+    if q is None or q.domain != MSFP_DOMAIN or q.op_type not in QUANTIZE_OPS:
+        return None
+    if not all(i in rw.inits for i in q.input[1:]):
+        return None
+    fmt = get_format(_attrs(q)["format"].decode())
+    k = integer_shift(fmt, 127 if fmt.signed else 255)
+    sc, zp = rw.array(q.input[1]), rw.array(q.input[2])
+    if k is None or sc.size != 1 or (_attrs(q).get("keep_zero_point", 1.0) != 0.0 and np.any(zp != 0)):
+        return None
+    s = float(sc.reshape(())) * 2.0 ** -k
+    offset = 128 if fmt.signed else 0
+    if name not in codes_of:
+        base = name.replace("/", "_")
+        inv = rw.const(np.array(2.0 ** k / float(sc.reshape(())), np.float32), f"{base}_inv")
+        chain = [helper.make_node("Mul", [name, inv], [f"{base}_v"], name=f"{base}_codes_mul"),
+                 helper.make_node("Round", [f"{base}_v"], [f"{base}_r"], name=f"{base}_codes_round")]
+        last = f"{base}_r"
+        if offset:
+            off = rw.const(np.array(float(offset), np.float32), f"{base}_off")
+            chain.append(helper.make_node("Add", [last, off], [f"{base}_ro"], name=f"{base}_codes_offset"))
+            last = f"{base}_ro"
+        chain.append(helper.make_node("Cast", [last], [f"{base}_codes"], to=TensorProto.UINT8,
+                                      name=f"{base}_codes_cast"))
+        out_nodes.extend(chain)
+        codes_of[name] = f"{base}_codes"
+    return s, offset, codes_of[name]
+
+
+def _integer_matmul(rw: _Rewrite, n: onnx.NodeProto, weights: dict[str, _Weight], activation
+                    ) -> list[onnx.NodeProto] | None:
     """The MatMulInteger chain replacing MatMul / Gemm node ``n``, or None where it does not apply."""
     a_name, b_name = n.input[0], n.input[1]
     w = weights.get(b_name)
@@ -260,9 +348,9 @@ def _integer_matmul(n, weights, activation, const, consumers, inits, array, new_
             return None
         if at.get("transB", 0):
             # stored [N, K] (channel axis 0): MatMulInteger wants [K, N]; only when no one else reads the weight
-            if len(consumers[b_name]) != 1 or w.axis not in (0, -1):
+            if len(rw.consumers[b_name]) != 1 or w.axis not in (0, -1):
                 return None
-            t = inits[w_init] if w_init in inits else next(x for x in new_inits if x.name == w_init)
+            t = rw.initializer(w_init)
             wt = np.ascontiguousarray(numpy_helper.to_array(t).T)
             t.CopyFrom(numpy_helper.from_array(wt, w_init))
             w.axis = 1 if w.axis == 0 else -1
@@ -277,8 +365,8 @@ def _integer_matmul(n, weights, activation, const, consumers, inits, array, new_
     s_a, a_zp, codes = act
     base = n.output[0].replace("/", "_")
     comb = (np.float64(s_a) * w_scale.astype(np.float64)).astype(np.float32)
-    comb_name = const(comb, f"{base}_scale")
-    azp = const(np.array(a_zp, np.uint8), f"{base}_azp")
+    comb_name = rw.const(comb, f"{base}_scale")
+    azp = rw.const(np.array(a_zp, np.uint8), f"{base}_azp")
     chain = [helper.make_node("MatMulInteger", [codes, w_init, azp], [f"{base}_acc"], name=f"{base}_mmi"),
              helper.make_node("Cast", [f"{base}_acc"], [f"{base}_accf"], to=TensorProto.FLOAT, name=f"{base}_cast")]
     if bias is None:

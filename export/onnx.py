@@ -28,6 +28,7 @@ from msfp_compiler.errors import MsfpError
 from msfp_compiler.ops import DEQUANTIZE_PACKED, QUANTIZE, QUANTIZE_FOLDED
 from msfp_compiler.talora import SELECT_WEIGHT
 
+from .attention import chunk_attention
 from .msfp_ops import (MSFP_DOMAIN, MSFP_VERSION, all_nodes, annotate_msfp_nodes, msfp_functions, quantize_op_type,
                        used_ops)
 
@@ -161,8 +162,11 @@ def lower_to_onnx(gm: fx.GraphModule, example_args: tuple, input_names: list[str
         raise MsfpError("torch.onnx.export returned no program")
     model = prog.model_proto
     counts = _finalize(model)
+    chunked = chunk_attention(model)  # the score tensor at large latents sets the session's memory peak
+    if chunked:
+        counts["chunked_attention"] = chunked
     if integer:
-        counts = to_integer(model, conv_weights)
+        counts = to_integer(model, conv_weights) | ({"chunked_attention": chunked} if chunked else {})
     # Rename the symbolic batch dim so every input and the output share one readable name.
     for vi in list(model.graph.input) + list(model.graph.output):
         dims = vi.type.tensor_type.shape.dim
@@ -186,7 +190,7 @@ def to_integer(model: onnx.ModelProto, conv_weights: str = "int8") -> dict[str, 
     rewritten."""
     from .integer_kernels import lower_integer
 
-    info = lower_integer(model, float_convs=conv_weights == "float32")
+    info = lower_integer(model, conv_weights)
     used = used_ops(model)
     keep = [f for f in model.functions if f.domain != MSFP_DOMAIN or f.name in used]
     del model.functions[:]

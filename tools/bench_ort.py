@@ -5,10 +5,12 @@ Models: examples/digits-uncond, examples/digits-cond, ``cifar`` (the google/ddpm
 - fp32: ``lower_fp32`` (the FP32 model through the same lowering, what ``msfp-compile --scheme fp32`` writes);
 - msfp: ``msfp_compiler.compile`` with the default config (int8 weights + DequantizeLinear, MatMulInteger linears);
 - msfp_fp32conv: the same with FP32 conv weights (``CompileConfig(conv_weights="float32")``: prepacked convs);
+- msfp_mixed: FP32 weights for the convs with the largest outputs only (``conv_weights="mixed"``);
 - msfp_packed: the same graph with 4-bit packed weights (``CompileConfig(integer_kernels=False)``), opened with
   ``open_session`` (weights decoded to FP32 before ORT sees them);
 - msfp_nofold (digits only): without zero-point folding;
 - optionally the same quantized graph with the msfp function bodies of an older revision (``--baseline-rev``).
+The JSON is rewritten after every measurement (an interrupted SD1.5 run keeps what it measured).
 Memory: peak RSS (VmHWM) and time of open + first run of each file in a fresh process, as a plain
 ``onnxruntime.InferenceSession(path)`` (and the packed file through open_session), batch 1, 1 thread.
 Latency is the median of interleaved single runs (variants alternate, so a change in machine load hits all of
@@ -17,8 +19,9 @@ them alike), for the given batches, threads and session-option settings. One pro
 shared: every run records os.getloadavg().
 
     python tools/bench_ort.py --models cifar --batches 4 --opt-levels all --out results/bench_ort_cifar.json
-    flock /work/coord/sd15.lock python tools/bench_ort.py --models sd15 --batches 1 --opt-levels all --iters 3 \
-        --no-profile --variants fp32,msfp --out results/bench_ort_sd15.json
+    flock /work/coord/sd15.lock python tools/bench_ort.py --models sd15 --batches 1 --threads 1,2 --opt-levels all \
+        --iters 2 --warmup 1 --no-profile --variants fp32,msfp,msfp_mixed,msfp_fp32conv --work WORK \
+        --out results/bench_ort_sd15.json
     python tools/bench_ort.py --verify-only                     # dense bit-exactness sweep of the bodies
 """
 
@@ -53,10 +56,10 @@ SWEEP_FORMATS = ["e1m2", "e2m1", "e3m0", "ue2m2", "ue3m1", "ue4m0", "int4", "uin
 
 # ---- models ----
 
-def _quantized_pair(loaded, config, work: Path, name: str) -> tuple[Path, Path, Path]:
-    """The default (integer-kernel) ONNX, the same with FP32 conv weights (``conv_weights="float32"``) and with
-    4-bit packed weights, from one compile (the two integer files are lowered from the packed one, as
-    lower_to_onnx does after the export)."""
+def _quantized_pair(loaded, config, work: Path, name: str) -> dict[str, Path]:
+    """The default (integer-kernel) ONNX, the same with FP32 conv weights (``conv_weights="float32"``), with mixed
+    conv weights (``"mixed"``) and with 4-bit packed weights, from one compile (the integer files are lowered from
+    the packed one, as lower_to_onnx does after the export)."""
     from dataclasses import replace
 
     import onnx
@@ -64,18 +67,19 @@ def _quantized_pair(loaded, config, work: Path, name: str) -> tuple[Path, Path, 
     from msfp_compiler.compile import compile as msfp_compile
     from msfp_compiler.export.onnx import save_atomic, to_integer
 
-    quant, fp32conv, packed = (work / f"{name}.{k}.onnx" for k in ("msfp", "msfp_fp32conv", "msfp_packed"))
-    if not packed.is_file():
+    variants = {"msfp": "int8", "msfp_fp32conv": "float32", "msfp_mixed": "mixed"}
+    paths = {k: work / f"{name}.{k}.onnx" for k in [*variants, "msfp_packed"]}
+    if not paths["msfp_packed"].is_file():
         cm = msfp_compile(loaded, replace(config, integer_kernels=False), progress=False)
-        save_atomic(cm.onnx_model, packed)
+        save_atomic(cm.onnx_model, paths["msfp_packed"])
         del cm
-    for path, conv in ((quant, "int8"), (fp32conv, "float32")):
-        if not path.is_file():
-            model = onnx.load(str(packed))
+    for k, conv in variants.items():
+        if not paths[k].is_file():
+            model = onnx.load(str(paths["msfp_packed"]))
             to_integer(model, conv)
-            save_atomic(model, path)
+            save_atomic(model, paths[k])
             del model
-    return quant, fp32conv, packed
+    return paths
 
 
 def build_sd15(work: Path) -> dict[str, Path]:
@@ -92,12 +96,11 @@ def build_sd15(work: Path) -> dict[str, Path]:
     with torch.no_grad():
         unet = model_from_config(dict(SD15_UNET_CONFIG), "sd15 config").eval()
     calib = CalibConfig(num_samples=2, num_steps=4, num_groups=2, holdout_samples=0, text_len=77)
-    quant, fp32conv, packed = _quantized_pair(LoadedModel(unet, Path("<sd15 config>")), CompileConfig(calib=calib),
-                                              work, "sd15")
+    paths = _quantized_pair(LoadedModel(unet, Path("<sd15 config>")), CompileConfig(calib=calib), work, "sd15")
     fp32 = work / "sd15.fp32.onnx"
     if not fp32.is_file():
         save_atomic(lower_fp32(unet, cond_len=77), fp32)
-    return {"fp32": fp32, "msfp": quant, "msfp_fp32conv": fp32conv, "msfp_packed": packed}
+    return {"fp32": fp32, **paths}
 
 
 def build_cifar(work: Path) -> dict[str, Path]:
@@ -114,12 +117,11 @@ def build_cifar(work: Path) -> dict[str, Path]:
     with torch.no_grad():
         unet = model_from_config(dict(CIFAR10_DDPM_CONFIG), "cifar10 config").eval()
     calib = CalibConfig(num_samples=4, num_steps=10, num_groups=4, holdout_samples=0)
-    quant, fp32conv, packed = _quantized_pair(LoadedModel(unet, Path("<cifar10 config>")), CompileConfig(calib=calib),
-                                              work, "cifar")
+    paths = _quantized_pair(LoadedModel(unet, Path("<cifar10 config>")), CompileConfig(calib=calib), work, "cifar")
     fp32 = work / "cifar.fp32.onnx"
     if not fp32.is_file():
         save_atomic(lower_fp32(unet), fp32)
-    return {"fp32": fp32, "msfp": quant, "msfp_fp32conv": fp32conv, "msfp_packed": packed}
+    return {"fp32": fp32, **paths}
 
 
 def build_models(name: str, work: Path, seed: int = 0) -> dict[str, Path]:
@@ -136,13 +138,13 @@ def build_models(name: str, work: Path, seed: int = 0) -> dict[str, Path]:
 
     fp32, nofold = (work / f"{name}.{k}.onnx" for k in ("fp32", "msfp_nofold"))
     loaded = load_model(MODELS[name])
-    quant, fp32conv, packed = _quantized_pair(loaded, CompileConfig(), work, name)
+    paths = _quantized_pair(loaded, CompileConfig(), work, name)
     if not nofold.is_file():
         # zero points kept in the quantizers: no explicit Pad in front of padded convs (see the profile)
         msfp_compile(loaded, CompileConfig(fold_zero_point=False), progress=False).save(nofold)
     if not fp32.is_file():
         save_atomic(lower_fp32(loaded.unet), fp32)
-    return {"fp32": fp32, "msfp": quant, "msfp_fp32conv": fp32conv, "msfp_packed": packed, "msfp_nofold": nofold}
+    return {"fp32": fp32, **paths, "msfp_nofold": nofold}
 
 
 _MEMORY_PROBE = r"""
@@ -483,12 +485,14 @@ def main(argv: list[str] | None = None) -> int:
             entry["memory"] = {}
             for k, how in probes:
                 entry["memory"][f"{k}/{how}"] = m = memory(paths[k], how)
-                print(f"  memory {k:<12} {how:<12} open {m['open_s']:.1f}s first run {m['first_run_s']:.1f}s "
-                      f"peak RSS {m['peak_rss_mb']} MB", flush=True)
-            fp = entry["memory"]["fp32/plain"]
-            for k, m in entry["memory"].items():
+                fp = entry["memory"]["fp32/plain"]  # probed first
                 m["peak_rss_vs_fp32"] = round(m["peak_rss_mb"] / fp["peak_rss_mb"], 3)
                 m["open_vs_fp32"] = round(m["open_s"] / max(fp["open_s"], 1e-9), 3)
+                print(f"  memory {k:<12} {how:<12} open {m['open_s']:.1f}s first run {m['first_run_s']:.1f}s "
+                      f"peak RSS {m['peak_rss_mb']} MB ({m['peak_rss_vs_fp32']:.3f}x)  load {m['loadavg'][0]:.1f}",
+                      flush=True)
+                result["models"][name] = entry
+                _write(result, Path(args.out))
         for opt in opts:
             for th in threads:
                 sessions = {k: session(p, th, opt) for k, p in timed.items()}
@@ -497,12 +501,15 @@ def main(argv: list[str] | None = None) -> int:
                     load = os.getloadavg()
                     lat = interleaved_latency(sessions, feeds, args.iters, args.warmup)
                     row = {"opt_level": opt, "threads": th, "batch": b, "loadavg": [round(x, 2) for x in load],
+                           "loadavg_end": [round(x, 2) for x in os.getloadavg()],
                            "ms": lat, "ratio_vs_fp32": {k: round(v["median_ms"] / lat["fp32"]["median_ms"], 3)
                                                         for k, v in lat.items() if k != "fp32"}}
                     entry["latency"].append(row)
                     print(f"  opt={opt:<8} threads={th} batch={b:<3} " + "  ".join(
                         f"{k}={v['median_ms']:.2f}ms" for k, v in lat.items()) + "  ratio " + " ".join(
                         f"{k}={r:.2f}x" for k, r in row["ratio_vs_fp32"].items()) + f"  load {load[0]:.1f}", flush=True)
+                    result["models"][name] = entry
+                    _write(result, Path(args.out))
                 del sessions
         prof_opt, prof_threads = opts[0], threads[0]
         for b in batches if not args.no_profile else []:
@@ -516,16 +523,21 @@ def main(argv: list[str] | None = None) -> int:
                              if r["opt_level"] == "all" and r["threads"] == max(threads)}
         result["models"][name] = entry
     result["loadavg_end"] = os.getloadavg()
-    out = Path(args.out)
+    _write(result, Path(args.out))
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _write(result: dict, out: Path) -> None:
+    """Write the JSON (atomically), keeping an earlier --verify-only sweep; called after every measurement, so an
+    interrupted SD1.5 run still leaves what it measured."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    if "sweep" not in result and out.is_file():  # keep an earlier --verify-only sweep
+    if "sweep" not in result and out.is_file():
         old = json.loads(out.read_text())
         result.update({k: old[k] for k in ("sweep", "sweep_loadavg") if k in old})
     tmp = out.with_name(f".{out.name}.tmp")
     tmp.write_text(json.dumps(result, indent=1) + "\n")
     tmp.replace(out)
-    print(f"wrote {out}")
-    return 0
 
 
 if __name__ == "__main__":
