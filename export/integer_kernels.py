@@ -25,9 +25,9 @@ FP32 Conv on this class of CPU, and QLinearConv requantizes its output (inexact)
 DequantizeLinear at run time is not a constant to ORT, so its Conv loses the weight prepacking (NCHWc layout, fused
 activation) that FP32 models get: 1.2x the FP32 latency on the CIFAR-size UNet. ``conv_weights="float32"``
 (CompileConfig.conv_weights) trades memory for that speed: conv weights are decoded here into FP32 initializers
-(the same values, 4 bytes a weight), linears stay int8 + MatMulInteger. ``conv_weights="mixed"`` spends a bounded
-amount of memory where it buys the most time: FP32 kernels for the convs with the most output positions (the
-multiply-adds per weight), up to MIXED_BUDGET more weight bytes (see _float_conv_weights). An FP16 initializer + Cast
+(the same values, 4 bytes a weight), linears stay int8 + MatMulInteger. Tried and dropped: FP32 kernels only for the
+convs with the most output positions (multiply-adds per weight) within 10% more weight bytes: 1.19x FP32 on SD1.5
+(int8: 1.16x, noise) at 0.517x its memory, 1.24x on the CIFAR UNet (int8: 1.27x). An FP16 initializer + Cast
 would halve the file but not the session: ORT folds the Cast at session start (checked on an optimized-model dump).
 """
 
@@ -45,12 +45,10 @@ from msfp_compiler.ops import get_format
 
 from .msfp_ops import MSFP_DOMAIN, QUANTIZE_OPS
 
-__all__ = ["CONV_WEIGHTS", "MIXED_BUDGET", "integer_shift", "int8_name", "TRANSPOSED", "lower_integer",
+__all__ = ["CONV_WEIGHTS", "integer_shift", "int8_name", "TRANSPOSED", "lower_integer",
            "IntegerLoweringInfo"]
 
-CONV_WEIGHTS = ("int8", "float32", "mixed")  # CompileConfig.conv_weights: 1 byte a weight, prepacked FP32 kernels,
-# or FP32 kernels where they pay most (_float_conv_weights)
-MIXED_BUDGET = 0.10  # "mixed": extra bytes of FP32 conv weights, as a fraction of the int8 weight bytes
+CONV_WEIGHTS = ("int8", "float32")  # CompileConfig.conv_weights: 1 byte a weight, or prepacked FP32 kernels
 MAX_WEIGHT_FOR_U8S8 = 64  # 2 * 255 * 64 = 32640 < 32767: no int16 saturation in vpmaddubsw pair sums
 
 
@@ -153,8 +151,7 @@ class _Rewrite:
 
 def lower_integer(model: onnx.ModelProto, conv_weights: str = "int8") -> IntegerLoweringInfo:
     """Rewrite ``model`` in place (see the module docstring); returns what was rewritten. ``conv_weights``: one of
-    CONV_WEIGHTS (FP32 initializers for all conv weights, for none, or for the "mixed" choice of
-    ``_float_conv_weights``)."""
+    CONV_WEIGHTS ("float32": conv weights as FP32 initializers)."""
     if conv_weights not in CONV_WEIGHTS:
         raise ValueError(f"conv_weights {conv_weights!r}: expected one of {CONV_WEIGHTS}")
     rw = _Rewrite(model)
@@ -179,44 +176,16 @@ def _packed_weights(rw: _Rewrite) -> list[tuple[onnx.NodeProto, int]]:
     return out
 
 
-def _conv_positions(rw: _Rewrite, weight: str) -> int | None:
-    """Output positions (H_out * W_out) of the convs reading ``weight`` (their fewest), None if it is not only a conv
-    weight; 0 where the graph does not say."""
-    users = rw.consumers[weight]
-    if not users or not all(u.op_type == "Conv" and list(u.input).index(weight) == 1 for u in users):
-        return None
-    vi = {v.name: v for v in rw.graph.value_info}
-    pos = []
-    for u in users:
-        v = vi.get(u.output[0])
-        dims = [d.dim_value if d.HasField("dim_value") else 0 for d in v.type.tensor_type.shape.dim] if v else []
-        pos.append(int(np.prod(dims[2:])) if len(dims) > 2 else 0)
-    return min(pos)
-
-
 def _float_conv_weights(rw: _Rewrite, conv_weights: str) -> set[str]:
-    """The conv weights (DequantizeFP4Packed outputs) to decode into FP32 initializers.
-
-    "mixed": a conv's cost of losing ORT's weight prepacking grows with its multiply-adds, H_out * W_out per weight,
-    and its FP32 weight costs 3 bytes a weight more than int8. So the convs with the most output positions are
-    decoded first (SD1.5: the 64x64 and then the 32x32 ones, 4096 and 1024 multiply-adds per weight, where a 16x16
-    1280-channel conv costs 16x the memory for the same time), until the extra bytes reach MIXED_BUDGET of the int8
-    weight bytes."""
+    """The conv weights (DequantizeFP4Packed outputs read only as Conv weights) to decode into FP32 initializers."""
     if conv_weights == "int8":
         return set()
-    packed = _packed_weights(rw)
-    convs = [(pos, n.output[0], int(np.prod(_attrs(n)["shape"]))) for n, _ in packed
-             if (pos := _conv_positions(rw, n.output[0])) is not None]
-    if conv_weights == "float32":
-        return {out for _, out, _ in convs}
-    budget = MIXED_BUDGET * sum(int(np.prod(_attrs(n)["shape"])) for n, _ in packed)
-    chosen, extra = set(), 0
-    for pos, out, numel in sorted(convs, key=lambda c: -c[0]):  # stable: graph order among equals
-        if pos == 0 or extra + 3 * numel > budget:
-            break
-        chosen.add(out)
-        extra += 3 * numel
-    return chosen
+    out = set()
+    for n, _ in _packed_weights(rw):
+        users = rw.consumers[n.output[0]]
+        if users and all(u.op_type == "Conv" and list(u.input).index(n.output[0]) == 1 for u in users):
+            out.add(n.output[0])
+    return out
 
 
 def _decode(rw: _Rewrite, n: onnx.NodeProto, k: int) -> tuple[np.ndarray, np.ndarray, bool] | None:

@@ -129,9 +129,8 @@ class CompileConfig:
     # ONNX weights as int8 + DequantizeLinear and linears as MatMulInteger (1 byte a weight in a plain ORT session);
     # False keeps the 4-bit packed weights in the file (half its size), which a plain session expands to FP32
     integer_kernels: bool = True
-    # with integer_kernels: "int8" conv weights (1 byte a weight, dequantized each run), "float32" (decoded at
-    # lowering: ORT prepacks them, faster convs, 4 bytes a weight) or "mixed" (float32 where a conv has the most
-    # multiply-adds per weight, within 10% more weight bytes); export/integer_kernels.py has the numbers
+    # with integer_kernels: "int8" conv weights (1 byte a weight, dequantized each run) or "float32" (decoded at
+    # lowering: ORT prepacks them, faster convs, 4 bytes a weight); export/integer_kernels.py has the numbers
     conv_weights: str = "int8"
     fold_zero_point: bool = True
     finetune: FinetuneConfig | None = None  # TALoRA/LoRA + DFA distillation after insert_qdq
@@ -140,6 +139,5 @@ class CompileConfig:
     device: str = "cpu"
 
     def __post_init__(self) -> None:
-        if self.conv_weights not in ("int8", "float32", "mixed"):
-            raise MsfpError(f"CompileConfig.conv_weights: unknown {self.conv_weights!r} "
-                            "(expected int8, float32 or mixed)")
+        if self.conv_weights not in ("int8", "float32"):
+            raise MsfpError(f"CompileConfig.conv_weights: unknown {self.conv_weights!r} (expected int8 or float32)")

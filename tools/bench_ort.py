@@ -5,7 +5,6 @@ Models: examples/digits-uncond, examples/digits-cond, ``cifar`` (the google/ddpm
 - fp32: ``lower_fp32`` (the FP32 model through the same lowering, what ``msfp-compile --scheme fp32`` writes);
 - msfp: ``msfp_compiler.compile`` with the default config (int8 weights + DequantizeLinear, MatMulInteger linears);
 - msfp_fp32conv: the same with FP32 conv weights (``CompileConfig(conv_weights="float32")``: prepacked convs);
-- msfp_mixed: FP32 weights for the convs with the largest outputs only (``conv_weights="mixed"``);
 - msfp_packed: the same graph with 4-bit packed weights (``CompileConfig(integer_kernels=False)``), opened with
   ``open_session`` (weights decoded to FP32 before ORT sees them);
 - msfp_nofold (digits only): without zero-point folding;
@@ -20,7 +19,7 @@ shared: every run records os.getloadavg().
 
     python tools/bench_ort.py --models cifar --batches 4 --opt-levels all --out results/bench_ort_cifar.json
     flock /work/coord/sd15.lock python tools/bench_ort.py --models sd15 --batches 1 --threads 1,2 --opt-levels all \
-        --iters 2 --warmup 1 --no-profile --variants fp32,msfp,msfp_mixed,msfp_fp32conv --work WORK \
+        --iters 2 --warmup 1 --no-profile --variants fp32,msfp,msfp_fp32conv --work WORK \
         --out results/bench_ort_sd15.json
     python tools/bench_ort.py --verify-only                     # dense bit-exactness sweep of the bodies
 """
@@ -57,9 +56,9 @@ SWEEP_FORMATS = ["e1m2", "e2m1", "e3m0", "ue2m2", "ue3m1", "ue4m0", "int4", "uin
 # ---- models ----
 
 def _quantized_pair(loaded, config, work: Path, name: str) -> dict[str, Path]:
-    """The default (integer-kernel) ONNX, the same with FP32 conv weights (``conv_weights="float32"``), with mixed
-    conv weights (``"mixed"``) and with 4-bit packed weights, from one compile (the integer files are lowered from
-    the packed one, as lower_to_onnx does after the export)."""
+    """The default (integer-kernel) ONNX, the same with FP32 conv weights (``conv_weights="float32"``) and with
+    4-bit packed weights, from one compile (the integer files are lowered from the packed one, as lower_to_onnx does
+    after the export)."""
     from dataclasses import replace
 
     import onnx
@@ -67,7 +66,7 @@ def _quantized_pair(loaded, config, work: Path, name: str) -> dict[str, Path]:
     from msfp_compiler.compile import compile as msfp_compile
     from msfp_compiler.export.onnx import save_atomic, to_integer
 
-    variants = {"msfp": "int8", "msfp_fp32conv": "float32", "msfp_mixed": "mixed"}
+    variants = {"msfp": "int8", "msfp_fp32conv": "float32"}
     paths = {k: work / f"{name}.{k}.onnx" for k in [*variants, "msfp_packed"]}
     if not paths["msfp_packed"].is_file():
         cm = msfp_compile(loaded, replace(config, integer_kernels=False), progress=False)

@@ -99,37 +99,3 @@ def test_float32_conv_weights_are_the_int8_weights_decoded(compiled_unet2d, pack
         assert np.array_equal(numpy_helper.to_array(inits[w]).view(np.int32), v.view(np.int32)), w
     (out,) = session_from_model(m).run(None, feeds)
     assert np.linalg.norm(out - outs[0]) / np.linalg.norm(outs[0]) < 1e-5  # conv kernels may sum in another order
-
-
-def test_mixed_conv_weights_take_the_largest_convs_within_the_budget(compiled_unet2d, packed_unet2d) -> None:
-    """conv_weights="mixed": FP32 for the convs with the most output positions (multiply-adds per weight), no conv
-    left in int8 having more positions than one made FP32, extra bytes within MIXED_BUDGET of the int8 bytes."""
-    import onnx
-    from onnx import numpy_helper
-
-    from msfp_compiler.export.integer_kernels import MIXED_BUDGET
-    from msfp_compiler.export.onnx import to_integer
-    from msfp_compiler.export.ort import session_from_model
-
-    m = onnx.ModelProto()
-    m.CopyFrom(packed_unet2d.onnx_model)
-    vi = {v.name: v for v in m.graph.value_info}
-    packed_numel = {n.output[0]: int(np.prod([a.ints for a in n.attribute if a.name == "shape"][0]))
-                    for n in m.graph.node if n.op_type == "DequantizeFP4Packed"}
-    counts = to_integer(m, conv_weights="mixed")
-    assert 0 < counts["float32_conv_weights"] < sum(1 for n in m.graph.node if n.op_type == "Conv")
-    inits = {t.name: t for t in m.graph.initializer}
-
-    def positions(conv: onnx.NodeProto) -> int:
-        return int(np.prod([d.dim_value for d in vi[conv.output[0]].type.tensor_type.shape.dim][2:]))
-
-    convs = [n for n in m.graph.node if n.op_type == "Conv"]
-    fp32 = [n for n in convs if n.input[1] in inits and inits[n.input[1]].data_type == TensorProto.FLOAT]
-    int8 = [n for n in convs if n not in fp32 and n.input[1] in packed_numel]
-    assert fp32 and int8 and min(map(positions, fp32)) >= max(map(positions, int8))
-    extra = 3 * sum(numpy_helper.to_array(inits[n.input[1]]).size for n in fp32)
-    assert extra <= MIXED_BUDGET * sum(packed_numel.values())
-    feeds = holdout_feeds(compiled_unet2d)
-    (ref,) = session_from_model(compiled_unet2d.onnx_model).run(None, feeds)
-    (out,) = session_from_model(m).run(None, feeds)
-    assert np.linalg.norm(out - ref) / np.linalg.norm(ref) < 1e-5
