@@ -9,7 +9,11 @@ mutate them: ``Stages.fresh`` hands out deep copies (records included) for passe
 
 from __future__ import annotations
 
+import ast
 import copy
+import dataclasses
+import functools
+import logging
 import os
 import re
 from dataclasses import dataclass, field
@@ -38,6 +42,9 @@ TINY_CALIB = CalibConfig(num_samples=2, num_steps=3, num_groups=3, holdout_sampl
 # (cheaper) search grid over the full MSFP candidate set. The per-pass stages use the default search.
 FAST_QUANT = QuantConfig(clip_ratios=16, zero_points=6, sample_per_group=1024)
 FAST_CONFIG = CompileConfig(quant=FAST_QUANT, calib=TINY_CALIB)
+# The cross-attention model calibrates with a 7-token text (not the default 1): test_calibration checks that the
+# configured length reaches every calibration batch, and --check passes on it, without a compile of its own.
+COND_CONFIG = CompileConfig(quant=FAST_QUANT, calib=dataclasses.replace(TINY_CALIB, text_len=7))
 STAGE_CONFIG = CompileConfig(calib=TINY_CALIB)
 
 
@@ -146,8 +153,6 @@ def compiled_unet2d(unet2d):
 def packed_unet2d(compiled_unet2d):
     """compiled_unet2d lowered with 4-bit packed weights (CompileConfig(integer_kernels=False)): the msfp
     DequantizeFP4Packed body, which a plain session folds to FP32 and open_session predecodes."""
-    import dataclasses
-
     from msfp_compiler.export.onnx import lower_to_onnx
 
     cm = compiled_unet2d
@@ -160,7 +165,33 @@ def packed_unet2d(compiled_unet2d):
 def compiled_cond(unet_cond):
     from msfp_compiler.compile import compile
 
-    return compile(unet_cond, FAST_CONFIG, progress=False)
+    return compile(unet_cond, COND_CONFIG, progress=False)
+
+
+@dataclass
+class Captured:
+    unet: torch.nn.Module
+    sig: UNetSignature
+    gm: fx.GraphModule  # shared: run it, or rewrite a clone_gm copy
+
+    def fresh(self) -> fx.GraphModule:
+        return clone_gm(self.gm)
+
+
+@pytest.fixture(scope="session")
+def captured_cond(unet_cond) -> Captured:
+    """The small UNet2DConditionModel (make_unet_cond) captured with its default signature (1-token text)."""
+    gm, sig = capture(unet_cond)
+    return Captured(unet_cond, sig, gm)
+
+
+@pytest.fixture(scope="session")
+def fp32_min():
+    """The smallest UNet (make_unet_min) and its FP32 ONNX from the library verb ``lower_fp32``: (unet, ModelProto)."""
+    from msfp_compiler.export.onnx import lower_fp32
+
+    unet = make_unet_min()
+    return unet, lower_fp32(unet)
 
 
 @pytest.fixture(scope="session")
@@ -232,38 +263,63 @@ def tuned():
     return gm, sig, res
 
 
+@pytest.fixture(autouse=True)
+def _restore_msfp_logger():
+    """The CLI installs a stderr handler on the 'msfp' logger and stops propagation; a test that runs it (test_cli,
+    test_device) must not leave that behind: under xdist the handler outlives the test's stderr, and caplog-based
+    tests on the same worker see no records."""
+    lg = logging.getLogger("msfp")
+    saved = (lg.handlers[:], lg.level, lg.propagate)
+    yield
+    lg.handlers[:], lg.level, lg.propagate = saved
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # xdist: keep the tests that share an expensive session-scoped artifact on one worker
 
+# Session fixtures that take tens of seconds to build, and the work group of the tests that ask for them (directly
+# or through a fixture of their own module).
+_FIXTURE_GROUP = {"compiled_unet2d": "compiled_unet2d", "packed_unet2d": "compiled_unet2d",
+                  "compiled_cond": "compiled_cond", "stages_unet2d": "stages_unet2d", "tuned": "stages_unet2d",
+                  "fp32_min": "fp32_min", "captured_cond": "captured_cond"}
+# Modules whose module-scoped fixtures are expensive: all their tests form one group.
+_MODULE_GROUP = {"tests/test_cli.py": "cli"}
 _COMPILED_PARAM = re.compile(r"\[(?:[^\]]*-)?(unet2d|cond)(?:-[^\]]*)?\]$")
 
 
+@functools.cache
+def _fixture_args(path: str) -> dict[str, tuple[str, ...]]:
+    """Argument names of every function in a test module (tests and module fixtures), read from its source: the
+    xdist controller schedules node ids and never imports the test modules."""
+    tree = ast.parse((Path(__file__).parent.parent / path).read_text())
+    return {f.name: tuple(a.arg for a in f.args.args) for f in ast.walk(tree) if isinstance(f, ast.FunctionDef)}
+
+
 def _work_group(nodeid: str) -> str | None:
-    path = nodeid.split("::")[0]
-    if path.endswith("tests/test_cli.py"):
-        return "cli"  # module-scoped checkpoint, compiled model and bad files
-    if path.endswith("tests/export/test_fast.py"):
-        return "compiled_cond"  # shares the compiled tiny SD-style UNet with test_onnx's [cond] tests
-    if "tests/passes/" in path or nodeid.endswith("test_distillation.py::test_finetune_lowers_distillation_loss"):
-        return "stages_unet2d"  # (and the session's fine-tuned graph, ``tuned``)
-    name = nodeid.split("::")[-1]
-    if path.endswith("tests/export/test_ort.py"):
-        return "compiled_unet2d"
-    if path.endswith("tests/export/test_ort_unet.py") or name.startswith(("test_reference_evaluator",
-                                                                         "test_any_text_length")):
-        return "compiled_cond" if ("stable_diffusion" in name or "text_length" in name) else "compiled_unet2d"
-    m = _COMPILED_PARAM.search(nodeid)
-    if m and path.endswith(("tests/export/test_onnx.py", "tests/test_pass_manager.py", "tests/test_check.py")):
-        return f"compiled_{m.group(1)}"
+    path, _, rest = nodeid.partition("::")
+    path = path[path.index("tests/"):] if "tests/" in path else path
+    if path in _MODULE_GROUP:
+        return _MODULE_GROUP[path]
+    funcs = _fixture_args(path)
+    seen, todo = set(), [rest.split("::")[-1].split("[")[0]]
+    while todo:  # the test's fixtures, and theirs where they are defined in the same module
+        for arg in funcs.get(todo.pop(), ()):
+            if arg == "compiled" and (m := _COMPILED_PARAM.search(nodeid)):
+                return f"compiled_{m.group(1)}"
+            if arg in _FIXTURE_GROUP:
+                return _FIXTURE_GROUP[arg]
+            if arg not in seen:
+                seen.add(arg)
+                todo.append(arg)
     return None
 
 
 @pytest.hookimpl(tryfirst=True, optionalhook=True)  # optional: plain pytest without xdist ignores it
 def pytest_xdist_make_scheduler(config, log):
     """``-n N`` distributes test by test (``--dist load``), so every worker would build every compiled model. Same
-    scheduling, except that the tests of one group above form one work unit. (``--dist loadgroup`` with
-    ``xdist_group`` marks would do this, but xdist 3.8 tags node ids through an attribute pytest 9 no longer reads.)
-    Other ``--dist`` modes are left alone."""
+    scheduling, except that the tests sharing one expensive fixture above form one work unit. (``--dist loadgroup``
+    with ``xdist_group`` marks would do this, but xdist 3.8 tags node ids through an attribute pytest 9 no longer
+    reads.) Other ``--dist`` modes are left alone."""
     if config.getvalue("dist") != "load":
         return None
     from xdist.scheduler import LoadScopeScheduling

@@ -5,30 +5,26 @@ from __future__ import annotations
 import pytest
 
 from msfp_compiler.calibration import CALIB_BUDGET, collect, default_calibration
-from msfp_compiler.capture import capture, signature_of
+from msfp_compiler.capture import signature_of
 from msfp_compiler.passes.annotate_sign import AnnotateSign
 from msfp_compiler.sampling import make_scheduler
-from tests.conftest import make_unet_cond
 
 
-def test_sd_style_calibration_uses_77_tokens() -> None:
-    unet = make_unet_cond()
+def test_sd_style_calibration_uses_77_tokens(captured_cond) -> None:
+    unet = captured_cond.unet
     sig = signature_of(unet, cond_len=77)
     calib = collect(unet, sig, 2, 2, 0, make_scheduler(), num_groups=1, holdout_samples=0, progress=False)
     assert calib.batches[0].cond.shape == (2, 77, 16)
-    gm, _ = capture(unet, sig)
-    res = AnnotateSign(calib, 64)(gm)  # runs the captured graph on 77-token states
+    res = AnnotateSign(calib, 64)(captured_cond.fresh())  # runs the captured graph on 77-token states
     assert res.info["calib_batches"] == 2
 
 
-def test_compile_calibrates_with_the_configured_text_length() -> None:
-    from msfp_compiler.compile import compile as msfp_compile
-    from msfp_compiler.config import CalibConfig, CompileConfig
-
-    calib = CalibConfig(num_samples=2, num_steps=2, num_groups=1, holdout_samples=1, text_len=7)
-    cm = msfp_compile(make_unet_cond(), CompileConfig(calib=calib), progress=False)
+def test_compile_calibrates_with_the_configured_text_length(compiled_cond) -> None:
+    """The shared compiled SD-style UNet is compiled with CalibConfig.text_len=7 (conftest.COND_CONFIG)."""
+    cm = compiled_cond
+    assert cm.config.calib.text_len == 7 and cm.calibration.holdout
     assert {b.cond.shape[1] for b in cm.calibration.batches + cm.calibration.holdout} == {7}
-    assert cm.check().ok  # ORT vs the torch graph on the 7-token hold-out batch
+    assert cm.check().ok  # ORT vs the torch graph on the 7-token hold-out batches
 
 
 @pytest.mark.parametrize("params", [1_100_000, 35_700_000, 150_000_000])
@@ -56,18 +52,15 @@ def test_given_values_are_kept() -> None:
     assert default_calibration(1_000_000, steps=2)[2] == 2  # groups never exceed steps
 
 
-def test_statistics_from_the_calibration_forwards_equal_a_separate_pass() -> None:
+def test_statistics_from_the_calibration_forwards_equal_a_separate_pass(stages_unet2d) -> None:
     """collect(graph=gm) runs the trajectories through the captured graph and streams the statistics on the way; they
     must equal what a forward of their own over the recorded inputs gives (activation_stats), and the recorded inputs
     must equal the eager calibration's."""
     import torch
 
     from msfp_compiler.calibration import activation_stats, stats_nodes
-    from tests.conftest import make_unet2d
 
-    unet = make_unet2d()
-    sig = signature_of(unet)
-    gm, _ = capture(unet, sig)
+    unet, sig, gm = stages_unet2d.unet, stages_unet2d.sig, stages_unet2d.fresh("capture")  # capture(make_unet2d())
     args = dict(num_samples=2, num_steps=5, seed=3, num_groups=2, holdout_samples=1, progress=False)
     eager = collect(unet, sig, scheduler=make_scheduler(), **args)
     fused = collect(unet, sig, scheduler=make_scheduler(), graph=gm, sample_per_group=100, stats_seed=9, **args)
@@ -85,8 +78,10 @@ def test_statistics_from_the_calibration_forwards_equal_a_separate_pass() -> Non
                                                                             y.negatives)
             assert torch.equal(x.sample, y.sample)
     # annotate_sign takes them as they are (no forward), or computes them when the subsample size differs
-    assert AnnotateSign(fused, 100, 9)(capture(unet, sig)[0]).info["statistics"] == "from the calibration forwards"
-    assert AnnotateSign(fused, 64, 9)(capture(unet, sig)[0]).info["statistics"] == "one forward per calibration batch"
+    assert AnnotateSign(fused, 100, 9)(stages_unet2d.fresh("capture")).info["statistics"] == \
+        "from the calibration forwards"
+    assert AnnotateSign(fused, 64, 9)(stages_unet2d.fresh("capture")).info["statistics"] == \
+        "one forward per calibration batch"
 
 
 @pytest.mark.parametrize("attention", [True, False])

@@ -5,14 +5,9 @@ from __future__ import annotations
 
 import torch
 
-from msfp_compiler.capture import capture, signature_of
 
-from .conftest import make_unet2d, make_unet_cond
-
-
-def test_captured_graph_runs_batches_of_64_and_more():
-    unet = make_unet2d()
-    gm, _ = capture(unet, signature_of(unet))
+def test_captured_graph_runs_batches_of_64_and_more(stages_unet2d):
+    unet, gm = stages_unet2d.unet, stages_unet2d.after["capture"]  # capture(unet2d), shared with the pass tests
     # Upsample2D makes the tensor contiguous when batch >= 64; export specialized that on the batch-2 example and
     # guarded "batch <= 63", which stopped GPU sampling and fine-tuning in large batches.
     x = torch.randn(65, 1, 8, 8, generator=torch.Generator().manual_seed(0))
@@ -23,10 +18,9 @@ def test_captured_graph_runs_batches_of_64_and_more():
     assert torch.allclose(out, ref, atol=1e-5, rtol=1e-5)
 
 
-def test_captured_graph_takes_any_text_length() -> None:
-    unet = make_unet_cond()
-    sig = signature_of(unet)  # cond_len 1 by default, e.g. a class-embedding row
-    gm, _ = capture(unet, sig)
+def test_captured_graph_takes_any_text_length(captured_cond) -> None:
+    unet, gm = captured_cond.unet, captured_cond.gm  # captured with cond_len 1 (the default, e.g. a class-embedding row)
+    assert captured_cond.sig.cond_len == 1
     g = torch.Generator().manual_seed(0)
     for batch, length in ((1, 1), (3, 77), (2, 5)):
         x, t = torch.randn(batch, 4, 8, 8, generator=g), torch.randint(0, 1000, (batch,), generator=g)

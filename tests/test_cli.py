@@ -39,15 +39,6 @@ def _call(main, argv: list[str]) -> int:
         return int(e.code or 0)
 
 
-@pytest.fixture(autouse=True)
-def _restore_msfp_logger():
-    """The CLI installs a stderr handler on the 'msfp' logger; do not leak it into other tests."""
-    lg = logging.getLogger("msfp")
-    saved = (lg.handlers[:], lg.level, lg.propagate)
-    yield
-    lg.handlers[:], lg.level, lg.propagate = saved[0], saved[1], saved[2]
-
-
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("cli")

@@ -5,18 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from msfp_compiler.capture import capture
 from msfp_compiler.errors import MsfpError
 from msfp_compiler.layer_graph import layer_kind
 from msfp_compiler.names import layer_names, model_layer_names, unknown_names_error
-from tests.conftest import make_unet2d
 
 
 @pytest.fixture(scope="module")
-def unet_and_graph():
-    unet = make_unet2d(seed=1)
-    gm, _ = capture(unet)
-    return unet, gm
+def unet_and_graph(stages_unet2d):
+    return stages_unet2d.unet, stages_unet2d.after["capture"]  # capture(make_unet2d()), read only
 
 
 def test_layer_names_are_module_paths(unet_and_graph) -> None:

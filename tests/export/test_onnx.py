@@ -20,11 +20,11 @@ from onnx import TensorProto, helper
 
 import msfp_compiler.export.onnx as onnx_export
 from msfp_compiler.compile import compile
-from msfp_compiler.export.onnx import check_model, lower_fp32, save_atomic
+from msfp_compiler.export.onnx import check_model, save_atomic
 from msfp_compiler.export.msfp_ops import BODY_OPS, MSFP_DOMAIN, QUANTIZE_OPS, quantize_op_type, single_op_model
 from msfp_compiler.formats import IntFormat
 from msfp_compiler.ops import get_format, pack_codes
-from tests.conftest import FAST_CONFIG, holdout_feeds
+from tests.conftest import holdout_feeds
 
 QUANT_OPS = set(QUANTIZE_OPS)
 BASE_OP = {name: op for (op, _), name in BODY_OPS.items()}  # body op name -> the op the translation emits
@@ -176,7 +176,7 @@ def test_check_detects_a_broken_lowering(compiled) -> None:
 
 def test_same_input_and_seed_give_identical_bytes(compiled, request, tmp_path: Path) -> None:
     unet = request.getfixturevalue("unet_cond" if compiled.signature.cond else "unet2d")
-    again = compile(unet, FAST_CONFIG, progress=False)
+    again = compile(unet, compiled.config, progress=False)
     a, b = compiled.onnx_model.SerializeToString(), again.onnx_model.SerializeToString()
     assert a == b
     pa, pb = compiled.save(tmp_path / "a.onnx"), again.save(tmp_path / "b.onnx")
@@ -385,13 +385,12 @@ def test_any_text_length(compiled_cond, text_len: int) -> None:
     assert np.linalg.norm(out - ref) / np.linalg.norm(ref) < 1e-5
 
 
-def test_fp32_scheme_goes_through_the_same_lowering() -> None:
+def test_fp32_scheme_goes_through_the_same_lowering(fp32_min) -> None:
     """``--scheme fp32``: no msfp node, the compiled models' inputs and output, the torch UNet's result; the same
     bytes as the library verb ``lower_fp32`` that tools use for their FP32 baseline."""
     from msfp_compiler.config import CompileConfig, QuantConfig
-    from tests.conftest import make_unet_min
 
-    unet = make_unet_min()
+    unet, fp32 = fp32_min
     cm = compile(unet, CompileConfig(quant=QuantConfig(scheme="fp32")), progress=False)
     m = cm.onnx_model
     assert not _msfp_nodes(m) and not m.functions
@@ -404,4 +403,4 @@ def test_fp32_scheme_goes_through_the_same_lowering() -> None:
     with torch.no_grad():
         ref = unet(x, t).sample.numpy()
     assert np.abs(out - ref).max() < 1e-4
-    assert lower_fp32(unet).SerializeToString() == m.SerializeToString()
+    assert fp32.SerializeToString() == m.SerializeToString()

@@ -1,7 +1,7 @@
 """OrtUNet: an onnxruntime session with the diffusers UNet interface, dropped into diffusers pipelines.
 
-- DDIMPipeline on the digits model (examples/digits-uncond) lowered with ``--scheme fp32``: the same images as the
-  pipeline with the torch UNet; on a compiled tiny UNet2DModel: the same images as the torch quantized graph.
+- DDIMPipeline on a tiny UNet2DModel lowered to FP32 (``lower_fp32``, what ``--scheme fp32`` writes): the same images
+  as the pipeline with the torch UNet; on a compiled tiny UNet2DModel: the same images as the torch quantized graph.
 - StableDiffusionPipeline built from configs (tiny CLIP text model, tiny tokenizer written here, tiny VAE), its
   UNet replaced by the compiled ONNX: runs with classifier-free guidance and matches the torch quantized graph.
 """
@@ -16,8 +16,6 @@ import pytest
 import torch
 
 from msfp_compiler.export.ort import OrtUNet, session_from_model
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 class TorchUNet:
@@ -47,12 +45,11 @@ def _ddim(unet, steps: int = 4):
                 output_type="np").images
 
 
-def test_ddim_pipeline_on_the_fp32_onnx_of_the_digits_model(tmp_path: Path) -> None:
-    from msfp_compiler.export.onnx import lower_fp32, save_atomic
-    from msfp_compiler.load import load_model
+def test_ddim_pipeline_on_the_fp32_onnx(fp32_min, tmp_path: Path) -> None:
+    from msfp_compiler.export.onnx import save_atomic
 
-    unet = load_model(ROOT / "examples" / "digits-uncond").unet.eval()
-    save_atomic(lower_fp32(unet), tmp_path / "fp32.onnx")
+    unet, fp32 = fp32_min
+    save_atomic(fp32, tmp_path / "fp32.onnx")
     ort_unet = OrtUNet(tmp_path / "fp32.onnx")  # the diffusers config comes from the ONNX metadata
     assert ort_unet.config.sample_size == unet.config.sample_size and ort_unet.config.in_channels == 1
     out = ort_unet(torch.randn(3, 1, unet.config.sample_size, unet.config.sample_size), torch.tensor(10))

@@ -7,13 +7,11 @@ import torch
 import torch.fx as fx
 
 from msfp_compiler.calibration import CalibBatch, CalibrationSet, TimestepGroup, collect
-from msfp_compiler.capture import capture, signature_of
 from msfp_compiler.errors import MsfpError
 from msfp_compiler.layer_graph import LAYER_OPS
 from msfp_compiler.passes.annotate_sign import AnnotateSign
 from msfp_compiler.record import TensorRecord, records
 from msfp_compiler.sampling import make_scheduler
-from tests.conftest import make_unet2d
 
 aten = torch.ops.aten
 SILU_MIN = -0.2784645  # min of x * sigmoid(x), at x = -1.2785
@@ -193,15 +191,13 @@ def _stats(gm, calib, per_group: int):
 
 
 @pytest.mark.parametrize("per_group", [64, 300])
-def test_statistics_memory_is_bounded_per_timestep_group(per_group: int) -> None:
-    unet = make_unet2d()
-    sig = signature_of(unet)
+def test_statistics_memory_is_bounded_per_timestep_group(stages_unet2d, per_group: int) -> None:
+    unet, sig = stages_unet2d.unet, stages_unet2d.sig
     small = collect(unet, sig, 2, 4, 0, make_scheduler(), num_groups=2, holdout_samples=0, progress=False)
     large = collect(unet, sig, 6, 8, 0, make_scheduler(), num_groups=2, holdout_samples=0, progress=False)
     kept = {}
     for name, calib in (("small", small), ("large", large)):
-        gm, _ = capture(unet, sig)
-        acts = _stats(gm, calib, per_group)
+        acts = _stats(stages_unet2d.fresh("capture"), calib, per_group)
         assert acts
         for rec in acts:
             assert len(rec.groups) == 2
@@ -216,13 +212,9 @@ def test_statistics_memory_is_bounded_per_timestep_group(per_group: int) -> None
     assert kept["large"][0] <= kept["large"][2] * 2 * per_group
 
 
-def test_statistics_reject_non_finite_activations() -> None:
-    from msfp_compiler.errors import MsfpError
-
-    unet = make_unet2d()
-    sig = signature_of(unet)
+def test_statistics_reject_non_finite_activations(stages_unet2d) -> None:
+    unet, sig = stages_unet2d.unet, stages_unet2d.sig
     calib = collect(unet, sig, 1, 2, 0, make_scheduler(), num_groups=1, holdout_samples=0, progress=False)
     calib.groups[0].batches[0].sample[0, 0, 0, 0] = float("nan")
-    gm, _ = capture(unet, sig)
     with pytest.raises(MsfpError, match="non-finite activation"):
-        AnnotateSign(calib, 64)(gm)
+        AnnotateSign(calib, 64)(stages_unet2d.fresh("capture"))
