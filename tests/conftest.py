@@ -205,16 +205,6 @@ def compiled(request):
     return request.getfixturevalue("compiled_unet2d" if request.param == "unet2d" else "compiled_cond")
 
 
-def make_tiny_talora_unet() -> torch.nn.Module:
-    """The UNet2DModel of the TALoRA tests (8x8, channels (8, 16), self-attention; seed 0)."""
-    from diffusers import UNet2DModel
-
-    torch.manual_seed(0)
-    return UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
-                       down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-                       norm_num_groups=4).eval()
-
-
 def ort_session(src, threads: int = 1):
     """An onnxruntime CPU session of a ModelProto or a path, quiet, ``threads`` intra-op threads."""
     import onnxruntime as ort
@@ -232,9 +222,11 @@ def holdout_feeds(cm, batch: int = 2) -> dict:
     return {n: a[:batch].numpy() for n, a in zip(cm.signature.input_names, b.args)}
 
 
-def quantize_tiny(unet: torch.nn.Module, steps: int = 3, groups: int = 1, sample_per_group: int = 128):
+def quantize_tiny(unet: torch.nn.Module, steps: int = 3, groups: int = 1, sample_per_group: int = 128,
+                  gm: fx.GraphModule | None = None):
     """annotate_sign, select_format (every layer 4-bit) and insert_qdq on a tiny UNet, recompiled as the
-    PassManager leaves it; returns (gm, sig)."""
+    PassManager leaves it; returns (gm, sig). ``gm``: the UNet's captured graph, to rewrite instead of a new capture
+    (e.g. ``stages_unet2d.fresh("capture")``)."""
     from msfp_compiler.passes.annotate_sign import AnnotateSign
     from msfp_compiler.passes.insert_qdq import InsertQDQ
     from msfp_compiler.passes.select_format import SelectFormat
@@ -242,7 +234,8 @@ def quantize_tiny(unet: torch.nn.Module, steps: int = 3, groups: int = 1, sample
     sig = signature_of(unet)
     calib = collect(unet, sig, 2, steps, 0, make_scheduler("ddim"), num_groups=groups, holdout_samples=0,
                     progress=False)
-    gm, _ = capture(unet, sig)
+    if gm is None:
+        gm, _ = capture(unet, sig)
     for p in (AnnotateSign(calib, sample_per_group), SelectFormat(QuantConfig(keep_8bit=())), InsertQDQ()):
         gm = p(gm).graph_module
     gm.recompile()
@@ -250,13 +243,14 @@ def quantize_tiny(unet: torch.nn.Module, steps: int = 3, groups: int = 1, sample
 
 
 @pytest.fixture(scope="session")
-def tuned():
-    """A tiny UNet, quantized and fine-tuned with 2 LoRAs for a few steps (before fusion): (gm, sig, result)."""
+def tuned(stages_unet2d):
+    """The tiny UNet2DModel, quantized and fine-tuned with 2 LoRAs for a few steps (before fusion): (gm, sig,
+    result)."""
     from msfp_compiler.config import FinetuneConfig
     from msfp_compiler.distillation import finetune
 
-    unet = make_tiny_talora_unet()
-    gm, sig = quantize_tiny(unet, steps=4, groups=2, sample_per_group=256)
+    unet = stages_unet2d.unet
+    gm, sig = quantize_tiny(unet, steps=4, groups=2, sample_per_group=256, gm=stages_unet2d.fresh("capture"))
     data = collect(unet, sig, 4, 8, 1, make_scheduler("ddim"), num_groups=1, holdout_samples=0, progress=False)
     cfg = FinetuneConfig(steps=40, num_loras=2, rank=2, batch_size=4, lr=5e-3, samples=4, sampler_steps=8)
     res = finetune(gm, unet, sig, data, cfg, make_scheduler("ddim"), progress=False)

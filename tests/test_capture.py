@@ -19,7 +19,7 @@ def test_captured_graph_runs_batches_of_64_and_more(stages_unet2d):
 
 
 def test_captured_graph_takes_any_text_length(captured_cond) -> None:
-    unet, gm = captured_cond.unet, captured_cond.gm  # captured with cond_len 1 (the default, e.g. a class-embedding row)
+    unet, gm = captured_cond.unet, captured_cond.gm  # captured with cond_len 1 (the default: a class-embedding row)
     assert captured_cond.sig.cond_len == 1
     g = torch.Generator().manual_seed(0)
     for batch, length in ((1, 1), (3, 77), (2, 5)):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from msfp_compiler.capture import capture, signature_of
 from msfp_compiler.config import CompileConfig, QuantConfig
 from msfp_compiler.device import move_graph, move_tensors, resolve_device
 from msfp_compiler.errors import MsfpError
@@ -25,9 +24,8 @@ def test_resolve_device_validates():
             resolve_device("cuda")
 
 
-def test_move_graph_rewrites_baked_devices():
-    unet = make_unet2d()
-    gm, _ = capture(unet, signature_of(unet))
+def test_move_graph_rewrites_baked_devices(stages_unet2d):
+    gm = stages_unet2d.fresh("capture")
     baked = [n for n in gm.graph.nodes if isinstance(n.kwargs.get("device"), torch.device)]
     assert baked  # torch.export bakes arange(..., device=cpu) of the timestep embedding into the graph
     x, t = torch.randn(2, 1, 8, 8), torch.tensor([10, 500])

@@ -13,7 +13,7 @@ from msfp_compiler.ops import DEQUANTIZE_PACKED
 from msfp_compiler.talora import ROUTER_NAME, SELECT_WEIGHT
 
 from .conftest import FAST_QUANT
-from .conftest import make_tiny_talora_unet as _unet
+from .conftest import make_unet2d
 
 
 def test_finetune_lowers_distillation_loss(tuned):
@@ -24,10 +24,11 @@ def test_finetune_lowers_distillation_loss(tuned):
 
 def test_talora_compile_onnx_agrees_with_torch(tmp_path):
     # the conftest's coarser search grid: this test is about the fused TALoRA weights, not the format search
-    cfg = CompileConfig(quant=dataclasses.replace(FAST_QUANT, keep_8bit=()), calib=CalibConfig(num_samples=2, num_steps=4, num_groups=2),
+    cfg = CompileConfig(quant=dataclasses.replace(FAST_QUANT, keep_8bit=()),
+                        calib=CalibConfig(num_samples=2, num_steps=4, num_groups=2),
                         finetune=FinetuneConfig(steps=10, num_loras=2, rank=2, batch_size=4, samples=4,
                                                 sampler_steps=8, checkpoint=str(tmp_path / "lora.safetensors")))
-    cm = msfp_compile(_unet(), cfg, log_dir=tmp_path / "logs", progress=False)
+    cm = msfp_compile(make_unet2d(), cfg, log_dir=tmp_path / "logs", progress=False)
     runs = {r.name: r for r in cm.pass_runs}
     assert runs["fuse_talora"].info["num_loras"] == 2
     res = cm.check()

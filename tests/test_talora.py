@@ -8,7 +8,7 @@ import torch
 from msfp_compiler.config import FinetuneConfig
 from msfp_compiler.talora import ROUTER_NAME, SELECT_WEIGHT, TALoRAWeight, TimestepRouter, attach_talora
 
-from .conftest import make_tiny_talora_unet, quantize_tiny
+from .conftest import quantize_tiny
 
 
 def test_router_hard_choice_straight_through():
@@ -30,8 +30,8 @@ def test_select_weight_picks_the_tables_set_for_the_first_timestep():
         assert torch.equal(SELECT_WEIGHT(table, torch.tensor([t, 0]), ws), ws[k])
 
 
-def test_attach_talora_wraps_every_4bit_weight_quantizer():
-    gm, _ = quantize_tiny(make_tiny_talora_unet())
+def test_attach_talora_wraps_every_4bit_weight_quantizer(stages_unet2d):
+    gm, _ = quantize_tiny(stages_unet2d.unet, gm=stages_unet2d.fresh("capture"))
     x, t = torch.randn(1, 1, 8, 8), torch.tensor([10])
     before = gm(x, t)
     names = attach_talora(gm, FinetuneConfig(num_loras=2, rank=2))

@@ -18,7 +18,6 @@ from msfp_compiler.passes.select_format import SelectFormat
 from msfp_compiler.sampling import make_scheduler
 from msfp_compiler.talora import ROUTER_NAME, SELECT_WEIGHT, attach_talora, router_table
 
-from ..conftest import make_tiny_talora_unet as _unet
 from ..conftest import make_unet_min, quantize_tiny
 
 
@@ -72,8 +71,8 @@ def test_weight_sets_no_timestep_selects_are_dropped(tuned):
         torch.testing.assert_close(fused(x, tt), both(x, tt), rtol=1e-5, atol=1e-5)
 
 
-def test_plain_lora_has_no_router():
-    gm, _ = quantize_tiny(_unet())
+def test_plain_lora_has_no_router(stages_unet2d):
+    gm, _ = quantize_tiny(stages_unet2d.unet, gm=stages_unet2d.fresh("capture"))
     names = attach_talora(gm, FinetuneConfig(num_loras=1, rank=2))
     assert names and not hasattr(gm, ROUTER_NAME)
     x, t = torch.randn(1, 1, 8, 8), torch.tensor([10])
