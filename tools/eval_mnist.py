@@ -38,11 +38,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
-from eval_quality import ALIASES, ROWS, Row  # noqa: E402
+from quality_rows import ALIASES, ROWS, Row, compile_facts, row_config  # noqa: E402
 
 from msfp_compiler.capture import UNetWrapper, signature_of  # noqa: E402
 from msfp_compiler.compile import compile as msfp_compile  # noqa: E402
-from msfp_compiler.config import CalibConfig, CompileConfig, FinetuneConfig, QuantConfig  # noqa: E402
+from msfp_compiler.config import CompileConfig  # noqa: E402
 from msfp_compiler.device import move_graph, resolve_device  # noqa: E402
 from msfp_compiler.digits import load_classifier  # noqa: E402
 from msfp_compiler.load import load_model  # noqa: E402
@@ -101,14 +101,11 @@ def ddim(eps_fn, n: int, steps: int, seed: int, cond: torch.Tensor | None, sched
 
 
 def compile_config(row: Row, args, seed: int) -> CompileConfig:
-    ft = None
-    if row.num_loras:
-        ft = FinetuneConfig(steps=args.finetune_steps, num_loras=row.num_loras, rank=args.lora_rank, dfa=row.dfa,
-                            samples=args.finetune_samples, sampler_steps=args.steps, seed=seed,
-                            batch_size=args.finetune_batch, lr=args.lora_lr, log_every=args.log_every)
-    return CompileConfig(quant=QuantConfig(scheme=row.scheme),
-                         calib=CalibConfig(num_samples=args.calib_samples, num_steps=args.calib_steps, seed=seed),
-                         finetune=ft, device=args.device)
+    return row_config(row, seed=seed, calib_samples=args.calib_samples, calib_steps=args.calib_steps,
+                      finetune_steps=args.finetune_steps, lora_rank=args.lora_rank,
+                      finetune_samples=args.finetune_samples, sampler_steps=args.steps, device=args.device,
+                      batch_size=args.finetune_batch, lr=args.lora_lr, log_every=args.log_every,
+                      learn_act_scales=args.learn_act_scales)
 
 
 def run_task(model_key: str, seed: int, row: Row, args) -> dict:
@@ -140,15 +137,7 @@ def run_task(model_key: str, seed: int, row: Row, args) -> dict:
         check = seed in args.check_seeds
         cm = msfp_compile(loaded, compile_config(row, args, seed), progress=False, lower=check)
         info["compile_seconds"] = round(time.perf_counter() - t0, 2)
-        for run in cm.pass_runs:
-            if run.name == "finetune":
-                for k in ("train_seconds", "steps_per_s", "initial_loss", "final_loss", "loss_curve"):
-                    info[k] = run.info.get(k)
-            if run.name == "fuse_talora" and "table" in run.info:
-                info["talora_table"] = run.info["table"]
-        acts = [s for s in cm.layers if s.role == "act" and s.bits == 4]
-        info["unsigned_acts"] = sum(not s.signed for s in acts)
-        info["signed_acts"] = sum(s.signed for s in acts)
+        info.update(compile_facts(cm))
         if check:
             chk = cm.check()
             info["onnx_check"] = chk.info()  # per-quantizer verdict (msfp_compiler.check): flips counted, not failed
@@ -354,6 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lora-rank", type=int, default=4)
     p.add_argument("--lora-lr", type=float, default=1e-3)
     p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--learn-act-scales", action="store_true", help="fine-tuning also learns the activation scales")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--no-tf32", dest="tf32", action="store_false", help="plain FP32 convolutions while sampling")
     p.add_argument("--check-seeds", default="0", help="seeds whose rows are checked in onnxruntime")

@@ -18,50 +18,25 @@ import json
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
 
 from msfp_compiler.sampling import make_scheduler  # noqa: E402
 from msfp_compiler.capture import capture, signature_of  # noqa: E402
 from msfp_compiler.compile import compile as msfp_compile  # noqa: E402
-from msfp_compiler.config import CalibConfig, CompileConfig, FinetuneConfig, QuantConfig  # noqa: E402
 from msfp_compiler.digits import load_classifier, load_digit_images  # noqa: E402
 from msfp_compiler.export.onnx import lower_fp32, save_atomic  # noqa: E402
 from msfp_compiler.export.ort import OrtUNet, ddim_sample, open_session, save_grid  # noqa: E402
 from msfp_compiler.load import load_model  # noqa: E402
 from msfp_compiler.metrics import classifier_accuracy, fid_digits, mse, psnr  # noqa: E402
+from quality_rows import ALIASES, ROWS, Row, compile_facts, row_config  # noqa: E402
 
 MODELS = {"uncond": ROOT / "examples" / "digits-uncond", "cond": ROOT / "examples" / "digits-cond"}
-
-
-@dataclass(frozen=True)
-class Row:
-    """One table row: a scheme, optionally with (TA)LoRA fine-tuning and DFA."""
-
-    name: str
-    scheme: str | None  # None = FP32
-    num_loras: int = 0  # 0 = PTQ, 1 = LoRA, >1 = TALoRA
-    dfa: bool = False
-
-
-ROWS = {r.name: r for r in [
-    Row("FP32", None),
-    Row("INT4 PTQ", "int4"),
-    Row("FP4 signed PTQ", "fp4-signed"),
-    Row("MSFP PTQ", "msfp"),
-    Row("INT4 + LoRA", "int4", 1),
-    Row("MSFP + LoRA", "msfp", 1),
-    Row("MSFP + TALoRA", "msfp", 2),
-    Row("MSFP + TALoRA + DFA", "msfp", 2, True),
-]}
-ALIASES = {"fp32": "FP32", "int4": "INT4 PTQ", "fp4": "FP4 signed PTQ", "msfp": "MSFP PTQ",
-           "int4+lora": "INT4 + LoRA", "msfp+lora": "MSFP + LoRA", "msfp+talora": "MSFP + TALoRA",
-           "msfp+talora+dfa": "MSFP + TALoRA + DFA"}
 
 
 def build_onnx(row: Row, loaded, args, path: Path) -> dict:
@@ -71,27 +46,19 @@ def build_onnx(row: Row, loaded, args, path: Path) -> dict:
     if row.scheme is None:
         save_atomic(lower_fp32(loaded.unet), path)
     else:
-        ft = None
-        if row.num_loras:
-            ft = FinetuneConfig(steps=args.finetune_steps, num_loras=row.num_loras, rank=args.lora_rank,
-                                dfa=row.dfa, samples=args.finetune_samples, sampler_steps=args.steps, seed=args.seed)
-        cfg = CompileConfig(quant=QuantConfig(scheme=row.scheme),
-                            calib=CalibConfig(num_samples=args.calib_samples, num_steps=args.calib_steps,
-                                              seed=args.seed), finetune=ft)
+        cfg = row_config(row, seed=args.seed, calib_samples=args.calib_samples, calib_steps=args.calib_steps,
+                         finetune_steps=args.finetune_steps, lora_rank=args.lora_rank,
+                         finetune_samples=args.finetune_samples, sampler_steps=args.steps)
         cm = msfp_compile(loaded, cfg, progress=True)
         cm.save(path)
         res = cm.check()
         info["check_ok"], info["check_flips"] = res.ok, res.flips
         info["check_end_to_end_rel_rmse"] = max(res.end_to_end_rel_rmse, default=0.0)
-        for run in cm.pass_runs:
-            if run.name == "finetune":
-                info["finetune_seconds"] = run.info["train_seconds"]
-                info["distill_loss"] = [run.info["initial_loss"], run.info["final_loss"]]
-            if run.name == "fuse_talora" and "table" in run.info:
-                info["talora_table"] = run.info["table"]
-        acts = [s for s in cm.layers if s.role == "act" and s.bits == 4]
-        info["unsigned_acts"] = sum(not s.signed for s in acts)
-        info["signed_acts"] = sum(s.signed for s in acts)
+        facts = compile_facts(cm)
+        if "train_seconds" in facts:
+            info["finetune_seconds"] = facts["train_seconds"]
+            info["distill_loss"] = [facts["initial_loss"], facts["final_loss"]]
+        info.update({k: facts[k] for k in ("talora_table", "unsigned_acts", "signed_acts") if k in facts})
     info["compile_seconds"] = round(time.perf_counter() - t0, 2)
     info["onnx_bytes"] = path.stat().st_size
     return info

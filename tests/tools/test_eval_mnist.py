@@ -55,3 +55,23 @@ def test_gpu_slot_admits_at_most_slots_holders(tmp_path) -> None:
     for k in range(2):
         with open(tmp_path / f".gpu0_slot{k}.lock", "w") as fh:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def test_rows_map_onto_compile_configs_for_both_tools() -> None:
+    """quality_rows (shared by eval_quality and eval_mnist): PTQ rows do not fine-tune, LoRA is K=1, TALoRA K=2,
+    DFA only where the row says so, and eval_mnist's options reach FinetuneConfig."""
+    import argparse
+
+    from quality_rows import ROWS
+
+    args = argparse.Namespace(calib_samples=4, calib_steps=5, finetune_steps=7, lora_rank=3, finetune_samples=8,
+                              steps=10, device="cpu", finetune_batch=6, lora_lr=2e-3, log_every=0,
+                              learn_act_scales=True)
+    ptq = eval_mnist.compile_config(ROWS["MSFP PTQ"], args, 1)
+    assert ptq.finetune is None and ptq.quant.scheme == "msfp" and ptq.calib.seed == 1
+    assert (ptq.calib.num_samples, ptq.calib.num_steps) == (4, 5)
+    lora = eval_mnist.compile_config(ROWS["INT4 + LoRA"], args, 2).finetune
+    assert (lora.num_loras, lora.dfa, lora.rank, lora.steps, lora.seed) == (1, False, 3, 7, 2)
+    full = eval_mnist.compile_config(ROWS["MSFP + TALoRA + DFA"], args, 0).finetune
+    assert (full.num_loras, full.dfa, full.batch_size, full.lr, full.sampler_steps) == (2, True, 6, 2e-3, 10)
+    assert full.learn_act_scales and eval_mnist.compile_config(ROWS["MSFP + TALoRA"], args, 0).finetune.dfa is False

@@ -1,0 +1,68 @@
+"""The rows of the W4A4 quality tables (digits on the CPU: eval_quality.py; MNIST on the GPU: eval_mnist.py).
+
+One definition of what a row is (scheme, LoRA count, DFA), how it maps onto a CompileConfig, and which facts of a
+compile the tables record, so the two evaluation tools cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from msfp_compiler.compile import CompiledModel
+from msfp_compiler.config import CalibConfig, CompileConfig, FinetuneConfig, QuantConfig
+
+__all__ = ["Row", "ROWS", "ALIASES", "row_config", "compile_facts"]
+
+
+@dataclass(frozen=True)
+class Row:
+    """One table row: a scheme, optionally with (TA)LoRA fine-tuning and DFA."""
+
+    name: str
+    scheme: str | None  # None = FP32
+    num_loras: int = 0  # 0 = PTQ, 1 = LoRA, >1 = TALoRA
+    dfa: bool = False
+
+
+ROWS = {r.name: r for r in [
+    Row("FP32", None),
+    Row("INT4 PTQ", "int4"),
+    Row("FP4 signed PTQ", "fp4-signed"),
+    Row("MSFP PTQ", "msfp"),
+    Row("INT4 + LoRA", "int4", 1),
+    Row("MSFP + LoRA", "msfp", 1),
+    Row("MSFP + TALoRA", "msfp", 2),
+    Row("MSFP + TALoRA + DFA", "msfp", 2, True),
+]}
+ALIASES = {"fp32": "FP32", "int4": "INT4 PTQ", "fp4": "FP4 signed PTQ", "msfp": "MSFP PTQ",
+           "int4+lora": "INT4 + LoRA", "msfp+lora": "MSFP + LoRA", "msfp+talora": "MSFP + TALoRA",
+           "msfp+talora+dfa": "MSFP + TALoRA + DFA"}
+
+
+def row_config(row: Row, *, seed: int, calib_samples: int, calib_steps: int, finetune_steps: int, lora_rank: int,
+               finetune_samples: int, sampler_steps: int, device: str = "cpu", **finetune) -> CompileConfig:
+    """The CompileConfig of a quantized row; ``finetune`` passes further FinetuneConfig fields (batch_size, lr,
+    log_every, learn_act_scales)."""
+    ft = None
+    if row.num_loras:
+        ft = FinetuneConfig(steps=finetune_steps, num_loras=row.num_loras, rank=lora_rank, dfa=row.dfa,
+                            samples=finetune_samples, sampler_steps=sampler_steps, seed=seed, **finetune)
+    return CompileConfig(quant=QuantConfig(scheme=row.scheme),
+                         calib=CalibConfig(num_samples=calib_samples, num_steps=calib_steps, seed=seed),
+                         finetune=ft, device=device)
+
+
+def compile_facts(cm: CompiledModel) -> dict:
+    """What the tables record about a compile: fine-tuning time, speed, losses and curve, the TALoRA table, and
+    how many 4-bit activations got signed / unsigned formats."""
+    info: dict = {}
+    for run in cm.pass_runs:
+        if run.name == "finetune":
+            for k in ("train_seconds", "steps_per_s", "initial_loss", "final_loss", "loss_curve"):
+                info[k] = run.info.get(k)
+        if run.name == "fuse_talora" and "table" in run.info:
+            info["talora_table"] = run.info["table"]
+    acts = [s for s in cm.layers if s.role == "act" and s.bits == 4]
+    info["unsigned_acts"] = sum(not s.signed for s in acts)
+    info["signed_acts"] = sum(s.signed for s in acts)
+    return info
