@@ -79,10 +79,11 @@ class CalibrationSet:
         return [b for g in self.groups for b in g.batches]
 
 
-def stats_nodes(gm: fx.GraphModule, attention: bool = True) -> list[fx.Node]:
+def stats_nodes(gm: fx.GraphModule, attention: bool = True, split_concat: bool = True) -> list[fx.Node]:
     """The nodes whose values get statistics: producers of the activations layers read as quantized operands
-    (``attention=False``: not the q, k, v of attention, QuantConfig.quantize_attention)."""
-    return [q.producer for q in quant_operands(gm, attention) if q.role == "act"]
+    (``attention=False``: not the q, k, v of attention, QuantConfig.quantize_attention; ``split_concat``: the
+    parts of a concatenation feeding a conv, QuantConfig.split_concat)."""
+    return [q.producer for q in quant_operands(gm, attention, split_concat) if q.role == "act"]
 
 
 def _update(g: GroupStats, v: torch.Tensor, k: int, gen: torch.Generator, name: str) -> None:
@@ -132,10 +133,11 @@ class _StatsInterpreter(fx.Interpreter):
 
 @torch.no_grad()
 def activation_stats(gm: fx.GraphModule, calib: CalibrationSet, sample_per_group: int = 4096, seed: int = 0,
-                     attention: bool = True, progress: bool | None = None) -> ActivationStats:
+                     attention: bool = True, progress: bool | None = None,
+                     split_concat: bool = True) -> ActivationStats:
     """Statistics of ``stats_nodes(gm)`` over the recorded calibration inputs (one more forward per batch; collect
     with ``graph=gm`` gets them from the calibration forwards instead)."""
-    interp = _StatsInterpreter(gm, stats_nodes(gm, attention), sample_per_group, seed)
+    interp = _StatsInterpreter(gm, stats_nodes(gm, attention, split_concat), sample_per_group, seed)
     with Progress(len(calib.batches), "activation statistics", progress, unit="batches") as bar:
         for grp in calib.groups:
             interp.start_group(grp.t_lo, grp.t_hi, len(grp.batches))
@@ -202,7 +204,7 @@ def collect(unet: torch.nn.Module, sig: UNetSignature, num_samples: int = 8, num
             scheduler=None, num_groups: int = 4, holdout_samples: int = 2,
             class_embedding: torch.Tensor | None = None, progress: bool | None = None,
             graph: fx.GraphModule | None = None, sample_per_group: int = 4096, stats_seed: int = 0,
-            attention: bool = True) -> CalibrationSet:
+            attention: bool = True, split_concat: bool = True) -> CalibrationSet:
     """Run the FP model along sampler trajectories and keep every step's inputs, grouped by timestep.
 
     With ``graph`` (the captured UNet, on the model's device) the calibration trajectories run through the graph
@@ -215,7 +217,7 @@ def collect(unet: torch.nn.Module, sig: UNetSignature, num_samples: int = 8, num
     model = UNetWrapper(unet, sig).eval()
     timesteps, bounds = _timestep_groups(scheduler, num_steps, num_groups)
     starts = {a: (min(timesteps[a:b]), max(timesteps[a:b]), b - a) for a, b in zip(bounds[:-1], bounds[1:])}
-    stats = (_StatsInterpreter(graph, stats_nodes(graph, attention), sample_per_group, stats_seed)
+    stats = (_StatsInterpreter(graph, stats_nodes(graph, attention, split_concat), sample_per_group, stats_seed)
              if graph is not None else None)
     total = num_samples + holdout_samples
     # The calibration samples are drawn first and the held-out ones after them, and the two sets run as separate

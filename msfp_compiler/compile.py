@@ -112,7 +112,7 @@ def quantize_passes(config: CompileConfig, calib: CalibrationSet) -> list:
     from msfp_compiler.passes.select_format import SelectFormat
 
     return [AnnotateSign(calib, config.quant.sample_per_group, config.calib.seed,
-                         config.quant.quantize_attention), SelectFormat(config.quant),
+                         config.quant.quantize_attention, config.quant.split_concat), SelectFormat(config.quant),
             InsertQDQ()]
 
 
@@ -160,7 +160,8 @@ def _calibrate(unet: torch.nn.Module, gm: fx.GraphModule, sig: UNetSignature, lo
     sched = make_scheduler(c.scheduler, loaded.scheduler_config)
     calibration = collect(unet, sig, c.num_samples, c.num_steps, c.seed, sched, c.num_groups, c.holdout_samples,
                           loaded.class_embedding, progress, graph=gm, sample_per_group=config.quant.sample_per_group,
-                          stats_seed=c.seed, attention=config.quant.quantize_attention)
+                          stats_seed=c.seed, attention=config.quant.quantize_attention,
+                          split_concat=config.quant.split_concat)
     pm.record("calibrate", time.perf_counter() - t0,
               {"samples": c.num_samples, "steps": c.num_steps, "groups": len(calibration.groups),
                "holdout_samples": c.holdout_samples, "statistics": "from the same forwards (captured graph)",

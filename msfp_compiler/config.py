@@ -42,6 +42,9 @@ class QuantConfig:
     zero_points: int = 12  # points of the zero-point grid for unsigned formats, min..0
     sample_per_group: int = 2048  # activation values kept per tensor and timestep group for the search
     quantize_attention: bool = True  # quantize q, k, v operands of scaled_dot_product_attention
+    # quantize each part of a channel concatenation feeding a conv (UNet skip connections) with its own format and
+    # scale; False: one quantizer on the concatenated tensor
+    split_concat: bool = True
 
     def __post_init__(self) -> None:
         if self.scheme not in SCHEME_NAMES:

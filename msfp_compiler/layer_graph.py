@@ -2,6 +2,9 @@
 
 Graph questions live here: which quantized inputs come from a SiLU through value-preserving view ops (mixup-sign
 candidates), which layers share an input (one quantizer, not two), and the layer order used in reports and plots.
+A channel concatenation feeding a conv (a UNet decoder's skip connection: decoder state and encoder skip) is
+quantized per part: each input of the cat is its own operand with its own quantizer (Q-Diffusion's "shortcut
+splitting"), because the two halves have very different ranges and one per-tensor scale fits neither.
 The fx graph answers them directly (``node.users``, ``all_input_nodes``, graph order); a networkx copy of it was
 never needed, so there is none.
 """
@@ -13,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-__all__ = ["LAYER_OPS", "QuantOperand", "layer_kind", "quant_operands"]
+__all__ = ["LAYER_OPS", "QuantOperand", "layer_kind", "quant_operands", "split_cat_parts"]
 
 aten = torch.ops.aten
 
@@ -51,9 +54,23 @@ def _source_op(node: fx.Node):
     return node.target if node.op == "call_function" else None
 
 
-def quant_operands(gm: fx.GraphModule, attention: bool = True) -> list[QuantOperand]:
+def split_cat_parts(node: fx.Node, consumer: fx.Node) -> list[fx.Node] | None:
+    """The inputs of ``node`` when it is a channel concatenation (dim 1, two or more fx-node inputs) that the conv
+    ``consumer`` reads: each gets its own quantizer. None for anything else."""
+    if (layer_kind(consumer) != "conv" or not isinstance(node, fx.Node) or node.op != "call_function"
+            or node.target != aten.cat.default):
+        return None
+    parts = node.args[0]
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    if dim not in (1, -3) or len(parts) < 2 or not all(isinstance(p, fx.Node) for p in parts):
+        return None
+    return list(parts)
+
+
+def quant_operands(gm: fx.GraphModule, attention: bool = True, split_concat: bool = True) -> list[QuantOperand]:
     """Every tensor that feeds a layer as a quantized operand, deduplicated by producer, in graph order;
-    ``attention=False`` leaves the q, k, v operands of scaled_dot_product_attention in float."""
+    ``attention=False`` leaves the q, k, v operands of scaled_dot_product_attention in float; ``split_concat``
+    quantizes the parts of a channel concatenation feeding a conv separately (``split_cat_parts``)."""
     consumers: dict[tuple[fx.Node, str], list[fx.Node]] = {}
     kinds: dict[fx.Node, str] = {}
     for n in gm.graph.nodes:
@@ -62,9 +79,10 @@ def quant_operands(gm: fx.GraphModule, attention: bool = True) -> list[QuantOper
             continue
         kind, act_idx, w_idx = spec
         for i in act_idx:
-            src = n.args[i]
-            consumers.setdefault((src, "act"), []).append(n)
-            kinds.setdefault(src, kind)
+            parts = split_cat_parts(n.args[i], n) if split_concat else None
+            for src in dict.fromkeys(parts or [n.args[i]]):
+                consumers.setdefault((src, "act"), []).append(n)
+                kinds.setdefault(src, kind)
         if w_idx is not None:
             w = n.args[w_idx]
             role = "weight" if w.op == "get_attr" else "act"

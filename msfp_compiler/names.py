@@ -4,7 +4,8 @@ torch.export keeps the module each ATen node came from in ``node.meta["nn_module
 conv node ``conv2d_6`` is the layer ``down_blocks.1.resnets.0.conv_shortcut`` a user finds in the model's
 ``named_modules()``. A quantized tensor is named after the layer that reads it: ``<layer>.input`` (conv / linear
 activation), ``<layer>.weight`` (its weight: the parameter's own path) and ``<attention>.q`` / ``.k`` / ``.v`` (the
-operands of scaled_dot_product_attention). These names are what passes.log, ``--summary``, the plots, ``--check``
+operands of scaled_dot_product_attention), ``<layer>.input.0`` / ``.input.1`` (the parts of a concatenation that
+feeds a conv, quantized per part). These names are what passes.log, ``--summary``, the plots, ``--check``
 and ``--keep-8bit`` use.
 """
 
@@ -79,7 +80,8 @@ def tensor_names(gm: fx.GraphModule) -> dict[str, str]:
             if layer_kind(c) == "attn":
                 name = f"{base}.{_ATTN_OPERANDS[idx[0]] if idx else 'q'}"
             else:
-                name = f"{base}.input"
+                part = None if idx else _cat_part(c.args[act_idx[0]], node)
+                name = f"{base}.input" if part is None else f"{base}.input.{part}"
             break
         out[node.name] = name or node.name
     return out
@@ -90,6 +92,13 @@ def _is_source(arg, node: fx.Node) -> bool:
     if arg is node:
         return True
     return isinstance(arg, fx.Node) and arg.op == "call_function" and bool(arg.args) and arg.args[0] is node
+
+
+def _cat_part(arg, node: fx.Node) -> int | None:
+    """Position of ``node`` (or its quantizer) among the parts of a concatenation quantized per part, else None."""
+    if not (isinstance(arg, fx.Node) and arg.op == "call_function" and arg.target == torch.ops.aten.cat.default):
+        return None
+    return next((k for k, p in enumerate(arg.args[0]) if _is_source(p, node)), None)
 
 
 def display_names(gm: fx.GraphModule) -> dict[str, str]:

@@ -33,6 +33,7 @@ class AnnotateSign(Pass):
     sample_per_group: int = 4096
     seed: int = 0
     quantize_attention: bool = True  # False: q, k, v of scaled_dot_product_attention get no record (stay float)
+    split_concat: bool = True  # parts of a channel concatenation feeding a conv get a record each
     name: str = "annotate_sign"
 
     def requires(self, gm: fx.GraphModule) -> None:
@@ -47,10 +48,11 @@ class AnnotateSign(Pass):
                 and set(st.groups) == {n.name for n in acts}
                 and all(len(g) == len(self.calib.groups) for g in st.groups.values())):
             return st, True
-        return activation_stats(gm, self.calib, self.sample_per_group, self.seed, self.quantize_attention), False
+        return activation_stats(gm, self.calib, self.sample_per_group, self.seed, self.quantize_attention,
+                                split_concat=self.split_concat), False
 
     def call(self, gm: fx.GraphModule) -> PassResult:
-        ops = quant_operands(gm, self.quantize_attention)
+        ops = quant_operands(gm, self.quantize_attention, self.split_concat)
         stats, reused = self._stats(gm, [q.producer for q in ops if q.role == "act"])
         acts = []
         n_act = n_w = n_silu = 0

@@ -3,6 +3,9 @@
 One quantize node per record (activations are keyed by their producer, so layers sharing an input share the
 quantizer); only the layer operands are rewired, other users (residual adds, norms) keep the FP tensor. Scale and
 zero point become buffers of the GraphModule, so they travel as ONNX initializers.
+
+A channel concatenation quantized per part (layer_graph.split_cat_parts) gets a copy for its conv: the copy
+concatenates the parts' quantizers, the original cat keeps feeding its float users (the block's GroupNorm).
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import torch.fx as fx
 
 from msfp_compiler.errors import MsfpError
 from msfp_compiler.ops import QUANTIZE
-from msfp_compiler.layer_graph import LAYER_OPS
+from msfp_compiler.layer_graph import LAYER_OPS, split_cat_parts
 from msfp_compiler.pass_manager import Pass, PassResult
 from msfp_compiler.record import records
 
@@ -68,10 +71,27 @@ class InsertQDQ(Pass):
                 for i in idx:
                     if args[i] is node:
                         args[i] = q
+                    elif rec.role == "act" and isinstance(args[i], fx.Node):
+                        args[i] = _quantized_cat(g, args[i], c, node, q)
                 c.args = tuple(args)
             inserted[rec.role] += 1
         return PassResult(gm, any(inserted.values()), {"quantize_nodes": inserted["act"] + inserted["weight"],
                                      "act_quantizers": inserted["act"], "weight_quantizers": inserted["weight"]})
+
+
+def _quantized_cat(g: fx.Graph, cat: fx.Node, consumer: fx.Node, part: fx.Node, q: fx.Node) -> fx.Node:
+    """The consumer's concatenation with ``part`` replaced by its quantizer ``q``: the consumer's own copy of the
+    cat, made at the first quantized part (other readers of the original keep the float parts)."""
+    if not cat.meta.get("msfp_split_cat"):
+        if split_cat_parts(cat, consumer) is None or part not in cat.args[0]:
+            return cat
+        with g.inserting_before(consumer):
+            copy = g.call_function(cat.target, (list(cat.args[0]), *cat.args[1:]), dict(cat.kwargs))
+        copy.meta.update(cat.meta)
+        copy.meta["msfp_split_cat"] = True
+        cat = copy
+    cat.args = ([q if p is part else p for p in cat.args[0]], *cat.args[1:])
+    return cat
 
 
 def _last_placeholder(g: fx.Graph) -> fx.Node:

@@ -8,7 +8,7 @@ import torch.fx as fx
 
 from msfp_compiler.calibration import CalibBatch, CalibrationSet, TimestepGroup, collect
 from msfp_compiler.errors import MsfpError
-from msfp_compiler.layer_graph import LAYER_OPS
+from msfp_compiler.layer_graph import LAYER_OPS, split_cat_parts
 from msfp_compiler.passes.annotate_sign import AnnotateSign
 from msfp_compiler.record import TensorRecord, records
 from msfp_compiler.sampling import make_scheduler
@@ -33,8 +33,10 @@ def test_every_layer_operand_has_one_record(annotated) -> None:
     for layer in layers:
         kind, act_idx, w_idx = LAYER_OPS[layer.target]
         for i in act_idx:
-            rec = by_node[layer.args[i]]
-            assert rec.role == "act" and layer.name in rec.consumers
+            parts = split_cat_parts(layer.args[i], layer) or [layer.args[i]]  # a skip concatenation: per part
+            for part in parts:
+                rec = by_node[part]
+                assert rec.role == "act" and layer.name in rec.consumers
         if w_idx is not None:
             w = layer.args[w_idx]
             assert w.op == "get_attr"
