@@ -332,6 +332,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", default="uncond,cond")
     p.add_argument("--rows", default=",".join(ALIASES), help=f"subset of {','.join(ALIASES)}")
     p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--late-rows", default="", help="rows launched after every seed of the others (a time limit "
+                                                   "cuts these first)")
     p.add_argument("--samples", type=int, default=5000)
     p.add_argument("--steps", type=int, default=50, help="DDIM steps (also the DFA sampler)")
     p.add_argument("--batch", type=int, default=2500, help="sampling batch")
@@ -383,7 +385,8 @@ def main(argv: list[str] | None = None) -> int:
     # FP32 rows first (cheap, and every ratio needs them), then seed by seed the fine-tuned (longest) rows before the
     # PTQ rows: when a time limit cuts the run, whole seeds are missing rather than whole rows.
     tasks = [(m, s, r) for s in seeds for m in models for r in rows]
-    tasks.sort(key=lambda x: (x[2].scheme is not None, x[1], not x[2].num_loras))
+    late = {ROWS[ALIASES.get(r.strip().lower(), r.strip())] for r in args.late_rows.split(",") if r.strip()}
+    tasks.sort(key=lambda x: (x[2].scheme is not None, x[2] in late, x[1], not x[2].num_loras))
     if args.merge_only:
         tasks = []
     base = list(argv if argv is not None else sys.argv[1:])
