@@ -3,8 +3,9 @@
 For an activation quantized as x_q = z + s * q feeding y = W x_q + b:  y = W (s q) + (b + z * W 1).  The quantize
 node is replaced by ``msfp::quantize_folded`` (which outputs s * q) and every consumer gets the bias
 b' = b + z * sum(W_q over its input dims), with W_q the *quantized* weight, so the fold is exact up to float
-rounding. A record is folded only when every consumer is a conv or linear (attention operands have no bias to
-absorb the term).
+rounding. A record is folded only when every reader of its quantizer is a conv or linear (attention operands have no
+bias to absorb the term; a part of a concatenation quantized per part is read by the concatenation and keeps its
+zero point in the quantizer, equally exact).
 
 A zero-padded conv is not exact as is: the padded border would contribute 0 in the original but z * W in the folded
 bias. With ``pad_convs=True`` such convs get an explicit constant pad with value -z (then padding 0), so the border

@@ -50,11 +50,11 @@ def test_unet_fold_counts_and_pads(stages_unet2d) -> None:
             assert user.target in (aten.conv2d.default, aten.linear.default)
             assert not padded_conv(user)
             assert user.args[2].op == "get_attr" and "folded_bias" in user.args[2].target
-    # signed, attention-fed and padded-conv-fed quantizers are left alone
+    # signed, attention-fed, padded-conv-fed and concatenation-part quantizers are left alone
     for q in _nodes(gm, QUANTIZE):
         c = q.args[0].meta["msfp"].choice
         if not c.signed and float(c.zero_point) != 0.0 and q.args[0].meta["msfp"].role == "act":
-            assert any(u.target == aten.scaled_dot_product_attention.default
+            assert any(u.target == aten.scaled_dot_product_attention.default or u.meta.get("msfp_split_cat")
                        or padded_conv(u) for u in q.users)
 
 
