@@ -253,6 +253,9 @@ class FuseReport:
 
 
 def _match_act(gm: fx.GraphModule, node: Any) -> _Act | str:
+    if isinstance(node, fx.Node) and node.meta.get("msfp_split_cat"):
+        # one scale per part (QuantConfig.split_concat): the fused GEMM takes one per-tensor activation scale
+        return "activation is a concatenation quantized per part"
     if not isinstance(node, fx.Node) or node.op != "call_function" or node.target not in (QUANTIZE, QUANTIZE_FOLDED):
         return "activation is not quantized"
     x, s_n, z_n, fmt = node.args

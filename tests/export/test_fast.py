@@ -140,7 +140,8 @@ def test_build_fast_on_compiled_cond_unet(compiled_cond) -> None:
     exact = FA.build_fast(gm, DEV, dtype=torch.float32)
     rep = exact.report
     assert rep.fused["conv2d"] >= 10 and rep.fused["linear"] >= 20, str(rep)
-    assert all("8" in why or "not exact" in why or "16" in why for why in rep.skipped.values()), str(rep)
+    assert all("8" in why or "not exact" in why or "16" in why or "per part" in why
+               for why in rep.skipped.values()), str(rep)
     dev_args = [a.to(DEV) for a in args]
     with torch.no_grad():
         ref = gm(*args)
