@@ -19,12 +19,14 @@ def test_sd_style_calibration_uses_77_tokens(captured_cond) -> None:
     assert res.info["calib_batches"] == 2
 
 
-def test_compile_calibrates_with_the_configured_text_length(compiled_cond) -> None:
-    """The shared compiled SD-style UNet is compiled with CalibConfig.text_len=7 (conftest.COND_CONFIG)."""
-    cm = compiled_cond
-    assert cm.config.calib.text_len == 7 and cm.calibration.holdout
+def test_compile_calibrates_with_the_configured_text_length(unet_cond) -> None:
+    from msfp_compiler.compile import compile as msfp_compile
+    from msfp_compiler.config import CalibConfig, CompileConfig
+
+    calib = CalibConfig(num_samples=2, num_steps=2, num_groups=1, holdout_samples=1, text_len=7)
+    cm = msfp_compile(unet_cond, CompileConfig(calib=calib), progress=False)
     assert {b.cond.shape[1] for b in cm.calibration.batches + cm.calibration.holdout} == {7}
-    assert cm.check().ok  # ORT vs the torch graph on the 7-token hold-out batches
+    assert cm.check().ok  # ORT vs the torch graph on the 7-token hold-out batch
 
 
 @pytest.mark.parametrize("params", [1_100_000, 35_700_000, 150_000_000])
