@@ -163,10 +163,10 @@ def lower_to_onnx(gm: fx.GraphModule, example_args: tuple, input_names: list[str
     model = prog.model_proto
     counts = _finalize(model)
     chunked = chunk_attention(model)  # the score tensor at large latents sets the session's memory peak
+    if integer:
+        counts = to_integer(model, conv_weights)
     if chunked:
         counts["chunked_attention"] = chunked
-    if integer:
-        counts = to_integer(model, conv_weights) | ({"chunked_attention": chunked} if chunked else {})
     # Rename the symbolic batch dim so every input and the output share one readable name.
     for vi in list(model.graph.input) + list(model.graph.output):
         dims = vi.type.tensor_type.shape.dim
