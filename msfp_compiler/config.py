@@ -110,6 +110,8 @@ class FinetuneConfig:
     batch_size: int = 16
     dfa: bool = True
     learn_act_scales: bool = False  # LSQ-style learnable activation scales
+    act_scale_lr_factor: float = 0.1  # their learning rate: lr times this
+    cuda_graph: bool = True  # on CUDA, capture the training step once and replay it (distillation.py)
     samples: int = 32  # FP trajectories used as distillation data
     sampler_steps: int = 50  # DDIM steps of those trajectories (and of gamma_t)
     sampler: str = "ddim"

@@ -9,6 +9,7 @@ runs between insert_qdq and fuse_talora, not a graph pass: it trains, shows prog
 from __future__ import annotations
 
 import logging
+import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -42,12 +43,14 @@ class FinetuneResult:
     table: torch.Tensor | None = None
     gammas: dict[int, float] = field(default_factory=dict)
     curve: list[tuple[int, float]] = field(default_factory=list)  # (step, mean loss over the interval)
+    cuda_graph: bool = False  # the steps after the warm-up replayed one captured CUDA graph
 
     def log_info(self, cfg: FinetuneConfig) -> dict:
         """Facts for the pass log (JSON-able)."""
         return {"steps": cfg.steps, "num_loras": cfg.num_loras, "rank": cfg.rank, "dfa": cfg.dfa,
                 "initial_loss": round(self.initial_loss, 6), "final_loss": round(self.final_loss, 6),
                 "train_seconds": round(self.seconds, 2), "steps_per_s": round(cfg.steps / max(self.seconds, 1e-9), 2),
+                "batch_size": cfg.batch_size, "cuda_graph": self.cuda_graph, "learn_act_scales": cfg.learn_act_scales,
                 "loss_curve": [[s, round(v, 6)] for s, v in self.curve]}
 
     def log_report(self) -> list[str]:
@@ -85,7 +88,8 @@ def finetune(gm: fx.GraphModule, teacher: nn.Module, sig: UNetSignature, data: C
     return _train(gm, teacher, sig, data, cfg, gammas, progress)
 
 
-def _train(gm, teacher, sig, data, cfg, gammas, progress) -> FinetuneResult:
+def _param_groups(gm: fx.GraphModule, cfg: FinetuneConfig) -> list[dict]:
+    """LoRA, router and (optionally) learned activation scales as Adam groups; everything else frozen."""
     for p in gm.parameters():
         p.requires_grad_(False)
     lora = [p for n, p in gm.named_parameters() if n.startswith("talora_") and not n.startswith(ROUTER_NAME)]
@@ -94,49 +98,154 @@ def _train(gm, teacher, sig, data, cfg, gammas, progress) -> FinetuneResult:
     if router:
         groups.append({"params": router, "lr": cfg.router_lr})
     if cfg.learn_act_scales:
-        scales = _make_act_scales_learnable(gm)
-        groups.append({"params": scales, "lr": cfg.lr * 0.1})
+        groups.append({"params": _make_act_scales_learnable(gm), "lr": cfg.lr * cfg.act_scale_lr_factor})
     for grp in groups:
         for p in grp["params"]:
             p.requires_grad_(True)
-    opt = torch.optim.Adam(groups)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.steps)
+    return groups
+
+
+def _batch_plan(items, cfg: FinetuneConfig, device) -> tuple[list[int], torch.Tensor]:
+    """Every step's (trajectory batch, sample indices), drawn up front from the seeded generator: the data loop then
+    runs on the device without a host round trip (the same draws, in the same order, as a per-step loop)."""
+    gen = torch.Generator().manual_seed(cfg.seed)
+    n = items[0][0].sample.shape[0]
+    picks, rows = [], []
+    for _ in range(cfg.steps):
+        picks.append(int(torch.randint(len(items), (1,), generator=gen)))
+        rows.append(torch.randperm(n, generator=gen)[: cfg.batch_size])
+    return picks, torch.stack(rows).to(device)
+
+
+class _StepRunner:
+    """One distillation step on static input buffers (copy a batch in, forward, backward, Adam), so that on CUDA the
+    whole step can be captured once as a CUDA graph and replayed: the quantized fx graph launches thousands of tiny
+    kernels a step (each fake quantizer is a dozen elementwise ops, forward and backward), and their Python and
+    launch overhead, not GPU work, bounded eager fine-tuning to a few steps/s."""
+
+    def __init__(self, gm, items, gammas, opt, rows: torch.Tensor):
+        self.gm, self.items, self.opt, self.rows = gm, items, opt, rows
+        b, y = items[0]
+        m = rows.shape[1]
+        self.args = [a[:m].clone() for a in b.args]
+        self.y = y[:m].clone()
+        self.w = torch.ones((), device=y.device)
+        self.weights = [gammas.get(int(b.timestep[0]), 1.0) for b, _ in items]  # host floats: no sync a step
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.loss: torch.Tensor | None = None
+
+    def load(self, pick: int, step: int) -> None:
+        b, y = self.items[pick]
+        idx = self.rows[step]
+        for dst, src in zip(self.args, b.args):
+            dst.copy_(src.index_select(0, idx))
+        self.y.copy_(y.index_select(0, idx))
+        self.w.fill_(self.weights[pick])
+
+    def _step(self) -> torch.Tensor:
+        loss = self.w * (self.gm(*self.args) - self.y).pow(2).mean()
+        loss.backward()
+        self.opt.step()
+        return loss.detach()
+
+    def run(self) -> torch.Tensor:
+        if self.graph is not None:
+            self.graph.replay()
+            return self.loss
+        self.opt.zero_grad(set_to_none=True)
+        return self._step()
+
+    def capture(self) -> None:
+        """Record the step as a CUDA graph (after eager warm-up steps: Adam's state and cuDNN's choices exist)."""
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        self.opt.zero_grad(set_to_none=True)
+        try:
+            with torch.cuda.graph(graph):
+                self.loss = self._step()
+        except RuntimeError as e:  # something in the graph syncs with the host: train eagerly, slower but right
+            log.warning("finetune: CUDA graph capture failed, eager steps instead: %s", str(e).splitlines()[0])
+            self.opt.zero_grad(set_to_none=True)
+            return
+        self.graph = graph
+
+
+def _set_lr(opt: torch.optim.Optimizer, base: list[float], step: int, total: int) -> None:
+    """Cosine decay to 0 over ``total`` steps (CosineAnnealingLR's closed form); a tensor lr (CUDA graph) in place."""
+    f = 0.5 * (1.0 + math.cos(math.pi * step / total))
+    for grp, lr in zip(opt.param_groups, base):
+        if isinstance(grp["lr"], torch.Tensor):
+            grp["lr"].fill_(lr * f)
+        else:
+            grp["lr"] = lr * f
+
+
+def _make_optimizer(groups: list[dict], graph: bool) -> torch.optim.Adam:
+    if graph:  # a captured Adam step reads its step count and learning rate from device tensors
+        dev = groups[0]["params"][0].device
+        for grp in groups:
+            grp["lr"] = torch.tensor(float(grp["lr"]), device=dev)
+        return torch.optim.Adam(groups, capturable=True)
+    return torch.optim.Adam(groups)
+
+
+def _use_graph(cfg: FinetuneConfig, items, groups) -> bool:
+    dev = groups[0]["params"][0].device if groups[0]["params"] else torch.device("cpu")
+    same_n = len({b.sample.shape[0] for b, _ in items}) == 1
+    return cfg.cuda_graph and dev.type == "cuda" and same_n and cfg.steps > _WARMUP_STEPS
+
+
+_WARMUP_STEPS = 3  # eager steps before the capture (on a side stream, as torch.cuda.graphs asks)
+
+
+def _train(gm, teacher, sig, data, cfg, gammas, progress) -> FinetuneResult:
+    groups = _param_groups(gm, cfg)
     items = _teacher_data(teacher, sig, data)
+    graph = _use_graph(cfg, items, groups)
+    base = [float(g["lr"]) for g in groups]
+    opt = _make_optimizer(groups, graph)
     probe = items[:: max(1, len(items) // 8)]
     res = FinetuneResult(gammas=gammas)
     res.initial_loss = _eval_loss(gm, probe, gammas)
-    gen = torch.Generator().manual_seed(cfg.seed)
+    picks, rows = _batch_plan(items, cfg, items[0][1].device)
+    runner = _StepRunner(gm, items, gammas, opt, rows)
+    hist = torch.zeros(cfg.steps, device=items[0][1].device)
     show = sys.stderr.isatty() if progress is None else progress
     bar = tqdm(range(cfg.steps), desc="finetune", disable=not show, leave=False)
+    side = torch.cuda.Stream() if graph else None
     t0 = tick = time.perf_counter()
     for step in bar:
-        b, y = items[int(torch.randint(len(items), (1,), generator=gen))]
-        n = b.sample.shape[0]
-        idx = torch.randperm(n, generator=gen)[: cfg.batch_size]
-        args = tuple(a[idx] for a in b.args)
-        w = gammas.get(int(b.timestep[0]), 1.0)
-        loss = w * (gm(*args) - y[idx]).pow(2).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        res.losses.append(loss.item())
-        if step % 10 == 0:
-            bar.set_postfix(loss=f"{sum(res.losses[-10:]) / len(res.losses[-10:]):.4g}")
+        _set_lr(opt, base, step, cfg.steps)
+        runner.load(picks[step], step)
+        if side is not None and step < _WARMUP_STEPS:
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                hist[step] = runner.run()
+            torch.cuda.current_stream().wait_stream(side)
+            if step + 1 == _WARMUP_STEPS:
+                runner.capture()
+        else:
+            hist[step] = runner.run()
         if cfg.log_every and ((step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps):
-            # A line per interval whatever the terminal (tqdm draws only on a TTY), so GPU runs are logged too.
-            n_int = (step + 1) - (res.curve[-1][0] if res.curve else 0)
-            mean = sum(res.losses[-n_int:]) / n_int
+            # A line per interval whatever the terminal (tqdm draws only on a TTY), so GPU runs are logged too;
+            # the only host sync of the loop.
+            lo = res.curve[-1][0] if res.curve else 0
+            mean = float(hist[lo: step + 1].mean())
             now = time.perf_counter()
             res.curve.append((step + 1, mean))
-            log.info("finetune step %d/%d  loss %.5g  %.1f steps/s", step + 1, cfg.steps, mean, n_int / (now - tick))
+            bar.set_postfix(loss=f"{mean:.4g}")
+            log.info("finetune step %d/%d  loss %.5g  %.1f steps/s", step + 1, cfg.steps, mean, (step + 1 - lo) / (now - tick))
             tick = now
         if cfg.checkpoint and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
             save_state(gm, cfg.checkpoint)
     bar.close()
+    res.losses = hist.tolist()
+    res.seconds = time.perf_counter() - t0
+    res.cuda_graph = runner.graph is not None
+    del runner
     for p in gm.parameters():
         p.requires_grad_(False)
-    res.seconds = time.perf_counter() - t0
+        p.grad = None
     res.final_loss = _eval_loss(gm, probe, gammas)
     res.table = router_table(gm)
     if cfg.checkpoint:
