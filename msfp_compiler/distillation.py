@@ -246,6 +246,8 @@ def _train(gm, teacher, sig, data, cfg, gammas, progress) -> FinetuneResult:
     for p in gm.parameters():
         p.requires_grad_(False)
         p.grad = None
+    if cfg.learn_act_scales:
+        _freeze_act_scales(gm, groups[-1]["params"])
     res.final_loss = _eval_loss(gm, probe, gammas)
     res.table = router_table(gm)
     if cfg.checkpoint:
@@ -267,6 +269,15 @@ def _make_act_scales_learnable(gm: fx.GraphModule) -> list[nn.Parameter]:
                 gm.register_parameter(s.target, p)
                 out.append(p)
     return out
+
+
+def _freeze_act_scales(gm: fx.GraphModule, scales: list[nn.Parameter]) -> None:
+    """Learned activation scales back to buffers (what the lowering passes expect), kept positive."""
+    learned = {id(p) for p in scales}
+    for name, p in list(gm.named_parameters()):
+        if id(p) in learned and "." not in name:
+            delattr(gm, name)
+            gm.register_buffer(name, p.detach().clamp_min(torch.finfo(torch.float32).tiny))
 
 
 def save_state(gm: fx.GraphModule, path: str) -> None:

@@ -5,11 +5,14 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import pytest
+import torch
 from onnx import TensorProto
 
 from msfp_compiler.compile import compile as msfp_compile
 from msfp_compiler.config import CalibConfig, CompileConfig, FinetuneConfig
-from msfp_compiler.ops import DEQUANTIZE_PACKED
+from msfp_compiler.ops import DEQUANTIZE_PACKED, QUANTIZE
+from msfp_compiler.record import record_of
 from msfp_compiler.talora import ROUTER_NAME, SELECT_WEIGHT
 
 from .conftest import FAST_QUANT
@@ -56,8 +59,6 @@ def test_talora_compile_onnx_agrees_with_torch(tmp_path):
 def _reference_losses(gm, unet, sig, data, cfg, sched) -> list[float]:
     """The distillation loop written plainly, one host-side draw and one loss.item() a step (the loop before the
     static-buffer runner), on the same gammas, optimizer groups and cosine schedule."""
-    import torch
-
     from msfp_compiler.dfa import dfa_weights
     from msfp_compiler.distillation import _param_groups, _teacher_data
     from msfp_compiler.talora import attach_talora, warm_start_router
@@ -87,8 +88,6 @@ def _finetune_pair(stages_unet2d, cfg, device="cpu"):
     """(fast-loop result, reference losses) of the same quantized tiny UNet and data (two copies of the graph)."""
     import copy
 
-    import torch
-
     from msfp_compiler.calibration import collect
     from msfp_compiler.device import move_graph, move_tensors
     from msfp_compiler.distillation import finetune
@@ -103,30 +102,37 @@ def _finetune_pair(stages_unet2d, cfg, device="cpu"):
     unet = unet.to(device)
     try:
         gm, ref, data = move_graph(gm, device), move_graph(ref, device), move_tensors(data, torch.device(device))
+        scales = {n.args[1].target for n in gm.graph.nodes if n.target == QUANTIZE and record_of(n.args[0])
+                  and record_of(n.args[0]).role == "act" and n.args[1].op == "get_attr"}
+        before = {n: v.clone() for n, v in gm.named_buffers() if n in scales}
         res = finetune(gm, unet, sig, data, cfg, make_scheduler("ddim"), progress=False)
-        return res, _reference_losses(ref, unet, sig, data, cfg, make_scheduler("ddim"))
+        return res, _reference_losses(ref, unet, sig, data, cfg, make_scheduler("ddim")), gm, before
     finally:
         unet.to("cpu")
 
 
-def test_finetune_loop_matches_the_plain_loop(stages_unet2d):
+@pytest.mark.parametrize("learn_act_scales", [False, True])
+def test_finetune_loop_matches_the_plain_loop(stages_unet2d, learn_act_scales):
     # batches drawn up front, a static-buffer step, losses kept on the device: the same training as the plain loop
     cfg = FinetuneConfig(steps=6, num_loras=2, rank=2, batch_size=3, lr=5e-3, samples=4, sampler_steps=8,
-                         log_every=4)
-    res, ref = _finetune_pair(stages_unet2d, cfg)
+                         log_every=4, learn_act_scales=learn_act_scales, act_scale_lr_factor=1.0)
+    res, ref, gm, before = _finetune_pair(stages_unet2d, cfg)
     assert not res.cuda_graph
     assert res.losses == ref  # bit-identical on the CPU
     assert [s for s, _ in res.curve] == [4, 6]
     assert math.isclose(res.curve[0][1], sum(ref[:4]) / 4, rel_tol=1e-6)
+    # learned activation scales moved, stay positive and are buffers again (what the lowering reads)
+    after = dict(gm.named_buffers())
+    moved = [n for n, v in before.items() if not torch.equal(after[n], v)]
+    assert all(n not in dict(gm.named_parameters()) and after[n].min() > 0 for n in before)
+    assert bool(moved) == learn_act_scales
 
 
 def test_finetune_cuda_graph_matches_eager(stages_unet2d):
-    import pytest
-    import torch
-
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    cfg = FinetuneConfig(steps=12, num_loras=2, rank=2, batch_size=3, lr=5e-3, samples=4, sampler_steps=8)
-    res, ref = _finetune_pair(stages_unet2d, cfg, "cuda")
+    cfg = FinetuneConfig(steps=12, num_loras=2, rank=2, batch_size=3, lr=5e-3, samples=4, sampler_steps=8,
+                         learn_act_scales=True)
+    res, ref, _, _ = _finetune_pair(stages_unet2d, cfg, "cuda")
     assert res.cuda_graph
     assert torch.allclose(torch.tensor(res.losses), torch.tensor(ref), rtol=1e-3, atol=1e-7)
