@@ -131,6 +131,9 @@ def test_finetune_loop_matches_the_plain_loop(stages_unet2d, learn_act_scales):
 def test_finetune_cuda_graph_matches_eager(stages_unet2d):
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
+    pytest.importorskip("triton")
+    import msfp_compiler.export.triton.runtime  # noqa: F401  (the Triton msfp ops on CUDA, as tools/eval_mnist.py)
+
     cfg = FinetuneConfig(steps=12, num_loras=2, rank=2, batch_size=3, lr=5e-3, samples=4, sampler_steps=8,
                          learn_act_scales=True)
     res, ref, _, _ = _finetune_pair(stages_unet2d, cfg, "cuda")
