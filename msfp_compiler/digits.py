@@ -8,6 +8,7 @@ sampler for the tiny DDPM UNets in examples/digits-{uncond,cond}/.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +71,21 @@ class DigitClassifier(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Class logits [B, num_classes]."""
         return self.head(self.dropout(self.features(x)))
+
+
+def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Classifier training augmentation: random rotation (+-10 deg), scale (0.9..1.1) and shift (+-1 px) of
+    [B, 1, H, W] digits in [-1, 1]; the background stays -1. ``gen`` lives on x's device."""
+    b, _, h, _ = x.shape
+    dev = x.device
+    ang = (torch.rand(b, generator=gen, device=dev) * 2 - 1) * math.radians(10)
+    scale = 0.9 + 0.2 * torch.rand(b, generator=gen, device=dev)
+    shift = (torch.rand(b, 2, generator=gen, device=dev) * 2 - 1) * (2.0 / h)  # 1 px in normalized coords
+    cos, sin = torch.cos(ang) / scale, torch.sin(ang) / scale
+    theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    # Sample x+1 so that padding (zeros) equals the background value -1 after shifting back.
+    return F.grid_sample(x + 1, grid, mode="bilinear", padding_mode="zeros", align_corners=False) - 1
 
 
 def save_classifier(model: DigitClassifier, path: str | Path, extra: dict[str, Any] | None = None) -> None:

@@ -91,3 +91,16 @@ def test_committed_example_folders(name: str) -> None:
         assert table is None
     info = json.loads((folder / "training.json").read_text())
     assert info["steps"] > 0 and "sanity" in info
+
+
+def test_augment_keeps_background_and_moves_digits():
+    from msfp_compiler.digits import augment
+
+    x = torch.full((4, 1, 16, 16), -1.0)
+    x[:, :, 4:12, 7:9] = 1.0  # a vertical stroke
+    a = augment(x, torch.Generator().manual_seed(0))
+    b = augment(x, torch.Generator().manual_seed(0))
+    assert torch.equal(a, b) and a.shape == x.shape  # seeded
+    assert torch.allclose(augment(torch.full_like(x, -1.0), torch.Generator().manual_seed(0)), torch.full_like(x, -1.0))
+    assert not torch.allclose(a, x, atol=1e-3)  # the strokes moved
+    assert a.min() >= -1 - 1e-5 and a.max() <= 1 + 1e-5

@@ -21,20 +21,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from msfp_compiler.digits import DigitClassifier, load_digit_images, save_classifier  # noqa: E402
-
-
-def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Random rotation (+-10 deg), scale (0.9..1.1) and shift (+-1 px at 16x16), zero(-1)-padded."""
-    b, _, h, _ = x.shape
-    ang = (torch.rand(b, generator=gen) * 2 - 1) * math.radians(10)
-    scale = 0.9 + 0.2 * torch.rand(b, generator=gen)
-    shift = (torch.rand(b, 2, generator=gen) * 2 - 1) * (2.0 / h)  # 1 px in normalized coords
-    cos, sin = torch.cos(ang) / scale, torch.sin(ang) / scale
-    theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    # Sample x+1 so that padding (zeros) equals the background value -1 after shifting back.
-    return F.grid_sample(x + 1, grid, mode="bilinear", padding_mode="zeros", align_corners=False) - 1
+from msfp_compiler.digits import DigitClassifier, augment, load_digit_images, save_classifier  # noqa: E402
 
 
 @torch.no_grad()

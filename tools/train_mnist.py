@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from msfp_compiler.digits import DigitClassifier, save_classifier  # noqa: E402
+from msfp_compiler.digits import DigitClassifier, augment, save_classifier  # noqa: E402
 from msfp_compiler.mnist import MNIST_SIZE, load_mnist_images  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -135,19 +135,6 @@ def train_unet(args) -> dict:
     return record
 
 
-def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Random rotation (+-10 deg), scale (0.9..1.1), shift (+-1 px); background stays -1."""
-    b, _, h, _ = x.shape
-    dev = x.device
-    ang = (torch.rand(b, generator=gen, device=dev) * 2 - 1) * math.radians(10)
-    scale = 0.9 + 0.2 * torch.rand(b, generator=gen, device=dev)
-    shift = (torch.rand(b, 2, generator=gen, device=dev) * 2 - 1) * (2.0 / h)
-    cos, sin = torch.cos(ang) / scale, torch.sin(ang) / scale
-    theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    return F.grid_sample(x + 1, grid, mode="bilinear", padding_mode="zeros", align_corners=False) - 1
-
-
 def train_classifier(args) -> dict:
     from sklearn.model_selection import train_test_split
 
@@ -175,7 +162,7 @@ def train_classifier(args) -> dict:
         perm = torch.randperm(len(y_tr), generator=gen, device=device)
         for i in range(0, len(perm), bs):
             b = perm[i:i + bs]
-            loss = F.cross_entropy(model(_augment(x_tr[b], gen)), y_tr[b])
+            loss = F.cross_entropy(model(augment(x_tr[b], gen)), y_tr[b])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
