@@ -9,6 +9,11 @@ E4M3 weights resident, the per-step decode of packed 4-bit weights to E4M3 (``w4
 conv (``im2col``), the Triton W4A4 GEMM that decodes packed weights in registers (``kernels.w4a4_gemm``; implicit
 GEMM for k x k convs, no im2col), and the bf16 layer (cuBLAS / cuDNN channels-last) for scale. Totals weight each
 shape by its count per UNet step, so they read as "ms per step spent in GEMM-like work" for each choice.
+
+Sections (``--sections``): ``layers`` (the above), ``decode`` (the grouped packed-weight decode of every SD1.5 layer,
+64 MiB groups as ``fast.build_fast`` makes them, each kernel variant replayed from one CUDA graph per step, checked
+bit-exact against each other, next to a device copy of the decoded bytes), ``im2col`` (tile configurations of the
+im2col kernel on the SD1.5 k x k convs, ms per step).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
@@ -115,14 +121,122 @@ def bench_shape(kind: str, xs: tuple, ws: tuple, stride: tuple, pad: tuple) -> d
     return {kk: round(v, 5) if isinstance(v, float) else v for kk, v in r.items()}
 
 
+def _decode_layers(shapes: Counter) -> list[SimpleNamespace]:
+    """Random packed codes for every fused SD1.5 layer (what DecodeGroup reads of a FastGemm), formats in turn."""
+    from msfp_compiler.export.triton.fast_ops import e4m3_lut, pack_halves
+
+    fmts = ["e2m1", "e1m2", "e3m0", "int4"]
+    layers = []
+    gen = torch.Generator(device=DEV).manual_seed(0)
+    for (kind, _xs, ws, _stride, _pad), count in sorted(shapes.items(), key=lambda kv: str(kv[0])):
+        n, k = ws[0], ws[1] * (ws[2] * ws[3] if kind == "conv" else 1)
+        if k % 8 or n % 16:
+            continue
+        for _ in range(count):
+            codes = torch.randint(0, 16, (1, n, k), device=DEV, dtype=torch.uint8, generator=gen)
+            fmt = fmts[len(layers) % len(fmts)]
+            layers.append(SimpleNamespace(k=k, n=n, lut_rows=[n], packed=pack_halves(codes),
+                                          lut=e4m3_lut(fmt).to(DEV)))
+    return layers
+
+
+def bench_decode(shapes: Counter) -> dict:
+    """The grouped decode of every layer per step, for each kernel variant (table form x row computation x block)."""
+    from msfp_compiler.export.triton import w4_decode as W
+    from msfp_compiler.export.triton.fast import DECODE_GROUP_BYTES, DecodeGroup
+    from gpu_timing import cuda_graph, graphed_ms
+
+    res: dict = {"variants": {}}
+    base = _decode_layers(shapes)
+    packed_bytes = sum(m.packed.numel() for m in base)
+    res["layers"], res["packed_bytes"] = len(base), packed_bytes
+    ref = None
+    for block in (4096, 16384):
+        for pairs in (False, True):
+            layers = [SimpleNamespace(**vars(m)) for m in base]
+            groups, size = [[]], 0
+            for m in layers:
+                if size + m.n * m.k > DECODE_GROUP_BYTES and groups[-1]:
+                    groups.append([])
+                    size = 0
+                groups[-1].append(m)
+                size += m.n * m.k
+            dg = [DecodeGroup(g, block=block, pairs=pairs).to(DEV) for g in groups]
+            for mode, fdiv in ([(1, True), (1, False)] if pairs else [(0, True), (0, False), (2, True)]):
+                def step(dg=dg, mode=mode, fdiv=fdiv):
+                    return [W.decode_w4_group_triton(g.packed, g.luts, g.row_lut, g.block_layer, g.meta, mode=mode,
+                                                     fdiv=fdiv) for g in dg]
+                outs = step()
+                weights = [o[m.group_offset:m.group_offset + m.n * m.k] for o, g in zip(outs, groups) for m in g]
+                flat = torch.cat([w.view(torch.uint8) for w in weights])
+                if ref is None:
+                    ref = flat
+                name = f"block{block}_{'pairs' if pairs else 'lut16'}_mode{mode}_{'fdiv' if fdiv else 'idiv'}"
+                del outs, weights
+                ms = graphed_ms(step)
+                res["variants"][name] = {"ms_per_step": round(ms, 4), "groups": len(dg),
+                                         "tb_s": round(3 * packed_bytes / ms / 1e9, 3),
+                                         "bit_exact": bool(torch.equal(flat, ref))}
+                print(name, json.dumps(res["variants"][name]), flush=True)
+                del flat
+            del dg
+            torch.cuda.empty_cache()
+    src = torch.empty(2 * packed_bytes, dtype=torch.uint8, device=DEV)
+    dst = torch.empty_like(src)
+    ms = graphed_ms(lambda: dst.copy_(src))
+    res["copy_decoded_bytes"] = {"ms": round(ms, 4), "tb_s": round(4 * packed_bytes / ms / 1e9, 3)}
+    print("copy", json.dumps(res["copy_decoded_bytes"]), flush=True)
+    return res
+
+
+def bench_im2col(shapes: Counter) -> dict:
+    """im2col tile configurations (BM rows x BC channels, warps) on the SD1.5 k x k convs, ms per step."""
+    from functools import partial
+
+    from msfp_compiler.export.triton.im2col import im2col_triton
+
+    do_bench = partial(kernel_ms, warmup=10, rep=30)
+    configs = [(32, 128, 4), (64, 128, 4), (64, 128, 8), (128, 64, 8), (16, 256, 4), (128, 128, 8), (32, 256, 8)]
+    totals: Counter = Counter()
+    rows = []
+    for (kind, xs, ws, stride, pad), count in sorted(shapes.items(), key=lambda kv: str(kv[0])):
+        if kind != "conv" or ws[2] * ws[3] == 1 or ws[0] % 16 or ws[1] < 16:
+            continue
+        b, c, h, w = xs
+        x8 = (torch.randn(b, h, w, c, device=DEV) * 2).to(torch.float8_e4m3fn)
+        kern, strd, pads = [ws[2], ws[3]], list(stride), [pad[1], pad[1], pad[0], pad[0]]
+        ref = im2col_triton(x8, kern, strd, pads)
+        row = {"x": xs, "w": ws, "stride": stride, "count": count}
+        for bm, bc, nw in configs:
+            got = im2col_triton(x8, kern, strd, pads, bm=bm, bc=bc, num_warps=nw)
+            assert torch.equal(got.view(torch.uint8), ref.view(torch.uint8))
+            ms = do_bench(lambda: im2col_triton(x8, kern, strd, pads, bm=bm, bc=bc, num_warps=nw))
+            row[f"{bm}x{bc}w{nw}"] = round(ms, 5)
+            totals[f"{bm}x{bc}w{nw}"] += count * ms
+        row["out_bytes"] = ref.numel()
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return {"per_step_ms": {k: round(v, 4) for k, v in totals.items()}, "rows": rows}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--out", default=str(ROOT / "results" / "gpu_sd15_kernels.json"))
+    ap.add_argument("--sections", default="layers", help="comma list of layers, decode, im2col")
     args = ap.parse_args(argv)
     torch.backends.cuda.matmul.allow_tf32 = False
     t0 = time.perf_counter()
     shapes = layer_shapes(args.batch)
+    sections = args.sections.split(",")
+    res: dict = {"device": torch.cuda.get_device_name(0), "batch": args.batch}
+    for name, fn in (("decode", bench_decode), ("im2col", bench_im2col)):
+        if name in sections:
+            res[name] = fn(shapes)
+            res["seconds"] = round(time.perf_counter() - t0, 1)
+            Path(args.out).write_text(json.dumps(res, indent=1))  # after every section
+    if "layers" not in sections:
+        return 0
     rows, totals = [], Counter()
     for (kind, xs, ws, stride, pad), count in sorted(shapes.items(), key=lambda kv: str(kv[0])):
         if ws[0] % 16 or ws[1] < 16:  # conv_in / conv_out (4 channels): kept 8-bit by the compiler
@@ -133,9 +247,8 @@ def main(argv: list[str] | None = None) -> int:
         for key in ("cublas_fp8_ms", "decode_ms", "im2col_ms", "triton_w4_ms", "bf16_ms"):
             totals[key] += count * r.get(key, 0.0)
         print(json.dumps(r), flush=True)
-    res = {"device": torch.cuda.get_device_name(0), "batch": args.batch, "timing": "triton.testing.do_bench median",
-           "per_step_ms": {k: round(v, 4) for k, v in totals.items()}, "layers": sum(shapes.values()),
-           "seconds": round(time.perf_counter() - t0, 1), "rows": rows}
+    res = {**res, "timing": "triton.testing.do_bench median", "per_step_ms": {k: round(v, 4) for k, v in totals.items()},
+           "layers": sum(shapes.values()), "seconds": round(time.perf_counter() - t0, 1), "rows": rows}
     Path(args.out).write_text(json.dumps(res, indent=1))
     print(json.dumps(res["per_step_ms"]), flush=True)
     return 0

@@ -39,7 +39,7 @@ def _im2col_kernel(x_ptr, out_ptr, M, C, H, W, HO, WO, SH, SW, TOP, LEFT,
 
 
 def im2col_triton(x: torch.Tensor, kernel: list[int], stride: list[int], pads: list[int],
-                  bm: int = 32, bc: int = 128) -> torch.Tensor:
+                  bm: int = 32, bc: int = 128, num_warps: int = 4) -> torch.Tensor:
     """x [B, H, W, C] E4M3 (any 1-byte dtype), contiguous -> [B*Ho*Wo, kh*kw*C] of the same dtype."""
     x = x.contiguous()
     b, h, w, c = x.shape
@@ -52,5 +52,5 @@ def im2col_triton(x: torch.Tensor, kernel: list[int], stride: list[int], pads: l
     bc = min(bc, triton.next_power_of_2(c))
     grid = (triton.cdiv(m, bm), triton.cdiv(c, bc), khw)
     _im2col_kernel[grid](x.view(torch.uint8), out.view(torch.uint8), m, c, h, w, ho, wo, stride[0], stride[1],
-                         pads[2], pads[0], KW=kernel[1], KHW=khw, BM=bm, BC=bc, num_warps=4)
+                         pads[2], pads[0], KW=kernel[1], KHW=khw, BM=bm, BC=bc, num_warps=num_warps)
     return out
