@@ -43,7 +43,7 @@ from msfp_compiler.formats import FPFormat, IntFormat
 from msfp_compiler.ops import get_format, unpack_codes
 from msfp_compiler.talora import chosen_set
 
-from .fast_ops import conv_out_size, e4m3_lut, pack_halves, pair_luts  # also defines torch.ops.msfp_fast.*
+from .fast_ops import conv_out_size, e4m3_lut, pack_halves  # also defines torch.ops.msfp_fast.*
 
 __all__ = ["grid_round", "fake_quant", "grid_e4m3", "FastGemm", "DecodeGroup", "FastUNet", "build_fast", "FastReport",
            "weight_bytes"]
@@ -318,11 +318,10 @@ class DecodeGroup(torch.nn.Module):
     Takes the members' ``packed`` / ``lut`` buffers over (the 4-bit codes stay resident once); each member reads its
     [N, K] slice of the group's output, a transient buffer of the group's decoded size."""
 
-    def __init__(self, layers: list[FastGemm], block: int | None = None, pairs: bool | None = None):
+    def __init__(self, layers: list[FastGemm], block: int | None = None):
         """block: bytes per kernel program (a power of two, >= 16; each layer starts on a block boundary). Default:
         the largest of 4096, 2048, ..., 256 whose padding stays under 1/32 of the codes (4096 on SD1.5). Every
-        layer's K must be a multiple of 8 (the kernel moves int32 words). pairs: keep 256-entry byte -> two-code
-        tables (one gather per packed byte) instead of 16-entry code tables (default ``DECODE_PAIRS``)."""
+        layer's K must be a multiple of 8 (the kernel moves int32 words)."""
         super().__init__()
         sizes = [m.packed[0].numel() for m in layers]
         if block is None:
@@ -343,8 +342,7 @@ class DecodeGroup(torch.nn.Module):
             m.group_offset = 2 * start
             start += blocks * block
         self.register_buffer("packed", torch.cat(parts))
-        tables = torch.tensor(list(luts), dtype=torch.uint8)
-        self.register_buffer("luts", pair_luts(tables) if (DECODE_PAIRS if pairs is None else pairs) else tables)
+        self.register_buffer("luts", torch.tensor(list(luts), dtype=torch.uint8))
         self.register_buffer("row_lut", torch.tensor(row_lut, dtype=torch.uint8))
         self.register_buffer("block_layer", torch.tensor(block_layer, dtype=torch.int32))
         if 2 * start >= 2**31:
@@ -361,8 +359,6 @@ class DecodeGroup(torch.nn.Module):
 # per layer was launch-bound (280 launches of 3-20 us per SD1.5 step on the H200, 0.8 ms at any batch size); 64 MiB
 # makes ~14 groups on SD1.5, each launch long enough to run at memory bandwidth. 0: one launch per layer.
 DECODE_GROUP_BYTES = 64 << 20
-# DecodeGroup's default table form: 256-entry pair tables (one gather per packed byte) or 16-entry code tables
-DECODE_PAIRS = False
 
 
 def _group_decodes(gm: fx.GraphModule, group_bytes: int) -> int:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from msfp_compiler.ops import get_format
 
-__all__ = ["decode_w4", "decode_w4_group", "pair_luts", "im2col_e4m3", "conv_out_size", "pack_halves", "unpack_halves", "e4m3_lut"]
+__all__ = ["decode_w4", "decode_w4_group", "im2col_e4m3", "conv_out_size", "pack_halves", "unpack_halves", "e4m3_lut"]
 
 _FP8 = torch.float8_e4m3fn
 
@@ -81,26 +81,18 @@ def decode_w4_group(packed: torch.Tensor, luts: torch.Tensor, row_lut: torch.Ten
 
     packed uint8 [P]: the layers' pack_halves bytes one after another, each layer starting at a multiple of the block
     (P / len(block_layer) bytes, a multiple of 4), every layer's K a multiple of 8 (the kernel moves int32 words);
-    luts: uint8 [U, 16] code -> E4M3 tables, or int16 [U, 256] byte -> (E4M3 of the low code | E4M3 of the high
-    code << 8) pair tables (``pair_luts``); row_lut uint8 [rows]: the table of each weight row (the rows of a merged
+    luts: uint8 [U, 16] code -> E4M3 tables; row_lut uint8 [rows]: the table of each weight row (the rows of a merged
     layer may come from layers of different formats); block_layer int32 [P / block]: the layer of each block; meta
     int32 [L, 4], in int32 words of packed bytes: (start, K/8, N*K/8, first row in row_lut) of each layer. Returns
     E4M3 [2P]: layer l's [N, K] row-major weights at element 8 * start (the padding between layers is left
     unwritten)."""
     out = torch.zeros(2 * packed.numel(), dtype=torch.uint8, device=packed.device)
-    tables = luts[:, :16].to(torch.int32) & 255 if luts.shape[-1] == 256 else luts.to(torch.int32)
+    tables = luts.to(torch.int32)
     for start, half, total, row0 in (meta * torch.tensor([4, 4, 4, 1], dtype=meta.dtype)).tolist():
         codes = unpack_halves(packed[start:start + total].view(-1, half))
         rows = tables[row_lut[row0:row0 + codes.shape[0]].long()]  # [N, 16]
         out[2 * start:2 * (start + total)] = torch.gather(rows, 1, codes.long()).reshape(-1).to(torch.uint8)
     return out.view(_FP8)
-
-
-def pair_luts(luts: torch.Tensor) -> torch.Tensor:
-    """uint8 [U, 16] code tables -> int16 [U, 256]: byte b -> lut[b & 15] | lut[b >> 4] << 8 (one gather per byte)."""
-    b = torch.arange(256)
-    pairs = luts[:, b & 15].to(torch.int32) | (luts[:, b >> 4].to(torch.int32) << 8)
-    return torch.where(pairs >= 1 << 15, pairs - (1 << 16), pairs).to(torch.int16)
 
 
 @decode_w4_group.register_kernel("cuda")

@@ -53,79 +53,45 @@ def decode_w4_triton(packed: torch.Tensor, lut: torch.Tensor, set_index: torch.T
 
 
 @triton.jit
-def _decode_group_kernel(p_ptr, lut_ptr, row_lut_ptr, layer_ptr, meta_ptr, out_ptr,
-                         BLOCK: tl.constexpr, MODE: tl.constexpr, FDIV: tl.constexpr):
+def _decode_group_kernel(p_ptr, lut_ptr, row_lut_ptr, layer_ptr, meta_ptr, out_ptr, BLOCK: tl.constexpr):
     # One program = BLOCK int32 words (4 packed bytes = 8 codes each) of one layer; layers start on block boundaries.
     # Word granularity: 16-byte vector loads, 4-byte stores, one row computation per 4 bytes. The byte-wise kernel
     # this replaces (an int32 division, a table-row gather, two table gathers and two 1-byte stores per packed byte)
-    # ran at ~1 TB/s in situ (1.24 ms per SD1.5 step).
+    # ran at ~1 TB/s in situ: 1.24 ms per SD1.5 step against 0.46 ms now, the speed of a device copy of the decoded
+    # bytes (docs/triton.md; a 256-entry pair table and an in-register table were not faster).
     pid = tl.program_id(0)
     layer = tl.load(layer_ptr + pid)
     seg = tl.load(meta_ptr + 4 * layer)  # the layer's first word
     half = tl.load(meta_ptr + 4 * layer + 1)  # words per half row (K / 8)
     total = tl.load(meta_ptr + 4 * layer + 2)  # the layer's packed words
     row0 = tl.load(meta_ptr + 4 * layer + 3)
-    g = pid * BLOCK + tl.arange(0, BLOCK)
-    w = tl.load(p_ptr + g)  # the group buffer is a whole number of blocks (zero padding past each layer)
+    w = tl.load(p_ptr + pid * BLOCK + tl.arange(0, BLOCK))  # whole blocks (zero padding past each layer)
     first = pid * BLOCK - seg
     mask = first + tl.arange(0, BLOCK) < total
-    if FDIV:
-        # row = first row of the block + floor(c / half) for c < BLOCK + half, in float32: exact while
-        # (BLOCK + half) < 2^21 (the quotient's error stays below the 0.5 / half margin of (c + 0.5) / half)
-        r0 = first // half
-        c = (first - r0 * half + tl.arange(0, BLOCK)).to(tl.float32)
-        row = r0 + ((c + 0.5) * (1.0 / half.to(tl.float32))).to(tl.int32)
-    else:
-        row = (first + tl.arange(0, BLOCK)) // half
-    fmt = tl.load(row_lut_ptr + row0 + row, mask=mask, other=0).to(tl.int32)  # rows of a merged layer differ in format
+    # row = the block's first row + floor(c / half) for c < BLOCK + half, in float32 (faster than an int32 division):
+    # exact while BLOCK + half < 2^21, the quotient's rounding error staying below the 0.5 / half margin of (c + 0.5)
+    r0 = first // half
+    c = (first - r0 * half + tl.arange(0, BLOCK)).to(tl.float32)
+    row = r0 + ((c + 0.5) * (1.0 / half.to(tl.float32))).to(tl.int32)
+    fmt = tl.load(row_lut_ptr + row0 + row, mask=mask, other=0).to(tl.int32) * 16  # merged layers mix formats by row
     lo = tl.zeros([BLOCK], dtype=tl.int32)
     hi = tl.zeros([BLOCK], dtype=tl.int32)
-    if MODE == 2:  # the format's 16-byte table as four int32 words, selected and shifted in registers
-        t0 = tl.load(lut_ptr + 4 * fmt)
-        t1 = tl.load(lut_ptr + 4 * fmt + 1)
-        t2 = tl.load(lut_ptr + 4 * fmt + 2)
-        t3 = tl.load(lut_ptr + 4 * fmt + 3)
     for k in tl.static_range(4):
         b = (w >> (8 * k)) & 255
-        if MODE == 0:  # two gathers from the format's 16-byte table
-            lo = lo | (tl.load(lut_ptr + 16 * fmt + (b & 15)).to(tl.int32) << (8 * k))
-            hi = hi | (tl.load(lut_ptr + 16 * fmt + (b >> 4)).to(tl.int32) << (8 * k))
-        elif MODE == 1:  # one gather from the format's 256-entry byte -> (low code | high code << 8) table
-            e = tl.load(lut_ptr + 256 * fmt + b).to(tl.int32) & 0xFFFF
-            lo = lo | ((e & 255) << (8 * k))
-            hi = hi | ((e >> 8) << (8 * k))
-        else:
-            cl = b & 15
-            ch = b >> 4
-            wl = tl.where(cl < 8, tl.where(cl < 4, t0, t1), tl.where(cl < 12, t2, t3))
-            wh = tl.where(ch < 8, tl.where(ch < 4, t0, t1), tl.where(ch < 12, t2, t3))
-            lo = lo | (((wl >> ((cl & 3) * 8)) & 255) << (8 * k))
-            hi = hi | (((wh >> ((ch & 3) * 8)) & 255) << (8 * k))
+        lo = lo | (tl.load(lut_ptr + fmt + (b & 15)).to(tl.int32) << (8 * k))
+        hi = hi | (tl.load(lut_ptr + fmt + (b >> 4)).to(tl.int32) << (8 * k))
     o = 2 * seg + first + tl.arange(0, BLOCK) + row * half  # row n, word j: out[n * K/4 + j], out[n * K/4 + j + K/8]
     tl.store(out_ptr + o, lo, mask=mask)
     tl.store(out_ptr + o + half, hi, mask=mask)
 
 
-# which table form the group kernel reads ([U, 16] bytes: 0 = two gathers per byte, 2 = in-register selection;
-# a [U, 256] int16 pair table always means one gather per byte), and the row computation (float32 or int32 division)
-GROUP_MODE = 0
-GROUP_FDIV = True
-
-
 def decode_w4_group_triton(packed: torch.Tensor, luts: torch.Tensor, row_lut: torch.Tensor, block_layer: torch.Tensor,
-                           meta: torch.Tensor, mode: int | None = None, fdiv: bool | None = None) -> torch.Tensor:
+                           meta: torch.Tensor) -> torch.Tensor:
     """Every layer of a decode group in one launch (``fast_ops.decode_w4_group`` describes the arguments)."""
     out = torch.empty(2 * packed.numel(), dtype=torch.float8_e4m3fn, device=packed.device)
     blocks = block_layer.numel()
     if blocks == 0:
         return out
-    if luts.shape[-1] == 256:
-        mode, table = 1, luts.view(torch.int16)
-    else:
-        mode = GROUP_MODE if mode is None else mode
-        table = luts.view(torch.int32) if mode == 2 else luts
-    words = packed.numel() // 4 // blocks
-    _decode_group_kernel[(blocks,)](packed.view(torch.int32), table, row_lut, block_layer, meta,
-                                    out.view(torch.int32), BLOCK=words, MODE=mode,
-                                    FDIV=GROUP_FDIV if fdiv is None else fdiv, num_warps=8)
+    _decode_group_kernel[(blocks,)](packed.view(torch.int32), luts, row_lut, block_layer, meta, out.view(torch.int32),
+                                    BLOCK=packed.numel() // 4 // blocks, num_warps=8)
     return out
