@@ -66,6 +66,11 @@ def profile_table(fn: Callable[[], Any], mark_step: bool, rows: int = 60) -> tup
     return "\n".join(lines), out
 
 
+def kernels_per_step(rows: list[dict]) -> float:
+    """Kernel launches (and memsets/copies) per step: each costs a launch gap inside the CUDA graph."""
+    return round(sum(r["calls_per_step"] for r in rows), 1)
+
+
 def categorize(rows: list[dict]) -> dict[str, float]:
     """Kernel time per step by kind (name patterns of cuBLAS/CUTLASS/cuDNN/flash/Inductor kernels)."""
     cats = {"gemm_fp8": 0.0, "gemm_bf16": 0.0, "conv": 0.0, "attention": 0.0, "layout": 0.0, "norm_pointwise": 0.0,
@@ -157,6 +162,9 @@ def parser() -> argparse.ArgumentParser:
                     "our compiler runs (fills the Inductor caches; the timed compile in this process then hits them)")
     ap.add_argument("--warm-timeout", type=float, default=600.0, help="seconds the timings wait for the warm-up "
                     "process; baseline compiles it has not finished by then are skipped (recorded as such)")
+    ap.add_argument("--variant", default=None, metavar="NAME:BATCH", help="after the main rows: one more W4A4 "
+                    "compile, timing and profile at BATCH with an Inductor option (combo: config.combo_kernels, "
+                    "independent kernels launched as one), recorded under 'variants'")
     ap.add_argument("--skip", default="", help="comma list of phases to leave out: accuracy, bandwidth")
     ap.add_argument("--gpu-lock", default=None, metavar="FILE", help="hold an exclusive lock on FILE from the first "
                     "timing to the end (benchmarks of other batch sizes compiling in parallel processes time one "
@@ -195,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
         rows = measure(args, rec, cm, bf16_bytes, batches, warm)
         torch._dynamo.reset()
         torch.cuda.empty_cache()
+        if args.variant:
+            variant(args, rec, cm)
     log(json.dumps([{k: v for k, v in r.items() if not isinstance(v, dict) or k == "weights_gib"}
                     for r in rows], indent=1))
     if "bandwidth" in args.skip.split(","):
@@ -308,6 +318,32 @@ def measure(args: argparse.Namespace, rec: Recorder, cm: Any, bf16_bytes: int, b
     return list(rows.values())
 
 
+def variant(args: argparse.Namespace, rec: Recorder, cm: Any) -> None:
+    """The headline W4A4 build compiled once more at one batch size with an Inductor option, timed and profiled
+    (after the main rows, so a failure or a cut cannot cost them)."""
+    from torch._inductor import config as inductor_config
+
+    from msfp_compiler.export.triton.fast import build_fast
+
+    name, b = args.variant.split(":")
+    options = {"combo": {"combo_kernels": True}}[name]
+    head = args.weights.split(",")[0]
+    row: dict = {"batch": int(b), "variant": name, "inductor_options": options}
+    fast = build_fast(cm.graph_module, "cuda", weights=head)
+    x = inputs(int(b), cm.calibration.batches[0].args)
+    profiles: dict[str, Any] = {}
+    with inductor_config.patch(options):
+        cf = compile_fast(fast, x, args.fast_mode, row, head)
+    if cf is not None:
+        time_fast(cf, x, row, head, args.iters, profiles if args.profile else None, tag=f"_{name}")
+    row["w4a4_ms"] = row.get(f"w4a4_{head}", {}).get("median_ms")
+    row["profile"] = {k: {kk: vv for kk, vv in v.items() if kk != "rows"} for k, v in profiles.items()}
+    rec.put("variants", [row])
+    if args.log_dir and profiles:
+        (Path(args.log_dir) / f"profile_{name}.txt").write_text("\n\n".join(f"== {k}\n{v['table']}"
+                                                                           for k, v in profiles.items()))
+
+
 def cached_modes(modes_arg: str, b: int, warm: tuple[Any, Path] | None, row: dict) -> list[str]:
     """The baseline modes to compile in this process: with a warm-up, only those it finished (cache hits)."""
     modes = modes_arg.split(",")
@@ -345,7 +381,7 @@ def compile_fast(fast: Any, x: tuple, mode: str, row: dict, wmode: str) -> Any:
         return None
 
 
-def time_fast(cf: Any, x: tuple, row: dict, wmode: str, iters: int, profiles: dict | None) -> None:
+def time_fast(cf: Any, x: tuple, row: dict, wmode: str, iters: int, profiles: dict | None, tag: str = "") -> None:
     """Median step time of the compiled fast path, and its kernel profile when ``profiles`` is given."""
     b = row["batch"]
     try:
@@ -353,7 +389,8 @@ def time_fast(cf: Any, x: tuple, row: dict, wmode: str, iters: int, profiles: di
         log(f"batch {b}: W4A4 ({wmode}) {row[f'w4a4_{wmode}']['median_ms']} ms")
         if profiles is not None:
             table, prow = profile_table(lambda: cf(*x), mark_step=True)
-            profiles[f"w4a4_b{b}"] = {"table": table, "by_kind": categorize(prow), "rows": prow}
+            profiles[f"w4a4_b{b}{tag}"] = {"table": table, "by_kind": categorize(prow),
+                                            "kernels_per_step": kernels_per_step(prow), "rows": prow}
             log(table)
     except Exception as e:  # noqa: BLE001
         row[f"w4a4_{wmode}_error"] = repr(e)[:3000]
@@ -392,7 +429,8 @@ def time_baselines(unet: Any, xb: tuple, row: dict, modes: list[str], iters: int
             log(f"batch {b}: bf16 torch.compile({mode}) {row[f'{key}_ms']} ms (compile {row[f'{key}_s']} s)")
             if profiles is not None:
                 table, prow = profile_table(run, mark_step=True)
-                profiles[f"bf16_{mode}_b{b}"] = {"table": table, "by_kind": categorize(prow), "rows": prow}
+                profiles[f"bf16_{mode}_b{b}"] = {"table": table, "by_kind": categorize(prow),
+                                                 "kernels_per_step": kernels_per_step(prow), "rows": prow}
                 log(table)
             del cb
         except Exception as e:  # noqa: BLE001
