@@ -112,6 +112,8 @@ class FinetuneConfig:
     learn_act_scales: bool = False  # LSQ-style learnable activation scales
     act_scale_lr_factor: float = 0.1  # their learning rate: lr times this
     cuda_graph: bool = True  # on CUDA, capture the training step once and replay it (distillation.py)
+    # seconds: fit the cosine schedule's length (at most ``steps``) to this budget at the measured step rate
+    time_budget_s: float | None = None
     samples: int = 32  # FP trajectories used as distillation data
     sampler_steps: int = 50  # DDIM steps of those trajectories (and of gamma_t)
     sampler: str = "ddim"

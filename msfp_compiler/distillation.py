@@ -44,12 +44,14 @@ class FinetuneResult:
     gammas: dict[int, float] = field(default_factory=dict)
     curve: list[tuple[int, float]] = field(default_factory=list)  # (step, mean loss over the interval)
     cuda_graph: bool = False  # the steps after the warm-up replayed one captured CUDA graph
+    steps: int = 0  # steps run (less than FinetuneConfig.steps when its time budget cut the schedule)
 
     def log_info(self, cfg: FinetuneConfig) -> dict:
         """Facts for the pass log (JSON-able)."""
-        return {"steps": cfg.steps, "num_loras": cfg.num_loras, "rank": cfg.rank, "dfa": cfg.dfa,
+        return {"steps": self.steps, "max_steps": cfg.steps, "num_loras": cfg.num_loras, "rank": cfg.rank,
+                "dfa": cfg.dfa,
                 "initial_loss": round(self.initial_loss, 6), "final_loss": round(self.final_loss, 6),
-                "train_seconds": round(self.seconds, 2), "steps_per_s": round(cfg.steps / max(self.seconds, 1e-9), 2),
+                "train_seconds": round(self.seconds, 2), "steps_per_s": round(self.steps / max(self.seconds, 1e-9), 2),
                 "batch_size": cfg.batch_size, "cuda_graph": self.cuda_graph, "learn_act_scales": cfg.learn_act_scales,
                 "loss_curve": [[s, round(v, 6)] for s, v in self.curve]}
 
@@ -198,6 +200,12 @@ def _use_graph(cfg: FinetuneConfig, items, groups) -> bool:
 _WARMUP_STEPS = 3  # eager steps before the capture (on a side stream, as torch.cuda.graphs asks)
 
 
+def _fit_to_budget(cfg: FinetuneConfig, step: int, rate: float, left: float) -> int:
+    """The step count that ends when cfg.time_budget_s does, at ``rate`` steps/s with ``left`` seconds left
+    (at most cfg.steps, at least one more step)."""
+    return max(step + 1, min(cfg.steps, step + int(rate * left)))
+
+
 def _train(gm, teacher, sig, data, cfg, gammas, progress) -> FinetuneResult:
     groups = _param_groups(gm, cfg)
     items = _teacher_data(teacher, sig, data)
@@ -211,11 +219,12 @@ def _train(gm, teacher, sig, data, cfg, gammas, progress) -> FinetuneResult:
     runner = _StepRunner(gm, items, gammas, opt, rows)
     hist = torch.zeros(cfg.steps, device=items[0][1].device)
     show = sys.stderr.isatty() if progress is None else progress
-    bar = tqdm(range(cfg.steps), desc="finetune", disable=not show, leave=False)
+    bar = tqdm(total=cfg.steps, desc="finetune", disable=not show, leave=False)
     side = torch.cuda.Stream() if graph else None
     t0 = tick = time.perf_counter()
-    for step in bar:
-        _set_lr(opt, base, step, cfg.steps)
+    step, total = 0, cfg.steps
+    while step < total:
+        _set_lr(opt, base, step, total)
         runner.load(picks[step], step)
         if side is not None and step < _WARMUP_STEPS:
             side.wait_stream(torch.cuda.current_stream())
@@ -226,23 +235,44 @@ def _train(gm, teacher, sig, data, cfg, gammas, progress) -> FinetuneResult:
                 runner.capture()
         else:
             hist[step] = runner.run()
-        if cfg.log_every and ((step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps):
-            # A line per interval whatever the terminal (tqdm draws only on a TTY), so GPU runs are logged too;
-            # the only host sync of the loop.
-            lo = res.curve[-1][0] if res.curve else 0
-            mean = float(hist[lo: step + 1].mean())
+        step += 1
+        bar.update()
+        if step == _WARMUP_STEPS:
+            t_warm = time.perf_counter()
+        elif cfg.time_budget_s and step % _BUDGET_EVERY == 0:
+            # The cosine schedule's length follows the time budget at the rate measured so far (other processes
+            # sharing the GPU change it); the sync makes the rate the device's, not the launch queue's.
+            if graph:
+                torch.cuda.synchronize()
             now = time.perf_counter()
-            res.curve.append((step + 1, mean))
+            total = _fit_to_budget(cfg, step, (step - _WARMUP_STEPS) / (now - t_warm), cfg.time_budget_s - (now - t0))
+        if cfg.log_every and (step % cfg.log_every == 0 or step == total):
+            # A line per interval whatever the terminal (tqdm draws only on a TTY), so GPU runs are logged too;
+            # with the budget check, the only host syncs of the loop.
+            lo = res.curve[-1][0] if res.curve else 0
+            mean = float(hist[lo:step].mean())
+            now = time.perf_counter()
+            res.curve.append((step, mean))
             bar.set_postfix(loss=f"{mean:.4g}")
-            log.info("finetune step %d/%d  loss %.5g  %.1f steps/s", step + 1, cfg.steps, mean, (step + 1 - lo) / (now - tick))
+            log.info("finetune step %d/%d  loss %.5g  %.1f steps/s", step, total, mean, (step - lo) / (now - tick))
             tick = now
-        if cfg.checkpoint and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
+        if cfg.checkpoint and cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
             save_state(gm, cfg.checkpoint)
     bar.close()
-    res.losses = hist.tolist()
+    res.losses = hist[:total].tolist()
     res.seconds = time.perf_counter() - t0
+    res.steps = total
     res.cuda_graph = runner.graph is not None
     del runner
+    _finish(gm, cfg, groups, res, probe, gammas)
+    return res
+
+
+_BUDGET_EVERY = 25  # steps between fits of the schedule to FinetuneConfig.time_budget_s
+
+
+def _finish(gm, cfg, groups, res, probe, gammas) -> None:
+    """Freeze everything, the probe loss after training, the router table, the checkpoint."""
     for p in gm.parameters():
         p.requires_grad_(False)
         p.grad = None
@@ -252,7 +282,6 @@ def _train(gm, teacher, sig, data, cfg, gammas, progress) -> FinetuneResult:
     res.table = router_table(gm)
     if cfg.checkpoint:
         save_state(gm, cfg.checkpoint)
-    return res
 
 
 def _make_act_scales_learnable(gm: fx.GraphModule) -> list[nn.Parameter]:

@@ -139,3 +139,21 @@ def test_finetune_cuda_graph_matches_eager(stages_unet2d):
     res, ref, _, _ = _finetune_pair(stages_unet2d, cfg, "cuda")
     assert res.cuda_graph
     assert torch.allclose(torch.tensor(res.losses), torch.tensor(ref), rtol=1e-3, atol=1e-7)
+
+
+def test_finetune_time_budget_shortens_the_schedule(stages_unet2d):
+    # a budget already spent at the first fit: the schedule ends at that fit (25 steps) instead of 200
+    from msfp_compiler.calibration import collect
+    from msfp_compiler.distillation import finetune
+    from msfp_compiler.sampling import make_scheduler
+
+    from .conftest import quantize_tiny
+
+    unet = stages_unet2d.unet
+    gm, sig = quantize_tiny(unet, steps=3, groups=1, sample_per_group=128, gm=stages_unet2d.fresh("capture"))
+    data = collect(unet, sig, 4, 8, 1, make_scheduler("ddim"), num_groups=1, holdout_samples=0, progress=False)
+    cfg = FinetuneConfig(steps=200, num_loras=1, rank=2, batch_size=2, samples=4, sampler_steps=8, log_every=10,
+                         time_budget_s=1e-6)
+    res = finetune(gm, unet, sig, data, cfg, make_scheduler("ddim"), progress=False)
+    assert res.steps == 26 and len(res.losses) == 26 and res.curve[-1][0] == 26
+    assert res.log_info(cfg)["max_steps"] == 200

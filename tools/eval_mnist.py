@@ -105,7 +105,7 @@ def compile_config(row: Row, args, seed: int) -> CompileConfig:
                       finetune_steps=args.finetune_steps, lora_rank=args.lora_rank,
                       finetune_samples=args.finetune_samples, sampler_steps=args.steps, device=args.device,
                       batch_size=args.finetune_batch, lr=args.lora_lr, log_every=args.log_every,
-                      learn_act_scales=args.learn_act_scales)
+                      learn_act_scales=args.learn_act_scales, time_budget_s=args.finetune_time_budget)
 
 
 def run_task(model_key: str, seed: int, row: Row, args) -> dict:
@@ -345,6 +345,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lora-rank", type=int, default=4)
     p.add_argument("--lora-lr", type=float, default=1e-3)
     p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--finetune-time-budget", type=float, default=None, metavar="S",
+                   help="fit each fine-tuning's cosine schedule (at most --finetune-steps) to S seconds")
     p.add_argument("--learn-act-scales", action="store_true", help="fine-tuning also learns the activation scales")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--no-tf32", dest="tf32", action="store_false", help="plain FP32 convolutions while sampling")
@@ -422,7 +424,8 @@ def main(argv: list[str] | None = None) -> int:
             failed.append(":".join(map(str, key)))
     settings = {k: getattr(args, k) for k in ("samples", "steps", "batch", "calib_samples", "calib_steps",
                                               "finetune_steps", "finetune_samples", "finetune_batch", "lora_rank",
-                                              "lora_lr", "device", "tf32")}
+                                              "lora_lr", "device", "tf32", "finetune_time_budget",
+                                              "learn_act_scales")}
     settings["seeds"] = seeds
     settings["wall_seconds"] = None if args.merge_only else round(time.perf_counter() - t0, 1)
     if not args.merge_only:
