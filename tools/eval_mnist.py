@@ -38,7 +38,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
-from quality_rows import ALIASES, ROWS, Row, compile_facts, row_config  # noqa: E402
+from quality_rows import (ALIASES, ROWS, Row, add_table_arguments, args_row_config, class_labels,  # noqa: E402
+                          compile_facts, parse_rows, slug, write_json)
 
 from msfp_compiler.capture import UNetWrapper, signature_of  # noqa: E402
 from msfp_compiler.compile import compile as msfp_compile  # noqa: E402
@@ -51,10 +52,6 @@ from msfp_compiler.mnist import load_mnist_images  # noqa: E402
 
 MODELS = {"uncond": ROOT / "examples" / "mnist-uncond", "cond": ROOT / "examples" / "mnist-cond"}
 CLASSIFIER = ROOT / "examples" / "mnist_classifier.safetensors"
-
-
-def slug(name: str) -> str:
-    return name.lower().replace(" + ", "_").replace(" ", "_")
 
 
 @contextlib.contextmanager
@@ -101,11 +98,46 @@ def ddim(eps_fn, n: int, steps: int, seed: int, cond: torch.Tensor | None, sched
 
 
 def compile_config(row: Row, args, seed: int) -> CompileConfig:
-    return row_config(row, seed=seed, calib_samples=args.calib_samples, calib_steps=args.calib_steps,
-                      finetune_steps=args.finetune_steps, lora_rank=args.lora_rank,
-                      finetune_samples=args.finetune_samples, sampler_steps=args.steps, device=args.device,
-                      batch_size=args.finetune_batch, lr=args.lora_lr, log_every=args.log_every,
-                      learn_act_scales=args.learn_act_scales, time_budget_s=args.finetune_time_budget)
+    return args_row_config(row, args, seed, args.device, batch_size=args.finetune_batch, lr=args.lora_lr,
+                           log_every=args.log_every, learn_act_scales=args.learn_act_scales,
+                           time_budget_s=args.finetune_time_budget)
+
+
+def _eps_fn(model_key: str, row: Row, loaded, sig, args, seed: int, device: torch.device, info: dict):
+    """The noise predictor of a row on the device: the FP32 UNet, or the row compiled there (facts into info)."""
+    if row.scheme is None:
+        return UNetWrapper(loaded.unet.float().eval().to(device), sig)
+    check = seed in args.check_seeds
+    t0 = time.perf_counter()
+    cm = msfp_compile(loaded, compile_config(row, args, seed), progress=False, lower=check)
+    info["compile_seconds"] = round(time.perf_counter() - t0, 2)
+    info.update(compile_facts(cm))
+    if check:
+        chk = cm.check()
+        info["onnx_check"] = chk.info()  # per-quantizer verdict (msfp_compiler.check): flips counted, not failed
+        print(f"[{model_key} seed {seed}] {row.name}: {chk}", flush=True)
+    return move_graph(cm.graph_module, device)
+
+
+def _sample_and_score(eps_fn, loaded, sig, args, seed: int, device: torch.device, info: dict) -> torch.Tensor:
+    """Samples of one row (holding a GPU slot), FID against the real digits and label accuracy into info."""
+    shape = (sig.in_channels, sig.sample_size, sig.sample_size)
+    labels, cond = class_labels(loaded, args.samples)
+    t1 = time.perf_counter()
+    with gpu_slot(args.out, args.gpu_slots if device.type == "cuda" else 0, os.environ.get("CUDA_VISIBLE_DEVICES", "")):
+        info["slot_wait_seconds"] = round(time.perf_counter() - t1, 2)
+        t1 = time.perf_counter()
+        # Sampling repeats one batch shape 50 times: let cuDNN pick its fastest convolutions (summation order only).
+        torch.backends.cudnn.benchmark = device.type == "cuda"
+        imgs = ddim(eps_fn, args.samples, args.steps, seed, cond, loaded.scheduler_config, shape, device, args.batch)
+        info["sample_seconds"] = round(time.perf_counter() - t1, 2)
+        clf = load_classifier(args.classifier).to(device)
+        real, _ = load_mnist_images(sig.sample_size)
+        real_feats = classifier_features(clf, real.to(device)).cpu()
+        info["fid"] = frechet_distance(classifier_features(clf, imgs.to(device)).cpu(), real_feats)
+        if cond is not None:
+            info["label_accuracy"] = classifier_accuracy(clf, imgs.to(device), labels)
+    return imgs
 
 
 def run_task(model_key: str, seed: int, row: Row, args) -> dict:
@@ -124,46 +156,18 @@ def run_task(model_key: str, seed: int, row: Row, args) -> dict:
     t0 = time.perf_counter()
     loaded = load_model(args.model_dir.get(model_key, MODELS[model_key]))
     sig = signature_of(loaded.unet)
-    shape = (sig.in_channels, sig.sample_size, sig.sample_size)
-    n = args.samples
-    labels = torch.arange(n) % 10
-    cond = loaded.class_embedding[labels].unsqueeze(1).float() if loaded.class_embedding is not None else None
     info: dict = {"seed": seed}
     tag = f"[{model_key} seed {seed}] {row.name}"
     print(f"{tag}: start", flush=True)
-    if row.scheme is None:
-        eps_fn = UNetWrapper(loaded.unet.float().eval().to(device), sig)
-    else:
-        check = seed in args.check_seeds
-        cm = msfp_compile(loaded, compile_config(row, args, seed), progress=False, lower=check)
-        info["compile_seconds"] = round(time.perf_counter() - t0, 2)
-        info.update(compile_facts(cm))
-        if check:
-            chk = cm.check()
-            info["onnx_check"] = chk.info()  # per-quantizer verdict (msfp_compiler.check): flips counted, not failed
-            print(f"{tag}: {chk}", flush=True)
-        eps_fn = move_graph(cm.graph_module, device)
-    t1 = time.perf_counter()
-    with gpu_slot(args.out, args.gpu_slots if device.type == "cuda" else 0, os.environ.get("CUDA_VISIBLE_DEVICES", "")):
-        info["slot_wait_seconds"] = round(time.perf_counter() - t1, 2)
-        t1 = time.perf_counter()
-        # Sampling repeats one batch shape 50 times: let cuDNN pick its fastest convolutions (summation order only).
-        torch.backends.cudnn.benchmark = device.type == "cuda"
-        imgs = ddim(eps_fn, n, args.steps, seed, cond, loaded.scheduler_config, shape, device, args.batch)
-        info["sample_seconds"] = round(time.perf_counter() - t1, 2)
-        clf = load_classifier(args.classifier).to(device)
-        real, _ = load_mnist_images(sig.sample_size)
-        real_feats = classifier_features(clf, real.to(device)).cpu()
-        info["fid"] = frechet_distance(classifier_features(clf, imgs.to(device)).cpu(), real_feats)
-        if cond is not None:
-            info["label_accuracy"] = classifier_accuracy(clf, imgs.to(device), labels)
+    eps_fn = _eps_fn(model_key, row, loaded, sig, args, seed, device, info)
+    imgs = _sample_and_score(eps_fn, loaded, sig, args, seed, device, info)
     torch.save(imgs.half(), args.out / f"samples_{model_key}_{seed}_{slug(row.name)}.pt")
     if seed == args.grid_seed:
         from msfp_compiler.export.ort import save_grid
 
         save_grid(imgs[:80], args.out / f"samples_{model_key}_{slug(row.name)}.png", nrow=10)
     info["task_seconds"] = round(time.perf_counter() - t0, 2)
-    print(f"{tag}: FID {info['fid']:.3f}" + (f" acc {info['label_accuracy']:.4f}" if cond is not None else "")
+    print(f"{tag}: FID {info['fid']:.3f}" + (f" acc {info['label_accuracy']:.4f}" if "label_accuracy" in info else "")
           + f" ({info['task_seconds']:.0f}s)", flush=True)
     return info
 
@@ -210,9 +214,7 @@ def merge(out: Path, settings: dict) -> dict:
                 if len(row[k]) == len(order):
                     row[k] = [row[k][i] for i in order]
     res = {**{k: table[k] for k in ("uncond", "cond") if k in table}, "settings": settings}
-    tmp = out / ".quality_mnist.json.tmp"
-    tmp.write_text(json.dumps(res, indent=1, default=float))
-    tmp.replace(out / "quality_mnist.json")
+    write_json(out / "quality_mnist.json", res, indent=1)
     (out / "quality_mnist.md").write_text(markdown(res))
     plot_loss_curves(res, out / "loss_curves.png")
     return res
@@ -327,22 +329,15 @@ def markdown(res: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", default="uncond,cond")
-    p.add_argument("--rows", default=",".join(ALIASES), help=f"subset of {','.join(ALIASES)}")
+    add_table_arguments(p, samples=5000, steps=50, calib_samples=32, calib_steps=50, finetune_steps=800,
+                        finetune_samples=64, out=ROOT / "results" / "mnist")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--late-rows", default="", help="rows launched after every seed of the others (a time limit "
                                                    "cuts these first)")
-    p.add_argument("--samples", type=int, default=5000)
-    p.add_argument("--steps", type=int, default=50, help="DDIM steps (also the DFA sampler)")
     p.add_argument("--batch", type=int, default=2500, help="sampling batch")
-    p.add_argument("--calib-samples", type=int, default=32)
-    p.add_argument("--calib-steps", type=int, default=50)
-    p.add_argument("--finetune-steps", type=int, default=800)
-    p.add_argument("--finetune-samples", type=int, default=64)
     p.add_argument("--finetune-batch", type=int, default=32)
-    p.add_argument("--lora-rank", type=int, default=4)
     p.add_argument("--lora-lr", type=float, default=1e-3)
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--finetune-time-budget", type=float, default=None, metavar="S",
@@ -364,37 +359,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--classifier", type=Path, default=CLASSIFIER)
     p.add_argument("--model-dir", action="append", default=[], metavar="KEY=DIR",
                    help="use DIR for model KEY (uncond/cond) instead of examples/mnist-KEY")
-    p.add_argument("--out", type=Path, default=ROOT / "results" / "mnist")
-    args = p.parse_args(argv)
-    args.model_dir = dict(kv.split("=", 1) for kv in args.model_dir)
-    args.check_seeds = {int(s) for s in args.check_seeds.split(",") if s.strip()}
-    rows = [ROWS[ALIASES.get(r.strip().lower(), r.strip())] for r in args.rows.split(",")]
+    return p
+
+
+def task_list(args) -> list[tuple[str, int, Row]]:
+    """(model, seed, row) in launch order: FP32 rows first (cheap, and every ratio needs them), then seed by seed the
+    fine-tuned (longest) rows before the PTQ rows, --late-rows last: a time limit cuts whole seeds, not whole rows."""
+    rows = parse_rows(args.rows)
     if ROWS["FP32"] in rows:  # FP32 first: the PSNR reference of the same noise
         rows = [ROWS["FP32"]] + [r for r in rows if r is not ROWS["FP32"]]
     seeds = [int(s) for s in args.seeds.split(",")]
-    models = [m.strip() for m in args.models.split(",")]
-    args.out.mkdir(parents=True, exist_ok=True)
-    if args.task:
-        model, seed, alias = args.task.split(":")
-        row = ROWS[ALIASES.get(alias, alias)]
-        info = run_task(model, int(seed), row, args)
-        f = args.out / f"task_{model}_{seed}_{slug(row.name)}.json"
-        tmp = f.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"model": model, "seed": int(seed), "row": row.name, "info": info}, default=float))
-        tmp.replace(f)
-        return 0
-    t0 = time.perf_counter()
-    # FP32 rows first (cheap, and every ratio needs them), then seed by seed the fine-tuned (longest) rows before the
-    # PTQ rows: when a time limit cuts the run, whole seeds are missing rather than whole rows.
-    tasks = [(m, s, r) for s in seeds for m in models for r in rows]
-    late = {ROWS[ALIASES.get(r.strip().lower(), r.strip())] for r in args.late_rows.split(",") if r.strip()}
+    tasks = [(m.strip(), s, r) for s in seeds for m in args.models.split(",") for r in rows]
+    late = set(parse_rows(args.late_rows))
     tasks.sort(key=lambda x: (x[2].scheme is not None, x[2] in late, x[1], not x[2].num_loras))
-    if args.merge_only:
-        tasks = []
-    base = list(argv if argv is not None else sys.argv[1:])
+    return tasks
+
+
+def run_tasks(tasks, args, base: list[str]) -> tuple[list[str], list[str], list[str], int]:
+    """One subprocess per task, --jobs at a time, round-robin over the GPUs, cut at --time-limit: (failed, cut,
+    not started, GPU count)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(args.threads)}
-    gpus = visible_gpus() if not args.merge_only and resolve_device(args.device).type == "cuda" else []
-    deadline = t0 + args.time_limit if args.time_limit else float("inf")
+    gpus = visible_gpus() if resolve_device(args.device).type == "cuda" else []
+    deadline = time.perf_counter() + args.time_limit if args.time_limit else float("inf")
     running: list[tuple[tuple, subprocess.Popen]] = []
     failed, cut, skipped = [], [], []
     for i, (m, s, r) in enumerate(tasks):
@@ -406,8 +392,8 @@ def main(argv: list[str] | None = None) -> int:
         log = open(args.out / f"log_{m}_{s}_{slug(r.name)}.txt", "w")
         alias = next(a for a, name in ALIASES.items() if name == r.name)
         task_env = {**env, "CUDA_VISIBLE_DEVICES": gpus[i % len(gpus)]} if len(gpus) > 1 else env
-        running.append(((m, s, r.name), subprocess.Popen([sys.executable, __file__, *base, "--task", f"{m}:{s}:{alias}"],
-                                                       stdout=log, stderr=subprocess.STDOUT, env=task_env)))
+        cmd = [sys.executable, __file__, *base, "--task", f"{m}:{s}:{alias}"]
+        running.append(((m, s, r.name), subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=task_env)))
     for key, q in running:
         try:
             rc = q.wait(timeout=max(0.0, deadline - time.perf_counter()) if deadline < float("inf") else None)
@@ -422,21 +408,42 @@ def main(argv: list[str] | None = None) -> int:
             continue
         if rc != 0:
             failed.append(":".join(map(str, key)))
+    return failed, cut, skipped, len(gpus)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    args.model_dir = dict(kv.split("=", 1) for kv in args.model_dir)
+    args.check_seeds = {int(s) for s in args.check_seeds.split(",") if s.strip()}
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.task:
+        model, seed, alias = args.task.split(":")
+        row = ROWS[ALIASES.get(alias, alias)]
+        info = run_task(model, int(seed), row, args)
+        write_json(args.out / f"task_{model}_{seed}_{slug(row.name)}.json",
+                   {"model": model, "seed": int(seed), "row": row.name, "info": info})
+        return 0
+    t0 = time.perf_counter()
     settings = {k: getattr(args, k) for k in ("samples", "steps", "batch", "calib_samples", "calib_steps",
                                               "finetune_steps", "finetune_samples", "finetune_batch", "lora_rank",
                                               "lora_lr", "device", "tf32", "finetune_time_budget",
                                               "learn_act_scales")}
-    settings["seeds"] = seeds
-    settings["wall_seconds"] = None if args.merge_only else round(time.perf_counter() - t0, 1)
+    settings["seeds"] = [int(s) for s in args.seeds.split(",")]
+    failed: list[str] = []
     if not args.merge_only:
-        settings.update(failed_tasks=failed, cut_at_time_limit=cut, not_started=skipped, gpus=len(gpus) or None)
+        base = list(argv if argv is not None else sys.argv[1:])
+        failed, cut, skipped, gpus = run_tasks(task_list(args), args, base)
+        settings.update(wall_seconds=round(time.perf_counter() - t0, 1), failed_tasks=failed, cut_at_time_limit=cut,
+                        not_started=skipped, gpus=gpus or None)
+        if cut or skipped:
+            print(f"time limit: {len(cut)} task(s) stopped, {len(skipped)} not started", file=sys.stderr)
+    else:
+        settings["wall_seconds"] = None
     settings["reference_fid"] = reference_fids(args.classifier, args.samples)
     if torch.cuda.is_available():
         settings["gpu"] = torch.cuda.get_device_name()
     res = merge(args.out, settings)
     print((args.out / "quality_mnist.md").read_text())
-    if cut or skipped:
-        print(f"time limit: {len(cut)} task(s) stopped, {len(skipped)} not started", file=sys.stderr)
     if failed:
         print(f"failed tasks: {', '.join(failed)} (see {args.out}/log_*.txt)", file=sys.stderr)
         return 1

@@ -34,7 +34,8 @@ from msfp_compiler.export.onnx import lower_fp32, save_atomic  # noqa: E402
 from msfp_compiler.export.ort import OrtUNet, ddim_sample, open_session, save_grid  # noqa: E402
 from msfp_compiler.load import load_model  # noqa: E402
 from msfp_compiler.metrics import classifier_accuracy, fid_digits, mse, psnr  # noqa: E402
-from quality_rows import ALIASES, ROWS, Row, compile_facts, row_config  # noqa: E402
+from quality_rows import (ROWS, Row, add_table_arguments, args_row_config, class_labels, compile_facts,  # noqa: E402
+                          parse_rows, slug, write_json)
 
 MODELS = {"uncond": ROOT / "examples" / "digits-uncond", "cond": ROOT / "examples" / "digits-cond"}
 
@@ -46,10 +47,7 @@ def build_onnx(row: Row, loaded, args, path: Path) -> dict:
     if row.scheme is None:
         save_atomic(lower_fp32(loaded.unet), path)
     else:
-        cfg = row_config(row, seed=args.seed, calib_samples=args.calib_samples, calib_steps=args.calib_steps,
-                         finetune_steps=args.finetune_steps, lora_rank=args.lora_rank,
-                         finetune_samples=args.finetune_samples, sampler_steps=args.steps)
-        cm = msfp_compile(loaded, cfg, progress=True)
+        cm = msfp_compile(loaded, args_row_config(row, args, args.seed), progress=True)
         cm.save(path)
         res = cm.check()
         info["check_ok"], info["check_flips"] = res.ok, res.flips
@@ -69,8 +67,7 @@ def evaluate(model_key: str, rows: list[Row], args, results: dict) -> None:
     classifier = load_classifier(ROOT / "examples" / "digit_classifier.safetensors")
     real, _ = load_digit_images(16)
     n = args.samples
-    labels = torch.arange(n) % 10
-    cond = loaded.class_embedding[labels].unsqueeze(1).float() if loaded.class_embedding is not None else None
+    labels, cond = class_labels(loaded, n)
     settings = {"samples": n, "steps": args.steps, "seed": args.seed, "finetune_steps": args.finetune_steps,
                 "lora_rank": args.lora_rank, "calib_samples": args.calib_samples, "calib_steps": args.calib_steps}
     table = results.setdefault(model_key, {})
@@ -99,17 +96,14 @@ def evaluate(model_key: str, rows: list[Row], args, results: dict) -> None:
             info["label_accuracy"] = classifier_accuracy(classifier, imgs, labels)
         info["settings"] = settings
         table[row.name] = info
-        save_grid(imgs[:64], args.out / f"samples_{model_key}_{row.name.lower().replace(' + ', '_').replace(' ', '_')}.png",
-                  nrow=8)
+        save_grid(imgs[:64], args.out / f"samples_{model_key}_{slug(row.name)}.png", nrow=8)
         write(results, args.out)
         print(f"[{model_key}] {row.name}: FID {info['fid_digits']:.2f}  PSNR {info['psnr_vs_fp32']:.2f} dB  "
               f"compile {info['compile_seconds']:.0f}s  sample {info['sample_seconds']:.0f}s", flush=True)
 
 
 def write(results: dict, out: Path) -> None:
-    tmp = out / ".quality.json.tmp"
-    tmp.write_text(json.dumps(results, indent=1, sort_keys=True, default=float))
-    tmp.replace(out / "quality.json")
+    write_json(out / "quality.json", results, indent=1, sort_keys=True)
     lines = []
     for model_key, table in results.items():
         cond = any("label_accuracy" in r for r in table.values())
@@ -133,17 +127,9 @@ def write(results: dict, out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", default="uncond,cond")
-    p.add_argument("--rows", default=",".join(ALIASES), help=f"subset of {','.join(ALIASES)}")
-    p.add_argument("--samples", type=int, default=1000)
-    p.add_argument("--steps", type=int, default=25, help="DDIM steps (also the DFA sampler)")
+    add_table_arguments(p, samples=1000, steps=25, calib_samples=16, calib_steps=25, finetune_steps=300,
+                        finetune_samples=32, out=ROOT / "results")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--calib-samples", type=int, default=16)
-    p.add_argument("--calib-steps", type=int, default=25)
-    p.add_argument("--finetune-steps", type=int, default=300)
-    p.add_argument("--finetune-samples", type=int, default=32)
-    p.add_argument("--lora-rank", type=int, default=4)
-    p.add_argument("--out", type=Path, default=ROOT / "results")
     p.add_argument("--force", action="store_true", help="recompute rows already in quality.json")
     p.add_argument("--threads", type=int, default=None,
                    help="torch and onnxruntime threads (1 avoids spin-wait collapse when the CPU is shared)")
@@ -153,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     res_path = args.out / "quality.json"
     results = json.loads(res_path.read_text()) if res_path.exists() else {}
-    rows = [ROWS[ALIASES.get(r.strip().lower(), r.strip())] for r in args.rows.split(",")]
+    rows = parse_rows(args.rows)
     if rows[0].scheme is not None and ROWS["FP32"] not in rows:
         rows = [ROWS["FP32"]] + rows  # PSNR needs the FP32 reference from the same noise
     t0 = time.perf_counter()

@@ -6,12 +6,18 @@ compile the tables record, so the two evaluation tools cannot drift apart.
 
 from __future__ import annotations
 
+import argparse
+import json
 from dataclasses import dataclass
+from pathlib import Path
+
+import torch
 
 from msfp_compiler.compile import CompiledModel
 from msfp_compiler.config import CalibConfig, CompileConfig, FinetuneConfig, QuantConfig
 
-__all__ = ["Row", "ROWS", "ALIASES", "row_config", "compile_facts"]
+__all__ = ["Row", "ROWS", "ALIASES", "row_config", "compile_facts", "slug", "parse_rows", "add_table_arguments",
+           "args_row_config", "class_labels", "write_json"]
 
 
 @dataclass(frozen=True)
@@ -58,7 +64,8 @@ def compile_facts(cm: CompiledModel) -> dict:
     info: dict = {}
     for run in cm.pass_runs:
         if run.name == "finetune":
-            for k in ("steps", "train_seconds", "steps_per_s", "cuda_graph", "initial_loss", "final_loss", "loss_curve"):
+            for k in ("steps", "train_seconds", "steps_per_s", "cuda_graph", "initial_loss", "final_loss",
+                      "loss_curve"):
                 info[k] = run.info.get(k)
         if run.name == "fuse_talora" and "table" in run.info:
             info["talora_table"] = run.info["table"]
@@ -66,3 +73,51 @@ def compile_facts(cm: CompiledModel) -> dict:
     info["unsigned_acts"] = sum(not s.signed for s in acts)
     info["signed_acts"] = sum(s.signed for s in acts)
     return info
+
+
+def slug(name: str) -> str:
+    """A row name as a file-name part: "MSFP + TALoRA + DFA" -> "msfp_talora_dfa"."""
+    return name.lower().replace(" + ", "_").replace(" ", "_")
+
+
+def parse_rows(spec: str) -> list[Row]:
+    """A --rows value (aliases or full names, comma-separated) -> rows."""
+    return [ROWS[ALIASES.get(r.strip().lower(), r.strip())] for r in spec.split(",") if r.strip()]
+
+
+def add_table_arguments(p: argparse.ArgumentParser, *, samples: int, steps: int, calib_samples: int,
+                        calib_steps: int, finetune_steps: int, finetune_samples: int, out: Path) -> None:
+    """The options both table tools take: which models and rows, sampling, calibration and fine-tuning sizes."""
+    p.add_argument("--models", default="uncond,cond")
+    p.add_argument("--rows", default=",".join(ALIASES), help=f"subset of {','.join(ALIASES)}")
+    p.add_argument("--samples", type=int, default=samples)
+    p.add_argument("--steps", type=int, default=steps, help="DDIM steps (also the DFA sampler)")
+    p.add_argument("--calib-samples", type=int, default=calib_samples)
+    p.add_argument("--calib-steps", type=int, default=calib_steps)
+    p.add_argument("--finetune-steps", type=int, default=finetune_steps)
+    p.add_argument("--finetune-samples", type=int, default=finetune_samples)
+    p.add_argument("--lora-rank", type=int, default=4)
+    p.add_argument("--out", type=Path, default=out)
+
+
+def args_row_config(row: Row, args: argparse.Namespace, seed: int, device: str = "cpu",
+                    **finetune) -> CompileConfig:
+    """row_config from the options of add_table_arguments."""
+    return row_config(row, seed=seed, calib_samples=args.calib_samples, calib_steps=args.calib_steps,
+                      finetune_steps=args.finetune_steps, lora_rank=args.lora_rank,
+                      finetune_samples=args.finetune_samples, sampler_steps=args.steps, device=device, **finetune)
+
+
+def class_labels(loaded, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Labels 0..9 repeating over n samples, and their class-embedding conditioning (None: unconditional model)."""
+    labels = torch.arange(n) % 10
+    if loaded.class_embedding is None:
+        return labels, None
+    return labels, loaded.class_embedding[labels].unsqueeze(1).float()
+
+
+def write_json(path: Path, obj, **dump) -> None:
+    """JSON written atomically (temp file + rename)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, default=float, **dump))
+    tmp.replace(path)

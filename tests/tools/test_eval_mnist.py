@@ -74,4 +74,5 @@ def test_rows_map_onto_compile_configs_for_both_tools() -> None:
     assert (lora.num_loras, lora.dfa, lora.rank, lora.steps, lora.seed) == (1, False, 3, 7, 2)
     full = eval_mnist.compile_config(ROWS["MSFP + TALoRA + DFA"], args, 0).finetune
     assert (full.num_loras, full.dfa, full.batch_size, full.lr, full.sampler_steps) == (2, True, 6, 2e-3, 10)
-    assert full.learn_act_scales and full.time_budget_s == 90.0 and eval_mnist.compile_config(ROWS["MSFP + TALoRA"], args, 0).finetune.dfa is False
+    assert full.learn_act_scales and full.time_budget_s == 90.0
+    assert eval_mnist.compile_config(ROWS["MSFP + TALoRA"], args, 0).finetune.dfa is False
