@@ -202,8 +202,8 @@ _WARMUP_STEPS = 3  # eager steps before the capture (on a side stream, as torch.
 
 def _fit_to_budget(cfg: FinetuneConfig, step: int, rate: float, left: float) -> int:
     """The step count that ends when cfg.time_budget_s does, at ``rate`` steps/s with ``left`` seconds left
-    (at most cfg.steps, at least one more step)."""
-    return max(step + 1, min(cfg.steps, step + int(rate * left)))
+    (at most cfg.steps; at least one more step while below it)."""
+    return min(cfg.steps, max(step + 1, step + int(rate * left)))
 
 
 def _train(gm, teacher, sig, data, cfg, gammas, progress) -> FinetuneResult:
