@@ -289,6 +289,12 @@ def goal_lines(table: dict) -> list[str]:
     return out
 
 
+def _ft_steps(st: dict) -> str:
+    if st.get("finetune_time_budget"):
+        return f"up to {st['finetune_steps']} steps (cosine schedule fitted to {st['finetune_time_budget']:g} s)"
+    return f"{st['finetune_steps']} steps"
+
+
 def markdown(res: dict) -> str:
     lines: list[str] = []
     st = res["settings"]
@@ -314,7 +320,7 @@ def markdown(res: dict) -> str:
             lines.append(f"| {name} | {txt} | {ratio} | {ptxt} |{acc} {_check_cell(r)} | {len(r['fid'])} |")
         lines += ["", *goal_lines(table), ""]
     lines += [f"Mean ± standard deviation over seeds {st['seeds']} (each seed: calibration and fine-tuning seed and "
-              f"sampling noise). Fine-tuning {st['finetune_steps']} steps at batch {st['finetune_batch']}, LoRA rank "
+              f"sampling noise). Fine-tuning {_ft_steps(st)} at batch {st['finetune_batch']}, LoRA rank "
               f"{st['lora_rank']}, {st['finetune_samples']} FP trajectories; calibration {st['calib_samples']} "
               f"samples x {st['calib_steps']} steps; device {st['device']}.", ""]
     missing = {k: st.get(k) or [] for k in ("failed_tasks", "cut_at_time_limit", "not_started")}
