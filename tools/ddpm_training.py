@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, ContextManager
 
 import torch
@@ -19,7 +20,7 @@ from torch import nn
 
 from msfp_compiler.digits import NULL_CLASS, NUM_CLASSES
 
-__all__ = ["DDPMTrainer", "with_class_embedding"]
+__all__ = ["DDPMTrainer", "save_trained", "with_class_embedding"]
 
 
 def with_class_embedding(unet: nn.Module, dim: int | None) -> nn.ModuleDict:
@@ -87,3 +88,17 @@ class DDPMTrainer:
             torch._foreach_lerp_(self.ema_params, [p.detach() for p in self.params], 1.0 - decay)
         self.steps += 1
         return loss.detach()
+
+
+def save_trained(ema: nn.ModuleDict, scheduler, out: Path, half: bool = False) -> None:
+    """The EMA weights as a diffusers folder (fp16 on disk with ``half``; the loader reads them as FP32), the
+    scheduler next to them, and a conditional model's class embedding as class_embedding.safetensors (FP32)."""
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    unet = ema["unet"].to("cpu")
+    (unet.half() if half else unet).save_pretrained(str(out), safe_serialization=True)
+    scheduler.save_pretrained(str(out))
+    if "class_embedding" in ema:
+        save_file({"weight": ema["class_embedding"].weight.detach().float().cpu().contiguous()},
+                  str(out / "class_embedding.safetensors"))

@@ -41,7 +41,7 @@ from msfp_compiler.digits import DigitClassifier, augment, save_classifier  # no
 from msfp_compiler.mnist import MNIST_SIZE, load_mnist_images  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ddpm_training import DDPMTrainer, with_class_embedding  # noqa: E402
+from ddpm_training import DDPMTrainer, save_trained, with_class_embedding  # noqa: E402
 
 CROSS_ATTENTION_DIM = 128
 
@@ -108,15 +108,8 @@ def train_unet(args) -> dict:
         torch.cuda.synchronize()
     wall = time.perf_counter() - t0
     out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
-    ema_unet = ema["unet"].to("cpu")
-    ema_unet.half().save_pretrained(str(out), safe_serialization=True)  # fp16 on disk, fp32 in the loader
-    scheduler.save_pretrained(str(out))
-    if args.what == "cond":
-        from safetensors.torch import save_file
-
-        save_file({"weight": ema["class_embedding"].weight.detach().float().cpu().contiguous()},
-                  str(out / "class_embedding.safetensors"))
+    save_trained(ema, scheduler, out, half=True)
+    ema_unet = ema["unet"]
     record = {
         "what": args.what, "unet_class": type(ema_unet).__name__, "steps": step,
         "final_loss": curve[-1][1] if curve else None,

@@ -34,7 +34,7 @@ from msfp_compiler.digits import NULL_CLASS, load_digit_images  # noqa: E402
 from msfp_compiler.sampling import make_scheduler  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ddpm_training import DDPMTrainer, with_class_embedding  # noqa: E402
+from ddpm_training import DDPMTrainer, save_trained, with_class_embedding  # noqa: E402
 
 CROSS_ATTENTION_DIM = 64
 
@@ -79,7 +79,7 @@ def folder_size(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--kind", choices=("uncond", "cond"), required=True)
     ap.add_argument("--out", type=Path, required=True)
@@ -93,8 +93,61 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--cond-dropout", type=float, default=0.1, help="fraction of labels replaced by the null class")
     ap.add_argument("--max-steps", type=int, default=None, help="optional step cap (for smoke tests)")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (keep 1 on shared machines)")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
 
+
+def train_for(tr: DDPMTrainer, minutes: float, max_steps: int | None, desc: str) -> tuple[list[float], float]:
+    """Step ``tr`` until the wall-clock budget (or ``max_steps``) is spent, with a progress bar of the seconds;
+    returns (per-step losses, wall seconds)."""
+    budget = minutes * 60.0
+    t0 = time.perf_counter()
+    losses: list[float] = []
+    smooth = None
+    bar = tqdm(total=int(budget), unit="s", desc=desc, dynamic_ncols=True, mininterval=5.0)
+    last_tick = 0
+    while time.perf_counter() - t0 < budget and (max_steps is None or tr.steps < max_steps):
+        losses.append(tr.step().item())
+        smooth = losses[-1] if smooth is None else 0.98 * smooth + 0.02 * losses[-1]
+        now = int(time.perf_counter() - t0)
+        if now > last_tick:
+            bar.update(min(now, int(budget)) - last_tick)
+            last_tick = min(now, int(budget))
+            bar.set_postfix(step=tr.steps, loss=f"{smooth:.4f}", refresh=False)
+    bar.close()
+    return losses, time.perf_counter() - t0
+
+
+def training_record(args: argparse.Namespace, ema: nn.ModuleDict, n_images: int, steps: int, losses: list[float],
+                    wall: float) -> dict:
+    """training.json: the run's length, loss and sizes, its options and where the data and schedule come from."""
+    ema_unet = ema["unet"]
+    tail = losses[-200:]
+    final_loss = sum(tail) / max(len(tail), 1)
+    return {
+        "kind": args.kind,
+        "unet_class": type(ema_unet).__name__,
+        "steps": steps,
+        "final_loss": round(final_loss, 5) if math.isfinite(final_loss) else final_loss,
+        "final_loss_note": "mean eps-MSE over the last 200 training steps (online weights)",
+        "wall_time_s": round(wall, 1),
+        "steps_per_s": round(steps / wall, 3),
+        "seed": args.seed,
+        "unet_params": count_params(ema_unet),
+        "class_embedding_params": ema["class_embedding"].weight.numel() if "class_embedding" in ema else 0,
+        "size_bytes": folder_size(args.out),
+        "hparams": {k: v for k, v in vars(args).items() if k not in ("out",)},
+        "data": f"sklearn load_digits, all {n_images} images, bilinear 8->{args.size}, [-1,1]",
+        "scheduler": "DDPMScheduler(1000, linear 1e-4..0.02, epsilon, clip_sample)",
+        "ema": f"decay min({args.ema_decay}, (1+s)/(10+s)); saved weights are the EMA weights",
+        "null_class": (f"row {NULL_CLASS} of class_embedding, label dropout {args.cond_dropout}"
+                       if args.kind == "cond" else None),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
@@ -106,67 +159,11 @@ def main(argv: list[str] | None = None) -> None:
     tr = DDPMTrainer(with_class_embedding(unet, CROSS_ATTENTION_DIM if args.kind == "cond" else None), scheduler,
                      images, labels, gen, args.lr, args.warmup_steps, args.batch_size, args.ema_decay,
                      args.cond_dropout)
-    ema = tr.ema
-
-    budget = args.minutes * 60.0
-    t0 = time.perf_counter()
-    losses = []
-    smooth = None
-    bar = tqdm(total=int(budget), unit="s", desc=f"train {args.kind}", dynamic_ncols=True, mininterval=5.0)
-    last_tick = 0
-    while time.perf_counter() - t0 < budget and (args.max_steps is None or tr.steps < args.max_steps):
-        losses.append(tr.step().item())
-        smooth = losses[-1] if smooth is None else 0.98 * smooth + 0.02 * losses[-1]
-        now = int(time.perf_counter() - t0)
-        if now > last_tick:
-            bar.update(min(now, int(budget)) - last_tick)
-            last_tick = min(now, int(budget))
-            bar.set_postfix(step=tr.steps, loss=f"{smooth:.4f}", refresh=False)
-    step = tr.steps
-    bar.close()
-    wall = time.perf_counter() - t0
-
-    out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
-    ema_unet = ema["unet"]
-    ema_unet.save_pretrained(str(out), safe_serialization=True)
-    scheduler.save_pretrained(str(out))
-    n_params = count_params(ema_unet)
-    if args.kind == "cond":
-        from safetensors.torch import save_file
-
-        save_file({"weight": ema["class_embedding"].weight.detach().contiguous()},
-                  str(out / "class_embedding.safetensors"))
-        n_params_emb = ema["class_embedding"].weight.numel()
-    else:
-        n_params_emb = 0
-    tail = losses[-200:]
-    record = {
-        "kind": args.kind,
-        "unet_class": type(ema_unet).__name__,
-        "steps": step,
-        "final_loss": sum(tail) / max(len(tail), 1),
-        "final_loss_note": "mean eps-MSE over the last 200 training steps (online weights)",
-        "wall_time_s": round(wall, 1),
-        "steps_per_s": round(step / wall, 3),
-        "seed": args.seed,
-        "unet_params": n_params,
-        "class_embedding_params": n_params_emb,
-        "size_bytes": folder_size(out),
-        "hparams": {k: v for k, v in vars(args).items() if k not in ("out",)},
-        "data": f"sklearn load_digits, all {images.shape[0]} images, bilinear 8->{args.size}, [-1,1]",
-        "scheduler": "DDPMScheduler(1000, linear 1e-4..0.02, epsilon, clip_sample)",
-        "ema": f"decay min({args.ema_decay}, (1+s)/(10+s)); saved weights are the EMA weights",
-        "null_class": (f"row {NULL_CLASS} of class_embedding, label dropout {args.cond_dropout}"
-                       if args.kind == "cond" else None),
-        "torch": torch.__version__,
-        "platform": platform.platform(),
-    }
-    if math.isfinite(record["final_loss"]):
-        record["final_loss"] = round(record["final_loss"], 5)
-    (out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+    losses, wall = train_for(tr, args.minutes, args.max_steps, f"train {args.kind}")
+    save_trained(tr.ema, scheduler, args.out)
+    record = training_record(args, tr.ema, images.shape[0], tr.steps, losses, wall)
+    (args.out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
     print(json.dumps({k: record[k] for k in ("steps", "final_loss", "wall_time_s", "unet_params", "size_bytes")}))
-
 
 if __name__ == "__main__":
     main()
