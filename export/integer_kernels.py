@@ -13,7 +13,7 @@ of the ONNX graph use that:
    (``Transpose(perm=[1, 0])``, linears on 3-D inputs) is stored transposed instead.
 2. A linear whose input quantizer is integer-representable (scalar scale, zero point 0 or folded into the bias) and
    whose weight came from 1. becomes ``MatMulInteger(codes_u8, w_i8) -> Cast -> Mul(s_a * s_w) [-> Add bias]``,
-   where ``codes = uint8(round(y * 2^ka / s_a) + offset)`` recovers the integer grid value from the quantizer's
+   where ``codes = QuantizeLinear(y, s_a / 2^ka, offset)`` recovers the integer grid value from the quantizer's
    output y (offset 128 for signed grids, given to MatMulInteger as the activation zero point). The int32
    accumulation is exact; torch's FP32 matmul of the fake-quantized operands rounds after every partial sum, so the
    two differ by that rounding only (~1e-7 relative), and the integer result is the more accurate one. Weights are
@@ -286,18 +286,14 @@ def _activation(rw: _Rewrite, name: str, codes_of: dict[str, str], out_nodes: li
     s = float(sc.reshape(())) * 2.0 ** -k
     offset = 128 if fmt.signed else 0
     if name not in codes_of:
+        # y is (scale / 2^k) * an integer of magnitude <= 255, rounded once, so y / (scale / 2^k) lies within a few
+        # ulps of that integer and QuantizeLinear's round-half-even gives it back exactly (+ offset, as uint8): one
+        # vectorized pass where Mul -> Round -> Add -> Cast took four (1.3 vs 5-7 ms on a [4096, 320] input)
         base = name.replace("/", "_")
-        inv = rw.const(np.array(2.0 ** k / float(sc.reshape(())), np.float32), f"{base}_inv")
-        chain = [helper.make_node("Mul", [name, inv], [f"{base}_v"], name=f"{base}_codes_mul"),
-                 helper.make_node("Round", [f"{base}_v"], [f"{base}_r"], name=f"{base}_codes_round")]
-        last = f"{base}_r"
-        if offset:
-            off = rw.const(np.array(float(offset), np.float32), f"{base}_off")
-            chain.append(helper.make_node("Add", [last, off], [f"{base}_ro"], name=f"{base}_codes_offset"))
-            last = f"{base}_ro"
-        chain.append(helper.make_node("Cast", [last], [f"{base}_codes"], to=TensorProto.UINT8,
-                                      name=f"{base}_codes_cast"))
-        out_nodes.extend(chain)
+        step = rw.const(np.array(s, np.float32), f"{base}_step")  # scale * 2^-k: exact in float32
+        zp = rw.const(np.array(offset, np.uint8), f"{base}_offset")
+        out_nodes.append(helper.make_node("QuantizeLinear", [name, step, zp], [f"{base}_codes"],
+                                          name=f"{base}_codes"))
         codes_of[name] = f"{base}_codes"
     return s, offset, codes_of[name]
 
