@@ -8,8 +8,10 @@ point into the consumer's bias):
 - ``DequantizeFP4Packed(packed, scale)``: two 4-bit codes per byte -> table lookup -> reshape -> * scale.
 
 Each op has one default body, valid for every format it takes, and faster *variants* that ``annotate_msfp_nodes``
-picks per node: ``QuantizeFPUnsigned`` (QuantizeFP for unsigned formats: no sign round trip) and ``QuantizeLUTPow2``
-(QuantizeLUT for M = 0: arithmetic instead of the table). Every body has an op name of its own: ONNX function
+picks per node: ``QuantizeFPUnsigned`` (QuantizeFP for unsigned formats: no sign round trip), ``QuantizeFPUniform``
+(QuantizeFP for the formats whose grid is uniform, E1M2 and UE1M3, with a scalar scale: standard
+QuantizeLinear -> Clip -> DequantizeLinear, which onnxruntime runs as vectorized kernels, ~25x faster than the
+arithmetic body) and ``QuantizeLUTPow2`` (QuantizeLUT for M = 0: arithmetic instead of the table). Every body has an op name of its own: ONNX function
 *overloads* (IR 10) would be the natural fit, but onnx's ReferenceEvaluator ignores them (it ran the first function
 of a name for every node), so the same model meant different things in different runtimes. A constant zero point of
 0, or keep_zero_point = 0, needs no body of its own: onnxruntime's optimizer drops the Sub / Add of a constant 0
@@ -30,15 +32,17 @@ from onnx import TensorProto, helper, numpy_helper
 from msfp_compiler.formats import FPFormat, IntFormat
 from msfp_compiler.ops import get_format
 
-__all__ = ["MSFP_DOMAIN", "MSFP_VERSION", "quantize_op_type", "msfp_functions", "annotate_msfp_nodes",
+__all__ = ["MSFP_DOMAIN", "MSFP_VERSION", "quantize_op_type", "msfp_functions", "annotate_msfp_nodes", "uniform_codes",
            "single_op_model", "used_ops", "all_ops", "all_nodes", "BODY_OPS", "QUANTIZE_OPS"]
 
 MSFP_DOMAIN = "msfp"
 MSFP_VERSION = 1
 
-F, FS, IS = onnx.AttributeProto.FLOAT, onnx.AttributeProto.FLOATS, onnx.AttributeProto.INTS
+F, FS, I, IS = (onnx.AttributeProto.FLOAT, onnx.AttributeProto.FLOATS, onnx.AttributeProto.INT,
+                onnx.AttributeProto.INTS)
 # (op, variant) -> the op name of that body; the variants are picked per node by annotate_msfp_nodes
 BODY_OPS = {("QuantizeFP", ""): "QuantizeFP", ("QuantizeFP", "unsigned"): "QuantizeFPUnsigned",
+            ("QuantizeFP", "uniform"): "QuantizeFPUniform",
             ("QuantizeLUT", ""): "QuantizeLUT", ("QuantizeLUT", "pow2"): "QuantizeLUTPow2",
             ("QuantizeInt", ""): "QuantizeInt"}
 BODY_OF = {name: key for key, name in BODY_OPS.items()}
@@ -57,7 +61,7 @@ def quantize_op_type(fmt: str) -> str:
 
 def _ref(name: str, kind: int) -> onnx.AttributeProto:
     a = onnx.AttributeProto()
-    a.name, a.ref_attr_name, a.type = "value_" + {F: "float", FS: "floats", IS: "ints"}[kind], name, kind
+    a.name, a.ref_attr_name, a.type = "value_" + {F: "float", FS: "floats", I: "int", IS: "ints"}[kind], name, kind
     return a
 
 
@@ -156,6 +160,50 @@ _TABLE = [
     helper.make_node("Mul", ["g", "sg"], ["q"]),
 ]
 
+# Uniform grids (E1M2 x2 = -7..7, UE1M3 x4 = 0..15): the grid is step * integers, step = scale * 2^-k (exact), so
+# QuantizeLinear(x - zp, step, offset) is round_half_even((x - zp) / scale * 2^k) + offset (x / (scale * 2^-k) is
+# 2^k * (x / scale) exactly), saturated to uint8; Clip to the grid's codes is the reference's clip (the bounds are
+# integers, so clipping before or after the rounding is the same); DequantizeLinear gives (code - offset) * step =
+# the level * scale, rounded once as the reference's product. Whole body: y = that + zp * keep.
+def _uniform_body() -> list[onnx.NodeProto]:
+    def u8(out: str, attr: str) -> list[onnx.NodeProto]:
+        return [_const(f"{out}_i", attr, I), helper.make_node("Cast", [f"{out}_i"], [out], to=TensorProto.UINT8)]
+
+    return [
+        helper.make_node("Sub", ["x", "zero_point"], ["d"]),
+        _const("step_factor", "step_factor", F),
+        helper.make_node("Mul", ["scale", "step_factor"], ["step"]),
+        *u8("offset", "code_offset"), *u8("code_lo", "code_lo"), *u8("code_hi", "code_hi"),
+        helper.make_node("QuantizeLinear", ["d", "step", "offset"], ["codes"]),
+        helper.make_node("Clip", ["codes", "code_lo", "code_hi"], ["codes_c"]),
+        helper.make_node("DequantizeLinear", ["codes_c", "step", "offset"], ["qs"]),
+        _const("keep", "keep_zero_point", F),
+        helper.make_node("Mul", ["zero_point", "keep"], ["zk"]),
+        helper.make_node("Add", ["qs", "zk"], ["y"]),
+    ]
+
+
+def uniform_codes(fmt) -> dict[str, float | int] | None:
+    """The QuantizeFPUniform attributes of a format whose levels are step * (every integer 0..n), n * 2^k <= 127
+    (signed) or 255 (unsigned), or None: step_factor = 2^-k, code_offset (128 signed, 0 unsigned) and the clip
+    codes."""
+    if not isinstance(fmt, FPFormat):
+        return None
+    lv = fmt.levels.double().numpy()
+    for k in range(0, 8):
+        v = lv * 2.0 ** k
+        if np.all(v == np.round(v)):
+            break
+    else:
+        return None
+    n = int(v.max())
+    offset = 128 if fmt.signed else 0
+    if len(v) != n + 1 or offset + n > 255:  # not every integer up to n is a level: not uniform
+        return None
+    return {"step_factor": 2.0 ** -k, "code_offset": offset, "code_lo": offset + round(fmt.min * 2 ** k),
+            "code_hi": offset + n}
+
+
 # core body (c -> q), attributes it reads, description
 _CORE_BODIES: dict[tuple[str, str], tuple[list[onnx.NodeProto], list[str], str]] = {
     ("QuantizeFP", ""): (
@@ -168,6 +216,11 @@ _CORE_BODIES: dict[tuple[str, str], tuple[list[onnx.NodeProto], list[str], str]]
         _veltkamp("c", "q"),
         ["split_factor", "split_floor"],
         "QuantizeFP for unsigned formats (lo = 0): q = g + (v - g), g = max(v * split_factor, split_floor)."),
+    ("QuantizeFP", "uniform"): (
+        None,  # a whole body of its own (_uniform_body), no clip head or scale tail
+        ["step_factor", "code_offset", "code_lo", "code_hi"],
+        "QuantizeFP for uniform grids (E1M2, UE1M3) with a scalar scale: y = DequantizeLinear(Clip(QuantizeLinear("
+        "x - zp, scale * step_factor, code_offset), code_lo, code_hi), scale * step_factor, code_offset) + zp * keep."),
     ("QuantizeLUT", ""): (
         _TABLE,
         ["levels", "thresholds"],
@@ -237,7 +290,8 @@ def msfp_functions(opset: int, used: Iterable[str] | None = None) -> list[onnx.F
             if op not in BODY_OF:
                 raise KeyError(f"no body for msfp.{op}")
             body, attrs, doc = _CORE_BODIES[BODY_OF[op]]
-            f = helper.make_function(MSFP_DOMAIN, op, ["x", "scale", "zero_point"], ["y"], _HEAD + body + _TAIL, [],
+            nodes = _uniform_body() if body is None else _HEAD + body + _TAIL
+            f = helper.make_function(MSFP_DOMAIN, op, ["x", "scale", "zero_point"], ["y"], nodes, [],
                                      attributes=["format", *attrs, "lo", "hi", "keep_zero_point"], doc_string=doc)
         del f.opset_import[:]
         f.opset_import.append(helper.make_opsetid("", opset))
@@ -247,8 +301,11 @@ def msfp_functions(opset: int, used: Iterable[str] | None = None) -> list[onnx.F
     return funcs
 
 
-def _choose_body(op_type: str, fmt) -> str:
-    """The fastest body (op name) valid for a node of ``op_type`` quantizing onto ``fmt``."""
+def _choose_body(op_type: str, fmt, scalar_scale: bool = False) -> str:
+    """The fastest body (op name) valid for a node of ``op_type`` quantizing onto ``fmt`` (``scalar_scale``: its
+    scale is a one-element initializer, as QuantizeLinear's per-tensor form needs)."""
+    if isinstance(fmt, FPFormat) and op_type == "QuantizeFP" and scalar_scale and uniform_codes(fmt) is not None:
+        return "QuantizeFPUniform"
     if isinstance(fmt, FPFormat) and op_type == "QuantizeFP" and not fmt.signed:
         return "QuantizeFPUnsigned"
     if isinstance(fmt, FPFormat) and op_type == "QuantizeLUT" and fmt.man_bits == 0:
@@ -261,6 +318,7 @@ def annotate_msfp_nodes(model: onnx.ModelProto, choose_bodies: bool = True) -> d
     split constants, decode table); count the nodes by op name. With ``choose_bodies=False`` every node keeps the
     body it names (tests pin one body that way)."""
     counts: dict[str, int] = {}
+    scalars = {t.name for t in model.graph.initializer if int(np.prod(t.dims)) == 1}
     for node in all_nodes(model.graph):
         if node.domain != MSFP_DOMAIN:
             continue
@@ -268,7 +326,7 @@ def annotate_msfp_nodes(model: onnx.ModelProto, choose_bodies: bool = True) -> d
         extra: dict = {}
         if node.op_type in QUANTIZE_OPS:
             if choose_bodies:
-                node.op_type = _choose_body(node.op_type, fmt)
+                node.op_type = _choose_body(node.op_type, fmt, len(node.input) > 1 and node.input[1] in scalars)
             extra = {"lo": fmt.min, "hi": fmt.max, "keep_zero_point": 1.0}
             if isinstance(fmt, FPFormat):
                 split = {"split_factor": fmt.split_factor, "split_floor": fmt.split_floor}
@@ -278,6 +336,8 @@ def annotate_msfp_nodes(model: onnx.ModelProto, choose_bodies: bool = True) -> d
                 extra |= {"levels": fmt.levels.tolist(), "thresholds": fmt.thresholds.tolist()}
             elif node.op_type in ("QuantizeFP", "QuantizeFPUnsigned"):
                 extra |= split
+            elif node.op_type == "QuantizeFPUniform":
+                extra |= uniform_codes(fmt)
         elif node.op_type == "DequantizeFP4Packed":
             extra = {"table": fmt.code_table.tolist()}
         counts[node.op_type] = counts.get(node.op_type, 0) + 1

@@ -411,7 +411,15 @@ def sweep(formats: list[str], stride: int = 7, scale1_stride: int = 1) -> dict:
 
 # ---- driver ----
 
-def main(argv: list[str] | None = None) -> int:
+NOTE = ("latency: median of interleaved single runs (intra-op pools do not spin between runs); "
+        "msfp = default compile (int8 weights, MatMulInteger linears), plain InferenceSession; "
+        "msfp_packed = CompileConfig(integer_kernels=False) through open_session; "
+        "msfp_nofold = CompileConfig(fold_zero_point=False); "
+        "msfp@REV = the same quantized graph with the function bodies of REV; ratios vs the "
+        "FP32 ONNX of the same UNet. sweep: ORT vs torch.ops.msfp.quantize, bitwise up to the sign of zero")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--batches", default="1,16")
@@ -434,29 +442,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-memory", action="store_true",
                     help="skip the peak-RSS / open-time probes (a fresh process per variant)")
     ap.add_argument("--out", default=str(OUT_JSON))
-    args = ap.parse_args(argv)
-    torch.set_num_threads(2)
-    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bench_ort_"))
-    work.mkdir(parents=True, exist_ok=True)
-    batches = [int(b) for b in args.batches.split(",")]
-    threads = [int(t) for t in args.threads.split(",")]
-    opts = [o for o in args.opt_levels.split(",") if o]
-    result: dict = {"onnxruntime": ort.__version__, "cpu_count": os.cpu_count(), "loadavg_start": os.getloadavg(),
-                    "goal_ratio": GOAL_RATIO, "iters": args.iters, "baseline_rev": args.baseline_rev,
-                    "git_head": subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
-                                               capture_output=True, text=True).stdout.strip(), "models": {},
-                    "note": "latency: median of interleaved single runs (intra-op pools do not spin between runs); "
-                            "msfp = default compile (int8 weights, MatMulInteger linears), plain InferenceSession; "
-                            "msfp_packed = CompileConfig(integer_kernels=False) through open_session; "
-                            "msfp_nofold = CompileConfig(fold_zero_point=False); "
-                            "msfp@REV = the same quantized graph with the function bodies of REV; ratios vs the "
-                            "FP32 ONNX of the same UNet. sweep: ORT vs torch.ops.msfp.quantize, bitwise up to the "
-                            "sign of zero"}
-    if args.verify or args.verify_only:
-        print("bit-exactness sweep of the msfp function bodies (ORT vs torch.ops.msfp.quantize)", flush=True)
-        fmts = [f for f in args.sweep_formats.split(",") if f]
-        result["sweep"] = sweep(fmts, args.sweep_stride, args.sweep_scale1_stride)
-        result["sweep_loadavg"] = os.getloadavg()
+    return ap.parse_args(argv)
+
+
+def run_sweep(args: argparse.Namespace, result: dict) -> None:
+    """The bit-exactness sweep into ``result``; with --verify-only merged into the existing --out JSON."""
+    print("bit-exactness sweep of the msfp function bodies (ORT vs torch.ops.msfp.quantize)", flush=True)
+    fmts = [f for f in args.sweep_formats.split(",") if f]
+    result["sweep"] = sweep(fmts, args.sweep_stride, args.sweep_scale1_stride)
+    result["sweep_loadavg"] = os.getloadavg()
     if args.verify_only:
         out = Path(args.out)
         merged = json.loads(out.read_text()) if out.is_file() else {}
@@ -464,63 +458,107 @@ def main(argv: list[str] | None = None) -> int:
         merged["sweep_loadavg"] = result["sweep_loadavg"]
         out.write_text(json.dumps(merged, indent=1) + "\n")
         print(f"wrote {out}")
-        return 0
+
+
+def probe_memory(name: str, paths: dict[str, Path], timed: dict[str, Path], save) -> dict:
+    """Peak RSS / open time of a plain onnxruntime.InferenceSession(path) of each timed variant (fp32 first, the
+    reference of the ratios); the packed 4-bit file through open_session (predecode): SD1.5's packed file in a
+    plain session needs 16.7 GB, not probed. ``save()`` is called after each probe."""
+    probes = [(k, "plain") for k in timed if not (name == "sd15" and k == "msfp_packed")]
+    probes += [(k, "open_session") for k in timed if k == "msfp_packed"]
+    out: dict = {}
+    for k, how in probes:
+        out[f"{k}/{how}"] = m = memory(paths[k], how)
+        fp = out["fp32/plain"]
+        m["peak_rss_vs_fp32"] = round(m["peak_rss_mb"] / fp["peak_rss_mb"], 3)
+        m["open_vs_fp32"] = round(m["open_s"] / max(fp["open_s"], 1e-9), 3)
+        print(f"  memory {k:<12} {how:<12} open {m['open_s']:.1f}s first run {m['first_run_s']:.1f}s "
+              f"peak RSS {m['peak_rss_mb']} MB ({m['peak_rss_vs_fp32']:.3f}x)  load {m['loadavg'][0]:.1f}", flush=True)
+        save(out)
+    return out
+
+
+def time_latency(name: str, timed: dict[str, Path], args: argparse.Namespace, save) -> list[dict]:
+    """Interleaved latency rows for every (opt level, threads, batch); ``save(rows)`` after each row."""
+    rows: list[dict] = []
+    for opt in [o for o in args.opt_levels.split(",") if o]:
+        for th in [int(t) for t in args.threads.split(",")]:
+            sessions = {k: session(p, th, opt) for k, p in timed.items()}
+            for b in [int(b) for b in args.batches.split(",")]:
+                feeds = feeds_for(sessions["fp32"], b, text_len=77 if name == "sd15" else 1)
+                load = os.getloadavg()
+                lat = interleaved_latency(sessions, feeds, args.iters, args.warmup)
+                row = {"opt_level": opt, "threads": th, "batch": b, "loadavg": [round(x, 2) for x in load],
+                       "loadavg_end": [round(x, 2) for x in os.getloadavg()],
+                       "ms": lat, "ratio_vs_fp32": {k: round(v["median_ms"] / lat["fp32"]["median_ms"], 3)
+                                                    for k, v in lat.items() if k != "fp32"}}
+                rows.append(row)
+                print(f"  opt={opt:<8} threads={th} batch={b:<3} " + "  ".join(
+                    f"{k}={v['median_ms']:.2f}ms" for k, v in lat.items()) + "  ratio " + " ".join(
+                    f"{k}={r:.2f}x" for k, r in row["ratio_vs_fp32"].items()) + f"  load {load[0]:.1f}", flush=True)
+                save(rows)
+            del sessions
+    return rows
+
+
+def profile_variants(name: str, paths: dict[str, Path], timed: dict[str, Path], args: argparse.Namespace,
+                     work: Path, entry: dict) -> None:
+    """Op profiles (first opt level and thread count) and optimized-graph node counts into ``entry``."""
+    opt, threads = args.opt_levels.split(",")[0], int(args.threads.split(",")[0])
+    for b in [int(b) for b in args.batches.split(",")]:
+        for k, p in timed.items():
+            feeds = feeds_for(session(paths["fp32"], 1, "basic"), b, text_len=77 if name == "sd15" else 1)
+            entry["profile"][f"{k}@batch{b}"] = profile(p, feeds, threads, opt, 10, work)
+    for k, p in timed.items():
+        entry["optimized_graph"][k] = optimized_node_counts(p, threads, opt, work)
+
+
+def bench_model(name: str, args: argparse.Namespace, work: Path, result: dict) -> None:
+    """Build (or reuse) one model's variants, then memory probes, latency and profiles, saved as they come."""
+    print(f"bench_ort: {name}", flush=True)
+    paths = build_models(name, work)
+    if args.baseline_rev:
+        paths["msfp@" + args.baseline_rev] = with_bodies_of(args.baseline_rev, paths["msfp"],
+                                                            work / f"{name}.msfp_{args.baseline_rev}.onnx")
+    entry: dict = {"files": {k: {"path": str(p), "bytes": sum(f.stat().st_size for f in (p, Path(f"{p}.data"))
+                                                              if f.is_file())} for k, p in paths.items()},
+                   "latency": [], "profile": {}, "optimized_graph": {}}
+    result["models"][name] = entry
+    timed = {k: p for k, p in paths.items() if not args.variants or k == "fp32" or k in args.variants.split(",")}
+
+    def save(key: str):
+        def put(value) -> None:
+            entry[key] = value
+            _write(result, Path(args.out))
+        return put
+
+    if not args.no_memory:
+        probe_memory(name, paths, timed, save("memory"))
+    time_latency(name, timed, args, save("latency"))
+    if not args.no_profile:
+        profile_variants(name, paths, timed, args, work, entry)
+    # headline: opt level all at the largest thread count timed, per batch
+    top = max(int(t) for t in args.threads.split(","))
+    entry["headline"] = {f"batch{r['batch']}": r["ratio_vs_fp32"] for r in entry["latency"]
+                         if r["opt_level"] == "all" and r["threads"] == top}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(2)
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bench_ort_"))
+    work.mkdir(parents=True, exist_ok=True)
+    result: dict = {"onnxruntime": ort.__version__, "cpu_count": os.cpu_count(), "loadavg_start": os.getloadavg(),
+                    "goal_ratio": GOAL_RATIO, "iters": args.iters, "baseline_rev": args.baseline_rev,
+                    "git_head": subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+                                               capture_output=True, text=True).stdout.strip(), "models": {},
+                    "note": NOTE}
+    if args.verify or args.verify_only:
+        run_sweep(args, result)
+        if args.verify_only:
+            return 0
     for name in [m for m in args.models.split(",") if m]:
-        print(f"bench_ort: {name}", flush=True)
-        paths = build_models(name, work)
-        if args.baseline_rev:
-            paths["msfp@" + args.baseline_rev] = with_bodies_of(args.baseline_rev, paths["msfp"],
-                                                                work / f"{name}.msfp_{args.baseline_rev}.onnx")
-        entry: dict = {"files": {k: {"path": str(p), "bytes": sum(f.stat().st_size for f in (p, Path(f"{p}.data"))
-                                                                  if f.is_file())} for k, p in paths.items()},
-                       "latency": [], "profile": {}, "optimized_graph": {}}
-        timed = {k: p for k, p in paths.items()
-                 if not args.variants or k == "fp32" or k in args.variants.split(",")}
-        if not args.no_memory:
-            # a plain onnxruntime.InferenceSession(path) of each timed variant; the packed 4-bit file also through
-            # open_session (predecode). SD1.5's packed file in a plain session needs 16.7 GB: not probed here.
-            probes = [(k, "plain") for k in timed if not (name == "sd15" and k == "msfp_packed")]
-            probes += [(k, "open_session") for k in timed if k == "msfp_packed"]
-            entry["memory"] = {}
-            for k, how in probes:
-                entry["memory"][f"{k}/{how}"] = m = memory(paths[k], how)
-                fp = entry["memory"]["fp32/plain"]  # probed first
-                m["peak_rss_vs_fp32"] = round(m["peak_rss_mb"] / fp["peak_rss_mb"], 3)
-                m["open_vs_fp32"] = round(m["open_s"] / max(fp["open_s"], 1e-9), 3)
-                print(f"  memory {k:<12} {how:<12} open {m['open_s']:.1f}s first run {m['first_run_s']:.1f}s "
-                      f"peak RSS {m['peak_rss_mb']} MB ({m['peak_rss_vs_fp32']:.3f}x)  load {m['loadavg'][0]:.1f}",
-                      flush=True)
-                result["models"][name] = entry
-                _write(result, Path(args.out))
-        for opt in opts:
-            for th in threads:
-                sessions = {k: session(p, th, opt) for k, p in timed.items()}
-                for b in batches:
-                    feeds = feeds_for(sessions["fp32"], b, text_len=77 if name == "sd15" else 1)
-                    load = os.getloadavg()
-                    lat = interleaved_latency(sessions, feeds, args.iters, args.warmup)
-                    row = {"opt_level": opt, "threads": th, "batch": b, "loadavg": [round(x, 2) for x in load],
-                           "loadavg_end": [round(x, 2) for x in os.getloadavg()],
-                           "ms": lat, "ratio_vs_fp32": {k: round(v["median_ms"] / lat["fp32"]["median_ms"], 3)
-                                                        for k, v in lat.items() if k != "fp32"}}
-                    entry["latency"].append(row)
-                    print(f"  opt={opt:<8} threads={th} batch={b:<3} " + "  ".join(
-                        f"{k}={v['median_ms']:.2f}ms" for k, v in lat.items()) + "  ratio " + " ".join(
-                        f"{k}={r:.2f}x" for k, r in row["ratio_vs_fp32"].items()) + f"  load {load[0]:.1f}", flush=True)
-                    result["models"][name] = entry
-                    _write(result, Path(args.out))
-                del sessions
-        prof_opt, prof_threads = opts[0], threads[0]
-        for b in batches if not args.no_profile else []:
-            for k, p in timed.items():
-                feeds = feeds_for(session(paths["fp32"], 1, "basic"), b, text_len=77 if name == "sd15" else 1)
-                entry["profile"][f"{k}@batch{b}"] = profile(p, feeds, prof_threads, prof_opt, 10, work)
-        for k, p in timed.items() if not args.no_profile else []:
-            entry["optimized_graph"][k] = optimized_node_counts(p, prof_threads, prof_opt, work)
-        # headline: default session options (opt level all, 2 threads) at each batch
-        entry["headline"] = {f"batch{r['batch']}": r["ratio_vs_fp32"] for r in entry["latency"]
-                             if r["opt_level"] == "all" and r["threads"] == max(threads)}
-        result["models"][name] = entry
+        bench_model(name, args, work, result)
     result["loadavg_end"] = os.getloadavg()
     _write(result, Path(args.out))
     print(f"wrote {args.out}")

@@ -41,6 +41,7 @@ def _tie_heavy(fmt: str) -> np.ndarray:
 @pytest.mark.parametrize("fmt,op_type", [
     ("e1m2", "QuantizeFP"), ("e2m1", "QuantizeFP"), ("ue3m1", "QuantizeFP"), ("ue2m2", "QuantizeFP"),
     ("ue2m2", "QuantizeFPUnsigned"), ("ue3m1", "QuantizeFPUnsigned"),
+    ("e1m2", "QuantizeFPUniform"), ("ue1m3", "QuantizeFPUniform"),
     ("e3m0", "QuantizeLUTPow2"), ("ue4m0", "QuantizeLUTPow2"), ("e3m0", "QuantizeLUT"),
     ("int4", "QuantizeInt"),
 ])
@@ -67,6 +68,8 @@ def test_lowering_picks_the_fast_bodies(compiled_unet2d) -> None:
         f = get_format(next(a.s.decode() for a in n.attribute if a.name == "format"))
         if n.op_type.startswith("QuantizeLUT"):
             assert n.op_type == ("QuantizeLUTPow2" if f.man_bits == 0 else "QuantizeLUT")
+        elif f.name in ("e1m2", "ue1m3"):  # uniform grids (scalar activation scales): QuantizeLinear and friends
+            assert n.op_type == "QuantizeFPUniform"
         else:
             assert n.op_type == ("QuantizeFP" if f.signed else "QuantizeFPUnsigned")
         assert not n.overload  # onnx's ReferenceEvaluator ignores overloads: one op name per body
@@ -77,7 +80,7 @@ def test_lowering_picks_the_fast_bodies(compiled_unet2d) -> None:
 
 @pytest.mark.parametrize("fmt,op_type", [
     ("e1m2", "QuantizeFP"), ("ue3m1", "QuantizeFPUnsigned"), ("e3m0", "QuantizeLUTPow2"), ("ue4m0", "QuantizeLUTPow2"),
-    ("e2m1", "QuantizeLUT"), ("uint4", "QuantizeInt"),
+    ("e2m1", "QuantizeLUT"), ("uint4", "QuantizeInt"), ("e1m2", "QuantizeFPUniform"), ("ue1m3", "QuantizeFPUniform"),
 ])
 def test_reference_evaluator_runs_each_body_bit_for_bit_as_onnxruntime(fmt, op_type) -> None:
     """onnx.reference gives the same bits as onnxruntime for every quantize body (each has its own op name)."""
