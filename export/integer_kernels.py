@@ -29,6 +29,14 @@ activation) that FP32 models get: 1.2x the FP32 latency on the CIFAR-size UNet. 
 convs with the most output positions (multiply-adds per weight) within 10% more weight bytes: 1.19x FP32 on SD1.5
 (int8: 1.16x, noise) at 0.517x its memory, 1.24x on the CIFAR UNet (int8: 1.27x). An FP16 initializer + Cast
 would halve the file but not the session: ORT folds the Cast at session start (checked on an optimized-model dump).
+Also measured and dropped (ORT 1.32, AVX2 without VNNI, 1 thread): 3x3 convs as integer GEMMs (uint8 im2col by
+Pad / Slice / Concat in NHWC, MatMulInteger, Cast, Mul, Transpose back; exact): 0.99-1.12x the prepacked FP32 Conv
+on the SD1.5 and CIFAR shapes, the MatMulInteger alone 0.98-1.07x (u8s8 without VNNI is no faster than MLAS's FP32
+kernels at K = 9 * C), against 1.03-1.22x for the DequantizeLinear + Conv used here, a gain only at 640-1280
+channels, where the resnet convs read unsigned activations with a zero point: exact there only with a [C_out, H, W]
+border-correction map per conv (~95 MB on SD1.5, the memory goal's whole margin). 1x1 convs as MatMulInteger: no
+faster either (0.97-1.06x FP32). MatMulInteger on the linears: 0.84-1.0x FP32 MatMul (a DequantizeLinear weight +
+FP32 MatMul, which loses prepacking, is 2.3-2.6x).
 """
 
 from __future__ import annotations

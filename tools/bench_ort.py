@@ -55,10 +55,10 @@ SWEEP_FORMATS = ["e1m2", "e2m1", "e3m0", "ue2m2", "ue3m1", "ue4m0", "int4", "uin
 
 # ---- models ----
 
-def _quantized_pair(loaded, config, work: Path, name: str) -> dict[str, Path]:
+def _quantized_pair(loaded, config, work: Path, name: str, only: set[str] | None = None) -> dict[str, Path]:
     """The default (integer-kernel) ONNX, the same with FP32 conv weights (``conv_weights="float32"``) and with
     4-bit packed weights, from one compile (the integer files are lowered from the packed one, as lower_to_onnx does
-    after the export)."""
+    after the export). ``only``: the integer variants to build (default: both)."""
     from dataclasses import replace
 
     import onnx
@@ -66,7 +66,7 @@ def _quantized_pair(loaded, config, work: Path, name: str) -> dict[str, Path]:
     from msfp_compiler.compile import compile as msfp_compile
     from msfp_compiler.export.onnx import save_atomic, to_integer
 
-    variants = {"msfp": "int8", "msfp_fp32conv": "float32"}
+    variants = {k: v for k, v in {"msfp": "int8", "msfp_fp32conv": "float32"}.items() if only is None or k in only}
     paths = {k: work / f"{name}.{k}.onnx" for k in [*variants, "msfp_packed"]}
     if not paths["msfp_packed"].is_file():
         cm = msfp_compile(loaded, replace(config, integer_kernels=False), progress=False)
@@ -81,7 +81,7 @@ def _quantized_pair(loaded, config, work: Path, name: str) -> dict[str, Path]:
     return paths
 
 
-def build_sd15(work: Path) -> dict[str, Path]:
+def build_sd15(work: Path, only: set[str] | None = None) -> dict[str, Path]:
     """FP32 and quantized ONNX (external data, > 2 GB) of the SD1.5 UNet with random weights, quantized with the
     calibration of tools/bench_compile.py (2 samples x 4 DDIM steps, 77-token text states); cached in `work`."""
     from msfp_compiler.config import CalibConfig, CompileConfig
@@ -95,14 +95,14 @@ def build_sd15(work: Path) -> dict[str, Path]:
     with torch.no_grad():
         unet = model_from_config(dict(SD15_UNET_CONFIG), "sd15 config").eval()
     calib = CalibConfig(num_samples=2, num_steps=4, num_groups=2, holdout_samples=0, text_len=77)
-    paths = _quantized_pair(LoadedModel(unet, Path("<sd15 config>")), CompileConfig(calib=calib), work, "sd15")
+    paths = _quantized_pair(LoadedModel(unet, Path("<sd15 config>")), CompileConfig(calib=calib), work, "sd15", only)
     fp32 = work / "sd15.fp32.onnx"
     if not fp32.is_file():
         save_atomic(lower_fp32(unet, cond_len=77), fp32)
     return {"fp32": fp32, **paths}
 
 
-def build_cifar(work: Path) -> dict[str, Path]:
+def build_cifar(work: Path, only: set[str] | None = None) -> dict[str, Path]:
     """The google/ddpm-cifar10-32 UNet2DModel config (35.7M parameters) with random weights: FP32, quantized
     (default config, 4 samples x 10 DDIM steps of calibration) and its packed 4-bit variant; cached in `work`."""
     from msfp_compiler.config import CalibConfig, CompileConfig
@@ -116,20 +116,20 @@ def build_cifar(work: Path) -> dict[str, Path]:
     with torch.no_grad():
         unet = model_from_config(dict(CIFAR10_DDPM_CONFIG), "cifar10 config").eval()
     calib = CalibConfig(num_samples=4, num_steps=10, num_groups=4, holdout_samples=0)
-    paths = _quantized_pair(LoadedModel(unet, Path("<cifar10 config>")), CompileConfig(calib=calib), work, "cifar")
+    paths = _quantized_pair(LoadedModel(unet, Path("<cifar10 config>")), CompileConfig(calib=calib), work, "cifar", only)
     fp32 = work / "cifar.fp32.onnx"
     if not fp32.is_file():
         save_atomic(lower_fp32(unet), fp32)
     return {"fp32": fp32, **paths}
 
 
-def build_models(name: str, work: Path, seed: int = 0) -> dict[str, Path]:
+def build_models(name: str, work: Path, only: set[str] | None = None) -> dict[str, Path]:
     """FP32, quantized (default config: integer kernels), the same with 4-bit packed weights and quantized without
     zero-point folding ONNX files (cached in `work`)."""
     if name == "sd15":
-        return build_sd15(work)
+        return build_sd15(work, only)
     if name == "cifar":
-        return build_cifar(work)
+        return build_cifar(work, only)
     from msfp_compiler.compile import compile as msfp_compile
     from msfp_compiler.config import CompileConfig
     from msfp_compiler.export.onnx import lower_fp32, save_atomic
@@ -137,7 +137,7 @@ def build_models(name: str, work: Path, seed: int = 0) -> dict[str, Path]:
 
     fp32, nofold = (work / f"{name}.{k}.onnx" for k in ("fp32", "msfp_nofold"))
     loaded = load_model(MODELS[name])
-    paths = _quantized_pair(loaded, CompileConfig(), work, name)
+    paths = _quantized_pair(loaded, CompileConfig(), work, name, only)
     if not nofold.is_file():
         # zero points kept in the quantizers: no explicit Pad in front of padded convs (see the profile)
         msfp_compile(loaded, CompileConfig(fold_zero_point=False), progress=False).save(nofold)
@@ -516,7 +516,7 @@ def profile_variants(name: str, paths: dict[str, Path], timed: dict[str, Path], 
 def bench_model(name: str, args: argparse.Namespace, work: Path, result: dict) -> None:
     """Build (or reuse) one model's variants, then memory probes, latency and profiles, saved as they come."""
     print(f"bench_ort: {name}", flush=True)
-    paths = build_models(name, work)
+    paths = build_models(name, work, set(args.variants.split(",")) if args.variants else None)
     if args.baseline_rev:
         paths["msfp@" + args.baseline_rev] = with_bodies_of(args.baseline_rev, paths["msfp"],
                                                             work / f"{name}.msfp_{args.baseline_rev}.onnx")
