@@ -163,8 +163,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--warm-timeout", type=float, default=600.0, help="seconds the timings wait for the warm-up "
                     "process; baseline compiles it has not finished by then are skipped (recorded as such)")
     ap.add_argument("--variant", default=None, metavar="NAME:BATCH", help="after the main rows: one more W4A4 "
-                    "compile, timing and profile at BATCH with an Inductor option (combo: config.combo_kernels, "
-                    "independent kernels launched as one), recorded under 'variants'")
+                    "compile, timing and profile at BATCH with an option: combo (Inductor config.combo_kernels, "
+                    "independent kernels launched as one) or qkv (build_fast(quantize_parts=True): the Q/K/V "
+                    "fake quantizers in their merged GEMM's epilogue); recorded under 'variants'")
     ap.add_argument("--skip", default="", help="comma list of phases to leave out: accuracy, bandwidth")
     ap.add_argument("--gpu-lock", default=None, metavar="FILE", help="hold an exclusive lock on FILE from the first "
                     "timing to the end (benchmarks of other batch sizes compiling in parallel processes time one "
@@ -319,17 +320,18 @@ def measure(args: argparse.Namespace, rec: Recorder, cm: Any, bf16_bytes: int, b
 
 
 def variant(args: argparse.Namespace, rec: Recorder, cm: Any) -> None:
-    """The headline W4A4 build compiled once more at one batch size with an Inductor option, timed and profiled
-    (after the main rows, so a failure or a cut cannot cost them)."""
+    """The headline W4A4 build compiled once more at one batch size with an Inductor or build_fast option, timed
+    and profiled (after the main rows, so a failure or a cut cannot cost them)."""
     from torch._inductor import config as inductor_config
 
     from msfp_compiler.export.triton.fast import build_fast
 
     name, b = args.variant.split(":")
-    options = {"combo": {"combo_kernels": True}}[name]
+    options, build = {"combo": ({"combo_kernels": True}, {}), "qkv": ({}, {"quantize_parts": True})}[name]
     head = args.weights.split(",")[0]
-    row: dict = {"batch": int(b), "variant": name, "inductor_options": options}
-    fast = build_fast(cm.graph_module, "cuda", weights=head)
+    row: dict = {"batch": int(b), "variant": name, "inductor_options": options, "build_fast_options": build}
+    fast = build_fast(cm.graph_module, "cuda", weights=head, **build)
+    row["fast_report"] = str(fast.report).split("\n")[0]
     x = inputs(int(b), cm.calibration.batches[0].args)
     profiles: dict[str, Any] = {}
     with inductor_config.patch(options):

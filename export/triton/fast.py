@@ -45,8 +45,8 @@ from msfp_compiler.talora import chosen_set
 
 from .fast_ops import conv_out_size, e4m3_lut, pack_halves  # also defines torch.ops.msfp_fast.*
 
-__all__ = ["grid_round", "fake_quant", "grid_e4m3", "FastGemm", "DecodeGroup", "FastUNet", "build_fast", "FastReport",
-           "weight_bytes"]
+__all__ = ["grid_round", "fake_quant", "grid_e4m3", "PartQuant", "FastGemm", "DecodeGroup", "FastUNet", "build_fast",
+           "FastReport", "weight_bytes"]
 
 aten = torch.ops.aten
 _Q = torch.ops.msfp.quantize.default
@@ -152,6 +152,50 @@ def grid_e4m3(x: torch.Tensor, scale: Any, zero_point: Any, fmt: str) -> torch.T
     return grid_round(_scaled(x, scale, zero_point), fmt).to(_FP8)
 
 
+class PartQuant(torch.nn.Module):
+    """The fake quantizers of a merged GEMM's parts (Q, K, V: each quantized before attention) as one pointwise
+    function of the whole output, with per-column parameters: ``fake_quant`` of part j on part j's columns, bit for
+    bit (the same float32 operations, scalars broadcast as column vectors), so Inductor can emit one kernel for all
+    parts instead of one per part. Formats of grid_round's ``int`` and ``fp`` kinds; signedness may differ by part."""
+
+    def __init__(self, quants: list[tuple[float, float, str, bool]], widths: list[int]):
+        """quants: (scale, zero point, format, folded) of each part; widths: the parts' column counts."""
+        super().__init__()
+        cols: dict[str, list] = {k: [] for k in ("scale", "zero", "vmax", "fsub", "finv", "thr", "signed", "folded",
+                                                 "drop")}
+        for (scale, zero, fmt, folded), w in zip(quants, widths):
+            f = _spec(fmt)
+            if f.kind not in ("int", "fp"):
+                raise ValueError(f"format {fmt}: no per-column form (threshold table)")
+            m, emin = (0, 0) if f.kind == "int" else (f.man_bits, f.emin)
+            vals = {"scale": scale, "zero": zero, "vmax": f.max, "signed": f.signed, "folded": folded,
+                    # int: always the round() branch (threshold +inf, unit factors), as grid_round's torch.round(a)
+                    "fsub": 1.0 if f.kind == "int" else 2.0 ** (m - emin),
+                    "finv": 1.0 if f.kind == "int" else 2.0 ** (emin - m),
+                    "thr": math.inf if f.kind == "int" else 2.0 ** emin, "drop": 23 - m}
+            for k, v in vals.items():
+                cols[k] += [v] * w
+        for k in ("scale", "zero", "vmax", "fsub", "finv", "thr"):
+            self.register_buffer(k, torch.tensor(cols[k], dtype=torch.float32))
+        for k in ("signed", "folded"):
+            self.register_buffer(k, torch.tensor(cols[k], dtype=torch.bool))
+        drop = torch.tensor(cols["drop"], dtype=torch.int32)
+        self.register_buffer("drop", drop)
+        self.register_buffer("half_m1", (1 << (drop - 1)) - 1)  # _bit_rne's rounding constant per column
+        self.register_buffer("mask", ~((1 << drop) - 1))
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        v = (y.float() - self.zero) / self.scale
+        a = torch.minimum(torch.where(self.signed, v.abs(), v.clamp_min(0.0)), self.vmax)
+        sub = torch.round(a * self.fsub) * self.finv
+        bits = a.view(torch.int32)
+        rne = ((bits + self.half_m1 + ((bits >> self.drop) & 1)) & self.mask).view(torch.float32)
+        r = torch.where(a < self.thr, sub, rne)
+        r = torch.where(self.signed, torch.copysign(r, v), r + 0.0)
+        q = r * self.scale
+        return torch.where(self.folded, q, q + self.zero).to(y.dtype)
+
+
 def decode_packed(halves: torch.Tensor, lut: torch.Tensor, scale: torch.Tensor, shape: list[int],
                   out_dtype: torch.dtype = _BF16) -> torch.Tensor:
     """msfp::dequantize_packed (for the layers left unfused) from the fast path's own layout: ``halves`` [1, N, K'/2]
@@ -217,6 +261,7 @@ class FastGemm(torch.nn.Module):
         self.register_buffer("one", torch.ones((), dtype=torch.float32))
         self.group_offset = 0  # where its weights start in its DecodeGroup's output (when grouped)
         self.parts: list[int] | None = None  # merged layers (merge): the output's split along N
+        self.part_quant: PartQuant | None = None  # the parts' fake quantizers, applied before the split
         self.lut_rows = [n]  # rows decoded by each row of lut ([16] here, [R, 16] in merged layers)
         if weights == "fp8":
             self.register_buffer("w8", table[codes.long()].to(_FP8).contiguous())
@@ -255,7 +300,7 @@ class FastGemm(torch.nn.Module):
         torch.nn.Module.__init__(m)
         m.sets, m.k, m.n = 1, f.k, sum(x.n for x in layers)
         m.afmt, m.a_scale, m.a_zero, m.conv, m.weights, m.dtype = f.afmt, f.a_scale, f.a_zero, None, f.weights, f.dtype
-        m.group_offset, m.parts = 0, [x.n for x in layers]
+        m.group_offset, m.parts, m.part_quant = 0, [x.n for x in layers], None
         for name in ("a_s", "a_z", "one"):
             m.register_buffer(name, getattr(f, name))
         m.register_buffer("beta", torch.cat([x.beta for x in layers], 1))
@@ -294,7 +339,11 @@ class FastGemm(torch.nn.Module):
         y = (y + self._pick(self.beta, set_index)).to(self.dtype)
         if self.conv is None:
             y = y.view(*lead, self.n)
-            return y if self.parts is None else tuple(p.contiguous() for p in y.split(self.parts, dim=-1))
+            if self.parts is None:
+                return y
+            if self.part_quant is not None:  # one kernel quantizes every part; the parts are views of its output
+                return tuple(self.part_quant(y).split(self.parts, dim=-1))
+            return tuple(p.contiguous() for p in y.split(self.parts, dim=-1))
         b, ho, wo = lead
         return y.view(b, ho, wo, self.n).permute(0, 3, 1, 2)
 
@@ -411,6 +460,57 @@ def _merge_shared_inputs(gm: fx.GraphModule) -> int:
     return removed
 
 
+_VIEWS = (aten.view.default, aten.reshape.default, aten.transpose.int, aten.permute.default, aten.unsqueeze.default)
+
+
+def _part_quantizer(item: fx.Node) -> fx.Node | None:
+    """The fake_quant node that reads a merged GEMM's part through views only, each node with one user, or None."""
+    cur = item
+    while len(cur.users) == 1:
+        (user,) = cur.users
+        if user.op != "call_function" or user.args[0] is not cur:
+            return None
+        if user.target is fake_quant:
+            return user
+        if user.target not in _VIEWS:
+            return None
+        cur = user
+    return None
+
+
+def _quantize_parts_in_epilogue(gm: fx.GraphModule) -> int:
+    """Move the per-part fake quantizers after merged GEMMs (Q/K/V before attention) into the GEMM as one
+    ``PartQuant``; returns how many quantizers moved. A merged GEMM is left alone unless every part goes through
+    views to a per-tensor fake quantizer of an int/fp-kind format with constant parameters."""
+    from .runtime import _const
+
+    moved = 0
+    for node in list(gm.graph.nodes):
+        mod = gm.get_submodule(node.target) if node.op == "call_module" else None
+        if not isinstance(mod, FastGemm) or mod.parts is None or mod.part_quant is not None:
+            continue
+        items = {u.args[1]: u for u in node.users if u.target is operator.getitem}
+        if len(items) != len(node.users) or sorted(items) != list(range(len(mod.parts))):
+            continue
+        fqs = [_part_quantizer(items[j]) for j in range(len(mod.parts))]
+        quants = []
+        for fq in fqs:
+            if fq is None or fq.args[5] != mod.dtype:
+                break
+            s, z = (_const(gm, a) if isinstance(a, fx.Node) else torch.tensor(float(a)) for a in fq.args[1:3])
+            if s is None or z is None or s.numel() != 1 or z.numel() != 1 or _spec(fq.args[3]).kind == "table":
+                break
+            quants.append((float(s), float(z), fq.args[3], bool(fq.args[4])))
+        if len(quants) != len(fqs):
+            continue
+        mod.part_quant = PartQuant(quants, mod.parts)
+        for fq in fqs:
+            fq.replace_all_uses_with(fq.args[0])
+            gm.graph.erase_node(fq)
+        moved += len(fqs)
+    return moved
+
+
 def _zmap(w_deq: torch.Tensor, c: int, h: int, w: int, kernel: tuple[int, int], stride: tuple[int, int],
           pads: tuple[int, int, int, int], z_valid: float, z_pad: float) -> torch.Tensor:
     """What the border contributes where the GEMM pads with grid 0: conv(P, W_deq), P = z_valid inside the image and
@@ -454,11 +554,14 @@ class FastReport:
     fake_quant: int = 0
     decode_groups: int = 0
     merged_away: int = 0  # GEMMs saved by merging linears of one quantized input
+    part_quant_moved: int = 0  # fake quantizers of merged GEMMs' parts moved into the GEMM (quantize_parts)
 
     def __str__(self) -> str:
         lines = [f"FP8 GEMMs: linear={self.fused['linear']} conv2d={self.fused['conv2d']}; "
                  f"bf16 fake quantizers kept: {self.fake_quant}; GEMMs saved by merging linears of one input: "
-                 f"{self.merged_away}; packed-weight decode launches: {self.decode_groups}"]
+                 f"{self.merged_away}; packed-weight decode launches: {self.decode_groups}"
+                 + (f"; part quantizers moved into merged GEMMs: {self.part_quant_moved}" if self.part_quant_moved
+                    else "")]
         lines += [f"  kept {k}: {v}" for k, v in self.skipped.items()]
         return "\n".join(lines)
 
@@ -705,13 +808,15 @@ class FastUNet(torch.nn.Module):
 
 def build_fast(gm: fx.GraphModule, device: str | torch.device = "cuda", weights: str = "packed",
                inplace: bool = False, dtype: torch.dtype = _BF16,
-               decode_group_bytes: int | None = None, merge: bool = True) -> FastUNet:
+               decode_group_bytes: int | None = None, merge: bool = True, quantize_parts: bool = False) -> FastUNet:
     """Rewrite a quantized GraphModule (``CompiledModel.graph_module`` or a loaded .pt2's module) for Inductor.
 
     ``dtype``: of the activations between ops (bf16; float32 checks the rewrite against the reference graph with
     only the GEMM's accumulation order and FP8-exact operands differing). ``decode_group_bytes``: decoded bytes per
     launch of the packed-weight decode (default ``DECODE_GROUP_BYTES``; 0: one launch per layer). ``merge``: one GEMM
-    for the linears that share a quantized input (Q/K/V; the cross-attention K/V of every block)."""
+    for the linears that share a quantized input (Q/K/V; the cross-attention K/V of every block). ``quantize_parts``:
+    the fake quantizers of the merged GEMMs' parts (Q/K/V before attention) as one per-column epilogue of the GEMM
+    (``PartQuant``; bit-exact; its speed on the GPU is not measured yet)."""
     if weights not in ("packed", "fp8", "mixed"):
         raise ValueError(f"unknown weights mode {weights!r} (packed, fp8 or mixed)")
     if not inplace:
@@ -720,6 +825,8 @@ def build_fast(gm: fx.GraphModule, device: str | torch.device = "cuda", weights:
     _rewrite(gm, weights, report, dtype)
     if merge:
         report.merged_away = _merge_shared_inputs(gm)
+        if quantize_parts:
+            report.part_quant_moved = _quantize_parts_in_epilogue(gm)
     group_bytes = DECODE_GROUP_BYTES if decode_group_bytes is None else decode_group_bytes
     groups = _group_decodes(gm, group_bytes) if group_bytes > 0 else 0
     _drop_unused_attributes(gm)

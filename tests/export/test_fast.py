@@ -209,6 +209,40 @@ def test_build_fast_merges_shared_inputs(compiled_cond) -> None:
         assert torch.equal(per_layer(*args), FA.build_fast(gm, DEV)(*args))
 
 
+def test_part_quant_matches_fake_quant_per_part() -> None:
+    """PartQuant (one per-column function) gives each part's fake_quant bit for bit: signed and unsigned fp / int
+    formats, folded and not, zeros of both signs, saturation, float32 and bfloat16."""
+    quants = [(0.37, 0.0, "e1m2", False), (0.05, -0.3, "ue2m2", False), (1.3, 0.2, "int4", True),
+              (0.11, 0.0, "e3m0", False), (0.7, 0.1, "uint4", False), (0.2, 0.0, "e2m1", True),
+              (0.02, 0.0, "int8", False), (0.01, 0.0, "ue4m0", False)]
+    widths = [3, 4, 2, 5, 3, 2, 4, 3]
+    pq = FA.PartQuant(quants, widths)
+    y = torch.randn(64, sum(widths), generator=torch.Generator().manual_seed(0)) * 3
+    y[0], y[1], y[2], y[3] = 0.0, -0.0, 1e4, -1e4
+    for dt, bits in ((torch.float32, torch.int32), (torch.bfloat16, torch.int16)):
+        yy = y.to(dt)
+        ref = torch.cat([FA.fake_quant(p, torch.tensor(s), torch.tensor(z), f, fo, dt)
+                         for p, (s, z, f, fo) in zip(yy.split(widths, -1), quants)], -1)
+        assert torch.equal(pq(yy).view(bits), ref.view(bits))
+
+
+def test_build_fast_quantize_parts(compiled_cond) -> None:
+    """quantize_parts: the Q/K/V (and cross-attention K/V) fake quantizers move into their merged GEMMs; the model's
+    output is unchanged bit for bit (float32 and bf16) and traces as one graph."""
+    gm = compiled_cond.graph_module
+    args = [a.to(DEV) for a in compiled_cond.calibration.batches[0].args]
+    for dtype in (torch.float32, torch.bfloat16):
+        plain = FA.build_fast(gm, DEV, dtype=dtype)
+        parts = FA.build_fast(gm, DEV, dtype=dtype, quantize_parts=True)
+        moved = parts.report.part_quant_moved
+        count = [sum(n.target is FA.fake_quant for n in f.gm.graph.nodes) for f in (plain, parts)]
+        assert moved >= 10 and count[1] == count[0] - moved and plain.report.part_quant_moved == 0
+        with torch.no_grad():
+            ref = plain(*args)
+            assert torch.equal(parts(*args), ref)
+            assert torch.equal(torch.compile(parts, backend="eager", fullgraph=True)(*args), ref)
+
+
 def test_build_fast_mixed_weights(compiled_cond, monkeypatch) -> None:
     """weights="mixed": small layers E4M3-resident, large ones packed; decoding is exact, so the output is the packed
     model's bit for bit, and the resident bytes lie between the two."""
