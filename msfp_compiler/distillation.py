@@ -2,8 +2,11 @@
 
 Data-free: trajectories of the FP model (x_t, t, cond) along the sampler; teacher = FP noise prediction at the same
 input (as EfficientDM). Batches share one timestep, as in sampling, so the router makes one choice per batch. The
-loss at step t is weighted by DFA's gamma_t. Adam, cosine learning-rate decay. This is a stage that ``compile``
-runs between insert_qdq and fuse_talora, not a graph pass: it trains, shows progress and writes checkpoints.
+loss at step t is weighted by DFA's gamma_t. Adam, cosine learning-rate decay (its length optionally fitted to a time
+budget). Every step's batch is drawn up front and the step runs on static input buffers, so on CUDA it is captured
+once as a CUDA graph and replayed (the fake-quantized graph is thousands of small kernels a step: eager, Python and
+launch overhead bounded it to ~3 steps/s). This is a stage that ``compile`` runs between insert_qdq and fuse_talora,
+not a graph pass: it trains, shows progress and writes checkpoints.
 """
 
 from __future__ import annotations
