@@ -250,15 +250,7 @@ def _train(gm, teacher, sig, data, cfg, gammas, progress) -> FinetuneResult:
             now = time.perf_counter()
             total = _fit_to_budget(cfg, step, (step - _WARMUP_STEPS) / (now - t_warm), cfg.time_budget_s - (now - t0))
         if cfg.log_every and (step % cfg.log_every == 0 or step == total):
-            # A line per interval whatever the terminal (tqdm draws only on a TTY), so GPU runs are logged too;
-            # with the budget check, the only host syncs of the loop.
-            lo = res.curve[-1][0] if res.curve else 0
-            mean = float(hist[lo:step].mean())
-            now = time.perf_counter()
-            res.curve.append((step, mean))
-            bar.set_postfix(loss=f"{mean:.4g}")
-            log.info("finetune step %d/%d  loss %.5g  %.1f steps/s", step, total, mean, (step - lo) / (now - tick))
-            tick = now
+            tick = _log_interval(res, hist, step, total, tick, bar)
         if cfg.checkpoint and cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
             save_state(gm, cfg.checkpoint)
     bar.close()
@@ -269,6 +261,18 @@ def _train(gm, teacher, sig, data, cfg, gammas, progress) -> FinetuneResult:
     del runner
     _finish(gm, cfg, groups, res, probe, gammas)
     return res
+
+
+def _log_interval(res: FinetuneResult, hist: torch.Tensor, step: int, total: int, tick: float, bar) -> float:
+    """A loss-curve point and a progress line per interval whatever the terminal (tqdm draws only on a TTY), so GPU
+    runs are logged too; with the budget fit, the only host syncs of the loop. Returns the new interval start."""
+    lo = res.curve[-1][0] if res.curve else 0
+    mean = float(hist[lo:step].mean())
+    now = time.perf_counter()
+    res.curve.append((step, mean))
+    bar.set_postfix(loss=f"{mean:.4g}")
+    log.info("finetune step %d/%d  loss %.5g  %.1f steps/s", step, total, mean, (step - lo) / (now - tick))
+    return now
 
 
 _BUDGET_EVERY = 25  # steps between fits of the schedule to FinetuneConfig.time_budget_s
