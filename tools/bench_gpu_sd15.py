@@ -74,11 +74,13 @@ def kernels_per_step(rows: list[dict]) -> float:
 def categorize(rows: list[dict]) -> dict[str, float]:
     """Kernel time per step by kind (name patterns of cuBLAS/CUTLASS/cuDNN/flash/Inductor kernels)."""
     cats = {"gemm_fp8": 0.0, "gemm_bf16": 0.0, "conv": 0.0, "attention": 0.0, "layout": 0.0, "norm_pointwise": 0.0,
-            "weight_decode": 0.0, "im2col": 0.0, "other": 0.0}
+            "gemm_w4a8": 0.0, "weight_decode": 0.0, "im2col": 0.0, "other": 0.0}
     for r in rows:
         k = r["kernel"].lower()
         if k.startswith(("_decode_kernel", "_decode_group_kernel")):  # export/triton/w4_decode.py
             c = "weight_decode"
+        elif k.startswith("_w4a8_kernel"):  # export/triton/w4_gemm.py: decode in the GEMM
+            c = "gemm_w4a8"
         elif k.startswith("_im2col_kernel"):  # export/triton/im2col.py
             c = "im2col"
         elif k.startswith("triton"):  # Inductor-generated (names carry the fused ops, e.g. _scaled_mm's operands)
@@ -165,7 +167,11 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--variant", default=None, metavar="NAME:BATCH", help="after the main rows: one more W4A4 "
                     "compile, timing and profile at BATCH with an option: combo (Inductor config.combo_kernels, "
                     "independent kernels launched as one) or qkv (build_fast(quantize_parts=True): the Q/K/V "
-                    "fake quantizers in their merged GEMM's epilogue); recorded under 'variants'")
+                    "fake quantizers in their merged GEMM's epilogue) or w4 (build_fast(w4_gemm_max_m): layers with "
+                    "at most --w4-gemm-max-m GEMM rows at BATCH read their packed codes in the W4A8 GEMM, no "
+                    "decode); recorded under 'variants'")
+    ap.add_argument("--w4-gemm-max-m", type=int, default=1024, help="variant w4: the largest GEMM M routed to the "
+                    "W4A8 GEMM")
     ap.add_argument("--skip", default="", help="comma list of phases to leave out: accuracy, bandwidth")
     ap.add_argument("--gpu-lock", default=None, metavar="FILE", help="hold an exclusive lock on FILE from the first "
                     "timing to the end (benchmarks of other batch sizes compiling in parallel processes time one "
@@ -327,7 +333,8 @@ def variant(args: argparse.Namespace, rec: Recorder, cm: Any) -> None:
     from msfp_compiler.export.triton.fast import build_fast
 
     name, b = args.variant.split(":")
-    options, build = {"combo": ({"combo_kernels": True}, {}), "qkv": ({}, {"quantize_parts": True})}[name]
+    options, build = {"combo": ({"combo_kernels": True}, {}), "qkv": ({}, {"quantize_parts": True}),
+                      "w4": ({}, {"w4_gemm_max_m": args.w4_gemm_max_m, "w4_gemm_batch": int(b)})}[name]
     head = args.weights.split(",")[0]
     row: dict = {"batch": int(b), "variant": name, "inductor_options": options, "build_fast_options": build}
     fast = build_fast(cm.graph_module, "cuda", weights=head, **build)
