@@ -80,6 +80,20 @@ def make_unet_cond(seed: int = 0) -> torch.nn.Module:
                                 cross_attention_dim=16, attention_head_dim=8).eval()
 
 
+def make_unet_cond_min(seed: int = 0) -> torch.nn.Module:
+    """The smallest SD-style UNet2DConditionModel: one CrossAttnDownBlock2D (resnet + transformer with self- and
+    cross-attention) and an UpBlock2D, no mid block, 16 channels, cross_attention_dim 16. For tests that compile a
+    cross-attention model of their own (text length, in-process determinism), where the export time (node count)
+    dominates: about 40% of make_unet_cond's compile."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16,),
+                                layers_per_block=1, down_block_types=("CrossAttnDownBlock2D",),
+                                up_block_types=("UpBlock2D",), mid_block_type=None, norm_num_groups=8,
+                                cross_attention_dim=16, attention_head_dim=8).eval()
+
+
 def clone_gm(gm: fx.GraphModule) -> fx.GraphModule:
     """Deep copy of a GraphModule *including* the msfp records (fx copies node.meta only shallowly)."""
     new = copy.deepcopy(gm)
@@ -165,6 +179,25 @@ def compiled_cond(unet_cond):
     return compile(unet_cond, FAST_CONFIG, progress=False)
 
 
+# make_unet_cond_min calibrated with 7-token text states (default search, one held-out sample for the check).
+TEXT7_CONFIG = CompileConfig(calib=CalibConfig(num_samples=2, num_steps=2, num_groups=1, holdout_samples=1,
+                                               text_len=7))
+
+
+@pytest.fixture(scope="session")
+def unet_cond_min() -> torch.nn.Module:
+    return make_unet_cond_min()
+
+
+@pytest.fixture(scope="session")
+def compiled_text7(unet_cond_min):
+    """make_unet_cond_min compiled with TEXT7_CONFIG (a cross-attention model calibrated with a text length other
+    than the default 1)."""
+    from msfp_compiler.compile import compile
+
+    return compile(unet_cond_min, TEXT7_CONFIG, progress=False)
+
+
 @dataclass
 class Captured:
     unet: torch.nn.Module
@@ -176,10 +209,10 @@ class Captured:
 
 
 @pytest.fixture(scope="session")
-def captured_cond(unet_cond) -> Captured:
-    """The small UNet2DConditionModel (make_unet_cond) captured with its default signature (1-token text)."""
-    gm, sig = capture(unet_cond)
-    return Captured(unet_cond, sig, gm)
+def captured_cond(unet_cond_min) -> Captured:
+    """The smallest SD-style UNet (make_unet_cond_min) captured with its default signature (1-token text)."""
+    gm, sig = capture(unet_cond_min)
+    return Captured(unet_cond_min, sig, gm)
 
 
 @pytest.fixture(scope="session")
@@ -272,7 +305,8 @@ def _restore_msfp_logger():
 # or through a fixture of their own module).
 _FIXTURE_GROUP = {"compiled_unet2d": "compiled_unet2d", "packed_unet2d": "compiled_unet2d",
                   "compiled_cond": "compiled_cond", "stages_unet2d": "stages_unet2d", "tuned": "stages_unet2d",
-                  "fp32_min": "fp32_min", "captured_cond": "captured_cond"}
+                  "fp32_min": "fp32_min", "captured_cond": "captured_cond",
+                  "compiled_text7": "compiled_text7"}
 # Modules whose module-scoped fixtures are expensive: all their tests form one group.
 _MODULE_GROUP = {"tests/test_cli.py": "cli"}
 _COMPILED_PARAM = re.compile(r"\[(?:[^\]]*-)?(unet2d|cond)(?:-[^\]]*)?\]$")

@@ -16,7 +16,7 @@ from msfp_compiler.record import record_of
 from msfp_compiler.talora import ROUTER_NAME, SELECT_WEIGHT
 
 from .conftest import FAST_QUANT
-from .conftest import make_unet2d
+from .conftest import make_unet_min
 
 
 def test_finetune_lowers_distillation_loss(tuned):
@@ -31,7 +31,7 @@ def test_talora_compile_onnx_agrees_with_torch(tmp_path):
                         calib=CalibConfig(num_samples=2, num_steps=4, num_groups=2),
                         finetune=FinetuneConfig(steps=10, num_loras=2, rank=2, batch_size=4, samples=4,
                                                 sampler_steps=8, checkpoint=str(tmp_path / "lora.safetensors")))
-    cm = msfp_compile(make_unet2d(), cfg, log_dir=tmp_path / "logs", progress=False)
+    cm = msfp_compile(make_unet_min(), cfg, log_dir=tmp_path / "logs", progress=False)
     runs = {r.name: r for r in cm.pass_runs}
     assert runs["fuse_talora"].info["num_loras"] == 2
     res = cm.check()
