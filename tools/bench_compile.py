@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -86,47 +87,55 @@ def _calib_config(model: str, n_params: int):
                        note=rule)
 
 
-def run_one(model: str, out_json: Path, keep_dir: Path | None, ort_load: bool) -> None:
-    """Benchmark one model in this process and write its JSON entry to out_json."""
-    import torch
-
-    from msfp_compiler.capture import signature_of
+def _compile_and_save(loaded, calib_cfg, work: Path, meter, ort_load: bool):
+    """compile() as msfp-compile runs it, then save (and optionally open an ORT session), the last two measured by
+    ``meter``; returns (CompiledModel, compile seconds, the written ONNX files)."""
     from msfp_compiler.compile import compile as msfp_compile
     from msfp_compiler.config import CompileConfig
-    from msfp_compiler.pass_manager import PassManager
 
-    meter = PassManager()  # stages outside compile(), measured as compile's PassManager measures its passes
-    load0 = os.getloadavg()
-    t_all = time.perf_counter()
-    with meter.stage("build"):
-        loaded = _build(model)
-    unet = loaded.unet
-    n_params = sum(p.numel() for p in unet.parameters())
-    fp32_bytes = sum(t.numel() * 4 for t in unet.state_dict().values() if t.is_floating_point())
-    calib_cfg = _calib_config(model, n_params)
-    cfg = CompileConfig(calib=calib_cfg)
-    sig = signature_of(unet, cond_len=calib_cfg.text_len)
-    work = Path(tempfile.mkdtemp(prefix=f"bench_{model}_", dir=keep_dir))
     t0 = time.perf_counter()
     # compile() calibrates itself, as msfp-compile does: through the captured graph, so the same forwards give the
     # activation statistics (a calibration set passed in would cost annotate_sign a forward per batch again).
-    cm = msfp_compile(loaded, cfg, log_dir=work / "logs", progress=False)
+    cm = msfp_compile(loaded, CompileConfig(calib=calib_cfg), log_dir=work / "logs", progress=False)
     compile_s = time.perf_counter() - t0
-    calib = cm.calibration
-    cond_shape = list(calib.batches[0].cond.shape) if calib.batches[0].cond is not None else None
     out = work / "model.onnx"
     with meter.stage("save"):
         cm.save(out)
     files = sorted(p for p in work.iterdir() if p.name.startswith("model.onnx"))
-    onnx_bytes = sum(p.stat().st_size for p in files)
     if ort_load:
         with meter.stage("ort_session"):
             from msfp_compiler.export.ort import open_session
 
             sess = open_session(out)
             del sess
-    total_s = time.perf_counter() - t_all
-    rows = [_row(r) for r in meter.runs[:1] + cm.pass_runs + meter.runs[1:]]
+    return cm, compile_s, files
+
+
+def _sd15_goal(rows: list[dict], peak: float, fp32_bytes: int) -> dict:
+    """The goal is stated for the compile on a calibrated model (what `msfp-compile` does after loading):
+    calibration + capture + passes + lowering + save; building random weights is not part of it."""
+    goal_rows = [r for r in rows if r["name"] not in ("build", "ort_session")]
+    compile_total = sum(r["seconds"] for r in goal_rows)
+    return {"seconds": GOAL_SD15_SECONDS, "calibrate_compile_save_seconds": round(compile_total, 1),
+            "calibrate_compile_save_cpu_seconds": round(sum(r["cpu_seconds"] for r in goal_rows), 1),
+            "seconds_met": compile_total < GOAL_SD15_SECONDS,
+            "peak_rss_x_fp32": GOAL_SD15_RSS_X_FP32, "peak_rss_met": peak * 2**20 < 3 * fp32_bytes}
+
+
+def _entry(model: str, loaded, calib_cfg, cm, rows: list[dict], files: list[Path], compile_s: float,
+           total_s: float, load0: tuple[float, ...]) -> dict:
+    """The model's JSON entry: sizes, calibration, per-stage rows, totals, ONNX files and the load average."""
+    import torch
+
+    from msfp_compiler.capture import signature_of
+
+    unet = loaded.unet
+    n_params = sum(p.numel() for p in unet.parameters())
+    fp32_bytes = sum(t.numel() * 4 for t in unet.state_dict().values() if t.is_floating_point())
+    sig = signature_of(unet, cond_len=calib_cfg.text_len)
+    calib = cm.calibration
+    cond_shape = list(calib.batches[0].cond.shape) if calib.batches[0].cond is not None else None
+    onnx_bytes = sum(p.stat().st_size for p in files)
     peak = max(r["peak_rss_mb"] for r in rows)
     entry = {
         "model": model,
@@ -153,18 +162,27 @@ def run_one(model: str, out_json: Path, keep_dir: Path | None, ort_load: bool) -
         "cpu_count": os.cpu_count(),
     }
     if model.startswith("sd15"):
-        # The goal is stated for the compile on a calibrated model (what `msfp-compile` does after loading):
-        # calibration + capture + passes + lowering + save; building random weights is not part of it.
-        goal_rows = [r for r in rows if r["name"] not in ("build", "ort_session")]
-        compile_total = sum(r["seconds"] for r in goal_rows)
-        entry["goal"] = {"seconds": GOAL_SD15_SECONDS, "calibrate_compile_save_seconds": round(compile_total, 1),
-                         "calibrate_compile_save_cpu_seconds": round(sum(r["cpu_seconds"] for r in goal_rows), 1),
-                         "seconds_met": compile_total < GOAL_SD15_SECONDS,
-                         "peak_rss_x_fp32": GOAL_SD15_RSS_X_FP32, "peak_rss_met": peak * 2**20 < 3 * fp32_bytes}
+        entry["goal"] = _sd15_goal(rows, peak, fp32_bytes)
+    return entry
+
+
+def run_one(model: str, out_json: Path, keep_dir: Path | None, ort_load: bool) -> None:
+    """Benchmark one model in this process and write its JSON entry to out_json."""
+    from msfp_compiler.pass_manager import PassManager
+
+    meter = PassManager()  # stages outside compile(), measured as compile's PassManager measures its passes
+    load0 = os.getloadavg()
+    t_all = time.perf_counter()
+    with meter.stage("build"):
+        loaded = _build(model)
+    calib_cfg = _calib_config(model, sum(p.numel() for p in loaded.unet.parameters()))
+    work = Path(tempfile.mkdtemp(prefix=f"bench_{model}_", dir=keep_dir))
+    cm, compile_s, files = _compile_and_save(loaded, calib_cfg, work, meter, ort_load)
+    total_s = time.perf_counter() - t_all
+    rows = [_row(r) for r in meter.runs[:1] + cm.pass_runs + meter.runs[1:]]
+    entry = _entry(model, loaded, calib_cfg, cm, rows, files, compile_s, total_s, load0)
     if keep_dir is None:
-        for p in sorted(work.rglob("*"), reverse=True):
-            p.unlink() if p.is_file() else p.rmdir()
-        work.rmdir()
+        shutil.rmtree(work)
     else:
         entry["artifacts"] = str(work)
     out_json.write_text(json.dumps(entry, indent=1))
@@ -223,9 +241,7 @@ def external_data_check(out_json: Path, gb: float = 2.2) -> None:
         res["external_tensors"] = sum(t.data_location == TensorProto.EXTERNAL
                                       for t in onnx.load(str(path), load_external_data=False).graph.initializer)
     finally:
-        for p in work.iterdir():
-            p.unlink()
-        work.rmdir()
+        shutil.rmtree(work)
     res["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     out_json.write_text(json.dumps(res, indent=1))
 
