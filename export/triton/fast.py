@@ -708,6 +708,12 @@ def _fuse_conv(args: list, act: Any, w: Any, bias: torch.Tensor | None, pads: tu
 
 
 def _rewrite(gm: fx.GraphModule, weights: str, report: FastReport, dtype: torch.dtype) -> None:
+    _fuse_gemms(gm, weights, report, dtype)
+    _lower_rest(gm, report, dtype)
+
+
+def _fuse_gemms(gm: fx.GraphModule, weights: str, report: FastReport, dtype: torch.dtype) -> None:
+    """Linears and convs reading a quantized input become FastGemm modules; the others run in ``dtype``."""
     g = gm.graph
     for node in list(g.nodes):
         if node.op != "call_function" or node.target not in (aten.linear.default, aten.conv2d.default):
@@ -741,9 +747,13 @@ def _rewrite(gm: fx.GraphModule, weights: str, report: FastReport, dtype: torch.
         g.erase_node(node)
         report.fused[kind] += 1
     g.eliminate_dead_code()
-    # the remaining quantizers, packed weights and attention become bf16 pointwise torch ops
+
+
+def _lower_rest(gm: fx.GraphModule, report: FastReport, dtype: torch.dtype) -> None:
+    """The remaining quantizers, packed weights and attention become ``dtype`` pointwise torch ops."""
     from .runtime import _const
 
+    g = gm.graph
     for node in list(g.nodes):
         if node.op != "call_function":
             continue

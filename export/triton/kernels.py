@@ -667,6 +667,23 @@ def _tile_table(sel: torch.Tensor, sets: int, bm: int) -> tuple[torch.Tensor, to
     return order, table.contiguous(), max_tiles
 
 
+def _w4a4_gemm_tma(a_q: torch.Tensor, wp: WeightPack, out: torch.Tensor, set_t: torch.Tensor, cfg: GemmConfig,
+                   precise: bool) -> torch.Tensor:
+    """w4a4_gemm's TMA path: E4M3 weights of a plain row-major linear, operands read through tensor descriptors."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    (m, k), n = a_q.shape, wp.n
+    a_desc = TensorDescriptor.from_tensor(a_q, [cfg.bm, cfg.bk])
+    w_desc = wp.descs.get((cfg.bn, cfg.bk))
+    if w_desc is None:
+        w_desc = wp.descs[(cfg.bn, cfg.bk)] = TensorDescriptor.from_tensor(wp.w.view(-1, k), [cfg.bn, cfg.bk])
+    grid = (triton.cdiv(m, cfg.bm) * triton.cdiv(n, cfg.bn),)
+    _w4a4_tma_kernel[grid](a_desc, w_desc, wp.alpha, wp.beta, out, set_t, m, n, k, wp.alpha.stride(0),
+                           out.stride(0), PRECISE=precise, BM=cfg.bm, BN=cfg.bn, BK=cfg.bk,
+                           GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return out
+
+
 def w4a4_gemm(a_q: torch.Tensor, wp: WeightPack, out: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float32,
               set_index: torch.Tensor | None = None, row_sets: torch.Tensor | None = None,
               out_layout: tuple[int, int, int, int] | None = None, zmap: torch.Tensor | None = None,
@@ -698,18 +715,8 @@ def w4a4_gemm(a_q: torch.Tensor, wp: WeightPack, out: torch.Tensor | None = None
         out = torch.empty(m, n, dtype=out_dtype, device=a_q.device)
     dev = a_q.device
     if cfg.tma and tma_ok:
-        from triton.tools.tensor_descriptor import TensorDescriptor
-
         set_t = set_index if set_index is not None else _on(dev, "zero_i32", lambda: torch.zeros(1, dtype=torch.int32))
-        a_desc = TensorDescriptor.from_tensor(a_q, [cfg.bm, cfg.bk])
-        w_desc = wp.descs.get((cfg.bn, cfg.bk))
-        if w_desc is None:
-            w_desc = wp.descs[(cfg.bn, cfg.bk)] = TensorDescriptor.from_tensor(wp.w.view(-1, k), [cfg.bn, cfg.bk])
-        grid = (triton.cdiv(m, cfg.bm) * triton.cdiv(n, cfg.bn),)
-        _w4a4_tma_kernel[grid](a_desc, w_desc, wp.alpha, wp.beta, out, set_t, m, n, k, wp.alpha.stride(0),
-                               out.stride(0), PRECISE=precise, BM=cfg.bm, BN=cfg.bn, BK=cfg.bk,
-                               GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-        return out
+        return _w4a4_gemm_tma(a_q, wp, out, set_t, cfg, precise)
     L, s_ob, s_ol, s_on = out_layout or (max(m, 1), 0, out.stride(0), out.stride(1))
     if gated:
         rows, tiles, n_tiles = _tile_table(row_sets, wp.sets, cfg.bm)
