@@ -650,7 +650,7 @@ def _input_pad(node: fx.Node) -> tuple[Any, tuple[int, int, int, int], float] | 
 
 
 def _fuse_one(gm: fx.GraphModule, node: fx.Node, kind: str, weights: str, dtype: torch.dtype) -> FastGemm | str:
-    from .runtime import _const, _match_act, _match_weight
+    from .runtime import _match_act, _match_weight_bias
 
     args = list(node.args)
     padded = _input_pad(node) if kind == "conv2d" else (args[0], (0, 0, 0, 0), 0.0)
@@ -662,13 +662,10 @@ def _fuse_one(gm: fx.GraphModule, node: fx.Node, kind: str, weights: str, dtype:
         return act
     if not _fp8_exact(act.fmt):
         return f"activation format {act.fmt} not exact in E4M3"
-    w = _match_weight(gm, args[1])
-    if isinstance(w, str):
-        return w
-    bias = _const(gm, args[2]) if len(args) > 2 and args[2] is not None else None
-    if len(args) > 2 and args[2] is not None and bias is None:
-        return "bias not constant"
-    bias = bias.detach().float() if bias is not None else None
+    wb = _match_weight_bias(gm, args)
+    if isinstance(wb, str):
+        return wb
+    w, bias = wb
     n = w.codes.shape[1]
     a_s, a_z = float(act.scale), float(act.zero_point)
     if kind == "linear":

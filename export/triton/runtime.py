@@ -333,6 +333,18 @@ def _match_weight(gm: fx.GraphModule, node: Any) -> _Weight | str:
     return _Weight(codes, scale, fmts.pop(), select)
 
 
+def _match_weight_bias(gm: fx.GraphModule, args: Sequence[Any]) -> tuple[_Weight, torch.Tensor | None] | str:
+    """The 4-bit weight and the constant float32 bias (or None) of a ``linear``/``conv2d`` call, or why not."""
+    w = _match_weight(gm, args[1])
+    if isinstance(w, str):
+        return w
+    has_bias = len(args) > 2 and args[2] is not None
+    bias = _const(gm, args[2]) if has_bias else None
+    if has_bias and bias is None:
+        return "bias not constant"
+    return w, bias.detach().float() if bias is not None else None
+
+
 def conv_geometry(args: Sequence[Any], codes: torch.Tensor, pads: tuple[int, ...]
                   ) -> tuple[list[int], tuple[int, ...]] | str:
     """(stride, F.pad-order padding) of an ``aten.conv2d`` call the fused kernels take, or why not.
@@ -419,13 +431,10 @@ class TritonRunner:
         act = _match_act(gm, inp)
         if isinstance(act, str):
             return act
-        w = _match_weight(gm, args[1])
-        if isinstance(w, str):
-            return w
-        bias = _const(gm, args[2]) if len(args) > 2 and args[2] is not None else None
-        if len(args) > 2 and args[2] is not None and bias is None:
-            return "bias not constant"
-        bias = bias.detach().float() if bias is not None else None
+        wb = _match_weight_bias(gm, args)
+        if isinstance(wb, str):
+            return wb
+        w, bias = wb
         sets, n = w.codes.shape[:2]
         if kind == "linear":
             if w.codes.dim() != 3:
