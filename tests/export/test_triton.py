@@ -6,17 +6,10 @@ shapes; with CUDA the same tests run on the GPU, plus the bench-size checks.
 
 from __future__ import annotations
 
-import os
-
+import pytest
 import torch
 
-CUDA = torch.cuda.is_available()
-if not CUDA:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-
-pytest.importorskip("triton", reason="triton is not installed")
+from .triton_env import CUDA, DEV  # first: sets TRITON_INTERPRET before the kernels are defined
 
 import msfp_compiler  # noqa: E402,F401
 from msfp_compiler.export.triton import kernels as K  # noqa: E402
@@ -25,8 +18,6 @@ from msfp_compiler.ops import get_format, pack_codes, unpack_codes  # noqa: E402
 
 if not CUDA and not K.INTERPRET:
     pytest.skip("no CUDA and triton was imported before TRITON_INTERPRET could be set", allow_module_level=True)
-
-DEV = torch.device("cuda" if CUDA else "cpu")
 FORMATS = ["e1m2", "e2m1", "e3m0", "ue2m2", "ue3m1", "ue4m0", "int4", "uint4", "int8", "uint8"]
 # FP8 MMA on Hopper accumulates with fewer than fp32's bits unless promoted per K block (PRECISE); the interpreter
 # computes the dot in float32.

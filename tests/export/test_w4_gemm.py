@@ -7,26 +7,14 @@ element-wise, far below one weight code's step (a wrong nibble or table moves an
 
 from __future__ import annotations
 
-import os
-
+import pytest
 import torch
 
-CUDA = torch.cuda.is_available()
-if not CUDA:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-
-pytest.importorskip("triton", reason="triton is not installed")
+from .triton_env import DEV  # first: sets TRITON_INTERPRET before the kernels are defined
 
 from msfp_compiler.export.triton import fast_ops as O  # noqa: E402
 from msfp_compiler.export.triton.w4_gemm import w4a8_gemm_triton  # noqa: E402
 from msfp_compiler.ops import get_format  # noqa: E402
-
-if not CUDA and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("no CUDA and TRITON_INTERPRET is off", allow_module_level=True)
-
-DEV = torch.device("cuda" if CUDA else "cpu")
 
 
 def _problem(m: int, k: int, parts: list[tuple[str, int]], seed: int = 0):
