@@ -638,19 +638,8 @@ def _layer_weights(weights: str, n: int, k: int) -> str:
     return weights
 
 
-def _input_pad(node: fx.Node) -> tuple[Any, tuple[int, int, int, int], float] | str:
-    """(activation node, explicit spatial pads, pad value) of a conv whose input may be an explicit constant_pad_nd."""
-    inp = node.args[0]
-    if isinstance(inp, fx.Node) and inp.target == aten.constant_pad_nd.default:
-        pad_arg = [int(p) for p in inp.args[1]]
-        if len(pad_arg) != 4:
-            return "explicit pad is not spatial"
-        return inp.args[0], tuple(pad_arg), float(inp.args[2]) if len(inp.args) > 2 else 0.0  # type: ignore
-    return inp, (0, 0, 0, 0), 0.0
-
-
 def _fuse_one(gm: fx.GraphModule, node: fx.Node, kind: str, weights: str, dtype: torch.dtype) -> FastGemm | str:
-    from .runtime import _match_act, _match_weight_bias
+    from .runtime import _input_pad, _match_act, _match_weight_bias
 
     args = list(node.args)
     padded = _input_pad(node) if kind == "conv2d" else (args[0], (0, 0, 0, 0), 0.0)

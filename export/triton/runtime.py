@@ -333,6 +333,19 @@ def _match_weight(gm: fx.GraphModule, node: Any) -> _Weight | str:
     return _Weight(codes, scale, fmts.pop(), select)
 
 
+def _input_pad(node: fx.Node) -> tuple[Any, tuple[int, int, int, int], float] | str:
+    """(activation node, explicit spatial pads, pad value) of a conv whose input may be an explicit constant_pad_nd
+    (fold_zero_point's border: pad(quantize_folded(x), value=-z) feeding an unpadded conv; pads left, right, top,
+    bottom)."""
+    inp = node.args[0]
+    if isinstance(inp, fx.Node) and inp.target == aten.constant_pad_nd.default:
+        pad_arg = [int(p) for p in inp.args[1]]
+        if len(pad_arg) != 4:
+            return "explicit pad is not spatial"
+        return inp.args[0], tuple(pad_arg), float(inp.args[2]) if len(inp.args) > 2 else 0.0  # type: ignore
+    return inp, (0, 0, 0, 0), 0.0
+
+
 def _match_weight_bias(gm: fx.GraphModule, args: Sequence[Any]) -> tuple[_Weight, torch.Tensor | None] | str:
     """The 4-bit weight and the constant float32 bias (or None) of a ``linear``/``conv2d`` call, or why not."""
     w = _match_weight(gm, args[1])
@@ -417,17 +430,10 @@ class TritonRunner:
     def _fuse_one(self, node: fx.Node, kind: str, grid: dict, weight_mode: str, precise: bool) -> str | None:
         gm, g = self.gm, self.gm.graph
         args = list(node.args)
-        inp = args[0]
-        pads = (0, 0, 0, 0)
-        z_pad = 0.0
-        if kind == "conv2d" and isinstance(inp, fx.Node) and inp.target == aten.constant_pad_nd.default:
-            # fold_zero_point's explicit border: pad(quantize_folded(x), value=-z) feeding an unpadded conv
-            pad_arg = list(inp.args[1])
-            if len(pad_arg) != 4:
-                return "explicit pad is not spatial"
-            pads = tuple(int(p) for p in pad_arg)  # (left, right, top, bottom)
-            z_pad = float(inp.args[2]) if len(inp.args) > 2 else 0.0
-            inp = inp.args[0]
+        padded = _input_pad(node) if kind == "conv2d" else (args[0], (0, 0, 0, 0), 0.0)
+        if isinstance(padded, str):
+            return padded
+        inp, pads, z_pad = padded
         act = _match_act(gm, inp)
         if isinstance(act, str):
             return act
