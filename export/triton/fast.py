@@ -714,11 +714,9 @@ def _fuse_gemms(gm: fx.GraphModule, weights: str, report: FastReport, dtype: tor
             node.replace_all_uses_with(new)
             g.erase_node(node)
             continue
-        from .runtime import _match_act, _match_weight
+        from .runtime import _input_pad, _match_act, _match_weight
 
-        x_node = node.args[0]
-        if isinstance(x_node, fx.Node) and x_node.target == aten.constant_pad_nd.default:
-            x_node = x_node.args[0]
+        x_node = _input_pad(node)[0] if kind == "conv2d" else node.args[0]
         act = _match_act(gm, x_node)
         w = _match_weight(gm, node.args[1])
         name = f"msfp_fast_{node.name}"

@@ -266,7 +266,8 @@ def _match_act(gm: fx.GraphModule, node: Any) -> _Act | str:
         return "activation quantizer not per tensor"
     if not K.fp8_exact(fmt):
         return f"activation format {fmt} not exact in FP8"
-    return _Act(x, node, s.detach().float().reshape(()), z.detach().float().reshape(()), fmt, node.target == QUANTIZE_FOLDED)
+    s, z = s.detach().float().reshape(()), z.detach().float().reshape(())
+    return _Act(x, node, s, z, fmt, node.target == QUANTIZE_FOLDED)
 
 
 @dataclass
