@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import triton  # noqa: E402
-from gpu_timing import graphed_ms, kernel_ms  # noqa: E402
+from gpu_timing import cuda_graph, graphed_ms, kernel_ms  # noqa: E402
 
 import msfp_compiler  # noqa: E402,F401
 from msfp_compiler.export.triton import kernels as K  # noqa: E402
@@ -139,71 +139,91 @@ def bench_gemm(shapes: list[tuple[int, int, int]], sweep: bool) -> dict:
         w_bf16 = (get_format("e2m1").code_table.cuda()[L["codes"].long()] * L["ws"][:, None]).to(torch.bfloat16)
         t_bf16 = bench(lambda: F.linear(L["x"], w_bf16, L["bias"].to(torch.bfloat16)))
         a = R.quantize_grid_fp8(L["x"], L["s"], L["z"], "ue3m1")
+        t_bf16_graph = bench_graph(lambda: F.linear(L["x"], w_bf16, L["bias"].to(torch.bfloat16)))
         row: dict[str, Any] = {"M": m, "N": n, "K": k, "bf16_ms": t_bf16, "bf16_TFLOPs": flops / t_bf16 / 1e9,
-                               "bf16_graph_ms": bench_graph(lambda: F.linear(L["x"], w_bf16, L["bias"].to(torch.bfloat16)))}
+                               "bf16_graph_ms": t_bf16_graph}
         t_q = bench(lambda: R.quantize_grid_fp8(L["x"], L["s"], L["z"], "ue3m1"))
         row["act_quant_ms"] = t_q
         x32 = L["x"].float()
         row["act_quant_fp32_ms"] = bench(lambda: R.quantize_grid_fp8(x32, L["s"], L["z"], "ue3m1"))
         for mode in ("packed", "fp8"):
-            wp = K.pack_weight(L["codes"], L["ws"], "e2m1", L["s"], L["z"], L["bias"], mode=mode)
-            cfgs = SWEEP if sweep else [K.pick_config(m, n, k)]
-            if mode == "packed":  # TMA needs E4M3 weights in memory
-                cfgs = [c for c in cfgs if not c.tma]
-            elif not sweep:
-                cfgs = cfgs + [dataclasses.replace(cfgs[0], tma=True)]
-            best = None
-            for cfg in cfgs:
-                try:
-                    t = bench(lambda: K.w4a4_gemm(a, wp, out_dtype=torch.bfloat16, config=cfg))
-                except Exception as e:  # e.g. out of shared memory for a config
-                    log(f"  config {cfg} failed: {type(e).__name__}: {str(e)[:120]}")
-                    continue
-                if sweep:
-                    row.setdefault(f"{mode}_sweep", []).append({**dataclasses.asdict(cfg), "ms": t,
-                                                               "TFLOPs": flops / t / 1e9})
-                if best is None or t < best[0]:
-                    best = (t, cfg)
-            t_g, cfg = best
-            t_all = bench(lambda: K.w4a4_gemm(R.quantize_grid_fp8(L["x"], L["s"], L["z"], "ue3m1"), wp,
-                                              out_dtype=torch.bfloat16, config=cfg))
-            t_p = bench(lambda: K.w4a4_gemm(a, wp, out_dtype=torch.bfloat16, config=cfg, precise=True))
-            t_gg = bench_graph(lambda: K.w4a4_gemm(R.quantize_grid_fp8(L["x"], L["s"], L["z"], "ue3m1"), wp,
-                                                   out_dtype=torch.bfloat16, config=cfg))
-            row[mode] = {"gemm_ms": t_g, "gemm_TFLOPs": flops / t_g / 1e9, "with_act_quant_ms": t_all,
-                         "device_sum_ms": t_g + t_q, "device_sum_speedup_vs_bf16": t_bf16 / (t_g + t_q),
-                         "with_act_quant_TFLOPs": flops / t_all / 1e9, "speedup_vs_bf16": t_bf16 / t_all,
-                         "gemm_only_speedup_vs_bf16": t_bf16 / t_g, "precise_acc_ms": t_p,
-                         "graphed_with_act_quant_ms": t_gg, "graphed_speedup_vs_graphed_bf16": row["bf16_graph_ms"] / t_gg,
-                         "config": dataclasses.asdict(cfg)}
-        # cuBLAS FP8 on the same operands: the tensor-core ceiling this hardware offers through a library
-        try:
-            w8 = get_format("e2m1").code_table.cuda()[L["codes"].long()].to(torch.float8_e4m3fn)
-            one = torch.tensor(1.0, device="cuda")
-            t_s = bench(lambda: torch._scaled_mm(a, w8.t(), one, one, out_dtype=torch.bfloat16,
-                                                       use_fast_accum=True))
-            row["cublas_fp8_ms"], row["cublas_fp8_TFLOPs"] = t_s, flops / t_s / 1e9
-        except Exception as e:
-            row["cublas_fp8_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+            _gemm_mode(row, L, a, mode, sweep, (m, n, k))
+        row.update(_cublas_fp8(L, a, flops))
         if m * n * k <= 4096**3:  # error vs the fake-quant reference (float64 of the dequantized operands), fp32 x
-            a = R.quantize_grid_fp8(x32, L["s"], L["z"], "ue3m1")
-            xq = torch.ops.msfp.quantize(x32, L["s"], L["z"], "ue3m1")
-            w_deq = get_format("e2m1").code_table.cuda()[L["codes"].long()] * L["ws"][:, None]
-            ref = xq.double() @ w_deq.double().T + L["bias"].double()
-            wp = K.pack_weight(L["codes"], L["ws"], "e2m1", L["s"], L["z"], L["bias"])
-            row["rel_err"] = rel(K.w4a4_gemm(a, wp), ref)
-            row["rel_err_precise"] = rel(K.w4a4_gemm(a, wp, precise=True), ref)
-            row["rel_err_bf16_matmul"] = rel(F.linear(xq.to(torch.bfloat16), w_deq.to(torch.bfloat16),
-                                                      L["bias"].to(torch.bfloat16)), ref)
-        log(f"GEMM {m}x{n}x{k}: bf16 {t_bf16:.3f} ms ({row['bf16_TFLOPs']:.0f} TF/s) | "
-            f"w4a4 packed {row['packed']['gemm_ms']:.3f} ms ({row['packed']['gemm_TFLOPs']:.0f}) +q "
-            f"{row['packed']['with_act_quant_ms']:.3f} x{row['packed']['speedup_vs_bf16']:.2f} | fp8-w "
-            f"{row['fp8']['gemm_ms']:.3f} ({row['fp8']['gemm_TFLOPs']:.0f}) +q x{row['fp8']['speedup_vs_bf16']:.2f} "
-            f"graphed +q {row['fp8']['graphed_with_act_quant_ms']:.4f} vs bf16 {row['bf16_graph_ms']:.4f} | "
-            f"cublas fp8 {row.get('cublas_fp8_TFLOPs', float('nan')):.0f} TF/s | err {row.get('rel_err', 0):.1e} "
-            f"precise {row.get('rel_err_precise', 0):.1e}")
+            row.update(_gemm_errors(L, x32))
+        _log_gemm(row)
         rows.append(row)
     return {"rows": rows}
+
+
+def _gemm_mode(row: dict, L: dict, a: torch.Tensor, mode: str, sweep: bool, mnk: tuple[int, int, int]) -> None:
+    """row[mode]: the W4A4 GEMM with ``mode`` weights (best config of the sweep, or pick_config's), vs row's bf16."""
+    m, n, k = mnk
+    flops, t_bf16, t_q = 2 * m * n * k, row["bf16_ms"], row["act_quant_ms"]
+    wp = K.pack_weight(L["codes"], L["ws"], "e2m1", L["s"], L["z"], L["bias"], mode=mode)
+    cfgs = SWEEP if sweep else [K.pick_config(m, n, k)]
+    if mode == "packed":  # TMA needs E4M3 weights in memory
+        cfgs = [c for c in cfgs if not c.tma]
+    elif not sweep:
+        cfgs = cfgs + [dataclasses.replace(cfgs[0], tma=True)]
+    best = None
+    for cfg in cfgs:
+        try:
+            t = bench(lambda: K.w4a4_gemm(a, wp, out_dtype=torch.bfloat16, config=cfg))
+        except Exception as e:  # e.g. out of shared memory for a config
+            log(f"  config {cfg} failed: {type(e).__name__}: {str(e)[:120]}")
+            continue
+        if sweep:
+            row.setdefault(f"{mode}_sweep", []).append({**dataclasses.asdict(cfg), "ms": t,
+                                                       "TFLOPs": flops / t / 1e9})
+        if best is None or t < best[0]:
+            best = (t, cfg)
+    t_g, cfg = best
+    t_all = bench(lambda: K.w4a4_gemm(R.quantize_grid_fp8(L["x"], L["s"], L["z"], "ue3m1"), wp,
+                                      out_dtype=torch.bfloat16, config=cfg))
+    t_p = bench(lambda: K.w4a4_gemm(a, wp, out_dtype=torch.bfloat16, config=cfg, precise=True))
+    t_gg = bench_graph(lambda: K.w4a4_gemm(R.quantize_grid_fp8(L["x"], L["s"], L["z"], "ue3m1"), wp,
+                                           out_dtype=torch.bfloat16, config=cfg))
+    row[mode] = {"gemm_ms": t_g, "gemm_TFLOPs": flops / t_g / 1e9, "with_act_quant_ms": t_all,
+                 "device_sum_ms": t_g + t_q, "device_sum_speedup_vs_bf16": t_bf16 / (t_g + t_q),
+                 "with_act_quant_TFLOPs": flops / t_all / 1e9, "speedup_vs_bf16": t_bf16 / t_all,
+                 "gemm_only_speedup_vs_bf16": t_bf16 / t_g, "precise_acc_ms": t_p,
+                 "graphed_with_act_quant_ms": t_gg, "graphed_speedup_vs_graphed_bf16": row["bf16_graph_ms"] / t_gg,
+                 "config": dataclasses.asdict(cfg)}
+
+
+def _cublas_fp8(L: dict, a: torch.Tensor, flops: int) -> dict:
+    """cuBLAS FP8 on the same operands: the tensor-core ceiling this hardware offers through a library."""
+    try:
+        w8 = get_format("e2m1").code_table.cuda()[L["codes"].long()].to(torch.float8_e4m3fn)
+        one = torch.tensor(1.0, device="cuda")
+        t_s = bench(lambda: torch._scaled_mm(a, w8.t(), one, one, out_dtype=torch.bfloat16,
+                                                   use_fast_accum=True))
+        return {"cublas_fp8_ms": t_s, "cublas_fp8_TFLOPs": flops / t_s / 1e9}
+    except Exception as e:
+        return {"cublas_fp8_error": f"{type(e).__name__}: {str(e)[:200]}"}
+
+
+def _gemm_errors(L: dict, x32: torch.Tensor) -> dict:
+    """Relative error of the W4A4 GEMM (fast / precise accumulation) and of a bf16 matmul vs float64 fake quant."""
+    a = R.quantize_grid_fp8(x32, L["s"], L["z"], "ue3m1")
+    xq = torch.ops.msfp.quantize(x32, L["s"], L["z"], "ue3m1")
+    w_deq = get_format("e2m1").code_table.cuda()[L["codes"].long()] * L["ws"][:, None]
+    ref = xq.double() @ w_deq.double().T + L["bias"].double()
+    wp = K.pack_weight(L["codes"], L["ws"], "e2m1", L["s"], L["z"], L["bias"])
+    return {"rel_err": rel(K.w4a4_gemm(a, wp), ref), "rel_err_precise": rel(K.w4a4_gemm(a, wp, precise=True), ref),
+            "rel_err_bf16_matmul": rel(F.linear(xq.to(torch.bfloat16), w_deq.to(torch.bfloat16),
+                                                L["bias"].to(torch.bfloat16)), ref)}
+
+
+def _log_gemm(row: dict) -> None:
+    log(f"GEMM {row['M']}x{row['N']}x{row['K']}: bf16 {row['bf16_ms']:.3f} ms ({row['bf16_TFLOPs']:.0f} TF/s) | "
+        f"w4a4 packed {row['packed']['gemm_ms']:.3f} ms ({row['packed']['gemm_TFLOPs']:.0f}) +q "
+        f"{row['packed']['with_act_quant_ms']:.3f} x{row['packed']['speedup_vs_bf16']:.2f} | fp8-w "
+        f"{row['fp8']['gemm_ms']:.3f} ({row['fp8']['gemm_TFLOPs']:.0f}) +q x{row['fp8']['speedup_vs_bf16']:.2f} "
+        f"graphed +q {row['fp8']['graphed_with_act_quant_ms']:.4f} vs bf16 {row['bf16_graph_ms']:.4f} | "
+        f"cublas fp8 {row.get('cublas_fp8_TFLOPs', float('nan')):.0f} TF/s | err {row.get('rel_err', 0):.1e} "
+        f"precise {row.get('rel_err_precise', 0):.1e}")
 
 
 def bench_conv(shapes: list[tuple[int, int, int, int, int]]) -> dict:
@@ -372,27 +392,56 @@ def bench_unet(batches: list[int], compile_baseline: bool) -> dict:
         log(f"project passes failed: {type(e).__name__}: {e}")
         return out
     out["quantize_s"] = time.time() - t0
+    out["quant_nodes"] = _quant_nodes(gm)
+    log(f"quantized graph: {out['quant_nodes']}")
+    runners = {"fused": R.TritonRunner(gm, weight_mode="packed"), "fused_fp8": R.TritonRunner(gm, weight_mode="fp8"),
+               "plain": R.TritonRunner(gm, fuse=False)}
+    graphed = {mode: R.TritonRunner(gm, weight_mode=mode, cuda_graphs=True) for mode in ("fp8", "packed")}
+    out["fuse_report"] = {"fused": runners["fused"].report.fused, "kept": runners["fused"].report.skipped}
+    log(str(runners["fused"].report))
+    m32 = copy.deepcopy(model).cuda()
+    m16 = MiniUNet().eval()
+    m16.load_state_dict(model.state_dict())
+    m16 = m16.cuda().to(torch.bfloat16)
+    out.update(_unet_errors(model, gm, runners))
+    compiled = torch.compile(m16) if compile_baseline else None
+    with torch.no_grad():
+        out["step_ms"] = {str(b): _unet_step_ms(b, m32, m16, compiled, runners, graphed, out) for b in batches}
+    # a whole DDIM trajectory through the graphed runner
+    torch.cuda.synchronize()
+    t0 = time.time()
+    img = R.sample_ddim(graphed["fp8"], (64, 3, 32, 32), steps=20, seed=0)
+    torch.cuda.synchronize()
+    out["ddim20_b64_s"] = time.time() - t0
+    out["ddim20_finite"] = bool(torch.isfinite(img).all())
+    # where the time goes at the larger batch
+    b = batches[-1]
+    x = torch.randn(b, 3, 32, 32, device="cuda")
+    t = torch.full((b,), 500, device="cuda", dtype=torch.int64)
+    out["profile_w4a4_fp8w"] = _profile(lambda: runners["fused_fp8"].gm(x, t))
+    out["profile_bf16"] = _profile(lambda: m16(x.to(torch.bfloat16), t))
+    return out
+
+
+def _quant_nodes(gm: torch.fx.GraphModule) -> dict[str, int]:
+    """Count of msfp nodes per (op, format) in the quantized graph."""
     fmts: dict[str, int] = {}
     for n in gm.graph.nodes:
         if n.op == "call_function" and "msfp" in str(n.target):
             f = n.args[3] if "quantize" in str(n.target) else n.args[2]
             fmts[f"{str(n.target).split('.')[-2]}:{f}"] = fmts.get(f"{str(n.target).split('.')[-2]}:{f}", 0) + 1
-    out["quant_nodes"] = fmts
-    log(f"quantized graph: {fmts}")
-    fused = R.TritonRunner(gm, weight_mode="packed")
-    fused_fp8 = R.TritonRunner(gm, weight_mode="fp8")
-    plain = R.TritonRunner(gm, fuse=False)
-    graphed = {mode: R.TritonRunner(gm, weight_mode=mode, cuda_graphs=True) for mode in ("fp8", "packed")}
-    out["fuse_report"] = {"fused": fused.report.fused, "kept": fused.report.skipped}
-    log(str(fused.report))
-    m32 = copy.deepcopy(model).cuda()
-    m16 = MiniUNet().eval()
-    m16.load_state_dict(model.state_dict())
-    m16 = m16.cuda().to(torch.bfloat16)
-    # correctness: the quantized graph on the CPU (reference) vs on the GPU, fused or not. TF32 is off here: with it,
-    # cuDNN's fp32 convs (the 8-bit first/last layers, every layer when unfused) differ by ~1e-3 per layer and flip
-    # 4-bit codes downstream. Even so a code can flip wherever a value sits at a decision threshold, and a
-    # random-weight UNet amplifies each flip, so the per-layer GEMM error (gemm sections) is the sharper check.
+    return fmts
+
+
+def _unet_errors(model: nn.Module, gm: torch.fx.GraphModule, runners: dict[str, Any]) -> dict[str, float]:
+    """The quantized graph on the CPU (reference) vs on the GPU, fused or not.
+
+    TF32 is off here: with it, cuDNN's fp32 convs (the 8-bit first/last layers, every layer when unfused) differ by
+    ~1e-3 per layer and flip 4-bit codes downstream. Even so a code can flip wherever a value sits at a decision
+    threshold, and a random-weight UNet amplifies each flip, so the per-layer GEMM error (gemm sections) is the
+    sharper check."""
+    plain, fused, fused_fp8 = runners["plain"], runners["fused"], runners["fused_fp8"]
+    out: dict[str, float] = {}
     tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     with torch.no_grad():
@@ -407,71 +456,45 @@ def bench_unet(batches: list[int], compile_baseline: bool) -> dict:
     log(f"rel err: fake-quant GPU vs CPU {out['rel_err_fakequant_gpu_vs_cpu']:.2e}, fused vs CPU "
         f"{out['rel_err_fused_fp8w_vs_cpu']:.2e}, fused vs fake-quant GPU {out['rel_err_fused_vs_fakequant_gpu']:.2e}, "
         f"quantized vs FP32 {out['rel_err_quantized_vs_fp32_model']:.2e}")
-    compiled = torch.compile(m16) if compile_baseline else None
-    lat: dict[str, dict[str, float]] = {}
-    with torch.no_grad():
-        for b in batches:
-            x = torch.randn(b, 3, 32, 32, device="cuda")
-            t = torch.full((b,), 500, device="cuda", dtype=torch.int64)
-            x16 = x.to(torch.bfloat16)
-            runs: dict[str, Callable[[], Any]] = {
-                "fp32_eager": lambda: m32(x, t),
-                "bf16_eager": lambda: m16(x16, t),
-                "triton_fakequant_fp32": lambda: plain.gm(x, t),
-                "triton_w4a4_packed": lambda: fused.gm(x, t),
-                "triton_w4a4_fp8w": lambda: fused_fp8.gm(x, t),
-            }
-            if compiled is not None:
-                t0 = time.time()
-                compiled(x16, t)
-                out.setdefault("compile_s", {})[str(b)] = time.time() - t0
-                runs["bf16_torch_compile"] = lambda: compiled(x16, t)
-            res: dict[str, Any] = {}
-            for name, fn in runs.items():
-                fn()
-                res[name] = bench(fn, warmup=10, rep=50)
-            # CUDA graphs remove the per-kernel launch cost (the runner launches from Python)
-            for mode, r in graphed.items():
-                try:
-                    r(x, t)
-                    res[f"triton_w4a4_{mode}_cudagraph"] = bench(lambda: r(x, t), warmup=10, rep=50)
-                except Exception as e:
-                    res[f"triton_w4a4_{mode}_cudagraph_error"] = f"{type(e).__name__}: {str(e)[:300]}"
-            try:
-                res["bf16_eager_cudagraph"] = bench(_graphed(runs["bf16_eager"]), warmup=10, rep=50)
-            except Exception as e:
-                res["bf16_eager_cudagraph_error"] = f"{type(e).__name__}: {str(e)[:200]}"
-            lat[str(b)] = res
-            log(f"UNet step, batch {b}: " + ", ".join(f"{k} {v:.3f} ms" for k, v in res.items()
-                                                      if isinstance(v, float)))
-    out["step_ms"] = lat
-    # a whole DDIM trajectory through the graphed runner
-    torch.cuda.synchronize()
-    t0 = time.time()
-    img = R.sample_ddim(graphed["fp8"], (64, 3, 32, 32), steps=20, seed=0)
-    torch.cuda.synchronize()
-    out["ddim20_b64_s"] = time.time() - t0
-    out["ddim20_finite"] = bool(torch.isfinite(img).all())
-    # where the time goes at the larger batch
-    b = batches[-1]
-    x = torch.randn(b, 3, 32, 32, device="cuda")
-    t = torch.full((b,), 500, device="cuda", dtype=torch.int64)
-    out["profile_w4a4_fp8w"] = _profile(lambda: fused_fp8.gm(x, t))
-    out["profile_bf16"] = _profile(lambda: m16(x.to(torch.bfloat16), t))
     return out
 
 
-def _graphed(fn: Callable[[], Any]) -> Callable[[], Any]:
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
+def _unet_step_ms(b: int, m32: nn.Module, m16: nn.Module, compiled: Callable[..., Any] | None,
+                  runners: dict[str, Any], graphed: dict[str, Any], out: dict[str, Any]) -> dict[str, Any]:
+    """Step latency at batch ``b`` of every variant (fp32/bf16 eager, Triton runners, CUDA graphs, torch.compile);
+    torch.compile's first-call time goes to out["compile_s"]."""
+    x = torch.randn(b, 3, 32, 32, device="cuda")
+    t = torch.full((b,), 500, device="cuda", dtype=torch.int64)
+    x16 = x.to(torch.bfloat16)
+    runs: dict[str, Callable[[], Any]] = {
+        "fp32_eager": lambda: m32(x, t),
+        "bf16_eager": lambda: m16(x16, t),
+        "triton_fakequant_fp32": lambda: runners["plain"].gm(x, t),
+        "triton_w4a4_packed": lambda: runners["fused"].gm(x, t),
+        "triton_w4a4_fp8w": lambda: runners["fused_fp8"].gm(x, t),
+    }
+    if compiled is not None:
+        t0 = time.time()
+        compiled(x16, t)
+        out.setdefault("compile_s", {})[str(b)] = time.time() - t0
+        runs["bf16_torch_compile"] = lambda: compiled(x16, t)
+    res: dict[str, Any] = {}
+    for name, fn in runs.items():
         fn()
-    return g.replay
+        res[name] = bench(fn, warmup=10, rep=50)
+    # CUDA graphs remove the per-kernel launch cost (the runner launches from Python)
+    for mode, r in graphed.items():
+        try:
+            r(x, t)
+            res[f"triton_w4a4_{mode}_cudagraph"] = bench(lambda: r(x, t), warmup=10, rep=50)
+        except Exception as e:
+            res[f"triton_w4a4_{mode}_cudagraph_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+    try:
+        res["bf16_eager_cudagraph"] = bench(cuda_graph(runs["bf16_eager"], ()), warmup=10, rep=50)
+    except Exception as e:
+        res["bf16_eager_cudagraph_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+    log(f"UNet step, batch {b}: " + ", ".join(f"{k} {v:.3f} ms" for k, v in res.items() if isinstance(v, float)))
+    return res
 
 
 def _profile(fn: Callable[[], Any], top: int = 12) -> list[dict]:
