@@ -132,6 +132,21 @@ def test_fast_gemm_talora_sets() -> None:
         assert _rel(got, q @ deq[k].T) < 8e-3
 
 
+def test_build_fast_conv_behind_an_explicit_pad() -> None:
+    """fold_zero_point's explicit border (pad(quantize_folded(x), -z) into an unpadded conv, test_triton's _QNet):
+    the conv fuses with the pad folded into its im2col, and the output is the fake-quant graph's (float32)."""
+    from tests.export.test_triton import _exported
+
+    ep, x = _exported()
+    gm = ep.module()
+    pad = torch.ops.aten.constant_pad_nd.default
+    assert sum(n.target == pad for n in gm.graph.nodes) == 1
+    fast = FA.build_fast(gm, DEV, dtype=torch.float32)
+    assert fast.report.fused["conv2d"] == 3 and not any(n.target == pad for n in fast.gm.graph.nodes)
+    with torch.no_grad():
+        assert _rel(fast(x.to(DEV)).cpu(), gm(x)) < (1e-3 if DEV.type == "cuda" else 1e-5)
+
+
 def test_build_fast_on_compiled_cond_unet(compiled_cond) -> None:
     """The rewritten tiny SD-style UNet: every 4-bit linear/conv becomes an FP8 GEMM, output close to the float32
     fake-quant graph (eager; on the GPU also under torch.compile), packed weights smaller than E4M3 ones."""
