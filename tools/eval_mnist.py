@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
+import fnmatch
 import fcntl
 import json
 import os
@@ -46,6 +48,7 @@ from msfp_compiler.compile import compile as msfp_compile  # noqa: E402
 from msfp_compiler.config import CompileConfig  # noqa: E402
 from msfp_compiler.device import move_graph, resolve_device  # noqa: E402
 from msfp_compiler.digits import load_classifier  # noqa: E402
+from msfp_compiler.errors import MsfpError  # noqa: E402
 from msfp_compiler.load import load_model  # noqa: E402
 from msfp_compiler.metrics import classifier_accuracy, classifier_features, frechet_distance, psnr  # noqa: E402
 from msfp_compiler.mnist import load_mnist_images  # noqa: E402
@@ -97,10 +100,28 @@ def ddim(eps_fn, n: int, steps: int, seed: int, cond: torch.Tensor | None, sched
     return torch.cat(out)
 
 
-def compile_config(row: Row, args, seed: int) -> CompileConfig:
-    return args_row_config(row, args, seed, args.device, batch_size=args.finetune_batch, lr=args.lora_lr,
-                           log_every=args.log_every, learn_act_scales=args.learn_act_scales,
-                           time_budget_s=args.finetune_time_budget)
+def keep_8bit_layers(patterns: str, unet: torch.nn.Module) -> tuple[str, ...]:
+    """--keep-8bit: "first", "last" and fnmatch patterns over the model's layer paths (``*.conv_shortcut``) ->
+    QuantConfig.keep_8bit; a pattern that matches no layer is a user error."""
+    from msfp_compiler.names import model_layer_names
+
+    layers = model_layer_names(unet)
+    out: list[str] = []
+    for pat in (p.strip() for p in patterns.split(",") if p.strip()):
+        hit = [pat] if pat in ("first", "last") else fnmatch.filter(layers, pat)
+        if not hit:
+            raise MsfpError(f"--keep-8bit: {pat!r} matches no layer (layers look like {layers[len(layers) // 2]})")
+        out += hit
+    return tuple(dict.fromkeys(out))
+
+
+def compile_config(row: Row, args, seed: int, unet: torch.nn.Module | None = None) -> CompileConfig:
+    cfg = args_row_config(row, args, seed, args.device, batch_size=args.finetune_batch, lr=args.lora_lr,
+                          log_every=args.log_every, learn_act_scales=args.learn_act_scales,
+                          time_budget_s=args.finetune_time_budget)
+    keep = keep_8bit_layers(args.keep_8bit, unet) if unet is not None else cfg.quant.keep_8bit
+    return dataclasses.replace(cfg, quant=dataclasses.replace(cfg.quant, keep_8bit=keep,
+                                                              quantize_attention=not args.float_attention))
 
 
 def _eps_fn(model_key: str, row: Row, loaded, sig, args, seed: int, device: torch.device, info: dict):
@@ -109,7 +130,7 @@ def _eps_fn(model_key: str, row: Row, loaded, sig, args, seed: int, device: torc
         return UNetWrapper(loaded.unet.float().eval().to(device), sig)
     check = seed in args.check_seeds
     t0 = time.perf_counter()
-    cm = msfp_compile(loaded, compile_config(row, args, seed), progress=False, lower=check)
+    cm = msfp_compile(loaded, compile_config(row, args, seed, loaded.unet), progress=False, lower=check)
     info["compile_seconds"] = round(time.perf_counter() - t0, 2)
     info.update(compile_facts(cm))
     if check:
@@ -349,6 +370,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--finetune-time-budget", type=float, default=None, metavar="S",
                    help="fit each fine-tuning's cosine schedule (at most --finetune-steps) to S seconds")
     p.add_argument("--learn-act-scales", action="store_true", help="fine-tuning also learns the activation scales")
+    p.add_argument("--keep-8bit", default="first,last", metavar="LAYERS",
+                   help="layers kept at 8 bits: first, last and fnmatch patterns over layer paths, e.g. "
+                        "'first,last,time_embedding.*,*.conv_shortcut,*.downsamplers.*' (EfficientDM's scope)")
+    p.add_argument("--float-attention", action="store_true",
+                   help="leave the q, k, v operands of attention in float (EfficientDM quantizes conv/linear only)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--no-tf32", dest="tf32", action="store_false", help="plain FP32 convolutions while sampling")
     p.add_argument("--check-seeds", default="0", help="seeds whose rows are checked in onnxruntime")
@@ -421,6 +447,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.model_dir = dict(kv.split("=", 1) for kv in args.model_dir)
     args.check_seeds = {int(s) for s in args.check_seeds.split(",") if s.strip()}
+    if args.keep_8bit != "first,last" and not args.task:  # a pattern matching nothing: before any task starts
+        for m in args.models.split(","):
+            try:
+                keep_8bit_layers(args.keep_8bit, load_model(args.model_dir.get(m.strip(), MODELS[m.strip()])).unet)
+            except MsfpError as e:
+                print(f"eval_mnist: {e}", file=sys.stderr)
+                return 2
     args.out.mkdir(parents=True, exist_ok=True)
     if args.task:
         model, seed, alias = args.task.split(":")
@@ -433,7 +466,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = {k: getattr(args, k) for k in ("samples", "steps", "batch", "calib_samples", "calib_steps",
                                               "finetune_steps", "finetune_samples", "finetune_batch", "lora_rank",
                                               "lora_lr", "device", "tf32", "finetune_time_budget",
-                                              "learn_act_scales")}
+                                              "learn_act_scales", "keep_8bit", "float_attention")}
     settings["seeds"] = [int(s) for s in args.seeds.split(",")]
     failed: list[str] = []
     if not args.merge_only:

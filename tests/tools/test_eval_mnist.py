@@ -66,7 +66,8 @@ def test_rows_map_onto_compile_configs_for_both_tools() -> None:
 
     args = argparse.Namespace(calib_samples=4, calib_steps=5, finetune_steps=7, lora_rank=3, finetune_samples=8,
                               steps=10, device="cpu", finetune_batch=6, lora_lr=2e-3, log_every=0,
-                              learn_act_scales=True, finetune_time_budget=90.0)
+                              learn_act_scales=True, finetune_time_budget=90.0, keep_8bit="first,last",
+                              float_attention=False)
     ptq = eval_mnist.compile_config(ROWS["MSFP PTQ"], args, 1)
     assert ptq.finetune is None and ptq.quant.scheme == "msfp" and ptq.calib.seed == 1
     assert (ptq.calib.num_samples, ptq.calib.num_steps) == (4, 5)
@@ -76,3 +77,31 @@ def test_rows_map_onto_compile_configs_for_both_tools() -> None:
     assert (full.num_loras, full.dfa, full.batch_size, full.lr, full.sampler_steps) == (2, True, 6, 2e-3, 10)
     assert full.learn_act_scales and full.time_budget_s == 90.0
     assert eval_mnist.compile_config(ROWS["MSFP + TALoRA"], args, 0).finetune.dfa is False
+
+
+def test_keep_8bit_patterns_expand_over_layer_paths_and_reach_the_config() -> None:
+    """--keep-8bit "first,last,*.conv_shortcut": fnmatch over the model's layer paths, into QuantConfig.keep_8bit,
+    with --float-attention leaving attention operands in float; a pattern matching nothing is a user error."""
+    import torch.nn as nn
+
+    from msfp_compiler.errors import MsfpError
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv1 = nn.Conv2d(2, 2, 3)
+            self.conv_shortcut = nn.Conv2d(4, 2, 1)
+
+    unet = nn.Module()
+    unet.conv_in = nn.Conv2d(1, 2, 3)
+    unet.up_blocks = nn.ModuleList([Block(), Block()])
+    keep = eval_mnist.keep_8bit_layers("first,last,*.conv_shortcut", unet)
+    assert keep == ("first", "last", "up_blocks.0.conv_shortcut", "up_blocks.1.conv_shortcut")
+    with pytest.raises(MsfpError, match=r"--keep-8bit: '\*\.nope' matches no layer"):
+        eval_mnist.keep_8bit_layers("first,*.nope", unet)
+    args = eval_mnist.build_parser().parse_args(["--keep-8bit", "first,*.conv_shortcut", "--float-attention"])
+    cfg = eval_mnist.compile_config(eval_mnist.ROWS["MSFP PTQ"], args, 0, unet)
+    assert cfg.quant.keep_8bit == ("first", "up_blocks.0.conv_shortcut", "up_blocks.1.conv_shortcut")
+    assert cfg.quant.quantize_attention is False
+    default = eval_mnist.compile_config(eval_mnist.ROWS["MSFP PTQ"], eval_mnist.build_parser().parse_args([]), 0, unet)
+    assert default.quant.keep_8bit == ("first", "last") and default.quant.quantize_attention is True
