@@ -39,6 +39,7 @@ from quality_rows import write_json  # noqa: E402
 
 from msfp_compiler.compile import compile as msfp_compile  # noqa: E402
 from msfp_compiler.config import CalibConfig, CompileConfig, QuantConfig  # noqa: E402
+from msfp_compiler.device import move_graph, resolve_device  # noqa: E402
 from msfp_compiler.load import load_model  # noqa: E402
 from msfp_compiler.metrics import psnr  # noqa: E402
 from msfp_compiler.ops import QUANTIZE  # noqa: E402
@@ -120,7 +121,7 @@ def trajectories(eps_fn, noise: torch.Tensor, cond, sched, steps: int) -> tuple[
     sched.set_timesteps(steps)
     x, xs, ts = noise.clone(), [], []
     for t in sched.timesteps:
-        tt = torch.full((x.shape[0],), int(t), dtype=torch.int64)
+        tt = torch.full((x.shape[0],), int(t), dtype=torch.int64, device=x.device)
         xs.append(x.clone())
         ts.append(int(t))
         x = sched.step(eps_fn(x, tt, cond), t, x).prev_sample
@@ -132,7 +133,7 @@ def run_sampler(fn, noise, cond, sched, steps: int) -> torch.Tensor:
     sched.set_timesteps(steps)
     x = noise.clone()
     for t in sched.timesteps:
-        tt = torch.full((x.shape[0],), int(t), dtype=torch.int64)
+        tt = torch.full((x.shape[0],), int(t), dtype=torch.int64, device=x.device)
         x = sched.step(fn(x, tt, cond), t, x).prev_sample
     return x.clamp(-1, 1)
 
@@ -154,27 +155,33 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-blocks", action="store_true", help="groups by kind only")
     p.add_argument("--keep-8bit", default="first,last")
     p.add_argument("--out", type=Path, default=ROOT / "results" / "mnist")
+    p.add_argument("--device", default="cpu", help="compile and measure there (cuda: the Triton msfp ops)")
     args = p.parse_args(argv)
+    dev = resolve_device(args.device)
+    if dev.type == "cuda":
+        import msfp_compiler.export.triton.runtime  # noqa: F401  (Triton kernels become the CUDA msfp ops)
+
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     torch.manual_seed(0)
     t0 = time.perf_counter()
     loaded = load_model(MODELS[args.model])
     unet = loaded.unet.float().eval()
     cfg = CompileConfig(quant=QuantConfig(scheme=args.scheme, keep_8bit=tuple(args.keep_8bit.split(","))),
                         calib=CalibConfig(num_samples=args.calib_samples, num_steps=args.calib_steps, seed=args.seed),
-                        fold_zero_point=False, pack_weights=False)
+                        fold_zero_point=False, pack_weights=False, device=args.device)
     cm = msfp_compile(loaded, cfg, progress=False, lower=False)
-    gm = cm.graph_module
+    gm = move_graph(cm.graph_module, dev)
+    unet.to(dev)
     qs = quantizers(cm)
     print(f"compiled in {time.perf_counter() - t0:.0f}s: {len(qs)} quantizers, e.g. "
           f"{[q['name'] for q in qs if q['role'] == 'weight'][:3]}", flush=True)
 
     sig_shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
-    noise = torch.randn((args.samples, *sig_shape), generator=torch.Generator().manual_seed(args.seed))
+    noise = torch.randn((args.samples, *sig_shape), generator=torch.Generator().manual_seed(args.seed)).to(dev)
     cond = None
     if loaded.class_embedding is not None:
         labels = torch.arange(args.samples) % loaded.class_embedding.shape[0]
-        cond = loaded.class_embedding[labels][:, None, :]
-    fp = caller(unet, cond)
+        cond = loaded.class_embedding[labels][:, None, :].float().to(dev)
     fp_fn = (lambda x, t, c: unet(x, t, encoder_hidden_states=c).sample) if cond is not None else \
         (lambda x, t, c: unet(x, t).sample)
     sched = make_scheduler("ddim", loaded.scheduler_config)
@@ -182,21 +189,20 @@ def main(argv: list[str] | None = None) -> int:
     ref = run_sampler(fp_fn, noise, cond, sched, args.steps)
     probe = [int(i) for i in args.probe_steps.split(",")]
     with torch.no_grad():
-        eps_ref = {i: fp_fn(xs[i], torch.full((args.samples,), ts[i]), cond) for i in probe}
-    del fp
+        eps_ref = {i: fp_fn(xs[i], torch.full((args.samples,), ts[i], device=dev), cond) for i in probe}
 
     def measure(g: fx.GraphModule, with_samples: bool = True) -> dict:
         f = caller(g, cond)
         res: dict = {"eps_rel_rmse": {}}
         with torch.no_grad():
             for i in probe:
-                e = f(xs[i], torch.full((args.samples,), ts[i]), cond)
+                e = f(xs[i], torch.full((args.samples,), ts[i], device=dev), cond)
                 res["eps_rel_rmse"][ts[i]] = float((e - eps_ref[i]).pow(2).mean().sqrt()
                                                    / eps_ref[i].pow(2).mean().sqrt())
         res["eps_rel_rmse_mean"] = sum(res["eps_rel_rmse"].values()) / len(probe)
         if with_samples:
             s = run_sampler(f, noise, cond, sched, args.steps)
-            res["psnr"] = psnr(s, ref)
+            res["psnr"] = psnr(s.cpu(), ref.cpu())
             res["background"] = float(s[:, :, :2, :].mean())  # top rows: background in every digit
         return res
 
@@ -205,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     with torch.no_grad():
         for i in probe:
             it = _QuantError(gm)
-            it.run(xs[i], torch.full((args.samples,), ts[i]), *((cond,) if cond is not None else ()))
+            it.run(xs[i], torch.full((args.samples,), ts[i], device=dev), *((cond,) if cond is not None else ()))
             for k, v in it.err.items():
                 local[k][ts[i]] = v
     for q in qs:
@@ -229,6 +235,19 @@ def main(argv: list[str] | None = None) -> int:
         configs[name] = {"quantizers": len(keep), **measure(bypassed(gm, keep))}
         print(f"{name:<40} {configs[name]['psnr']:6.2f} dB  eps {configs[name]['eps_rel_rmse_mean']:.4f}", flush=True)
     study: dict[str, dict] = {}
+    tag = f"{args.model}_{args.scheme}" + ("" if args.keep_8bit == "first,last" else
+                                           "_keep" + re.sub(r"\W+", "-", args.keep_8bit))
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    def save() -> dict:  # after every group: a cut run keeps what it measured
+        res = {"model": args.model, "scheme": args.scheme, "settings": vars(args) | {"out": str(args.out)},
+               "probe_timesteps": [ts[i] for i in probe], "configs": configs, "groups": study, "quantizers": qs,
+               "seconds": round(time.perf_counter() - t0, 1), "loadavg": os.getloadavg(), "device": str(dev)}
+        write_json(args.out / f"sensitivity_{tag}.json", res, indent=1)
+        (args.out / f"sensitivity_{tag}.md").write_text(markdown(res))
+        return res
+
+    save()
     for gname, members in groups.items():
         row = {"quantizers": len(members)}
         row["only"] = measure(bypassed(gm, members))
@@ -236,13 +255,8 @@ def main(argv: list[str] | None = None) -> int:
         study[gname] = row
         print(f"{gname:<40} n={len(members):3d} only {row['only']['psnr']:6.2f} dB eps {row['only']['eps_rel_rmse_mean']:.4f}"
               f" | all-but {row['all_but']['psnr']:6.2f} dB eps {row['all_but']['eps_rel_rmse_mean']:.4f}", flush=True)
-    res = {"model": args.model, "scheme": args.scheme, "settings": vars(args) | {"out": str(args.out)},
-           "probe_timesteps": [ts[i] for i in probe], "configs": configs, "groups": study, "quantizers": qs,
-           "seconds": round(time.perf_counter() - t0, 1), "loadavg": os.getloadavg()}
-    args.out.mkdir(parents=True, exist_ok=True)
-    tag = f"{args.model}_{args.scheme}" + ("" if args.keep_8bit == "first,last" else "_keep" + re.sub(r"\W+", "-", args.keep_8bit))
-    write_json(args.out / f"sensitivity_{tag}.json", res, indent=1)
-    (args.out / f"sensitivity_{tag}.md").write_text(markdown(res))
+        save()
+    res = save()
     print(markdown(res))
     return 0
 
