@@ -1,0 +1,48 @@
+"""tools/sensitivity_mnist.py: quantizer groups by name, and bypassing quantizers in a copy of the graph."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.fx as fx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
+
+sens = pytest.importorskip("sensitivity_mnist")
+
+
+def test_kinds_and_blocks_from_readable_names() -> None:
+    assert sens.kind_of("up_blocks.0.resnets.1.conv_shortcut.input.1", "act") == "skip_concat"
+    assert sens.kind_of("down_blocks.1.resnets.0.conv_shortcut.input", "act") == "skip_concat"
+    assert sens.kind_of("mid_block.attentions.0.k", "act") == "attn_qkv"
+    assert sens.kind_of("up_blocks.1.attentions.0.to_q.input", "act") == "attn_linear"
+    assert sens.kind_of("up_blocks.1.resnets.2.time_emb_proj.input", "act") == "time_emb_proj"
+    assert sens.kind_of("down_blocks.0.downsamplers.0.conv.input", "act") == "samplers"
+    assert sens.kind_of("up_blocks.0.resnets.0.conv1.weight", "weight") == "weights"
+    assert sens.block_of("up_blocks.3.resnets.1.conv2.input") == "up_blocks.3"
+    assert sens.block_of("time_embedding.linear_1.input") == "top"
+
+
+def test_bypassed_copy_passes_the_input_through_only_outside_keep() -> None:
+    from msfp_compiler.ops import QUANTIZE
+
+    g = fx.Graph()
+    x = g.placeholder("x")
+    s, z = g.get_attr("s"), g.get_attr("z")
+    q1 = g.call_function(QUANTIZE, (x, s, z, "e2m1"))
+    q2 = g.call_function(QUANTIZE, (q1, s, z, "e2m1"))
+    g.output(q2)
+    root = torch.nn.Module()
+    root.register_buffer("s", torch.tensor(0.5))
+    root.register_buffer("z", torch.tensor(0.0))
+    gm = fx.GraphModule(root, g)
+    inp = torch.linspace(-2, 2, 33)
+    quantized = gm(inp)
+    assert not torch.equal(quantized, inp)  # e2m1 at scale 0.5 cannot hold every input
+    assert torch.equal(sens.bypassed(gm, set())(inp), inp)
+    assert torch.equal(sens.bypassed(gm, {q1.name, q2.name})(inp), quantized)
+    assert torch.equal(sens.bypassed(gm, {q1.name})(inp), quantized)  # q2 of an already quantized value: same
+    assert sum(n.target is QUANTIZE for n in gm.graph.nodes) == 2  # the original is untouched
