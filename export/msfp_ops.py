@@ -8,24 +8,29 @@ point into the consumer's bias):
 - ``DequantizeFP4Packed(packed, scale)``: two 4-bit codes per byte -> table lookup -> reshape -> * scale.
 
 Each op has one default body, valid for every format it takes, and faster *variants* that ``annotate_msfp_nodes``
-picks per node: ``QuantizeFPUnsigned`` (QuantizeFP for unsigned formats: no sign round trip), ``QuantizeFPUniform``
-(QuantizeFP for the formats whose grid is uniform, E1M2 and UE1M3, with a scalar scale: standard
-QuantizeLinear -> Clip -> DequantizeLinear, which onnxruntime runs as vectorized kernels, ~25x faster than the
-arithmetic body) and ``QuantizeLUTPow2`` (QuantizeLUT for M = 0: arithmetic instead of the table). Measured and
-dropped: the same for piecewise-uniform grids (E2M1, UE2M2: one QuantizeLinear -> Clip -> DequantizeLinear chain per
-binade and sign, summed, then one Mul by the scale): bit-exact on every float32, but no faster than the arithmetic
-body (33.5 vs 31.0 ms for E2M1, 21.8 vs 21.0 ms for UE2M2 on 1x320x64x64): five or three chains cost what the
-eleven or nine elementwise passes do. Every body has an op name of its own: ONNX function
-*overloads* (IR 10) would be the natural fit, but onnx's ReferenceEvaluator ignores them (it ran the first function
-of a name for every node), so the same model meant different things in different runtimes. A constant zero point of
-0, or keep_zero_point = 0, needs no body of its own: onnxruntime's optimizer drops the Sub / Add of a constant 0
-(measured: bodies without them were no faster). Every body is bit-exact with ``torch.ops.msfp.quantize`` /
-``quantize_folded`` up to the sign of zero (tests/test_scale.py; tools/bench_ort.py --verify sweeps every float32 at
-scale 1).
+picks per node: ``QuantizeFPUnsigned`` (QuantizeFP for unsigned formats: no sign round trip), ``QuantizeFPSymmetric``
+(QuantizeFP for signed grids with lo = -hi and a scalar scale, i.e. E2M1: the sign as a clipped scale, no
+tensor-by-tensor Div), ``QuantizeFPUniform`` (QuantizeFP for the formats whose grid
+is uniform, E1M2 and UE1M3, with a scalar scale: standard QuantizeLinear -> Clip -> DequantizeLinear, which
+onnxruntime runs as vectorized kernels, ~25x faster than the arithmetic body) and ``QuantizeLUTPow2`` (QuantizeLUT
+for M = 0: arithmetic instead of the table). Every body also comes without a zero point (op name + ``NoZeroPoint``:
+no Sub in front, no Add behind), picked where the zero point is a constant 0 (every signed activation quantizer):
+onnxruntime does not drop x - 0 or y + 0 (checked on its optimized graph), and those two passes over the activation
+were ~20% of a QuantizeFP body. Measured and dropped: the same for piecewise-uniform grids (E2M1, UE2M2: one
+QuantizeLinear -> Clip -> DequantizeLinear chain per binade and sign, summed, then one Mul by the scale): bit-exact
+on every float32, but no faster than the arithmetic body (33.5 vs 31.0 ms for E2M1, 21.8 vs 21.0 ms for UE2M2 on
+1x320x64x64): five or three chains cost what the eleven or nine elementwise passes do; Cast to FLOAT8E5M2 / E4M3FN
+and back as a 2- or 3-mantissa-bit rounder: a scalar loop in ORT 1.32 (14 ms on 4x128x32x32, the whole E2M1 body
+takes 3); Cast to FLOAT4E2M1 (which is E2M1 rounding): no CPU kernel in ORT 1.32. Every body has an op name of its
+own: ONNX function *overloads* (IR 10) would be the natural fit, but onnx's ReferenceEvaluator ignores them (it ran
+the first function of a name for every node), so the same model meant different things in different runtimes.
+Every body is bit-exact with ``torch.ops.msfp.quantize`` / ``quantize_folded`` up to the sign of zero
+(tests/export/test_msfp_ops.py; tools/bench_ort.py --verify sweeps every float32 at scale 1).
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Iterable, Mapping, Sequence, Union
 
 import numpy as np
@@ -45,10 +50,14 @@ MSFP_VERSION = 1
 F, FS, I, IS = (onnx.AttributeProto.FLOAT, onnx.AttributeProto.FLOATS, onnx.AttributeProto.INT,
                 onnx.AttributeProto.INTS)
 # (op, variant) -> the op name of that body; the variants are picked per node by annotate_msfp_nodes
-BODY_OPS = {("QuantizeFP", ""): "QuantizeFP", ("QuantizeFP", "unsigned"): "QuantizeFPUnsigned",
-            ("QuantizeFP", "uniform"): "QuantizeFPUniform",
-            ("QuantizeLUT", ""): "QuantizeLUT", ("QuantizeLUT", "pow2"): "QuantizeLUTPow2",
-            ("QuantizeInt", ""): "QuantizeInt"}
+_VARIANT_OPS = {("QuantizeFP", ""): "QuantizeFP", ("QuantizeFP", "unsigned"): "QuantizeFPUnsigned",
+                ("QuantizeFP", "uniform"): "QuantizeFPUniform", ("QuantizeFP", "symmetric"): "QuantizeFPSymmetric",
+                ("QuantizeLUT", ""): "QuantizeLUT", ("QuantizeLUT", "pow2"): "QuantizeLUTPow2",
+                ("QuantizeInt", ""): "QuantizeInt"}
+NO_ZERO_POINT = "NoZeroPoint"  # op name suffix of a body for a constant zero point of 0: no Sub, no Add
+# (op, variant, reads the zero point) -> op name
+BODY_OPS = {(op, v, zp): name + ("" if zp else NO_ZERO_POINT) for (op, v), name in _VARIANT_OPS.items()
+            for zp in (True, False)}
 BODY_OF = {name: key for key, name in BODY_OPS.items()}
 QUANTIZE_OPS = tuple(BODY_OPS.values())
 
@@ -83,23 +92,30 @@ def _f32(name: str, v: float) -> onnx.NodeProto:
     return helper.make_node("Constant", [], [name], value=helper.make_tensor(name, TensorProto.FLOAT, [], [v]))
 
 
-# v = clip((x - zero_point) / scale, lo, hi) -> "c"
-_HEAD = [
-    helper.make_node("Sub", ["x", "zero_point"], ["d"]),
-    helper.make_node("Div", ["d", "scale"], ["v"]),
-    _const("lo", "lo", F),
-    _const("hi", "hi", F),
-    helper.make_node("Clip", ["v", "lo", "hi"], ["c"]),
-]
+def _head(zero_point: bool) -> list[onnx.NodeProto]:
+    """v = clip((x - zero_point) / scale, lo, hi) -> "c" (x / scale without a zero point)."""
+    sub = [helper.make_node("Sub", ["x", "zero_point"], ["d"])] if zero_point else []
+    return sub + [
+        helper.make_node("Div", ["d" if zero_point else "x", "scale"], ["v"]),
+        _const("lo", "lo", F),
+        _const("hi", "hi", F),
+        helper.make_node("Clip", ["v", "lo", "hi"], ["c"]),
+    ]
 
-# y = q * scale + zero_point * keep_zero_point: keep_zero_point is 1.0, or 0.0 where fold_zero_point moved z into the
-# consumer's bias (z * 0 + qs is exact).
-_TAIL = [
-    helper.make_node("Mul", ["q", "scale"], ["qs"]),
-    _const("keep", "keep_zero_point", F),
-    helper.make_node("Mul", ["zero_point", "keep"], ["zk"]),
-    helper.make_node("Add", ["qs", "zk"], ["y"]),
-]
+
+def _tail(zero_point: bool, scaled: bool = False) -> list[onnx.NodeProto]:
+    """"qs" = q * scale (unless the body ``scaled`` already), y = qs + zero_point * keep_zero_point.
+
+    keep_zero_point is 1.0, or 0.0 where fold_zero_point moved z into the consumer's bias (z * 0 + qs is exact).
+    Bodies without a zero point end at "qs", which ``msfp_functions`` renames "y"."""
+    mul = [] if scaled else [helper.make_node("Mul", ["q", "scale"], ["qs"])]
+    if not zero_point:
+        return mul
+    return mul + [
+        _const("keep", "keep_zero_point", F),
+        helper.make_node("Mul", ["zero_point", "keep"], ["zk"]),
+        helper.make_node("Add", ["qs", "zk"], ["y"]),
+    ]
 
 
 # Minifloat rounding without exponent extraction (the Log/Floor/Pow body it replaced had 27 kernels): Veltkamp
@@ -113,7 +129,7 @@ def _veltkamp(a: str, out: str) -> list[onnx.NodeProto]:
         _const("split", "split_factor", F),
         _const("split_floor", "split_floor", F),
         helper.make_node("Mul", [a, "split"], ["g0"]),
-        helper.make_node("Max", ["g0", "split_floor"], ["g"]),
+        helper.make_node("Clip", ["g0", "split_floor"], ["g"]),  # max(g0, K): Clip is ~25% faster in ORT
         helper.make_node("Sub", [a, "g"], ["ag"]),
         helper.make_node("Add", ["g", "ag"], [out]),
     ]
@@ -169,22 +185,42 @@ _TABLE = [
 # 2^k * (x / scale) exactly), saturated to uint8; Clip to the grid's codes is the reference's clip (the bounds are
 # integers, so clipping before or after the rounding is the same); DequantizeLinear gives (code - offset) * step =
 # the level * scale, rounded once as the reference's product. Whole body: y = that + zp * keep.
-def _uniform_body() -> list[onnx.NodeProto]:
+def _uniform_body(zero_point: bool) -> list[onnx.NodeProto]:
     def u8(out: str, attr: str) -> list[onnx.NodeProto]:
         return [_const(f"{out}_i", attr, I), helper.make_node("Cast", [f"{out}_i"], [out], to=TensorProto.UINT8)]
 
-    return [
-        helper.make_node("Sub", ["x", "zero_point"], ["d"]),
+    sub = [helper.make_node("Sub", ["x", "zero_point"], ["d"])] if zero_point else []
+    return sub + [
         _const("step_factor", "step_factor", F),
         helper.make_node("Mul", ["scale", "step_factor"], ["step"]),
         *u8("offset", "code_offset"), *u8("code_lo", "code_lo"), *u8("code_hi", "code_hi"),
-        helper.make_node("QuantizeLinear", ["d", "step", "offset"], ["codes"]),
+        helper.make_node("QuantizeLinear", ["d" if zero_point else "x", "step", "offset"], ["codes"]),
         helper.make_node("Clip", ["codes", "code_lo", "code_hi"], ["codes_c"]),
         helper.make_node("DequantizeLinear", ["codes_c", "step", "offset"], ["qs"]),
-        _const("keep", "keep_zero_point", F),
-        helper.make_node("Mul", ["zero_point", "keep"], ["zk"]),
-        helper.make_node("Add", ["qs", "zk"], ["y"]),
-    ]
+    ] + _tail(zero_point, scaled=True)
+
+
+# Symmetric signed grids (lo = -hi: E2M1; E1M2 takes the uniform body) with a scalar scale (Clip's bounds): the sign
+# costs no tensor-by-tensor op. a = min(|v|, hi) is rounded as in the unsigned body; the product's sign comes from
+# s = clip(d * 2^64, -scale, scale), which is exactly +-scale wherever |v| reaches the first rounding threshold
+# (|d| >= scale * 2^(emin-M-1) >> scale * 2^-64; d * 2^64 = +-inf clips to +-scale too) and a fraction of it only
+# where r = 0. So r * s = copysign(r, v) * scale bit for bit (up to the sign of zero): 3 passes where
+# Max(|c|, tiny) -> Div -> Mul(sign) -> Mul(scale) took 4, two of them tensor by tensor.
+def _symmetric_body(zero_point: bool) -> list[onnx.NodeProto]:
+    d = "d" if zero_point else "x"
+    sub = [helper.make_node("Sub", ["x", "zero_point"], ["d"])] if zero_point else []
+    return sub + [
+        helper.make_node("Div", [d, "scale"], ["v"]),
+        helper.make_node("Abs", ["v"], ["av"]),
+        _const("hi", "hi", F),
+        helper.make_node("Clip", ["av", "", "hi"], ["a"]),
+        *_veltkamp("a", "r"),
+        _f32("big", 2.0 ** 64),
+        helper.make_node("Mul", [d, "big"], ["d_big"]),
+        helper.make_node("Neg", ["scale"], ["neg_scale"]),
+        helper.make_node("Clip", ["d_big", "neg_scale", "scale"], ["signed_scale"]),
+        helper.make_node("Mul", ["r", "signed_scale"], ["qs"]),
+    ] + _tail(zero_point, scaled=True)
 
 
 def uniform_codes(fmt) -> dict[str, float | int] | None:
@@ -221,10 +257,16 @@ _CORE_BODIES: dict[tuple[str, str], tuple[list[onnx.NodeProto], list[str], str]]
         ["split_factor", "split_floor"],
         "QuantizeFP for unsigned formats (lo = 0): q = g + (v - g), g = max(v * split_factor, split_floor)."),
     ("QuantizeFP", "uniform"): (
-        None,  # a whole body of its own (_uniform_body), no clip head or scale tail
+        None,  # a whole body of its own (_WHOLE_BODIES), no clip head or scale tail
         ["step_factor", "code_offset", "code_lo", "code_hi"],
         "QuantizeFP for uniform grids (E1M2, UE1M3) with a scalar scale: y = DequantizeLinear(Clip(QuantizeLinear("
         "x - zp, scale * step_factor, code_offset), code_lo, code_hi), scale * step_factor, code_offset) + zp * keep."),
+    ("QuantizeFP", "symmetric"): (
+        None,
+        ["split_factor", "split_floor"],
+        "QuantizeFP for symmetric signed grids (lo = -hi) with a scalar scale: a = min(|v|, hi), v = (x - zp) / "
+        "scale; g = max(a * split_factor, split_floor); r = g + (a - g); y = r * clip((x - zp) * 2^64, -scale, "
+        "scale) + zp * keep."),
     ("QuantizeLUT", ""): (
         _TABLE,
         ["levels", "thresholds"],
@@ -240,6 +282,19 @@ _CORE_BODIES: dict[tuple[str, str], tuple[list[onnx.NodeProto], list[str], str]]
         [],
         "Fake integer quantization: zero_point + scale * round_half_even(clip((x - zp) / scale, lo, hi))."),
 }
+
+_WHOLE_BODIES = {("QuantizeFP", "uniform"): _uniform_body, ("QuantizeFP", "symmetric"): _symmetric_body}
+
+
+def _renamed(nodes: list[onnx.NodeProto], old: str, new: str) -> list[onnx.NodeProto]:
+    out = []
+    for n in nodes:
+        n = copy.deepcopy(n)
+        n.input[:] = [new if i == old else i for i in n.input]
+        n.output[:] = [new if o == old else o for o in n.output]
+        out.append(n)
+    return out
+
 
 def _dequantize_packed() -> onnx.FunctionProto:
     # ORT constant-folds this body at session start and keeps every intermediate of every layer until the pass ends,
@@ -293,8 +348,15 @@ def msfp_functions(opset: int, used: Iterable[str] | None = None) -> list[onnx.F
         else:
             if op not in BODY_OF:
                 raise KeyError(f"no body for msfp.{op}")
-            body, attrs, doc = _CORE_BODIES[BODY_OF[op]]
-            nodes = _uniform_body() if body is None else _HEAD + body + _TAIL
+            base_op, variant, zero_point = BODY_OF[op]
+            body, attrs, doc = _CORE_BODIES[base_op, variant]
+            if body is None:
+                nodes = _WHOLE_BODIES[base_op, variant](zero_point)
+            else:
+                nodes = _head(zero_point) + body + _tail(zero_point)
+            if not zero_point:
+                nodes = _renamed(nodes, "qs", "y")
+                doc += " Zero point 0: its Sub and Add left out."
             f = helper.make_function(MSFP_DOMAIN, op, ["x", "scale", "zero_point"], ["y"], nodes, [],
                                      attributes=["format", *attrs, "lo", "hi", "keep_zero_point"], doc_string=doc)
         del f.opset_import[:]
@@ -305,16 +367,37 @@ def msfp_functions(opset: int, used: Iterable[str] | None = None) -> list[onnx.F
     return funcs
 
 
-def _choose_body(op_type: str, fmt, scalar_scale: bool = False) -> str:
+def _choose_body(op_type: str, fmt, scalar_scale: bool = False, zero_point: bool = True) -> str:
     """The fastest body (op name) valid for a node of ``op_type`` quantizing onto ``fmt`` (``scalar_scale``: its
-    scale is a one-element initializer, as QuantizeLinear's per-tensor form needs)."""
-    if isinstance(fmt, FPFormat) and op_type == "QuantizeFP" and scalar_scale and uniform_codes(fmt) is not None:
-        return "QuantizeFPUniform"
-    if isinstance(fmt, FPFormat) and op_type == "QuantizeFP" and not fmt.signed:
-        return "QuantizeFPUnsigned"
-    if isinstance(fmt, FPFormat) and op_type == "QuantizeLUT" and fmt.man_bits == 0:
-        return "QuantizeLUTPow2"
-    return op_type
+    scale is a one-element initializer, as QuantizeLinear's per-tensor form and Clip's bounds need;
+    ``zero_point``: False where it is a constant 0)."""
+    variant = ""
+    if isinstance(fmt, FPFormat) and op_type == "QuantizeFP":
+        if scalar_scale and uniform_codes(fmt) is not None:
+            variant = "uniform"
+        elif not fmt.signed:
+            variant = "unsigned"
+        elif scalar_scale and fmt.min == -fmt.max:
+            variant = "symmetric"
+    elif isinstance(fmt, FPFormat) and op_type == "QuantizeLUT" and fmt.man_bits == 0:
+        variant = "pow2"
+    return BODY_OPS[op_type, variant, zero_point]
+
+
+def _body_attributes(op_name: str, fmt) -> dict:
+    """The attributes the body ``op_name`` reads from its node (beyond format and keep_zero_point)."""
+    _, variant, _ = BODY_OF[op_name]
+    extra = {"lo": fmt.min, "hi": fmt.max, "keep_zero_point": 1.0}
+    if variant == "uniform":
+        return extra | uniform_codes(fmt)
+    if isinstance(fmt, FPFormat) and variant == "pow2":
+        return extra | {"split_factor": fmt.split_factor, "split_floor": fmt.split_floor,
+                        "inv_min_normal": 1.0 / fmt.min_normal}
+    if isinstance(fmt, FPFormat) and BODY_OF[op_name][0] == "QuantizeFP":
+        return extra | {"split_factor": fmt.split_factor, "split_floor": fmt.split_floor}
+    if BODY_OF[op_name][0] == "QuantizeLUT":
+        return extra | {"levels": fmt.levels.tolist(), "thresholds": fmt.thresholds.tolist()}
+    return extra
 
 
 def annotate_msfp_nodes(model: onnx.ModelProto, choose_bodies: bool = True) -> dict[str, int]:
@@ -322,7 +405,8 @@ def annotate_msfp_nodes(model: onnx.ModelProto, choose_bodies: bool = True) -> d
     split constants, decode table); count the nodes by op name. With ``choose_bodies=False`` every node keeps the
     body it names (tests pin one body that way)."""
     counts: dict[str, int] = {}
-    scalars = {t.name for t in model.graph.initializer if int(np.prod(t.dims)) == 1}
+    inits = {t.name: t for t in model.graph.initializer}
+    scalars = {k for k, t in inits.items() if int(np.prod(t.dims)) == 1}
     for node in all_nodes(model.graph):
         if node.domain != MSFP_DOMAIN:
             continue
@@ -330,18 +414,11 @@ def annotate_msfp_nodes(model: onnx.ModelProto, choose_bodies: bool = True) -> d
         extra: dict = {}
         if node.op_type in QUANTIZE_OPS:
             if choose_bodies:
-                node.op_type = _choose_body(node.op_type, fmt, len(node.input) > 1 and node.input[1] in scalars)
-            extra = {"lo": fmt.min, "hi": fmt.max, "keep_zero_point": 1.0}
-            if isinstance(fmt, FPFormat):
-                split = {"split_factor": fmt.split_factor, "split_floor": fmt.split_floor}
-            if node.op_type == "QuantizeLUTPow2":
-                extra |= split | {"inv_min_normal": 1.0 / fmt.min_normal}
-            elif node.op_type == "QuantizeLUT":
-                extra |= {"levels": fmt.levels.tolist(), "thresholds": fmt.thresholds.tolist()}
-            elif node.op_type in ("QuantizeFP", "QuantizeFPUnsigned"):
-                extra |= split
-            elif node.op_type == "QuantizeFPUniform":
-                extra |= uniform_codes(fmt)
+                zp = inits.get(node.input[2]) if len(node.input) > 2 else None
+                zero = zp is not None and int(np.prod(zp.dims)) <= 4096 and not numpy_helper.to_array(zp).any()
+                node.op_type = _choose_body(BODY_OF[node.op_type][0], fmt,
+                                            len(node.input) > 1 and node.input[1] in scalars, zero_point=not zero)
+            extra = _body_attributes(node.op_type, fmt)
         elif node.op_type == "DequantizeFP4Packed":
             extra = {"table": fmt.code_table.tolist()}
         counts[node.op_type] = counts.get(node.op_type, 0) + 1

@@ -10,7 +10,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from onnx import TensorProto
+from onnx import TensorProto, numpy_helper
 
 from msfp_compiler.export.msfp_ops import MSFP_DOMAIN, single_op_model
 from msfp_compiler.ops import get_format
@@ -38,15 +38,24 @@ def _tie_heavy(fmt: str) -> np.ndarray:
     return x[~np.isnan(x)]  # (bit patterns below +0 are NaNs; NaN in, NaN out is not specified)
 
 
-@pytest.mark.parametrize("fmt,op_type", [
+_BODIES = [
     ("e1m2", "QuantizeFP"), ("e2m1", "QuantizeFP"), ("ue3m1", "QuantizeFP"), ("ue2m2", "QuantizeFP"),
     ("ue2m2", "QuantizeFPUnsigned"), ("ue3m1", "QuantizeFPUnsigned"),
+    ("e2m1", "QuantizeFPSymmetric"), ("e1m2", "QuantizeFPSymmetric"),
     ("e1m2", "QuantizeFPUniform"), ("ue1m3", "QuantizeFPUniform"),
     ("e3m0", "QuantizeLUTPow2"), ("ue4m0", "QuantizeLUTPow2"), ("e3m0", "QuantizeLUT"),
     ("int4", "QuantizeInt"),
-])
-@pytest.mark.parametrize("scale,zp,keep", [(1.0, 0.0, 1.0), (0.0371, 0.0, 1.0), (0.0371, -0.4125, 1.0),
-                                           (0.0371, -0.4125, 0.0), (3.3, 1.7, 1.0)])
+]
+_SCALES = [(1.0, 0.0, 1.0), (0.0371, 0.0, 1.0), (0.0371, -0.4125, 1.0), (0.0371, -0.4125, 0.0), (3.3, 1.7, 1.0)]
+# the NoZeroPoint bodies are picked only for a constant zero point of 0: checked there
+_NO_ZP = [("e2m1", "QuantizeFPSymmetricNoZeroPoint"), ("e2m1", "QuantizeFPNoZeroPoint"),
+          ("e1m2", "QuantizeFPUniformNoZeroPoint"), ("e3m0", "QuantizeLUTPow2NoZeroPoint"),
+          ("int4", "QuantizeIntNoZeroPoint"), ("ue2m2", "QuantizeFPUnsignedNoZeroPoint")]
+
+
+@pytest.mark.parametrize("fmt,op_type,scale,zp,keep",
+                         [b + c for b in _BODIES for c in _SCALES]
+                         + [b + c for b in _NO_ZP for c in _SCALES if c[1] == 0.0])
 def test_fast_quantize_bodies_are_bit_exact(fmt, op_type, scale, zp, keep) -> None:
     v = _tie_heavy(fmt)
     with np.errstate(over="ignore"):  # 3e38 * 3.3 -> inf, on purpose
@@ -62,16 +71,22 @@ def test_fast_quantize_bodies_are_bit_exact(fmt, op_type, scale, zp, keep) -> No
 
 def test_lowering_picks_the_fast_bodies(compiled_unet2d) -> None:
     m = compiled_unet2d.onnx_model
+    inits = {t.name: t for t in m.graph.initializer}
     for n in m.graph.node:
         if n.domain != MSFP_DOMAIN or not n.op_type.startswith(("QuantizeFP", "QuantizeLUT")):
             continue
         f = get_format(next(a.s.decode() for a in n.attribute if a.name == "format"))
-        if n.op_type.startswith("QuantizeLUT"):
-            assert n.op_type == ("QuantizeLUTPow2" if f.man_bits == 0 else "QuantizeLUT")
+        zp = numpy_helper.to_array(inits[n.input[2]])
+        body = n.op_type.removesuffix("NoZeroPoint")
+        assert (body != n.op_type) == (not zp.any())  # a constant zero point of 0 is left out
+        if body.startswith("QuantizeLUT"):
+            assert body == ("QuantizeLUTPow2" if f.man_bits == 0 else "QuantizeLUT")
         elif f.name in ("e1m2", "ue1m3"):  # uniform grids (scalar activation scales): QuantizeLinear and friends
-            assert n.op_type == "QuantizeFPUniform"
+            assert body == "QuantizeFPUniform"
+        elif f.signed:  # e2m1 with scalar activation scales: the sign as a clipped scale
+            assert body == ("QuantizeFPSymmetric" if np.prod(inits[n.input[1]].dims) == 1 else "QuantizeFP")
         else:
-            assert n.op_type == ("QuantizeFP" if f.signed else "QuantizeFPUnsigned")
+            assert body == "QuantizeFPUnsigned"
         assert not n.overload  # onnx's ReferenceEvaluator ignores overloads: one op name per body
     names = [(f.name, f.overload) for f in m.functions]
     assert len(names) == len(set(n for n, _ in names)) and all(not o for _, o in names)
@@ -81,6 +96,7 @@ def test_lowering_picks_the_fast_bodies(compiled_unet2d) -> None:
 @pytest.mark.parametrize("fmt,op_type", [
     ("e1m2", "QuantizeFP"), ("ue3m1", "QuantizeFPUnsigned"), ("e3m0", "QuantizeLUTPow2"), ("ue4m0", "QuantizeLUTPow2"),
     ("e2m1", "QuantizeLUT"), ("uint4", "QuantizeInt"), ("e1m2", "QuantizeFPUniform"), ("ue1m3", "QuantizeFPUniform"),
+    ("e2m1", "QuantizeFPSymmetric"), ("e2m1", "QuantizeFPSymmetricNoZeroPoint"), ("e1m2", "QuantizeFPUniformNoZeroPoint"),
 ])
 def test_reference_evaluator_runs_each_body_bit_for_bit_as_onnxruntime(fmt, op_type) -> None:
     """onnx.reference gives the same bits as onnxruntime for every quantize body (each has its own op name)."""
