@@ -42,7 +42,7 @@ from msfp_compiler.formats import FPFormat, IntFormat
 from msfp_compiler.ops import get_format
 
 __all__ = ["MSFP_DOMAIN", "MSFP_VERSION", "quantize_op_type", "msfp_functions", "annotate_msfp_nodes", "uniform_codes",
-           "single_op_model", "used_ops", "all_ops", "all_nodes", "BODY_OPS", "QUANTIZE_OPS"]
+           "single_op_model", "used_ops", "refresh_bodies", "base_op", "all_ops", "all_nodes", "BODY_OPS", "QUANTIZE_OPS"]
 
 MSFP_DOMAIN = "msfp"
 MSFP_VERSION = 1
@@ -60,6 +60,11 @@ BODY_OPS = {(op, v, zp): name + ("" if zp else NO_ZERO_POINT) for (op, v), name 
             for zp in (True, False)}
 BODY_OF = {name: key for key, name in BODY_OPS.items()}
 QUANTIZE_OPS = tuple(BODY_OPS.values())
+
+
+def base_op(op_type: str) -> str:
+    """The msfp op a body implements (QuantizeFP for QuantizeFPSymmetricNoZeroPoint); other names unchanged."""
+    return BODY_OF[op_type][0] if op_type in BODY_OF else op_type
 
 
 def quantize_op_type(fmt: str) -> str:
@@ -424,6 +429,23 @@ def annotate_msfp_nodes(model: onnx.ModelProto, choose_bodies: bool = True) -> d
         counts[node.op_type] = counts.get(node.op_type, 0) + 1
         present = {a.name for a in node.attribute}
         node.attribute.extend(helper.make_attribute(k, v) for k, v in extra.items() if k not in present)
+    return counts
+
+
+def refresh_bodies(model: onnx.ModelProto) -> dict[str, int]:
+    """Give an ONNX written by an earlier version the bodies this one picks (in place): each quantize node goes back
+    to its op (keeping format and keep_zero_point), is annotated again, and the model's msfp functions are
+    rebuilt. The graph is unchanged; returns the new op-name counts."""
+    for node in all_nodes(model.graph):
+        if node.domain == MSFP_DOMAIN and node.op_type in QUANTIZE_OPS:
+            node.op_type = BODY_OF[node.op_type][0]
+            keep = [a for a in node.attribute if a.name in ("format", "keep_zero_point")]
+            del node.attribute[:]
+            node.attribute.extend(keep)
+    counts = annotate_msfp_nodes(model)
+    opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    del model.functions[:]
+    model.functions.extend(msfp_functions(opset, used_ops(model)))
     return counts
 
 

@@ -91,6 +91,9 @@ def build_sd15(work: Path, only: set[str] | None = None) -> dict[str, Path]:
     sys.path.insert(0, str(ROOT / "tools"))
     from unet_configs import SD15_UNET_CONFIG
 
+    cached = {k: work / f"sd15.{k}.onnx" for k in ["fp32", "msfp_packed", *(only or ["msfp", "msfp_fp32conv"])]}
+    if all(p.is_file() for p in cached.values()):  # no 3.4 GB model to build
+        return cached
     torch.manual_seed(0)
     with torch.no_grad():
         unet = model_from_config(dict(SD15_UNET_CONFIG), "sd15 config").eval()
@@ -158,6 +161,9 @@ t0 = time.perf_counter()
 if sys.argv[4] == "open_session":
     from msfp_compiler.export.ort import open_session
     sess = open_session(path, options=so)
+elif sys.argv[4] == "cached":  # an optimized model saved by an earlier session: no graph optimizations at open
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
 else:
     sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
 t_open = time.perf_counter() - t0
@@ -178,11 +184,26 @@ print(json.dumps({"open_s": round(t_open, 2), "first_run_s": round(t_run, 2), "p
 
 def memory(path: Path, how: str, threads: int = 1, batch: int = 1) -> dict:
     """Peak RSS and time of opening ``path`` and running it once, in a fresh process: ``how`` = "plain"
-    (onnxruntime.InferenceSession(path), what a user writes) or "open_session" (our helper)."""
+    (onnxruntime.InferenceSession(path), what a user writes), "open_session" (our helper) or "cached" (``path`` is
+    an optimized model saved by ``save_optimized``, opened with graph optimizations off)."""
     out = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, str(path), str(threads), str(batch), how],
                          capture_output=True, text=True, check=True)
     return {"how": how, "threads": threads, "batch": batch, "loadavg": [round(x, 2) for x in os.getloadavg()],
             **json.loads(out.stdout.strip().splitlines()[-1])}
+
+
+def save_optimized(path: Path, out: Path) -> Path:
+    """The model as onnxruntime optimizes it at session start (ORT_ENABLE_ALL, this CPU), saved to ``out`` (weights
+    over 1 KB in ``out.data``): the optimized-model cache a user can keep (SessionOptions.optimized_model_filepath)
+    to skip the optimizer at later opens."""
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.optimized_model_filepath = str(out)
+    so.add_session_config_entry("session.optimized_model_external_initializers_file_name", f"{out.name}.data")
+    so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+    ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return out
 
 
 def _load_module_at_rev(rev: str, relpath: str, name: str):
@@ -260,19 +281,23 @@ def feeds_for(sess: ort.InferenceSession, batch: int, seed: int = 0, text_len: i
 
 def interleaved_latency(sessions: dict[str, ort.InferenceSession], feeds: dict[str, np.ndarray], iters: int,
                         warmup: int = 3) -> dict[str, dict]:
-    """Median/min/p90 of single runs, variants alternating run by run (load changes hit all alike)."""
+    """Median/min/p90 of single runs, variants alternating run by run (load changes hit all alike), and the
+    median CPU time of the process per run (less sensitive to other jobs on a shared machine than wall time)."""
     times: dict[str, list[float]] = {k: [] for k in sessions}
+    cpu: dict[str, list[float]] = {k: [] for k in sessions}
     for _ in range(warmup):
         for s in sessions.values():
             s.run(None, feeds)
     order = list(sessions)
     for i in range(iters):
         for k in (order if i % 2 == 0 else order[::-1]):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             sessions[k].run(None, feeds)
             times[k].append(time.perf_counter() - t0)
+            cpu[k].append(time.process_time() - c0)
     return {k: {"median_ms": round(1e3 * float(np.median(v)), 3), "min_ms": round(1e3 * float(np.min(v)), 3),
-                "p90_ms": round(1e3 * float(np.percentile(v, 90)), 3), "runs": len(v)} for k, v in times.items()}
+                "p90_ms": round(1e3 * float(np.percentile(v, 90)), 3), "runs": len(v),
+                "cpu_median_ms": round(1e3 * float(np.median(cpu[k])), 3)} for k, v in times.items()}
 
 
 # ---- profiling ----
@@ -337,21 +362,26 @@ def optimized_node_counts(path: Path, threads: int, opt: str, work: Path) -> dic
 # ---- bit-exactness sweep of the function bodies ----
 
 def bodies_for(fmt: str) -> list[str]:
-    """Every function body (op name) the lowering may pick for a format, plus the default ones."""
+    """Every function body (op name) the lowering may pick for a format, plus the default ones, each also in its
+    NoZeroPoint form (swept at zero point 0 only)."""
+    from msfp_compiler.export.msfp_ops import NO_ZERO_POINT
     from msfp_compiler.formats import FPFormat
     from msfp_compiler.ops import get_format
 
     f = get_format(fmt)
     if not isinstance(f, FPFormat):
-        return ["QuantizeInt"]
-    out = ["QuantizeLUT"]  # the table body is valid for every grid
-    if f.man_bits == 0:
-        out.append("QuantizeLUTPow2")
+        out = ["QuantizeInt"]
     else:
-        out.append("QuantizeFP")
-        if not f.signed:
-            out.append("QuantizeFPUnsigned")
-    return out
+        out = ["QuantizeLUT"]  # the table body is valid for every grid
+        if f.man_bits == 0:
+            out.append("QuantizeLUTPow2")
+        else:
+            out.append("QuantizeFP")
+            if not f.signed:
+                out.append("QuantizeFPUnsigned")
+            elif f.min == -f.max:
+                out.append("QuantizeFPSymmetric")
+    return out + [o + NO_ZERO_POINT for o in out]
 
 
 def sweep(formats: list[str], stride: int = 7, scale1_stride: int = 1) -> dict:
@@ -388,7 +418,8 @@ def sweep(formats: list[str], stride: int = 7, scale1_stride: int = 1) -> dict:
         res = {op: {"values": 0, "mismatches": 0} for op in bodies}
         t0 = time.perf_counter()
         for scale, z, keep, step in cases:
-            sessions = {op: body(op, fmt, scale, z, keep) for op in bodies}
+            sessions = {op: body(op, fmt, scale, z, keep) for op in bodies
+                        if z == 0.0 or not op.endswith("NoZeroPoint")}
             s_t, z_t = torch.tensor(scale), torch.tensor(z)
             ref_op = torch.ops.msfp.quantize if keep else torch.ops.msfp.quantize_folded
             for lo in range(0, top + 1, chunk * step):
@@ -439,6 +470,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--no-profile", action="store_true", help="skip the ORT op profile (long on sd15)")
     ap.add_argument("--variants", help="comma-separated variants to time and probe (default: all built; fp32 always)")
     ap.add_argument("--warmup", type=int, default=3, help="untimed runs per variant before timing")
+    ap.add_argument("--no-latency", action="store_true", help="skip the latency rows (memory probes only)")
+    ap.add_argument("--cached", action="store_true",
+                    help="also probe open time / peak RSS of the fp32 and msfp files' saved optimized models")
     ap.add_argument("--no-memory", action="store_true",
                     help="skip the peak-RSS / open-time probes (a fresh process per variant)")
     ap.add_argument("--out", default=str(OUT_JSON))
@@ -460,15 +494,20 @@ def run_sweep(args: argparse.Namespace, result: dict) -> None:
         print(f"wrote {out}")
 
 
-def probe_memory(name: str, paths: dict[str, Path], timed: dict[str, Path], save) -> dict:
+def probe_memory(name: str, paths: dict[str, Path], timed: dict[str, Path], save, cached: bool = False,
+                 work: Path | None = None) -> dict:
     """Peak RSS / open time of a plain onnxruntime.InferenceSession(path) of each timed variant (fp32 first, the
     reference of the ratios); the packed 4-bit file through open_session (predecode): SD1.5's packed file in a
-    plain session needs 16.7 GB, not probed. ``save()`` is called after each probe."""
+    plain session needs 16.7 GB, not probed. ``cached``: also each fp32 / msfp file's optimized model
+    (``save_optimized``, in ``work``) opened without the optimizer. ``save()`` is called after each probe."""
     probes = [(k, "plain") for k in timed if not (name == "sd15" and k == "msfp_packed")]
     probes += [(k, "open_session") for k in timed if k == "msfp_packed"]
+    if cached:
+        probes += [(k, "cached") for k in timed if k in ("fp32", "msfp")]
     out: dict = {}
     for k, how in probes:
-        out[f"{k}/{how}"] = m = memory(paths[k], how)
+        path = save_optimized(paths[k], work / f"{paths[k].stem}.optimized.onnx") if how == "cached" else paths[k]
+        out[f"{k}/{how}"] = m = memory(path, how)
         fp = out["fp32/plain"]
         m["peak_rss_vs_fp32"] = round(m["peak_rss_mb"] / fp["peak_rss_mb"], 3)
         m["open_vs_fp32"] = round(m["open_s"] / max(fp["open_s"], 1e-9), 3)
@@ -491,7 +530,9 @@ def time_latency(name: str, timed: dict[str, Path], args: argparse.Namespace, sa
                 row = {"opt_level": opt, "threads": th, "batch": b, "loadavg": [round(x, 2) for x in load],
                        "loadavg_end": [round(x, 2) for x in os.getloadavg()],
                        "ms": lat, "ratio_vs_fp32": {k: round(v["median_ms"] / lat["fp32"]["median_ms"], 3)
-                                                    for k, v in lat.items() if k != "fp32"}}
+                                                    for k, v in lat.items() if k != "fp32"},
+                       "cpu_ratio_vs_fp32": {k: round(v["cpu_median_ms"] / lat["fp32"]["cpu_median_ms"], 3)
+                                             for k, v in lat.items() if k != "fp32"}}
                 rows.append(row)
                 print(f"  opt={opt:<8} threads={th} batch={b:<3} " + "  ".join(
                     f"{k}={v['median_ms']:.2f}ms" for k, v in lat.items()) + "  ratio " + " ".join(
@@ -533,8 +574,9 @@ def bench_model(name: str, args: argparse.Namespace, work: Path, result: dict) -
         return put
 
     if not args.no_memory:
-        probe_memory(name, paths, timed, save("memory"))
-    time_latency(name, timed, args, save("latency"))
+        probe_memory(name, paths, timed, save("memory"), args.cached, work)
+    if not args.no_latency:
+        time_latency(name, timed, args, save("latency"))
     if not args.no_profile:
         profile_variants(name, paths, timed, args, work, entry)
     # headline: opt level all at the largest thread count timed, per batch

@@ -21,13 +21,14 @@ from onnx import TensorProto, helper
 import msfp_compiler.export.onnx as onnx_export
 from msfp_compiler.compile import compile
 from msfp_compiler.export.onnx import check_model, save_atomic
-from msfp_compiler.export.msfp_ops import BODY_OPS, MSFP_DOMAIN, QUANTIZE_OPS, quantize_op_type, single_op_model
+from msfp_compiler.export.msfp_ops import (BODY_OPS, MSFP_DOMAIN, QUANTIZE_OPS, base_op, quantize_op_type,
+                                          single_op_model)
 from msfp_compiler.formats import IntFormat
 from msfp_compiler.ops import get_format, pack_codes
 from tests.conftest import holdout_feeds
 
 QUANT_OPS = set(QUANTIZE_OPS)
-BASE_OP = {name: op for (op, _, _), name in BODY_OPS.items()}  # body op name -> the op the translation emits
+BASE_OP = {name: base_op(name) for name in BODY_OPS.values()}  # body op name -> the op the translation emits
 TORCH_QUANT = {torch.ops.msfp.quantize.default, torch.ops.msfp.quantize_folded.default}
 TOLERANCE = 1e-3  # relative error bound of --check (msfp_compiler/check.py) and of the direct ORT comparison
 
@@ -79,7 +80,7 @@ def test_msfp_nodes_match_the_torch_graph(compiled) -> None:
     for n in _msfp_nodes(m):
         fmt = _attr(n, "format").decode()
         assert BASE_OP[n.op_type] == quantize_op_type(fmt)
-        assert (n.op_type == "QuantizeInt") == isinstance(get_format(fmt), IntFormat)
+        assert (BASE_OP[n.op_type] == "QuantizeInt") == isinstance(get_format(fmt), IntFormat)
     inits = {t.name: t for t in m.graph.initializer}
     dq = [n for n in m.graph.node if n.op_type == "DequantizeLinear"]
     mmi = [n for n in m.graph.node if n.op_type == "MatMulInteger"]
