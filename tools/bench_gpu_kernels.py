@@ -13,9 +13,7 @@ shape by its count per UNet step, so they read as "ms per step spent in GEMM-lik
 Sections (``--sections``): ``layers`` (the above), ``decode`` (the grouped packed-weight decode of every SD1.5 layer,
 64 MiB groups as ``fast.build_fast`` makes them, replayed from one CUDA graph per step, next to a device copy of the
 decoded bytes), ``im2col`` (tile configurations of the
-im2col kernel on the SD1.5 k x k convs, ms per step), ``w4gemm`` (the W4A8 small-M GEMM ``w4_gemm``, reading the
-packed codes, against decode + cuBLAS FP8 on every layer with M <= ``--w4-max-m``: checked against the reference,
-default and swept tile / split configurations, ms per step).
+im2col kernel on the SD1.5 k x k convs, ms per step).
 """
 
 from __future__ import annotations
@@ -208,115 +206,18 @@ def bench_im2col(shapes: Counter) -> dict:
     return {"per_step_ms": {k: round(v, 4) for k, v in totals.items()}, "rows": rows}
 
 
-# (BM, BN, BKH, split factor against the default's, warps, stages) tried per shape by the w4gemm section
-_W4_SWEEP = [(None, None, None, 1, 4, 3), (None, None, None, 1, 8, 3), (None, None, None, 2, 4, 3),
-             (None, None, None, 0, 4, 3), (64, 128, 64, 1, 4, 4), (128, 128, 64, 1, 8, 3), (64, 64, 128, 1, 4, 3),
-             (None, 256, 64, 1, 8, 3), (None, 64, 32, 1, 4, 4)]
-
-
-def _w4_configs(m: int, n: int, k: int) -> dict[str, tuple]:
-    """Named launch configurations (split, BM, BN, BKH, warps, stages) of w4a8_gemm_triton for one shape."""
-    from msfp_compiler.export.triton.fast_ops import w4a8_config
-
-    split0, bm0, bn0, bkh0 = w4a8_config(m, n, k)
-    out = {}
-    for bm, bn, bkh, factor, warps, stages in _W4_SWEEP:
-        bm, bn, bkh = bm or bm0, bn or bn0, bkh or bkh0
-        iters = -(-(k // 2) // bkh)
-        split = 1 if factor == 0 else min(iters, max(1, split0 * factor * bkh0 // bkh))
-        split = -(-iters // -(-iters // split))  # no empty splits
-        out[f"s{split}_{bm}x{bn}x{bkh}_w{warps}s{stages}"] = (split, bm, bn, bkh, warps, stages)
-    return out
-
-
-def bench_w4_shape(a: torch.Tensor, n: int) -> dict:
-    """One small-M layer: decode + cuBLAS FP8 (the current path, per layer) against the W4A8 kernel's
-    configurations (fp32 partials; their sum is fused into the epilogue in the model)."""
-    from functools import partial
-
-    from msfp_compiler.export.triton.fast_ops import e4m3_lut, pack_halves
-    from msfp_compiler.export.triton.w4_decode import decode_w4_triton
-    from msfp_compiler.export.triton.w4_gemm import w4a8_gemm_triton
-
-    do_bench = partial(kernel_ms, warmup=10, rep=30)
-    m, k = a.shape
-    codes = torch.randint(0, 16, (1, n, k), device=DEV, dtype=torch.uint8)
-    packed, lut = pack_halves(codes), e4m3_lut("e2m1").to(DEV)
-    luts, row_lut = lut.reshape(1, 16), torch.zeros(n, dtype=torch.uint8, device=DEV)
-    one = torch.ones((), device=DEV)
-    w8 = decode_w4_triton(packed, lut)
-    ref = torch._scaled_mm(a, w8.t(), one, one, out_dtype=torch.float32)
-    bound = 2.0**-12 * (a.float().abs() @ w8.float().abs().t()) + 1e-6
-    r: dict = {"M": m, "N": n, "K": k}
-    r["decode_ms"] = do_bench(lambda: decode_w4_triton(packed, lut))
-    r["cublas_fp8_ms"] = do_bench(lambda: torch._scaled_mm(a, w8.t(), one, one, out_dtype=torch.bfloat16,
-                                                           use_fast_accum=True))
-    r["w4a8"] = {}
-    for name, (split, bm, bn, bkh, warps, stages) in _w4_configs(m, n, k).items():
-        try:
-            got = w4a8_gemm_triton(a, packed[0], luts, row_lut, split, bm, bn, bkh, warps, stages).sum(0)
-            if not bool(((got - ref).abs() <= bound).all()):
-                r["w4a8"][name] = "mismatch"
-                continue
-            r["w4a8"][name] = do_bench(lambda: w4a8_gemm_triton(a, packed[0], luts, row_lut, split, bm, bn, bkh,
-                                                                warps, stages))
-        except Exception as e:  # noqa: BLE001  (a configuration over the shared memory, say)
-            r["w4a8"][name] = repr(e)[:200]
-    return r
-
-
-def bench_w4gemm(shapes: Counter, max_m: int) -> dict:
-    """Every SD1.5 layer with M <= max_m: decode + cuBLAS FP8 against the W4A8 GEMM; per-step totals of the
-    current path, the default configuration and the best one per shape."""
-    from msfp_compiler.export.triton.fast_ops import w4a8_config
-    from msfp_compiler.export.triton.im2col import im2col_triton
-
-    totals: Counter = Counter()
-    rows = []
-    for (kind, xs, ws, stride, pad), count in sorted(shapes.items(), key=lambda kv: str(kv[0])):
-        n, k = ws[0], ws[1] * (ws[2] * ws[3] if kind == "conv" else 1)
-        if n % 16 or k % 16:
-            continue
-        if kind == "conv":
-            b, c, h, w = xs
-            x8 = (torch.randn(b, h, w, c, device=DEV) * 2).to(torch.float8_e4m3fn)
-            a = (im2col_triton(x8, [ws[2], ws[3]], list(stride), [pad[1], pad[1], pad[0], pad[0]])
-                 if ws[2] * ws[3] > 1 or tuple(stride) != (1, 1) else x8.reshape(-1, c))
-        else:
-            a = (torch.randn(*xs, device=DEV) * 2).to(torch.float8_e4m3fn)
-        if a.shape[0] > max_m:
-            continue
-        r = {"kind": kind, "x": xs, "w": ws, "count": count, **bench_w4_shape(a.contiguous(), n)}
-        times = {c: v for c, v in r["w4a8"].items() if isinstance(v, float)}
-        split, bm, bn, bkh = w4a8_config(a.shape[0], n, k)
-        default = next((v for c, v in times.items() if c.startswith(f"s{split}_{bm}x{bn}x{bkh}_w4s3")), None)
-        r["w4a8_default_ms"] = default
-        r["w4a8_best"] = min(times, key=times.get) if times else None
-        totals["decode_plus_cublas"] += count * (r["decode_ms"] + r["cublas_fp8_ms"])
-        totals["cublas_only"] += count * r["cublas_fp8_ms"]
-        totals["w4a8_default"] += count * (default if default is not None else float("nan"))
-        totals["w4a8_best"] += count * (min(times.values()) if times else float("nan"))
-        rows.append(r)
-        print(json.dumps(r), flush=True)
-    return {"max_m": max_m, "per_step_ms": {k: round(v, 4) for k, v in totals.items()},
-            "note": "decode_ms is a per-layer launch; in the model the grouped decode runs at ~device-copy speed "
-                    "(decode section)", "rows": rows}
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--out", default=str(ROOT / "results" / "gpu_sd15_kernels.json"))
-    ap.add_argument("--sections", default="layers", help="comma list of layers, decode, im2col, w4gemm")
-    ap.add_argument("--w4-max-m", type=int, default=1024, help="w4gemm: the largest GEMM M timed")
+    ap.add_argument("--sections", default="layers", help="comma list of layers, decode, im2col")
     args = ap.parse_args(argv)
     torch.backends.cuda.matmul.allow_tf32 = False
     t0 = time.perf_counter()
     shapes = layer_shapes(args.batch)
     sections = args.sections.split(",")
     res: dict = {"device": torch.cuda.get_device_name(0), "batch": args.batch}
-    for name, fn in (("decode", bench_decode), ("im2col", bench_im2col),
-                     ("w4gemm", lambda sh: bench_w4gemm(sh, args.w4_max_m))):
+    for name, fn in (("decode", bench_decode), ("im2col", bench_im2col)):
         if name in sections:
             res[name] = fn(shapes)
             res["seconds"] = round(time.perf_counter() - t0, 1)

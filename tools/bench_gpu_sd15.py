@@ -6,8 +6,9 @@ The UNet2DConditionModel of the SD1.5 config (random weights, seed 0, 64x64x4 la
 quantized by the project's own verb (``msfp_compiler.compile``, MSFP W4A4, a small PTQ calibration: formats barely
 change speed) and rewritten by ``build_fast`` for torch.compile. Baselines, measured in the same process on the same
 inputs: bf16 eager replayed from a CUDA graph, and bf16 ``torch.compile`` in each ``--baseline-mode`` (default
-"reduce-overhead,max-autotune", both replay CUDA graphs); attention through PyTorch SDPA in all of them. The fast
-path is compiled with ``--fast-mode`` (default "reduce-overhead"). Times are medians of
+"reduce-overhead,default-graph", both replay CUDA graphs; "max-autotune" does not compile within a device call on
+SD1.5); attention through PyTorch SDPA in all of them. The fast
+path is compiled with ``--fast-mode`` (default "graph": ``graphed.GraphedStep``). Times are medians of
 CUDA-event timings after warm-up. Accuracy: per-step rel-RMSE of the fast W4A4 eps against the float32 fake-quant
 reference (the same GraphModule, unfused, registered Triton kernels, TF32 off) along the reference's DDIM trajectory.
 Each phase appends to the JSON as it finishes, so a run cut short still leaves its numbers.
@@ -74,13 +75,11 @@ def kernels_per_step(rows: list[dict]) -> float:
 def categorize(rows: list[dict]) -> dict[str, float]:
     """Kernel time per step by kind (name patterns of cuBLAS/CUTLASS/cuDNN/flash/Inductor kernels)."""
     cats = {"gemm_fp8": 0.0, "gemm_bf16": 0.0, "conv": 0.0, "attention": 0.0, "layout": 0.0, "norm_pointwise": 0.0,
-            "gemm_w4a8": 0.0, "weight_decode": 0.0, "im2col": 0.0, "other": 0.0}
+            "weight_decode": 0.0, "im2col": 0.0, "other": 0.0}
     for r in rows:
         k = r["kernel"].lower()
         if k.startswith(("_decode_kernel", "_decode_group_kernel")):  # export/triton/w4_decode.py
             c = "weight_decode"
-        elif k.startswith("_w4a8_kernel"):  # export/triton/w4_gemm.py: decode in the GEMM
-            c = "gemm_w4a8"
         elif k.startswith("_im2col_kernel"):  # export/triton/im2col.py
             c = "im2col"
         elif k.startswith("triton"):  # Inductor-generated (names carry the fused ops, e.g. _scaled_mm's operands)
@@ -152,9 +151,12 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--calib", default="1x2", help="calibration samples x DDIM steps (default 1x2)")
     ap.add_argument("--calib-device", default="cuda", help="CompileConfig.device: calibration, statistics and format "
                     "search (capture stays on the CPU)")
-    ap.add_argument("--baseline-mode", default="reduce-overhead,max-autotune", help="comma list of torch.compile "
-                    "modes for the bf16 baseline (bf16_compile_ms is the faster)")
-    ap.add_argument("--fast-mode", default="reduce-overhead")
+    ap.add_argument("--baseline-mode", default="reduce-overhead,default-graph", help="comma list of torch.compile "
+                    "modes for the bf16 baseline, or default-graph (default mode captured as one CUDA graph by hand); "
+                    "bf16_compile_ms is the fastest")
+    ap.add_argument("--fast-mode", default="graph", help="graph (Inductor default mode, the step captured as one "
+                    "CUDA graph with the weight decode prefetched on a side stream; also timed with the decode in "
+                    "line) or a torch.compile mode (reduce-overhead: its own CUDA graphs)")
     ap.add_argument("--weights", default="packed", help="comma list of packed,mixed,fp8 (build_fast's weights "
                     "modes; the first is the headline)")
     ap.add_argument("--iters", type=int, default=30)
@@ -167,12 +169,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--variant", default=None, metavar="NAME:BATCH", help="after the main rows: one more W4A4 "
                     "compile, timing and profile at BATCH with an option: combo (Inductor config.combo_kernels, "
                     "independent kernels launched as one) or qkv (build_fast(quantize_parts=True): the Q/K/V "
-                    "fake quantizers in their merged GEMM's epilogue) or w4 (build_fast(w4_gemm_max_m): layers with "
-                    "at most --w4-gemm-max-m GEMM rows at BATCH read their packed codes in the W4A8 GEMM, no "
-                    "decode); recorded under 'variants'")
-    ap.add_argument("--w4-gemm-max-m", type=int, default=1024, help="variant w4: the largest GEMM M routed to the "
-                    "W4A8 GEMM")
-    ap.add_argument("--skip", default="", help="comma list of phases to leave out: accuracy, bandwidth")
+                    "fake quantizers in their merged GEMM's epilogue); recorded under 'variants'")
+    ap.add_argument("--skip", default="", help="comma list of phases to leave out: accuracy, bandwidth, "
+                    "inline (graph mode's in-line decode timing)")
     ap.add_argument("--gpu-lock", default=None, metavar="FILE", help="hold an exclusive lock on FILE from the first "
                     "timing to the end (benchmarks of other batch sizes compiling in parallel processes time one "
                     "at a time)")
@@ -281,11 +280,10 @@ def measure(args: argparse.Namespace, rec: Recorder, cm: Any, bf16_bytes: int, b
     compiled = {(w, b): cf for b in batches for w, f in fasts.items()
                 if (cf := compile_fast(f, xs[b], args.fast_mode, rows[b], w)) is not None}
     for b in batches:
-        if (head, b) not in compiled:  # the previous path (a decode launch per layer, no merged GEMMs) instead
-            prev = build_fast(gm, "cuda", weights=head, merge=False, decode_group_bytes=0)
-            if (cf := compile_fast(prev, xs[b], args.fast_mode, rows[b], head)) is not None:
+        if (head, b) not in compiled and args.fast_mode == "graph":  # torch.compile's own CUDA graphs instead
+            if (cf := compile_fast(fasts[head], xs[b], "reduce-overhead", rows[b], head)) is not None:
                 compiled[(head, b)] = cf
-                rows[b]["w4a4_fallback"] = "per-layer decode, unmerged GEMMs (the headline build failed to compile)"
+                rows[b]["w4a4_fallback"] = "reduce-overhead (the graph mode failed)"
     rec.put("rows", list(rows.values()))
     if warm is not None:  # its autotuning must not share the GPU with the timings
         rec.put("warm_baseline", wait_warm(warm[0], args.warm_timeout))
@@ -303,6 +301,8 @@ def measure(args: argparse.Namespace, rec: Recorder, cm: Any, bf16_bytes: int, b
         for w in fasts:
             if (w, b) in compiled:
                 time_fast(compiled[(w, b)], xs[b], row, w, args.iters, profiles if args.profile and w == head else None)
+        if (head, b) in compiled and args.fast_mode == "graph" and "inline" not in args.skip.split(","):
+            time_inline_decode(compiled[(head, b)], fasts[head], xs[b], row, head, args.iters)
         row["w4a4_ms"] = row.get(f"w4a4_{head}", {}).get("median_ms")
         time_baselines(unet, bf16_inputs(xs[b]), row, cached_modes(args.baseline_mode, b, warm, row), args.iters,
                        profiles if args.profile else None)
@@ -333,8 +333,7 @@ def variant(args: argparse.Namespace, rec: Recorder, cm: Any) -> None:
     from msfp_compiler.export.triton.fast import build_fast
 
     name, b = args.variant.split(":")
-    options, build = {"combo": ({"combo_kernels": True}, {}), "qkv": ({}, {"quantize_parts": True}),
-                      "w4": ({}, {"w4_gemm_max_m": args.w4_gemm_max_m, "w4_gemm_batch": int(b)})}[name]
+    options, build = {"combo": ({"combo_kernels": True}, {}), "qkv": ({}, {"quantize_parts": True})}[name]
     head = args.weights.split(",")[0]
     row: dict = {"batch": int(b), "variant": name, "inductor_options": options, "build_fast_options": build}
     fast = build_fast(cm.graph_module, "cuda", weights=head, **build)
@@ -373,13 +372,20 @@ def save_profiles(rec: Recorder, profiles: dict, log_dir: str | None) -> None:
 
 
 def compile_fast(fast: Any, x: tuple, mode: str, row: dict, wmode: str) -> Any:
-    """torch.compile the fast W4A4 module for this batch size (two calls: compile, then CUDA graph recording)."""
+    """torch.compile the fast W4A4 module for this batch size (two calls: compile, then CUDA graph recording).
+    Mode "graph": Inductor in its default mode, the step captured by ``graphed.GraphedStep`` (one CUDA graph, the
+    weight decode prefetched on a side stream)."""
+    from msfp_compiler.export.triton.graphed import GraphedStep
+
     try:
         t0 = time.perf_counter()
-        cf = torch.compile(fast, mode=mode)
-        for _ in range(2):
-            torch.compiler.cudagraph_mark_step_begin()
-            cf(*x)
+        if mode == "graph":
+            cf = GraphedStep(torch.compile(fast), fast, x, prefetch=True)
+        else:
+            cf = torch.compile(fast, mode=mode)
+            for _ in range(2):
+                torch.compiler.cudagraph_mark_step_begin()
+                cf(*x)
         torch.cuda.synchronize()
         row[f"w4a4_{wmode}_compile_s"] = round(time.perf_counter() - t0, 1)
         log(f"batch {row['batch']}: W4A4 ({wmode}) torch.compile({mode}): {row[f'w4a4_{wmode}_compile_s']} s")
@@ -406,6 +412,34 @@ def time_fast(cf: Any, x: tuple, row: dict, wmode: str, iters: int, profiles: di
         traceback.print_exc()
 
 
+def time_inline_decode(step: Any, fast: Any, x: tuple, row: dict, wmode: str, iters: int) -> None:
+    """The same compiled step captured once more with the decode in line (no side stream): what the prefetch
+    gains, without another compile."""
+    from msfp_compiler.export.triton.graphed import GraphedStep
+
+    try:
+        inline = GraphedStep(step.fn, fast, x, prefetch=False)
+        row[f"w4a4_{wmode}_inline_decode"] = step_ms(lambda: inline(*x), iters)
+        log(f"batch {row['batch']}: W4A4 ({wmode}), decode in line: {row[f'w4a4_{wmode}_inline_decode']['median_ms']} ms")
+        del inline
+    except Exception as e:  # noqa: BLE001
+        row[f"w4a4_{wmode}_inline_decode_error"] = repr(e)[:3000]
+        traceback.print_exc()
+
+
+def compiled_baseline(unet: Any, mode: str, xb: tuple) -> Callable[[], Any]:
+    """The bf16 UNet under torch.compile, compiled and warmed up: a torch.compile mode, or "default-graph"
+    (Inductor's default mode captured as one CUDA graph by hand, as graphed.GraphedStep does for W4A4)."""
+    if mode == "default-graph":
+        cb = torch.compile(unet)
+        return cuda_graph(lambda s, t, c: cb(s, t, encoder_hidden_states=c, return_dict=False)[0], xb)
+    cb = torch.compile(unet, mode=mode)
+    for _ in range(2):
+        torch.compiler.cudagraph_mark_step_begin()
+        cb(*xb[:2], encoder_hidden_states=xb[2], return_dict=False)
+    return lambda: cb(*xb[:2], encoder_hidden_states=xb[2], return_dict=False)
+
+
 def time_baselines(unet: Any, xb: tuple, row: dict, modes: list[str], iters: int, profiles: dict | None) -> None:
     """bf16 eager replayed from a CUDA graph, then bf16 torch.compile in each mode (bf16_compile_<mode>_ms;
     bf16_compile_ms is the faster mode)."""
@@ -427,12 +461,8 @@ def time_baselines(unet: Any, xb: tuple, row: dict, modes: list[str], iters: int
         key = f"bf16_compile_{mode.replace('-', '_')}"
         try:
             t0 = time.perf_counter()
-            cb = torch.compile(unet, mode=mode)
-            for _ in range(2):
-                torch.compiler.cudagraph_mark_step_begin()
-                cb(*xb[:2], encoder_hidden_states=xb[2], return_dict=False)
+            run = compiled_baseline(unet, mode, xb)
             row[f"{key}_s"] = round(time.perf_counter() - t0, 1)
-            run = lambda: cb(*xb[:2], encoder_hidden_states=xb[2], return_dict=False)  # noqa: E731
             row[key] = {**step_ms(run, iters, mark_step=True), "mode": mode}
             row[f"{key}_ms"] = row[key]["median_ms"]
             log(f"batch {b}: bf16 torch.compile({mode}) {row[f'{key}_ms']} ms (compile {row[f'{key}_s']} s)")
@@ -441,7 +471,7 @@ def time_baselines(unet: Any, xb: tuple, row: dict, modes: list[str], iters: int
                 profiles[f"bf16_{mode}_b{b}"] = {"table": table, "by_kind": categorize(prow),
                                                  "kernels_per_step": kernels_per_step(prow), "rows": prow}
                 log(table)
-            del cb
+            del run
         except Exception as e:  # noqa: BLE001
             row[f"{key}_error"] = repr(e)[:3000]
             traceback.print_exc()
@@ -500,7 +530,8 @@ def warm_baseline(batches: list[int], mode: str, done: Path) -> int:
             x = bf16_inputs(inputs(b, example))
             t0 = time.perf_counter()
             with torch.no_grad():
-                torch.compile(unet, mode=m)(*x[:2], encoder_hidden_states=x[2], return_dict=False)
+                torch.compile(unet, mode=None if m == "default-graph" else m)(*x[:2], encoder_hidden_states=x[2],
+                                                                               return_dict=False)
             log(f"warm-up: bf16 torch.compile({m}) batch {b}: {time.perf_counter() - t0:.1f} s")
             torch._dynamo.reset()
             with done.open("a") as f:

@@ -19,9 +19,6 @@ fused by the compiler:
   (``msfp_fast::decode_w4_group``, up to ``DECODE_GROUP_BYTES`` of transient E4M3 per group), or resident as E4M3
   (``weights="fp8"``, 1 byte per parameter), or ``"mixed"``: E4M3 for layers of at most ``SMALL_LAYER`` weights,
   packed for the rest;
-* with ``build_fast(w4_gemm_max_m=M)``, layers whose GEMM has at most M rows read their packed codes directly:
-  ``msfp_fast::w4a8_gemm`` decodes them to E4M3 in registers (0.5 byte read per weight instead of 2.5 for decode +
-  cuBLAS; ``w4_gemm``), off by default until measured on the GPU.
 
 Quantizers the GEMMs cannot take (8-bit formats, attention Q/K/V, per-channel activation scales) stay fake
 quantization, written as pointwise torch ops (``fake_quant``) on bfloat16 tensors. The numerics differ from the
@@ -266,7 +263,6 @@ class FastGemm(torch.nn.Module):
         self.parts: list[int] | None = None  # merged layers (merge): the output's split along N
         self.part_quant: PartQuant | None = None  # the parts' fake quantizers, applied before the split
         self.lut_rows = [n]  # rows decoded by each row of lut ([16] here, [R, 16] in merged layers)
-        self.w4_gemm = False  # packed weights read by msfp_fast::w4a8_gemm (use_w4_gemm), no separate decode
         if weights == "fp8":
             self.register_buffer("w8", table[codes.long()].to(_FP8).contiguous())
         elif weights == "packed":  # decoded per step by one bandwidth-bound Triton kernel (w4_decode)
@@ -304,7 +300,7 @@ class FastGemm(torch.nn.Module):
         torch.nn.Module.__init__(m)
         m.sets, m.k, m.n = 1, f.k, sum(x.n for x in layers)
         m.afmt, m.a_scale, m.a_zero, m.conv, m.weights, m.dtype = f.afmt, f.a_scale, f.a_zero, None, f.weights, f.dtype
-        m.group_offset, m.parts, m.part_quant, m.w4_gemm = 0, [x.n for x in layers], None, False
+        m.group_offset, m.parts, m.part_quant = 0, [x.n for x in layers], None
         for name in ("a_s", "a_z", "one"):
             m.register_buffer(name, getattr(f, name))
         m.register_buffer("beta", torch.cat([x.beta for x in layers], 1))
@@ -319,22 +315,8 @@ class FastGemm(torch.nn.Module):
             m.lut_rows = [r for x in layers for r in x.lut_rows]
         return m
 
-    def use_w4_gemm(self) -> None:
-        """Multiply by the packed codes in ``msfp_fast::w4a8_gemm`` (one set of packed weights): the kernel reads a
-        code table per weight row (``w4_luts`` [U, 16], ``w4_row_lut`` [N])."""
-        if self.weights != "packed" or self.sets != 1:
-            raise ValueError("w4a8_gemm needs one set of packed weights")
-        luts = self.lut.reshape(-1, 16)
-        self.register_buffer("w4_luts", luts.contiguous())
-        rows = torch.arange(luts.shape[0], dtype=torch.uint8).repeat_interleave(torch.tensor(self.lut_rows))
-        self.register_buffer("w4_row_lut", rows)
-        self.w4_gemm = True
-
     def _gemm(self, a: torch.Tensor, set_index: torch.Tensor | None, wflat: torch.Tensor | None) -> torch.Tensor:
-        """a @ W^T of the E4M3 rows a, float32 (w4a8_gemm's split-K partials summed in the epilogue Inductor fuses)
-        or ``self.dtype`` (cuBLAS FP8)."""
-        if self.w4_gemm:
-            return torch.ops.msfp_fast.w4a8_gemm(a, self.packed[0], self.w4_luts, self.w4_row_lut).sum(0)
+        """a @ W^T of the E4M3 rows a in ``self.dtype`` (cuBLAS FP8)."""
         w = self.weight_e4m3(set_index, wflat)
         # tensorwise unit scales: the per-column scale joins beta in the pointwise epilogue Inductor fuses into the
         # consumer (rowwise scales needed a [M, 1] ones tensor written per GEMM, one more kernel each)
@@ -438,7 +420,7 @@ def _group_decodes(gm: fx.GraphModule, group_bytes: int) -> int:
     size = 0
     for node in gm.graph.nodes:
         mod = gm.get_submodule(node.target) if node.op == "call_module" else None
-        if not isinstance(mod, FastGemm) or mod.weights != "packed" or mod.sets != 1 or mod.k % 8 or mod.w4_gemm:
+        if not isinstance(mod, FastGemm) or mod.weights != "packed" or mod.sets != 1 or mod.k % 8:
             continue  # TALoRA sets and K % 8 != 0 (the group kernel moves int32 words) decode on their own
         if not groups or size + mod.n * mod.k > group_bytes:
             groups.append([])
@@ -453,34 +435,6 @@ def _group_decodes(gm: fx.GraphModule, group_bytes: int) -> int:
         for n in nodes:
             n.kwargs = {**n.kwargs, "wflat": wflat}
     return len(groups)
-
-
-def _gemm_rows(node: fx.Node, mod: FastGemm, batch: int = 1) -> int | None:
-    """M of a FastGemm call's GEMM from the traced shapes (node meta), a symbolic dimension (the exported batch)
-    counting as ``batch``; None where unknown."""
-    if mod.conv is None:  # linear, merged or not: rows of the input over K
-        val = node.args[0].meta.get("val") if isinstance(node.args[0], fx.Node) else None
-        width = mod.k
-    else:  # conv: output positions (the output is [B, N, Ho, Wo])
-        val, width = node.meta.get("val"), mod.n
-    if not isinstance(val, torch.Tensor):
-        return None
-    return math.prod(d if isinstance(d, int) else batch for d in val.shape) // width
-
-
-def _route_small_gemms(gm: fx.GraphModule, max_m: int, batch: int) -> int:
-    """Packed single-set layers whose GEMM has at most ``max_m`` rows multiply by their codes directly
-    (FastGemm.use_w4_gemm: weight-bandwidth-bound there, and no decode); returns how many."""
-    routed = 0
-    for node in gm.graph.nodes:
-        mod = gm.get_submodule(node.target) if node.op == "call_module" else None
-        if not isinstance(mod, FastGemm) or mod.weights != "packed" or mod.sets != 1:
-            continue
-        m = _gemm_rows(node, mod, batch)
-        if m is not None and m <= max_m:
-            mod.use_w4_gemm()
-            routed += 1
-    return routed
 
 
 def _merge_shared_inputs(gm: fx.GraphModule) -> int:
@@ -602,7 +556,6 @@ class FastReport:
     skipped: dict[str, str] = field(default_factory=dict)
     fake_quant: int = 0
     decode_groups: int = 0
-    w4_gemm: int = 0  # layers multiplying by their packed codes (msfp_fast::w4a8_gemm)
     merged_away: int = 0  # GEMMs saved by merging linears of one quantized input
     part_quant_moved: int = 0  # fake quantizers of merged GEMMs' parts moved into the GEMM (quantize_parts)
 
@@ -611,8 +564,7 @@ class FastReport:
                  f"bf16 fake quantizers kept: {self.fake_quant}; GEMMs saved by merging linears of one input: "
                  f"{self.merged_away}; packed-weight decode launches: {self.decode_groups}"
                  + (f"; part quantizers moved into merged GEMMs: {self.part_quant_moved}" if self.part_quant_moved
-                    else "")
-                 + (f"; layers reading packed codes in the GEMM (w4a8): {self.w4_gemm}" if self.w4_gemm else "")]
+                    else "")]
         lines += [f"  kept {k}: {v}" for k, v in self.skipped.items()]
         return "\n".join(lines)
 
@@ -853,8 +805,7 @@ class FastUNet(torch.nn.Module):
 
 def build_fast(gm: fx.GraphModule, device: str | torch.device = "cuda", weights: str = "packed",
                inplace: bool = False, dtype: torch.dtype = _BF16,
-               decode_group_bytes: int | None = None, merge: bool = True, quantize_parts: bool = False,
-               w4_gemm_max_m: int = 0, w4_gemm_batch: int = 1) -> FastUNet:
+               decode_group_bytes: int | None = None, merge: bool = True, quantize_parts: bool = False) -> FastUNet:
     """Rewrite a quantized GraphModule (``CompiledModel.graph_module`` or a loaded .pt2's module) for Inductor.
 
     ``dtype``: of the activations between ops (bf16; float32 checks the rewrite against the reference graph with
@@ -862,10 +813,7 @@ def build_fast(gm: fx.GraphModule, device: str | torch.device = "cuda", weights:
     launch of the packed-weight decode (default ``DECODE_GROUP_BYTES``; 0: one launch per layer). ``merge``: one GEMM
     for the linears that share a quantized input (Q/K/V; the cross-attention K/V of every block). ``quantize_parts``:
     the fake quantizers of the merged GEMMs' parts (Q/K/V before attention) as one per-column epilogue of the GEMM
-    (``PartQuant``; bit-exact; its speed on the GPU is not measured yet). ``w4_gemm_max_m``: packed layers whose GEMM
-    has at most this many rows (M = tokens or output positions at batch ``w4_gemm_batch``: the exported batch is
-    symbolic) multiply by their 4-bit codes in ``msfp_fast::w4a8_gemm`` and leave the decode groups (0: none; not
-    measured on the GPU yet)."""
+    (``PartQuant``; bit-exact; its speed on the GPU is not measured yet)."""
     if weights not in ("packed", "fp8", "mixed"):
         raise ValueError(f"unknown weights mode {weights!r} (packed, fp8 or mixed)")
     if not inplace:
@@ -876,14 +824,11 @@ def build_fast(gm: fx.GraphModule, device: str | torch.device = "cuda", weights:
         report.merged_away = _merge_shared_inputs(gm)
         if quantize_parts:
             report.part_quant_moved = _quantize_parts_in_epilogue(gm)
-    if w4_gemm_max_m > 0:
-        report.w4_gemm = _route_small_gemms(gm, w4_gemm_max_m, w4_gemm_batch)
     group_bytes = DECODE_GROUP_BYTES if decode_group_bytes is None else decode_group_bytes
     groups = _group_decodes(gm, group_bytes) if group_bytes > 0 else 0
     _drop_unused_attributes(gm)
     report.decode_groups = groups + sum(len(m.lut_rows) if m.lut.dim() == 2 else 1 for m in gm.modules()
-                                        if isinstance(m, FastGemm) and getattr(m, "packed", None) is not None
-                                        and not m.w4_gemm)
+                                        if isinstance(m, FastGemm) and getattr(m, "packed", None) is not None)
     _cast_constants(gm, dtype)
     gm.recompile()
     fast = FastUNet(_to_device(gm, torch.device(device)), report, weights, dtype)

@@ -1,8 +1,7 @@
 """torch.library ops of the fast path: the Triton kernels Inductor should not regenerate, as opaque ops.
 
-``msfp_fast::decode_w4`` (packed 4-bit weights -> E4M3 [N, K], kernel in ``w4_decode``),
-``msfp_fast::w4a8_gemm`` (E4M3 activations times packed 4-bit weights decoded in registers, small M, kernel in
-``w4_gemm``) and ``msfp_fast::im2col_e4m3`` (NHWC E4M3 -> im2col rows, kernel in ``im2col``). Each has a fake implementation
+``msfp_fast::decode_w4`` / ``decode_w4_group`` (packed 4-bit weights -> E4M3 [N, K], kernels in ``w4_decode``)
+and ``msfp_fast::im2col_e4m3`` (NHWC E4M3 -> im2col rows, kernel in ``im2col``). Each has a fake implementation
 (shapes only) so torch.compile traces through it and Inductor fuses the code around it, a CUDA implementation that
 launches the Triton kernel (captured by CUDA graphs like any launch), and the reference in torch ops for every other
 device (CPU tests, eager CPU runs). The Triton modules are imported on first CUDA use only: their kernels must be
@@ -19,7 +18,7 @@ import torch.nn.functional as F
 
 from msfp_compiler.ops import get_format
 
-__all__ = ["decode_w4", "decode_w4_group", "w4a8_gemm", "w4a8_config", "im2col_e4m3", "conv_out_size", "pack_halves", "unpack_halves", "e4m3_lut"]
+__all__ = ["decode_w4", "decode_w4_group", "im2col_e4m3", "conv_out_size", "pack_halves", "unpack_halves", "e4m3_lut"]
 
 _FP8 = torch.float8_e4m3fn
 
@@ -99,63 +98,17 @@ def decode_w4_group(packed: torch.Tensor, luts: torch.Tensor, row_lut: torch.Ten
 @decode_w4_group.register_kernel("cuda")
 def _decode_w4_group_cuda(packed: torch.Tensor, luts: torch.Tensor, row_lut: torch.Tensor, block_layer: torch.Tensor,
                           meta: torch.Tensor) -> torch.Tensor:
+    from .graphed import take_prefetched
     from .w4_decode import decode_w4_group_triton
 
-    return decode_w4_group_triton(packed, luts, row_lut, block_layer, meta)
+    prefetched = take_prefetched(packed)  # decoded ahead on a side stream (graphed.GraphedStep)
+    return prefetched if prefetched is not None else decode_w4_group_triton(packed, luts, row_lut, block_layer, meta)
 
 
 @decode_w4_group.register_fake
 def _decode_w4_group_fake(packed: torch.Tensor, luts: torch.Tensor, row_lut: torch.Tensor, block_layer: torch.Tensor,
                           meta: torch.Tensor) -> torch.Tensor:
     return packed.new_empty((2 * packed.numel(),), dtype=_FP8)
-
-
-# SMs of the H200 (and H100 SXM): split-K aims at about two programs per SM
-_SMS = 132
-
-
-def w4a8_config(m: int, n: int, k: int) -> tuple[int, int, int, int]:
-    """(split, BM, BN, BKH) of ``msfp_fast::w4a8_gemm`` for A [M, K] times W [N, K]^T: BKH packed bytes (2 * BKH
-    codes) per K step; split-K while the output tiles alone leave SMs idle. A function of the shapes only, so the
-    fake implementation knows the output's split. Not tuned on the GPU yet (tools/bench_gpu_kernels.py w4gemm)."""
-    bm = min(128, max(16, 1 << (m - 1).bit_length()))
-    bn = 128 if n >= 1024 else 64
-    bkh = 64
-    iters = -(-(k // 2) // bkh)
-    tiles = -(-m // bm) * -(-n // bn)
-    split = max(1, min(iters, -(-2 * _SMS // tiles)))
-    per = -(-iters // split)
-    return -(-iters // per), bm, bn, bkh  # no empty splits
-
-
-def _decode_rows(packed: torch.Tensor, luts: torch.Tensor, row_lut: torch.Tensor) -> torch.Tensor:
-    """E4M3 [N, K] of packed [N, K/2] halves bytes, row n decoded by table luts[row_lut[n]]."""
-    rows = luts.to(torch.int32)[row_lut.long()]  # [N, 16]
-    return torch.gather(rows, 1, unpack_halves(packed).long()).to(torch.uint8).view(_FP8)
-
-
-@torch.library.custom_op("msfp_fast::w4a8_gemm", mutates_args=())
-def w4a8_gemm(a: torch.Tensor, packed: torch.Tensor, luts: torch.Tensor, row_lut: torch.Tensor) -> torch.Tensor:
-    """a E4M3 [M, K], packed uint8 [N, K/2] (pack_halves), luts uint8 [U, 16] (e4m3_lut), row_lut uint8 [N]: the
-    table of each weight row -> float32 [split, M, N] partial products (split = w4a8_config(M, N, K)[0]) whose sum
-    over dim 0 is a @ W^T. The reference: decode, then one float32 matmul in the first partial, zeros in the rest."""
-    split = w4a8_config(a.shape[0], packed.shape[0], a.shape[1])[0]
-    out = a.new_zeros((split, a.shape[0], packed.shape[0]), dtype=torch.float32)
-    out[0] = a.float() @ _decode_rows(packed, luts, row_lut).float().t()
-    return out
-
-
-@w4a8_gemm.register_kernel("cuda")
-def _w4a8_gemm_cuda(a: torch.Tensor, packed: torch.Tensor, luts: torch.Tensor, row_lut: torch.Tensor) -> torch.Tensor:
-    from .w4_gemm import w4a8_gemm_triton
-
-    return w4a8_gemm_triton(a, packed, luts, row_lut, *w4a8_config(a.shape[0], packed.shape[0], a.shape[1]))
-
-
-@w4a8_gemm.register_fake
-def _w4a8_gemm_fake(a: torch.Tensor, packed: torch.Tensor, luts: torch.Tensor, row_lut: torch.Tensor) -> torch.Tensor:
-    split = w4a8_config(a.shape[0], packed.shape[0], a.shape[1])[0]
-    return a.new_empty((split, a.shape[0], packed.shape[0]), dtype=torch.float32)
 
 
 @torch.library.custom_op("msfp_fast::im2col_e4m3", mutates_args=())

@@ -86,9 +86,13 @@ def _decode_group_kernel(p_ptr, lut_ptr, row_lut_ptr, layer_ptr, meta_ptr, out_p
 
 
 def decode_w4_group_triton(packed: torch.Tensor, luts: torch.Tensor, row_lut: torch.Tensor, block_layer: torch.Tensor,
-                           meta: torch.Tensor) -> torch.Tensor:
-    """Every layer of a decode group in one launch (``fast_ops.decode_w4_group`` describes the arguments)."""
-    out = torch.empty(2 * packed.numel(), dtype=torch.float8_e4m3fn, device=packed.device)
+                           meta: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Every layer of a decode group in one launch (``fast_ops.decode_w4_group`` describes the arguments); into
+    ``out`` (E4M3 [2P]) when given (``graphed.DecodePrefetch``'s buffers)."""
+    if out is None:
+        out = torch.empty(2 * packed.numel(), dtype=torch.float8_e4m3fn, device=packed.device)
+    elif out.dtype != torch.float8_e4m3fn or out.numel() != 2 * packed.numel() or not out.is_contiguous():
+        raise ValueError(f"decode group output must be contiguous E4M3 of {2 * packed.numel()} elements")
     blocks = block_layer.numel()
     if blocks == 0:
         return out

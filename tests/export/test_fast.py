@@ -308,25 +308,25 @@ def test_decode_packed_matches_op(fmt: str, shape: list[int]) -> None:
     assert torch.equal(FA.decode_packed(halves, O.e4m3_lut(fmt), s, shape, torch.float32), ref)
 
 
-def test_build_fast_w4_gemm_small_m(compiled_cond) -> None:
-    """w4_gemm_max_m: the layers with at most that many GEMM rows multiply by their packed codes (msfp_fast::w4a8_gemm;
-    on the CPU its torch reference, the kernel is tested in test_w4_gemm.py) and leave the decode groups; the output
-    is the decode + GEMM path's up to the summation order (float32 activations), and traces as one graph."""
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA streams and graphs")
+def test_graphed_step_prefetch_exact(compiled_cond) -> None:
+    """graphed.GraphedStep: the compiled step replayed from one CUDA graph, its decode groups decoded on a side
+    stream ahead of their consumers, gives the compiled step's output bit for bit (same kernels, same inputs), as
+    does the capture with the decode in line; a replay with new inputs follows them."""
+    from msfp_compiler.export.triton.graphed import GraphedStep
+
     gm = compiled_cond.graph_module
     args = [a.to(DEV) for a in compiled_cond.calibration.batches[0].args]
-    plain = FA.build_fast(gm, DEV, dtype=torch.float32)
-    rows = sorted({FA._gemm_rows(n, plain.gm.get_submodule(n.target)) for n in plain.gm.graph.nodes
-                   if n.op == "call_module" and isinstance(plain.gm.get_submodule(n.target), FA.FastGemm)})
-    assert None not in rows and len(rows) >= 2, rows
-    some = FA.build_fast(gm, DEV, dtype=torch.float32, w4_gemm_max_m=rows[0])
-    every = FA.build_fast(gm, DEV, dtype=torch.float32, w4_gemm_max_m=rows[-1])
-    layers = [m for m in every.modules() if isinstance(m, FA.FastGemm)]
-    assert plain.report.w4_gemm == 0 and 0 < some.report.w4_gemm < every.report.w4_gemm == len(layers), str(some.report)
-    assert every.report.decode_groups == 0 and not any(isinstance(m, FA.DecodeGroup) for m in every.modules())
-    assert 0 < some.report.decode_groups <= plain.report.decode_groups
-    assert any(m.w4_gemm and m.parts for m in layers)  # merged layers too (a table per row)
+    fast = FA.build_fast(gm, DEV, decode_group_bytes=1)  # several groups: several events to wait for
+    assert fast.report.decode_groups >= 2, str(fast.report)
+    step = torch.compile(fast)
+    prefetched = GraphedStep(step, fast, tuple(args), prefetch=True)
+    inline = GraphedStep(step, fast, tuple(args), prefetch=False)
+    assert prefetched.prefetch is not None and inline.prefetch is None
+    assert prefetched.prefetch.taken == len(prefetched.prefetch.groups) >= 2  # in the capture: every group
     with torch.no_grad():
-        ref = plain(*args)
-        for fast in (some, every):
-            assert _rel(fast(*args), ref) < (1e-3 if DEV.type == "cuda" else 1e-5)
-        assert torch.equal(torch.compile(every, backend="eager", fullgraph=True)(*args), every(*args))
+        ref = step(*args).clone()
+        assert torch.equal(prefetched(*args), ref) and torch.equal(inline(*args), ref)
+        new = [args[0] * 0.5, *args[1:]]
+        ref2 = step(*new).clone()
+        assert not torch.equal(ref2, ref) and torch.equal(prefetched(*new), ref2)

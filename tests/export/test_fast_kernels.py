@@ -78,6 +78,14 @@ def test_decode_w4_group_bit_exact(block: int) -> None:
         for out in (ref, got):
             w = out[m.group_offset:m.group_offset + m.n * m.k].view(m.n, m.k)
             assert torch.equal(w.float().cpu(), m.values)
+    # into a given buffer (graphed.DecodePrefetch's): the same bytes wherever a layer wrote
+    buf = torch.zeros_like(got)
+    assert decode_w4_group_triton(*(a.to(DEV) for a in args), out=buf) is buf
+    for m in layers:
+        span = slice(m.group_offset, m.group_offset + m.n * m.k)
+        assert torch.equal(_u8(buf[span]), _u8(got[span]))
+    with pytest.raises(ValueError, match="E4M3"):
+        decode_w4_group_triton(*(a.to(DEV) for a in args), out=buf[1:])
 
 
 @pytest.mark.parametrize("kernel,stride,pads,c", [((3, 3), (1, 1), (1, 1, 1, 1), 20), ((3, 3), (2, 2), (1, 1, 1, 1), 16),
