@@ -344,6 +344,8 @@ def variant(args: argparse.Namespace, rec: Recorder, cm: Any) -> None:
         cf = compile_fast(fast, x, args.fast_mode, row, head)
     if cf is not None:
         time_fast(cf, x, row, head, args.iters, profiles if args.profile else None, tag=f"_{name}")
+        if args.fast_mode == "graph" and "inline" not in args.skip.split(","):
+            time_inline_decode(cf, fast, x, row, head, args.iters)
     row["w4a4_ms"] = row.get(f"w4a4_{head}", {}).get("median_ms")
     row["profile"] = {k: {kk: vv for kk, vv in v.items() if kk != "rows"} for k, v in profiles.items()}
     rec.put("variants", [row])
