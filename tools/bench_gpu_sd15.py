@@ -155,8 +155,8 @@ def parser() -> argparse.ArgumentParser:
                     "modes for the bf16 baseline, or default-graph (default mode captured as one CUDA graph by hand); "
                     "bf16_compile_ms is the fastest")
     ap.add_argument("--fast-mode", default="graph", help="graph (Inductor default mode, the step captured as one "
-                    "CUDA graph with the weight decode prefetched on a side stream; also timed with the decode in "
-                    "line) or a torch.compile mode (reduce-overhead: its own CUDA graphs)")
+                    "CUDA graph by graphed.GraphedStep; also timed with the weight decode prefetched on a side "
+                    "stream) or a torch.compile mode (reduce-overhead: its own CUDA graphs)")
     ap.add_argument("--weights", default="packed", help="comma list of packed,mixed,fp8 (build_fast's weights "
                     "modes; the first is the headline)")
     ap.add_argument("--iters", type=int, default=30)
@@ -171,7 +171,7 @@ def parser() -> argparse.ArgumentParser:
                     "independent kernels launched as one) or qkv (build_fast(quantize_parts=True): the Q/K/V "
                     "fake quantizers in their merged GEMM's epilogue); recorded under 'variants'")
     ap.add_argument("--skip", default="", help="comma list of phases to leave out: accuracy, bandwidth, "
-                    "inline (graph mode's in-line decode timing)")
+                    "prefetch (graph mode's side-stream decode timing)")
     ap.add_argument("--gpu-lock", default=None, metavar="FILE", help="hold an exclusive lock on FILE from the first "
                     "timing to the end (benchmarks of other batch sizes compiling in parallel processes time one "
                     "at a time)")
@@ -279,11 +279,9 @@ def measure(args: argparse.Namespace, rec: Recorder, cm: Any, bf16_bytes: int, b
     rows = {b: {"batch": b} for b in batches}
     compiled = {(w, b): cf for b in batches for w, f in fasts.items()
                 if (cf := compile_fast(f, xs[b], args.fast_mode, rows[b], w)) is not None}
-    for b in batches:
-        if (head, b) not in compiled and args.fast_mode == "graph":  # torch.compile's own CUDA graphs instead
-            if (cf := compile_fast(fasts[head], xs[b], "reduce-overhead", rows[b], head)) is not None:
-                compiled[(head, b)] = cf
-                rows[b]["w4a4_fallback"] = "reduce-overhead (the graph mode failed)"
+    for b in (b for b in batches if (head, b) not in compiled and args.fast_mode == "graph"):  # CUDA graph trees
+        if (cf := compile_fast(fasts[head], xs[b], "reduce-overhead", rows[b], head)) is not None:
+            compiled[(head, b)], rows[b]["w4a4_fallback"] = cf, "reduce-overhead (the graph mode failed)"
     rec.put("rows", list(rows.values()))
     if warm is not None:  # its autotuning must not share the GPU with the timings
         rec.put("warm_baseline", wait_warm(warm[0], args.warm_timeout))
@@ -301,8 +299,8 @@ def measure(args: argparse.Namespace, rec: Recorder, cm: Any, bf16_bytes: int, b
         for w in fasts:
             if (w, b) in compiled:
                 time_fast(compiled[(w, b)], xs[b], row, w, args.iters, profiles if args.profile and w == head else None)
-        if (head, b) in compiled and args.fast_mode == "graph" and "inline" not in args.skip.split(","):
-            time_inline_decode(compiled[(head, b)], fasts[head], xs[b], row, head, args.iters)
+        if (head, b) in compiled and args.fast_mode == "graph" and "prefetch" not in args.skip.split(","):
+            time_prefetch_decode(compiled[(head, b)], fasts[head], xs[b], row, head, args.iters)
         row["w4a4_ms"] = row.get(f"w4a4_{head}", {}).get("median_ms")
         time_baselines(unet, bf16_inputs(xs[b]), row, cached_modes(args.baseline_mode, b, warm, row), args.iters,
                        profiles if args.profile else None)
@@ -344,8 +342,8 @@ def variant(args: argparse.Namespace, rec: Recorder, cm: Any) -> None:
         cf = compile_fast(fast, x, args.fast_mode, row, head)
     if cf is not None:
         time_fast(cf, x, row, head, args.iters, profiles if args.profile else None, tag=f"_{name}")
-        if args.fast_mode == "graph" and "inline" not in args.skip.split(","):
-            time_inline_decode(cf, fast, x, row, head, args.iters)
+        if args.fast_mode == "graph" and "prefetch" not in args.skip.split(","):
+            time_prefetch_decode(cf, fast, x, row, head, args.iters)
     row["w4a4_ms"] = row.get(f"w4a4_{head}", {}).get("median_ms")
     row["profile"] = {k: {kk: vv for kk, vv in v.items() if kk != "rows"} for k, v in profiles.items()}
     rec.put("variants", [row])
@@ -375,14 +373,13 @@ def save_profiles(rec: Recorder, profiles: dict, log_dir: str | None) -> None:
 
 def compile_fast(fast: Any, x: tuple, mode: str, row: dict, wmode: str) -> Any:
     """torch.compile the fast W4A4 module for this batch size (two calls: compile, then CUDA graph recording).
-    Mode "graph": Inductor in its default mode, the step captured by ``graphed.GraphedStep`` (one CUDA graph, the
-    weight decode prefetched on a side stream)."""
+    Mode "graph": Inductor in its default mode, the step captured by ``graphed.GraphedStep`` (one CUDA graph)."""
     from msfp_compiler.export.triton.graphed import GraphedStep
 
     try:
         t0 = time.perf_counter()
         if mode == "graph":
-            cf = GraphedStep(torch.compile(fast), fast, x, prefetch=True)
+            cf = GraphedStep(torch.compile(fast), fast, x)
         else:
             cf = torch.compile(fast, mode=mode)
             for _ in range(2):
@@ -414,18 +411,19 @@ def time_fast(cf: Any, x: tuple, row: dict, wmode: str, iters: int, profiles: di
         traceback.print_exc()
 
 
-def time_inline_decode(step: Any, fast: Any, x: tuple, row: dict, wmode: str, iters: int) -> None:
-    """The same compiled step captured once more with the decode in line (no side stream): what the prefetch
-    gains, without another compile."""
+def time_prefetch_decode(step: Any, fast: Any, x: tuple, row: dict, wmode: str, iters: int) -> None:
+    """The same compiled step captured once more with the weight decode prefetched on a side stream
+    (``GraphedStep(prefetch=True)``): what the overlap gains, without another compile."""
     from msfp_compiler.export.triton.graphed import GraphedStep
 
     try:
-        inline = GraphedStep(step.fn, fast, x, prefetch=False)
-        row[f"w4a4_{wmode}_inline_decode"] = step_ms(lambda: inline(*x), iters)
-        log(f"batch {row['batch']}: W4A4 ({wmode}), decode in line: {row[f'w4a4_{wmode}_inline_decode']['median_ms']} ms")
-        del inline
+        ahead = GraphedStep(step.fn, fast, x, prefetch=True)
+        row[f"w4a4_{wmode}_prefetch_decode"] = step_ms(lambda: ahead(*x), iters)
+        log(f"batch {row['batch']}: W4A4 ({wmode}), decode on a side stream: "
+            f"{row[f'w4a4_{wmode}_prefetch_decode']['median_ms']} ms")
+        del ahead
     except Exception as e:  # noqa: BLE001
-        row[f"w4a4_{wmode}_inline_decode_error"] = repr(e)[:3000]
+        row[f"w4a4_{wmode}_prefetch_decode_error"] = repr(e)[:3000]
         traceback.print_exc()
 
 

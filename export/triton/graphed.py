@@ -1,11 +1,15 @@
-"""One CUDA graph per fast-path step, with the packed-weight decode overlapped on a side stream.
+"""One CUDA graph per fast-path step, captured by hand; optionally the packed-weight decode on a side stream.
 
-The decode of the packed 4-bit weights (``msfp_fast::decode_w4_group``, 15 launches per SD1.5 step, ~0.47 ms) reads
-no activation: it depends on nothing the step computes. Inside torch.compile's own CUDA graphs (mode
-"reduce-overhead") it still runs in line, each group just before its first GEMM, and at batch 1 it is ~10% of the
-step. ``GraphedStep`` captures the step itself instead:
+``GraphedStep`` compiles the fast-path module with Inductor's default mode and captures one whole step with
+``torch.cuda.graph``; a call copies the inputs and replays. torch.compile's own CUDA graphs (mode
+"reduce-overhead", CUDA graph trees) cost host time on every call (their input, memory-pool and liveness checks),
+which an event-timed step sees as idle GPU: at batch 1 on SD1.5 (H200) the W4A4 step took 5.65 ms that way and
+4.86 ms captured here, bf16 6.0-7.4 ms against 5.39 ms (docs/triton.md, session 6).
 
-* ``DecodePrefetch`` launches every group's decode on a low-priority side stream at the start of the step, into
+The decode of the packed 4-bit weights (``msfp_fast::decode_w4_group``, 15 launches per SD1.5 step, ~0.45 ms) reads
+no activation. With ``prefetch=True`` it runs ahead of its consumers on a second stream:
+
+* ``DecodePrefetch`` launches every group's decode on a side stream at the start of the step, into
   buffers of its own, and records an event after each group;
 * the compiled graph (Inductor, default mode: no CUDA graphs of its own) runs on the main stream; its
   ``decode_w4_group`` calls find their group prefetched (``take_prefetched``, by the packed tensor's address): the
@@ -16,6 +20,8 @@ step. ``GraphedStep`` captures the step itself instead:
 
 The prefetched buffers hold every group's E4M3 weights at once (2 bytes per packed byte: 860 MB on SD1.5) where
 the in-line decode needed one group's 64 MiB at a time: working memory, not resident weights (the codes stay 4-bit).
+Measured at batch 1 on SD1.5: 4.92 ms against 4.86 ms in line (the decode kernels slow the main stream's kernels
+they run next to, and the captured step leaves few idle gaps to fill), so the default is ``prefetch=False``.
 """
 
 from __future__ import annotations
@@ -40,8 +46,8 @@ class DecodePrefetch:
     """The decode groups of a fast-path module, decoded on a side stream ahead of their consumers."""
 
     def __init__(self, groups: list[torch.nn.Module], priority: int = 0):
-        """groups: ``fast.DecodeGroup`` modules on one CUDA device; priority: of the side stream (0, the lowest,
-        lets the main stream's kernels go first)."""
+        """groups: ``fast.DecodeGroup`` modules on one CUDA device; priority: of the side stream (0 is the default
+        and the lowest, the same as the capture stream's)."""
         self.groups = groups
         dev = groups[0].packed.device
         self.side = torch.cuda.Stream(device=dev, priority=priority)
@@ -84,13 +90,13 @@ class DecodePrefetch:
 
 class GraphedStep:
     """``fn(*inputs)`` (a torch.compile'd fast-path module, default mode) captured as one CUDA graph, with the
-    module's decode groups prefetched on a side stream (``prefetch=True``) or decoded in line.
+    module's decode groups decoded in line (default) or prefetched on a side stream (``prefetch=True``).
 
     Calls copy the inputs into the captured ones and replay; the returned tensor is the graph's output buffer,
     overwritten by the next call (clone it to keep it)."""
 
     def __init__(self, fn: Callable[..., torch.Tensor], module: torch.nn.Module, example: tuple,
-                 prefetch: bool = True, warmup: int = 2):
+                 prefetch: bool = False, warmup: int = 2):
         """module: the fast-path module fn runs (its ``DecodeGroup`` submodules are prefetched); example: inputs of
         the shapes and dtypes every call passes (the first warm-up call compiles)."""
         from .fast import DecodeGroup
