@@ -29,6 +29,8 @@ from tests.conftest import make_unet_min
 # elsewhere); the one-block UNet2DModel keeps the ONNX export short.
 FAST = ["--calib-samples", "2", "--calib-steps", "3", "--calib-groups", "3", "--formats", "e2m1,ue3m1",
         "--weight-formats", "e2m1", "--seed", "3"]
+# full_run and the compiles compared with it byte for byte: the default 8-bit layers plus one named by module path
+KEEP_8BIT = ["--keep-8bit", "first,last,down_blocks.0.resnets.0.conv1"]
 FX_PASSES = ["annotate_sign", "select_format", "insert_qdq", "fold_zero_point", "pack_weights"]
 
 
@@ -56,7 +58,8 @@ def model_pt(workdir: Path, unet) -> Path:
 
 @pytest.fixture(scope="module")
 def full_run(workdir: Path, model_pt: Path) -> dict:
-    """One in-process compile with every reporting option: --log-dir --dump-graph --plots --check --summary."""
+    """One in-process compile with every reporting option: --log-dir --dump-graph --plots --check --summary (and
+    --keep-8bit naming a layer by module path)."""
     out, logs = workdir / "out" / "model.onnx", workdir / "logs"
     out.parent.mkdir()
     lg = logging.getLogger("msfp")
@@ -67,7 +70,7 @@ def full_run(workdir: Path, model_pt: Path) -> dict:
     try:
         with contextlib.redirect_stdout(so), contextlib.redirect_stderr(se):
             rc = _call(compile_main, [model_pt, "--out", out, "--log-dir", logs, "--dump-graph", "--plots", "--check",
-                                      "--summary", *FAST])
+                                      "--summary", *KEEP_8BIT, *FAST])
     finally:
         os.environ.pop("MSFP_PROGRESS_INTERVAL") if old is None else os.environ.__setitem__("MSFP_PROGRESS_INTERVAL", old)
     lg.handlers[:], lg.level, lg.propagate = saved
@@ -194,7 +197,7 @@ def test_trust_pickle_compiles_a_pickled_module(full_run, workdir: Path, unet, c
     pickled = workdir / "module.pt"
     torch.save(unet, pickled)
     out = workdir / "pickled.onnx"
-    rc = _call(compile_main, [pickled, "--out", out, "--trust-pickle", "-q", *FAST])
+    rc = _call(compile_main, [pickled, "--out", out, "--trust-pickle", "-q", *KEEP_8BIT, *FAST])
     assert rc == 0, capsys.readouterr().err
     assert out.read_bytes() == full_run["out"].read_bytes()
 
@@ -212,8 +215,8 @@ def test_console_script_is_deterministic_across_processes(full_run, model_pt: Pa
         pytest.skip("msfp-compile console script not installed (pip install -e .)")
     out = workdir / "proc.onnx"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONHASHSEED="12345")
-    p = subprocess.run([exe, str(model_pt), "--out", str(out), "-q", *FAST], capture_output=True, text=True, env=env,
-                       timeout=600)
+    p = subprocess.run([exe, str(model_pt), "--out", str(out), "-q", *KEEP_8BIT, *FAST], capture_output=True, text=True,
+                       env=env, timeout=600)
     assert p.returncode == 0, p.stderr
     assert p.stderr.strip() == "", p.stderr  # -q: nothing on stderr
     assert p.stdout.startswith("wrote ")
@@ -463,14 +466,15 @@ def test_error_unknown_layer_names(capsys, workdir: Path, model_pt: Path, keep: 
     _expect_error(capsys, [model_pt, "--out", out, "--keep-8bit", keep, "-q", *FAST], out, *expected)
 
 
-def test_keep_8bit_by_module_path(workdir: Path, model_pt: Path, capsys) -> None:
-    out = _out(workdir, "keep_ok")
-    rc = _call(compile_main, [model_pt, "--out", out, "--keep-8bit", "down_blocks.0.resnets.0.conv1", "-q",
-                              "--summary", *FAST])
-    so = capsys.readouterr().out
-    assert rc == 0
-    row = next(ln.split() for ln in so.splitlines() if ln.startswith("down_blocks.0.resnets.0.conv1.weight "))
-    assert row[2] == "int8" and row[3] == "8"
+def test_keep_8bit_by_module_path(full_run) -> None:
+    """full_run's --keep-8bit first,last,down_blocks.0.resnets.0.conv1: the named conv (weight and input) is 8-bit
+    next to the default first and last layers; the input of its sibling conv2 stays 4-bit."""
+    assert full_run["rc"] == 0, full_run["stderr"]
+    rows = {r[0]: r for r in (ln.split() for ln in full_run["stdout"].splitlines()) if len(r) > 3 and r[1] in
+            ("act", "weight")}
+    for layer in ("down_blocks.0.resnets.0.conv1", "conv_in", "conv_out"):
+        assert rows[f"{layer}.weight"][2:4] == ["int8", "8"] and rows[f"{layer}.input"][3] == "8", layer
+    assert rows["down_blocks.0.resnets.0.conv2.input"][3] == "4"
 
 
 def test_failed_check_prints_fail_exits_1_and_writes_nothing(workdir: Path, model_pt: Path, capsys,
