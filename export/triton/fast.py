@@ -214,11 +214,6 @@ def halves_of_packed(packed: torch.Tensor, shape: list[int]) -> torch.Tensor:
     return pack_halves(F.pad(codes, (0, k % 2)))[None]
 
 
-def _fp8_exact(fmt: str) -> bool:
-    lv = get_format(fmt).code_table
-    return bool(torch.equal(lv.to(_FP8).float(), lv))
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # The fused layer
 # ----------------------------------------------------------------------------------------------------------------
@@ -591,22 +586,13 @@ def _layer_weights(weights: str, n: int, k: int) -> str:
 
 
 def _fuse_one(gm: fx.GraphModule, node: fx.Node, kind: str, weights: str, dtype: torch.dtype) -> FastGemm | str:
-    from .runtime import _input_pad, _match_act, _match_weight_bias
+    from .runtime import _match_gemm  # its activations are exact in E4M3 (kernels.fp8_exact)
 
     args = list(node.args)
-    padded = _input_pad(node) if kind == "conv2d" else (args[0], (0, 0, 0, 0), 0.0)
-    if isinstance(padded, str):
-        return padded
-    inp, pads, z_pad = padded
-    act = _match_act(gm, inp)
-    if isinstance(act, str):
-        return act
-    if not _fp8_exact(act.fmt):
-        return f"activation format {act.fmt} not exact in E4M3"
-    wb = _match_weight_bias(gm, args)
-    if isinstance(wb, str):
-        return wb
-    w, bias = wb
+    match = _match_gemm(gm, node, kind)
+    if isinstance(match, str):
+        return match
+    act, w, bias, pads, z_pad = match
     n = w.codes.shape[1]
     a_s, a_z = float(act.scale), float(act.zero_point)
     if kind == "linear":

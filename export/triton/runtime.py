@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
 import torch.fx as fx
@@ -359,6 +359,33 @@ def _match_weight_bias(gm: fx.GraphModule, args: Sequence[Any]) -> tuple[_Weight
     return w, bias.detach().float() if bias is not None else None
 
 
+class _Gemm(NamedTuple):
+    """A ``linear``/``conv2d`` call the GEMM kernels can run: its quantized activation, 4-bit weight, constant bias
+    and, for a conv, fold_zero_point's explicit border (pads left, right, top, bottom; the pad value)."""
+
+    act: _Act
+    w: _Weight
+    bias: torch.Tensor | None
+    pads: tuple[int, int, int, int]
+    z_pad: float
+
+
+def _match_gemm(gm: fx.GraphModule, node: fx.Node, kind: str) -> _Gemm | str:
+    """The operands of a ``linear``/``conv2d`` (``kind``) call for a W4A4 GEMM, or why not (the Triton runner and the
+    fast path match the same pattern)."""
+    padded = _input_pad(node) if kind == "conv2d" else (node.args[0], (0, 0, 0, 0), 0.0)
+    if isinstance(padded, str):
+        return padded
+    inp, pads, z_pad = padded
+    act = _match_act(gm, inp)
+    if isinstance(act, str):
+        return act
+    wb = _match_weight_bias(gm, node.args)
+    if isinstance(wb, str):
+        return wb
+    return _Gemm(act, wb[0], wb[1], pads, z_pad)
+
+
 def conv_geometry(args: Sequence[Any], codes: torch.Tensor, pads: tuple[int, ...]
                   ) -> tuple[list[int], tuple[int, ...]] | str:
     """(stride, F.pad-order padding) of an ``aten.conv2d`` call the fused kernels take, or why not.
@@ -431,17 +458,10 @@ class TritonRunner:
     def _fuse_one(self, node: fx.Node, kind: str, grid: dict, weight_mode: str, precise: bool) -> str | None:
         gm, g = self.gm, self.gm.graph
         args = list(node.args)
-        padded = _input_pad(node) if kind == "conv2d" else (args[0], (0, 0, 0, 0), 0.0)
-        if isinstance(padded, str):
-            return padded
-        inp, pads, z_pad = padded
-        act = _match_act(gm, inp)
-        if isinstance(act, str):
-            return act
-        wb = _match_weight_bias(gm, args)
-        if isinstance(wb, str):
-            return wb
-        w, bias = wb
+        match = _match_gemm(gm, node, kind)
+        if isinstance(match, str):
+            return match
+        act, w, bias, pads, z_pad = match
         sets, n = w.codes.shape[:2]
         if kind == "linear":
             if w.codes.dim() != 3:
