@@ -82,17 +82,24 @@ def test_statistics_from_the_calibration_forwards_equal_a_separate_pass(stages_u
         "one forward per calibration batch"
 
 
-@pytest.mark.parametrize("attention", [True, False])
-def test_compile_takes_the_statistics_from_the_calibration_forwards(attention: bool) -> None:
-    """compile() calibrates through the captured graph, watching exactly the operands annotate_sign records (also with
-    QuantConfig.quantize_attention=False), so annotate_sign runs no forward of its own."""
+def _assert_statistics_from_the_calibration_forwards(cm) -> None:
+    info = {r.name: r.info for r in cm.pass_runs}["annotate_sign"]
+    assert info["statistics"] == "from the calibration forwards"
+    assert len(cm.calibration.stats.groups) == info["activations"]
+
+
+def test_compile_takes_the_statistics_from_the_calibration_forwards(compiled_unet2d) -> None:
+    """compile() calibrates through the captured graph, watching exactly the operands annotate_sign records, so
+    annotate_sign runs no forward of its own (the shared compiled UNet2DModel, attention operands quantized)."""
+    _assert_statistics_from_the_calibration_forwards(compiled_unet2d)
+
+
+def test_compile_takes_the_statistics_from_the_calibration_forwards_without_attention() -> None:
+    """The same with QuantConfig.quantize_attention=False: the forwards watch the operands without q, k, v."""
     from msfp_compiler.compile import compile as msfp_compile
     from msfp_compiler.config import CalibConfig, CompileConfig, QuantConfig
     from tests.conftest import make_unet2d
 
-    cfg = CompileConfig(quant=QuantConfig(quantize_attention=attention, clip_ratios=8, zero_points=4),
+    cfg = CompileConfig(quant=QuantConfig(quantize_attention=False, clip_ratios=8, zero_points=4),
                         calib=CalibConfig(num_samples=1, num_steps=2, num_groups=2, holdout_samples=0))
-    cm = msfp_compile(make_unet2d(), cfg, progress=False, lower=False)
-    info = {r.name: r.info for r in cm.pass_runs}["annotate_sign"]
-    assert info["statistics"] == "from the calibration forwards"
-    assert len(cm.calibration.stats.groups) == info["activations"]
+    _assert_statistics_from_the_calibration_forwards(msfp_compile(make_unet2d(), cfg, progress=False, lower=False))
