@@ -442,6 +442,9 @@ def _sample(args: argparse.Namespace) -> int:
     return 0
 
 
+SAMPLE_CHUNK = 32  # samples per call of the Triton backend's step
+
+
 def _sample_triton(args: argparse.Namespace, out: Path) -> int:
     import torch
 
@@ -467,14 +470,17 @@ def _sample_triton(args: argparse.Namespace, out: Path) -> int:
                            generator=torch.Generator().manual_seed(args.seed + 1))
     if args.fast:
         from msfp_compiler.export.triton.fast import build_fast
+        from msfp_compiler.export.triton.graphed import graphed_by_shape
 
-        # Inductor + CUDA graphs, the configuration benchmarked in docs/triton.md
-        runner = torch.compile(build_fast(gm, "cuda", inplace=True), mode="reduce-overhead")
+        # the configuration benchmarked in docs/triton.md (Inductor, each step one CUDA graph). One graph per chunk
+        # shape, not the last chunk padded to the chunk size: no steps spent on padding rows (-n 16 would run 32),
+        # and a sample's result does not depend on them (the FP8 GEMM's kernel choice depends on the row count)
+        runner = graphed_by_shape(build_fast(gm, "cuda", inplace=True))
     else:
         runner = TritonRunner(gm, cuda_graphs=True)
     # torch.export records the guards diffusers' blocks put on the batch (batch <= 63 for the UNets we tried), so
     # the program is sampled in chunks; chunk i uses seed + i.
-    chunk = 32
+    chunk = SAMPLE_CHUNK
     imgs = torch.cat([sample_ddim(runner, (min(chunk, args.num - i), int(shape[1]), int(shape[2]), int(shape[3])),
                                   args.steps, args.seed + i // chunk,
                                   cond=None if cond is None else cond[i:i + chunk].cuda())

@@ -379,9 +379,9 @@ def compile_fast(fast: Any, x: tuple, mode: str, row: dict, wmode: str) -> Any:
     try:
         t0 = time.perf_counter()
         if mode == "graph":
-            cf = GraphedStep(torch.compile(fast), fast, x)
+            cf = GraphedStep(torch.compile(fast, dynamic=False), fast, x)
         else:
-            cf = torch.compile(fast, mode=mode)
+            cf = torch.compile(fast, mode=mode, dynamic=False)
             for _ in range(2):
                 torch.compiler.cudagraph_mark_step_begin()
                 cf(*x)
@@ -431,9 +431,9 @@ def compiled_baseline(unet: Any, mode: str, xb: tuple) -> Callable[[], Any]:
     """The bf16 UNet under torch.compile, compiled and warmed up: a torch.compile mode, or "default-graph"
     (Inductor's default mode captured as one CUDA graph by hand, as graphed.GraphedStep does for W4A4)."""
     if mode == "default-graph":
-        cb = torch.compile(unet)
+        cb = torch.compile(unet, dynamic=False)
         return cuda_graph(lambda s, t, c: cb(s, t, encoder_hidden_states=c, return_dict=False)[0], xb)
-    cb = torch.compile(unet, mode=mode)
+    cb = torch.compile(unet, mode=mode, dynamic=False)
     for _ in range(2):
         torch.compiler.cudagraph_mark_step_begin()
         cb(*xb[:2], encoder_hidden_states=xb[2], return_dict=False)
@@ -530,8 +530,8 @@ def warm_baseline(batches: list[int], mode: str, done: Path) -> int:
             x = bf16_inputs(inputs(b, example))
             t0 = time.perf_counter()
             with torch.no_grad():
-                torch.compile(unet, mode=None if m == "default-graph" else m)(*x[:2], encoder_hidden_states=x[2],
-                                                                               return_dict=False)
+                cb = torch.compile(unet, mode=None if m == "default-graph" else m, dynamic=False)
+                cb(*x[:2], encoder_hidden_states=x[2], return_dict=False)
             log(f"warm-up: bf16 torch.compile({m}) batch {b}: {time.perf_counter() - t0:.1f} s")
             torch._dynamo.reset()
             with done.open("a") as f:

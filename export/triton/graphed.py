@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-__all__ = ["DecodePrefetch", "GraphedStep", "take_prefetched"]
+__all__ = ["DecodePrefetch", "GraphedStep", "PerShape", "graphed_by_shape", "take_prefetched"]
 
 _ACTIVE: "DecodePrefetch | None" = None
 
@@ -127,3 +127,28 @@ class GraphedStep:
             dst.copy_(src)
         self.graph.replay()
         return self.output
+
+
+class PerShape:
+    """``build(example)`` once per new combination of input shapes and dtypes, then reused: a CUDA graph replays
+    fixed shapes, and a sampler calls with a full chunk and then a smaller last one. A step's output is its own
+    buffer (GraphedStep's), so the output of one shape survives calls of another."""
+
+    def __init__(self, build: Callable[[tuple], Callable[..., torch.Tensor]]):
+        self.build = build
+        self.steps: dict[tuple, Callable[..., torch.Tensor]] = {}
+
+    def __call__(self, *args: Any) -> torch.Tensor:
+        key = tuple((tuple(a.shape), a.dtype, a.device) if isinstance(a, torch.Tensor) else a for a in args)
+        step = self.steps.get(key)
+        if step is None:
+            step = self.steps[key] = self.build(args)
+        return step(*args)
+
+
+def graphed_by_shape(module: torch.nn.Module, prefetch: bool = False) -> PerShape:
+    """The fast-path module as the benchmark times it (tools/bench_gpu_sd15.py ``--fast-mode graph``): Inductor's
+    default mode with static shapes (one specialization per batch size, not a dynamic batch after the second one),
+    captured by ``GraphedStep`` once per input shapes."""
+    fn = torch.compile(module, dynamic=False)
+    return PerShape(lambda example: GraphedStep(fn, module, example, prefetch=prefetch))

@@ -330,3 +330,61 @@ def test_graphed_step_prefetch_exact(compiled_cond) -> None:
         new = [args[0] * 0.5, *args[1:]]
         ref2 = step(*new).clone()
         assert not torch.equal(ref2, ref) and torch.equal(prefetched(*new), ref2)
+
+
+def test_per_shape_builds_once_per_shape() -> None:
+    """graphed.PerShape, msfp-sample --fast's step cache: one step built per new input shapes and dtypes, reused
+    after; through the sampler, full chunks and the smaller last chunk each get their own step (CPU, stub steps)."""
+    from msfp_compiler.export.triton.graphed import PerShape
+    from msfp_compiler.export.triton.runtime import sample_ddim
+
+    built: list[tuple] = []
+
+    def build(example: tuple):
+        built.append(tuple((tuple(a.shape), a.dtype) for a in example))
+        mark = float(len(built))
+        return lambda x, t: torch.full_like(x, mark)  # eps says which build answers
+
+    step = PerShape(build)
+    t3, t1 = torch.zeros(3, dtype=torch.int64), torch.zeros(1, dtype=torch.int64)
+    assert step(torch.zeros(3, 2), t3).unique().tolist() == [1.0]
+    assert step(torch.ones(1, 2), t1).unique().tolist() == [2.0]
+    assert step(torch.ones(3, 2), t3).unique().tolist() == [1.0] and len(built) == 2
+    assert step(torch.ones(3, 2, dtype=torch.float64), t3).unique().tolist() == [3.0]
+
+    built.clear()
+    chunked = PerShape(build)
+    for n in (3, 3, 1):  # -n 7 in chunks of 3, 2 DDIM steps each
+        assert torch.isfinite(sample_ddim(chunked, (n, 1, 4, 4), 2, device="cpu")).all()
+    assert built == [(((3, 1, 4, 4), torch.float32), ((3,), torch.int64)),
+                     (((1, 1, 4, 4), torch.float32), ((1,), torch.int64))]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs")
+def test_sample_fast_one_graph_per_chunk_shape(compiled_cond, tmp_path, monkeypatch) -> None:
+    """msfp-sample --backend triton --fast: the graphed step (graphed_by_shape), one CUDA graph per chunk shape (a
+    full chunk of 2, a last chunk of 1), each replaying its own compiled step exactly."""
+    from msfp_compiler import cli
+    from msfp_compiler.export.triton import graphed
+
+    made: list[graphed.PerShape] = []
+    real = graphed.graphed_by_shape
+
+    def spy(module, prefetch=False):
+        made.append(real(module, prefetch))
+        return made[-1]
+
+    monkeypatch.setattr(graphed, "graphed_by_shape", spy)
+    monkeypatch.setattr(cli, "SAMPLE_CHUNK", 2)
+    path, png = tmp_path / "m.pt2", tmp_path / "s.png"
+    compiled_cond.save_pt2(str(path))
+    assert cli.sample_main([str(path), "--backend", "triton", "--fast", "--out", str(png), "--steps", "2", "-n", "3",
+                            "-q"]) == 0
+    assert png.is_file() and len(made) == 1
+    steps = made[0].steps
+    assert sorted(k[0][0][0] for k in steps) == [1, 2]  # the sample's batch of each captured step
+    for step in steps.values():
+        args = [a.clone().normal_() if a.is_floating_point() else a.clone() for a in step.inputs]
+        with torch.no_grad():
+            ref = step.fn(*args).clone()
+        assert torch.equal(step(*args), ref)
