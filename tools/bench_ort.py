@@ -17,10 +17,12 @@ them alike), for the given batches, threads and session-option settings. One pro
 (``SessionOptions.enable_profiling``) attributes kernel time to op types and to the msfp functions. The machine is
 shared: every run records os.getloadavg().
 
-    python tools/bench_ort.py --models cifar --batches 4 --opt-levels all --out results/bench_ort_cifar.json
+    python tools/bench_ort.py --models cifar --batches 4 --threads 1 --opt-levels all --iters 12 --warmup 2 \
+        --variants fp32,msfp,msfp_fp32conv --cached --work WORK --out results/bench_ort_cifar.json
     flock /work/coord/sd15.lock python tools/bench_ort.py --models sd15 --batches 1 --threads 1,2 --opt-levels all \
-        --iters 2 --warmup 1 --no-profile --variants fp32,msfp,msfp_fp32conv --work WORK \
-        --out results/bench_ort_sd15.json
+        --iters 3 --warmup 1 --no-profile --no-memory --variants fp32,msfp --work WORK --out OUT
+    flock /work/coord/sd15.lock python tools/bench_ort.py --models sd15 --batches 1 --threads 1 --opt-levels all \
+        --no-latency --no-profile --variants fp32,msfp --work WORK --out OUT      # peak RSS / open time
     python tools/bench_ort.py --verify-only                     # dense bit-exactness sweep of the bodies
 """
 
