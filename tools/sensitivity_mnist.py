@@ -142,7 +142,79 @@ def caller(gm, cond):
     return (lambda x, t, c: gm(x, t, c)) if cond is not None else (lambda x, t, c: gm(x, t))
 
 
-def main(argv: list[str] | None = None) -> int:
+class Probe:
+    """The FP32 reference of one noise batch: trajectories, samples and noise predictions at the probed steps."""
+
+    def __init__(self, loaded, args, dev: torch.device):
+        unet = loaded.unet
+        shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+        self.n, self.steps, self.dev = args.samples, args.steps, dev
+        self.noise = torch.randn((self.n, *shape), generator=torch.Generator().manual_seed(args.seed)).to(dev)
+        self.cond = None
+        if loaded.class_embedding is not None:  # labels 0..9 repeating, as eval_mnist
+            labels = torch.arange(self.n) % loaded.class_embedding.shape[0]
+            self.cond = loaded.class_embedding[labels][:, None, :].float().to(dev)
+        fp = (lambda x, t, c: unet(x, t, encoder_hidden_states=c).sample) if self.cond is not None else \
+            (lambda x, t, c: unet(x, t).sample)
+        self.sched = make_scheduler("ddim", loaded.scheduler_config)
+        self.ts, self.xs = trajectories(fp, self.noise, self.cond, self.sched, args.steps)
+        self.ref = run_sampler(fp, self.noise, self.cond, self.sched, args.steps).cpu()
+        self.probe = [int(i) for i in args.probe_steps.split(",")]
+        with torch.no_grad():
+            self.eps_ref = {i: fp(self.xs[i], self.t(i), self.cond) for i in self.probe}
+
+    def t(self, i: int) -> torch.Tensor:
+        return torch.full((self.n,), self.ts[i], device=self.dev)
+
+    @torch.no_grad()
+    def measure(self, g: fx.GraphModule) -> dict:
+        """One-step eps error at the probed steps, and PSNR / background of full samples, vs FP32."""
+        f = caller(g, self.cond)
+        res: dict = {"eps_rel_rmse": {}}
+        for i in self.probe:
+            e, r = f(self.xs[i], self.t(i), self.cond), self.eps_ref[i]
+            res["eps_rel_rmse"][self.ts[i]] = float((e - r).pow(2).mean().sqrt() / r.pow(2).mean().sqrt())
+        res["eps_rel_rmse_mean"] = sum(res["eps_rel_rmse"].values()) / len(self.probe)
+        s = run_sampler(f, self.noise, self.cond, self.sched, self.steps).cpu()
+        res["psnr"] = psnr(s, self.ref)
+        res["background"] = float(s[:, :, :2, :].mean())  # top rows: background in every digit
+        return res
+
+    @torch.no_grad()
+    def local_errors(self, gm: fx.GraphModule) -> dict[str, dict[int, float]]:
+        """Per quantize node and probed timestep: RMSE(q(x) - x) / RMS(x) in the fully quantized graph."""
+        out: dict[str, dict[int, float]] = {}
+        for i in self.probe:
+            it = _QuantError(gm)
+            it.run(self.xs[i], self.t(i), *((self.cond,) if self.cond is not None else ()))
+            for k, v in it.err.items():
+                out.setdefault(k, {})[self.ts[i]] = v
+        return out
+
+
+def reference_configs(qs: list[dict]) -> dict[str, set[str]]:
+    """Whole-model configurations: the quantize nodes each keeps."""
+    # EfficientDM's scope (its quant_model.py): conv/linear only (attention matmul operands stay float), modules named
+    # 'skip' (the 1x1 shortcut conv of a resnet whose channels change: our conv_shortcut) and 'op' (the downsampling
+    # conv) left in float, the time-embedding MLP and first / last conv at 8 bits (bypassed here: float).
+    scope_float = re.compile(r"(\.conv_shortcut\.|\.downsamplers\.\d+\.conv\.|^time_embedding\.|\.[qkv]$)")
+    return {"W4A4": {q["node"] for q in qs},
+            "W4A32 (weights only)": {q["node"] for q in qs if q["role"] == "weight" or q["bits"] == 8},
+            "W32A4 (activations only)": {q["node"] for q in qs if q["role"] == "act"},
+            "EfficientDM scope": {q["node"] for q in qs if not scope_float.search(q["name"])}}
+
+
+def quantizer_groups(qs: list[dict], blocks: bool = True) -> dict[str, set[str]]:
+    """Groups by kind (every quantizer) and, with ``blocks``, by block (4-bit activation quantizers)."""
+    groups: dict[str, set[str]] = {}
+    for q in qs:
+        groups.setdefault(f"kind:{q['kind']}", set()).add(q["node"])
+        if blocks and q["role"] == "act" and q["bits"] == 4:
+            groups.setdefault(f"block:{q['block']}", set()).add(q["node"])
+    return groups
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", choices=sorted(MODELS), default="uncond")
     p.add_argument("--scheme", default="msfp")
@@ -156,7 +228,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep-8bit", default="first,last")
     p.add_argument("--out", type=Path, default=ROOT / "results" / "mnist")
     p.add_argument("--device", default="cpu", help="compile and measure there (cuda: the Triton msfp ops)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     dev = resolve_device(args.device)
     if dev.type == "cuda":
         import msfp_compiler.export.triton.runtime  # noqa: F401  (Triton kernels become the CUDA msfp ops)
@@ -165,99 +241,47 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     t0 = time.perf_counter()
     loaded = load_model(MODELS[args.model])
-    unet = loaded.unet.float().eval()
+    loaded.unet.float().eval()
     cfg = CompileConfig(quant=QuantConfig(scheme=args.scheme, keep_8bit=tuple(args.keep_8bit.split(","))),
                         calib=CalibConfig(num_samples=args.calib_samples, num_steps=args.calib_steps, seed=args.seed),
                         fold_zero_point=False, pack_weights=False, device=args.device)
     cm = msfp_compile(loaded, cfg, progress=False, lower=False)
     gm = move_graph(cm.graph_module, dev)
-    unet.to(dev)
+    loaded.unet.to(dev)
     qs = quantizers(cm)
-    print(f"compiled in {time.perf_counter() - t0:.0f}s: {len(qs)} quantizers, e.g. "
-          f"{[q['name'] for q in qs if q['role'] == 'weight'][:3]}", flush=True)
-
-    sig_shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
-    noise = torch.randn((args.samples, *sig_shape), generator=torch.Generator().manual_seed(args.seed)).to(dev)
-    cond = None
-    if loaded.class_embedding is not None:
-        labels = torch.arange(args.samples) % loaded.class_embedding.shape[0]
-        cond = loaded.class_embedding[labels][:, None, :].float().to(dev)
-    fp_fn = (lambda x, t, c: unet(x, t, encoder_hidden_states=c).sample) if cond is not None else \
-        (lambda x, t, c: unet(x, t).sample)
-    sched = make_scheduler("ddim", loaded.scheduler_config)
-    ts, xs = trajectories(fp_fn, noise, cond, sched, args.steps)
-    ref = run_sampler(fp_fn, noise, cond, sched, args.steps)
-    probe = [int(i) for i in args.probe_steps.split(",")]
-    with torch.no_grad():
-        eps_ref = {i: fp_fn(xs[i], torch.full((args.samples,), ts[i], device=dev), cond) for i in probe}
-
-    def measure(g: fx.GraphModule, with_samples: bool = True) -> dict:
-        f = caller(g, cond)
-        res: dict = {"eps_rel_rmse": {}}
-        with torch.no_grad():
-            for i in probe:
-                e = f(xs[i], torch.full((args.samples,), ts[i], device=dev), cond)
-                res["eps_rel_rmse"][ts[i]] = float((e - eps_ref[i]).pow(2).mean().sqrt()
-                                                   / eps_ref[i].pow(2).mean().sqrt())
-        res["eps_rel_rmse_mean"] = sum(res["eps_rel_rmse"].values()) / len(probe)
-        if with_samples:
-            s = run_sampler(f, noise, cond, sched, args.steps)
-            res["psnr"] = psnr(s.cpu(), ref.cpu())
-            res["background"] = float(s[:, :, :2, :].mean())  # top rows: background in every digit
-        return res
-
-    # Per-quantizer local error at each probed timestep (W4A4 graph).
-    local: dict[str, dict[int, float]] = {q["node"]: {} for q in qs}
-    with torch.no_grad():
-        for i in probe:
-            it = _QuantError(gm)
-            it.run(xs[i], torch.full((args.samples,), ts[i], device=dev), *((cond,) if cond is not None else ()))
-            for k, v in it.err.items():
-                local[k][ts[i]] = v
+    print(f"compiled in {time.perf_counter() - t0:.0f}s: {len(qs)} quantizers", flush=True)
+    pr = Probe(loaded, args, dev)
+    local = pr.local_errors(gm)
     for q in qs:
         q["local_rel_rmse"] = local[q["node"]]
-
-    all_nodes = {q["node"] for q in qs}
-    groups: dict[str, set[str]] = {}
-    for q in qs:
-        groups.setdefault(f"kind:{q['kind']}", set()).add(q["node"])
-        if not args.no_blocks and q["role"] == "act" and q["bits"] == 4:
-            groups.setdefault(f"block:{q['block']}", set()).add(q["node"])
-    configs: dict[str, dict] = {}
-    ref_ref = {"W4A4": all_nodes, "W4A32 (weights only)": {q["node"] for q in qs if q["role"] == "weight" or q["bits"] == 8},
-               "W32A4 (activations only)": {q["node"] for q in qs if q["role"] == "act"}}
-    # EfficientDM's scope (its quant_model.py): conv/linear only (attention matmul operands stay float), modules named
-    # 'skip' (the 1x1 shortcut conv of a resnet whose channels change: our conv_shortcut) and 'op' (the downsampling
-    # conv) left in float, the time-embedding MLP and first / last conv at 8 bits (bypassed here: float).
-    scope_float = re.compile(r"(\.conv_shortcut\.|\.downsamplers\.\d+\.conv\.|^time_embedding\.|\.[qkv]$)")
-    ref_ref["EfficientDM scope"] = {q["node"] for q in qs if not scope_float.search(q["name"])}
-    for name, keep in ref_ref.items():
-        configs[name] = {"quantizers": len(keep), **measure(bypassed(gm, keep))}
-        print(f"{name:<40} {configs[name]['psnr']:6.2f} dB  eps {configs[name]['eps_rel_rmse_mean']:.4f}", flush=True)
-    study: dict[str, dict] = {}
     tag = f"{args.model}_{args.scheme}" + ("" if args.keep_8bit == "first,last" else
                                            "_keep" + re.sub(r"\W+", "-", args.keep_8bit))
     args.out.mkdir(parents=True, exist_ok=True)
+    configs: dict[str, dict] = {}
+    study: dict[str, dict] = {}
 
-    def save() -> dict:  # after every group: a cut run keeps what it measured
+    def save() -> dict:  # after every measurement: a cut run keeps what it measured
         res = {"model": args.model, "scheme": args.scheme, "settings": vars(args) | {"out": str(args.out)},
-               "probe_timesteps": [ts[i] for i in probe], "configs": configs, "groups": study, "quantizers": qs,
-               "seconds": round(time.perf_counter() - t0, 1), "loadavg": os.getloadavg(), "device": str(dev)}
+               "probe_timesteps": [pr.ts[i] for i in pr.probe], "configs": configs, "groups": study,
+               "quantizers": qs, "seconds": round(time.perf_counter() - t0, 1), "loadavg": os.getloadavg(),
+               "device": str(dev)}
         write_json(args.out / f"sensitivity_{tag}.json", res, indent=1)
         (args.out / f"sensitivity_{tag}.md").write_text(markdown(res))
         return res
 
-    save()
-    for gname, members in groups.items():
-        row = {"quantizers": len(members)}
-        row["only"] = measure(bypassed(gm, members))
-        row["all_but"] = measure(bypassed(gm, all_nodes - members))
-        study[gname] = row
-        print(f"{gname:<40} n={len(members):3d} only {row['only']['psnr']:6.2f} dB eps {row['only']['eps_rel_rmse_mean']:.4f}"
-              f" | all-but {row['all_but']['psnr']:6.2f} dB eps {row['all_but']['eps_rel_rmse_mean']:.4f}", flush=True)
+    for name, keep in reference_configs(qs).items():
+        configs[name] = {"quantizers": len(keep), **pr.measure(bypassed(gm, keep))}
+        print(f"{name:<40} {configs[name]['psnr']:6.2f} dB  eps {configs[name]['eps_rel_rmse_mean']:.4f}", flush=True)
         save()
-    res = save()
-    print(markdown(res))
+    all_nodes = {q["node"] for q in qs}
+    for gname, members in quantizer_groups(qs, not args.no_blocks).items():
+        row = {"quantizers": len(members), "only": pr.measure(bypassed(gm, members)),
+               "all_but": pr.measure(bypassed(gm, all_nodes - members))}
+        study[gname] = row
+        print(f"{gname:<40} n={len(members):3d} only {row['only']['psnr']:6.2f} dB | all-but "
+              f"{row['all_but']['psnr']:6.2f} dB", flush=True)
+        save()
+    print(markdown(save()))
     return 0
 
 

@@ -46,3 +46,23 @@ def test_bypassed_copy_passes_the_input_through_only_outside_keep() -> None:
     assert torch.equal(sens.bypassed(gm, {q1.name, q2.name})(inp), quantized)
     assert torch.equal(sens.bypassed(gm, {q1.name})(inp), quantized)  # q2 of an already quantized value: same
     assert sum(n.target is QUANTIZE for n in gm.graph.nodes) == 2  # the original is untouched
+
+
+def test_efficientdm_scope_floats_shortcut_downsampler_time_mlp_and_attention_operands() -> None:
+    names = {"a": ("up_blocks.0.resnets.0.conv_shortcut.input.1", "act", 4),
+             "b": ("up_blocks.0.resnets.0.conv_shortcut.weight", "weight", 4),
+             "c": ("down_blocks.0.downsamplers.0.conv.input", "act", 4),
+             "d": ("time_embedding.linear_1.input", "act", 4),
+             "e": ("mid_block.attentions.0.v", "act", 4),
+             "f": ("up_blocks.0.resnets.0.conv1.input", "act", 4),
+             "g": ("up_blocks.1.upsamplers.0.conv.input", "act", 4),
+             "h": ("conv_in.input", "act", 8)}
+    qs = [{"node": k, "name": n, "role": r, "bits": b, "kind": sens.kind_of(n, r), "block": sens.block_of(n)}
+          for k, (n, r, b) in names.items()]
+    cfg = sens.reference_configs(qs)
+    assert cfg["EfficientDM scope"] == {"f", "g", "h"}
+    assert cfg["W4A4"] == set(names) and cfg["W4A32 (weights only)"] == {"b", "h"}
+    groups = sens.quantizer_groups(qs)
+    assert groups["kind:skip_concat"] == {"a"} and groups["kind:weights"] == {"b"}
+    assert groups["block:up_blocks.0"] == {"a", "f"}  # 4-bit activations only
+    assert "block:top" not in sens.quantizer_groups(qs, blocks=False)
