@@ -231,16 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    dev = resolve_device(args.device)
-    if dev.type == "cuda":
-        import msfp_compiler.export.triton.runtime  # noqa: F401  (Triton kernels become the CUDA msfp ops)
-
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    torch.manual_seed(0)
-    t0 = time.perf_counter()
-    loaded = load_model(MODELS[args.model])
+def prepare(loaded, args, dev: torch.device) -> tuple[fx.GraphModule, list[dict], Probe]:
+    """Compile the model (``args.scheme`` PTQ, no zero-point folding or packing: every quantizer stays a bypassable
+    ``msfp.quantize`` node), its quantizers with their local errors, and the FP32 reference."""
     loaded.unet.float().eval()
     cfg = CompileConfig(quant=QuantConfig(scheme=args.scheme, keep_8bit=tuple(args.keep_8bit.split(","))),
                         calib=CalibConfig(num_samples=args.calib_samples, num_steps=args.calib_steps, seed=args.seed),
@@ -249,22 +242,25 @@ def main(argv: list[str] | None = None) -> int:
     gm = move_graph(cm.graph_module, dev)
     loaded.unet.to(dev)
     qs = quantizers(cm)
-    print(f"compiled in {time.perf_counter() - t0:.0f}s: {len(qs)} quantizers", flush=True)
     pr = Probe(loaded, args, dev)
     local = pr.local_errors(gm)
     for q in qs:
         q["local_rel_rmse"] = local[q["node"]]
-    tag = f"{args.model}_{args.scheme}" + ("" if args.keep_8bit == "first,last" else
-                                           "_keep" + re.sub(r"\W+", "-", args.keep_8bit))
-    args.out.mkdir(parents=True, exist_ok=True)
+    return gm, qs, pr
+
+
+def run_study(gm: fx.GraphModule, qs: list[dict], pr: Probe, args, tag: str) -> dict:
+    """Measure the reference configurations and every group (only / all but), saving after each measurement."""
+    t0 = time.perf_counter()
     configs: dict[str, dict] = {}
     study: dict[str, dict] = {}
+    args.out.mkdir(parents=True, exist_ok=True)
 
     def save() -> dict:  # after every measurement: a cut run keeps what it measured
         res = {"model": args.model, "scheme": args.scheme, "settings": vars(args) | {"out": str(args.out)},
                "probe_timesteps": [pr.ts[i] for i in pr.probe], "configs": configs, "groups": study,
                "quantizers": qs, "seconds": round(time.perf_counter() - t0, 1), "loadavg": os.getloadavg(),
-               "device": str(dev)}
+               "device": str(pr.dev)}
         write_json(args.out / f"sensitivity_{tag}.json", res, indent=1)
         (args.out / f"sensitivity_{tag}.md").write_text(markdown(res))
         return res
@@ -281,7 +277,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{gname:<40} n={len(members):3d} only {row['only']['psnr']:6.2f} dB | all-but "
               f"{row['all_but']['psnr']:6.2f} dB", flush=True)
         save()
-    print(markdown(save()))
+    return save()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    dev = resolve_device(args.device)
+    if dev.type == "cuda":
+        import msfp_compiler.export.triton.runtime  # noqa: F401  (Triton kernels become the CUDA msfp ops)
+
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    gm, qs, pr = prepare(load_model(MODELS[args.model]), args, dev)
+    print(f"compiled in {time.perf_counter() - t0:.0f}s: {len(qs)} quantizers", flush=True)
+    tag = f"{args.model}_{args.scheme}" + ("" if args.keep_8bit == "first,last" else
+                                           "_keep" + re.sub(r"\W+", "-", args.keep_8bit))
+    print(markdown(run_study(gm, qs, pr, args, tag)))
     return 0
 
 

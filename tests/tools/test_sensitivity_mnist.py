@@ -66,3 +66,27 @@ def test_efficientdm_scope_floats_shortcut_downsampler_time_mlp_and_attention_op
     assert groups["kind:skip_concat"] == {"a"} and groups["kind:weights"] == {"b"}
     assert groups["block:up_blocks.0"] == {"a", "f"}  # 4-bit activations only
     assert "block:top" not in sens.quantizer_groups(qs, blocks=False)
+
+
+def test_study_end_to_end_on_a_tiny_unet(tmp_path) -> None:
+    """prepare + run_study on the smallest UNet: with every quantizer bypassed the graph reproduces FP32 (the
+    reference is aligned: same noise, timesteps, inputs), W4A4 does not, and every group is measured and saved."""
+    import json
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from conftest import make_unet_min
+
+    from msfp_compiler.load import LoadedModel
+
+    args = sens.build_parser().parse_args(["--samples", "2", "--steps", "3", "--probe-steps", "0,2",
+                                           "--calib-samples", "2", "--calib-steps", "3", "--no-blocks",
+                                           "--out", str(tmp_path)])
+    gm, qs, pr = sens.prepare(LoadedModel(make_unet_min(), Path("tiny")), args, torch.device("cpu"))
+    acts4 = [q for q in qs if q["role"] == "act" and q["bits"] == 4]
+    assert acts4 and all(0 < e < 1 for q in acts4 for e in q["local_rel_rmse"].values())
+    assert pr.measure(sens.bypassed(gm, set()))["eps_rel_rmse_mean"] < 1e-5
+    res = sens.run_study(gm, qs, pr, args, "tiny")
+    assert res["configs"]["W4A4"]["eps_rel_rmse_mean"] > 1e-3
+    assert set(res["groups"]) == {f"kind:{q['kind']}" for q in qs}
+    saved = json.loads((tmp_path / "sensitivity_tiny.json").read_text())
+    assert set(saved["groups"]) == set(res["groups"]) and (tmp_path / "sensitivity_tiny.md").exists()
