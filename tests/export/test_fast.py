@@ -169,7 +169,9 @@ def test_build_fast_on_compiled_cond_unet(compiled_cond) -> None:
         fast = FA.build_fast(gm, DEV)
         out = fast(*dev_args).cpu()
         assert torch.isfinite(out).all() and _rel(out, ref) < 0.6
-        # one graph for torch.compile: no graph breaks anywhere in the rewritten model
+        # one graph for torch.compile: no graph breaks anywhere in the rewritten model, whose packed weights decode
+        # in DecodeGroup modules (the grouped decode's code path; test_build_fast_decode_groups varies the grouping)
+        assert any(isinstance(m, FA.DecodeGroup) for m in fast.modules())
         traced = torch.compile(fast, backend="eager", fullgraph=True)(*dev_args).cpu()
         assert torch.equal(traced, out)
     # resident bytes: the fused layers' original tensors are dropped, 4-bit codes take half of E4M3's bytes
@@ -187,7 +189,8 @@ def test_build_fast_on_compiled_cond_unet(compiled_cond) -> None:
 
 def test_build_fast_decode_groups(compiled_cond) -> None:
     """Grouped decodes (several layers per launch) give the per-layer decode's output bit for bit, with the same
-    resident codes, and trace as one graph."""
+    resident codes. (A model decoding in DecodeGroup modules traces as one graph: test_build_fast_on_compiled_cond_unet;
+    how many groups there are changes no code path.)"""
     gm = compiled_cond.graph_module
     args = [a.to(DEV) for a in compiled_cond.calibration.batches[0].args]
     per_layer = FA.build_fast(gm, DEV, decode_group_bytes=0)
@@ -199,7 +202,6 @@ def test_build_fast_decode_groups(compiled_cond) -> None:
     with torch.no_grad():
         ref = per_layer(*args)
         assert torch.equal(grouped(*args), ref) and torch.equal(one(*args), ref)
-        assert torch.equal(torch.compile(grouped, backend="eager", fullgraph=True)(*args), ref)
     codes = sum(m.packed.numel() for m in per_layer.modules() if isinstance(m, FA.FastGemm))
     grouped_codes = sum(m.packed.numel() for m in grouped.modules() if isinstance(m, FA.DecodeGroup))
     assert codes <= grouped_codes < codes + 4096 * len(sizes)  # plus at most a block of padding per layer
