@@ -245,7 +245,8 @@ def test_part_quant_matches_fake_quant_per_part() -> None:
 
 def test_build_fast_quantize_parts(compiled_cond) -> None:
     """quantize_parts: the Q/K/V (and cross-attention K/V) fake quantizers move into their merged GEMMs; the model's
-    output is unchanged bit for bit (float32 and bf16) and traces as one graph."""
+    output is unchanged bit for bit (float32 and bf16), and the bf16 model (the one deployed; float32 is the
+    checking dtype) traces as one graph. One Dynamo trace costs ~15 s of the suite, so only the deployed one runs."""
     gm = compiled_cond.graph_module
     args = [a.to(DEV) for a in compiled_cond.calibration.batches[0].args]
     for dtype in (torch.float32, torch.bfloat16):
@@ -257,7 +258,8 @@ def test_build_fast_quantize_parts(compiled_cond) -> None:
         with torch.no_grad():
             ref = plain(*args)
             assert torch.equal(parts(*args), ref)
-            assert torch.equal(torch.compile(parts, backend="eager", fullgraph=True)(*args), ref)
+            if dtype == torch.bfloat16:
+                assert torch.equal(torch.compile(parts, backend="eager", fullgraph=True)(*args), ref)
 
 
 def test_build_fast_mixed_weights(compiled_cond, monkeypatch) -> None:
