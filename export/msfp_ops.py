@@ -97,11 +97,18 @@ def _f32(name: str, v: float) -> onnx.NodeProto:
     return helper.make_node("Constant", [], [name], value=helper.make_tensor(name, TensorProto.FLOAT, [], [v]))
 
 
+def _shifted(zero_point: bool) -> tuple[list[onnx.NodeProto], str]:
+    """The body's input less the zero point: (the Sub that makes "d", "d"), or ([], "x") without a zero point."""
+    if not zero_point:
+        return [], "x"
+    return [helper.make_node("Sub", ["x", "zero_point"], ["d"])], "d"
+
+
 def _head(zero_point: bool) -> list[onnx.NodeProto]:
     """v = clip((x - zero_point) / scale, lo, hi) -> "c" (x / scale without a zero point)."""
-    sub = [helper.make_node("Sub", ["x", "zero_point"], ["d"])] if zero_point else []
+    sub, d = _shifted(zero_point)
     return sub + [
-        helper.make_node("Div", ["d" if zero_point else "x", "scale"], ["v"]),
+        helper.make_node("Div", [d, "scale"], ["v"]),
         _const("lo", "lo", F),
         _const("hi", "hi", F),
         helper.make_node("Clip", ["v", "lo", "hi"], ["c"]),
@@ -194,12 +201,12 @@ def _uniform_body(zero_point: bool) -> list[onnx.NodeProto]:
     def u8(out: str, attr: str) -> list[onnx.NodeProto]:
         return [_const(f"{out}_i", attr, I), helper.make_node("Cast", [f"{out}_i"], [out], to=TensorProto.UINT8)]
 
-    sub = [helper.make_node("Sub", ["x", "zero_point"], ["d"])] if zero_point else []
+    sub, d = _shifted(zero_point)
     return sub + [
         _const("step_factor", "step_factor", F),
         helper.make_node("Mul", ["scale", "step_factor"], ["step"]),
         *u8("offset", "code_offset"), *u8("code_lo", "code_lo"), *u8("code_hi", "code_hi"),
-        helper.make_node("QuantizeLinear", ["d" if zero_point else "x", "step", "offset"], ["codes"]),
+        helper.make_node("QuantizeLinear", [d, "step", "offset"], ["codes"]),
         helper.make_node("Clip", ["codes", "code_lo", "code_hi"], ["codes_c"]),
         helper.make_node("DequantizeLinear", ["codes_c", "step", "offset"], ["qs"]),
     ] + _tail(zero_point, scaled=True)
@@ -212,8 +219,7 @@ def _uniform_body(zero_point: bool) -> list[onnx.NodeProto]:
 # where r = 0. So r * s = copysign(r, v) * scale bit for bit (up to the sign of zero): 3 passes where
 # Max(|c|, tiny) -> Div -> Mul(sign) -> Mul(scale) took 4, two of them tensor by tensor.
 def _symmetric_body(zero_point: bool) -> list[onnx.NodeProto]:
-    d = "d" if zero_point else "x"
-    sub = [helper.make_node("Sub", ["x", "zero_point"], ["d"])] if zero_point else []
+    sub, d = _shifted(zero_point)
     return sub + [
         helper.make_node("Div", [d, "scale"], ["v"]),
         helper.make_node("Abs", ["v"], ["av"]),
