@@ -89,22 +89,25 @@ class DecodePrefetch:
 
 
 class GraphedStep:
-    """``fn(*inputs)`` (a torch.compile'd fast-path module, default mode) captured as one CUDA graph, with the
-    module's decode groups decoded in line (default) or prefetched on a side stream (``prefetch=True``).
+    """``fn(*inputs)`` (a torch.compile'd fast-path module, default mode, or ``TritonRunner``'s graph) captured as one
+    CUDA graph, with the module's decode groups decoded in line (default) or prefetched on a side stream
+    (``prefetch=True``).
 
-    Calls copy the inputs into the captured ones and replay; the returned tensor is the graph's output buffer,
-    overwritten by the next call (clone it to keep it)."""
+    Calls copy the tensor inputs into the captured ones (other arguments are fixed at capture) and replay; the
+    returned output is the graph's output buffer, overwritten by the next call (clone it to keep it)."""
 
-    def __init__(self, fn: Callable[..., torch.Tensor], module: torch.nn.Module, example: tuple,
+    def __init__(self, fn: Callable[..., Any], module: torch.nn.Module, example: tuple,
                  prefetch: bool = False, warmup: int = 2):
         """module: the fast-path module fn runs (its ``DecodeGroup`` submodules are prefetched); example: inputs of
         the shapes and dtypes every call passes (the first warm-up call compiles)."""
-        from .fast import DecodeGroup
+        self.prefetch = None
+        if prefetch:
+            from .fast import DecodeGroup
 
-        groups = [m for m in module.modules() if isinstance(m, DecodeGroup)]
-        self.prefetch = DecodePrefetch(groups) if prefetch and groups else None
+            groups = [m for m in module.modules() if isinstance(m, DecodeGroup)]
+            self.prefetch = DecodePrefetch(groups) if groups else None
         self.fn = fn
-        self.inputs = tuple(t.clone() for t in example)
+        self.inputs = tuple(t.clone() if isinstance(t, torch.Tensor) else t for t in example)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side), torch.no_grad():  # warm-up outside the capture (compiles, autotunes)
@@ -116,15 +119,16 @@ class GraphedStep:
         with torch.cuda.graph(self.graph), torch.no_grad():
             self.output = self._run()
 
-    def _run(self) -> torch.Tensor:
+    def _run(self) -> Any:
         if self.prefetch is None:
             return self.fn(*self.inputs)
         with self.prefetch.active():
             return self.fn(*self.inputs)
 
-    def __call__(self, *args: Any) -> torch.Tensor:
+    def __call__(self, *args: Any) -> Any:
         for dst, src in zip(self.inputs, args):
-            dst.copy_(src)
+            if isinstance(dst, torch.Tensor):
+                dst.copy_(src)
         self.graph.replay()
         return self.output
 

@@ -24,6 +24,7 @@ from msfp_compiler.talora import SELECT_WEIGHT, chosen_set
 
 from . import kernels as K
 from .fast_ops import conv_out_size
+from .graphed import GraphedStep, PerShape
 
 __all__ = ["register_cuda_kernels", "TritonRunner", "W4A4Linear", "W4A4Conv2d", "GatedW4A4Linear", "load_pt2",
            "sample_ddim", "quantize_grid_fp8"]
@@ -413,8 +414,9 @@ class TritonRunner:
     ``weight_mode``: "fp8" decodes the 4-bit codes once at load into E4M3 (twice the bytes of the codes, and about
     twice as fast on large layers: see docs/triton.md), "packed" keeps 4-bit codes in GPU memory and decodes them
     inside the GEMM. ``fuse=False`` keeps the graph as is (fake quantization on the GPU, FP32 layers).
-    ``cuda_graphs``: capture one CUDA graph per input signature and replay it; this removes the Python launch cost
-    of the ~3 kernels per layer, which dominates small batches. The module is copied unless ``inplace``.
+    ``cuda_graphs``: capture one CUDA graph per input signature (``graphed.PerShape`` of ``graphed.GraphedStep``)
+    and replay it; this removes the Python launch cost of the ~3 kernels per layer, which dominates small batches.
+    The module is copied unless ``inplace``.
     """
 
     def __init__(self, gm: fx.GraphModule, device: str | torch.device = "cuda", fuse: bool = True,
@@ -422,7 +424,7 @@ class TritonRunner:
         self.device = torch.device(device)
         self.gm = gm if inplace else copy.deepcopy(gm)
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
-        self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, list[Any], Any]] = {}
+        self.graphs = PerShape(lambda example: GraphedStep(self.gm, self.gm, example))
         self.report = FuseReport()
         if fuse:
             self._fuse(weight_mode, precise)
@@ -522,28 +524,8 @@ class TritonRunner:
         args = tuple(mv(a) for a in args)
         if not self.cuda_graphs or kwargs:
             return self.gm(*args, **{k: mv(v) for k, v in kwargs.items()})
-        key = tuple((a.shape, a.dtype) if isinstance(a, torch.Tensor) else a for a in args)
-        if key not in self._graphs:
-            self._graphs[key] = self._capture(args)
-        graph, static_in, static_out = self._graphs[key]
-        for dst, a in zip(static_in, args):
-            if isinstance(a, torch.Tensor):
-                dst.copy_(a)
-        graph.replay()
-        return torch.utils._pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, static_out)
-
-    def _capture(self, args: tuple) -> tuple[torch.cuda.CUDAGraph, list[Any], Any]:
-        static_in = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm up: Triton compiles, zmaps are cached, allocator pools settle
-            for _ in range(2):
-                self.gm(*static_in)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static_out = self.gm(*static_in)
-        return graph, static_in, static_out
+        out = self.graphs(*args)  # the captured step's own buffers: a copy survives the next replay
+        return torch.utils._pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, out)
 
 
 def load_pt2(path: str) -> fx.GraphModule:

@@ -389,6 +389,36 @@ def test_sample_ddim_matches_diffusers() -> None:
     assert torch.allclose(got, x, atol=1e-6, rtol=0)
 
 
+def test_runner_cuda_graphs_step_per_signature(monkeypatch) -> None:
+    """TritonRunner(cuda_graphs=True) captures through graphed.PerShape / GraphedStep (here a CPU stand-in that, like
+    the capture, returns one buffer it overwrites on every replay): one step per input signature, built from the
+    runner's own graph, and every call returns a copy that the next replay leaves alone."""
+    ep, x = _exported()
+    built: list[tuple] = []
+
+    class Replay:
+        def __init__(self, fn, module, example: tuple):
+            built.append(tuple(a.shape for a in example))
+            self.fn, self.out = fn, None
+            assert fn is module
+
+        def __call__(self, *args: torch.Tensor) -> torch.Tensor:
+            y = self.fn(*args)
+            self.out = y.clone() if self.out is None else self.out.copy_(y)
+            return self.out
+
+    monkeypatch.setattr(R, "GraphedStep", Replay)
+    eager = R.TritonRunner(ep.module(), device="cpu", fuse=False)
+    graphed = R.TritonRunner(ep.module(), device="cpu", fuse=False)
+    graphed.cuda_graphs = True  # what cuda_graphs=True sets on a CUDA device
+    xs = [torch.randn(x.shape, generator=torch.Generator().manual_seed(seed)) for seed in (1, 2)]
+    first = graphed(xs[0])
+    second = graphed(xs[1])
+    assert built == [(x.shape,)] and list(graphed.graphs.steps.values())[0].fn is graphed.gm
+    assert torch.equal(first, eager(xs[0])) and torch.equal(second, eager(xs[1]))
+    assert not torch.equal(first, second)
+
+
 @pytest.mark.skipif(not CUDA, reason="CUDA graphs need CUDA")
 def test_runner_cuda_graphs_replay_fresh_inputs() -> None:
     ep, x = _exported()
@@ -399,7 +429,7 @@ def test_runner_cuda_graphs_replay_fresh_inputs() -> None:
         xi = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed))
         a, b = graphed(xi).cpu(), eager(xi).cpu()
         assert torch.equal(a, b), f"seed {seed}"
-    assert len(graphed._graphs) == 1
+    assert len(graphed.graphs.steps) == 1
 
 
 @pytest.mark.skipif(not CUDA, reason="bench-size GPU checks need CUDA (CPU interpreter covers small shapes)")
