@@ -169,7 +169,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--variant", default=None, metavar="NAME:BATCH", help="after the main rows: one more W4A4 "
                     "compile, timing and profile at BATCH with an option: combo (Inductor config.combo_kernels, "
                     "independent kernels launched as one) or qkv (build_fast(quantize_parts=True): the Q/K/V "
-                    "fake quantizers in their merged GEMM's epilogue); recorded under 'variants'")
+                    "fake quantizers in their merged GEMM's epilogue) or conv (build_fast(implicit_conv=True): the "
+                    "implicit-GEMM FP8 conv, tiles tuned per shape against im2col + cuBLAS); recorded under "
+                    "'variants'")
     ap.add_argument("--skip", default="", help="comma list of phases to leave out: accuracy, bandwidth, "
                     "prefetch (graph mode's side-stream decode timing)")
     ap.add_argument("--gpu-lock", default=None, metavar="FILE", help="hold an exclusive lock on FILE from the first "
@@ -331,7 +333,8 @@ def variant(args: argparse.Namespace, rec: Recorder, cm: Any) -> None:
     from msfp_compiler.export.triton.fast import build_fast
 
     name, b = args.variant.split(":")
-    options, build = {"combo": ({"combo_kernels": True}, {}), "qkv": ({}, {"quantize_parts": True})}[name]
+    options, build = {"combo": ({"combo_kernels": True}, {}), "qkv": ({}, {"quantize_parts": True}),
+                      "conv": ({}, {"implicit_conv": True})}[name]
     head = args.weights.split(",")[0]
     row: dict = {"batch": int(b), "variant": name, "inductor_options": options, "build_fast_options": build}
     fast = build_fast(cm.graph_module, "cuda", weights=head, **build)
@@ -345,6 +348,11 @@ def variant(args: argparse.Namespace, rec: Recorder, cm: Any) -> None:
         if args.fast_mode == "graph" and "prefetch" not in args.skip.split(","):
             time_prefetch_decode(cf, fast, x, row, head, args.iters)
     row["w4a4_ms"] = row.get(f"w4a4_{head}", {}).get("median_ms")
+    if name == "conv":  # what the per-shape tuner chose and measured (im2col + cuBLAS vs each tile)
+        from msfp_compiler.export.triton import conv_fp8
+
+        row["conv_tuning"] = [{"shape": str(k), "chosen": getattr(conv_fp8._BEST.get(k), "name", conv_fp8._BEST.get(k)),
+                               "ms": v} for k, v in conv_fp8.TUNE_TIMES.items()]
     row["profile"] = {k: {kk: vv for kk, vv in v.items() if kk != "rows"} for k, v in profiles.items()}
     rec.put("variants", [row])
     if args.log_dir and profiles:

@@ -258,6 +258,7 @@ class FastGemm(torch.nn.Module):
         self.parts: list[int] | None = None  # merged layers (merge): the output's split along N
         self.part_quant: PartQuant | None = None  # the parts' fake quantizers, applied before the split
         self.lut_rows = [n]  # rows decoded by each row of lut ([16] here, [R, 16] in merged layers)
+        self.implicit = False  # k x k stride-1 conv as msfp_fast::conv_e4m3 instead of im2col + cuBLAS (implicit_conv)
         if weights == "fp8":
             self.register_buffer("w8", table[codes.long()].to(_FP8).contiguous())
         elif weights == "packed":  # decoded per step by one bandwidth-bound Triton kernel (w4_decode)
@@ -295,7 +296,7 @@ class FastGemm(torch.nn.Module):
         torch.nn.Module.__init__(m)
         m.sets, m.k, m.n = 1, f.k, sum(x.n for x in layers)
         m.afmt, m.a_scale, m.a_zero, m.conv, m.weights, m.dtype = f.afmt, f.a_scale, f.a_zero, None, f.weights, f.dtype
-        m.group_offset, m.parts, m.part_quant = 0, [x.n for x in layers], None
+        m.group_offset, m.parts, m.part_quant, m.implicit = 0, [x.n for x in layers], None, False
         for name in ("a_s", "a_z", "one"):
             m.register_buffer(name, getattr(f, name))
         m.register_buffer("beta", torch.cat([x.beta for x in layers], 1))
@@ -328,10 +329,14 @@ class FastGemm(torch.nn.Module):
         if self.conv is None:
             a = g.reshape(-1, self.k).to(_FP8).contiguous()  # _scaled_mm wants A row-major (a view may not be)
             lead = x.shape[:-1]
+            y = self._gemm(a, set_index, wflat)
+        elif self.implicit:
+            y, lead = self._implicit_conv(g, set_index, wflat)
         else:
             a, lead = self._im2col(g)
-        m = a.shape[0]
-        y = self._gemm(a, set_index, wflat).float() * self._pick(self.scale_b, set_index)
+            y = self._gemm(a, set_index, wflat)
+        m = y.shape[0]
+        y = y.float() * self._pick(self.scale_b, set_index)
         if self.zmap is not None:
             y = (y.view(-1, self.zmap.shape[1], self.n) + self._pick(self.zmap, set_index)).view(m, self.n)
         y = (y + self._pick(self.beta, set_index)).to(self.dtype)
@@ -344,6 +349,17 @@ class FastGemm(torch.nn.Module):
             return tuple(p.contiguous() for p in y.split(self.parts, dim=-1))
         b, ho, wo = lead
         return y.view(b, ho, wo, self.n).permute(0, 3, 1, 2)
+
+    def _implicit_conv(self, g: torch.Tensor, set_index: torch.Tensor | None,
+                       wflat: torch.Tensor | None) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        """The conv's raw GEMM output [B*Ho*Wo, N] (bf16, as _gemm returns it) by the implicit-GEMM FP8 kernel,
+        which reads the NHWC E4M3 activation directly (no im2col buffer)."""
+        b, c, h, w = g.shape
+        kern, stride, pads = list(self.conv["kernel"]), list(self.conv["stride"]), list(self.conv["pads"])
+        ho, wo = conv_out_size(h, w, kern, stride, pads)
+        nhwc = g.permute(0, 2, 3, 1).to(_FP8).contiguous()
+        y = torch.ops.msfp_fast.conv_e4m3(nhwc, self.weight_e4m3(set_index, wflat), kern, stride, pads)
+        return y, (b, ho, wo)
 
     def _im2col(self, g: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
         """[B*Ho*Wo, kh*kw*C] E4M3 rows of the grid values g [B, C, H, W]; padding holds grid 0 (E4M3 +0.0)."""
@@ -509,6 +525,20 @@ def _quantize_parts_in_epilogue(gm: fx.GraphModule) -> int:
     return moved
 
 
+def _route_implicit_convs(gm: fx.GraphModule) -> int:
+    """Mark the single-set k x k stride-1 convs whose channel count the kernel takes (C % 16) for the implicit-GEMM
+    conv; returns how many. Strided convs keep im2col (the kernel's pointer gather is their only form there); the
+    float32 checking dtype keeps _scaled_mm's float32 output (the kernel rounds to bf16)."""
+    count = 0
+    for mod in gm.modules():
+        if isinstance(mod, FastGemm) and mod.conv is not None and mod.sets == 1 and mod.dtype == _BF16:
+            kh, kw = mod.conv["kernel"]
+            if kh * kw > 1 and tuple(mod.conv["stride"]) == (1, 1) and (mod.k // (kh * kw)) % 16 == 0:
+                mod.implicit = True
+                count += 1
+    return count
+
+
 def _zmap(w_deq: torch.Tensor, c: int, h: int, w: int, kernel: tuple[int, int], stride: tuple[int, int],
           pads: tuple[int, int, int, int], z_valid: float, z_pad: float) -> torch.Tensor:
     """What the border contributes where the GEMM pads with grid 0: conv(P, W_deq), P = z_valid inside the image and
@@ -553,13 +583,15 @@ class FastReport:
     decode_groups: int = 0
     merged_away: int = 0  # GEMMs saved by merging linears of one quantized input
     part_quant_moved: int = 0  # fake quantizers of merged GEMMs' parts moved into the GEMM (quantize_parts)
+    implicit_convs: int = 0  # k x k convs run by the implicit-GEMM kernel (implicit_conv)
 
     def __str__(self) -> str:
         lines = [f"FP8 GEMMs: linear={self.fused['linear']} conv2d={self.fused['conv2d']}; "
                  f"bf16 fake quantizers kept: {self.fake_quant}; GEMMs saved by merging linears of one input: "
                  f"{self.merged_away}; packed-weight decode launches: {self.decode_groups}"
                  + (f"; part quantizers moved into merged GEMMs: {self.part_quant_moved}" if self.part_quant_moved
-                    else "")]
+                    else "")
+                 + (f"; implicit-GEMM convs: {self.implicit_convs}" if self.implicit_convs else "")]
         lines += [f"  kept {k}: {v}" for k, v in self.skipped.items()]
         return "\n".join(lines)
 
@@ -791,7 +823,8 @@ class FastUNet(torch.nn.Module):
 
 def build_fast(gm: fx.GraphModule, device: str | torch.device = "cuda", weights: str = "packed",
                inplace: bool = False, dtype: torch.dtype = _BF16,
-               decode_group_bytes: int | None = None, merge: bool = True, quantize_parts: bool = False) -> FastUNet:
+               decode_group_bytes: int | None = None, merge: bool = True, quantize_parts: bool = False,
+               implicit_conv: bool = False) -> FastUNet:
     """Rewrite a quantized GraphModule (``CompiledModel.graph_module`` or a loaded .pt2's module) for Inductor.
 
     ``dtype``: of the activations between ops (bf16; float32 checks the rewrite against the reference graph with
@@ -799,7 +832,9 @@ def build_fast(gm: fx.GraphModule, device: str | torch.device = "cuda", weights:
     launch of the packed-weight decode (default ``DECODE_GROUP_BYTES``; 0: one launch per layer). ``merge``: one GEMM
     for the linears that share a quantized input (Q/K/V; the cross-attention K/V of every block). ``quantize_parts``:
     the fake quantizers of the merged GEMMs' parts (Q/K/V before attention) as one per-column epilogue of the GEMM
-    (``PartQuant``; bit-exact; its speed on the GPU is not measured yet)."""
+    (``PartQuant``; bit-exact; its speed on the GPU is not measured yet). ``implicit_conv``: the k x k stride-1
+    convs by the implicit-GEMM FP8 kernel (``conv_fp8``, op ``msfp_fast::conv_e4m3``) instead of im2col + cuBLAS;
+    the same sums, rounded once to bf16 (bit-exact where the float32 sum is exact)."""
     if weights not in ("packed", "fp8", "mixed"):
         raise ValueError(f"unknown weights mode {weights!r} (packed, fp8 or mixed)")
     if not inplace:
@@ -810,6 +845,8 @@ def build_fast(gm: fx.GraphModule, device: str | torch.device = "cuda", weights:
         report.merged_away = _merge_shared_inputs(gm)
         if quantize_parts:
             report.part_quant_moved = _quantize_parts_in_epilogue(gm)
+    if implicit_conv:
+        report.implicit_convs = _route_implicit_convs(gm)
     group_bytes = DECODE_GROUP_BYTES if decode_group_bytes is None else decode_group_bytes
     groups = _group_decodes(gm, group_bytes) if group_bytes > 0 else 0
     _drop_unused_attributes(gm)

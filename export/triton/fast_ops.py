@@ -1,7 +1,8 @@
 """torch.library ops of the fast path: the Triton kernels Inductor should not regenerate, as opaque ops.
 
 ``msfp_fast::decode_w4`` / ``decode_w4_group`` (packed 4-bit weights -> E4M3 [N, K], kernels in ``w4_decode``)
-and ``msfp_fast::im2col_e4m3`` (NHWC E4M3 -> im2col rows, kernel in ``im2col``). Each has a fake implementation
+``msfp_fast::im2col_e4m3`` (NHWC E4M3 -> im2col rows, kernel in ``im2col``) and ``msfp_fast::conv_e4m3`` (the
+implicit-GEMM FP8 conv, kernel in ``conv_fp8``). Each has a fake implementation
 (shapes only) so torch.compile traces through it and Inductor fuses the code around it, a CUDA implementation that
 launches the Triton kernel (captured by CUDA graphs like any launch), and the reference in torch ops for every other
 device (CPU tests, eager CPU runs). The Triton modules are imported on first CUDA use only: their kernels must be
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 
 from msfp_compiler.ops import get_format
 
-__all__ = ["decode_w4", "decode_w4_group", "im2col_e4m3", "conv_out_size", "pack_halves", "unpack_halves", "e4m3_lut"]
+__all__ = ["decode_w4", "decode_w4_group", "im2col_e4m3", "conv_e4m3", "conv_out_size", "pack_halves", "unpack_halves", "e4m3_lut"]
 
 _FP8 = torch.float8_e4m3fn
 
@@ -136,3 +137,27 @@ def _im2col_fake(x: torch.Tensor, kernel: list[int], stride: list[int], pads: li
     b, h, w, c = x.shape
     ho, wo = conv_out_size(h, w, kernel, stride, pads)
     return x.new_empty((b * ho * wo, kernel[0] * kernel[1] * c))
+
+
+@torch.library.custom_op("msfp_fast::conv_e4m3", mutates_args=())
+def conv_e4m3(x: torch.Tensor, w: torch.Tensor, kernel: list[int], stride: list[int], pads: list[int]) -> torch.Tensor:
+    """x E4M3 [B, H, W, C], w E4M3 [N, kh*kw*C] (K ordered kh, kw, c) -> bf16 [B*Ho*Wo, N]: the im2col rows of x
+    times w^T, summed in float32 and rounded once (``torch._scaled_mm`` with unit scales); pads (l, r, t, b)."""
+    cols = im2col_e4m3(x, kernel, stride, pads)
+    return (cols.float() @ w.float().t()).to(torch.bfloat16)
+
+
+@conv_e4m3.register_kernel("cuda")
+def _conv_e4m3_cuda(x: torch.Tensor, w: torch.Tensor, kernel: list[int], stride: list[int],
+                    pads: list[int]) -> torch.Tensor:
+    from .conv_fp8 import conv_e4m3_triton
+
+    return conv_e4m3_triton(x, w, kernel, stride, pads)
+
+
+@conv_e4m3.register_fake
+def _conv_e4m3_fake(x: torch.Tensor, w: torch.Tensor, kernel: list[int], stride: list[int],
+                    pads: list[int]) -> torch.Tensor:
+    b, h, wd, _ = x.shape
+    ho, wo = conv_out_size(h, wd, kernel, stride, pads)
+    return x.new_empty((b * ho * wo, w.shape[0]), dtype=torch.bfloat16)

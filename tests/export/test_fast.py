@@ -262,6 +262,24 @@ def test_build_fast_quantize_parts(compiled_cond) -> None:
                 assert torch.equal(torch.compile(parts, backend="eager", fullgraph=True)(*args), ref)
 
 
+def test_build_fast_implicit_conv(compiled_cond) -> None:
+    """implicit_conv: the k x k stride-1 convs go through msfp_fast::conv_e4m3 (no im2col op left for them); the
+    bf16 model's output is unchanged bit for bit (the op sums the same E4M3 products in float32 and rounds once, as
+    _scaled_mm does) and it traces as one graph; the float32 checking dtype is left alone."""
+    gm = compiled_cond.graph_module
+    args = [a.to(DEV) for a in compiled_cond.calibration.batches[0].args]
+    plain = FA.build_fast(gm, DEV)
+    implicit = FA.build_fast(gm, DEV, implicit_conv=True)
+    routed = [m for m in implicit.modules() if isinstance(m, FA.FastGemm) and m.implicit]
+    assert implicit.report.implicit_convs == len(routed) >= 2 and plain.report.implicit_convs == 0
+    assert all(m.conv["stride"] == (1, 1) and m.conv["kernel"] != (1, 1) for m in routed)
+    assert FA.build_fast(gm, DEV, dtype=torch.float32, implicit_conv=True).report.implicit_convs == 0
+    with torch.no_grad():
+        ref = plain(*args)
+        assert torch.equal(implicit(*args), ref)
+        assert torch.equal(torch.compile(implicit, backend="eager", fullgraph=True)(*args), ref)
+
+
 def test_build_fast_mixed_weights(compiled_cond, monkeypatch) -> None:
     """weights="mixed": small layers E4M3-resident, large ones packed; decoding is exact, so the output is the packed
     model's bit for bit, and the resident bytes lie between the two."""

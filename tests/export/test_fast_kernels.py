@@ -1,4 +1,4 @@
-"""The fast path's own Triton kernels (export/triton/w4_decode.py, im2col.py) against their torch references
+"""The fast path's own Triton kernels (export/triton/w4_decode.py, im2col.py, conv_fp8.py) against their torch references
 (export/triton/fast_ops.py), bit-exact. Without CUDA they run in Triton's interpreter on small shapes."""
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ import torch
 from .triton_env import DEV  # first: sets TRITON_INTERPRET before the kernels are defined
 
 from msfp_compiler.export.triton import fast_ops as O  # noqa: E402
+from msfp_compiler.export.triton.conv_fp8 import ConvConfig, conv_e4m3_triton, tma_box  # noqa: E402
 from msfp_compiler.export.triton.im2col import im2col_triton  # noqa: E402
 from msfp_compiler.export.triton.w4_decode import decode_w4_group_triton, decode_w4_triton  # noqa: E402
 from msfp_compiler.ops import get_format  # noqa: E402
@@ -103,3 +104,60 @@ def test_im2col_bit_exact(kernel, stride, pads, c) -> None:
     conv = torch.nn.functional.conv2d(torch.nn.functional.pad(x.double().permute(0, 3, 1, 2), pads), w, stride=stride)
     gemm = ref.double() @ w.permute(0, 2, 3, 1).reshape(3, -1).T
     assert torch.allclose(gemm.reshape(2, *conv.shape[2:], 3).permute(0, 3, 1, 2), conv, atol=1e-9)
+
+
+def _grid_values(shape: tuple, gen: torch.Generator, fmt: str = "e2m1") -> torch.Tensor:
+    """Random values of a 4-bit grid as E4M3 (what the fast path feeds its FP8 GEMMs: exact, and their float32
+    sums are exact, so every way of summing them rounds to the same bf16)."""
+    table = get_format(fmt).code_table.float()
+    return table[torch.randint(0, table.numel(), shape, generator=gen)].to(torch.float8_e4m3fn)
+
+
+def test_tma_box_tiles() -> None:
+    assert tma_box(8, 64, 64, 128) == (1, 2)  # two output rows of one image
+    assert tma_box(8, 8, 8, 128) == (2, 8)  # two whole images
+    assert tma_box(1, 8, 8, 128) == (2, 8)  # past the last image: TMA reads zeros, the store is masked
+    assert tma_box(8, 6, 8, 128) is None and tma_box(8, 64, 48, 96) is None and tma_box(8, 4, 512, 512) is None
+
+
+# (B, H, W, C, N, kernel, stride, pads (l, r, t, b), BM): row tiles of whole rows, of whole images (and past the
+# last image), C not a multiple of BK (TMA's zero fill past C), asymmetric padding, stride 2 and odd widths (the
+# pointer gather)
+_CONV_CASES = [(2, 4, 8, 32, 32, (3, 3), (1, 1), (1, 1, 1, 1), 16), (3, 2, 4, 48, 16, (3, 3), (1, 1), (1, 1, 1, 1), 16),
+               (1, 5, 8, 16, 48, (2, 3), (1, 1), (2, 0, 1, 1), 16), (2, 5, 7, 32, 16, (3, 3), (2, 2), (1, 1, 1, 1), 16)]
+
+
+@pytest.mark.parametrize("tma_a", [True, False])
+@pytest.mark.parametrize("b,h,w,c,n,kernel,stride,pads,bm", _CONV_CASES)
+def test_conv_e4m3_bit_exact(b, h, w, c, n, kernel, stride, pads, bm, tma_a) -> None:
+    """The implicit-GEMM conv (TMA box and pointer gather) against the op's reference (im2col + float32 GEMM), bit
+    for bit, and that against a float64 conv."""
+    gen = torch.Generator().manual_seed(3)
+    x = _grid_values((b, h, w, c), gen)
+    wt = _grid_values((n, kernel[0] * kernel[1] * c), gen)
+    ref = torch.ops.msfp_fast.conv_e4m3(x, wt, list(kernel), list(stride), list(pads))
+    # the interpreter: 16-row tiles; the GPU: a real wgmma tile (FP8 needs BK >= 32; BK past C reads zeros)
+    cfg = ConvConfig(128, 64, 64, 4, 2, tma_a) if torch.cuda.is_available() else ConvConfig(bm, 16, 32, 1, 1, tma_a)
+    got = conv_e4m3_triton(x.to(DEV), wt.to(DEV), list(kernel), list(stride), list(pads), config=cfg)
+    assert got.dtype == torch.bfloat16 and got.shape == ref.shape
+    assert torch.equal(got.cpu(), ref)
+    w4 = wt.double().reshape(n, *kernel, c).permute(0, 3, 1, 2)
+    conv = torch.nn.functional.conv2d(torch.nn.functional.pad(x.double().permute(0, 3, 1, 2), pads), w4, stride=stride)
+    assert torch.equal(conv.permute(0, 2, 3, 1).reshape(-1, n).to(torch.bfloat16), ref)
+
+
+def test_conv_e4m3_tuned_choice() -> None:
+    """Without a config the launcher picks per shape (on the GPU: the fastest of the tiles and im2col + cuBLAS,
+    timed once and remembered); whatever it picks gives the reference's bits."""
+    from msfp_compiler.export.triton import conv_fp8 as CV
+
+    gen = torch.Generator().manual_seed(4)
+    x, w = _grid_values((2, 8, 8, 32), gen), _grid_values((32, 9 * 32), gen)
+    ref = torch.ops.msfp_fast.conv_e4m3(x, w, [3, 3], [1, 1], [1, 1, 1, 1])
+    got = conv_e4m3_triton(x.to(DEV), w.to(DEV), [3, 3], [1, 1], [1, 1, 1, 1])
+    assert torch.equal(got.cpu(), ref)
+    if torch.cuda.is_available():
+        key = ((2, 8, 8, 32), (32, 288), (3, 3), (1, 1), (1, 1, 1, 1))
+        assert key in CV._BEST and CV.TUNE_TIMES[key][CV.IM2COL] > 0
+        assert torch.equal(conv_e4m3_triton(x.to(DEV), w.to(DEV), [3, 3], [1, 1], [1, 1, 1, 1],
+                                            config=CV.IM2COL).cpu(), ref)

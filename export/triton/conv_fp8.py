@@ -1,0 +1,187 @@
+"""Implicit-GEMM FP8 conv: a k x k conv of NHWC E4M3 activations as one Triton kernel, no im2col buffer.
+
+The fast path's k x k convs were an im2col (``im2col.py``: each 3x3 conv writes 9x its input, 2.7 GB per SD1.5 step
+at batch 8, 1.1 ms) followed by cuBLAS's FP8 GEMM. Here the GEMM's A tile is read straight from the activation, one
+(kh, kw) tap and BK channels per K step, K ordered (kh, kw, c) as the weights are:
+
+* ``TMA_A`` (stride-1 convs whose output width is a power of two that tiles BM): a row tile of BM output pixels is
+  NB whole images or NH whole output rows, so for tap (i, j) its inputs are one 4-D box [NB, NH, Wo, BK] of the
+  [B, H, W, C] tensor at (b0, oh0 + i - top, j - left, c0), read by the bulk tensor copy engine (TMA). TMA fills
+  what lies outside the tensor with zeros, which is the padding (E4M3 +0.0 is grid 0), and channels past C.
+* otherwise a pointer gather of the same rows with the padding masked (any stride, any width).
+
+The weights ([N, K] E4M3, the decoded slice the GEMM read before) come through TMA; K steps past a tap's C channels
+multiply zeros. The result is the raw fp32 accumulator rounded once to bf16, what ``torch._scaled_mm`` with unit
+scales returns, so the fast path's epilogue (column scale, bias, zero-point map) stays where Inductor fuses it.
+``fast_ops`` registers ``conv_e4m3_triton`` as ``msfp_fast::conv_e4m3``. Per conv shape the first call times a few
+tiles (``CONFIGS``) against im2col + cuBLAS (``IM2COL``) and keeps the fastest, so shapes where cuBLAS wins (small
+M: it splits K, these tiles do not) keep it; the interpreter (CPU tests) uses one small tile.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from .fast_ops import conv_out_size
+from .kernels import INTERPRET, _grouped_tile, _store
+
+__all__ = ["ConvConfig", "CONFIGS", "IM2COL", "TUNE_TIMES", "conv_e4m3_triton", "tma_box", "pick_conv_config"]
+
+
+@triton.jit
+def _conv_kernel(x_desc, x_ptr, w_desc, out_ptr, M, N, H, W, C, HO, WO, PT, PL, SH, SW, CB, TAPS,
+                 KW: tl.constexpr, TMA_A: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                 GROUP_M: tl.constexpr):
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(M, BM), tl.cdiv(N, BN), GROUP_M)
+    m0 = pid_m * BM
+    n0 = pid_n * BN
+    rows = m0 + tl.arange(0, BM)
+    rmask = rows < M
+    L = HO * WO
+    b0 = m0 // L  # TMA_A: the tile's first image and output row
+    oh0 = (m0 % L) // WO
+    b = rows // L  # pointer gather: every row's input window
+    ih0 = ((rows % L) // WO) * SH - PT
+    iw0 = (rows % WO) * SW - PL
+    kk = tl.arange(0, BK)
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for kt in range(TAPS * CB):
+        tap = kt // CB
+        c0 = (kt - tap * CB) * BK
+        di = tap // KW
+        dj = tap - di * KW
+        if TMA_A:
+            a = x_desc.load([b0, oh0 + di - PT, dj - PL, c0]).reshape(BM, BK)
+        else:
+            ih = ih0 + di
+            iw = iw0 + dj
+            ok = rmask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            src = ((b * H + ih) * W + iw).to(tl.int64) * C + c0
+            a = tl.load(x_ptr + src[:, None] + kk[None, :], mask=ok[:, None] & (c0 + kk < C)[None, :], other=0.0)
+        w = w_desc.load([n0, tap * C + c0])
+        acc = tl.dot(a, w.T, acc)
+    cols = n0 + tl.arange(0, BN)
+    _store(out_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :], acc, rmask[:, None] & (cols < N)[None, :])
+
+
+@dataclass(frozen=True)
+class ConvConfig:
+    bm: int
+    bn: int
+    bk: int
+    num_warps: int
+    num_stages: int
+    tma_a: bool = True  # A through a 4-D TMA box where the shape allows it (tma_box), else the pointer gather
+    group_m: int = 8
+
+    @property
+    def name(self) -> str:
+        return f"{self.bm}x{self.bn}x{self.bk}w{self.num_warps}s{self.num_stages}{'' if self.tma_a else 'p'}"
+
+
+# Candidates timed on the first call of each conv shape (Hopper FP8 wgmma: BK >= 32; 128-byte K rows for TMA's
+# widest swizzle). BN 64 fits SD1.5's N = 320 exactly (5 tiles; 128 wastes 17%, 256 37%).
+CONFIGS = (ConvConfig(128, 128, 128, 8, 4), ConvConfig(128, 64, 128, 4, 4), ConvConfig(128, 256, 128, 8, 3),
+           ConvConfig(256, 128, 128, 8, 3), ConvConfig(128, 128, 64, 4, 5), ConvConfig(128, 128, 128, 8, 4, False))
+_INTERP_CONFIG = ConvConfig(16, 16, 32, 1, 1)
+_BEST: dict[tuple, ConvConfig | str] = {}
+TUNE_TIMES: dict[tuple, dict[str, float | str]] = {}  # what the tuner measured per conv shape (ms), for the benches
+
+
+def tma_box(b: int, ho: int, wo: int, bm: int) -> tuple[int, int] | None:
+    """(images, output rows) of one BM-row tile as a TMA box [NB, NH, Wo, BK], or None where tiles would not be
+    whole rows of one image or whole images (Wo not a power of two, or above TMA's 256 box limit)."""
+    if wo > 256 or wo & (wo - 1) or bm % wo:
+        return None
+    rows = bm // wo
+    if rows <= ho:
+        return (1, rows) if ho % rows == 0 else None
+    return (rows // ho, ho) if rows % ho == 0 else None
+
+
+def _launch(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, kernel: list[int], stride: list[int],
+            pads: list[int], cfg: ConvConfig) -> None:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    b, h, wd, c = x.shape
+    n, k = w.shape
+    ho, wo = conv_out_size(h, wd, kernel, stride, pads)
+    m = b * ho * wo
+    box = tma_box(b, ho, wo, cfg.bm) if cfg.tma_a and stride == [1, 1] else None
+    x_desc = TensorDescriptor(x, list(x.shape), list(x.stride()), [*box, wo, cfg.bk]) if box else None
+    w_desc = TensorDescriptor(w, [n, k], [k, 1], [cfg.bn, cfg.bk])
+    grid = (triton.cdiv(m, cfg.bm) * triton.cdiv(n, cfg.bn),)
+    _conv_kernel[grid](x_desc, x, w_desc, out, m, n, h, wd, c, ho, wo, pads[2], pads[0], stride[0], stride[1],
+                       triton.cdiv(c, cfg.bk), kernel[0] * kernel[1], KW=kernel[1], TMA_A=box is not None,
+                       BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, GROUP_M=cfg.group_m, num_warps=cfg.num_warps,
+                       num_stages=cfg.num_stages)
+
+
+IM2COL = "im2col"  # the other candidate: im2col.py's rows and cuBLAS's FP8 GEMM (what the fast path did before)
+_ONES: dict[torch.device, torch.Tensor] = {}
+
+
+def _im2col_cublas(x: torch.Tensor, w: torch.Tensor, kernel: list[int], stride: list[int],
+                   pads: list[int]) -> torch.Tensor:
+    from .im2col import im2col_triton
+
+    one = _ONES.get(x.device)
+    if one is None:
+        one = _ONES[x.device] = torch.ones((), dtype=torch.float32, device=x.device)
+    cols = im2col_triton(x, kernel, stride, pads)
+    return torch._scaled_mm(cols, w.t(), one, one, out_dtype=torch.bfloat16, use_fast_accum=True)
+
+
+def pick_conv_config(x: torch.Tensor, w: torch.Tensor, kernel: list[int], stride: list[int],
+                     pads: list[int]) -> ConvConfig | str:
+    """The fastest of ``CONFIGS`` and ``IM2COL`` (im2col + cuBLAS) for this conv shape, timed once per shape
+    (``triton.testing.do_bench``, L2 flushed): where no tile beats cuBLAS (small M, where cuBLAS splits K), the
+    conv stays im2col + cuBLAS. During a CUDA graph capture, when nothing can be timed, IM2COL."""
+    if INTERPRET or x.device.type != "cuda":
+        return _INTERP_CONFIG
+    key = (tuple(x.shape), tuple(w.shape), tuple(kernel), tuple(stride), tuple(pads))
+    if key in _BEST:
+        return _BEST[key]
+    if torch.cuda.is_current_stream_capturing():
+        return IM2COL
+    ho, wo = conv_out_size(x.shape[1], x.shape[2], kernel, stride, pads)
+    out = torch.empty(x.shape[0] * ho * wo, w.shape[0], dtype=torch.bfloat16, device=x.device)
+    times: dict[str, float | str] = {}
+    best: ConvConfig | str = IM2COL
+    best_ms = times[IM2COL] = round(triton.testing.do_bench(lambda: _im2col_cublas(x, w, kernel, stride, pads),
+                                                            warmup=5, rep=20), 5)
+    for cfg in CONFIGS:
+        try:
+            ms = triton.testing.do_bench(lambda: _launch(x, w, out, kernel, stride, pads, cfg), warmup=5, rep=20)
+        except Exception as e:  # noqa: BLE001  (a tile this shape or this Triton cannot compile: not a candidate)
+            times[cfg.name] = repr(e)[:200]
+            continue
+        times[cfg.name] = round(ms, 5)
+        if ms < best_ms:
+            best, best_ms = cfg, ms
+    _BEST[key], TUNE_TIMES[key] = best, times
+    return best
+
+
+def conv_e4m3_triton(x: torch.Tensor, w: torch.Tensor, kernel: list[int], stride: list[int], pads: list[int],
+                     config: ConvConfig | str | None = None) -> torch.Tensor:
+    """x E4M3 [B, H, W, C] contiguous (C % 16 == 0), w E4M3 [N, K] (K = kh*kw*C ordered kh, kw, c; row-major,
+    16-byte aligned rows); pads (left, right, top, bottom) -> bf16 [B*Ho*Wo, N], the fp32 sum rounded once.
+    ``config``: a tile, ``IM2COL``, or None (the fastest for the shape, ``pick_conv_config``)."""
+    x = x.contiguous()
+    b, h, wd, c = x.shape
+    ho, wo = conv_out_size(h, wd, kernel, stride, pads)
+    n, k = w.shape
+    if k != kernel[0] * kernel[1] * c or c % 16 or k % 16 or not w.is_contiguous():
+        raise ValueError(f"conv_e4m3: weights {tuple(w.shape)} for C={c}, kernel {kernel} (C, K multiples of 16)")
+    cfg = config or pick_conv_config(x, w, kernel, stride, pads)
+    if cfg == IM2COL:
+        return _im2col_cublas(x, w, kernel, stride, pads)
+    out = torch.empty(b * ho * wo, n, dtype=torch.bfloat16, device=x.device)
+    if out.numel():
+        _launch(x, w, out, kernel, stride, pads, cfg)
+    return out
