@@ -85,8 +85,10 @@ class ConvConfig:
 
 # Candidates timed on the first call of each conv shape (Hopper FP8 wgmma: BK >= 32; 128-byte K rows for TMA's
 # widest swizzle). BN 64 fits SD1.5's N = 320 exactly (5 tiles; 128 wastes 17%, 256 37%).
+# BK 64 divides every SD1.5 C (320 = 2.5 x 128: a 128 K step wastes a sixth of the MMA work there).
 CONFIGS = (ConvConfig(128, 128, 128, 8, 4), ConvConfig(128, 64, 128, 4, 4), ConvConfig(128, 256, 128, 8, 3),
-           ConvConfig(256, 128, 128, 8, 3), ConvConfig(128, 128, 64, 4, 5), ConvConfig(128, 128, 128, 8, 4, False))
+           ConvConfig(256, 128, 128, 8, 3), ConvConfig(128, 128, 64, 4, 5), ConvConfig(128, 64, 64, 4, 6),
+           ConvConfig(128, 128, 128, 8, 4, False))
 _INTERP_CONFIG = ConvConfig(16, 16, 32, 1, 1)
 _BEST: dict[tuple, ConvConfig | str] = {}
 TUNE_TIMES: dict[tuple, dict[str, float | str]] = {}  # what the tuner measured per conv shape (ms), for the benches
@@ -178,7 +180,8 @@ def conv_e4m3_triton(x: torch.Tensor, w: torch.Tensor, kernel: list[int], stride
     n, k = w.shape
     if k != kernel[0] * kernel[1] * c or c % 16 or k % 16 or not w.is_contiguous():
         raise ValueError(f"conv_e4m3: weights {tuple(w.shape)} for C={c}, kernel {kernel} (C, K multiples of 16)")
-    cfg = config or pick_conv_config(x, w, kernel, stride, pads)
+    aligned = x.data_ptr() % 16 == 0 and w.data_ptr() % 16 == 0  # TMA's global addresses
+    cfg = (config or pick_conv_config(x, w, kernel, stride, pads)) if aligned else IM2COL
     if cfg == IM2COL:
         return _im2col_cublas(x, w, kernel, stride, pads)
     out = torch.empty(b * ho * wo, n, dtype=torch.bfloat16, device=x.device)
