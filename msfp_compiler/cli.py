@@ -118,7 +118,8 @@ def compile_parser() -> argparse.ArgumentParser:
                         "(lowering to ONNX always runs on the CPU; default cpu)")
     p.add_argument("--keep-8bit", type=_csv, default=("first", "last"),
                    help="layers kept at 8 bits: first,last (convs) and/or module paths, e.g. "
-                   "down_blocks.0.resnets.0.conv1 or a whole block (mid_block); '' for none (default first,last)")
+                   "down_blocks.0.resnets.0.conv1, a whole block (mid_block) or an fnmatch pattern "
+                   "('*.conv_shortcut'); '' for none (default first,last)")
     p.add_argument("--calib-samples", type=int, help="noise samples for calibration (default: 8, fewer for large "
                    "models, see README 'Calibration size')")
     p.add_argument("--calib-steps", type=int, help="sampler steps per calibration trajectory (default: 10, fewer "

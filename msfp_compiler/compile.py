@@ -188,12 +188,12 @@ def _lower(gm: fx.GraphModule, calibration: CalibrationSet, sig: UNetSignature, 
 
 
 def check_layer_names(unet: torch.nn.Module, keep_8bit: tuple[str, ...]) -> None:
-    """keep_8bit names must be 'first', 'last' or module paths of layers (or of blocks holding layers)."""
-    from .names import model_layer_names, unknown_names_error
+    """keep_8bit names must be 'first', 'last', module paths of layers (or of blocks holding layers) or fnmatch
+    patterns matching at least one layer path."""
+    from .names import layer_matches, model_layer_names, unknown_names_error
 
     valid = model_layer_names(unet)
-    unknown = [k for k in keep_8bit if k not in ("first", "last")
-               and not any(v == k or v.startswith(k + ".") for v in valid)]
+    unknown = [k for k in keep_8bit if k not in ("first", "last") and not any(layer_matches(k, v) for v in valid)]
     if unknown:
         raise unknown_names_error("QuantConfig.keep_8bit", unknown, ["first", "last", *valid])
 

@@ -6,12 +6,13 @@ conv node ``conv2d_6`` is the layer ``down_blocks.1.resnets.0.conv_shortcut`` a 
 activation), ``<layer>.weight`` (its weight: the parameter's own path) and ``<attention>.q`` / ``.k`` / ``.v`` (the
 operands of scaled_dot_product_attention), ``<layer>.input.0`` / ``.input.1`` (the parts of a concatenation that
 feeds a conv, quantized per part). These names are what passes.log, ``--summary``, the plots, ``--check``
-and ``--keep-8bit`` use.
+and ``--keep-8bit`` use; ``--keep-8bit`` also takes fnmatch patterns over them (``*.conv_shortcut``).
 """
 
 from __future__ import annotations
 
 import difflib
+import fnmatch
 from typing import Iterable
 
 import torch
@@ -21,7 +22,7 @@ from .errors import MsfpError
 from .layer_graph import LAYER_OPS, layer_kind
 
 __all__ = ["WRAPPER_PREFIX", "module_path", "layer_names", "tensor_names", "display_names", "model_layer_names",
-           "suggest", "unknown_names_error"]
+           "layer_matches", "suggest", "unknown_names_error"]
 
 WRAPPER_PREFIX = "unet."  # capture wraps the UNet as UNetWrapper.unet
 _ATTN_OPERANDS = ("q", "k", "v")
@@ -145,6 +146,16 @@ def model_layer_names(unet: torch.nn.Module) -> list[str]:
         if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) or hasattr(m, "to_q"):
             out.append(path)
     return out
+
+
+def layer_matches(name: str, path: str) -> bool:
+    """Whether a keep_8bit name selects the layer at module path ``path`` (a later call's ``#2`` suffix ignored): an
+    fnmatch pattern when it holds ``*``, ``?`` or ``[`` (``*.conv_shortcut``), else the path itself or a block path
+    above it (``mid_block``)."""
+    path = path.split("#")[0]
+    if any(c in name for c in "*?["):
+        return fnmatch.fnmatchcase(path, name)
+    return path == name or path.startswith(name + ".")
 
 
 def suggest(name: str, valid: Iterable[str], n: int = 3) -> list[str]:

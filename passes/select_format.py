@@ -17,7 +17,7 @@ import torch.fx as fx
 from msfp_compiler.config import HIGH_PRECISION, QuantConfig
 from msfp_compiler.formats import parse_format
 from msfp_compiler.layer_graph import layer_kind
-from msfp_compiler.names import layer_names, tensor_names, unknown_names_error
+from msfp_compiler.names import layer_matches, layer_names, tensor_names, unknown_names_error
 from msfp_compiler.pass_manager import Pass, PassResult
 from msfp_compiler.progress import Progress
 from msfp_compiler.record import QuantChoice, TensorRecord, records
@@ -35,8 +35,9 @@ def get_weight(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
 
 def high_precision_layers(gm: fx.GraphModule, keep: tuple[str, ...]) -> set[str]:
     """fx names of the layer nodes kept at 8 bits: 'first'/'last' conv in graph order, layers by module path
-    (``down_blocks.1.attentions.0.to_q``; a block path such as ``mid_block`` keeps every layer in it) or fx name.
-    Unknown names raise MsfpError with the closest layer names."""
+    (``down_blocks.1.attentions.0.to_q``; a block path such as ``mid_block`` keeps every layer in it), fnmatch
+    pattern over module paths (``*.conv_shortcut``) or fx name. Unknown names and patterns matching no layer raise
+    MsfpError with the closest layer names."""
     convs = [n.name for n in gm.graph.nodes if layer_kind(n) == "conv"]
     layers = layer_names(gm)
     out: set[str] = set()
@@ -44,8 +45,7 @@ def high_precision_layers(gm: fx.GraphModule, keep: tuple[str, ...]) -> set[str]
     for k in keep:
         if k in ("first", "last"):
             continue
-        hit = {fx_name for fx_name, path in layers.items()
-               if fx_name == k or path == k or path.split("#")[0] == k or path.startswith(k + ".")}
+        hit = {fx_name for fx_name, path in layers.items() if fx_name == k or layer_matches(k, path)}
         if not hit:
             unknown.append(k)
         out |= hit

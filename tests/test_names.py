@@ -7,7 +7,7 @@ import torch
 
 from msfp_compiler.errors import MsfpError
 from msfp_compiler.layer_graph import layer_kind
-from msfp_compiler.names import layer_names, model_layer_names, unknown_names_error
+from msfp_compiler.names import layer_matches, layer_names, model_layer_names, unknown_names_error
 
 
 @pytest.fixture(scope="module")
@@ -39,3 +39,21 @@ def test_unknown_names_suggest_the_closest(unet_and_graph) -> None:
     assert msg.startswith("QuantConfig.keep_8bit: unknown layer 'down_blocks.0.resnet.0.conv1' (did you mean "
                           "down_blocks.0.resnets.0.conv1")
     assert "'zzz'" in msg and "\n" not in msg
+
+
+def test_keep_8bit_names_and_patterns(unet_and_graph) -> None:
+    """A keep_8bit name selects its layer, the layers of a block under it, or (with * ? [) the layer paths an fnmatch
+    pattern matches; compile.check_layer_names rejects, before calibration, a name or pattern that selects nothing."""
+    from msfp_compiler.compile import check_layer_names
+
+    assert layer_matches("mid_block", "mid_block.resnets.0.conv1") and layer_matches("a.b", "a.b#2")
+    assert not layer_matches("mid_block", "mid_blockx.conv") and not layer_matches("a.b", "a.bc")
+    assert layer_matches("*.conv_shortcut", "up_blocks.0.resnets.1.conv_shortcut")
+    assert not layer_matches("*.conv_shortcut", "up_blocks.0.resnets.1.conv1")
+    assert layer_matches("down_blocks.?.resnets.0.conv[12]", "down_blocks.1.resnets.0.conv2#2")
+    unet, _ = unet_and_graph
+    shortcuts = [p for p in model_layer_names(unet) if p.endswith(".conv_shortcut")]
+    assert shortcuts  # the tiny UNet has some: the pattern below matches real layers
+    check_layer_names(unet, ("first", "last", "*.conv_shortcut", "mid_block"))
+    with pytest.raises(MsfpError, match=r"^QuantConfig\.keep_8bit: unknown layer '\*\.nope'"):
+        check_layer_names(unet, ("first", "*.conv_shortcut", "*.nope"))

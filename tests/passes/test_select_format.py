@@ -177,6 +177,13 @@ def test_keep_8bit_none_and_by_name(stages_unet2d) -> None:
     layers = layer_names(gm)
     mid = {n.name for n, r in records(gm) if any(layers[c].startswith("mid_block.") for c in r.consumers)}
     assert mid and {n.name for n, r in records(gm) if r.bits == 8} == mid
+    # an fnmatch pattern over module paths: every layer it matches, nothing else
+    gm = stages_unet2d.fresh("annotate_sign")
+    SelectFormat(QuantConfig(keep_8bit=("*.resnets.0.conv_shortcut",), **FAST))(gm)
+    layers = layer_names(gm)
+    short = {n.name for n, r in records(gm) if any(layers.get(c, "").endswith(".resnets.0.conv_shortcut")
+                                                   for c in r.consumers)}
+    assert short and {n.name for n, r in records(gm) if r.bits == 8} == short
 
 
 def test_keep_8bit_unknown_name_suggests_the_closest(stages_unet2d) -> None:
@@ -186,6 +193,8 @@ def test_keep_8bit_unknown_name_suggests_the_closest(stages_unet2d) -> None:
     with pytest.raises(MsfpError, match=r"keep_8bit: unknown layer 'mid_block.resnet.0.conv1' \(did you mean "
                                         r"mid_block.resnets.0.conv1"):
         SelectFormat(QuantConfig(keep_8bit=("first", "mid_block.resnet.0.conv1"), **FAST))(gm)
+    with pytest.raises(MsfpError, match=r"keep_8bit: unknown layer '\*\.nope'"):
+        SelectFormat(QuantConfig(keep_8bit=("*.conv_shortcut", "*.nope"), **FAST))(gm)
 
 
 def test_stats_sign_rule_limits_unsigned(stages_unet2d) -> None:
