@@ -14,7 +14,7 @@ Every (model, seed, row) is one task process, --jobs at a time (small models lea
 compilation is CPU work); each writes OUT/task_<model>_<seed>_<row>.json and its samples, and the parent merges them
 into OUT/quality_mnist.json + quality_mnist.md (PSNR vs the FP32 samples of the same noise is computed there).
 
-  python tools/eval_mnist.py --device cuda --jobs 16 --out results/mnist            # the committed table
+  python tools/eval_mnist.py --device cuda --jobs 16 --out results/mnist --table results/quality_mnist.json
   python tools/eval_mnist.py --device cpu --samples 20 --steps 4 --finetune-steps 2 --calib-samples 2 \
       --calib-steps 4 --seeds 0 --rows fp32,msfp+talora+dfa --models uncond          # a smoke test
 """
@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import fnmatch
 import fcntl
 import json
 import os
@@ -44,6 +43,7 @@ from quality_rows import (ALIASES, ROWS, Row, add_table_arguments, args_row_conf
                           compile_facts, parse_rows, slug, write_json)
 
 from msfp_compiler.capture import UNetWrapper, signature_of  # noqa: E402
+from msfp_compiler.compile import check_layer_names  # noqa: E402
 from msfp_compiler.compile import compile as msfp_compile  # noqa: E402
 from msfp_compiler.config import CompileConfig  # noqa: E402
 from msfp_compiler.device import move_graph, resolve_device  # noqa: E402
@@ -100,27 +100,17 @@ def ddim(eps_fn, n: int, steps: int, seed: int, cond: torch.Tensor | None, sched
     return torch.cat(out)
 
 
-def keep_8bit_layers(patterns: str, unet: torch.nn.Module) -> tuple[str, ...]:
-    """--keep-8bit: "first", "last" and fnmatch patterns over the model's layer paths (``*.conv_shortcut``) ->
-    QuantConfig.keep_8bit; a pattern that matches no layer is a user error."""
-    from msfp_compiler.names import model_layer_names
-
-    layers = model_layer_names(unet)
-    out: list[str] = []
-    for pat in (p.strip() for p in patterns.split(",") if p.strip()):
-        hit = [pat] if pat in ("first", "last") else fnmatch.filter(layers, pat)
-        if not hit:
-            raise MsfpError(f"--keep-8bit: {pat!r} matches no layer (layers look like {layers[len(layers) // 2]})")
-        out += hit
-    return tuple(dict.fromkeys(out))
+def keep_8bit_names(patterns: str) -> tuple[str, ...]:
+    """--keep-8bit -> QuantConfig.keep_8bit: "first", "last", layer paths and fnmatch patterns over them
+    (``*.conv_shortcut``); the library expands and validates them (msfp_compiler.names.layer_matches)."""
+    return tuple(dict.fromkeys(p.strip() for p in patterns.split(",") if p.strip()))
 
 
-def compile_config(row: Row, args, seed: int, unet: torch.nn.Module | None = None) -> CompileConfig:
+def compile_config(row: Row, args, seed: int) -> CompileConfig:
     cfg = args_row_config(row, args, seed, args.device, batch_size=args.finetune_batch, lr=args.lora_lr,
                           log_every=args.log_every, learn_act_scales=args.learn_act_scales,
                           time_budget_s=args.finetune_time_budget)
-    keep = keep_8bit_layers(args.keep_8bit, unet) if unet is not None else cfg.quant.keep_8bit
-    return dataclasses.replace(cfg, quant=dataclasses.replace(cfg.quant, keep_8bit=keep,
+    return dataclasses.replace(cfg, quant=dataclasses.replace(cfg.quant, keep_8bit=keep_8bit_names(args.keep_8bit),
                                                               quantize_attention=not args.float_attention))
 
 
@@ -130,7 +120,7 @@ def _eps_fn(model_key: str, row: Row, loaded, sig, args, seed: int, device: torc
         return UNetWrapper(loaded.unet.float().eval().to(device), sig)
     check = seed in args.check_seeds
     t0 = time.perf_counter()
-    cm = msfp_compile(loaded, compile_config(row, args, seed, loaded.unet), progress=False, lower=check)
+    cm = msfp_compile(loaded, compile_config(row, args, seed), progress=False, lower=check)
     info["compile_seconds"] = round(time.perf_counter() - t0, 2)
     info.update(compile_facts(cm))
     if check:
@@ -212,8 +202,9 @@ def reference_fids(classifier: Path, n: int) -> dict:
             "real_half_vs_half": frechet_distance(feats[perm[: len(perm) // 2]], feats[perm[len(perm) // 2:]])}
 
 
-def merge(out: Path, settings: dict) -> dict:
-    """Shard files -> {model: {row: {metric: [per seed]}}} in OUT/quality_mnist.json and the markdown table."""
+def merge(out: Path, settings: dict, table_path: Path | None = None) -> dict:
+    """Shard files -> {model: {row: {metric: [per seed]}}} in ``table_path`` (default OUT/quality_mnist.json) and the
+    markdown table OUT/quality_mnist.md."""
     table: dict = {}
     for f in sorted(out.glob("task_*.json")):
         task = json.loads(f.read_text())
@@ -235,7 +226,7 @@ def merge(out: Path, settings: dict) -> dict:
                 if len(row[k]) == len(order):
                     row[k] = [row[k][i] for i in order]
     res = {**{k: table[k] for k in ("uncond", "cond") if k in table}, "settings": settings}
-    write_json(out / "quality_mnist.json", res, indent=1)
+    write_json(table_path or out / "quality_mnist.json", res, indent=1)
     (out / "quality_mnist.md").write_text(markdown(res))
     plot_loss_curves(res, out / "loss_curves.png")
     return res
@@ -388,6 +379,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", default=None, help=argparse.SUPPRESS)  # "model:seed:row", set by the parent
     p.add_argument("--threads", type=int, default=2, help="CPU threads per task process")
     p.add_argument("--merge-only", action="store_true", help="only merge the task files already in --out")
+    p.add_argument("--table", type=Path, default=None,
+                   help="write the merged JSON here instead of OUT/quality_mnist.json (the committed table: "
+                        "results/quality_mnist.json)")
     p.add_argument("--classifier", type=Path, default=CLASSIFIER)
     p.add_argument("--model-dir", action="append", default=[], metavar="KEY=DIR",
                    help="use DIR for model KEY (uncond/cond) instead of examples/mnist-KEY")
@@ -450,9 +444,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.keep_8bit != "first,last" and not args.task:  # a pattern matching nothing: before any task starts
         for m in args.models.split(","):
             try:
-                keep_8bit_layers(args.keep_8bit, load_model(args.model_dir.get(m.strip(), MODELS[m.strip()])).unet)
+                check_layer_names(load_model(args.model_dir.get(m.strip(), MODELS[m.strip()])).unet,
+                                  keep_8bit_names(args.keep_8bit))
             except MsfpError as e:
-                print(f"eval_mnist: {e}", file=sys.stderr)
+                print(f"eval_mnist: {str(e).replace('QuantConfig.keep_8bit', '--keep-8bit')}", file=sys.stderr)
                 return 2
     args.out.mkdir(parents=True, exist_ok=True)
     if args.task:
@@ -481,7 +476,7 @@ def main(argv: list[str] | None = None) -> int:
     settings["reference_fid"] = reference_fids(args.classifier, args.samples)
     if torch.cuda.is_available():
         settings["gpu"] = torch.cuda.get_device_name()
-    res = merge(args.out, settings)
+    res = merge(args.out, settings, args.table)
     print((args.out / "quality_mnist.md").read_text())
     if failed:
         print(f"failed tasks: {', '.join(failed)} (see {args.out}/log_*.txt)", file=sys.stderr)

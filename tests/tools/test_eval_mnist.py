@@ -79,11 +79,13 @@ def test_rows_map_onto_compile_configs_for_both_tools() -> None:
     assert eval_mnist.compile_config(ROWS["MSFP + TALoRA"], args, 0).finetune.dfa is False
 
 
-def test_keep_8bit_patterns_expand_over_layer_paths_and_reach_the_config() -> None:
-    """--keep-8bit "first,last,*.conv_shortcut": fnmatch over the model's layer paths, into QuantConfig.keep_8bit,
-    with --float-attention leaving attention operands in float; a pattern matching nothing is a user error."""
+def test_keep_8bit_patterns_reach_the_config_and_the_library_expands_them() -> None:
+    """--keep-8bit "first,last,*.conv_shortcut" goes into QuantConfig.keep_8bit as given (the library expands the
+    patterns over layer paths), with --float-attention leaving attention operands in float; a pattern matching no
+    layer is a one-line --keep-8bit error, exit code 2, before any task starts."""
     import torch.nn as nn
 
+    from msfp_compiler.compile import check_layer_names
     from msfp_compiler.errors import MsfpError
 
     class Block(nn.Module):
@@ -95,13 +97,35 @@ def test_keep_8bit_patterns_expand_over_layer_paths_and_reach_the_config() -> No
     unet = nn.Module()
     unet.conv_in = nn.Conv2d(1, 2, 3)
     unet.up_blocks = nn.ModuleList([Block(), Block()])
-    keep = eval_mnist.keep_8bit_layers("first,last,*.conv_shortcut", unet)
-    assert keep == ("first", "last", "up_blocks.0.conv_shortcut", "up_blocks.1.conv_shortcut")
-    with pytest.raises(MsfpError, match=r"--keep-8bit: '\*\.nope' matches no layer"):
-        eval_mnist.keep_8bit_layers("first,*.nope", unet)
-    args = eval_mnist.build_parser().parse_args(["--keep-8bit", "first,*.conv_shortcut", "--float-attention"])
-    cfg = eval_mnist.compile_config(eval_mnist.ROWS["MSFP PTQ"], args, 0, unet)
-    assert cfg.quant.keep_8bit == ("first", "up_blocks.0.conv_shortcut", "up_blocks.1.conv_shortcut")
+    args = eval_mnist.build_parser().parse_args(["--keep-8bit", "first, *.conv_shortcut,first", "--float-attention"])
+    cfg = eval_mnist.compile_config(eval_mnist.ROWS["MSFP PTQ"], args, 0)
+    assert cfg.quant.keep_8bit == ("first", "*.conv_shortcut")
     assert cfg.quant.quantize_attention is False
-    default = eval_mnist.compile_config(eval_mnist.ROWS["MSFP PTQ"], eval_mnist.build_parser().parse_args([]), 0, unet)
+    check_layer_names(unet, cfg.quant.keep_8bit)  # matches up_blocks.{0,1}.conv_shortcut
+    with pytest.raises(MsfpError, match=r"QuantConfig.keep_8bit: unknown layer '\*\.nope'"):
+        check_layer_names(unet, eval_mnist.keep_8bit_names("first,*.nope"))
+    default = eval_mnist.compile_config(eval_mnist.ROWS["MSFP PTQ"], eval_mnist.build_parser().parse_args([]), 0)
     assert default.quant.keep_8bit == ("first", "last") and default.quant.quantize_attention is True
+
+
+def test_keep_8bit_matching_nothing_exits_2_naming_the_flag(capsys, tmp_path) -> None:
+    rc = eval_mnist.main(["--models", "uncond", "--keep-8bit", "first,*.nope", "--out", str(tmp_path / "o")])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert err.startswith("eval_mnist: --keep-8bit: unknown layer '*.nope'") and "QuantConfig" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_merge_writes_the_table_json_where_told(tmp_path) -> None:
+    """--table: the merged JSON goes there (results/quality_mnist.json, the one copy); the markdown stays in OUT."""
+    import json
+
+    out = tmp_path / "run"
+    out.mkdir()
+    task = {"model": "uncond", "seed": 0, "row": "MSFP PTQ", "info": {"fid": 7.5, "compile_seconds": 1.0}}
+    (out / "task_uncond_0_msfp_ptq.json").write_text(json.dumps(task))
+    table = tmp_path / "quality_mnist.json"
+    args = {k: v for k, v in vars(eval_mnist.build_parser().parse_args([])).items() if not isinstance(v, Path)}
+    eval_mnist.merge(out, {**args, "seeds": [0]}, table)
+    assert json.loads(table.read_text())["uncond"]["MSFP PTQ"]["fid"] == [7.5]
+    assert not (out / "quality_mnist.json").exists() and "MSFP PTQ" in (out / "quality_mnist.md").read_text()
