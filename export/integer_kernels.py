@@ -48,6 +48,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from msfp_compiler.config import float32_conv_share
+from msfp_compiler.errors import MsfpError
 from msfp_compiler.formats import Format
 from msfp_compiler.ops import get_format
 
@@ -56,7 +58,8 @@ from .msfp_ops import MSFP_DOMAIN, QUANTIZE_OPS
 __all__ = ["CONV_WEIGHTS", "integer_shift", "int8_name", "TRANSPOSED", "lower_integer",
            "IntegerLoweringInfo"]
 
-CONV_WEIGHTS = ("int8", "float32")  # CompileConfig.conv_weights: 1 byte a weight, or prepacked FP32 kernels
+CONV_WEIGHTS = ("int8", "float32", "float32:F")  # CompileConfig.conv_weights: 1 byte a weight, prepacked FP32
+# kernels, or FP32 kernels for the share F of the conv weight elements whose convs have the most output positions
 MAX_WEIGHT_FOR_U8S8 = 64  # 2 * 255 * 64 = 32640 < 32767: no int16 saturation in vpmaddubsw pair sums
 
 
@@ -115,6 +118,7 @@ class _Rewrite:
         self.new_inits: list[onnx.TensorProto] = []
         self.taken: set[str] = set(self.inits)
         self.outputs = {o.name for o in self.graph.output}
+        self.value_info = {v.name: v for v in self.graph.value_info}
         self._arrays: dict[str, np.ndarray] = {}
         self._const_id = 0
         self.index(list(self.graph.node))
@@ -159,12 +163,14 @@ class _Rewrite:
 
 def lower_integer(model: onnx.ModelProto, conv_weights: str = "int8") -> IntegerLoweringInfo:
     """Rewrite ``model`` in place (see the module docstring); returns what was rewritten. ``conv_weights``: one of
-    CONV_WEIGHTS ("float32": conv weights as FP32 initializers)."""
-    if conv_weights not in CONV_WEIGHTS:
-        raise ValueError(f"conv_weights {conv_weights!r}: expected one of {CONV_WEIGHTS}")
+    CONV_WEIGHTS ("float32": conv weights as FP32 initializers; "float32:F": a share F of them)."""
+    try:
+        share = float32_conv_share(conv_weights)
+    except MsfpError as e:
+        raise ValueError(str(e)) from None
     rw = _Rewrite(model)
     info = IntegerLoweringInfo()
-    float_convs = _float_conv_weights(rw, conv_weights)
+    float_convs = _float_conv_weights(rw, share)
     weights, dropped = _int8_weights(rw, float_convs, info)
     nodes = [n for n in rw.graph.node if n.output[0] not in dropped]
     rw.index(nodes)
@@ -184,16 +190,39 @@ def _packed_weights(rw: _Rewrite) -> list[tuple[onnx.NodeProto, int]]:
     return out
 
 
-def _float_conv_weights(rw: _Rewrite, conv_weights: str) -> set[str]:
-    """The conv weights (DequantizeFP4Packed outputs read only as Conv weights) to decode into FP32 initializers."""
-    if conv_weights == "int8":
+def _conv_positions(rw: _Rewrite, weight: str) -> int | None:
+    """Output positions (H_out * W_out) of the convs reading ``weight`` (their fewest), None if it is not only a conv
+    weight; 0 where the graph's shapes do not say."""
+    users = rw.consumers[weight]
+    if not users or not all(u.op_type == "Conv" and list(u.input).index(weight) == 1 for u in users):
+        return None
+    pos = []
+    for u in users:
+        v = rw.value_info.get(u.output[0])
+        dims = [d.dim_value if d.HasField("dim_value") else 0 for d in v.type.tensor_type.shape.dim] if v else []
+        pos.append(int(np.prod(dims[2:])) if len(dims) > 2 else 0)
+    return min(pos)
+
+
+def _float_conv_weights(rw: _Rewrite, share: float) -> set[str]:
+    """The conv weights (DequantizeFP4Packed outputs read only as Conv weights) to decode into FP32 initializers:
+    all for share 1, none for 0, else the convs with the most output positions first, up to ``share`` of the conv
+    weight elements.
+
+    A conv loses ORT's weight prepacking in proportion to its multiply-adds, H_out * W_out per weight, while its FP32
+    weight costs 3 bytes a weight more than int8: per byte, the 64x64 convs of SD1.5 gain 16x what a 16x16 conv
+    gains (op profile of SD1.5, 1 thread: the 64x64 and 32x32 convs run 1.2-1.5x their prepacked FP32 time)."""
+    if share == 0.0:
         return set()
-    out = set()
-    for n, _ in _packed_weights(rw):
-        users = rw.consumers[n.output[0]]
-        if users and all(u.op_type == "Conv" and list(u.input).index(n.output[0]) == 1 for u in users):
-            out.add(n.output[0])
-    return out
+    convs = [(pos, n.output[0], int(np.prod(_attrs(n)["shape"]))) for n, _ in _packed_weights(rw)
+             if (pos := _conv_positions(rw, n.output[0])) is not None]
+    budget = share * sum(numel for _, _, numel in convs)
+    chosen, used = set(), 0
+    for pos, out, numel in sorted(convs, key=lambda c: -c[0]):  # stable: graph order among equals
+        if used + numel <= budget:
+            chosen.add(out)
+            used += numel
+    return chosen
 
 
 def _decode(rw: _Rewrite, n: onnx.NodeProto, k: int) -> tuple[np.ndarray, np.ndarray, bool] | None:

@@ -141,9 +141,11 @@ def compile_parser() -> argparse.ArgumentParser:
     ft.add_argument("--finetune-checkpoint", help="write LoRA + router tensors here (.safetensors)")
     p.add_argument("--no-pack", action="store_true", help="keep FP32 weights + fake quantization (larger file)")
     p.add_argument("--no-fold", action="store_true", help="do not fold unsigned zero points into biases")
-    p.add_argument("--conv-weights", default="int8", choices=["int8", "float32"],
-                   help="conv weights in the ONNX: int8 + DequantizeLinear (1 byte a weight in onnxruntime) or "
-                        "float32 (4 bytes, faster convs: onnxruntime prepacks constant weights; default int8)")
+    p.add_argument("--conv-weights", default="int8", metavar="{int8,float32,float32:F}",
+                   help="conv weights in the ONNX: int8 + DequantizeLinear (1 byte a weight in onnxruntime), "
+                        "float32 (4 bytes, faster convs: onnxruntime prepacks constant weights) or float32:F (the "
+                        "share F of the conv weights in FP32, convs with the most output positions first, e.g. "
+                        "float32:0.1; default int8)")
     p.add_argument("--log-dir", help="write passes.jsonl, passes.log (and graph dumps) here")
     p.add_argument("--dump-graph", action="store_true", help="with --log-dir: write the fx graph after each pass")
     p.add_argument("--plots", action="store_true", help="with --log-dir: activation histograms and a sign summary")

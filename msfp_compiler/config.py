@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 from .errors import MsfpError
 from .formats import parse_format
 
-__all__ = ["SCHEMES", "SCHEME_NAMES", "FP32_SCHEME", "QuantConfig", "CalibConfig", "FinetuneConfig", "CompileConfig"]
+__all__ = ["SCHEMES", "SCHEME_NAMES", "FP32_SCHEME", "QuantConfig", "CalibConfig", "FinetuneConfig", "CompileConfig",
+           "float32_conv_share"]
 
 # scheme -> (activation candidates, weight candidates) at 4 bits
 SCHEMES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
@@ -128,6 +129,22 @@ class FinetuneConfig:
 
 
 
+def float32_conv_share(conv_weights: str) -> float:
+    """The share of conv weight elements stored as FP32 for a ``CompileConfig.conv_weights`` value: 0 for "int8", 1
+    for "float32", F for "float32:F" with 0 < F <= 1."""
+    if conv_weights in ("int8", "float32"):
+        return float(conv_weights == "float32")
+    head, _, share = conv_weights.partition(":")
+    try:
+        f = float(share) if head == "float32" else -1.0
+    except ValueError:
+        f = -1.0
+    if not 0.0 < f <= 1.0:
+        raise MsfpError(f"CompileConfig.conv_weights: unknown {conv_weights!r} (expected int8, float32 or "
+                        "float32:F with a share 0 < F <= 1 of the conv weights, e.g. float32:0.1)")
+    return f
+
+
 @dataclass(frozen=True)
 class CompileConfig:
     quant: QuantConfig = field(default_factory=QuantConfig)
@@ -136,8 +153,9 @@ class CompileConfig:
     # ONNX weights as int8 + DequantizeLinear and linears as MatMulInteger (1 byte a weight in a plain ORT session);
     # False keeps the 4-bit packed weights in the file (half its size), which a plain session expands to FP32
     integer_kernels: bool = True
-    # with integer_kernels: "int8" conv weights (1 byte a weight, dequantized each run) or "float32" (decoded at
-    # lowering: ORT prepacks them, faster convs, 4 bytes a weight); export/integer_kernels.py has the numbers
+    # with integer_kernels: "int8" conv weights (1 byte a weight, dequantized each run), "float32" (decoded at
+    # lowering: ORT prepacks them, faster convs, 4 bytes a weight) or "float32:F" (that share F of the conv weight
+    # elements, the convs with the most output positions first); export/integer_kernels.py has the numbers
     conv_weights: str = "int8"
     fold_zero_point: bool = True
     finetune: FinetuneConfig | None = None  # TALoRA/LoRA + DFA distillation after insert_qdq
@@ -146,5 +164,4 @@ class CompileConfig:
     device: str = "cpu"
 
     def __post_init__(self) -> None:
-        if self.conv_weights not in ("int8", "float32"):
-            raise MsfpError(f"CompileConfig.conv_weights: unknown {self.conv_weights!r} (expected int8 or float32)")
+        float32_conv_share(self.conv_weights)

@@ -28,6 +28,7 @@ def test_config_does_not_import_training_code() -> None:
     (lambda: CalibConfig(text_len=0), "CalibConfig.text_len"),
     (lambda: FinetuneConfig(rank=0), "FinetuneConfig.rank"),
     (lambda: CompileConfig(conv_weights="float16"), "CompileConfig.conv_weights"),
+    (lambda: CompileConfig(conv_weights="float32:1.5"), "CompileConfig.conv_weights"),
 ])
 def test_errors_name_the_field_and_the_cli_maps_it_to_its_flag(make, field) -> None:
     with pytest.raises(MsfpError, match=field.replace(".", r"\.")) as e:

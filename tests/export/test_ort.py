@@ -99,3 +99,48 @@ def test_float32_conv_weights_are_the_int8_weights_decoded(compiled_unet2d, pack
         assert np.array_equal(numpy_helper.to_array(inits[w]).view(np.int32), v.view(np.int32)), w
     (out,) = session_from_model(m).run(None, feeds)
     assert np.linalg.norm(out - outs[0]) / np.linalg.norm(outs[0]) < 1e-5  # conv kernels may sum in another order
+
+
+def test_float32_conv_share_picks_the_convs_with_the_most_output_positions(packed_unet2d) -> None:
+    """CompileConfig.conv_weights="float32:F": FP32 initializers for at most the share F of the conv weight
+    elements, the convs with the most output positions first; "float32:1" is "float32"."""
+    import onnx
+    from onnx import numpy_helper
+
+    from msfp_compiler.export.onnx import to_integer
+
+    def lowered(spec: str) -> tuple[onnx.ModelProto, dict[str, int]]:
+        m = onnx.ModelProto()
+        m.CopyFrom(packed_unet2d.onnx_model)
+        return m, to_integer(m, conv_weights=spec)
+
+    def conv_weights(m: onnx.ModelProto) -> dict[str, tuple[int, int, bool]]:
+        """conv weight -> (output positions, elements, stored as FP32)"""
+        inits = {t.name: t for t in m.graph.initializer}
+        vi = {v.name: v for v in m.graph.value_info}
+        dq = {n.output[0]: n.input[0] for n in m.graph.node if n.op_type == "DequantizeLinear"}
+        out = {}
+        for n in m.graph.node:
+            w = n.input[1] if n.op_type == "Conv" else None
+            if w in inits and inits[w].data_type == TensorProto.FLOAT or w in dq:
+                t = inits[w] if w in inits else inits[dq[w]]
+                pos = int(np.prod([d.dim_value for d in vi[n.output[0]].type.tensor_type.shape.dim][2:]))
+                out[w] = (pos, numpy_helper.to_array(t).size, t.data_type == TensorProto.FLOAT)
+        return out
+
+    full, counts_full = lowered("float32")
+    assert counts_full == lowered("float32:1")[1]
+    m, counts = lowered("float32:0.3")
+    ws = conv_weights(m)
+    total = sum(numel for _, numel, _ in conv_weights(full).values())
+    chosen = [w for w, (_, _, f32) in ws.items() if f32]
+    assert 0 < counts["float32_conv_weights"] == len(chosen) < counts_full["float32_conv_weights"]
+    used = sum(ws[w][1] for w in chosen)
+    assert used <= 0.3 * total
+    skipped = [w for w in ws if not ws[w][2]]
+    assert all(used + ws[w][1] > 0.3 * total for w in skipped)  # nothing left that fits
+    assert max(ws[w][0] for w in chosen) == max(pos for pos, _, _ in ws.values())
+    mean_pos = lambda names: sum(ws[w][0] * ws[w][1] for w in names) / sum(ws[w][1] for w in names)  # noqa: E731
+    assert mean_pos(chosen) > mean_pos(skipped)
+    with pytest.raises(ValueError, match="float32:F"):
+        lowered("float32:0")
