@@ -5,6 +5,8 @@ Models: examples/digits-uncond, examples/digits-cond, ``cifar`` (the google/ddpm
 - fp32: ``lower_fp32`` (the FP32 model through the same lowering, what ``msfp-compile --scheme fp32`` writes);
 - msfp: ``msfp_compiler.compile`` with the default config (int8 weights + DequantizeLinear, MatMulInteger linears);
 - msfp_fp32conv: the same with FP32 conv weights (``CompileConfig(conv_weights="float32")``: prepacked convs);
+- msfp_fp32convF (F a number, e.g. msfp_fp32conv0.1): FP32 weights for the share F of the conv weights, the convs
+  with the most output positions first (``CompileConfig(conv_weights="float32:F")``), the others int8;
 - msfp_packed: the same graph with 4-bit packed weights (``CompileConfig(integer_kernels=False)``), opened with
   ``open_session`` (weights decoded to FP32 before ORT sees them);
 - msfp_nofold (digits only): without zero-point folding;
@@ -49,6 +51,7 @@ OUT_JSON = ROOT / "results" / "bench_ort.json"
 MODELS = {"digits-uncond": ROOT / "examples" / "digits-uncond", "digits-cond": ROOT / "examples" / "digits-cond",
           "cifar": None, "sd15": None}  # cifar, sd15: public UNet configs with random weights (tools/unet_configs.py)
 GOAL_RATIO = 1.3
+SHARE_VARIANT = "msfp_fp32conv"  # msfp_fp32convF (F a number): CompileConfig(conv_weights=f"float32:{F}")
 OPT_LEVELS = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
               "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
               "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC}
@@ -69,6 +72,7 @@ def _quantized_pair(loaded, config, work: Path, name: str, only: set[str] | None
     from msfp_compiler.export.onnx import save_atomic, to_integer
 
     variants = {k: v for k, v in {"msfp": "int8", "msfp_fp32conv": "float32"}.items() if only is None or k in only}
+    variants.update({k: f"float32:{k[len(SHARE_VARIANT):]}" for k in only or () if k.startswith(SHARE_VARIANT)})
     paths = {k: work / f"{name}.{k}.onnx" for k in [*variants, "msfp_packed"]}
     if not paths["msfp_packed"].is_file():
         cm = msfp_compile(loaded, replace(config, integer_kernels=False), progress=False)
