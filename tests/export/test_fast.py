@@ -245,8 +245,9 @@ def test_part_quant_matches_fake_quant_per_part() -> None:
 
 def test_build_fast_quantize_parts(compiled_cond) -> None:
     """quantize_parts: the Q/K/V (and cross-attention K/V) fake quantizers move into their merged GEMMs; the model's
-    output is unchanged bit for bit (float32 and bf16), and the bf16 model (the one deployed; float32 is the
-    checking dtype) traces as one graph. One Dynamo trace costs ~15 s of the suite, so only the deployed one runs."""
+    output is unchanged bit for bit (float32 and bf16). That the bf16 model (the one deployed; float32 is the checking
+    dtype) traces as one graph is checked with implicit_conv in test_build_fast_implicit_conv (one Dynamo trace costs
+    ~10 CPU-s of the suite)."""
     gm = compiled_cond.graph_module
     args = [a.to(DEV) for a in compiled_cond.calibration.batches[0].args]
     for dtype in (torch.float32, torch.bfloat16):
@@ -256,16 +257,16 @@ def test_build_fast_quantize_parts(compiled_cond) -> None:
         count = [sum(n.target is FA.fake_quant for n in f.gm.graph.nodes) for f in (plain, parts)]
         assert moved >= 10 and count[1] == count[0] - moved and plain.report.part_quant_moved == 0
         with torch.no_grad():
-            ref = plain(*args)
-            assert torch.equal(parts(*args), ref)
-            if dtype == torch.bfloat16:
-                assert torch.equal(torch.compile(parts, backend="eager", fullgraph=True)(*args), ref)
+            assert torch.equal(parts(*args), plain(*args))
 
 
 def test_build_fast_implicit_conv(compiled_cond) -> None:
     """implicit_conv: the k x k stride-1 convs go through msfp_fast::conv_e4m3 (no im2col op left for them); the
     bf16 model's output is unchanged bit for bit (the op sums the same E4M3 products in float32 and rounds once, as
-    _scaled_mm does) and it traces as one graph; the float32 checking dtype is left alone."""
+    _scaled_mm does); the float32 checking dtype is left alone. With quantize_parts too (it moves the attention
+    operands' quantizers, implicit_conv the convs: disjoint layers), the bf16 model gives the same output and traces
+    as one graph: one Dynamo trace for both options' code paths (the default build's im2col path is traced in
+    test_build_fast_on_compiled_cond_unet)."""
     gm = compiled_cond.graph_module
     args = [a.to(DEV) for a in compiled_cond.calibration.batches[0].args]
     plain = FA.build_fast(gm, DEV)
@@ -274,10 +275,13 @@ def test_build_fast_implicit_conv(compiled_cond) -> None:
     assert implicit.report.implicit_convs == len(routed) >= 2 and plain.report.implicit_convs == 0
     assert all(m.conv["stride"] == (1, 1) and m.conv["kernel"] != (1, 1) for m in routed)
     assert FA.build_fast(gm, DEV, dtype=torch.float32, implicit_conv=True).report.implicit_convs == 0
+    both = FA.build_fast(gm, DEV, implicit_conv=True, quantize_parts=True)
+    assert both.report.implicit_convs == len(routed) and both.report.part_quant_moved >= 10
     with torch.no_grad():
         ref = plain(*args)
         assert torch.equal(implicit(*args), ref)
-        assert torch.equal(torch.compile(implicit, backend="eager", fullgraph=True)(*args), ref)
+        assert torch.equal(both(*args), ref)
+        assert torch.equal(torch.compile(both, backend="eager", fullgraph=True)(*args), ref)
 
 
 def test_build_fast_mixed_weights(compiled_cond, monkeypatch) -> None:
