@@ -1,5 +1,5 @@
 # Device call 8 of issue 12 (run from the repository root on the GPU machine, after the wheel/pip installs):
-#   LIMIT=450 BUDGET=120 bash results/mnist/call8.sh
+#   LIMIT=440 BUDGET=120 DELAY=60 bash results/mnist/call8.sh   (as run: 379 s command, 414 s of device time)
 # Four eval_mnist runs (2 x H200), each its own folder, 3 seeds each:
 #   a  cond MSFP + TALoRA + DFA, strict W4A4 (never measured: calls 3, 4, 6 and 7 cut it): launched FIRST, at t = 0;
 #   e  cond MSFP + TALoRA + DFA in EfficientDM's scope (as call 7's uncond "e"), also at t = 0: 6 cond processes
