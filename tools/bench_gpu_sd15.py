@@ -173,7 +173,8 @@ def parser() -> argparse.ArgumentParser:
                     "implicit-GEMM FP8 conv, tiles tuned per shape against im2col + cuBLAS); recorded under "
                     "'variants'")
     ap.add_argument("--skip", default="", help="comma list of phases to leave out: accuracy, bandwidth, "
-                    "prefetch (graph mode's side-stream decode timing)")
+                    "prefetch (graph mode's side-stream decode timing), main (the headline rows: with --variant, "
+                    "only the variant is compiled and timed)")
     ap.add_argument("--gpu-lock", default=None, metavar="FILE", help="hold an exclusive lock on FILE from the first "
                     "timing to the end (benchmarks of other batch sizes compiling in parallel processes time one "
                     "at a time)")
@@ -208,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
         "config": vars(args), "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
     cm, bf16_bytes = msfp_sd15(args, rec)
     with torch.no_grad():
-        rows = measure(args, rec, cm, bf16_bytes, batches, warm)
+        # --skip main: only the variant (a follow-up call that re-measures one option, compared across calls)
+        rows = measure(args, rec, cm, bf16_bytes, batches, warm) if "main" not in args.skip.split(",") else []
         torch._dynamo.reset()
         torch.cuda.empty_cache()
         if args.variant:
