@@ -61,7 +61,8 @@ def _histogram(plt, rec, name: str, path: Path) -> bool:
     fmt = get_format(c.fmt)
     levels = (c.zero_point + fmt.grid * c.scale).reshape(-1)
     fig, ax = plt.subplots(figsize=(6, 3))
-    ax.hist(x.numpy(), bins=128, color="#4477aa", alpha=0.8, log=True)
+    # one filled outline, the same picture as 128 edgeless bars at about half the drawing time (one patch, not 128)
+    ax.hist(x.numpy(), bins=128, color="#4477aa", alpha=0.8, log=True, histtype="stepfilled")
     if levels.numel() <= _MAX_GRID_LINES:
         for v in levels.tolist():
             ax.axvline(v, color="#cc3311", lw=0.6, alpha=0.7)

@@ -302,13 +302,15 @@ def test_build_fast_mixed_weights(compiled_cond, monkeypatch) -> None:
         FA.build_fast(gm, DEV, weights="int4")
 
 
-def test_build_fast_on_loaded_pt2(compiled_cond, tmp_path) -> None:
-    """msfp-sample --backend triton --fast rewrites the module of a loaded .pt2 (whose train()/eval() raise)."""
+def test_build_fast_on_loaded_pt2(compiled_unet2d, tmp_path) -> None:
+    """msfp-sample --backend triton --fast rewrites the module of a loaded .pt2 (whose train()/eval() raise). On the
+    UNet2DModel: the .pt2 round trip (torch.export, save, load) costs less than on the SD-style UNet, and the
+    rewrite's layers are the same kinds."""
     from msfp_compiler.export.triton.runtime import load_pt2
 
     path = tmp_path / "m.pt2"
-    compiled_cond.save_pt2(str(path))
-    args = [a.to(DEV) for a in compiled_cond.calibration.batches[0].args]
+    compiled_unet2d.save_pt2(str(path))
+    args = [a.to(DEV) for a in compiled_unet2d.calibration.batches[0].args]
     gm = load_pt2(str(path))
 
     def no_train(mode: bool = True) -> None:  # what torch 2.11's exported module does
@@ -316,9 +318,10 @@ def test_build_fast_on_loaded_pt2(compiled_cond, tmp_path) -> None:
 
     gm.train = no_train
     fast = FA.build_fast(gm, DEV, inplace=True)  # as msfp-sample does
-    assert not fast.training and fast.report.fused["conv2d"] >= 10
+    direct = FA.build_fast(compiled_unet2d.graph_module, DEV)
+    assert not fast.training and fast.report.fused == direct.report.fused and fast.report.fused["conv2d"] >= 5
     with torch.no_grad():
-        assert torch.equal(fast(*args), FA.build_fast(compiled_cond.graph_module, DEV)(*args))
+        assert torch.equal(fast(*args), direct(*args))
 
 
 @pytest.mark.parametrize("fmt,shape", [("e2m1", [6, 7]), ("int4", [4, 3, 3, 3]), ("ue2m2", [5, 2, 1, 1])])
