@@ -1,0 +1,47 @@
+"""tools/finetune_convergence.py: the second-half trend of pooled loss curves, and the report from a table."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
+
+fc = pytest.importorskip("finetune_convergence")
+
+
+def _curve(total: int, every: int, f) -> list[list[float]]:
+    steps = list(range(every, total, every)) + [total]
+    return [[s, f(s)] for s in steps]
+
+
+def test_falling_flat_and_rising_second_halves() -> None:
+    rng = np.random.default_rng(0)
+    falling = [_curve(n, 100, lambda s: 0.01 * np.exp(-s / 400) * (1 + 0.02 * rng.standard_normal())) for n in
+               (600, 1300, 800)]
+    flat = [_curve(n, 100, lambda s: 0.005 * (1 + 0.2 * rng.standard_normal())) for n in (600, 1300, 800)]
+    rising = [_curve(n, 100, lambda s: 0.004 + 1e-5 * s) for n in (600, 900)]
+    assert fc.verdict(*fc.second_half_trend(falling)[:2]) == "falling"
+    assert fc.verdict(*fc.second_half_trend(flat)[:2]) == "flat"
+    assert fc.verdict(*fc.second_half_trend(rising)[:2]) == "rising"
+    slope, _, n = fc.second_half_trend([_curve(1000, 100, lambda s: 1.0)])
+    assert n == 5 and abs(slope) < 1e-9  # steps 600..1000: the points past half of the run only
+
+
+def test_report_from_a_table(tmp_path: Path) -> None:
+    row = {"seeds": [0, 1], "steps": [400, 400], "initial_loss": [0.01, 0.02], "final_loss": [0.005, 0.01],
+           "call": 9, "loss_curve": [_curve(400, 50, lambda s: 0.01 - 1e-5 * s)] * 2}
+    table = {"uncond": {"FP32": {"seeds": [0, 1], "fid": [1.0, 2.0]}, "MSFP + LoRA": row},
+             "variants": {"cond": {"rank 32": row}}}
+    (tmp_path / "t.json").write_text(json.dumps(table))
+    assert fc.main(["--table", str(tmp_path / "t.json"), "--out", str(tmp_path / "conv")]) == 0
+    rows = json.loads((tmp_path / "conv.json").read_text())
+    assert [(r["model"], r["row"], r["second_half"]) for r in rows] == [
+        ("uncond", "MSFP + LoRA", "falling"), ("cond", "variant: rank 32", "falling")]
+    assert "0.0100 -> 0.0050" in (tmp_path / "conv.md").read_text()
+    assert fc.main(["--table", str(tmp_path / "missing.json"), "--out", str(tmp_path / "x")]) == 2
+    assert not (tmp_path / "x.md").exists()
