@@ -8,7 +8,6 @@ import copy
 import torch
 
 from msfp_compiler.calibration import collect
-from msfp_compiler.capture import capture, signature_of
 from msfp_compiler.config import FinetuneConfig, QuantConfig
 from msfp_compiler.distillation import finetune
 from msfp_compiler.passes.annotate_sign import AnnotateSign
@@ -18,7 +17,7 @@ from msfp_compiler.passes.select_format import SelectFormat
 from msfp_compiler.sampling import make_scheduler
 from msfp_compiler.talora import ROUTER_NAME, SELECT_WEIGHT, attach_talora, router_table
 
-from ..conftest import make_unet_min, quantize_tiny
+from ..conftest import quantize_tiny
 
 
 def test_router_table_is_what_the_fused_graph_selects(tuned):
@@ -82,13 +81,12 @@ def test_plain_lora_has_no_router(stages_unet2d):
     assert torch.allclose(fused(x, t), before, atol=1e-6)  # B = 0 at init: merged weights equal W
 
 
-def test_fuse_talora_table_covers_a_2000_step_scheduler():
+def test_fuse_talora_table_covers_a_2000_step_scheduler(stages_unet2d):
     sched_cfg = {"num_train_timesteps": 2000, "beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02}
-    unet = make_unet_min()
-    sig = signature_of(unet)
+    unet, sig = stages_unet2d.unet, stages_unet2d.sig
     calib = collect(unet, sig, 2, 3, 0, make_scheduler("ddim", sched_cfg), num_groups=1, holdout_samples=0,
                     progress=False)
-    gm, _ = capture(unet, sig)
+    gm = stages_unet2d.fresh("capture")  # the shared capture of the tiny UNet2DModel, not one of its own
     for p in (AnnotateSign(calib, 128), SelectFormat(QuantConfig(keep_8bit=(), clip_ratios=8, zero_points=4)),
               InsertQDQ()):
         gm = p(gm).graph_module
