@@ -7,7 +7,8 @@ fine-tuning, and whether the training loss was still falling over the second hal
 A curve point is the mean training loss over one logging interval (100 steps in calls 6-8). "Still falling" is a
 least-squares line through the second-half points of every seed, each seed's points divided by that seed's
 second-half mean (so seeds pool), weighted by interval length: **falling** when the slope is negative by more than
-two standard errors, **flat** when within two, **rising** otherwise. The cosine schedule takes the learning rate to
+two standard errors, **rising** when positive by more than two, otherwise **flat** when the standard error is at most
+NOISY_SE (a trend of that size would have shown) and **noisy** when larger (no trend detectable either way). The cosine schedule takes the learning rate to
 zero at the last step, so "flat" at the end can mean the schedule ran out, not that more steps would not help.
 """
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+NOISY_SE = 0.05  # relative slope per 100 steps: above this standard error "flat" would claim more than the data show
 
 
 def second_half_trend(curves: list[list[list[float]]]) -> tuple[float, float, int]:
@@ -62,7 +64,7 @@ def verdict(slope: float, se: float) -> str:
         return "falling"
     if slope > 2 * se:
         return "rising"
-    return "flat"
+    return "flat" if se <= NOISY_SE else "noisy"
 
 
 def fine_tuned_rows(table: dict) -> list[tuple[str, str, dict]]:
@@ -82,6 +84,39 @@ def summarise(model: str, name: str, row: dict) -> dict:
             "initial_loss": row["initial_loss"], "final_loss": row["final_loss"],
             "slope_per_100_steps": round(slope, 4), "slope_se": round(se, 4), "points": n,
             "second_half": verdict(slope, se)}
+
+
+# Rows of one configuration measured in several calls (same seeds, so the same probe batches and starting loss):
+# within a seed they differ only in the steps the time budget allowed, which separates step count from seed.
+SAME_CONFIG = {"uncond MSFP + TALoRA + DFA, rank 4 (calls 6, 7, 8)": [
+    ("uncond", "MSFP + TALoRA + DFA"), ("uncond", "variant: MSFP + TALoRA + DFA (call 7 rerun)"),
+    ("uncond", "variant: MSFP + TALoRA + DFA (call 8 rerun, rank 4)")]}
+
+
+def steps_within_seed(table: dict) -> list[dict]:
+    """Per SAME_CONFIG group and seed: (call, steps, probe loss change, FID) ordered by steps."""
+    rows = {(m, n): r for m, n, r in fine_tuned_rows(table)}
+    out = []
+    for group, keys in SAME_CONFIG.items():
+        runs = [(rows[k], k) for k in keys if k in rows]
+        for seed in sorted({s for r, _ in runs for s in r["seeds"]}):
+            pts = []
+            for r, _ in runs:
+                if seed in r["seeds"]:
+                    i = r["seeds"].index(seed)
+                    pts.append({"call": r.get("call"), "steps": r["steps"][i], "initial_loss": r["initial_loss"][i],
+                                "final_loss": r["final_loss"][i], "fid": r["fid"][i]})
+            out.append({"group": group, "seed": seed, "runs": sorted(pts, key=lambda p: p["steps"])})
+    return out
+
+
+def steps_markdown(groups: list[dict]) -> str:
+    lines = ["| configuration | seed | steps (call): probe loss change, FID |", "|---|---|---|"]
+    for g in groups:
+        cells = "; ".join(f"{p['steps']} ({p['call']}): {100 * (p['final_loss'] / p['initial_loss'] - 1):+.0f}%, "
+                          f"{p['fid']:.1f}" for p in g["runs"])
+        lines.append(f"| {g['group']} | {g['seed']} | {cells} |")
+    return "\n".join(lines) + "\n"
 
 
 def markdown(rows: list[dict]) -> str:
@@ -141,8 +176,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"finetune_convergence: {args.table} has no rows with loss curves", file=sys.stderr)
         return 2
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    md = markdown(rows)
-    for suffix, text in ((".md", md), (".json", json.dumps(rows, indent=1) + "\n")):
+    within = steps_within_seed(table)
+    md = markdown(rows) + ("\nSame configuration, same seed, different step counts:\n\n" + steps_markdown(within)
+                           if within else "")
+    for suffix, text in ((".md", md), (".json", json.dumps({"rows": rows, "steps_within_seed": within}, indent=1)
+                                       + "\n")):
         tmp = args.out.with_suffix(suffix + ".tmp")
         tmp.write_text(text)
         tmp.replace(args.out.with_suffix(suffix))

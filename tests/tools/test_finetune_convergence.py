@@ -28,6 +28,8 @@ def test_falling_flat_and_rising_second_halves() -> None:
     assert fc.verdict(*fc.second_half_trend(falling)[:2]) == "falling"
     assert fc.verdict(*fc.second_half_trend(flat)[:2]) == "flat"
     assert fc.verdict(*fc.second_half_trend(rising)[:2]) == "rising"
+    noisy = [_curve(n, 100, lambda s: 0.005 * (1 + 0.6 * rng.standard_normal())) for n in (400, 500)]
+    assert fc.verdict(*fc.second_half_trend(noisy)[:2]) == "noisy"
     slope, _, n = fc.second_half_trend([_curve(1000, 100, lambda s: 1.0)])
     assert n == 5 and abs(slope) < 1e-9  # steps 600..1000: the points past half of the run only
 
@@ -39,9 +41,21 @@ def test_report_from_a_table(tmp_path: Path) -> None:
              "variants": {"cond": {"rank 32": row}}}
     (tmp_path / "t.json").write_text(json.dumps(table))
     assert fc.main(["--table", str(tmp_path / "t.json"), "--out", str(tmp_path / "conv")]) == 0
-    rows = json.loads((tmp_path / "conv.json").read_text())
+    rows = json.loads((tmp_path / "conv.json").read_text())["rows"]
     assert [(r["model"], r["row"], r["second_half"]) for r in rows] == [
         ("uncond", "MSFP + LoRA", "falling"), ("cond", "variant: rank 32", "falling")]
     assert "0.0100 -> 0.0050" in (tmp_path / "conv.md").read_text()
     assert fc.main(["--table", str(tmp_path / "missing.json"), "--out", str(tmp_path / "x")]) == 2
     assert not (tmp_path / "x.md").exists()
+
+
+def test_same_seed_runs_ordered_by_steps() -> None:
+    def run(call, steps, final, fid):
+        return {"seeds": [0], "steps": [steps], "initial_loss": [0.01], "final_loss": [final], "fid": [fid],
+                "call": call, "loss_curve": [_curve(steps, 100, lambda s: 0.01)]}
+    table = {"uncond": {"MSFP + TALoRA + DFA": run(6, 700, 0.006, 500.0)},
+             "variants": {"uncond": {"MSFP + TALoRA + DFA (call 7 rerun)": run(7, 400, 0.008, 540.0),
+                                     "MSFP + TALoRA + DFA (call 8 rerun, rank 4)": run(8, 1300, 0.005, 410.0)}}}
+    (g,) = fc.steps_within_seed(table)
+    assert [(p["call"], p["steps"]) for p in g["runs"]] == [(7, 400), (6, 700), (8, 1300)]
+    assert "400 (7): -20%, 540.0; 700 (6): -40%, 500.0; 1300 (8): -50%, 410.0" in fc.steps_markdown([g])
