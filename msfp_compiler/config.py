@@ -105,6 +105,8 @@ class FinetuneConfig:
 
     steps: int = 300
     num_loras: int = 2  # K; 1 = plain LoRA (EfficientDM)
+    # 4 until a second model confirms more: rank 32 (EfficientDM's) was lower on every seed on MNIST uncond at no
+    # fine-tuning speed or inference cost, but a tie by the table's range rule (results/quality_mnist.md, session 8)
     rank: int = 4
     lr: float = 1e-3
     router_lr: float = 1e-2
