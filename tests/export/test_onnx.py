@@ -181,8 +181,8 @@ def test_check_detects_a_broken_lowering(compiled) -> None:
 def test_same_input_and_seed_give_identical_bytes(compiled_text7, unet_cond_min, tmp_path: Path) -> None:
     """A second compile in the same process (after others: no state carried between compiles) gives the same bytes.
     On an SD-style model, whose layers (convs, linears, self- and cross-attention, time embedding) include the
-    UNet2DModel's kinds, calibrated with 7-token text states; the smallest UNet's second in-process compile is checked
-    in test_cli (trust-pickle), and the one cross-process check is test_cli's console-script test."""
+    UNet2DModel's kinds, calibrated with 7-token text states (the one cross-process check is test_cli's console-script
+    test)."""
     compiled = compiled_text7
     again = compile(unet_cond_min, compiled.config, progress=False)
     a, b = compiled.onnx_model.SerializeToString(), again.onnx_model.SerializeToString()
