@@ -14,6 +14,7 @@ zero at the last step, so "flat" at the end can mean the schedule ran out, not t
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import sys
 from pathlib import Path
@@ -88,17 +89,24 @@ def summarise(model: str, name: str, row: dict) -> dict:
 
 # Rows of one configuration measured in several calls (same seeds, so the same probe batches and starting loss):
 # within a seed they differ only in the steps the time budget allowed, which separates step count from seed.
-SAME_CONFIG = {"uncond MSFP + TALoRA + DFA, rank 4 (calls 6, 7, 8)": [
-    ("uncond", "MSFP + TALoRA + DFA"), ("uncond", "variant: MSFP + TALoRA + DFA (call 7 rerun)"),
-    ("uncond", "variant: MSFP + TALoRA + DFA (call 8 rerun, rank 4)")]}
+# Row names are fnmatch patterns; a group with fewer than two of its rows in the table is left out.
+SAME_CONFIG = {
+    "uncond MSFP + TALoRA + DFA, rank 4 (calls 6, 7, 8)": [
+        ("uncond", "MSFP + TALoRA + DFA"), ("uncond", "variant: MSFP + TALoRA + DFA (call 7 rerun)"),
+        ("uncond", "variant: MSFP + TALoRA + DFA (call 8 rerun, rank 4)")],
+    "cond MSFP + TALoRA + DFA, rank 4 (calls 8, 9)": [
+        ("cond", "MSFP + TALoRA + DFA"), ("cond", "variant: MSFP + TALoRA + DFA, rank 4, * steps (baseline)")],
+}
 
 
 def steps_within_seed(table: dict) -> list[dict]:
     """Per SAME_CONFIG group and seed: (call, steps, probe loss change, FID) ordered by steps."""
-    rows = {(m, n): r for m, n, r in fine_tuned_rows(table)}
+    rows = fine_tuned_rows(table)
     out = []
     for group, keys in SAME_CONFIG.items():
-        runs = [(rows[k], k) for k in keys if k in rows]
+        runs = [(r, (m, n)) for km, kn in keys for m, n, r in rows if m == km and fnmatch.fnmatchcase(n, kn)]
+        if len(runs) < 2:
+            continue
         for seed in sorted({s for r, _ in runs for s in r["seeds"]}):
             pts = []
             for r, _ in runs:

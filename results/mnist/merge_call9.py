@@ -33,3 +33,5 @@ if r4:
     v["cond"][f"MSFP + TALoRA + DFA, rank 4, {n} steps (baseline)"] = r4
 write_json(P, d, indent=1)
 print({"fp4": bool(fp4), "r32": bool(r32), "r4": bool(r4), "steps": n})
+from finetune_convergence import main as convergence  # refresh results/mnist/finetune_convergence.* with call 9
+convergence([])
