@@ -129,16 +129,7 @@ def compile_parser() -> argparse.ArgumentParser:
                    help="tokens of the random text states used for calibration (default 1; 77 for Stable Diffusion)")
     p.add_argument("--scheduler", default="ddim", choices=["ddim", "ddpm"], help="calibration sampler (default ddim)")
     p.add_argument("--seed", type=int, default=0)
-    ft = p.add_argument_group("fine-tuning (TALoRA + DFA, data-free distillation from the FP model)")
-    ft.add_argument("--finetune-steps", type=int, default=0, help="distillation steps; 0 = PTQ only (default 0)")
-    ft.add_argument("--num-loras", type=int, default=2, help="LoRAs per layer chosen by the router; 1 = LoRA (default 2)")
-    ft.add_argument("--lora-rank", type=int, default=4, help="LoRA rank (default 4)")
-    ft.add_argument("--no-dfa", action="store_true", help="unweighted loss instead of DFA's gamma_t weighting")
-    ft.add_argument("--learn-act-scales", action="store_true", help="also learn activation scales (LSQ-style)")
-    ft.add_argument("--finetune-samples", type=int, default=32, help="FP trajectories used as data (default 32)")
-    ft.add_argument("--finetune-sampler-steps", type=int, default=50,
-                    help="DDIM steps of those trajectories and of gamma_t; match your sampler (default 50)")
-    ft.add_argument("--finetune-checkpoint", help="write LoRA + router tensors here (.safetensors)")
+    _add_finetune_args(p)
     p.add_argument("--no-pack", action="store_true", help="keep FP32 weights + fake quantization (larger file)")
     p.add_argument("--no-fold", action="store_true", help="do not fold unsigned zero points into biases")
     p.add_argument("--conv-weights", default="int8", metavar="{int8,float32,float32:F}",
@@ -159,6 +150,20 @@ def compile_parser() -> argparse.ArgumentParser:
     p.add_argument("--summary", action="store_true", help="print the per-layer format table")
     p.add_argument("-q", "--quiet", action="store_true", help="no pass log or progress on stderr")
     return p
+
+
+def _add_finetune_args(p: argparse.ArgumentParser) -> None:
+    """msfp-compile's fine-tuning flags (FinetuneConfig)."""
+    ft = p.add_argument_group("fine-tuning (TALoRA + DFA, data-free distillation from the FP model)")
+    ft.add_argument("--finetune-steps", type=int, default=0, help="distillation steps; 0 = PTQ only (default 0)")
+    ft.add_argument("--num-loras", type=int, default=2, help="LoRAs per layer chosen by the router; 1 = LoRA (default 2)")
+    ft.add_argument("--lora-rank", type=int, default=4, help="LoRA rank (default 4)")
+    ft.add_argument("--no-dfa", action="store_true", help="unweighted loss instead of DFA's gamma_t weighting")
+    ft.add_argument("--learn-act-scales", action="store_true", help="also learn activation scales (LSQ-style)")
+    ft.add_argument("--finetune-samples", type=int, default=32, help="FP trajectories used as data (default 32)")
+    ft.add_argument("--finetune-sampler-steps", type=int, default=50,
+                    help="DDIM steps of those trajectories and of gamma_t; match your sampler (default 50)")
+    ft.add_argument("--finetune-checkpoint", help="write LoRA + router tensors here (.safetensors)")
 
 
 def _out_path(path: str, flag: str = "--out") -> Path:
