@@ -170,8 +170,9 @@ def parser() -> argparse.ArgumentParser:
                     "compile, timing and profile at BATCH with an option: combo (Inductor config.combo_kernels, "
                     "independent kernels launched as one) or qkv (build_fast(quantize_parts=True): the Q/K/V "
                     "fake quantizers in their merged GEMM's epilogue) or conv (build_fast(implicit_conv=True): the "
-                    "implicit-GEMM FP8 conv, tiles tuned per shape against im2col + cuBLAS); recorded under "
-                    "'variants'")
+                    "implicit-GEMM FP8 conv, tiles tuned per shape against im2col + cuBLAS; the default on CUDA "
+                    "since session 8) or im2col (implicit_conv=False: the convs as im2col + cuBLAS); recorded "
+                    "under 'variants'")
     ap.add_argument("--skip", default="", help="comma list of phases to leave out: accuracy, bandwidth, "
                     "prefetch (graph mode's side-stream decode timing), main (the headline rows: with --variant, "
                     "only the variant is compiled and timed)")
@@ -336,7 +337,7 @@ def variant(args: argparse.Namespace, rec: Recorder, cm: Any) -> None:
 
     name, b = args.variant.split(":")
     options, build = {"combo": ({"combo_kernels": True}, {}), "qkv": ({}, {"quantize_parts": True}),
-                      "conv": ({}, {"implicit_conv": True})}[name]
+                      "conv": ({}, {"implicit_conv": True}), "im2col": ({}, {"implicit_conv": False})}[name]
     head = args.weights.split(",")[0]
     row: dict = {"batch": int(b), "variant": name, "inductor_options": options, "build_fast_options": build}
     fast = build_fast(cm.graph_module, "cuda", weights=head, **build)

@@ -84,10 +84,13 @@ class ConvConfig:
 
 
 # Candidates timed on the first call of each conv shape (Hopper FP8 wgmma: BK >= 32; 128-byte K rows for TMA's
-# widest swizzle). The four that won a shape in session 8's batch-1 sweep of seven (tools/bench_gpu_kernels.py
-# --sections conv, results/gpu_sd15_conv_b1.json); fewer candidates, fewer Triton compiles on the first call.
-CONFIGS = (ConvConfig(128, 128, 128, 8, 4), ConvConfig(128, 128, 128, 8, 4, False), ConvConfig(256, 128, 128, 8, 3),
-           ConvConfig(128, 64, 128, 4, 4))
+# widest swizzle): tiles that won a shape in session 8's batch-1 sweep of seven (tools/bench_gpu_kernels.py
+# --sections conv, results/gpu_sd15_conv_b1.json). Left out: 128x128x128 with the TMA box, 8 warps, 4 stages -- it
+# won 8 batch-1 shapes bit-exactly, but on the SD1.5 step's own batch-8 operands the tuner measured it 3-9% of the
+# largest output off cuBLAS on 11 of 16 shapes (coordinator call m4, results/gpu_sd15.json); the same box with
+# BM 256 (3 stages) or BN 64 (4 warps), and the same tile with the pointer gather, agree. Cause not found (no device
+# time left); the tuner's output check is what caught it.
+CONFIGS = (ConvConfig(128, 128, 128, 8, 4, False), ConvConfig(256, 128, 128, 8, 3), ConvConfig(128, 64, 128, 4, 4))
 _INTERP_CONFIG = ConvConfig(16, 16, 32, 1, 1)
 _BEST: dict[tuple, ConvConfig | str] = {}
 TUNE_TIMES: dict[tuple, dict[str, float | str]] = {}  # what the tuner measured per conv shape (ms), for the benches
@@ -150,9 +153,9 @@ def _graphed_ms(fn) -> float:
 def pick_conv_config(x: torch.Tensor, w: torch.Tensor, kernel: list[int], stride: list[int],
                      pads: list[int]) -> ConvConfig | str:
     """The fastest of ``CONFIGS`` and ``IM2COL`` (im2col + cuBLAS) for this conv shape, timed once per shape
-    (device time of CUDA-graph replays, ``_graphed_ms``) on the call's own operands: where no tile beats cuBLAS (small M,
-    where cuBLAS splits K), the conv stays im2col + cuBLAS. A tile whose output differs from cuBLAS's by more than
-    1e-2 of its largest magnitude is not a candidate. During a CUDA graph capture, when nothing can be timed,
+    (device time of CUDA-graph replays, ``_graphed_ms``) on the call's own operands: where no tile beats cuBLAS
+    (small M, where cuBLAS splits K), the conv stays im2col + cuBLAS. A tile whose output differs from cuBLAS's by
+    more than 1e-2 of its largest magnitude is not a candidate (see ``CONFIGS``: one tile was caught that way). During a CUDA graph capture, when nothing can be timed,
     IM2COL."""
     if INTERPRET or x.device.type != "cuda":
         return _INTERP_CONFIG

@@ -261,20 +261,22 @@ def test_build_fast_quantize_parts(compiled_cond) -> None:
 
 
 def test_build_fast_implicit_conv(compiled_cond) -> None:
-    """implicit_conv: the k x k stride-1 convs go through msfp_fast::conv_e4m3 (no im2col op left for them); the
-    bf16 model's output is unchanged bit for bit (the op sums the same E4M3 products in float32 and rounds once, as
-    _scaled_mm does); the float32 checking dtype is left alone. With quantize_parts too (it moves the attention
+    """implicit_conv (the default on CUDA): the k x k stride-1 convs go through msfp_fast::conv_e4m3 (no im2col op
+    left for them); the bf16 model's output is unchanged bit for bit (the op sums the same E4M3 products in float32
+    and rounds once, as _scaled_mm does); the float32 checking dtype is left alone. With quantize_parts too (it moves the attention
     operands' quantizers, implicit_conv the convs: disjoint layers), the bf16 model gives the same output and traces
     as one graph: one Dynamo trace for both options' code paths (the default build's im2col path is traced in
     test_build_fast_on_compiled_cond_unet)."""
     gm = compiled_cond.graph_module
     args = [a.to(DEV) for a in compiled_cond.calibration.batches[0].args]
-    plain = FA.build_fast(gm, DEV)
+    plain = FA.build_fast(gm, DEV, implicit_conv=False)
     implicit = FA.build_fast(gm, DEV, implicit_conv=True)
     routed = [m for m in implicit.modules() if isinstance(m, FA.FastGemm) and m.implicit]
     assert implicit.report.implicit_convs == len(routed) >= 2 and plain.report.implicit_convs == 0
     assert all(m.conv["stride"] == (1, 1) and m.conv["kernel"] != (1, 1) for m in routed)
     assert FA.build_fast(gm, DEV, dtype=torch.float32, implicit_conv=True).report.implicit_convs == 0
+    # the default: on for CUDA devices only (on the CPU the op is im2col + GEMM anyway)
+    assert FA.build_fast(gm, "cpu").report.implicit_convs == 0
     both = FA.build_fast(gm, DEV, implicit_conv=True, quantize_parts=True)
     assert both.report.implicit_convs == len(routed) and both.report.part_quant_moved >= 10
     with torch.no_grad():

@@ -1,5 +1,5 @@
-"""The fast path's own Triton kernels (export/triton/w4_decode.py, im2col.py, conv_fp8.py) against their torch references
-(export/triton/fast_ops.py), bit-exact. Without CUDA they run in Triton's interpreter on small shapes."""
+"""The fast path's own Triton kernels (export/triton/w4_decode.py, im2col.py, conv_fp8.py) against their torch
+references (export/triton/fast_ops.py), bit-exact. Without CUDA they run in Triton's interpreter on small shapes."""
 
 from __future__ import annotations
 
