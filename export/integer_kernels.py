@@ -25,9 +25,13 @@ FP32 Conv on this class of CPU, and QLinearConv requantizes its output (inexact)
 DequantizeLinear at run time is not a constant to ORT, so its Conv loses the weight prepacking (NCHWc layout, fused
 activation) that FP32 models get: 1.2x the FP32 latency on the CIFAR-size UNet. ``conv_weights="float32"``
 (CompileConfig.conv_weights) trades memory for that speed: conv weights are decoded here into FP32 initializers
-(the same values, 4 bytes a weight), linears stay int8 + MatMulInteger. Tried and dropped: FP32 kernels only for the
-convs with the most output positions (multiply-adds per weight) within 10% more weight bytes: 1.19x FP32 on SD1.5
-(int8: 1.16x, noise) at 0.517x its memory, 1.24x on the CIFAR UNet (int8: 1.27x). An FP16 initializer + Cast
+(the same values, 4 bytes a weight), linears stay int8 + MatMulInteger. ``conv_weights="float32:F"`` is the middle
+ground: FP32 kernels for the share F of the conv weight elements, the convs with the most output positions
+(multiply-adds per weight) first. An op profile of SD1.5 (1 thread) ranks the convs the same way: the 64x64 and
+32x32 ones run 1.2-1.5x their prepacked FP32 time for the fewest weights. A session holds ~7 bytes more per FP32
+conv weight than per int8 one (the initializer and its NCHWc copy) until the model is saved with external data
+(~5 bytes), so on SD1.5 F = 0.05 (38 convs, 29M weights) is what stays within half the FP32 session's memory.
+An FP16 initializer + Cast
 would halve the file but not the session: ORT folds the Cast at session start (checked on an optimized-model dump).
 Also measured and dropped (ORT 1.32, AVX2 without VNNI, 1 thread): 3x3 convs as integer GEMMs (uint8 im2col by
 Pad / Slice / Concat in NHWC, MatMulInteger, Cast, Mul, Transpose back; exact): 0.99-1.12x the prepacked FP32 Conv
@@ -36,7 +40,11 @@ kernels at K = 9 * C), against 1.03-1.22x for the DequantizeLinear + Conv used h
 channels, where the resnet convs read unsigned activations with a zero point: exact there only with a [C_out, H, W]
 border-correction map per conv (~95 MB on SD1.5, the memory goal's whole margin). 1x1 convs as MatMulInteger: no
 faster either (0.97-1.06x FP32). MatMulInteger on the linears: 0.84-1.0x FP32 MatMul (a DequantizeLinear weight +
-FP32 MatMul, which loses prepacking, is 2.3-2.6x).
+FP32 MatMul, which loses prepacking, is 2.3-2.6x). onnxruntime's contrib MatMulNBits (com.microsoft, 4- or 8-bit
+block-quantized weights; E1M2 = INT4 exactly, E2M1 x2 in 8 bits): with accuracy_level 0 (FP32 compute, the only
+exact-in-FP32 one; level 4 quantizes the activations again per block, 3.5e-3 relative error) 1.14-1.19x FP32
+MatMul on [4096, 320] x [320, 1280] and 1.04-1.07x on [4096, 256] x [256, 256], where MatMulInteger is 0.84x and
+1.03x: not used.
 """
 
 from __future__ import annotations
