@@ -251,7 +251,8 @@ def plot_loss_curves(res: dict, path: Path) -> Path | None:
                     ax.plot(steps, loss, color=f"C{i}", alpha=0.8, label=name if j == 0 else None)
         ax.set(title=f"mnist-{model}: distillation loss (DFA-weighted where DFA)", xlabel="step", ylabel="loss",
                yscale="log")
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:  # a model without fine-tuned rows has no lines to name
+            ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
