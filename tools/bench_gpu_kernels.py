@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from gpu_timing import graphed_ms, kernel_ms  # noqa: E402
+from gpu_timing import graphed_ms, hold_gpu_lock, kernel_ms  # noqa: E402
 from unet_configs import SD15_UNET_CONFIG  # noqa: E402
 
 DEV = "cuda"
@@ -247,10 +247,7 @@ def bench_conv(shapes: Counter, gpu_lock: str | None = None) -> dict:
                 row[cfg.name] = repr(e)[:300]
         cases.append((row, x8, w8, kern, strd, pads, ok))
     if gpu_lock:
-        import fcntl
-
-        lock = open(gpu_lock, "a")  # noqa: SIM115  (held until the process ends)
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        hold_gpu_lock(gpu_lock)
     totals: Counter = Counter()
     rows = []
     for row, x8, w8, kern, strd, pads, ok in cases:

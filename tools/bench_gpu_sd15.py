@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from gpu_timing import cuda_graph, kernel_ms, step_ms  # noqa: E402
+from gpu_timing import cuda_graph, hold_gpu_lock, kernel_ms, step_ms  # noqa: E402
 from unet_configs import SD15_UNET_CONFIG  # noqa: E402
 
 
@@ -291,12 +291,7 @@ def measure(args: argparse.Namespace, rec: Recorder, cm: Any, bf16_bytes: int, b
     if warm is not None:  # its autotuning must not share the GPU with the timings
         rec.put("warm_baseline", wait_warm(warm[0], args.warm_timeout))
     if args.gpu_lock:
-        import fcntl
-
-        t0 = time.perf_counter()
-        lock = open(args.gpu_lock, "a")  # noqa: SIM115  (held until the process ends)
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        rec.put("gpu_lock_wait_s", round(time.perf_counter() - t0, 1))
+        rec.put("gpu_lock_wait_s", round(hold_gpu_lock(args.gpu_lock), 1))
     profiles: dict[str, Any] = {}
     unet = build_sd15().unet.to("cuda", torch.bfloat16).eval()
     for b in batches:  # one batch size at a time, so a run cut short keeps whole rows

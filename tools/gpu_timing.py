@@ -6,6 +6,8 @@
 * ``step_ms``: median / min / max of CUDA-event times of single calls (a whole UNet step), with
   ``torch.compiler.cudagraph_mark_step_begin`` before each call for torch.compile's CUDA graphs.
 * ``cuda_graph``: capture ``fn(*args)`` once (after warm-up on a side stream); returns the replay.
+* ``hold_gpu_lock``: an exclusive flock held until the process ends, so benchmarks in parallel processes time one
+  at a time.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Any, Callable
 
 import torch
 
-__all__ = ["kernel_ms", "graphed_ms", "step_ms", "cuda_graph"]
+__all__ = ["kernel_ms", "graphed_ms", "step_ms", "cuda_graph", "hold_gpu_lock"]
 
 
 def kernel_ms(fn: Callable[[], Any], warmup: int = 25, rep: int = 100) -> float:
@@ -65,3 +67,18 @@ def cuda_graph(fn: Callable[..., Any], args: tuple) -> Callable[[], Any]:
     with torch.cuda.graph(g):
         fn(*args)
     return g.replay
+
+
+def hold_gpu_lock(path: str) -> float:
+    """Wait for an exclusive flock on ``path`` and hold it until the process ends; returns the seconds waited."""
+    import fcntl
+    import time
+
+    t0 = time.perf_counter()
+    lock = open(path, "a")  # noqa: SIM115  (never closed: the lock lives as long as the process)
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    _HELD.append(lock)
+    return time.perf_counter() - t0
+
+
+_HELD: list = []  # the open lock files (a closed or collected file would release its lock)
