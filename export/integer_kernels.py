@@ -31,8 +31,8 @@ ground: FP32 kernels for the share F of the conv weight elements, the convs with
 32x32 ones run 1.2-1.5x their prepacked FP32 time for the fewest weights. A session holds ~7 bytes more per FP32
 conv weight than per int8 one (the initializer and its NCHWc copy) until the model is saved with external data
 (~5 bytes), so on SD1.5 F = 0.05 (38 convs, 29M weights) is what stays within half the FP32 session's memory.
-An FP16 initializer + Cast
-would halve the file but not the session: ORT folds the Cast at session start (checked on an optimized-model dump).
+An FP16 initializer + Cast would halve the file but not the session: ORT folds the Cast at session start (checked
+on an optimized-model dump).
 Also measured and dropped (ORT 1.32, AVX2 without VNNI, 1 thread): 3x3 convs as integer GEMMs (uint8 im2col by
 Pad / Slice / Concat in NHWC, MatMulInteger, Cast, Mul, Transpose back; exact): 0.99-1.12x the prepacked FP32 Conv
 on the SD1.5 and CIFAR shapes, the MatMulInteger alone 0.98-1.07x (u8s8 without VNNI is no faster than MLAS's FP32

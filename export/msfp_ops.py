@@ -42,7 +42,8 @@ from msfp_compiler.formats import FPFormat, IntFormat
 from msfp_compiler.ops import get_format
 
 __all__ = ["MSFP_DOMAIN", "MSFP_VERSION", "quantize_op_type", "msfp_functions", "annotate_msfp_nodes", "uniform_codes",
-           "single_op_model", "used_ops", "refresh_bodies", "base_op", "all_ops", "all_nodes", "BODY_OPS", "QUANTIZE_OPS"]
+           "single_op_model", "used_ops", "refresh_bodies", "base_op", "all_ops", "all_nodes", "BODY_OPS",
+           "QUANTIZE_OPS"]
 
 MSFP_DOMAIN = "msfp"
 MSFP_VERSION = 1
@@ -359,10 +360,10 @@ def msfp_functions(opset: int, used: Iterable[str] | None = None) -> list[onnx.F
         else:
             if op not in BODY_OF:
                 raise KeyError(f"no body for msfp.{op}")
-            base_op, variant, zero_point = BODY_OF[op]
-            body, attrs, doc = _CORE_BODIES[base_op, variant]
+            base, variant, zero_point = BODY_OF[op]
+            body, attrs, doc = _CORE_BODIES[base, variant]
             if body is None:
-                nodes = _WHOLE_BODIES[base_op, variant](zero_point)
+                nodes = _WHOLE_BODIES[base, variant](zero_point)
             else:
                 nodes = _head(zero_point) + body + _tail(zero_point)
             if not zero_point:
@@ -397,16 +398,16 @@ def _choose_body(op_type: str, fmt, scalar_scale: bool = False, zero_point: bool
 
 def _body_attributes(op_name: str, fmt) -> dict:
     """The attributes the body ``op_name`` reads from its node (beyond format and keep_zero_point)."""
-    _, variant, _ = BODY_OF[op_name]
+    op, variant, _ = BODY_OF[op_name]
     extra = {"lo": fmt.min, "hi": fmt.max, "keep_zero_point": 1.0}
     if variant == "uniform":
         return extra | uniform_codes(fmt)
     if isinstance(fmt, FPFormat) and variant == "pow2":
         return extra | {"split_factor": fmt.split_factor, "split_floor": fmt.split_floor,
                         "inv_min_normal": 1.0 / fmt.min_normal}
-    if isinstance(fmt, FPFormat) and BODY_OF[op_name][0] == "QuantizeFP":
+    if isinstance(fmt, FPFormat) and op == "QuantizeFP":
         return extra | {"split_factor": fmt.split_factor, "split_floor": fmt.split_floor}
-    if BODY_OF[op_name][0] == "QuantizeLUT":
+    if op == "QuantizeLUT":
         return extra | {"levels": fmt.levels.tolist(), "thresholds": fmt.thresholds.tolist()}
     return extra
 

@@ -155,8 +155,8 @@ def pick_conv_config(x: torch.Tensor, w: torch.Tensor, kernel: list[int], stride
     """The fastest of ``CONFIGS`` and ``IM2COL`` (im2col + cuBLAS) for this conv shape, timed once per shape
     (device time of CUDA-graph replays, ``_graphed_ms``) on the call's own operands: where no tile beats cuBLAS
     (small M, where cuBLAS splits K), the conv stays im2col + cuBLAS. A tile whose output differs from cuBLAS's by
-    more than 1e-2 of its largest magnitude is not a candidate (see ``CONFIGS``: one tile was caught that way). During a CUDA graph capture, when nothing can be timed,
-    IM2COL."""
+    more than 1e-2 of its largest magnitude is not a candidate (see ``CONFIGS``: one tile was caught that way).
+    During a CUDA graph capture, when nothing can be timed, IM2COL."""
     if INTERPRET or x.device.type != "cuda":
         return _INTERP_CONFIG
     key = (tuple(x.shape), tuple(w.shape), tuple(kernel), tuple(stride), tuple(pads))
