@@ -43,7 +43,7 @@ from msfp_compiler.ops import get_format
 
 __all__ = ["MSFP_DOMAIN", "MSFP_VERSION", "quantize_op_type", "msfp_functions", "annotate_msfp_nodes", "uniform_codes",
            "single_op_model", "used_ops", "refresh_bodies", "base_op", "all_ops", "all_nodes", "BODY_OPS",
-           "QUANTIZE_OPS"]
+           "QUANTIZE_OPS", "op_bodies", "valid_bodies"]
 
 MSFP_DOMAIN = "msfp"
 MSFP_VERSION = 1
@@ -379,21 +379,41 @@ def msfp_functions(opset: int, used: Iterable[str] | None = None) -> list[onnx.F
     return funcs
 
 
+# each op's variants, fastest first; "" (the op's default body) is valid for every format the op takes
+_PREFERENCE = {"QuantizeFP": ("uniform", "unsigned", "symmetric", ""), "QuantizeLUT": ("pow2", ""),
+               "QuantizeInt": ("",)}
+
+
+def _variant_fits(variant: str, fmt, scalar_scale: bool) -> bool:
+    """Whether a body variant is exact for ``fmt`` (``scalar_scale``: the node's scale is a one-element
+    initializer, as QuantizeLinear's per-tensor form and Clip's bounds need)."""
+    if variant == "":
+        return True
+    if not isinstance(fmt, FPFormat):
+        return False
+    return {"uniform": scalar_scale and uniform_codes(fmt) is not None,
+            "unsigned": not fmt.signed,
+            "symmetric": scalar_scale and fmt.signed and fmt.min == -fmt.max,
+            "pow2": fmt.man_bits == 0}[variant]
+
+
+def op_bodies(op_type: str, fmt, scalar_scale: bool = False, zero_point: bool = True) -> list[str]:
+    """The bodies (op names) of msfp op ``op_type`` that are exact for a node quantizing onto ``fmt``, fastest
+    first, the default body last (``zero_point``: False where it is a constant 0)."""
+    return [BODY_OPS[op_type, v, zero_point] for v in _PREFERENCE[op_type] if _variant_fits(v, fmt, scalar_scale)]
+
+
+def valid_bodies(fmt, scalar_scale: bool = False, zero_point: bool = True) -> list[str]:
+    """Every body exact for ``fmt``: those of the op ``quantize_op_type`` assigns, then (minifloats) the table
+    body, valid for every grid. The bit-exactness sweep (tools/bench_ort.py --verify) runs them all."""
+    op = quantize_op_type(fmt.name)
+    out = op_bodies(op, fmt, scalar_scale, zero_point)
+    return out + (op_bodies("QuantizeLUT", fmt, scalar_scale, zero_point)[-1:] if op == "QuantizeFP" else [])
+
+
 def _choose_body(op_type: str, fmt, scalar_scale: bool = False, zero_point: bool = True) -> str:
-    """The fastest body (op name) valid for a node of ``op_type`` quantizing onto ``fmt`` (``scalar_scale``: its
-    scale is a one-element initializer, as QuantizeLinear's per-tensor form and Clip's bounds need;
-    ``zero_point``: False where it is a constant 0)."""
-    variant = ""
-    if isinstance(fmt, FPFormat) and op_type == "QuantizeFP":
-        if scalar_scale and uniform_codes(fmt) is not None:
-            variant = "uniform"
-        elif not fmt.signed:
-            variant = "unsigned"
-        elif scalar_scale and fmt.min == -fmt.max:
-            variant = "symmetric"
-    elif isinstance(fmt, FPFormat) and op_type == "QuantizeLUT" and fmt.man_bits == 0:
-        variant = "pow2"
-    return BODY_OPS[op_type, variant, zero_point]
+    """The fastest body (op name) valid for a node of ``op_type`` quantizing onto ``fmt``."""
+    return op_bodies(op_type, fmt, scalar_scale, zero_point)[0]
 
 
 def _body_attributes(op_name: str, fmt) -> dict:

@@ -368,26 +368,14 @@ def optimized_node_counts(path: Path, threads: int, opt: str, work: Path) -> dic
 # ---- bit-exactness sweep of the function bodies ----
 
 def bodies_for(fmt: str) -> list[str]:
-    """Every function body (op name) the lowering may pick for a format, plus the default ones, each also in its
-    NoZeroPoint form (swept at zero point 0 only)."""
-    from msfp_compiler.export.msfp_ops import NO_ZERO_POINT
-    from msfp_compiler.formats import FPFormat
+    """Every function body (op name) exact for a format (``msfp_ops.valid_bodies``: the ones the lowering may pick
+    and the default ones), each also in its NoZeroPoint form (swept at zero point 0 only). The sweep's scales are
+    one-element initializers, so the scalar-scale bodies are valid."""
+    from msfp_compiler.export.msfp_ops import valid_bodies
     from msfp_compiler.ops import get_format
 
     f = get_format(fmt)
-    if not isinstance(f, FPFormat):
-        out = ["QuantizeInt"]
-    else:
-        out = ["QuantizeLUT"]  # the table body is valid for every grid
-        if f.man_bits == 0:
-            out.append("QuantizeLUTPow2")
-        else:
-            out.append("QuantizeFP")
-            if not f.signed:
-                out.append("QuantizeFPUnsigned")
-            elif f.min == -f.max:
-                out.append("QuantizeFPSymmetric")
-    return out + [o + NO_ZERO_POINT for o in out]
+    return valid_bodies(f, scalar_scale=True) + valid_bodies(f, scalar_scale=True, zero_point=False)
 
 
 def sweep(formats: list[str], stride: int = 7, scale1_stride: int = 1) -> dict:

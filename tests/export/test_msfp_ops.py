@@ -12,7 +12,7 @@ import pytest
 import torch
 from onnx import TensorProto, numpy_helper
 
-from msfp_compiler.export.msfp_ops import MSFP_DOMAIN, single_op_model
+from msfp_compiler.export.msfp_ops import MSFP_DOMAIN, single_op_model, valid_bodies
 from msfp_compiler.ops import get_format
 from tests.conftest import ort_session
 
@@ -67,6 +67,20 @@ def test_fast_quantize_bodies_are_bit_exact(fmt, op_type, scale, zp, keep) -> No
     y, ref = y + np.float32(0), ref + np.float32(0)  # -0 == +0
     bad = y.view(np.int32) != ref.view(np.int32)
     assert not bad.any(), f"{bad.sum()} differ: x={x[bad][:5]} onnx={y[bad][:5]} torch={ref[bad][:5]}"
+
+
+def test_valid_bodies_admit_the_checked_bodies_and_no_others() -> None:
+    """msfp_ops.valid_bodies (the lowering's choice and tools/bench_ort.py's sweep) admits every body checked above
+    for its format, and not the ones that would be wrong there."""
+    for fmt, op in _BODIES:
+        assert op in valid_bodies(get_format(fmt), scalar_scale=True), (fmt, op)
+    for fmt, op in _NO_ZP:
+        assert op in valid_bodies(get_format(fmt), scalar_scale=True, zero_point=False), (fmt, op)
+    assert valid_bodies(get_format("e2m1")) == ["QuantizeFP", "QuantizeLUT"]  # per-channel scale: no Clip by scale
+    assert valid_bodies(get_format("e1m2"), scalar_scale=True)[0] == "QuantizeFPUniform"
+    assert valid_bodies(get_format("ue2m2"))[0] == "QuantizeFPUnsigned"
+    assert valid_bodies(get_format("e3m0"), scalar_scale=True) == ["QuantizeLUTPow2", "QuantizeLUT"]  # M = 0
+    assert valid_bodies(get_format("int4"), zero_point=False) == ["QuantizeIntNoZeroPoint"]
 
 
 def test_lowering_picks_the_fast_bodies(compiled_unet2d) -> None:
