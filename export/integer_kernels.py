@@ -56,18 +56,14 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from msfp_compiler.config import float32_conv_share
-from msfp_compiler.errors import MsfpError
+from msfp_compiler.config import parse_conv_weights
 from msfp_compiler.formats import Format
 from msfp_compiler.ops import get_format
 
 from .msfp_ops import MSFP_DOMAIN, QUANTIZE_OPS
 
-__all__ = ["CONV_WEIGHTS", "integer_shift", "int8_name", "TRANSPOSED", "lower_integer",
-           "IntegerLoweringInfo"]
+__all__ = ["integer_shift", "int8_name", "TRANSPOSED", "lower_integer", "IntegerLoweringInfo"]
 
-CONV_WEIGHTS = ("int8", "float32", "float32:F")  # CompileConfig.conv_weights: 1 byte a weight, prepacked FP32
-# kernels, or FP32 kernels for the share F of the conv weight elements whose convs have the most output positions
 MAX_WEIGHT_FOR_U8S8 = 64  # 2 * 255 * 64 = 32640 < 32767: no int16 saturation in vpmaddubsw pair sums
 
 
@@ -170,12 +166,9 @@ class _Rewrite:
 
 
 def lower_integer(model: onnx.ModelProto, conv_weights: str = "int8") -> IntegerLoweringInfo:
-    """Rewrite ``model`` in place (see the module docstring); returns what was rewritten. ``conv_weights``: one of
-    CONV_WEIGHTS ("float32": conv weights as FP32 initializers; "float32:F": a share F of them)."""
-    try:
-        share = float32_conv_share(conv_weights)
-    except MsfpError as e:
-        raise ValueError(str(e)) from None
+    """Rewrite ``model`` in place (see the module docstring); returns what was rewritten. ``conv_weights``: a
+    ``CompileConfig.conv_weights`` value (``config.parse_conv_weights``: "int8", "float32" or "float32:F")."""
+    share = parse_conv_weights(conv_weights)
     rw = _Rewrite(model)
     info = IntegerLoweringInfo()
     float_convs = _float_conv_weights(rw, share)

@@ -303,6 +303,9 @@ def _compile(args: argparse.Namespace) -> int:
 
     _quiet_libraries()
     quant, ft = _quant_finetune_configs(args)  # the configs validate themselves: before the model loads
+    from .config import parse_conv_weights
+
+    parse_conv_weights(args.conv_weights)  # CompileConfig checks it again, but only after loading and calibrating
     from .device import resolve_device
 
     resolve_device(args.device)  # before loading a large model: no CUDA is a one-line error

@@ -11,7 +11,7 @@ from .errors import MsfpError
 from .formats import parse_format
 
 __all__ = ["SCHEMES", "SCHEME_NAMES", "FP32_SCHEME", "QuantConfig", "CalibConfig", "FinetuneConfig", "CompileConfig",
-           "float32_conv_share"]
+           "parse_conv_weights"]
 
 # scheme -> (activation candidates, weight candidates) at 4 bits
 SCHEMES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
@@ -131,19 +131,21 @@ class FinetuneConfig:
 
 
 
-def float32_conv_share(conv_weights: str) -> float:
-    """The share of conv weight elements stored as FP32 for a ``CompileConfig.conv_weights`` value: 0 for "int8", 1
-    for "float32", F for "float32:F" with 0 < F <= 1."""
-    if conv_weights in ("int8", "float32"):
-        return float(conv_weights == "float32")
-    head, _, share = conv_weights.partition(":")
+def parse_conv_weights(value: str) -> float:
+    """``CompileConfig.conv_weights`` (``--conv-weights``) -> the share of conv weight elements stored as FP32:
+    "int8" -> 0 (1 byte a weight, dequantized at run time), "float32" -> 1 (prepacked by onnxruntime, 4 bytes a
+    weight), "float32:F" -> F with 0 < F <= 1 (the convs with the most output positions first). Anything else is a
+    one-line MsfpError naming the field."""
+    if value in ("int8", "float32"):
+        return float(value == "float32")
+    head, _, share = value.partition(":")
     try:
         f = float(share) if head == "float32" else -1.0
     except ValueError:
         f = -1.0
-    if not 0.0 < f <= 1.0:
-        raise MsfpError(f"CompileConfig.conv_weights: unknown {conv_weights!r} (expected int8, float32 or "
-                        "float32:F with a share 0 < F <= 1 of the conv weights, e.g. float32:0.1)")
+    if not 0.0 < f <= 1.0:  # also NaN
+        raise MsfpError(f"CompileConfig.conv_weights: unknown {value!r} (expected int8, float32 or float32:F with "
+                        "a share 0 < F <= 1 of the conv weights, e.g. float32:0.1)")
     return f
 
 
@@ -166,4 +168,4 @@ class CompileConfig:
     device: str = "cpu"
 
     def __post_init__(self) -> None:
-        float32_conv_share(self.conv_weights)
+        parse_conv_weights(self.conv_weights)

@@ -411,6 +411,9 @@ def test_sample_errors(capsys, workdir: Path) -> None:
     (["--plots"], ("--plots needs --log-dir",)),
     (["--config", "nope.json"], ("--config nope.json", "no such file")),
     (["--formats", "e2m1,fp9"], ("--formats", "fp9")),
+    (["--conv-weights", "float16"], ("--conv-weights: unknown 'float16'", "float32:F")),
+    (["--conv-weights", "float32:0"], ("--conv-weights: unknown 'float32:0'", "0 < F <= 1")),
+    (["--conv-weights", "float32:x"], ("--conv-weights: unknown 'float32:x'",)),
 ])
 def test_error_arguments_before_loading(capsys, workdir: Path, bad_files, extra: list, expected: tuple) -> None:
     out = _out(workdir, "args")

@@ -9,6 +9,7 @@ import pytest
 from onnx import TensorProto
 
 import msfp_compiler.export.onnx as onnx_export
+from msfp_compiler.errors import MsfpError
 from tests.conftest import holdout_feeds
 
 
@@ -142,5 +143,5 @@ def test_float32_conv_share_picks_the_convs_with_the_most_output_positions(packe
     assert max(ws[w][0] for w in chosen) == max(pos for pos, _, _ in ws.values())
     mean_pos = lambda names: sum(ws[w][0] * ws[w][1] for w in names) / sum(ws[w][1] for w in names)  # noqa: E731
     assert mean_pos(chosen) > mean_pos(skipped)
-    with pytest.raises(ValueError, match="float32:F"):
+    with pytest.raises(MsfpError, match="float32:F"):  # a user's option value: the CLI's one-line error
         lowered("float32:0")
