@@ -7,10 +7,12 @@ quantized by the project's own verb (``msfp_compiler.compile``, MSFP W4A4, a sma
 change speed) and rewritten by ``build_fast`` for torch.compile. Baselines, measured in the same process on the same
 inputs: bf16 eager replayed from a CUDA graph, and bf16 ``torch.compile`` in each ``--baseline-mode`` (default
 "reduce-overhead,default-graph", both replay CUDA graphs; "max-autotune" does not compile within a device call on
-SD1.5); attention through PyTorch SDPA in all of them. The fast
-path is compiled with ``--fast-mode`` (default "graph": ``graphed.GraphedStep``). Times are medians of
-CUDA-event timings after warm-up. Accuracy: per-step rel-RMSE of the fast W4A4 eps against the float32 fake-quant
-reference (the same GraphModule, unfused, registered Triton kernels, TF32 off) along the reference's DDIM trajectory.
+SD1.5); attention through PyTorch SDPA in all of them. The fast path is compiled with ``--fast-mode`` (default
+"graph": ``graphed.GraphedStep``). Times are medians of CUDA-event timings after warm-up. The one-graph steps (W4A4
+"graph", bf16 eager + CUDA graph, bf16 "default-graph") are timed the same way since session 9: each call copies its
+inputs into the captured ones and replays (``GraphedStep``), as a sampler calls it.
+Accuracy: per-step rel-RMSE of the fast W4A4 eps against the float32 fake-quant reference (the same GraphModule,
+unfused, registered Triton kernels, TF32 off) along the reference's DDIM trajectory.
 Each phase appends to the JSON as it finishes, so a run cut short still leaves its numbers.
 """
 
@@ -33,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from gpu_timing import cuda_graph, hold_gpu_lock, kernel_ms, step_ms  # noqa: E402
+from gpu_timing import hold_gpu_lock, kernel_ms, step_ms  # noqa: E402
 from unet_configs import SD15_UNET_CONFIG  # noqa: E402
 
 
@@ -173,9 +175,14 @@ def parser() -> argparse.ArgumentParser:
                     "implicit-GEMM FP8 conv, tiles tuned per shape against im2col + cuBLAS; the default on CUDA "
                     "since session 8) or im2col (implicit_conv=False: the convs as im2col + cuBLAS); recorded "
                     "under 'variants'")
+    ap.add_argument("--conv-sets", default="", help="comma list of conv-candidate sets to time the headline W4A4 "
+                    "step with as well, after its own timing: the same compiled step re-tuned and re-captured (no "
+                    "recompile: the conv tiles are chosen inside msfp_fast::conv_e4m3). Sets: session8 (the three "
+                    "tiles of session 8), im2col (no tile: im2col + cuBLAS everywhere), nosplit (today's tiles "
+                    "without split-K); recorded as w4a4_conv_<set>")
     ap.add_argument("--skip", default="", help="comma list of phases to leave out: accuracy, bandwidth, "
                     "prefetch (graph mode's side-stream decode timing), main (the headline rows: with --variant, "
-                    "only the variant is compiled and timed)")
+                    "only the variant is compiled and timed), roundcheck (compiled vs eager quantizer on the GPU)")
     ap.add_argument("--gpu-lock", default=None, metavar="FILE", help="hold an exclusive lock on FILE from the first "
                     "timing to the end (benchmarks of other batch sizes compiling in parallel processes time one "
                     "at a time)")
@@ -216,6 +223,13 @@ def main(argv: list[str] | None = None) -> int:
         torch.cuda.empty_cache()
         if args.variant:
             variant(args, rec, cm)
+    if "roundcheck" not in args.skip.split(","):
+        try:
+            rec.put("compiled_quantizer_check", compiled_quantizer_check())
+            log(f"compiled_quantizer_check: {json.dumps(rec.data['compiled_quantizer_check'])}")
+        except Exception as e:  # noqa: BLE001
+            rec.put("compiled_quantizer_check", {"error": repr(e)[:3000]})
+            traceback.print_exc()
     log(json.dumps([{k: v for k, v in r.items() if not isinstance(v, dict) or k == "weights_gib"}
                     for r in rows], indent=1))
     if "bandwidth" in args.skip.split(","):
@@ -299,8 +313,11 @@ def measure(args: argparse.Namespace, rec: Recorder, cm: Any, bf16_bytes: int, b
         for w in fasts:
             if (w, b) in compiled:
                 time_fast(compiled[(w, b)], xs[b], row, w, args.iters, profiles if args.profile and w == head else None)
+        row["conv_tuning"] = conv_tuning(b)
         if (head, b) in compiled and args.fast_mode == "graph" and "prefetch" not in args.skip.split(","):
             time_prefetch_decode(compiled[(head, b)], fasts[head], xs[b], row, head, args.iters)
+        if (head, b) in compiled and args.fast_mode == "graph" and args.conv_sets:
+            time_conv_sets(compiled[(head, b)], fasts[head], xs[b], row, args.conv_sets.split(","), args.iters)
         row["w4a4_ms"] = row.get(f"w4a4_{head}", {}).get("median_ms")
         time_baselines(unet, bf16_inputs(xs[b]), row, cached_modes(args.baseline_mode, b, warm, row), args.iters,
                        profiles if args.profile else None)
@@ -346,16 +363,55 @@ def variant(args: argparse.Namespace, rec: Recorder, cm: Any) -> None:
         if args.fast_mode == "graph" and "prefetch" not in args.skip.split(","):
             time_prefetch_decode(cf, fast, x, row, head, args.iters)
     row["w4a4_ms"] = row.get(f"w4a4_{head}", {}).get("median_ms")
-    if name == "conv":  # what the per-shape tuner chose and measured (im2col + cuBLAS vs each tile)
-        from msfp_compiler.export.triton import conv_fp8
-
-        row["conv_tuning"] = [{"shape": str(k), "chosen": getattr(conv_fp8._BEST.get(k), "name", conv_fp8._BEST.get(k)),
-                               "ms": v} for k, v in conv_fp8.TUNE_TIMES.items()]
+    if name == "conv":
+        row["conv_tuning"] = conv_tuning(int(b))
     row["profile"] = {k: {kk: vv for kk, vv in v.items() if kk != "rows"} for k, v in profiles.items()}
     rec.put("variants", [row])
     if args.log_dir and profiles:
         (Path(args.log_dir) / f"profile_{name}.txt").write_text("\n\n".join(f"== {k}\n{v['table']}"
                                                                            for k, v in profiles.items()))
+
+
+def conv_tuning(batch: int) -> list[dict]:
+    """What the implicit conv's per-shape tuner chose and measured at this batch size: ms of im2col + cuBLAS and of
+    each tile (or why it was rejected), and each tile's max difference from cuBLAS over max |y| (``err``)."""
+    from msfp_compiler.export.triton import conv_fp8
+
+    return [{"shape": str(k), "chosen": getattr(conv_fp8._BEST.get(k), "name", conv_fp8._BEST.get(k)), "ms": v,
+             "err": conv_fp8.TUNE_ERRS.get(k, {})} for k, v in conv_fp8.TUNE_TIMES.items() if k[0][0] == batch]
+
+
+CONV_SETS = {"session8": 3, "im2col": 0}  # the first n of conv_fp8.CONFIGS
+
+
+def time_conv_sets(step: Any, fast: Any, x: tuple, row: dict, sets: list[str], iters: int) -> None:
+    """The same compiled step with the conv tiles re-tuned from another candidate set and captured once more (the
+    choice happens inside msfp_fast::conv_e4m3 at the warm-up calls, so no recompile): what the new candidates
+    gain in the step, same process. The tuner's state is restored afterwards."""
+    from msfp_compiler.export.triton import conv_fp8
+    from msfp_compiler.export.triton.graphed import GraphedStep
+
+    configs, best = conv_fp8.CONFIGS, dict(conv_fp8._BEST)
+    for name in sets:
+        try:
+            n = CONV_SETS.get(name)
+            conv_fp8.CONFIGS = (tuple(c for c in configs if c.split_k == 1) if name == "nosplit"
+                                else configs[:n])
+            conv_fp8._BEST.clear()
+            alt = GraphedStep(step.fn, fast, x)
+            row[f"w4a4_conv_{name}"] = {**step_ms(lambda: alt(*x), iters),
+                                        "chosen": [getattr(v, "name", v) for k, v in conv_fp8._BEST.items()
+                                                   if k[0][0] == row["batch"]]}
+            log(f"batch {row['batch']}: W4A4 with conv set {name}: {row[f'w4a4_conv_{name}']['median_ms']} ms")
+            del alt
+        except Exception as e:  # noqa: BLE001
+            row[f"w4a4_conv_{name}_error"] = repr(e)[:3000]
+            traceback.print_exc()
+        finally:
+            conv_fp8.CONFIGS = configs
+            conv_fp8._BEST.clear()
+            conv_fp8._BEST.update(best)
+            torch.cuda.empty_cache()
 
 
 def cached_modes(modes_arg: str, b: int, warm: tuple[Any, Path] | None, row: dict) -> list[str]:
@@ -435,10 +491,14 @@ def time_prefetch_decode(step: Any, fast: Any, x: tuple, row: dict, wmode: str, 
 
 def compiled_baseline(unet: Any, mode: str, xb: tuple) -> Callable[[], Any]:
     """The bf16 UNet under torch.compile, compiled and warmed up: a torch.compile mode, or "default-graph"
-    (Inductor's default mode captured as one CUDA graph by hand, as graphed.GraphedStep does for W4A4)."""
+    (Inductor's default mode captured as one CUDA graph by ``graphed.GraphedStep``, as the W4A4 step is: each call
+    copies the inputs into the captured ones and replays; until session 9 the bf16 replay skipped the copies)."""
     if mode == "default-graph":
+        from msfp_compiler.export.triton.graphed import GraphedStep
+
         cb = torch.compile(unet, dynamic=False)
-        return cuda_graph(lambda s, t, c: cb(s, t, encoder_hidden_states=c, return_dict=False)[0], xb)
+        step = GraphedStep(lambda s, t, c: cb(s, t, encoder_hidden_states=c, return_dict=False)[0], unet, xb)
+        return lambda: step(*xb)
     cb = torch.compile(unet, mode=mode, dynamic=False)
     for _ in range(2):
         torch.compiler.cudagraph_mark_step_begin()
@@ -455,10 +515,13 @@ def time_baselines(unet: Any, xb: tuple, row: dict, modes: list[str], iters: int
         return unet(s, t, encoder_hidden_states=c, return_dict=False)[0]
 
     try:
-        replay = cuda_graph(step, xb)
+        from msfp_compiler.export.triton.graphed import GraphedStep
+
+        graphed = GraphedStep(step, unet, xb)  # input copies + replay, as every one-graph step here
+        replay = lambda: graphed(*xb)  # noqa: E731
         row["bf16_cudagraph"] = step_ms(replay, iters)
         row["bf16_cudagraph_ms"] = row["bf16_cudagraph"]["median_ms"]
-        del replay
+        del replay, graphed
     except Exception as e:  # noqa: BLE001
         row["bf16_cudagraph_error"] = repr(e)[:3000]
         traceback.print_exc()
@@ -486,6 +549,29 @@ def time_baselines(unet: Any, xb: tuple, row: dict, modes: list[str], iters: int
     if done:  # the issue's bf16_compile_ms: the faster torch.compile mode measured
         row["bf16_compile_mode"] = min(done, key=done.get)
         row["bf16_compile_ms"] = done[row["bf16_compile_mode"]]
+
+
+def compiled_quantizer_check(n: int = 1 << 24) -> dict:
+    """The fast path's activation quantizer (``fake_quant`` of bf16 inputs, as in the graph) compiled by Inductor
+    for the GPU against the same ops run eagerly on the GPU and on the CPU: how many of n values land on another
+    grid level. Inductor's Triton code divides with ``x / y`` (PTX div.full.f32, within 2 ulp) unless its config asks
+    for IEEE division, while eager CUDA and the CPU divide exactly; grid_round itself is bit-exact (tested)."""
+    from msfp_compiler.export.triton.fast import fake_quant
+
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(n, generator=gen) * 3).bfloat16()
+    res: dict = {"values": n}
+    for fmt, scale, zero in (("e2m1", 0.37, 0.0), ("ue2m2", 0.113, -0.2785), ("int4", 0.0917, 0.0),
+                             ("e3m0", 0.021, 0.0)):
+        s, z = torch.tensor(scale, device="cuda"), torch.tensor(zero, device="cuda")
+        xc = x.cuda()
+        fn = torch.compile(lambda v: fake_quant(v, s, z, fmt, out_dtype=torch.float32), dynamic=False)
+        got, eager = fn(xc).cpu(), fake_quant(xc, s, z, fmt, out_dtype=torch.float32).cpu()
+        cpu = fake_quant(x, s.cpu(), z.cpu(), fmt, out_dtype=torch.float32)
+        res[fmt] = {"scale": scale, "zero": zero, "compiled_vs_eager_cuda": int((got != eager).sum()),
+                    "eager_cuda_vs_cpu": int((eager != cpu).sum())}
+        torch._dynamo.reset()
+    return res
 
 
 def fake_quant_bandwidth() -> dict:

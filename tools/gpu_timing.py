@@ -2,7 +2,8 @@
 
 * ``kernel_ms``: median of ``triton.testing.do_bench`` (L2 flushed before each run, launch cost included): a kernel
   or a few launches on their own.
-* ``graphed_ms``: median of ``triton.testing.do_bench_cudagraph``: device time without Python launch cost.
+* ``graphed_ms``: median of ``triton.testing.do_bench_cudagraph``: device time without Python launch cost (the
+  library's ``msfp_compiler.export.triton.timing.graphed_ms``, which the conv tuner uses too).
 * ``step_ms``: median / min / max of CUDA-event times of single calls (a whole UNet step), with
   ``torch.compiler.cudagraph_mark_step_begin`` before each call for torch.compile's CUDA graphs.
 * ``cuda_graph``: capture ``fn(*args)`` once (after warm-up on a side stream); returns the replay.
@@ -17,6 +18,8 @@ from typing import Any, Callable
 
 import torch
 
+from msfp_compiler.export.triton.timing import graphed_ms
+
 __all__ = ["kernel_ms", "graphed_ms", "step_ms", "cuda_graph", "hold_gpu_lock"]
 
 
@@ -25,13 +28,6 @@ def kernel_ms(fn: Callable[[], Any], warmup: int = 25, rep: int = 100) -> float:
     from triton.testing import do_bench
 
     return float(do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
-
-
-def graphed_ms(fn: Callable[[], Any], rep: int = 50) -> float:
-    """Median milliseconds of fn replayed from a CUDA graph."""
-    from triton.testing import do_bench_cudagraph
-
-    return float(do_bench_cudagraph(fn, rep=rep, return_mode="median"))
 
 
 def step_ms(fn: Callable[[], Any], iters: int, warmup: int = 3, mark_step: bool = False) -> dict:

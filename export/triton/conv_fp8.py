@@ -28,14 +28,16 @@ import triton.language as tl
 
 from .fast_ops import conv_out_size
 from .kernels import INTERPRET, _grouped_tile, _store
+from .timing import graphed_ms
 
-__all__ = ["ConvConfig", "CONFIGS", "IM2COL", "TUNE_TIMES", "conv_e4m3_triton", "tma_box", "pick_conv_config"]
+__all__ = ["ConvConfig", "CONFIGS", "IM2COL", "ADMIT_ERR", "TUNE_TIMES", "TUNE_ERRS", "conv_e4m3_triton", "tma_box",
+           "pick_conv_config"]
 
 
 @triton.jit
 def _conv_kernel(x_desc, x_ptr, w_desc, out_ptr, M, N, H, W, C, HO, WO, PT, PL, SH, SW, CB, TAPS,
                  KW: tl.constexpr, TMA_A: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                 GROUP_M: tl.constexpr):
+                 GROUP_M: tl.constexpr, SPLIT: tl.constexpr):
     pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(M, BM), tl.cdiv(N, BN), GROUP_M)
     m0 = pid_m * BM
     n0 = pid_n * BN
@@ -49,7 +51,15 @@ def _conv_kernel(x_desc, x_ptr, w_desc, out_ptr, M, N, H, W, C, HO, WO, PT, PL, 
     iw0 = (rows % WO) * SW - PL
     kk = tl.arange(0, BK)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for kt in range(TAPS * CB):
+    steps = TAPS * CB
+    k_lo = 0
+    k_hi = steps
+    if SPLIT > 1:  # split-K: program (tile, s) sums K steps [s * per, (s + 1) * per) into its own fp32 partial
+        per = tl.cdiv(steps, SPLIT)
+        k_lo = tl.program_id(1) * per
+        k_hi = tl.minimum(k_lo + per, steps)
+        out_ptr += tl.program_id(1).to(tl.int64) * M * N
+    for kt in range(k_lo, k_hi):
         tap = kt // CB
         c0 = (kt - tap * CB) * BK
         di = tap // KW
@@ -68,6 +78,17 @@ def _conv_kernel(x_desc, x_ptr, w_desc, out_ptr, M, N, H, W, C, HO, WO, PT, PL, 
     _store(out_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :], acc, rmask[:, None] & (cols < N)[None, :])
 
 
+@triton.jit
+def _split_sum_kernel(part_ptr, out_ptr, MN, SPLIT: tl.constexpr, BLOCK: tl.constexpr):
+    """out = the SPLIT fp32 partials [SPLIT, M*N] summed in order, rounded once to out's type."""
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = i < MN
+    acc = tl.load(part_ptr + i, mask=mask, other=0.0)
+    for s in tl.static_range(1, SPLIT):
+        acc += tl.load(part_ptr + s * MN + i, mask=mask, other=0.0)
+    _store(out_ptr + i, acc, mask)
+
+
 @dataclass(frozen=True)
 class ConvConfig:
     bm: int
@@ -77,23 +98,32 @@ class ConvConfig:
     num_stages: int
     tma_a: bool = True  # A through a 4-D TMA box where the shape allows it (tma_box), else the pointer gather
     group_m: int = 8
+    split_k: int = 1  # > 1: the K steps split over this many programs per tile, fp32 partials summed by a second kernel
 
     @property
     def name(self) -> str:
-        return f"{self.bm}x{self.bn}x{self.bk}w{self.num_warps}s{self.num_stages}{'' if self.tma_a else 'p'}"
+        return (f"{self.bm}x{self.bn}x{self.bk}w{self.num_warps}s{self.num_stages}{'' if self.tma_a else 'p'}"
+                + (f"k{self.split_k}" if self.split_k > 1 else ""))
 
 
 # Candidates timed on the first call of each conv shape (Hopper FP8 wgmma: BK >= 32; 128-byte K rows for TMA's
-# widest swizzle): tiles that won a shape in session 8's batch-1 sweep of seven (tools/bench_gpu_kernels.py
-# --sections conv, results/gpu_sd15_conv_b1.json). Left out: 128x128x128 with the TMA box, 8 warps, 4 stages -- it
-# won 8 batch-1 shapes bit-exactly, but on the SD1.5 step's own batch-8 operands the tuner measured it 3-9% of the
-# largest output off cuBLAS on 11 of 16 shapes (coordinator call m4, results/gpu_sd15.json); the same box with
-# BM 256 (3 stages) or BN 64 (4 warps), and the same tile with the pointer gather, agree. Cause not found (no device
-# time left); the tuner's output check is what caught it.
-CONFIGS = (ConvConfig(128, 128, 128, 8, 4, False), ConvConfig(256, 128, 128, 8, 3), ConvConfig(128, 64, 128, 4, 4))
+# widest swizzle). The first three won shapes in session 8's batch-1 sweep of seven tiles (tools/bench_gpu_kernels.py
+# --sections conv, results/gpu_sd15_conv_b1.json); at batch 8 only 256x128 won, on the 64x64 level (coordinator call
+# m4). Session 9 adds tiles for the smaller levels, where cuBLAS still won: a one-warpgroup 128x128 tile, a 64-row
+# tile, and split-K (``split_k``; only where the tiles alone fill under ``SPLIT_MAX_WAVES`` waves of the SMs).
+# Left out: 128x128x128 with the TMA box, 8 warps, 4 stages -- it won 8 batch-1 shapes bit-exactly, but on the
+# SD1.5 step's own batch-8 operands the tuner measured it 3-9% of the largest output off cuBLAS on 11 of 16 shapes
+# (coordinator call m4, results/gpu_sd15.json); the same box with BM 256 (3 stages) or BN 64 (4 warps), and the same
+# tile with the pointer gather, agree. Cause not found; the tuner's output check is what caught it.
+CONFIGS = (ConvConfig(128, 128, 128, 8, 4, False), ConvConfig(256, 128, 128, 8, 3), ConvConfig(128, 64, 128, 4, 4),
+           ConvConfig(128, 128, 128, 4, 4), ConvConfig(64, 128, 128, 4, 4),
+           *(ConvConfig(128, 128, 128, 8, 4, False, split_k=k) for k in (2, 4, 8)))
+SPLIT_MAX_WAVES = 1.5  # split-K candidates only for shapes whose unsplit tiles fill fewer waves than this
 _INTERP_CONFIG = ConvConfig(16, 16, 32, 1, 1)
 _BEST: dict[tuple, ConvConfig | str] = {}
 TUNE_TIMES: dict[tuple, dict[str, float | str]] = {}  # what the tuner measured per conv shape (ms), for the benches
+# per conv shape and candidate: max |tile - cuBLAS| / max |cuBLAS| on the call's own operands (the admission check)
+TUNE_ERRS: dict[tuple, dict[str, float]] = {}
 
 
 def tma_box(b: int, ho: int, wo: int, bm: int) -> tuple[int, int] | None:
@@ -118,13 +148,32 @@ def _launch(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, kernel: list[in
     box = tma_box(b, ho, wo, cfg.bm) if cfg.tma_a and stride == [1, 1] else None
     x_desc = TensorDescriptor(x, list(x.shape), list(x.stride()), [*box, wo, cfg.bk]) if box else None
     w_desc = TensorDescriptor(w, [n, k], [k, 1], [cfg.bn, cfg.bk])
-    grid = (triton.cdiv(m, cfg.bm) * triton.cdiv(n, cfg.bn),)
-    _conv_kernel[grid](x_desc, x, w_desc, out, m, n, h, wd, c, ho, wo, pads[2], pads[0], stride[0], stride[1],
+    split = cfg.split_k
+    part = out if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=out.device)
+    grid = (triton.cdiv(m, cfg.bm) * triton.cdiv(n, cfg.bn), split)
+    _conv_kernel[grid](x_desc, x, w_desc, part, m, n, h, wd, c, ho, wo, pads[2], pads[0], stride[0], stride[1],
                        triton.cdiv(c, cfg.bk), kernel[0] * kernel[1], KW=kernel[1], TMA_A=box is not None,
-                       BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, GROUP_M=cfg.group_m, num_warps=cfg.num_warps,
+                       BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, GROUP_M=cfg.group_m, SPLIT=split, num_warps=cfg.num_warps,
                        num_stages=cfg.num_stages)
+    if split > 1:
+        block = 1024 if not INTERPRET else 64
+        _split_sum_kernel[(triton.cdiv(m * n, block),)](part, out, m * n, SPLIT=split, BLOCK=block)
 
 
+def _useful(cfg: ConvConfig, m: int, n: int, taps: int, c: int, sms: int) -> bool:
+    """Whether a candidate is worth timing for this shape: split-K only where the unsplit tiles fill under
+    ``SPLIT_MAX_WAVES`` waves and every split keeps at least 8 K steps."""
+    if cfg.split_k == 1:
+        return True
+    tiles = triton.cdiv(m, cfg.bm) * triton.cdiv(n, cfg.bn)
+    return tiles < SPLIT_MAX_WAVES * sms and taps * triton.cdiv(c, cfg.bk) // cfg.split_k >= 8
+
+
+# Admission bound of the tuner's output check (max difference over max magnitude against cuBLAS on the same
+# operands). The kernel computes the same products as cuBLAS, summed in another order in float32 and rounded once
+# to bf16, so an admitted tile differs by accumulation order only (Hopper FP8 fast accumulation: ~1e-4); the one
+# wrong tile found was off by 3e-2 to 9e-2.
+ADMIT_ERR = 1e-2
 IM2COL = "im2col"  # the other candidate: im2col.py's rows and cuBLAS's FP8 GEMM (what the fast path did before)
 _ONES: dict[torch.device, torch.Tensor] = {}
 
@@ -140,23 +189,15 @@ def _im2col_cublas(x: torch.Tensor, w: torch.Tensor, kernel: list[int], stride: 
     return torch._scaled_mm(cols, w.t(), one, one, out_dtype=torch.bfloat16, use_fast_accum=True)
 
 
-def _graphed_ms(fn) -> float:
-    """Median device time of fn replayed from a CUDA graph: what the conv costs inside the captured UNet step,
-    without the host's launch cost (one launch here against two for im2col + cuBLAS, which ``do_bench`` would
-    count at small M)."""
-    try:
-        return float(triton.testing.do_bench_cudagraph(fn, rep=20, return_mode="median"))
-    except RuntimeError:  # not capturable here (e.g. another capture on this device): time it launched
-        return float(triton.testing.do_bench(fn, warmup=5, rep=20, return_mode="median"))
-
-
 def pick_conv_config(x: torch.Tensor, w: torch.Tensor, kernel: list[int], stride: list[int],
                      pads: list[int]) -> ConvConfig | str:
-    """The fastest of ``CONFIGS`` and ``IM2COL`` (im2col + cuBLAS) for this conv shape, timed once per shape
-    (device time of CUDA-graph replays, ``_graphed_ms``) on the call's own operands: where no tile beats cuBLAS
-    (small M, where cuBLAS splits K), the conv stays im2col + cuBLAS. A tile whose output differs from cuBLAS's by
-    more than 1e-2 of its largest magnitude is not a candidate (see ``CONFIGS``: one tile was caught that way).
-    During a CUDA graph capture, when nothing can be timed, IM2COL."""
+    """The fastest of ``CONFIGS`` and ``IM2COL`` (im2col + cuBLAS) for this conv shape, timed once per shape on the
+    call's own operands (device time of CUDA-graph replays, ``timing.graphed_ms``: what the conv costs inside the
+    captured step, without the host's launch cost that ``do_bench`` would count at small M): where no tile beats
+    cuBLAS, the conv stays im2col + cuBLAS. A tile whose output differs from cuBLAS's by more than ``ADMIT_ERR`` of
+    its largest magnitude is not a candidate (see ``CONFIGS``: one tile was caught that way); every candidate's
+    difference is kept in ``TUNE_ERRS``, its time (or why it was rejected) in ``TUNE_TIMES``. During a CUDA graph
+    capture, when nothing can be timed, IM2COL."""
     if INTERPRET or x.device.type != "cuda":
         return _INTERP_CONFIG
     key = (tuple(x.shape), tuple(w.shape), tuple(kernel), tuple(stride), tuple(pads))
@@ -167,25 +208,29 @@ def pick_conv_config(x: torch.Tensor, w: torch.Tensor, kernel: list[int], stride
     ho, wo = conv_out_size(x.shape[1], x.shape[2], kernel, stride, pads)
     out = torch.empty(x.shape[0] * ho * wo, w.shape[0], dtype=torch.bfloat16, device=x.device)
     times: dict[str, float | str] = {}
+    errs: dict[str, float] = {}
     best: ConvConfig | str = IM2COL
     ref = _im2col_cublas(x, w, kernel, stride, pads).float()
     scale = ref.abs().max().clamp_min(1e-30)
-    best_ms = times[IM2COL] = round(_graphed_ms(lambda: _im2col_cublas(x, w, kernel, stride, pads)), 5)
-    for cfg in CONFIGS:
+    best_ms = times[IM2COL] = round(graphed_ms(lambda: _im2col_cublas(x, w, kernel, stride, pads), rep=20), 5)
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+    for cfg in (c for c in CONFIGS if _useful(c, out.shape[0], w.shape[0], kernel[0] * kernel[1], x.shape[3], sms)):
         try:
+            out.zero_()  # a tile that skips part of the output must not pass on the previous candidate's values
             _launch(x, w, out, kernel, stride, pads, cfg)
             # a tile must compute the same conv (up to the order of FP8 accumulation) before its speed counts
-            if not (err := ((out.float() - ref).abs().max() / scale).item()) <= 1e-2:
+            err = errs[cfg.name] = float(((out.float() - ref).abs().max() / scale).item())
+            if not err <= ADMIT_ERR:
                 times[cfg.name] = f"mismatch: max diff {err:.3g} of max |y|"
                 continue
-            ms = _graphed_ms(lambda: _launch(x, w, out, kernel, stride, pads, cfg))
+            ms = graphed_ms(lambda: _launch(x, w, out, kernel, stride, pads, cfg), rep=20)
         except Exception as e:  # noqa: BLE001  (a tile this shape or this Triton cannot compile: not a candidate)
             times[cfg.name] = repr(e)[:200]
             continue
         times[cfg.name] = round(ms, 5)
         if ms < best_ms:
             best, best_ms = cfg, ms
-    _BEST[key], TUNE_TIMES[key] = best, times
+    _BEST[key], TUNE_TIMES[key], TUNE_ERRS[key] = best, times, errs
     return best
 
 
