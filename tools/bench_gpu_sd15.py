@@ -177,9 +177,9 @@ def parser() -> argparse.ArgumentParser:
                     "under 'variants'")
     ap.add_argument("--conv-sets", default="", help="comma list of conv-candidate sets to time the headline W4A4 "
                     "step with as well, after its own timing: the same compiled step re-tuned and re-captured (no "
-                    "recompile: the conv tiles are chosen inside msfp_fast::conv_e4m3). Sets: session8 (the three "
-                    "tiles of session 8), im2col (no tile: im2col + cuBLAS everywhere), nosplit (today's tiles "
-                    "without split-K); recorded as w4a4_conv_<set>")
+                    "recompile: the conv tiles are chosen inside msfp_fast::conv_e4m3). Sets: new (conv_fp8.CONFIGS + "
+                    "NEW_CONFIGS), nosplit (the same without split-K), session8 (session 8's three tiles), im2col "
+                    "(no tile: im2col + cuBLAS everywhere); recorded as w4a4_conv_<set>")
     ap.add_argument("--skip", default="", help="comma list of phases to leave out: accuracy, bandwidth, "
                     "prefetch (graph mode's side-stream decode timing), main (the headline rows: with --variant, "
                     "only the variant is compiled and timed), roundcheck (compiled vs eager quantizer on the GPU)")
@@ -381,12 +381,18 @@ def conv_tuning(batch: int) -> list[dict]:
              "err": conv_fp8.TUNE_ERRS.get(k, {})} for k, v in conv_fp8.TUNE_TIMES.items() if k[0][0] == batch]
 
 
-CONV_SETS = {"session8": 3, "im2col": 0}  # the first n of conv_fp8.CONFIGS
+def _conv_set(name: str) -> tuple:
+    """The conv tuner's candidates of a --conv-sets name."""
+    from msfp_compiler.export.triton import conv_fp8 as cv
+
+    tiles = tuple(c for c in cv.NEW_CONFIGS if c.split_k == 1)
+    return {"new": cv.CONFIGS + cv.NEW_CONFIGS, "nosplit": cv.CONFIGS + tiles, "session8": cv.CONFIGS[:3],
+            "im2col": ()}[name]
 
 
 def time_conv_sets(step: Any, fast: Any, x: tuple, row: dict, sets: list[str], iters: int) -> None:
     """The same compiled step with the conv tiles re-tuned from another candidate set and captured once more (the
-    choice happens inside msfp_fast::conv_e4m3 at the warm-up calls, so no recompile): what the new candidates
+    choice happens inside msfp_fast::conv_e4m3 at the warm-up calls, so no recompile): what other candidates
     gain in the step, same process. The tuner's state is restored afterwards."""
     from msfp_compiler.export.triton import conv_fp8
     from msfp_compiler.export.triton.graphed import GraphedStep
@@ -394,14 +400,10 @@ def time_conv_sets(step: Any, fast: Any, x: tuple, row: dict, sets: list[str], i
     configs, best = conv_fp8.CONFIGS, dict(conv_fp8._BEST)
     for name in sets:
         try:
-            n = CONV_SETS.get(name)
-            conv_fp8.CONFIGS = (tuple(c for c in configs if c.split_k == 1) if name == "nosplit"
-                                else configs[:n])
+            conv_fp8.CONFIGS = _conv_set(name)
             conv_fp8._BEST.clear()
             alt = GraphedStep(step.fn, fast, x)
-            row[f"w4a4_conv_{name}"] = {**step_ms(lambda: alt(*x), iters),
-                                        "chosen": [getattr(v, "name", v) for k, v in conv_fp8._BEST.items()
-                                                   if k[0][0] == row["batch"]]}
+            row[f"w4a4_conv_{name}"] = {**step_ms(lambda: alt(*x), iters), "conv_tuning": conv_tuning(row["batch"])}
             log(f"batch {row['batch']}: W4A4 with conv set {name}: {row[f'w4a4_conv_{name}']['median_ms']} ms")
             del alt
         except Exception as e:  # noqa: BLE001

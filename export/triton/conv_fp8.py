@@ -30,8 +30,8 @@ from .fast_ops import conv_out_size
 from .kernels import INTERPRET, _grouped_tile, _store
 from .timing import graphed_ms
 
-__all__ = ["ConvConfig", "CONFIGS", "IM2COL", "ADMIT_ERR", "TUNE_TIMES", "TUNE_ERRS", "conv_e4m3_triton", "tma_box",
-           "pick_conv_config"]
+__all__ = ["ConvConfig", "CONFIGS", "NEW_CONFIGS", "IM2COL", "ADMIT_ERR", "TUNE_TIMES", "TUNE_ERRS",
+           "conv_e4m3_triton", "tma_box", "pick_conv_config"]
 
 
 @triton.jit
@@ -107,17 +107,19 @@ class ConvConfig:
 
 
 # Candidates timed on the first call of each conv shape (Hopper FP8 wgmma: BK >= 32; 128-byte K rows for TMA's
-# widest swizzle). The first three won shapes in session 8's batch-1 sweep of seven tiles (tools/bench_gpu_kernels.py
+# widest swizzle): tiles that won shapes in session 8's batch-1 sweep of seven (tools/bench_gpu_kernels.py
 # --sections conv, results/gpu_sd15_conv_b1.json); at batch 8 only 256x128 won, on the 64x64 level (coordinator call
-# m4). Session 9 adds tiles for the smaller levels, where cuBLAS still won: a one-warpgroup 128x128 tile, a 64-row
-# tile, and split-K (``split_k``; only where the tiles alone fill under ``SPLIT_MAX_WAVES`` waves of the SMs).
-# Left out: 128x128x128 with the TMA box, 8 warps, 4 stages -- it won 8 batch-1 shapes bit-exactly, but on the
+# m4). Left out: 128x128x128 with the TMA box, 8 warps, 4 stages -- it won 8 batch-1 shapes bit-exactly, but on the
 # SD1.5 step's own batch-8 operands the tuner measured it 3-9% of the largest output off cuBLAS on 11 of 16 shapes
 # (coordinator call m4, results/gpu_sd15.json); the same box with BM 256 (3 stages) or BN 64 (4 warps), and the same
 # tile with the pointer gather, agree. Cause not found; the tuner's output check is what caught it.
-CONFIGS = (ConvConfig(128, 128, 128, 8, 4, False), ConvConfig(256, 128, 128, 8, 3), ConvConfig(128, 64, 128, 4, 4),
-           ConvConfig(128, 128, 128, 4, 4), ConvConfig(64, 128, 128, 4, 4),
-           *(ConvConfig(128, 128, 128, 8, 4, False, split_k=k) for k in (2, 4, 8)))
+CONFIGS: tuple["ConvConfig", ...] = (ConvConfig(128, 128, 128, 8, 4, False), ConvConfig(256, 128, 128, 8, 3),
+                                     ConvConfig(128, 64, 128, 4, 4))
+# Session 9's candidates for the smaller levels, where cuBLAS still won at batch 8: a one-warpgroup 128x128 tile, a
+# 64-row tile, and split-K (only timed where the unsplit tiles fill under SPLIT_MAX_WAVES waves of the SMs). Not in
+# CONFIGS until a device call shows the step gaining from them (tools/bench_gpu_sd15.py --conv-sets new).
+NEW_CONFIGS = (ConvConfig(128, 128, 128, 4, 4), ConvConfig(64, 128, 128, 4, 4),
+               *(ConvConfig(128, 128, 128, 8, 4, False, split_k=k) for k in (2, 4, 8)))
 SPLIT_MAX_WAVES = 1.5  # split-K candidates only for shapes whose unsplit tiles fill fewer waves than this
 _INTERP_CONFIG = ConvConfig(16, 16, 32, 1, 1)
 _BEST: dict[tuple, ConvConfig | str] = {}

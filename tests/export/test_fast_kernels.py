@@ -9,7 +9,8 @@ import torch
 from .triton_env import DEV  # first: sets TRITON_INTERPRET before the kernels are defined
 
 from msfp_compiler.export.triton import fast_ops as O  # noqa: E402
-from msfp_compiler.export.triton.conv_fp8 import CONFIGS, IM2COL, ConvConfig, conv_e4m3_triton, tma_box  # noqa: E402
+from msfp_compiler.export.triton.conv_fp8 import (CONFIGS, IM2COL, NEW_CONFIGS, ConvConfig,  # noqa: E402
+                                                  conv_e4m3_triton, tma_box)
 from msfp_compiler.export.triton.im2col import im2col_triton  # noqa: E402
 from msfp_compiler.export.triton.w4_decode import decode_w4_group_triton, decode_w4_triton  # noqa: E402
 from msfp_compiler.ops import get_format  # noqa: E402
@@ -171,7 +172,7 @@ _REMOVED_TILE = ConvConfig(128, 128, 128, 8, 4)  # miscomputed on batch-8 SD1.5 
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="real tiles on SD1.5 batch-8 shapes: GPU only")
-@pytest.mark.parametrize("cfg", [*CONFIGS, pytest.param(_REMOVED_TILE, marks=pytest.mark.xfail(
+@pytest.mark.parametrize("cfg", [*CONFIGS, *NEW_CONFIGS, pytest.param(_REMOVED_TILE, marks=pytest.mark.xfail(
     strict=False, reason="call m4's mismatch: does it reproduce on grid operands?"))], ids=lambda c: c.name)
 def test_conv_configs_sd15_shapes_gpu(cfg: ConvConfig) -> None:
     """Every tuner candidate on SD1.5 batch-8 conv shapes (64x64, 32x32 and 8x8 levels) with 4-bit grid operands,
