@@ -72,7 +72,8 @@ def _quantized_pair(loaded, config, work: Path, name: str, only: set[str] | None
     from msfp_compiler.export.onnx import save_atomic, to_integer
 
     variants = {k: v for k, v in {"msfp": "int8", "msfp_fp32conv": "float32"}.items() if only is None or k in only}
-    variants.update({k: f"float32:{k[len(SHARE_VARIANT):]}" for k in only or () if k.startswith(SHARE_VARIANT)})
+    variants.update({k: f"float32:{k[len(SHARE_VARIANT):]}" for k in only or ()
+                     if k.startswith(SHARE_VARIANT) and k != SHARE_VARIANT})  # msfp_fp32conv itself is "float32"
     paths = {k: work / f"{name}.{k}.onnx" for k in [*variants, "msfp_packed"]}
     if not paths["msfp_packed"].is_file():
         cm = msfp_compile(loaded, replace(config, integer_kernels=False), progress=False)
@@ -316,8 +317,12 @@ def _function_of(node_name: str) -> str | None:
     return rest.split("_", 1)[0]
 
 
-def profile(path: Path, feeds: dict[str, np.ndarray], threads: int, opt: str, runs: int, work: Path) -> dict:
+def profile(path: Path, batch: int, text_len: int, threads: int, opt: str, runs: int, work: Path) -> dict:
+    """Kernel time per run by op type and by msfp function over ``runs`` + 2 profiled runs (the first two included:
+    a session cannot start profiling late), with the run's load average."""
     sess = session(path, threads, opt, profile_prefix=str(work / f"prof_{path.stem}"))
+    feeds = feeds_for(sess, batch, text_len=text_len)
+    load = os.getloadavg()
     for _ in range(runs + 2):
         sess.run(None, feeds)
     prof_file = sess.end_profiling()
@@ -340,11 +345,13 @@ def profile(path: Path, feeds: dict[str, np.ndarray], threads: int, opt: str, ru
     kernel_us = sum(by_op.values())
     per_run = lambda us: round(us / total_runs / 1e3, 3)  # noqa: E731  (microseconds summed -> ms per run)
     return {
+        "threads": threads, "loadavg": [round(x, 2) for x in load],
+        "loadavg_end": [round(x, 2) for x in os.getloadavg()],
         "runs": total_runs,
         "model_run_ms_median": round(float(np.median([e["dur"] for e in runs_ev])) / 1e3, 3) if runs_ev else None,
         "kernel_ms_per_run": per_run(kernel_us),
         "kernels_per_run": round(nodes_per_run),
-        "by_op_type_ms": {k: per_run(v) for k, v in by_op.most_common(15)},
+        "by_op_type_ms": {k: per_run(v) for k, v in by_op.most_common(20)},
         "by_function_ms": {k: per_run(v) for k, v in by_fn.most_common()},
         "msfp_share_of_kernel_time": round(sum(v for k, v in by_fn.items() if k != "(model ops)") / kernel_us, 4),
         "top_function_ops_ms": {k: per_run(v) for k, v in by_fn_op.most_common(12)},
@@ -462,6 +469,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--sweep-stride", type=int, default=7,
                     help="float32 bit-pattern stride of the sweep at non-trivial scale / zero point")
     ap.add_argument("--no-profile", action="store_true", help="skip the ORT op profile (long on sd15)")
+    ap.add_argument("--profile-runs", type=int, default=10, help="profiled runs per variant (after 2 more)")
     ap.add_argument("--variants", help="comma-separated variants to time and probe (default: all built; fp32 always)")
     ap.add_argument("--warmup", type=int, default=3, help="untimed runs per variant before timing")
     ap.add_argument("--no-latency", action="store_true", help="skip the latency rows (memory probes only)")
@@ -538,14 +546,18 @@ def time_latency(name: str, timed: dict[str, Path], args: argparse.Namespace, sa
 
 def profile_variants(name: str, paths: dict[str, Path], timed: dict[str, Path], args: argparse.Namespace,
                      work: Path, entry: dict) -> None:
-    """Op profiles (first opt level and thread count) and optimized-graph node counts into ``entry``."""
-    opt, threads = args.opt_levels.split(",")[0], int(args.threads.split(",")[0])
-    for b in [int(b) for b in args.batches.split(",")]:
-        for k, p in timed.items():
-            feeds = feeds_for(session(paths["fp32"], 1, "basic"), b, text_len=77 if name == "sd15" else 1)
-            entry["profile"][f"{k}@batch{b}"] = profile(p, feeds, threads, opt, 10, work)
+    """Op profiles (first opt level, every thread count and batch) and optimized-graph node counts into ``entry``;
+    keys ``VARIANT@batchB`` (1 thread) and ``VARIANT@batchB@threadsT``."""
+    opt = args.opt_levels.split(",")[0]
+    for th in [int(t) for t in args.threads.split(",")]:
+        for b in [int(b) for b in args.batches.split(",")]:
+            for k, p in timed.items():
+                key = f"{k}@batch{b}" + (f"@threads{th}" if th != 1 else "")
+                entry["profile"][key] = profile(p, b, 77 if name == "sd15" else 1, th, opt, args.profile_runs, work)
+                print(f"  profile {key}: {entry['profile'][key]['kernel_ms_per_run']:.1f} ms of kernels a run",
+                      flush=True)
     for k, p in timed.items():
-        entry["optimized_graph"][k] = optimized_node_counts(p, threads, opt, work)
+        entry["optimized_graph"][k] = optimized_node_counts(p, 1, opt, work)
 
 
 def bench_model(name: str, args: argparse.Namespace, work: Path, result: dict) -> None:
