@@ -105,8 +105,8 @@ class FinetuneConfig:
 
     steps: int = 300
     num_loras: int = 2  # K; 1 = plain LoRA (EfficientDM)
-    # 4 until a second model confirms more: rank 32 (EfficientDM's) was lower on every seed on MNIST uncond at no
-    # fine-tuning speed or inference cost, but a tie by the table's range rule (results/quality_mnist.md, session 8)
+    # 4: rank 32 (EfficientDM's) was lower on every MNIST uncond seed at 597-1349 steps (no speed or inference cost)
+    # but not on MNIST cond at ~245 steps (worse on 2 of 3 seeds); ties by the range rule (results/quality_mnist.md)
     rank: int = 4
     lr: float = 1e-3
     router_lr: float = 1e-2

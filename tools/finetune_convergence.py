@@ -4,12 +4,13 @@ fine-tuning, and whether the training loss was still falling over the second hal
 
     python tools/finetune_convergence.py            # -> results/mnist/finetune_convergence.{md,png}
 
-A curve point is the mean training loss over one logging interval (100 steps in calls 6-8). "Still falling" is a
-least-squares line through the second-half points of every seed, each seed's points divided by that seed's
-second-half mean (so seeds pool), weighted by interval length: **falling** when the slope is negative by more than
-two standard errors, **rising** when positive by more than two, otherwise **flat** when the standard error is at most
-NOISY_SE (a trend of that size would have shown) and **noisy** when larger (no trend detectable either way). The cosine schedule takes the learning rate to
-zero at the last step, so "flat" at the end can mean the schedule ran out, not that more steps would not help.
+A curve point is the mean training loss over one logging interval (100 steps in calls 6-8, 25 in call 9). "Still
+falling" is a least-squares line through the second-half points of every seed, each seed's points divided by that
+seed's second-half mean (so seeds pool), weighted by interval length: **falling** when the slope is negative by more
+than two standard errors, **rising** when positive by more than two, otherwise **flat** when the standard error is at
+most NOISY_SE (a trend of that size would have shown) and **noisy** when larger (no trend detectable either way). The
+cosine schedule takes the learning rate to zero at the last step, so "flat" at the end can mean the schedule ran out,
+not that more steps would not help.
 """
 from __future__ import annotations
 
