@@ -359,15 +359,20 @@ def profile(path: Path, batch: int, text_len: int, threads: int, opt: str, runs:
 
 
 def optimized_node_counts(path: Path, threads: int, opt: str, work: Path) -> dict[str, int]:
+    """Node counts by op type of the graph onnxruntime runs (its optimized model, weights written aside: SD1.5's
+    would not fit one protobuf)."""
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.graph_optimization_level = OPT_LEVELS[opt]
     so.log_severity_level = 3
     out = work / f"{path.stem}.{opt}.optimized.onnx"
     so.optimized_model_filepath = str(out)
+    so.add_session_config_entry("session.optimized_model_external_initializers_file_name", f"{out.name}.data")
+    so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
     ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    m = onnx.load(str(out))
+    m = onnx.load(str(out), load_external_data=False)
     out.unlink()
+    Path(f"{out}.data").unlink(missing_ok=True)
     c = collections.Counter(n.op_type for n in m.graph.node)
     return {"nodes": sum(c.values()), **dict(c.most_common(8))}
 
@@ -545,15 +550,16 @@ def time_latency(name: str, timed: dict[str, Path], args: argparse.Namespace, sa
 
 
 def profile_variants(name: str, paths: dict[str, Path], timed: dict[str, Path], args: argparse.Namespace,
-                     work: Path, entry: dict) -> None:
+                     work: Path, entry: dict, save) -> None:
     """Op profiles (first opt level, every thread count and batch) and optimized-graph node counts into ``entry``;
-    keys ``VARIANT@batchB`` (1 thread) and ``VARIANT@batchB@threadsT``."""
+    keys ``VARIANT@batchB`` (1 thread) and ``VARIANT@batchB@threadsT``; ``save(profiles)`` after each."""
     opt = args.opt_levels.split(",")[0]
     for th in [int(t) for t in args.threads.split(",")]:
         for b in [int(b) for b in args.batches.split(",")]:
             for k, p in timed.items():
                 key = f"{k}@batch{b}" + (f"@threads{th}" if th != 1 else "")
                 entry["profile"][key] = profile(p, b, 77 if name == "sd15" else 1, th, opt, args.profile_runs, work)
+                save(entry["profile"])
                 print(f"  profile {key}: {entry['profile'][key]['kernel_ms_per_run']:.1f} ms of kernels a run",
                       flush=True)
     for k, p in timed.items():
@@ -584,7 +590,7 @@ def bench_model(name: str, args: argparse.Namespace, work: Path, result: dict) -
     if not args.no_latency:
         time_latency(name, timed, args, save("latency"))
     if not args.no_profile:
-        profile_variants(name, paths, timed, args, work, entry)
+        profile_variants(name, paths, timed, args, work, entry, save("profile"))
     # headline: opt level all at the largest thread count timed, per batch
     top = max(int(t) for t in args.threads.split(","))
     entry["headline"] = {f"batch{r['batch']}": r["ratio_vs_fp32"] for r in entry["latency"]
