@@ -48,7 +48,8 @@ MatMul on [4096, 320] x [320, 1280] and 1.04-1.07x on [4096, 256] x [256, 256], 
 (2 threads) the FP32 MatMul on an SD1.5 chunk [8, 512, 40] x [8, 40, 4096] (head dim 40 is too short a sum for the
 integer GEMM to pay, and the int32 scores take two more passes): not used. ORT's DequantizeLinear is a
 single-threaded loop (0.5 ns a weight at 1 and 2 threads); a per-tensor DequantizeLinear by 2^-k followed by a Mul
-by the channel scale (bit-identical) is 2.2-2.5x slower, so the per-channel form stays.
+by the channel scale (bit-identical) is 2.2-2.5x slower, so the per-channel form stays. A linear's Cast -> Mul as
+one DequantizeLinear of the int32 sums (axis -1, bit-identical): 1.5x slower (a per-element scale lookup).
 """
 
 from __future__ import annotations
