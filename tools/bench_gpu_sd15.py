@@ -176,9 +176,9 @@ def parser() -> argparse.ArgumentParser:
                     "since session 8) or im2col (implicit_conv=False: the convs as im2col + cuBLAS); recorded "
                     "under 'variants'")
     ap.add_argument("--conv-sets", default="", help="comma list of conv-candidate sets to time the headline W4A4 "
-                    "step with as well, after its own timing: the same compiled step re-tuned and re-captured (no "
-                    "recompile: the conv tiles are chosen inside msfp_fast::conv_e4m3). Sets: new (conv_fp8.CONFIGS + "
-                    "NEW_CONFIGS), nosplit (the same without split-K), session8 (session 8's three tiles), im2col "
+                    "step with as well, after its own timing: the same compiled step re-captured with each conv's "
+                    "choice from the set, taken from the tuner's record (no recompile, no second tuning). Sets: "
+                    "new (conv_fp8.CONFIGS + NEW_CONFIGS), nosplit (the same without split-K), session8 (session 8's three tiles), im2col "
                     "(no tile: im2col + cuBLAS everywhere); recorded as w4a4_conv_<set>")
     ap.add_argument("--skip", default="", help="comma list of phases to leave out: accuracy, bandwidth, "
                     "prefetch (graph mode's side-stream decode timing), main (the headline rows: with --variant, "
@@ -288,6 +288,11 @@ def measure(args: argparse.Namespace, rec: Recorder, cm: Any, bf16_bytes: int, b
     from msfp_compiler.export.triton.fast import build_fast, weight_bytes
 
     gm, example = cm.graph_module, cm.calibration.batches[0].args
+    if args.conv_sets:  # every candidate of the sets timed at the first warm-up, so the sets need no second tuning
+        from msfp_compiler.export.triton import conv_fp8
+
+        conv_fp8.TIME_ALSO = tuple(c for n in args.conv_sets.split(",") for c in _conv_set(n)
+                                   if c not in conv_fp8.CONFIGS)
     fasts = {w: build_fast(gm, "cuda", weights=w) for w in args.weights.split(",")}
     head = args.weights.split(",")[0]
     rec.put("fast_report", str(fasts[head].report))
@@ -391,26 +396,34 @@ def _conv_set(name: str) -> tuple:
 
 
 def time_conv_sets(step: Any, fast: Any, x: tuple, row: dict, sets: list[str], iters: int) -> None:
-    """The same compiled step with the conv tiles re-tuned from another candidate set and captured once more (the
-    choice happens inside msfp_fast::conv_e4m3 at the warm-up calls, so no recompile): what other candidates
-    gain in the step, same process. The tuner's state is restored afterwards."""
+    """The same compiled step with each conv shape's choice taken from another candidate set and captured once more:
+    the choice is the fastest of that set (and im2col + cuBLAS) in the tuner's own record of this batch size (every
+    candidate was timed at the headline's warm-up, ``conv_fp8.TIME_ALSO``), and it happens inside
+    msfp_fast::conv_e4m3, so there is no recompile and no second tuning. What other candidates give in the step,
+    same process; the tuner's state is restored afterwards."""
     from msfp_compiler.export.triton import conv_fp8
     from msfp_compiler.export.triton.graphed import GraphedStep
 
-    configs, best = conv_fp8.CONFIGS, dict(conv_fp8._BEST)
+    best = dict(conv_fp8._BEST)
     for name in sets:
         try:
-            conv_fp8.CONFIGS = _conv_set(name)
-            conv_fp8._BEST.clear()
+            names = {c.name: c for c in _conv_set(name)}
+            for key, times in conv_fp8.TUNE_TIMES.items():
+                if key[0][0] != row["batch"]:
+                    continue
+                ok = {k: v for k, v in times.items() if isinstance(v, float) and (k in names or k == conv_fp8.IM2COL)}
+                pick = min(ok, key=ok.get)
+                conv_fp8._BEST[key] = names.get(pick, conv_fp8.IM2COL)
             alt = GraphedStep(step.fn, fast, x)
-            row[f"w4a4_conv_{name}"] = {**step_ms(lambda: alt(*x), iters), "conv_tuning": conv_tuning(row["batch"])}
+            row[f"w4a4_conv_{name}"] = {**step_ms(lambda: alt(*x), iters),
+                                        "chosen": {str(k): getattr(v, "name", v) for k, v in conv_fp8._BEST.items()
+                                                   if k[0][0] == row["batch"]}}
             log(f"batch {row['batch']}: W4A4 with conv set {name}: {row[f'w4a4_conv_{name}']['median_ms']} ms")
             del alt
         except Exception as e:  # noqa: BLE001
             row[f"w4a4_conv_{name}_error"] = repr(e)[:3000]
             traceback.print_exc()
         finally:
-            conv_fp8.CONFIGS = configs
             conv_fp8._BEST.clear()
             conv_fp8._BEST.update(best)
             torch.cuda.empty_cache()

@@ -120,6 +120,9 @@ CONFIGS: tuple["ConvConfig", ...] = (ConvConfig(128, 128, 128, 8, 4, False), Con
 # CONFIGS until a device call shows the step gaining from them (tools/bench_gpu_sd15.py --conv-sets new).
 NEW_CONFIGS = (ConvConfig(128, 128, 128, 4, 4), ConvConfig(64, 128, 128, 4, 4),
                *(ConvConfig(128, 128, 128, 8, 4, False, split_k=k) for k in (2, 4, 8)))
+# Also timed and recorded (TUNE_TIMES / TUNE_ERRS), never chosen: a benchmark sets this to NEW_CONFIGS to learn what
+# they would give without a second tuning pass (tools/bench_gpu_sd15.py --conv-sets builds the choice from the record)
+TIME_ALSO: tuple = ()
 SPLIT_MAX_WAVES = 1.5  # split-K candidates only for shapes whose unsplit tiles fill fewer waves than this
 _INTERP_CONFIG = ConvConfig(16, 16, 32, 1, 1)
 _BEST: dict[tuple, ConvConfig | str] = {}
@@ -214,9 +217,12 @@ def pick_conv_config(x: torch.Tensor, w: torch.Tensor, kernel: list[int], stride
     best: ConvConfig | str = IM2COL
     ref = _im2col_cublas(x, w, kernel, stride, pads).float()
     scale = ref.abs().max().clamp_min(1e-30)
-    best_ms = times[IM2COL] = round(graphed_ms(lambda: _im2col_cublas(x, w, kernel, stride, pads), rep=20), 5)
+    # rep: milliseconds of replays per timing (10 timings, median): >= 5 ms covers 16+ calls of the largest SD1.5
+    # conv; the session-8 tuner's 20 ms made the first step of a batch-8 compile ~30 s longer
+    best_ms = times[IM2COL] = round(graphed_ms(lambda: _im2col_cublas(x, w, kernel, stride, pads), rep=5), 5)
     sms = torch.cuda.get_device_properties(x.device).multi_processor_count
-    for cfg in (c for c in CONFIGS if _useful(c, out.shape[0], w.shape[0], kernel[0] * kernel[1], x.shape[3], sms)):
+    for cfg in (c for c in CONFIGS + TIME_ALSO
+                if _useful(c, out.shape[0], w.shape[0], kernel[0] * kernel[1], x.shape[3], sms)):
         try:
             out.zero_()  # a tile that skips part of the output must not pass on the previous candidate's values
             _launch(x, w, out, kernel, stride, pads, cfg)
@@ -225,12 +231,12 @@ def pick_conv_config(x: torch.Tensor, w: torch.Tensor, kernel: list[int], stride
             if not err <= ADMIT_ERR:
                 times[cfg.name] = f"mismatch: max diff {err:.3g} of max |y|"
                 continue
-            ms = graphed_ms(lambda: _launch(x, w, out, kernel, stride, pads, cfg), rep=20)
+            ms = graphed_ms(lambda: _launch(x, w, out, kernel, stride, pads, cfg), rep=5)
         except Exception as e:  # noqa: BLE001  (a tile this shape or this Triton cannot compile: not a candidate)
             times[cfg.name] = repr(e)[:200]
             continue
         times[cfg.name] = round(ms, 5)
-        if ms < best_ms:
+        if ms < best_ms and cfg in CONFIGS:
             best, best_ms = cfg, ms
     _BEST[key], TUNE_TIMES[key], TUNE_ERRS[key] = best, times, errs
     return best
