@@ -164,6 +164,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--accuracy-steps", type=int, default=4)
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--no-bf16-profile", action="store_true", help="with --profile: profile the W4A4 steps only (the "
+                    "bf16 baselines' profiles do not change with our code; saves device time)")
     ap.add_argument("--warm-baseline", action="store_true", help="compile the bf16 baseline in a subprocess while "
                     "our compiler runs (fills the Inductor caches; the timed compile in this process then hits them)")
     ap.add_argument("--warm-timeout", type=float, default=600.0, help="seconds the timings wait for the warm-up "
@@ -325,7 +327,7 @@ def measure(args: argparse.Namespace, rec: Recorder, cm: Any, bf16_bytes: int, b
             time_conv_sets(compiled[(head, b)], fasts[head], xs[b], row, args.conv_sets.split(","), args.iters)
         row["w4a4_ms"] = row.get(f"w4a4_{head}", {}).get("median_ms")
         time_baselines(unet, bf16_inputs(xs[b]), row, cached_modes(args.baseline_mode, b, warm, row), args.iters,
-                       profiles if args.profile else None)
+                       profiles if args.profile and not args.no_bf16_profile else None)
         base = [v for k, v in row.items() if k.startswith("bf16_") and k.endswith("_ms") and v is not None]
         if row["w4a4_ms"] and base:
             row["speedup_vs_best_bf16"] = round(min(base) / row["w4a4_ms"], 3)
