@@ -180,8 +180,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--conv-sets", default="", help="comma list of conv-candidate sets to time the headline W4A4 "
                     "step with as well, after its own timing: the same compiled step re-captured with each conv's "
                     "choice from the set, taken from the tuner's record (no recompile, no second tuning). Sets: "
-                    "new (conv_fp8.CONFIGS + NEW_CONFIGS), nosplit (the same without split-K), session8 (session 8's three tiles), im2col "
-                    "(no tile: im2col + cuBLAS everywhere); recorded as w4a4_conv_<set>")
+                    "new (conv_fp8.CONFIGS + NEW_CONFIGS), nosplit (the same without split-K), session8 (session 8's "
+                    "three tiles), im2col (no tile: im2col + cuBLAS everywhere); recorded as w4a4_conv_<set>, timed "
+                    "after the row's bf16 baselines")
     ap.add_argument("--skip", default="", help="comma list of phases to leave out: accuracy, bandwidth, "
                     "prefetch (graph mode's side-stream decode timing), main (the headline rows: with --variant, "
                     "only the variant is compiled and timed), roundcheck (compiled vs eager quantizer on the GPU)")
@@ -323,8 +324,6 @@ def measure(args: argparse.Namespace, rec: Recorder, cm: Any, bf16_bytes: int, b
         row["conv_tuning"] = conv_tuning(b)
         if (head, b) in compiled and args.fast_mode == "graph" and "prefetch" not in args.skip.split(","):
             time_prefetch_decode(compiled[(head, b)], fasts[head], xs[b], row, head, args.iters)
-        if (head, b) in compiled and args.fast_mode == "graph" and args.conv_sets:
-            time_conv_sets(compiled[(head, b)], fasts[head], xs[b], row, args.conv_sets.split(","), args.iters)
         row["w4a4_ms"] = row.get(f"w4a4_{head}", {}).get("median_ms")
         time_baselines(unet, bf16_inputs(xs[b]), row, cached_modes(args.baseline_mode, b, warm, row), args.iters,
                        profiles if args.profile and not args.no_bf16_profile else None)
@@ -334,6 +333,9 @@ def measure(args: argparse.Namespace, rec: Recorder, cm: Any, bf16_bytes: int, b
         row["weights_gib"] = {"w4a4": round(w_bytes[head] / 2**30, 4), "bf16": round(bf16_bytes / 2**30, 4)}
         rec.put("rows", list(rows.values()))
         save_profiles(rec, profiles, args.log_dir)
+        if (head, b) in compiled and args.fast_mode == "graph" and args.conv_sets:  # last: the row is saved already
+            time_conv_sets(compiled[(head, b)], fasts[head], xs[b], row, args.conv_sets.split(","), args.iters)
+            rec.put("rows", list(rows.values()))
     rec.put("peak_gpu_memory_gib", round(torch.cuda.max_memory_allocated() / 2**30, 2))
     del unet
     b_acc = max((b for b in batches if (head, b) in compiled), default=None)
