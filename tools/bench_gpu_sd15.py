@@ -23,6 +23,7 @@ import json
 import math
 import os
 import platform
+import statistics
 import sys
 import time
 import traceback
@@ -162,6 +163,11 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--weights", default="packed", help="comma list of packed,mixed,fp8 (build_fast's weights "
                     "modes; the first is the headline)")
     ap.add_argument("--iters", type=int, default=30)
+    ap.add_argument("--captures", type=int, default=1, help="graph mode: time the W4A4 step and the bf16 "
+                    "default-graph step from this many CUDA-graph captures each (the same compiled code captured "
+                    "again, no recompile; session 9 measured ~1%% between two captures of one step); recorded as "
+                    "*_capture_medians and speedup_over_captures (median over captures), the headline fields stay "
+                    "the first capture's")
     ap.add_argument("--accuracy-steps", type=int, default=4)
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--no-bf16-profile", action="store_true", help="with --profile: profile the W4A4 steps only (the "
@@ -321,12 +327,19 @@ def measure(args: argparse.Namespace, rec: Recorder, cm: Any, bf16_bytes: int, b
         for w in fasts:
             if (w, b) in compiled:
                 time_fast(compiled[(w, b)], xs[b], row, w, args.iters, profiles if args.profile and w == head else None)
+        if (head, b) in compiled and args.fast_mode == "graph" and args.captures > 1 and f"w4a4_{head}" in row:
+            row["w4a4_capture_medians"] = [row[f"w4a4_{head}"]["median_ms"], *capture_medians(
+                compiled[(head, b)].fn, fasts[head], xs[b], args.captures - 1, args.iters)]
+            log(f"batch {b}: W4A4 captures {row['w4a4_capture_medians']} ms")
         row["conv_tuning"] = conv_tuning(b)
         if (head, b) in compiled and args.fast_mode == "graph" and "prefetch" not in args.skip.split(","):
             time_prefetch_decode(compiled[(head, b)], fasts[head], xs[b], row, head, args.iters)
         row["w4a4_ms"] = row.get(f"w4a4_{head}", {}).get("median_ms")
         time_baselines(unet, bf16_inputs(xs[b]), row, cached_modes(args.baseline_mode, b, warm, row), args.iters,
-                       profiles if args.profile and not args.no_bf16_profile else None)
+                       profiles if args.profile and not args.no_bf16_profile else None, args.captures)
+        if row.get("w4a4_capture_medians") and row.get("bf16_compile_default_graph_capture_medians"):
+            row["speedup_over_captures"] = round(statistics.median(row["bf16_compile_default_graph_capture_medians"])
+                                                 / statistics.median(row["w4a4_capture_medians"]), 3)
         base = [v for k, v in row.items() if k.startswith("bf16_") and k.endswith("_ms") and v is not None]
         if row["w4a4_ms"] and base:
             row["speedup_vs_best_bf16"] = round(min(base) / row["w4a4_ms"], 3)
@@ -517,7 +530,12 @@ def compiled_baseline(unet: Any, mode: str, xb: tuple) -> Callable[[], Any]:
 
         cb = torch.compile(unet, dynamic=False)
         step = GraphedStep(lambda s, t, c: cb(s, t, encoder_hidden_states=c, return_dict=False)[0], unet, xb)
-        return lambda: step(*xb)
+
+        def run() -> Any:
+            return step(*xb)
+
+        run.step = step  # type: ignore[attr-defined]  (capture_medians captures its compiled code again)
+        return run
     cb = torch.compile(unet, mode=mode, dynamic=False)
     for _ in range(2):
         torch.compiler.cudagraph_mark_step_begin()
@@ -525,9 +543,24 @@ def compiled_baseline(unet: Any, mode: str, xb: tuple) -> Callable[[], Any]:
     return lambda: cb(*xb[:2], encoder_hidden_states=xb[2], return_dict=False)
 
 
-def time_baselines(unet: Any, xb: tuple, row: dict, modes: list[str], iters: int, profiles: dict | None) -> None:
+def capture_medians(fn: Callable[..., Any], module: Any, example: tuple, n: int, iters: int) -> list[float]:
+    """Median step times of n more CUDA-graph captures of the same compiled step (``GraphedStep``, no recompile):
+    how much one capture differs from another."""
+    from msfp_compiler.export.triton.graphed import GraphedStep
+
+    out = []
+    for _ in range(n):
+        step = GraphedStep(fn, module, example)
+        out.append(step_ms(lambda: step(*example), iters)["median_ms"])  # noqa: B023  (called before the next)
+        del step
+        torch.cuda.empty_cache()
+    return out
+
+
+def time_baselines(unet: Any, xb: tuple, row: dict, modes: list[str], iters: int, profiles: dict | None,
+                   captures: int = 1) -> None:
     """bf16 eager replayed from a CUDA graph, then bf16 torch.compile in each mode (bf16_compile_<mode>_ms;
-    bf16_compile_ms is the faster mode)."""
+    bf16_compile_ms is the faster mode); default-graph from ``captures`` captures."""
     b = row["batch"]
 
     def step(s, t, c):
@@ -554,6 +587,10 @@ def time_baselines(unet: Any, xb: tuple, row: dict, modes: list[str], iters: int
             row[key] = {**step_ms(run, iters, mark_step=True), "mode": mode}
             row[f"{key}_ms"] = row[key]["median_ms"]
             log(f"batch {b}: bf16 torch.compile({mode}) {row[f'{key}_ms']} ms (compile {row[f'{key}_s']} s)")
+            if mode == "default-graph" and captures > 1:
+                row[f"{key}_capture_medians"] = [row[f"{key}_ms"], *capture_medians(run.step.fn, unet, xb,
+                                                                                   captures - 1, iters)]
+                log(f"batch {b}: bf16 default-graph captures {row[f'{key}_capture_medians']} ms")
             if profiles is not None:
                 table, prow = profile_table(run, mark_step=True)
                 profiles[f"bf16_{mode}_b{b}"] = {"table": table, "by_kind": categorize(prow),
