@@ -828,7 +828,9 @@ def build_fast(gm: fx.GraphModule, device: str | torch.device = "cuda", weights:
     """Rewrite a quantized GraphModule (``CompiledModel.graph_module`` or a loaded .pt2's module) for Inductor.
 
     ``dtype``: of the activations between ops (bf16; float32 checks the rewrite against the reference graph with
-    only the GEMM's accumulation order and FP8-exact operands differing). ``decode_group_bytes``: decoded bytes per
+    only the GEMM's accumulation order and FP8-exact operands differing; on CUDA run it under
+    ``msfp_compiler.device.exact_fp32()``: the layers left in float32 are cuDNN convs, TF32 by default, whose 10-bit
+    inputs flip 4-bit decisions downstream). ``decode_group_bytes``: decoded bytes per
     launch of the packed-weight decode (default ``DECODE_GROUP_BYTES``; 0: one launch per layer). ``merge``: one GEMM
     for the linears that share a quantized input (Q/K/V; the cross-attention K/V of every block). ``quantize_parts``:
     the fake quantizers of the merged GEMMs' parts (Q/K/V before attention) as one per-column epilogue of the GEMM
