@@ -94,12 +94,12 @@ def _fq(x, s, z, vmax, fsub, finv, thr, SIGNED: tl.constexpr, FOLDED: tl.constex
 
 
 @triton.jit
-def _dot(a, b, IEEE_F32: tl.constexpr):
-    """bf16 MMA, float32 accumulation. IEEE_F32 (the interpreter: its bf16 dot returned sums off by ~1e10 on a
-    16x16 test in Triton 3.9): the same bf16 values as float32 operands, exact products, float32 sums."""
+def _dot(a, b, acc, IEEE_F32: tl.constexpr):
+    """acc + a @ b: bf16 MMA, float32 accumulation. IEEE_F32 (the interpreter: its bf16 dot returned sums off by
+    ~1e10 on a 16x16 test in Triton 3.9): the same bf16 values as float32 operands, exact products, float32 sums."""
     if IEEE_F32:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    return tl.dot(a, b)
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc)
 
 
 @triton.jit
@@ -153,7 +153,7 @@ def _attn_kernel(q_ptr, k_ptr, v_ptr, o_ptr, sq_b, sq_l, sk_b, sk_l, sv_b, sv_l,
                  K_QUANT: tl.constexpr, K_SIGNED: tl.constexpr, K_FOLDED: tl.constexpr, K_DROP: tl.constexpr,
                  V_QUANT: tl.constexpr, V_SIGNED: tl.constexpr, V_FOLDED: tl.constexpr, V_DROP: tl.constexpr,
                  H: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr, IEEE_F32: tl.constexpr):
+                 BLOCK_N: tl.constexpr, EVEN_K: tl.constexpr, IEEE_F32: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -176,15 +176,16 @@ def _attn_kernel(q_ptr, k_ptr, v_ptr, o_ptr, sq_b, sq_l, sk_b, sk_l, sv_b, sv_l,
         # K^T tile [BLOCK_D, BLOCK_N]
         kt = _load_fq(k_base + n[None, :] * sk_l + offs_d[:, None], BLOCK_D, BLOCK_N, d_ok[:, None],
                       n_ok[None, :], K_QUANT, ks, kz, kvmax, kfsub, kfinv, kthr, K_SIGNED, K_FOLDED, K_DROP)
-        s = _dot(q, kt, IEEE_F32) * qk_scale
-        s = tl.where(n_ok[None, :], s, float("-inf"))
+        s = _dot(q, kt, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), IEEE_F32) * qk_scale
+        if not EVEN_K:  # the last key block runs past Lk
+            s = tl.where(n_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = _load_fq(v_base + n[:, None] * sv_l + offs_d[None, :], BLOCK_N, BLOCK_D, n_ok[:, None],
                      d_ok[None, :], V_QUANT, vs, vz, vvmax, vfsub, vfinv, vthr, V_SIGNED, V_FOLDED, V_DROP)
-        acc = acc * alpha[:, None] + _dot(p.to(tl.bfloat16), v, IEEE_F32)
+        acc = _dot(p.to(tl.bfloat16), v, acc * alpha[:, None], IEEE_F32)
         m_i = m_new
     out = acc / l_i[:, None]
     o = o_ptr + b * so_b + offs_m[:, None] * so_l + h * D + offs_d[None, :]
@@ -221,6 +222,6 @@ def attention_fq_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads
                        quants[1] is not None, pk.signed, pk.folded, pk.drop,
                        quants[2] is not None, pv.signed, pv.folded, pv.drop,
                        H=heads, D=d, BLOCK_D=block_d, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
-                       IEEE_F32=INTERPRET, num_warps=config.num_warps, num_stages=config.num_stages,
-                       enable_fp_fusion=False)
+                       EVEN_K=lk % config.block_n == 0, IEEE_F32=INTERPRET, num_warps=config.num_warps,
+                       num_stages=config.num_stages, enable_fp_fusion=False)
     return out

@@ -169,8 +169,9 @@ def _conv_e4m3_fake(x: torch.Tensor, w: torch.Tensor, kernel: list[int], stride:
 def attention_fq(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, scales: list[float],
                  zeros: list[float], fmts: str, folded: list[bool], scale: float) -> torch.Tensor:
     """softmax(fq(Q) fq(K)^T * scale) fq(V) per head, fq the per-tensor fake quantizer (scales[i], zeros[i],
-    format i of the comma list fmts, folded[i]) of operand i (``fast.fake_quant``, bf16 result); q [B, Lq, heads*d], k, v [B, Lk, heads*d]
-    -> bf16 [B, Lq, heads*d]. Reference: the three quantizers, then scaled_dot_product_attention in bf16."""
+    format i of the comma list fmts, folded[i]) of operand i (``fast.fake_quant``, bf16 result); q [B, Lq,
+    heads*d], k, v [B, Lk, heads*d] -> bf16 [B, Lq, heads*d]. Reference: the three quantizers, then
+    scaled_dot_product_attention in bf16."""
     from .fast import fake_quant
 
     qkv = [fake_quant(t, s, z, f, fo).unflatten(-1, (heads, -1)).transpose(1, 2)
