@@ -134,9 +134,9 @@ def fake_quant_triton(x: torch.Tensor, p: QuantParams, out_dtype: torch.dtype = 
 
 
 @triton.jit
-def _load_fq(ptr, rows, cols, row_ok, col_ok, QUANT: tl.constexpr, s, z, vmax, fsub, finv, thr,
+def _load_fq(ptr, row_ok, col_ok, QUANT: tl.constexpr, s, z, vmax, fsub, finv, thr,
              SIGNED: tl.constexpr, FOLDED: tl.constexpr, DROP: tl.constexpr):
-    """A [rows, cols] tile, fake-quantized, bf16; zero outside the tensor (a zero point maps 0 elsewhere)."""
+    """A tile, fake-quantized, bf16; zero outside the tensor (where the quantizer of a 0 need not be 0)."""
     ok = row_ok & col_ok
     x = tl.load(ptr, mask=ok, other=0.0)
     if QUANT:
@@ -162,8 +162,8 @@ def _attn_kernel(q_ptr, k_ptr, v_ptr, o_ptr, sq_b, sq_l, sk_b, sk_l, sv_b, sv_l,
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
-    q = _load_fq(q_ptr + b * sq_b + offs_m[:, None] * sq_l + h * D + offs_d[None, :], BLOCK_M, BLOCK_D,
-                 offs_m[:, None] < Lq, d_ok[None, :], Q_QUANT, qs, qz, qvmax, qfsub, qfinv, qthr, Q_SIGNED,
+    q = _load_fq(q_ptr + b * sq_b + offs_m[:, None] * sq_l + h * D + offs_d[None, :], offs_m[:, None] < Lq,
+                 d_ok[None, :], Q_QUANT, qs, qz, qvmax, qfsub, qfinv, qthr, Q_SIGNED,
                  Q_FOLDED, Q_DROP)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -174,7 +174,7 @@ def _attn_kernel(q_ptr, k_ptr, v_ptr, o_ptr, sq_b, sq_l, sk_b, sk_l, sv_b, sv_l,
         n = start + offs_n
         n_ok = n < Lk
         # K^T tile [BLOCK_D, BLOCK_N]
-        kt = _load_fq(k_base + n[None, :] * sk_l + offs_d[:, None], BLOCK_D, BLOCK_N, d_ok[:, None],
+        kt = _load_fq(k_base + n[None, :] * sk_l + offs_d[:, None], d_ok[:, None],
                       n_ok[None, :], K_QUANT, ks, kz, kvmax, kfsub, kfinv, kthr, K_SIGNED, K_FOLDED, K_DROP)
         s = _dot(q, kt, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), IEEE_F32) * qk_scale
         if not EVEN_K:  # the last key block runs past Lk
@@ -183,7 +183,7 @@ def _attn_kernel(q_ptr, k_ptr, v_ptr, o_ptr, sq_b, sq_l, sk_b, sk_l, sv_b, sv_l,
         p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_fq(v_base + n[:, None] * sv_l + offs_d[None, :], BLOCK_N, BLOCK_D, n_ok[:, None],
+        v = _load_fq(v_base + n[:, None] * sv_l + offs_d[None, :], n_ok[:, None],
                      d_ok[None, :], V_QUANT, vs, vz, vvmax, vfsub, vfinv, vthr, V_SIGNED, V_FOLDED, V_DROP)
         acc = _dot(p.to(tl.bfloat16), v, acc * alpha[:, None], IEEE_F32)
         m_i = m_new
