@@ -116,6 +116,16 @@ class Recorder:
         self.data[key] = value
         self.save()
 
+    def section(self, key: str, fn: Callable[[], Any], log_chars: int | None = None) -> None:
+        """Record ``fn()`` under ``key`` and log it (cut to ``log_chars``); an optional phase: its failure is
+        recorded as ``{"error": ...}`` with the traceback printed, and the benchmark goes on."""
+        try:
+            self.put(key, fn())
+            log(f"{key}: {json.dumps(self.data[key])[:log_chars]}")
+        except Exception as e:  # noqa: BLE001
+            self.put(key, {"error": repr(e)[:3000]})
+            traceback.print_exc()
+
     def save(self) -> None:
         tmp = self.path.with_name(f".{self.path.name}.tmp")
         tmp.write_text(json.dumps(self.data, indent=1))
@@ -234,23 +244,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.variant:
             variant(args, rec, cm)
     if "roundcheck" not in args.skip.split(","):
-        try:
-            rec.put("compiled_quantizer_check", compiled_quantizer_check())
-            log(f"compiled_quantizer_check: {json.dumps(rec.data['compiled_quantizer_check'])}")
-        except Exception as e:  # noqa: BLE001
-            rec.put("compiled_quantizer_check", {"error": repr(e)[:3000]})
-            traceback.print_exc()
+        rec.section("compiled_quantizer_check", compiled_quantizer_check)
     log(json.dumps([{k: v for k, v in r.items() if not isinstance(v, dict) or k == "weights_gib"}
                     for r in rows], indent=1))
     if "bandwidth" in args.skip.split(","):
         rec.put("finished", time.strftime("%Y-%m-%dT%H:%M:%S"))
         return 0
-    try:
-        rec.put("fake_quant_bandwidth", fake_quant_bandwidth())
-        log(f"fake_quant_bandwidth: {json.dumps(rec.data['fake_quant_bandwidth'])[:1500]}")
-    except Exception as e:  # noqa: BLE001
-        rec.put("fake_quant_bandwidth", {"error": repr(e)[:3000]})
-        traceback.print_exc()
+    rec.section("fake_quant_bandwidth", fake_quant_bandwidth, log_chars=1500)
     if args.save_pt2:
         try:
             sample_cli(cm, args.save_pt2, rec)
@@ -354,12 +354,8 @@ def measure(args: argparse.Namespace, rec: Recorder, cm: Any, bf16_bytes: int, b
     del unet
     b_acc = max((b for b in batches if (head, b) in compiled), default=None)
     if b_acc is not None and "accuracy" not in args.skip.split(","):
-        try:
-            rec.put("accuracy", accuracy(gm, compiled[(head, b_acc)], example, args.accuracy_steps, b_acc))
-            log(f"accuracy: {json.dumps(rec.data['accuracy'])[:1500]}")
-        except Exception as e:  # noqa: BLE001
-            rec.put("accuracy", {"error": repr(e)[:3000]})
-            traceback.print_exc()
+        rec.section("accuracy", lambda: accuracy(gm, compiled[(head, b_acc)], example, args.accuracy_steps, b_acc),
+                    log_chars=1500)
     return list(rows.values())
 
 

@@ -1,0 +1,29 @@
+"""tools/bench_gpu_sd15.Recorder.section: an optional phase of the GPU benchmark records its result, or its error,
+and the benchmark goes on (the rest of the file needs a GPU)."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
+import bench_gpu_sd15  # noqa: E402
+
+
+def test_section_records_result_or_error(tmp_path, capsys):
+    rec = bench_gpu_sd15.Recorder(tmp_path / "gpu.json", {"device": "cpu"})
+    rec.section("ok", lambda: {"x": list(range(400))}, log_chars=20)
+
+    def fails() -> None:
+        raise RuntimeError("no GPU here")
+
+    rec.section("bad", fails)
+    saved = json.loads((tmp_path / "gpu.json").read_text())
+    assert saved["ok"] == {"x": list(range(400))} and saved["device"] == "cpu"
+    assert saved["bad"] == {"error": "RuntimeError('no GPU here')"}
+    out = capsys.readouterr()
+    assert "ok: " + json.dumps(saved["ok"])[:20] + "\n" in out.out + out.err
+    assert "RuntimeError: no GPU here" in out.err  # the traceback is printed, not swallowed
+    with pytest.raises(KeyboardInterrupt):  # only Exception is a failed phase
+        rec.section("stop", lambda: (_ for _ in ()).throw(KeyboardInterrupt()))
