@@ -14,9 +14,7 @@ Sections (``--sections``): ``layers`` (the above), ``decode`` (the grouped packe
 64 MiB groups as ``fast.build_fast`` makes them, replayed from one CUDA graph per step, next to a device copy of the
 decoded bytes), ``im2col`` (tile configurations of the
 im2col kernel on the SD1.5 k x k convs, ms per step), ``conv`` (the implicit-GEMM FP8 conv, each tile, against
-im2col + cuBLAS on the SD1.5 k x k convs, outputs checked equal), ``attention`` (``msfp_fast::attention_fq``, the
-flash attention that quantizes Q/K/V on load, per tile, against the Inductor quantizers + cuDNN / flash SDPA on the
-64x64-level shapes: ``--batch 8 --sections attention``, ~1 minute).
+im2col + cuBLAS on the SD1.5 k x k convs, outputs checked equal).
 """
 
 from __future__ import annotations
@@ -277,110 +275,22 @@ def bench_conv(shapes: Counter, gpu_lock: str | None = None) -> dict:
     return {"per_step_ms": {k: round(v, 4) for k, v in totals.items()}, "rows": rows}
 
 
-# SD1.5's 64x64 level at 512x512: 4096 tokens, 320 channels = 8 heads of 40; the text states are 77 tokens
-ATTN_SHAPES = {"self": (4096, 4096), "cross": (4096, 77)}
-ATTN_CONFIGS = [(128, 64, 4, 2), (128, 64, 4, 3), (128, 64, 8, 2), (128, 32, 4, 2), (64, 64, 4, 2), (128, 128, 8, 2),
-                (256, 64, 8, 2), (64, 32, 4, 3)]
-# per-tensor quantizers of both kinds (fp with a zero point, int): (scale, zero point, format, folded)
-ATTN_QUANTS = [(0.3, 0.0, "e2m1", False), (0.3, 0.0, "int4", False), (0.2, -0.2785, "ue2m2", False)]
-
-
-def bench_attention(batch: int, heads: int = 8, channels: int = 320) -> dict:
-    """msfp_fast::attention_fq's kernel (attention.py: flash attention with the Q/K/V fake quantizers applied on
-    load) on the 64x64-level shapes, per tile configuration, against what the fast path runs today: the three
-    quantizers (Inductor, one compiled function) + SDPA on their outputs (cuDNN and flash backends). Q/K/V are parts
-    of one merged GEMM output (self: [B, 4096, 3C]; cross: Q [B, 4096, C], K/V of [B, 77, 2C]), as in the graph.
-    CUDA-graph replay times (ms); ``err``: max |ours - SDPA| / max |SDPA| on the same quantized operands."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    from msfp_compiler.export.triton.attention import AttnConfig, attention_fq_triton, quant_params
-    from msfp_compiler.export.triton.fast import fake_quant
-
-    params = tuple(quant_params(*q) for q in ATTN_QUANTS)
-    d = channels // heads
-    gen = torch.Generator(device=DEV).manual_seed(0)
-    res: dict = {"batch": batch, "heads": heads, "head_dim": d, "quants": ATTN_QUANTS, "shapes": {}}
-    for name, (lq, lk) in ATTN_SHAPES.items():
-        if name == "self":
-            q, k, v = (torch.randn(batch, lq, 3 * channels, device=DEV, generator=gen) * 0.7).bfloat16().split(
-                channels, -1)
-        else:
-            q = (torch.randn(batch, lq, channels, device=DEV, generator=gen) * 0.7).bfloat16()
-            k, v = (torch.randn(batch, lk, 2 * channels, device=DEV, generator=gen) * 0.7).bfloat16().split(
-                channels, -1)
-
-        def quantize(q, k, v):
-            return [fake_quant(t, *qq).unflatten(-1, (heads, d)).transpose(1, 2)
-                    for t, qq in zip((q, k, v), ATTN_QUANTS)]
-
-        fq = torch.compile(quantize)
-        qq, kq, vq = fq(q, k, v)
-        row: dict = {"lq": lq, "lk": lk, "fq_inductor_ms": round(graphed_ms(lambda: fq(q, k, v)), 4)}
-        ref = None
-        for backend in ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION"):
-            try:
-                with sdpa_kernel([getattr(SDPBackend, backend)]):
-                    out = F.scaled_dot_product_attention(qq, kq, vq)
-                    row[f"sdpa_{backend.lower()}_ms"] = round(graphed_ms(
-                        lambda: F.scaled_dot_product_attention(qq, kq, vq)), 4)
-                ref = out.transpose(1, 2).flatten(2).float() if ref is None else ref
-            except RuntimeError as e:  # a backend that does not take these shapes here
-                row[f"sdpa_{backend.lower()}_ms"] = f"error: {str(e)[:200]}"
-        pre = (kq.transpose(1, 2).flatten(2), vq.transpose(1, 2).flatten(2))
-        best, configs = None, {}
-        for bm, bn, nw, ns in ATTN_CONFIGS:
-            cfg, key = AttnConfig(bm, bn, nw, ns), f"{bm}x{bn}w{nw}s{ns}"
-            configs[key] = cfg
-            try:
-                out = attention_fq_triton(q, k, v, heads, params, config=cfg)
-                err = float((out.float() - ref).abs().max() / ref.abs().max())
-                ms = graphed_ms(lambda: attention_fq_triton(q, k, v, heads, params, config=cfg))
-                row[key] = {"ms": round(ms, 4), "err": round(err, 5)}
-                if err < 2e-2 and (best is None or ms < row[best]["ms"]):
-                    best = key
-            except Exception as e:  # noqa: BLE001  (e.g. shared memory over the limit for this tile)
-                row[key] = {"error": str(e)[:200]}
-            print(name, key, json.dumps(row[key]), flush=True)
-        if best is not None:
-            cfg = configs[best]
-            row["best"] = best
-            # the cost of quantizing K and V on load: the same kernel on K/V quantized beforehand, and on no
-            # quantizer at all (attention alone)
-            q_only = (params[0], None, None)
-            row["best_q_only_ms"] = round(graphed_ms(lambda: attention_fq_triton(q, *pre, heads, q_only,
-                                                                                 config=cfg)), 4)
-            qpre = qq.transpose(1, 2).flatten(2)
-            row["best_no_quant_ms"] = round(graphed_ms(lambda: attention_fq_triton(qpre, *pre, heads,
-                                                                                   (None, None, None), config=cfg)), 4)
-            same = attention_fq_triton(qpre, *pre, heads, (None, None, None), config=cfg)
-            row["onload_equals_prequantized"] = bool(torch.equal(
-                same, attention_fq_triton(q, k, v, heads, params, config=cfg)))
-            sdpa = min(v for k_, v in row.items() if k_.startswith("sdpa_") and isinstance(v, float))
-            row["today_ms"] = round(sdpa + row["fq_inductor_ms"], 4)  # the quantizers + the fastest SDPA
-            row["speedup_vs_today"] = round(row["today_ms"] / row[best]["ms"], 3)
-        print(name, json.dumps({k_: v for k_, v in row.items() if not isinstance(v, dict)}), flush=True)
-        res["shapes"][name] = row
-    return res
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--out", default=str(ROOT / "results" / "gpu_sd15_kernels.json"))
-    ap.add_argument("--sections", default="layers", help="comma list of layers, conv, decode, im2col, attention")
+    ap.add_argument("--sections", default="layers", help="comma list of layers, conv, decode, im2col")
     ap.add_argument("--gpu-lock", default=None, metavar="FILE", help="conv: hold an flock on FILE for the timings "
                     "(the one bench_gpu_sd15 --gpu-lock takes), so they never share the GPU with another bench")
     args = ap.parse_args(argv)
     torch.backends.cuda.matmul.allow_tf32 = False
     t0 = time.perf_counter()
+    shapes = layer_shapes(args.batch)
     sections = args.sections.split(",")
-    shapes = layer_shapes(args.batch) if set(sections) - {"attention"} else Counter()
     res: dict = {"device": torch.cuda.get_device_name(0), "batch": args.batch}
-    for name, fn in (("attention", bench_attention), ("conv", bench_conv), ("decode", bench_decode),
-                     ("im2col", bench_im2col)):
+    for name, fn in (("conv", bench_conv), ("decode", bench_decode), ("im2col", bench_im2col)):
         if name in sections:
-            res[name] = (bench_attention(args.batch) if name == "attention" else fn(shapes, args.gpu_lock)
-                         if name == "conv" else fn(shapes))
+            res[name] = fn(shapes, args.gpu_lock) if name == "conv" else fn(shapes)
             res["seconds"] = round(time.perf_counter() - t0, 1)
             Path(args.out).write_text(json.dumps(res, indent=1))  # after every section
     if "layers" not in sections:

@@ -191,9 +191,8 @@ def parser() -> argparse.ArgumentParser:
                     "independent kernels launched as one) or qkv (build_fast(quantize_parts=True): the Q/K/V "
                     "fake quantizers in their merged GEMM's epilogue) or conv (build_fast(implicit_conv=True): the "
                     "implicit-GEMM FP8 conv, tiles tuned per shape against im2col + cuBLAS; the default on CUDA "
-                    "since session 8) or im2col (implicit_conv=False: the convs as im2col + cuBLAS) or attn "
-                    "(build_fast(attention=True): the 64x64 level's attention by attention.py's kernel, Q/K/V "
-                    "quantized on load); recorded under 'variants'")
+                    "since session 8) or im2col (implicit_conv=False: the convs as im2col + cuBLAS)); recorded under "
+                    "'variants'")
     ap.add_argument("--conv-sets", default="", help="comma list of conv-candidate sets to time the headline W4A4 "
                     "step with as well, after its own timing: the same compiled step re-captured with each conv's "
                     "choice from the set, taken from the tuner's record (no recompile, no second tuning). Sets: "
@@ -368,8 +367,7 @@ def variant(args: argparse.Namespace, rec: Recorder, cm: Any) -> None:
 
     name, b = args.variant.split(":")
     options, build = {"combo": ({"combo_kernels": True}, {}), "qkv": ({}, {"quantize_parts": True}),
-                      "conv": ({}, {"implicit_conv": True}), "im2col": ({}, {"implicit_conv": False}),
-                      "attn": ({}, {"attention": True})}[name]
+                      "conv": ({}, {"implicit_conv": True}), "im2col": ({}, {"implicit_conv": False})}[name]
     head = args.weights.split(",")[0]
     row: dict = {"batch": int(b), "variant": name, "inductor_options": options, "build_fast_options": build}
     fast = build_fast(cm.graph_module, "cuda", weights=head, **build)

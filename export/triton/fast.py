@@ -525,81 +525,6 @@ def _quantize_parts_in_epilogue(gm: fx.GraphModule) -> int:
     return moved
 
 
-# head dims the attention kernel takes (SD1.5: 40 at the 64x64 level; 80 and 160 below it stay on cuDNN's SDPA)
-ATTN_MAX_HEAD_DIM = 64
-
-
-def _quantized_heads(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, tuple] | None:
-    """(x, (scale, zero, fmt, folded)) where node is x [B, L, C] viewed as [B, L, H, d] and transposed to
-    [B, H, L, d] (diffusers' ``view(B, -1, heads, d).transpose(1, 2)``) with a bf16 per-tensor fake_quant before
-    or after the views (constant parameters, an int/fp-kind format); else None."""
-    from .runtime import _const
-
-    def is_fq(n: Any) -> bool:
-        return isinstance(n, fx.Node) and n.op == "call_function" and n.target is fake_quant and n.args[5] == _BF16
-
-    fq = node if is_fq(node) else None
-    tr = fq.args[0] if fq is not None else node
-    if tr.op != "call_function" or tr.target not in (aten.transpose.int, aten.permute.default):
-        return None
-    dims = tuple(tr.args[1:]) if tr.target == aten.transpose.int else tuple(tr.args[1])
-    if sorted(dims) != [1, 2] and dims != (0, 2, 1, 3):
-        return None
-    view = tr.args[0]
-    if view.op != "call_function" or view.target not in (aten.view.default, aten.reshape.default):
-        return None
-    x = view.args[0]
-    if fq is None and is_fq(x):
-        fq, x = x, x.args[0]
-    shapes = [getattr(n.meta.get("val"), "shape", None) for n in (x, view, node)]
-    if fq is None or any(sh is None for sh in shapes) or [len(sh) for sh in shapes] != [3, 4, 4]:
-        return None
-    (_, seq, c), (_, seq2, h, d), (_, h2, seq3, d2) = shapes
-    if not all(isinstance(v, int) for v in (c, h, d)) or (h, d, h * d) != (h2, d2, c):
-        return None
-    if len({str(v) for v in (seq, seq2, seq3)}) != 1:  # a text length may be symbolic: compared as expressions
-        return None
-    s, z = (_const(gm, a) if isinstance(a, fx.Node) else torch.tensor(float(a)) for a in fq.args[1:3])
-    if s is None or z is None or s.numel() != 1 or z.numel() != 1 or _spec(fq.args[3]).kind == "table":
-        return None
-    return x, (float(s), float(z), fq.args[3], bool(fq.args[4]))
-
-
-def _route_attention(gm: fx.GraphModule) -> int:
-    """bf16 attention whose Q, K and V are fake-quantized GEMM outputs (head dim <= ATTN_MAX_HEAD_DIM, no mask,
-    no dropout) becomes ``msfp_fast::attention_fq`` on the GEMM outputs: the quantizers run as the kernel loads
-    each tile; returns how many. The op's [B, L, C] output is viewed back as the [B, H, L, d] SDPA result."""
-    g = gm.graph
-    count = 0
-    for node in list(g.nodes):
-        if node.op != "call_function" or node.target is not _sdpa_as or node.args[0] != _BF16:
-            continue
-        rest, kwargs = node.args[4:], dict(node.kwargs)
-        scale = kwargs.pop("scale", None)
-        if any(a not in (None, 0.0, False) for a in rest) or any(v not in (None, 0.0, False)
-                                                                 for v in kwargs.values()):
-            continue
-        parts = [_quantized_heads(gm, a) for a in node.args[1:4]]
-        val = node.meta.get("val")
-        if any(p is None for p in parts) or val is None or val.dim() != 4 or val.shape[-1] > ATTN_MAX_HEAD_DIM \
-                or not isinstance(val.shape[2], int):
-            continue
-        _, h, seq, d = val.shape  # the batch may be symbolic: the view back keeps it as -1
-        quants = [p[1] for p in parts]
-        with g.inserting_before(node):
-            out = g.call_function(torch.ops.msfp_fast.attention_fq.default, (
-                *(p[0] for p in parts), h, [q[0] for q in quants], [q[1] for q in quants],
-                ",".join(q[2] for q in quants), [q[3] for q in quants], 1.0 / math.sqrt(d) if scale is None else scale))
-            heads = g.call_function(aten.view.default, (out, [-1, seq, h, d]))
-            new = g.call_function(aten.transpose.int, (heads, 1, 2))
-        new.meta = dict(node.meta)
-        node.replace_all_uses_with(new)
-        g.erase_node(node)
-        count += 1
-    g.eliminate_dead_code()
-    return count
-
-
 def _route_implicit_convs(gm: fx.GraphModule) -> int:
     """Mark the single-set k x k stride-1 convs whose channel count the kernel takes (C % 16) for the implicit-GEMM
     conv; returns how many. Strided convs keep im2col (the kernel's pointer gather is their only form there); the
@@ -659,7 +584,6 @@ class FastReport:
     merged_away: int = 0  # GEMMs saved by merging linears of one quantized input
     part_quant_moved: int = 0  # fake quantizers of merged GEMMs' parts moved into the GEMM (quantize_parts)
     implicit_convs: int = 0  # k x k convs run by the implicit-GEMM kernel (implicit_conv)
-    attention: int = 0  # attentions run by msfp_fast::attention_fq (attention)
 
     def __str__(self) -> str:
         lines = [f"FP8 GEMMs: linear={self.fused['linear']} conv2d={self.fused['conv2d']}; "
@@ -667,8 +591,7 @@ class FastReport:
                  f"{self.merged_away}; packed-weight decode launches: {self.decode_groups}"
                  + (f"; part quantizers moved into merged GEMMs: {self.part_quant_moved}" if self.part_quant_moved
                     else "")
-                 + (f"; implicit-GEMM convs: {self.implicit_convs}" if self.implicit_convs else "")
-                 + (f"; attention with quantizers on load: {self.attention}" if self.attention else "")]
+                 + (f"; implicit-GEMM convs: {self.implicit_convs}" if self.implicit_convs else "")]
         lines += [f"  kept {k}: {v}" for k, v in self.skipped.items()]
         return "\n".join(lines)
 
@@ -901,7 +824,7 @@ class FastUNet(torch.nn.Module):
 def build_fast(gm: fx.GraphModule, device: str | torch.device = "cuda", weights: str = "packed",
                inplace: bool = False, dtype: torch.dtype = _BF16,
                decode_group_bytes: int | None = None, merge: bool = True, quantize_parts: bool = False,
-               implicit_conv: bool | None = None, attention: bool = False) -> FastUNet:
+               implicit_conv: bool | None = None) -> FastUNet:
     """Rewrite a quantized GraphModule (``CompiledModel.graph_module`` or a loaded .pt2's module) for Inductor.
 
     ``dtype``: of the activations between ops (bf16; float32 checks the rewrite against the reference graph with
@@ -916,9 +839,7 @@ def build_fast(gm: fx.GraphModule, device: str | torch.device = "cuda", weights:
     im2col + cuBLAS) instead of im2col + cuBLAS; the same sums, rounded once to bf16 (bit-exact where the float32
     sum is exact). Default (None): on for CUDA devices (SD1.5 at batch 8 on the H200: 16.98 ms per step against
     17.37-17.39 without, 1.13x against bf16 default-graph; docs/triton.md session 8), off elsewhere (on the CPU the
-    op is im2col + GEMM anyway). ``attention``: bf16 attention of head dim <= ``ATTN_MAX_HEAD_DIM`` (SD1.5's 64x64
-    level) whose Q/K/V are fake-quantized GEMM outputs as ``msfp_fast::attention_fq`` (``attention.py``: flash
-    attention applying the quantizers as it loads each tile; off by default: not timed on the GPU yet)."""
+    op is im2col + GEMM anyway)."""
     if weights not in ("packed", "fp8", "mixed"):
         raise ValueError(f"unknown weights mode {weights!r} (packed, fp8 or mixed)")
     if not inplace:
@@ -927,10 +848,8 @@ def build_fast(gm: fx.GraphModule, device: str | torch.device = "cuda", weights:
     _rewrite(gm, weights, report, dtype)
     if merge:
         report.merged_away = _merge_shared_inputs(gm)
-    if attention and dtype == _BF16:  # before quantize_parts, which would move the same quantizers
-        report.attention = _route_attention(gm)
-    if merge and quantize_parts:
-        report.part_quant_moved = _quantize_parts_in_epilogue(gm)
+        if quantize_parts:
+            report.part_quant_moved = _quantize_parts_in_epilogue(gm)
     if implicit_conv or (implicit_conv is None and torch.device(device).type == "cuda"):
         report.implicit_convs = _route_implicit_convs(gm)
     group_bytes = DECODE_GROUP_BYTES if decode_group_bytes is None else decode_group_bytes

@@ -2,8 +2,7 @@
 
 ``msfp_fast::decode_w4`` / ``decode_w4_group`` (packed 4-bit weights -> E4M3 [N, K], kernels in ``w4_decode``)
 ``msfp_fast::im2col_e4m3`` (NHWC E4M3 -> im2col rows, kernel in ``im2col``) and ``msfp_fast::conv_e4m3`` (the
-implicit-GEMM FP8 conv, kernel in ``conv_fp8``) and ``msfp_fast::attention_fq`` (flash attention with the Q/K/V fake
-quantizers applied on load, kernel in ``attention``). Each has a fake implementation
+implicit-GEMM FP8 conv, kernel in ``conv_fp8``). Each has a fake implementation
 (shapes only) so torch.compile traces through it and Inductor fuses the code around it, a CUDA implementation that
 launches the Triton kernel (captured by CUDA graphs like any launch), and the reference in torch ops for every other
 device (CPU tests, eager CPU runs). The Triton modules are imported on first CUDA use only: their kernels must be
@@ -20,8 +19,8 @@ import torch.nn.functional as F
 
 from msfp_compiler.ops import get_format
 
-__all__ = ["decode_w4", "decode_w4_group", "im2col_e4m3", "conv_e4m3", "attention_fq", "conv_out_size",
-           "pack_halves", "unpack_halves", "e4m3_lut"]
+__all__ = ["decode_w4", "decode_w4_group", "im2col_e4m3", "conv_e4m3", "conv_out_size", "pack_halves",
+           "unpack_halves", "e4m3_lut"]
 
 _FP8 = torch.float8_e4m3fn
 
@@ -163,33 +162,3 @@ def _conv_e4m3_fake(x: torch.Tensor, w: torch.Tensor, kernel: list[int], stride:
     b, h, wd, _ = x.shape
     ho, wo = conv_out_size(h, wd, kernel, stride, pads)
     return x.new_empty((b * ho * wo, w.shape[0]), dtype=torch.bfloat16)
-
-
-@torch.library.custom_op("msfp_fast::attention_fq", mutates_args=())
-def attention_fq(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, scales: list[float],
-                 zeros: list[float], fmts: str, folded: list[bool], scale: float) -> torch.Tensor:
-    """softmax(fq(Q) fq(K)^T * scale) fq(V) per head, fq the per-tensor fake quantizer (scales[i], zeros[i],
-    format i of the comma list fmts, folded[i]) of operand i (``fast.fake_quant``, bf16 result); q [B, Lq,
-    heads*d], k, v [B, Lk, heads*d] -> bf16 [B, Lq, heads*d]. Reference: the three quantizers, then
-    scaled_dot_product_attention in bf16."""
-    from .fast import fake_quant
-
-    qkv = [fake_quant(t, s, z, f, fo).unflatten(-1, (heads, -1)).transpose(1, 2)
-           for t, s, z, f, fo in zip((q, k, v), scales, zeros, fmts.split(","), folded)]
-    out = F.scaled_dot_product_attention(*qkv, scale=scale)
-    return out.transpose(1, 2).flatten(2).contiguous()
-
-
-@attention_fq.register_kernel("cuda")
-def _attention_fq_cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, scales: list[float],
-                       zeros: list[float], fmts: str, folded: list[bool], scale: float) -> torch.Tensor:
-    from .attention import attention_fq_triton, quant_params
-
-    quants = tuple(quant_params(*p) for p in zip(scales, zeros, fmts.split(","), folded))
-    return attention_fq_triton(q, k, v, heads, quants, scale)
-
-
-@attention_fq.register_fake
-def _attention_fq_fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, scales: list[float],
-                       zeros: list[float], fmts: str, folded: list[bool], scale: float) -> torch.Tensor:
-    return q.new_empty(q.shape, dtype=torch.bfloat16)

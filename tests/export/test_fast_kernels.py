@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from .triton_env import DEV  # first: sets TRITON_INTERPRET before the kernels are defined
 
@@ -184,62 +183,3 @@ def test_conv_configs_sd15_shapes_gpu(cfg: ConvConfig) -> None:
         ref = conv_e4m3_triton(x, w, [3, 3], [1, 1], [1, 1, 1, 1], config=IM2COL)
         got = conv_e4m3_triton(x, w, [3, 3], [1, 1], [1, 1, 1, 1], config=cfg)
         assert torch.equal(got, ref), f"{(b, h, c, n)}: {(got != ref).sum().item()} of {ref.numel()} differ"
-
-
-_ATTN_QUANTS = [(0.37, 0.0, "e2m1", False), (0.21, -0.2785, "ue2m2", False), (0.05, 0.0, "int4", False),
-                (0.013, 0.5, "uint8", True), (0.8, 0.0, "e3m0", False), (0.11, 0.13, "e1m2", False),
-                (0.29, 0.0, "uint4", False), (0.5, 0.0, "ue4m0", False)]
-
-
-@pytest.mark.parametrize("scale,zero,fmt,folded", _ATTN_QUANTS)
-def test_attention_quantizer_bit_exact(scale: float, zero: float, fmt: str, folded: bool) -> None:
-    """The attention kernel's quantizer (attention._fq) is fast.fake_quant bit for bit: levels, their midpoints
-    (ties to even), saturation, +-0 and random values, as bf16."""
-    from msfp_compiler.export.triton import fast as FA
-    from msfp_compiler.export.triton.attention import fake_quant_triton, quant_params
-
-    scale, zero = float(torch.tensor(scale)), float(torch.tensor(zero))  # float32 values, as the kernel takes them
-    levels = get_format(fmt).levels.float()
-    grid = torch.cat([levels, -levels, (levels[1:] + levels[:-1]) / 2, -(levels[1:] + levels[:-1]) / 2])
-    x = torch.cat([grid * scale + zero, torch.tensor([0.0, -0.0, 1e4, -1e4]),
-                   torch.randn(3000, generator=torch.Generator().manual_seed(3)) * scale * levels.max()])
-    x = x.to(torch.bfloat16)
-    got = fake_quant_triton(x.to(DEV), quant_params(scale, zero, fmt, folded)).cpu()
-    ref = FA.fake_quant(x, scale, zero, fmt, folded)
-    assert torch.equal(got.view(torch.int16), ref.view(torch.int16))
-
-
-@pytest.mark.parametrize("lk", [40, 7])
-def test_attention_fq_kernel(lk: int) -> None:
-    """msfp_fast::attention_fq's kernel on strided parts of merged GEMM outputs (self-attention: Q/K/V of one
-    [B, L, 3C] tensor; cross: K/V of one [B, 7, 2C]), head dim 40 padded to 64, lengths not multiples of the tiles:
-    close to the three fake quantizers + float32 attention (bf16 rounding of P and of the output), and bit for bit
-    the kernel run on operands quantized beforehand (the quantizer on load is the same function)."""
-    from msfp_compiler.export.triton import fast as FA
-    from msfp_compiler.export.triton.attention import AttnConfig, attention_fq_triton, quant_params
-
-    b, heads, d, lq = 2, 2, 40, 48
-    c = heads * d
-    gen = torch.Generator().manual_seed(4)
-    quants = [(0.25, 0.0, "e2m1", False), (0.3, 0.0, "int4", False), (0.2, -0.2785, "ue2m2", False)]
-    params = tuple(quant_params(*q) for q in quants)
-    if lk == lq:
-        qkv = (torch.randn(b, lq, 3 * c, generator=gen) * 0.6).to(torch.bfloat16)
-        q, k, v = qkv.split(c, -1)
-    else:
-        q = (torch.randn(b, lq, c, generator=gen) * 0.6).to(torch.bfloat16)
-        k, v = (torch.randn(b, lk, 2 * c, generator=gen) * 0.6).to(torch.bfloat16).split(c, -1)
-    cfg = AttnConfig(block_m=32, block_n=16, num_warps=4, num_stages=1)
-    dq, dk, dv = (t.to(DEV) for t in (q, k, v))
-    got = attention_fq_triton(dq, dk, dv, heads, params, config=cfg)
-    assert got.shape == (b, lq, c) and got.dtype == torch.bfloat16
-    fq = [FA.fake_quant(t, *qq) for t, qq in zip((q, k, v), quants)]
-    heads4 = [t.float().unflatten(-1, (heads, d)).transpose(1, 2) for t in fq]
-    ref = F.scaled_dot_product_attention(*heads4).transpose(1, 2).flatten(2)
-    err = (got.float().cpu() - ref).abs().max() / ref.abs().max()
-    assert err < 1e-2, err
-    pre = attention_fq_triton(dq, fq[1].to(DEV), fq[2].to(DEV), heads, (params[0], None, None), config=cfg)
-    assert torch.equal(pre.cpu().view(torch.int16), got.cpu().view(torch.int16))
-    scales, zeros, fmts, folded = map(list, zip(*quants))
-    op = torch.ops.msfp_fast.attention_fq(q, k, v, heads, scales, zeros, ",".join(fmts), folded, d ** -0.5)  # CPU
-    assert op.shape == got.shape and (op.float() - ref).abs().max() / ref.abs().max() < 1e-2
