@@ -286,25 +286,38 @@ def feeds_for(sess: ort.InferenceSession, batch: int, seed: int = 0, text_len: i
     return out
 
 
+def _busy_s() -> float:
+    """CPU seconds all processes have used since boot (/proc/stat: every state but idle and iowait)."""
+    ticks = [int(x) for x in open("/proc/stat").readline().split()[1:]]
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+
+
 def interleaved_latency(sessions: dict[str, ort.InferenceSession], feeds: dict[str, np.ndarray], iters: int,
                         warmup: int = 3) -> dict[str, dict]:
     """Median/min/p90 of single runs, variants alternating run by run (load changes hit all alike), and the
-    median CPU time of the process per run (less sensitive to other jobs on a shared machine than wall time)."""
+    median CPU time of the process per run (less sensitive to other jobs on a shared machine than wall time).
+    Every run is also kept as [wall ms, CPU ms, others]: ``others`` is the CPU the rest of the machine used during
+    the run, in cores (2 cores here: 1.0 = the other core busy all along), since W4A4 (memory-bound elementwise
+    passes) slows down more than FP32 when the other core is busy."""
     times: dict[str, list[float]] = {k: [] for k in sessions}
     cpu: dict[str, list[float]] = {k: [] for k in sessions}
+    per_run: dict[str, list[list[float]]] = {k: [] for k in sessions}
     for _ in range(warmup):
         for s in sessions.values():
             s.run(None, feeds)
     order = list(sessions)
     for i in range(iters):
         for k in (order if i % 2 == 0 else order[::-1]):
-            t0, c0 = time.perf_counter(), time.process_time()
+            t0, c0, b0 = time.perf_counter(), time.process_time(), _busy_s()
             sessions[k].run(None, feeds)
             times[k].append(time.perf_counter() - t0)
             cpu[k].append(time.process_time() - c0)
+            others = max(0.0, (_busy_s() - b0 - cpu[k][-1]) / times[k][-1])
+            per_run[k].append([round(1e3 * times[k][-1], 1), round(1e3 * cpu[k][-1], 1), round(others, 2)])
     return {k: {"median_ms": round(1e3 * float(np.median(v)), 3), "min_ms": round(1e3 * float(np.min(v)), 3),
                 "p90_ms": round(1e3 * float(np.percentile(v, 90)), 3), "runs": len(v),
-                "cpu_median_ms": round(1e3 * float(np.median(cpu[k])), 3)} for k, v in times.items()}
+                "cpu_median_ms": round(1e3 * float(np.median(cpu[k])), 3), "per_run": per_run[k]}
+            for k, v in times.items()}
 
 
 # ---- profiling ----
