@@ -168,6 +168,9 @@ t0 = time.perf_counter()
 if sys.argv[4] == "open_session":
     from msfp_compiler.export.ort import open_session
     sess = open_session(path, options=so)
+elif sys.argv[4] == "no_mem_pattern":  # open_session's options on a file without packed weights, torch not imported
+    so.enable_mem_pattern = False
+    sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
 elif sys.argv[4] == "cached":  # an optimized model saved by an earlier session: no graph optimizations at open
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
@@ -184,15 +187,22 @@ for i in sess.get_inputs():
 t0 = time.perf_counter()
 sess.run(None, feeds)
 t_run = time.perf_counter() - t0
+rss_run = hwm_mb()
+t0 = time.perf_counter()
+sess.run(None, feeds)  # the second run allocates the memory pattern's block, where enabled
+t_run2 = time.perf_counter() - t0
 print(json.dumps({"open_s": round(t_open, 2), "first_run_s": round(t_run, 2), "peak_rss_open_mb": rss_open,
-                  "peak_rss_mb": hwm_mb(), "python_baseline_rss_mb": rss0}))
+                  "peak_rss_mb": rss_run, "second_run_s": round(t_run2, 2), "peak_rss_2runs_mb": hwm_mb(),
+                  "python_baseline_rss_mb": rss0}))
 """
 
 
 def memory(path: Path, how: str, threads: int = 1, batch: int = 1) -> dict:
-    """Peak RSS and time of opening ``path`` and running it once, in a fresh process: ``how`` = "plain"
-    (onnxruntime.InferenceSession(path), what a user writes), "open_session" (our helper) or "cached" (``path`` is
-    an optimized model saved by ``save_optimized``, opened with graph optimizations off)."""
+    """Peak RSS and time of opening ``path`` and running it once (and the peak after a second run), in a fresh
+    process: ``how`` = "plain" (onnxruntime.InferenceSession(path), what a user writes), "no_mem_pattern" (the
+    same with enable_mem_pattern off, as open_session / OrtUNet open a file), "open_session" (our helper: packed
+    files) or "cached" (``path`` is an optimized model saved by ``save_optimized``, opened with graph
+    optimizations off)."""
     out = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, str(path), str(threads), str(batch), how],
                          capture_output=True, text=True, check=True)
     return {"how": how, "threads": threads, "batch": batch, "loadavg": [round(x, 2) for x in os.getloadavg()],
@@ -262,6 +272,7 @@ def session(path: Path, threads: int, opt: str, profile_prefix: str | None = Non
     # Sessions are timed interleaved; a pool that spin-waits after its run would steal the cores from the next
     # session's run (2 threads on 2 cores: FP32 itself ran 2.6x slower than with 1 thread).
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.enable_mem_pattern = False  # as open_session / OrtUNet (no speed change: CIFAR b4, SD1.5, 1 thread)
     so.graph_optimization_level = OPT_LEVELS[opt]
     so.log_severity_level = 3
     if profile_prefix:
@@ -318,6 +329,22 @@ def interleaved_latency(sessions: dict[str, ort.InferenceSession], feeds: dict[s
                 "p90_ms": round(1e3 * float(np.percentile(v, 90)), 3), "runs": len(v),
                 "cpu_median_ms": round(1e3 * float(np.median(cpu[k])), 3), "per_run": per_run[k]}
             for k, v in times.items()}
+
+
+# A memory-streaming job for the other core (--contend): copies between two 256 MB arrays, what another user's
+# elementwise work does to the shared L3 and memory bus.
+_STREAM_JOB = "import numpy as np\na = np.ones(1 << 26, np.float32); b = np.empty_like(a)\nwhile True: np.copyto(b, a)"
+
+
+def contended(fn):
+    """``fn()`` with ``_STREAM_JOB`` running in another process (niced, killed afterwards)."""
+    job = subprocess.Popen(["nice", "-n", "10", sys.executable, "-c", _STREAM_JOB])
+    try:
+        time.sleep(1.0)  # its arrays allocated and touched
+        return fn()
+    finally:
+        job.kill()
+        job.wait()
 
 
 # ---- profiling ----
@@ -495,6 +522,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="also probe open time / peak RSS of the fp32 and msfp files' saved optimized models")
     ap.add_argument("--no-memory", action="store_true",
                     help="skip the peak-RSS / open-time probes (a fresh process per variant)")
+    ap.add_argument("--contend", action="store_true",
+                    help="time every 1-thread row again with a memory-streaming job on the other core")
     ap.add_argument("--out", default=str(OUT_JSON))
     return ap.parse_args(argv)
 
@@ -517,11 +546,12 @@ def run_sweep(args: argparse.Namespace, result: dict) -> None:
 def probe_memory(name: str, paths: dict[str, Path], timed: dict[str, Path], save, cached: bool = False,
                  work: Path | None = None) -> dict:
     """Peak RSS / open time of a plain onnxruntime.InferenceSession(path) of each timed variant (fp32 first, the
-    reference of the ratios); the packed 4-bit file through open_session (predecode): SD1.5's packed file in a
-    plain session needs 16.7 GB, not probed. ``cached``: also each fp32 / msfp file's optimized model
+    reference of the ratios), and of fp32 / msfp with open_session's options (``no_mem_pattern``); the packed 4-bit
+    file through open_session (predecode): SD1.5's packed file in a plain session needs 16.7 GB, not probed. ``cached``: also each fp32 / msfp file's optimized model
     (``save_optimized``, in ``work``) opened without the optimizer. ``save()`` is called after each probe."""
     probes = [(k, "plain") for k in timed if not (name == "sd15" and k == "msfp_packed")]
     probes += [(k, "open_session") for k in timed if k == "msfp_packed"]
+    probes += [(k, "no_mem_pattern") for k in timed if k in ("fp32", "msfp")]
     if cached:
         probes += [(k, "cached") for k in timed if k in ("fp32", "msfp")]
     out: dict = {}
@@ -531,8 +561,11 @@ def probe_memory(name: str, paths: dict[str, Path], timed: dict[str, Path], save
         fp = out["fp32/plain"]
         m["peak_rss_vs_fp32"] = round(m["peak_rss_mb"] / fp["peak_rss_mb"], 3)
         m["open_vs_fp32"] = round(m["open_s"] / max(fp["open_s"], 1e-9), 3)
+        ref = out.get(f"fp32/{how}", fp)  # after two runs: against FP32 opened the same way (or plainly)
+        m["peak_rss_2runs_vs_fp32"] = round(m["peak_rss_2runs_mb"] / ref["peak_rss_2runs_mb"], 3)
         print(f"  memory {k:<12} {how:<12} open {m['open_s']:.1f}s first run {m['first_run_s']:.1f}s "
-              f"peak RSS {m['peak_rss_mb']} MB ({m['peak_rss_vs_fp32']:.3f}x)  load {m['loadavg'][0]:.1f}", flush=True)
+              f"peak RSS {m['peak_rss_mb']} MB ({m['peak_rss_vs_fp32']:.3f}x), after 2 runs {m['peak_rss_2runs_mb']} MB "
+              f"({m['peak_rss_2runs_vs_fp32']:.3f}x)  load {m['loadavg'][0]:.1f}", flush=True)
         save(out)
     return out
 
@@ -547,19 +580,30 @@ def time_latency(name: str, timed: dict[str, Path], args: argparse.Namespace, sa
                 feeds = feeds_for(sessions["fp32"], b, text_len=77 if name == "sd15" else 1)
                 load = os.getloadavg()
                 lat = interleaved_latency(sessions, feeds, args.iters, args.warmup)
-                row = {"opt_level": opt, "threads": th, "batch": b, "loadavg": [round(x, 2) for x in load],
-                       "loadavg_end": [round(x, 2) for x in os.getloadavg()],
-                       "ms": lat, "ratio_vs_fp32": {k: round(v["median_ms"] / lat["fp32"]["median_ms"], 3)
-                                                    for k, v in lat.items() if k != "fp32"},
-                       "cpu_ratio_vs_fp32": {k: round(v["cpu_median_ms"] / lat["fp32"]["cpu_median_ms"], 3)
-                                             for k, v in lat.items() if k != "fp32"}}
-                rows.append(row)
-                print(f"  opt={opt:<8} threads={th} batch={b:<3} " + "  ".join(
-                    f"{k}={v['median_ms']:.2f}ms" for k, v in lat.items()) + "  ratio " + " ".join(
-                    f"{k}={r:.2f}x" for k, r in row["ratio_vs_fp32"].items()) + f"  load {load[0]:.1f}", flush=True)
+                rows.append(_latency_row(opt, th, b, load, lat))
                 save(rows)
+                if args.contend and th == 1:
+                    load = os.getloadavg()
+                    lat = contended(lambda: interleaved_latency(sessions, feeds, args.iters, 1))
+                    rows.append({**_latency_row(opt, th, b, load, lat, " (other core streaming memory)"),
+                                 "other_core": "streaming memory (--contend)"})
+                    save(rows)
             del sessions
     return rows
+
+
+def _latency_row(opt: str, th: int, b: int, load, lat: dict, what: str = "") -> dict:
+    """One JSON row of interleaved_latency's result (ratios vs fp32), printed as it is made."""
+    row = {"opt_level": opt, "threads": th, "batch": b, "loadavg": [round(x, 2) for x in load],
+           "loadavg_end": [round(x, 2) for x in os.getloadavg()],
+           "ms": lat, "ratio_vs_fp32": {k: round(v["median_ms"] / lat["fp32"]["median_ms"], 3)
+                                        for k, v in lat.items() if k != "fp32"},
+           "cpu_ratio_vs_fp32": {k: round(v["cpu_median_ms"] / lat["fp32"]["cpu_median_ms"], 3)
+                                 for k, v in lat.items() if k != "fp32"}}
+    print(f"  opt={opt:<8} threads={th} batch={b:<3} " + "  ".join(
+        f"{k}={v['median_ms']:.2f}ms" for k, v in lat.items()) + "  ratio " + " ".join(
+        f"{k}={r:.2f}x" for k, r in row["ratio_vs_fp32"].items()) + f"  load {load[0]:.1f}{what}", flush=True)
+    return row
 
 
 def profile_variants(name: str, paths: dict[str, Path], timed: dict[str, Path], args: argparse.Namespace,

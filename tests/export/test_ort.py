@@ -34,7 +34,9 @@ def test_predecoded_weights_give_the_same_session_outputs(packed_unet2d) -> None
     assert head.ByteSize() < model.ByteSize()  # the packed codes left with their nodes
     feeds = holdout_feeds(packed_unet2d)
     (ref,) = session_from_model(model, predecode=False).run(None, feeds)  # ORT folds the function bodies
-    (out,) = session_from_model(model).run(None, feeds)
+    sess = session_from_model(model)
+    assert not sess.get_session_options().enable_mem_pattern  # no second-run block on top of the arena
+    (out,) = sess.run(None, feeds)
     assert np.array_equal(out, ref)
 
 
