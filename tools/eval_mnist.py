@@ -55,6 +55,7 @@ from msfp_compiler.mnist import load_mnist_images  # noqa: E402
 
 MODELS = {"uncond": ROOT / "examples" / "mnist-uncond", "cond": ROOT / "examples" / "mnist-cond"}
 CLASSIFIER = ROOT / "examples" / "mnist_classifier.safetensors"
+HALF = 2500  # samples per seed of the tables before session 10: FID is also reported on the first HALF
 
 
 @contextlib.contextmanager
@@ -145,7 +146,10 @@ def _sample_and_score(eps_fn, loaded, sig, args, seed: int, device: torch.device
         clf = load_classifier(args.classifier).to(device)
         real, _ = load_mnist_images(sig.sample_size)
         real_feats = classifier_features(clf, real.to(device)).cpu()
-        info["fid"] = frechet_distance(classifier_features(clf, imgs.to(device)).cpu(), real_feats)
+        feats = classifier_features(clf, imgs.to(device)).cpu()
+        info["fid"] = frechet_distance(feats, real_feats)
+        if args.samples > HALF:  # the earlier tables' sample count: rows of both sizes stay comparable
+            info[f"fid_first_{HALF}"] = frechet_distance(feats[:HALF], real_feats)
         if cond is not None:
             info["label_accuracy"] = classifier_accuracy(clf, imgs.to(device), labels)
     return imgs
