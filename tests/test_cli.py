@@ -522,11 +522,13 @@ def test_help_does_not_import_torch() -> None:
     assert res.returncode == 0 and res.stdout.strip() == "False", res.stderr
 
 
-def test_scheme_names_match_config() -> None:
-    from msfp_compiler.cli import SCHEME_NAMES
+def test_scheme_names_and_lora_rank_match_config() -> None:
+    from msfp_compiler.cli import LORA_RANK, SCHEME_NAMES
     from msfp_compiler.config import SCHEME_NAMES as CONFIG_SCHEME_NAMES
+    from msfp_compiler.config import FinetuneConfig
 
     assert sorted(SCHEME_NAMES) == sorted(CONFIG_SCHEME_NAMES)
+    assert LORA_RANK == FinetuneConfig.rank
 
 
 def test_library_field_names_become_flags() -> None:

@@ -96,7 +96,8 @@ def add_table_arguments(p: argparse.ArgumentParser, *, samples: int, steps: int,
     p.add_argument("--calib-steps", type=int, default=calib_steps)
     p.add_argument("--finetune-steps", type=int, default=finetune_steps)
     p.add_argument("--finetune-samples", type=int, default=finetune_samples)
-    p.add_argument("--lora-rank", type=int, default=4)
+    p.add_argument("--lora-rank", type=int, default=4,
+                   help="LoRA rank (default 4: the tables' rows; the library's default is 32, measured as such)")
     p.add_argument("--out", type=Path, default=out)
 
 
