@@ -53,13 +53,14 @@ def test_same_seed_runs_ordered_by_steps() -> None:
     def run(call, steps, final, fid):
         return {"seeds": [0], "steps": [steps], "initial_loss": [0.01], "final_loss": [final], "fid": [fid],
                 "call": call, "loss_curve": [_curve(steps, 100, lambda s: 0.01)]}
-    table = {"uncond": {"MSFP + TALoRA + DFA": run(6, 700, 0.006, 500.0)},
-             "variants": {"uncond": {"MSFP + TALoRA + DFA (call 7 rerun)": run(7, 400, 0.008, 540.0),
+    table = {"uncond": {"MSFP + TALoRA + DFA": run(10, 1500, 0.004, 330.0)},  # rank 32: its group's other row is
+             "variants": {"uncond": {"MSFP + TALoRA + DFA, rank 4 (call 6; old goal row)": run(6, 700, 0.006, 500.0),
+                                     "MSFP + TALoRA + DFA (call 7 rerun)": run(7, 400, 0.008, 540.0),  # absent
                                      "MSFP + TALoRA + DFA (call 8 rerun, rank 4)": run(8, 1300, 0.005, 410.0)}}}
-    table["cond"] = {"MSFP + TALoRA + DFA": run(8, 800, 0.005, 600.0)}  # its group's other row is absent: left out
+    table["cond"] = {"MSFP + TALoRA + DFA": run(10, 900, 0.005, 560.0)}
     (g,) = fc.steps_within_seed(table)
     assert [(p["call"], p["steps"]) for p in g["runs"]] == [(7, 400), (6, 700), (8, 1300)]
     assert "400 (7): -20%, 540.0; 700 (6): -40%, 500.0; 1300 (8): -50%, 410.0" in fc.steps_markdown([g])
-    table["variants"]["cond"] = {"MSFP + TALoRA + DFA, rank 4, 300 steps (baseline)": run(9, 300, 0.007, 700.0)}
+    table["variants"]["cond"] = {"MSFP + TALoRA + DFA, LoRA rank 32, 250 steps": run(9, 250, 0.007, 760.0)}
     groups = fc.steps_within_seed(table)
-    assert [[p["steps"] for p in g["runs"]] for g in groups] == [[400, 700, 1300], [300, 800]]
+    assert [[p["steps"] for p in g["runs"]] for g in groups] == [[400, 700, 1300], [250, 900]]
