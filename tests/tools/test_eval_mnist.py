@@ -129,3 +129,26 @@ def test_merge_writes_the_table_json_where_told(tmp_path) -> None:
     eval_mnist.merge(out, {**args, "seeds": [0]}, table)
     assert json.loads(table.read_text())["uncond"]["MSFP PTQ"]["fid"] == [7.5]
     assert not (out / "quality_mnist.json").exists() and "MSFP PTQ" in (out / "quality_mnist.md").read_text()
+
+
+def test_more_samples_than_the_tables_also_scores_the_first_half(monkeypatch, tmp_path) -> None:
+    """Above HALF samples a task also reports the FID of its first HALF (comparable with the 2500-sample tables)."""
+    import argparse
+    import types
+
+    import torch
+
+    monkeypatch.setattr(eval_mnist, "HALF", 4)
+    real = torch.rand(32, 1, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1  # not the 5000 digits: fast
+    monkeypatch.setattr(eval_mnist, "load_mnist_images", lambda size: (real, torch.arange(32) % 10))
+    monkeypatch.setattr(eval_mnist, "ddim", lambda eps, n, *a: torch.rand(n, 1, 32, 32) * 2 - 1)  # the scoring is tested
+    loaded = types.SimpleNamespace(class_embedding=None, scheduler_config=None)  # an unconditional model's fields
+    sig = types.SimpleNamespace(in_channels=1, sample_size=32)
+    args = argparse.Namespace(samples=8, steps=1, batch=8, gpu_slots=0, out=tmp_path, classifier=eval_mnist.CLASSIFIER)
+    info: dict = {}
+    eval_mnist._sample_and_score(None, loaded, sig, args, 0, torch.device("cpu"), info)
+    assert set(info) >= {"fid", "fid_first_4"} and info["fid"] != info["fid_first_4"]
+    args.samples = 4
+    info = {}
+    eval_mnist._sample_and_score(None, loaded, sig, args, 0, torch.device("cpu"), info)
+    assert "fid_first_4" not in info
