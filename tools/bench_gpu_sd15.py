@@ -583,15 +583,16 @@ def time_baselines(unet: Any, xb: tuple, row: dict, modes: list[str], iters: int
             row[key] = {**step_ms(run, iters, mark_step=True), "mode": mode}
             row[f"{key}_ms"] = row[key]["median_ms"]
             log(f"batch {b}: bf16 torch.compile({mode}) {row[f'{key}_ms']} ms (compile {row[f'{key}_s']} s)")
-            if mode == "default-graph" and captures > 1:
-                row[f"{key}_capture_medians"] = [row[f"{key}_ms"], *capture_medians(run.step.fn, unet, xb,
-                                                                                   captures - 1, iters)]
-                log(f"batch {b}: bf16 default-graph captures {row[f'{key}_capture_medians']} ms")
-            if profiles is not None:
+            if profiles is not None:  # before the re-captures, as for W4A4: profiling the first capture after
+                # them ended the session-11 process with a segfault (batch 8, three captures)
                 table, prow = profile_table(run, mark_step=True)
                 profiles[f"bf16_{mode}_b{b}"] = {"table": table, "by_kind": categorize(prow),
                                                  "kernels_per_step": kernels_per_step(prow), "rows": prow}
                 log(table)
+            if mode == "default-graph" and captures > 1:
+                row[f"{key}_capture_medians"] = [row[f"{key}_ms"], *capture_medians(run.step.fn, unet, xb,
+                                                                                   captures - 1, iters)]
+                log(f"batch {b}: bf16 default-graph captures {row[f'{key}_capture_medians']} ms")
             del run
         except Exception as e:  # noqa: BLE001
             row[f"{key}_error"] = repr(e)[:3000]
