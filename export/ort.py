@@ -26,7 +26,7 @@ def _options(threads: int | None) -> ort.SessionOptions:
     # ORT's memory pattern allocates one block for a run's intermediates at the second run, on top of the arena
     # chunks the first run left: SD1.5 plain sessions grow 1699 -> 2450 MB (W4A4) and 3801 -> 4202 MB (FP32) there.
     # Without it the arena reuses the first run's chunks: no growth, no page faults, the same speed (CIFAR b4 and
-    # SD1.5, 1 thread; tools/bench_ort.py memory probes "open_session" vs "plain").
+    # SD1.5, 1 thread; tools/bench_ort.py memory probes "no_mem_pattern" vs "plain").
     so.enable_mem_pattern = False
     if threads:
         so.intra_op_num_threads = threads
