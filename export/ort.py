@@ -17,10 +17,12 @@ from msfp_compiler.errors import MsfpError
 from msfp_compiler.sampling import make_scheduler, sample
 from msfp_compiler.progress import Progress
 
-__all__ = ["predecode_weights", "session_from_model", "open_session", "OrtUNet", "ddim_sample", "save_grid"]
+__all__ = ["session_options", "predecode_weights", "session_from_model", "open_session", "OrtUNet", "ddim_sample",
+           "save_grid"]
 
 
-def _options(threads: int | None) -> ort.SessionOptions:
+def session_options(threads: int | None = None) -> ort.SessionOptions:
+    """The options open_session and OrtUNet use when none are given; a start for callers that add their own."""
     so = ort.SessionOptions()
     so.log_severity_level = 3
     # ORT's memory pattern allocates one block for a run's intermediates at the second run, on top of the arena
@@ -92,7 +94,7 @@ def session_from_model(model: onnx.ModelProto, threads: int | None = None, *, pr
     """
     from .onnx import MAX_PROTO_BYTES, save_atomic, serialized_size
 
-    so = options or _options(threads)
+    so = options or session_options(threads)
     size = serialized_size(model)
     predecode = predecode and size is not None and bool(_packed_nodes(model.graph))
     if size is not None and size <= MAX_PROTO_BYTES and not predecode:
@@ -129,7 +131,7 @@ def open_session(path: str | Path, threads: int | None = None, *, predecode: boo
             if _packed_nodes(model.graph):
                 onnx.load_external_data_for_model(model, str(path.parent))  # read once, not parsed twice
                 return session_from_model(model, threads, options=options)
-        return ort.InferenceSession(str(path), options or _options(threads), providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(str(path), options or session_options(threads), providers=["CPUExecutionProvider"])
     except MsfpError as e:
         raise MsfpError(f"{path}: {e}") from e
     except Exception as e:  # ORT and onnx raise their own exception types (Fail, InvalidGraph, DecodeError, ...)

@@ -266,19 +266,17 @@ def with_bodies_of(rev: str, quant: Path, out: Path) -> Path:
 # ---- timing ----
 
 def session(path: Path, threads: int, opt: str, profile_prefix: str | None = None) -> ort.InferenceSession:
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
+    from msfp_compiler.export.ort import open_session, session_options
+
+    so = session_options(threads)  # open_session's own (memory pattern off), plus what interleaved timing needs
     so.inter_op_num_threads = 1
     # Sessions are timed interleaved; a pool that spin-waits after its run would steal the cores from the next
     # session's run (2 threads on 2 cores: FP32 itself ran 2.6x slower than with 1 thread).
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    so.enable_mem_pattern = False  # as open_session / OrtUNet (no speed change: CIFAR b4, SD1.5, 1 thread)
     so.graph_optimization_level = OPT_LEVELS[opt]
-    so.log_severity_level = 3
     if profile_prefix:
         so.enable_profiling = True
         so.profile_file_prefix = profile_prefix
-    from msfp_compiler.export.ort import open_session
 
     # as msfp-sample opens a model: packed weights decoded before ORT sees them (the same graph after ORT's own
     # constant folding, without its memory peak)
