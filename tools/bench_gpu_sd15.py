@@ -517,21 +517,28 @@ def time_prefetch_decode(step: Any, fast: Any, x: tuple, row: dict, wmode: str, 
         traceback.print_exc()
 
 
+class GraphedRun:
+    """A bf16 default-graph step as the timers call it (no arguments: the example inputs are fixed); ``step`` is the
+    ``GraphedStep``, whose compiled function ``capture_medians`` captures again."""
+
+    def __init__(self, step: Any, xb: tuple) -> None:
+        self.step, self.xb = step, xb
+
+    def __call__(self) -> Any:
+        return self.step(*self.xb)
+
+
 def compiled_baseline(unet: Any, mode: str, xb: tuple) -> Callable[[], Any]:
     """The bf16 UNet under torch.compile, compiled and warmed up: a torch.compile mode, or "default-graph"
     (Inductor's default mode captured as one CUDA graph by ``graphed.GraphedStep``, as the W4A4 step is: each call
-    copies the inputs into the captured ones and replays; until session 9 the bf16 replay skipped the copies)."""
+    copies the inputs into the captured ones and replays; until session 9 the bf16 replay skipped the copies), returned
+    as a ``GraphedRun``."""
     if mode == "default-graph":
         from msfp_compiler.export.triton.graphed import GraphedStep
 
         cb = torch.compile(unet, dynamic=False)
-        step = GraphedStep(lambda s, t, c: cb(s, t, encoder_hidden_states=c, return_dict=False)[0], unet, xb)
-
-        def run() -> Any:
-            return step(*xb)
-
-        run.step = step  # type: ignore[attr-defined]  (capture_medians captures its compiled code again)
-        return run
+        return GraphedRun(GraphedStep(lambda s, t, c: cb(s, t, encoder_hidden_states=c, return_dict=False)[0], unet,
+                                      xb), xb)
     cb = torch.compile(unet, mode=mode, dynamic=False)
     for _ in range(2):
         torch.compiler.cudagraph_mark_step_begin()

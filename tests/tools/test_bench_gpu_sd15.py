@@ -27,3 +27,18 @@ def test_section_records_result_or_error(tmp_path, capsys):
     assert "RuntimeError: no GPU here" in out.err  # the traceback is printed, not swallowed
     with pytest.raises(KeyboardInterrupt):  # only Exception is a failed phase
         rec.section("stop", lambda: (_ for _ in ()).throw(KeyboardInterrupt()))
+
+
+def test_graphed_run_calls_its_step_with_the_example_inputs():
+    calls = []
+
+    class Step:  # a GraphedStep's interface as compiled_baseline uses it: __call__ and the compiled fn
+        fn = "compiled"
+
+        def __call__(self, *args):
+            calls.append(args)
+            return sum(args)
+
+    run = bench_gpu_sd15.GraphedRun(Step(), (1, 2, 3))
+    assert run() == 6 and calls == [(1, 2, 3)]
+    assert run.step.fn == "compiled"  # what capture_medians captures again
