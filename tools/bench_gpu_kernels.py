@@ -14,7 +14,8 @@ Sections (``--sections``): ``layers`` (the above), ``decode`` (the grouped packe
 64 MiB groups as ``fast.build_fast`` makes them, replayed from one CUDA graph per step, next to a device copy of the
 decoded bytes), ``im2col`` (tile configurations of the
 im2col kernel on the SD1.5 k x k convs, ms per step), ``conv`` (the implicit-GEMM FP8 conv, each tile, against
-im2col + cuBLAS on the SD1.5 k x k convs, outputs checked equal).
+im2col + cuBLAS on the SD1.5 k x k convs, outputs checked equal), ``fp8attn`` (cuDNN's FP8 flash attention through
+cudnn-frontend against the bf16 cuDNN SDPA on SD1.5's attention shapes: ``bench_fp8_attention``).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import time
 from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
@@ -275,19 +277,210 @@ def bench_conv(shapes: Counter, gpu_lock: str | None = None) -> dict:
     return {"per_step_ms": {k: round(v, 4) for k, v in totals.items()}, "rows": rows}
 
 
+
+# SD1.5's attention per UNet step: (level, query tokens at batch 1 latents 64x64, heads, head dim, transformer blocks)
+ATTN_LEVELS = (("64x64", 4096, 8, 40, 5), ("32x32", 1024, 8, 80, 5), ("16x16", 256, 8, 160, 5), ("8x8", 64, 8, 160, 1))
+TEXT_TOKENS = 77
+E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)  # a 4-bit grid: its values are exact in E4M3, as the graph's are
+
+
+def grid_values(shape: tuple, gen: torch.Generator, device: str) -> torch.Tensor:
+    """Random signed E2M1 grid values (float32): what a 4-bit Q/K/V quantizer outputs, divided by its scale."""
+    lv = torch.tensor(E2M1)
+    idx = torch.randint(0, len(E2M1), shape, generator=gen)
+    sign = torch.randint(0, 2, shape, generator=gen) * 2 - 1
+    return (lv[idx] * sign).to(device)
+
+
+def level_flips(got: torch.Tensor, ref: torch.Tensor) -> float:
+    """Fraction of elements a per-tensor E2M1 quantizer (scale amax(ref) / 6, nearest level) puts on another level
+    for got than for ref: what an FP8 attention output changes for the 4-bit out-projection that reads it."""
+    s = ref.abs().amax().clamp_min(1e-30) / 6
+    mids = torch.tensor([(a + b) / 2 for a, b in zip(E2M1, E2M1[1:])], device=ref.device)
+
+    def q(x: torch.Tensor) -> torch.Tensor:
+        return torch.bucketize((x / s).abs(), mids) * x.sign()
+
+    return float((q(got) != q(ref)).float().mean())
+
+
+def fp8_sdpa_cudnn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, descale: tuple, scale_s: float,
+                   scale_o: float, attn_scale: float, out_bf16: bool) -> tuple[Callable[[], Any], torch.Tensor]:
+    """cuDNN's FP8 flash attention through cudnn-frontend's Python graph API (built once): q/k/v E4M3 [B, H, S, D]
+    views of BSHD storage, per-tensor descales (the quantizers' scales), P scaled by scale_s into E4M3, O scaled by
+    scale_o (E4M3 on Hopper; bf16 where out_bf16 and the backend supports it). Returns (run, O)."""
+    import cudnn
+
+    handle = cudnn.create_handle()
+    e4m3, f32 = cudnn.data_type.FP8_E4M3, cudnn.data_type.FLOAT
+    g = cudnn.pygraph(io_data_type=e4m3, intermediate_data_type=f32, compute_data_type=f32, handle=handle)
+    tq, tk, tv = (g.tensor(name=n, dim=list(t.shape), stride=list(t.stride()), data_type=e4m3)
+                  for n, t in (("q", q), ("k", k), ("v", v)))
+    one = dict(dim=[1, 1, 1, 1], stride=[1, 1, 1, 1], data_type=f32)
+    names = ("descale_q", "descale_k", "descale_v", "descale_s", "scale_s", "scale_o")
+    ts = [g.tensor(name=n, **one) for n in names]
+    vals = [*descale, 1.0 / scale_s, scale_s, scale_o]
+    o, _, amax_s, amax_o = g.sdpa_fp8(q=tq, k=tk, v=tv, descale_q=ts[0], descale_k=ts[1], descale_v=ts[2],
+                                      descale_s=ts[3], scale_s=ts[4], scale_o=ts[5], generate_stats=False,
+                                      attn_scale=attn_scale, use_causal_mask=False)
+    B, H, S, _ = q.shape
+    Dv = v.shape[-1]
+    out = torch.empty(B, S, H, Dv, device=q.device, dtype=torch.bfloat16 if out_bf16 else torch.float8_e4m3fn)
+    out = out.permute(0, 2, 1, 3)
+    o.set_output(True).set_dim(list(out.shape)).set_stride(list(out.stride())).set_data_type(
+        cudnn.data_type.BFLOAT16 if out_bf16 else e4m3)
+    amax = [torch.empty(1, 1, 1, 1, device=q.device) for _ in range(2)]
+    for t in (amax_s, amax_o):
+        t.set_output(True).set_dim([1, 1, 1, 1]).set_stride([1, 1, 1, 1]).set_data_type(f32)
+    g.validate()
+    g.build_operation_graph()
+    g.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
+    g.check_support()
+    g.build_plans()
+    ws = torch.empty(max(1, g.get_workspace_size()), device=q.device, dtype=torch.uint8)
+    scal = [torch.full((1, 1, 1, 1), float(x), device=q.device) for x in vals]
+    # device addresses: every frontend version takes them (FP8 tensors have no __cuda_array_interface__)
+    pack = {t: x.data_ptr() for t, x in ((tq, q), (tk, k), (tv, v), (o, out), (amax_s, amax[0]), (amax_o, amax[1]),
+                                         *zip(ts, scal))}
+
+    def run() -> None:
+        cudnn.set_stream(handle=handle, stream=torch.cuda.current_stream().cuda_stream)
+        g.execute(pack, ws.data_ptr(), handle=handle)
+
+    return run, out
+
+
+def _time(fn: Callable[[], Any]) -> tuple[float, str]:
+    """CUDA-graph replay time where fn captures, else launched (do_bench): (ms, how)."""
+    try:
+        return round(graphed_ms(fn), 4), "graph"
+    except Exception:  # noqa: BLE001  (a cuDNN frontend call that refuses capture)
+        return round(kernel_ms(fn), 4), "launched"
+
+
+def bench_fp8_attention(batch: int, levels: tuple = ATTN_LEVELS, device: str = DEV, pads: tuple = (16,)) -> dict:
+    """cuDNN FP8 attention (cudnn-frontend) against the fast path's bf16 cuDNN SDPA on SD1.5's attention shapes,
+    self (S x S) and cross (S x 77), Q/K/V as views of merged projection outputs as in the graph. Q/K/V are 4-bit
+    grid values: exact in E4M3 with the quantizer's scale as descale, so FP8 rounds only P (to E4M3, scale 448) and O
+    (E4M3 on Hopper, scale 1 / (6 s_v)). Head dims padded to a multiple of 16 as well (TMA needs 16-byte rows: 40
+    E4M3 bytes are not) and of each of ``pads``; padding columns are zero, attn_scale stays 1 / sqrt(d). Per row: ms of each, O's error
+    against the bf16 SDPA (rel-RMSE, max / max|ref|, E2M1 level flips of a 4-bit quantizer of O), and the bf16 SDPA's
+    own error against float32 for scale; the per-step totals weight each level by its blocks."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    gen = torch.Generator().manual_seed(0)
+    sq = sk = 0.6  # logits of std ~3 at d = 40 with E2M1 values
+    sv = 0.1
+    res: dict = {"batch": batch, "rows": [], "versions": {"torch": torch.__version__,
+                                                           "cudnn_backend": torch.backends.cudnn.version()}}
+    try:
+        import cudnn
+
+        res["versions"]["cudnn_frontend"] = cudnn.__version__
+    except Exception as e:  # noqa: BLE001
+        res["error"] = f"cudnn frontend: {e!r}"[:500]
+        return res
+    try:
+        res["versions"]["cudnn_frontend_backend"] = cudnn.backend_version()
+    except Exception as e:  # noqa: BLE001  (no libcudnn found: the FP8 rows say so too)
+        res["versions"]["cudnn_frontend_backend"] = repr(e)[:200]
+    totals: Counter = Counter()
+    for level, tokens, heads, d, blocks in levels:
+        for kind in ("self", "cross"):
+            S, L = tokens, tokens if kind == "self" else TEXT_TOKENS
+            row: dict = {"level": level, "kind": kind, "B": batch, "H": heads, "S": S, "L": L, "d": d,
+                         "blocks": blocks}
+            gq = grid_values((batch, S, heads, d), gen, device)
+            gk = grid_values((batch, L, heads, d), gen, device)
+            gv = grid_values((batch, L, heads, d), gen, device)
+            # bf16 as the fast path runs it: Q/K/V quantized to bf16 grid values, parts of merged GEMM outputs
+            qkv = torch.stack([gq * sq, gk * sk, gv * sv], 2) if kind == "self" else None
+            if kind == "self":
+                q16, k16, v16 = (qkv[:, :, i].bfloat16() for i in range(3))
+                m = torch.stack([q16, k16, v16], 2)  # [B, S, 3, H, d] as one GEMM output
+                q16, k16, v16 = (m[:, :, i].transpose(1, 2) for i in range(3))
+            else:
+                q16 = (gq * sq).bfloat16().transpose(1, 2)
+                m = torch.stack([(gk * sk).bfloat16(), (gv * sv).bfloat16()], 2)
+                k16, v16 = (m[:, :, i].transpose(1, 2) for i in range(2))
+            with sdpa_kernel([SDPBackend.CUDNN_ATTENTION if device == "cuda" else SDPBackend.MATH]):
+                ref = F.scaled_dot_product_attention(q16, k16, v16)
+                row["bf16_cudnn_ms"], row["bf16_timing"] = _time(lambda: F.scaled_dot_product_attention(q16, k16, v16))
+            r0 = ref[:1].float()
+            f32 = F.scaled_dot_product_attention(q16[:1].float(), k16[:1].float(), v16[:1].float())
+            row["bf16_vs_f32"] = {"rel_rmse": round(float((r0 - f32).pow(2).mean().sqrt() / f32.pow(2).mean().sqrt()), 6),
+                                  "level_flips": round(level_flips(r0, f32), 6)}
+            del f32, r0
+            best = None
+            for dp in sorted({d, *(-(-d // p) * p for p in pads)}):
+                for out_bf16 in (True, False):
+                    key = f"fp8_d{dp}_{'bf16' if out_bf16 else 'e4m3'}_out"
+                    try:
+                        def pad(x: torch.Tensor) -> torch.Tensor:
+                            return F.pad(x, (0, dp - d))
+                        if kind == "self":
+                            st = pad(torch.stack([gq, gk, gv], 2)).to(torch.float8_e4m3fn)  # [B, S, 3, H, dp]
+                            q8, k8, v8 = (st[:, :, i].transpose(1, 2) for i in range(3))
+                        else:
+                            q8 = pad(gq).to(torch.float8_e4m3fn).transpose(1, 2)
+                            st = pad(torch.stack([gk, gv], 2)).to(torch.float8_e4m3fn)
+                            k8, v8 = (st[:, :, i].transpose(1, 2) for i in range(2))
+                        so = 1.0 / (6 * sv)
+                        run, out = fp8_sdpa_cudnn(q8, k8, v8, (sq, sk, sv), 448.0, so, d ** -0.5, out_bf16)
+                        run()
+                        torch.cuda.synchronize()
+                        got = out[..., :d].float() / so
+                        ms, how = _time(run)
+                        rf = ref.float()
+                        row[key] = {"ms": ms, "timing": how,
+                                    "rel_rmse": round(float((got - rf).pow(2).mean().sqrt() / rf.pow(2).mean().sqrt()), 6),
+                                    "max_err": round(float((got - rf).abs().max() / rf.abs().max()), 6),
+                                    "level_flips": round(level_flips(got, rf), 6)}
+                        if best is None or ms < row[best]["ms"]:
+                            best = key
+                        del run, out, got
+                    except Exception as e:  # noqa: BLE001  (an unsupported head dim or output type)
+                        row[key] = {"error": repr(e)[:400]}
+            row["best_fp8"] = best
+            if best:
+                row["speedup"] = round(row["bf16_cudnn_ms"] / row[best]["ms"], 3)
+                totals["fp8_best_ms"] += blocks * row[best]["ms"]
+            else:
+                totals["fp8_best_ms"] += blocks * row["bf16_cudnn_ms"]  # no FP8 kernel: bf16 stays
+            totals["bf16_ms"] += blocks * row["bf16_cudnn_ms"]
+            res["rows"].append(row)
+            print(json.dumps(row), flush=True)
+            del ref
+            torch.cuda.empty_cache()
+    res["per_step_ms"] = {k: round(v, 4) for k, v in totals.items()}
+    res["per_step_saving_ms"] = round(totals["bf16_ms"] - totals["fp8_best_ms"], 4)
+    return res
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--out", default=str(ROOT / "results" / "gpu_sd15_kernels.json"))
-    ap.add_argument("--sections", default="layers", help="comma list of layers, conv, decode, im2col")
+    ap.add_argument("--sections", default="layers", help="comma list of layers, conv, decode, im2col, fp8attn")
+    ap.add_argument("--attn-levels", default=",".join(lv[0] for lv in ATTN_LEVELS),
+                    help="fp8attn: the SD1.5 levels to time (64x64, 32x32, 16x16, 8x8)")
+    ap.add_argument("--attn-pads", default="16", help="fp8attn: head dims also padded to multiples of these")
     ap.add_argument("--gpu-lock", default=None, metavar="FILE", help="conv: hold an flock on FILE for the timings "
                     "(the one bench_gpu_sd15 --gpu-lock takes), so they never share the GPU with another bench")
     args = ap.parse_args(argv)
     torch.backends.cuda.matmul.allow_tf32 = False
     t0 = time.perf_counter()
-    shapes = layer_shapes(args.batch)
     sections = args.sections.split(",")
     res: dict = {"device": torch.cuda.get_device_name(0), "batch": args.batch}
+    if "fp8attn" in sections:  # needs no layer list (no diffusers UNet)
+        levels = tuple(lv for lv in ATTN_LEVELS if lv[0] in args.attn_levels.split(","))
+        res["fp8attn"] = bench_fp8_attention(args.batch, levels, pads=tuple(int(p) for p in args.attn_pads.split(",")))
+        res["seconds"] = round(time.perf_counter() - t0, 1)
+        Path(args.out).write_text(json.dumps(res, indent=1))
+        if sections == ["fp8attn"]:
+            return 0
+    shapes = layer_shapes(args.batch)
     for name, fn in (("conv", bench_conv), ("decode", bench_decode), ("im2col", bench_im2col)):
         if name in sections:
             res[name] = fn(shapes, args.gpu_lock) if name == "conv" else fn(shapes)
