@@ -90,21 +90,24 @@ def summarise(model: str, name: str, row: dict) -> dict:
 
 # Rows of one configuration measured in several calls (same seeds, so the same probe batches and starting loss):
 # within a seed they differ only in the steps the time budget allowed, which separates step count from seed.
-# Row names are fnmatch patterns; a group with fewer than two of its rows in the table is left out.
+# Row names are fnmatch patterns; a group with fewer than two of its rows in the table is left out. A goal row that a
+# later call replaced moves to the variants as "<row>, call N (...)" and stays in its group.
 SAME_CONFIG = {
     "uncond MSFP + TALoRA + DFA, rank 4 (calls 6, 7, 8, 10)": [
         ("uncond", "variant: MSFP + TALoRA + DFA, rank 4 (call 6*"),
         ("uncond", "variant: MSFP + TALoRA + DFA (call 7 rerun)"),
         ("uncond", "variant: MSFP + TALoRA + DFA (call 8 rerun, rank 4)"),
         ("uncond", "variant: MSFP + TALoRA + DFA, rank 4, call 10*")],
-    "uncond MSFP + TALoRA + DFA, rank 32 (calls 8, 10)": [
-        ("uncond", "variant: MSFP + TALoRA + DFA, LoRA rank 32"), ("uncond", "MSFP + TALoRA + DFA")],
+    "uncond MSFP + TALoRA + DFA, rank 32 (calls 8, 10, 11)": [
+        ("uncond", "variant: MSFP + TALoRA + DFA, LoRA rank 32"),
+        ("uncond", "variant: MSFP + TALoRA + DFA, call 10 (*"), ("uncond", "MSFP + TALoRA + DFA")],
     "cond MSFP + TALoRA + DFA, rank 4 (calls 8, 9, 10)": [
         ("cond", "variant: MSFP + TALoRA + DFA, rank 4 (call 8*"),
         ("cond", "variant: MSFP + TALoRA + DFA, rank 4, * steps (baseline)"),
         ("cond", "variant: MSFP + TALoRA + DFA, rank 4, call 10*")],
-    "cond MSFP + TALoRA + DFA, rank 32 (calls 9, 10)": [
-        ("cond", "variant: MSFP + TALoRA + DFA, LoRA rank 32, * steps"), ("cond", "MSFP + TALoRA + DFA")],
+    "cond MSFP + TALoRA + DFA, rank 32 (calls 9, 10, 11)": [
+        ("cond", "variant: MSFP + TALoRA + DFA, LoRA rank 32, * steps"),
+        ("cond", "variant: MSFP + TALoRA + DFA, call 10 (*"), ("cond", "MSFP + TALoRA + DFA")],
 }
 
 

@@ -64,3 +64,17 @@ def test_same_seed_runs_ordered_by_steps() -> None:
     table["variants"]["cond"] = {"MSFP + TALoRA + DFA, LoRA rank 32, 250 steps": run(9, 250, 0.007, 760.0)}
     groups = fc.steps_within_seed(table)
     assert [[p["steps"] for p in g["runs"]] for g in groups] == [[400, 700, 1300], [250, 900]]
+
+
+def test_replaced_goal_row_stays_in_its_group() -> None:
+    """A goal row that a later call replaced (moved to the variants as "<row>, call N (...)") keeps its place in
+    the rank-32 group next to the new goal row."""
+    def run(call, steps, fid):
+        return {"seeds": [0], "steps": [steps], "initial_loss": [0.01], "final_loss": [0.005], "fid": [fid],
+                "call": call, "loss_curve": [_curve(steps, 100, lambda s: 0.01)]}
+    table = {"uncond": {"MSFP + TALoRA + DFA": run(11, 2500, 300.0)},
+             "variants": {"uncond": {"MSFP + TALoRA + DFA, call 10 (1318-1500 steps; the goal row until call 11)":
+                                     run(10, 1320, 345.0)}}}
+    (g,) = fc.steps_within_seed(table)
+    assert g["group"].startswith("uncond MSFP + TALoRA + DFA, rank 32")
+    assert [(p["call"], p["steps"]) for p in g["runs"]] == [(10, 1320), (11, 2500)]
