@@ -10,8 +10,8 @@
 #   sp  strict MSFP PTQ, both models, seed 0, 2500 samples: kp's baseline in this call and a check that call 4's
 #       MSFP PTQ row (the table's) reproduces.
 # Call 10's per-GPU rates (6 fine-tuning processes per GPU, saturated) give ~0.032 GPU-s per uncond step and ~0.043
-# per cond step at batch 64: each GPU gets 2 uncond + 1 cond or 1 uncond + 2 cond (CUDA_VISIBLE_DEVICES lists one
-# entry per seed: eval_mnist puts task i on entry i mod n), ~235 GPU-s of fine-tuning per GPU, under BUDGET.
+# per cond step at batch 64: each GPU gets 2 uncond + 1 cond or 1 uncond + 2 cond (CUDA_VISIBLE_DEVICES "0,1" / "1,0":
+# eval_mnist puts task i on entry i mod n), ~190-235 GPU-s of fine-tuning per GPU, under BUDGET.
 # BUDGET only as a safety (a task slower than its steps / BUDGET steps/s fits its cosine schedule to fewer steps and
 # its JSON says so). Sampling slots (SLOTS per GPU) are shared by all runs (lock-file links into one folder), so tasks
 # finish one after another and a time limit cuts whole tasks; every task writes its task_*.json when it finishes. The
@@ -23,7 +23,7 @@ export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1
 T0=$(date +%s)
 nvidia-smi -L || true
 R=${R:-/tmp/r}
-RUNS="gu gc kp sp"
+RUNS=${RUNS:-gu gc kp sp}  # the second command ran RUNS="gu gc" (the first ran kp and sp; see device_runs.md)
 mkdir -p $R/slots
 for d in $RUNS; do
   mkdir -p $R/$d
@@ -42,12 +42,14 @@ run() {  # folder, then eval_mnist arguments
   timeout $(( L + 25 )) python3 tools/eval_mnist.py $E --time-limit $L --out $R/$d "$@" > $R/$d/eval.log 2>&1
   echo "$d done $(( $(date +%s) - T0 ))s"
 }
-# fine-tuning: GPU 0 runs uncond seeds 0, 2 and cond seed 1; GPU 1 uncond seed 1 and cond seeds 0, 2
-CUDA_VISIBLE_DEVICES=${GU:-0,1,0} run gu --models uncond --seeds $S $F --finetune-steps ${USTEPS:-2500} &
-CUDA_VISIBLE_DEVICES=${GC:-1,0,1} run gc --models cond --seeds $S $F --finetune-steps ${CSTEPS:-1800} &
+# fine-tuning: GPU 0 runs uncond seeds 0, 2 and cond seed 1; GPU 1 uncond seed 1 and cond seeds 0, 2 (task i on entry
+# i mod n; a list naming a GPU twice, "0,1,0", makes torch see no CUDA device: the first command's gu and gc failed so)
+on() { case " $RUNS " in *" $1 "*) return 0;; esac; return 1; }
+on gu && CUDA_VISIBLE_DEVICES=${GU:-0,1} run gu --models uncond --seeds $S $F --finetune-steps ${USTEPS:-2500} &
+on gc && CUDA_VISIBLE_DEVICES=${GC:-1,0} run gc --models cond --seeds $S $F --finetune-steps ${CSTEPS:-1800} &
 # PTQ: tasks go seed by seed, uncond then cond, so "1,0" puts every uncond task on GPU 1 and every cond task on GPU 0
-CUDA_VISIBLE_DEVICES=${GK:-1,0} run kp --models uncond,cond --seeds $S $P --keep-8bit 'first,last,*.conv_shortcut' &
-CUDA_VISIBLE_DEVICES=${GK:-1,0} run sp --models uncond,cond --seeds ${SP_SEEDS:-0} $P &
+on kp && CUDA_VISIBLE_DEVICES=${GK:-1,0} run kp --models uncond,cond --seeds $S $P --keep-8bit 'first,last,*.conv_shortcut' &
+on sp && CUDA_VISIBLE_DEVICES=${GK:-1,0} run sp --models uncond,cond --seeds ${SP_SEEDS:-0} $P &
 wait
 echo "eval done $(( $(date +%s) - T0 ))s"
 for d in $RUNS; do echo "== $d"; cat $R/$d/quality_mnist.md; grep -h "stage calibrate\|stage finetune\|: FID" $R/$d/log_*.txt | cut -c1-220; done
