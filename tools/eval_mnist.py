@@ -446,6 +446,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.model_dir = dict(kv.split("=", 1) for kv in args.model_dir)
     args.check_seeds = {int(s) for s in args.check_seeds.split(",") if s.strip()}
+    gpus = [g.strip() for g in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if g.strip()]
+    if not args.task and len(set(gpus)) < len(gpus):  # CUDA then sees no device at all (call 11's first command)
+        print(f"eval_mnist: CUDA_VISIBLE_DEVICES={','.join(gpus)} names a GPU twice, which hides every GPU from CUDA; "
+              "list each GPU once (task i runs on entry i mod n)", file=sys.stderr)
+        return 2
     if args.keep_8bit != "first,last" and not args.task:  # a pattern matching nothing: before any task starts
         for m in args.models.split(","):
             try:

@@ -116,6 +116,13 @@ def test_keep_8bit_matching_nothing_exits_2_naming_the_flag(capsys, tmp_path) ->
     assert not (tmp_path / "o").exists()
 
 
+def test_a_gpu_list_naming_a_gpu_twice_exits_2_before_any_task(capsys, monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,0")  # hides every GPU from CUDA: call 11's lost command
+    assert eval_mnist.main(["--models", "uncond", "--out", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err.startswith("eval_mnist: CUDA_VISIBLE_DEVICES=0,1,0 names a GPU twice")
+    assert not (tmp_path / "o").exists()
+
+
 def test_merge_writes_the_table_json_where_told(tmp_path) -> None:
     """--table: the merged JSON goes there (results/quality_mnist.json, the one copy); the markdown stays in OUT."""
     import json
