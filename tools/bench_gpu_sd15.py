@@ -191,8 +191,9 @@ def parser() -> argparse.ArgumentParser:
                     "independent kernels launched as one) or qkv (build_fast(quantize_parts=True): the Q/K/V "
                     "fake quantizers in their merged GEMM's epilogue) or conv (build_fast(implicit_conv=True): the "
                     "implicit-GEMM FP8 conv, tiles tuned per shape against im2col + cuBLAS; the default on CUDA "
-                    "since session 8) or im2col (implicit_conv=False: the convs as im2col + cuBLAS)); recorded under "
-                    "'variants'")
+                    "since session 8) or im2col (implicit_conv=False: the convs as im2col + cuBLAS) or fp8attn "
+                    "(build_fast(attention='fp8'): cuDNN's FP8 attention where admitted; needs nvidia-cudnn-frontend)); "
+                    "recorded under 'variants', then its accuracy unless skipped")
     ap.add_argument("--conv-sets", default="", help="comma list of conv-candidate sets to time the headline W4A4 "
                     "step with as well, after its own timing: the same compiled step re-captured with each conv's "
                     "choice from the set, taken from the tuner's record (no recompile, no second tuning). Sets: "
@@ -367,7 +368,8 @@ def variant(args: argparse.Namespace, rec: Recorder, cm: Any) -> None:
 
     name, b = args.variant.split(":")
     options, build = {"combo": ({"combo_kernels": True}, {}), "qkv": ({}, {"quantize_parts": True}),
-                      "conv": ({}, {"implicit_conv": True}), "im2col": ({}, {"implicit_conv": False})}[name]
+                      "conv": ({}, {"implicit_conv": True}), "im2col": ({}, {"implicit_conv": False}),
+                      "fp8attn": ({}, {"attention": "fp8"})}[name]
     head = args.weights.split(",")[0]
     row: dict = {"batch": int(b), "variant": name, "inductor_options": options, "build_fast_options": build}
     fast = build_fast(cm.graph_module, "cuda", weights=head, **build)
@@ -388,6 +390,9 @@ def variant(args: argparse.Namespace, rec: Recorder, cm: Any) -> None:
     if args.log_dir and profiles:
         (Path(args.log_dir) / f"profile_{name}.txt").write_text("\n\n".join(f"== {k}\n{v['table']}"
                                                                            for k, v in profiles.items()))
+    if cf is not None and "accuracy" not in args.skip.split(","):  # last: the timed row is saved already
+        rec.section(f"accuracy_{name}", lambda: accuracy(cm.graph_module, cf, cm.calibration.batches[0].args,
+                                                         args.accuracy_steps, int(b)), log_chars=1500)
 
 
 def conv_tuning(batch: int) -> list[dict]:

@@ -46,7 +46,7 @@ from msfp_compiler.talora import chosen_set
 from .fast_ops import conv_out_size, e4m3_lut, pack_halves  # also defines torch.ops.msfp_fast.*
 
 __all__ = ["grid_round", "fake_quant", "grid_e4m3", "PartQuant", "FastGemm", "DecodeGroup", "FastUNet", "build_fast",
-           "FastReport", "weight_bytes"]
+           "FastReport", "weight_bytes", "sdpa_fp8_fq", "fp8_head_dim"]
 
 aten = torch.ops.aten
 _Q = torch.ops.msfp.quantize.default
@@ -573,6 +573,36 @@ def _sdpa_as(dtype: torch.dtype, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     return out.transpose(1, 2).contiguous().transpose(1, 2) if out.dim() == 4 else out
 
 
+FP8_ATTENTION_MIN_KV = 1024  # keys per query below which cuDNN's FP8 attention lost to bf16 (SD1.5 cross-attention,
+# the 16x16 / 8x8 levels: 0.56-0.91x on the H200, bench_gpu_kernels --sections fp8attn)
+
+
+def fp8_head_dim(d: int) -> int:
+    """cuDNN's FP8 attention needs a head dim multiple of 16; below 64 a padded 64 ran faster than 48 (SD1.5's 40:
+    0.495 vs 0.604 ms against bf16's 0.603 at batch 8 on the H200)."""
+    return 64 if d <= 64 else -(-d // 16) * 16
+
+
+def sdpa_fp8_fq(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qp: tuple, kp: tuple, vp: tuple,
+                scale: float | None = None, dtype: torch.dtype = _BF16) -> torch.Tensor:
+    """Attention of the fake-quantized q, k, v (qp, kp, vp: each quantizer's scale, zero point and format) on FP8:
+    the grid values go to ``msfp_fast::sdpa_fp8`` as E4M3 (exact: 4-bit grids), head dim zero-padded to
+    ``fp8_head_dim``, with the scales as descales. K's zero point adds a constant to each score row (softmax drops
+    it); V's comes back as + z_v (P's rows sum to 1); Q's must be 0 (``_fp8_attention_args`` checks). Rounds where
+    the bf16 path does not: P and O to E4M3 (docs/triton.md session 12). Output as ``_sdpa_as``'s."""
+    d = q.shape[-1]
+    dp = fp8_head_dim(d)
+
+    def e4m3(x: torch.Tensor, p: tuple) -> torch.Tensor:  # [B, H, S, dp] view of [B, S, H, dp] memory (BSHD)
+        g = grid_round(_scaled(x, p[0], p[1]), p[2]).transpose(1, 2)
+        return F.pad(g, (0, dp - d)).to(_FP8).transpose(1, 2)
+
+    o8 = torch.ops.msfp_fast.sdpa_fp8(e4m3(q, qp), e4m3(k, kp), e4m3(v, vp), float(qp[0]), float(kp[0]), 1.0, 1.0,
+                                      d ** -0.5 if scale is None else float(scale))
+    o = (o8[..., :d].float() * vp[0] + vp[1]).to(dtype)
+    return o.transpose(1, 2).contiguous().transpose(1, 2)
+
+
 @dataclass
 class FastReport:
     """What the rewrite turned into FP8 GEMMs and why the rest stayed bf16 fake quantization."""
@@ -584,6 +614,7 @@ class FastReport:
     merged_away: int = 0  # GEMMs saved by merging linears of one quantized input
     part_quant_moved: int = 0  # fake quantizers of merged GEMMs' parts moved into the GEMM (quantize_parts)
     implicit_convs: int = 0  # k x k convs run by the implicit-GEMM kernel (implicit_conv)
+    fp8_attention: int = 0  # attentions run by msfp_fast::sdpa_fp8 (attention="fp8")
 
     def __str__(self) -> str:
         lines = [f"FP8 GEMMs: linear={self.fused['linear']} conv2d={self.fused['conv2d']}; "
@@ -591,7 +622,8 @@ class FastReport:
                  f"{self.merged_away}; packed-weight decode launches: {self.decode_groups}"
                  + (f"; part quantizers moved into merged GEMMs: {self.part_quant_moved}" if self.part_quant_moved
                     else "")
-                 + (f"; implicit-GEMM convs: {self.implicit_convs}" if self.implicit_convs else "")]
+                 + (f"; implicit-GEMM convs: {self.implicit_convs}" if self.implicit_convs else "")
+                 + (f"; FP8 attentions: {self.fp8_attention}" if self.fp8_attention else "")]
         lines += [f"  kept {k}: {v}" for k, v in self.skipped.items()]
         return "\n".join(lines)
 
@@ -663,9 +695,10 @@ def _fuse_conv(args: list, act: Any, w: Any, bias: torch.Tensor | None, pads: tu
     return FastGemm(flat, w.scale, w.fmt, a_s, a_z, act.fmt, bias, act.folded, mode, conv, dtype=dtype)
 
 
-def _rewrite(gm: fx.GraphModule, weights: str, report: FastReport, dtype: torch.dtype) -> None:
+def _rewrite(gm: fx.GraphModule, weights: str, report: FastReport, dtype: torch.dtype,
+             fp8_attention: bool = False) -> None:
     _fuse_gemms(gm, weights, report, dtype)
-    _lower_rest(gm, report, dtype)
+    _lower_rest(gm, report, dtype, fp8_attention)
 
 
 def _fuse_gemms(gm: fx.GraphModule, weights: str, report: FastReport, dtype: torch.dtype) -> None:
@@ -703,8 +736,36 @@ def _fuse_gemms(gm: fx.GraphModule, weights: str, report: FastReport, dtype: tor
     g.eliminate_dead_code()
 
 
-def _lower_rest(gm: fx.GraphModule, report: FastReport, dtype: torch.dtype) -> None:
-    """The remaining quantizers, packed weights and attention become ``dtype`` pointwise torch ops."""
+def _fp8_attention_args(gm: fx.GraphModule, node: fx.Node) -> tuple | None:
+    """sdpa_fp8_fq's arguments for an SDPA node whose q, k, v are per-tensor 4-bit fake quantizers (Q without zero
+    point), no mask, dropout or causality, at least ``FP8_ATTENTION_MIN_KV`` keys; None otherwise."""
+    from .runtime import _const
+
+    names = ("attn_mask", "dropout_p", "is_causal", "scale")
+    opt = {**dict(zip(names, node.args[3:])), **node.kwargs}
+    if opt.get("attn_mask") is not None or opt.get("dropout_p", 0.0) or opt.get("is_causal", False) \
+            or set(opt) - set(names):
+        return None
+    parts = []
+    for a in node.args[:3]:
+        if not (isinstance(a, fx.Node) and a.target is fake_quant) or a.args[4]:  # folded: z is in a bias elsewhere
+            return None
+        x, s, z, fmt = a.args[:4]
+        s, z = (_const(gm, v) if isinstance(v, fx.Node) else torch.tensor(v) for v in (s, z))
+        if s is None or z is None or s.numel() != 1 or z.numel() != 1 or _spec(fmt).kind not in ("int", "fp") \
+                or get_format(fmt).bits != 4:
+            return None
+        parts.append((x, (float(s), float(z), fmt)))
+    kv = node.args[1].meta.get("val")
+    if parts[0][1][1] != 0.0 or kv is None or not isinstance(kv.shape[-2], int) or kv.shape[-2] < FP8_ATTENTION_MIN_KV:
+        return None
+    (q, qp), (k, kp), (v, vp) = parts
+    return (q, k, v, qp, kp, vp, opt.get("scale"))
+
+
+def _lower_rest(gm: fx.GraphModule, report: FastReport, dtype: torch.dtype, fp8_attention: bool = False) -> None:
+    """The remaining quantizers, packed weights and attention become ``dtype`` pointwise torch ops (``fp8_attention``:
+    attentions ``_fp8_attention_args`` accepts become ``sdpa_fp8_fq``)."""
     from .runtime import _const
 
     g = gm.graph
@@ -729,8 +790,14 @@ def _lower_rest(gm: fx.GraphModule, report: FastReport, dtype: torch.dtype) -> N
                 new = g.call_function(decode_packed, (g.get_attr(halves), g.get_attr(f"{halves}_lut"), scale_n,
                                                       list(shape), dtype))
         elif node.target == aten.scaled_dot_product_attention.default:
+            fp8 = _fp8_attention_args(gm, node) if fp8_attention else None
             with g.inserting_before(node):
-                new = g.call_function(_sdpa_as, (dtype, *node.args), dict(node.kwargs))
+                if fp8 is not None:
+                    new = g.call_function(sdpa_fp8_fq, fp8, {"dtype": dtype})
+                    report.fp8_attention += 1
+                    report.fake_quant -= 3  # q, k, v's: inside sdpa_fp8_fq now
+                else:
+                    new = g.call_function(_sdpa_as, (dtype, *node.args), dict(node.kwargs))
         elif node.target == aten._assert_tensor_metadata.default:
             g.erase_node(node)  # dtype assertions of the float32 capture
             continue
@@ -824,7 +891,7 @@ class FastUNet(torch.nn.Module):
 def build_fast(gm: fx.GraphModule, device: str | torch.device = "cuda", weights: str = "packed",
                inplace: bool = False, dtype: torch.dtype = _BF16,
                decode_group_bytes: int | None = None, merge: bool = True, quantize_parts: bool = False,
-               implicit_conv: bool | None = None) -> FastUNet:
+               implicit_conv: bool | None = None, attention: str = "bf16") -> FastUNet:
     """Rewrite a quantized GraphModule (``CompiledModel.graph_module`` or a loaded .pt2's module) for Inductor.
 
     ``dtype``: of the activations between ops (bf16; float32 checks the rewrite against the reference graph with
@@ -839,13 +906,17 @@ def build_fast(gm: fx.GraphModule, device: str | torch.device = "cuda", weights:
     im2col + cuBLAS) instead of im2col + cuBLAS; the same sums, rounded once to bf16 (bit-exact where the float32
     sum is exact). Default (None): on for CUDA devices (SD1.5 at batch 8 on the H200: 16.98 ms per step against
     17.37-17.39 without, 1.13x against bf16 default-graph; docs/triton.md session 8), off elsewhere (on the CPU the
-    op is im2col + GEMM anyway)."""
+    op is im2col + GEMM anyway). ``attention``: "bf16" (PyTorch SDPA on the fake-quantized q, k, v) or "fp8"
+    (``sdpa_fp8_fq``: cuDNN's FP8 attention on their grid values where ``_fp8_attention_args`` admits it: SD1.5's
+    self-attention at 64x64 and 32x32; P and O rounded to E4M3 on top of the graph's own quantization)."""
+    if attention not in ("bf16", "fp8"):
+        raise ValueError(f"unknown attention mode {attention!r} (bf16 or fp8)")
     if weights not in ("packed", "fp8", "mixed"):
         raise ValueError(f"unknown weights mode {weights!r} (packed, fp8 or mixed)")
     if not inplace:
         gm = copy.deepcopy(gm)
     report = FastReport()
-    _rewrite(gm, weights, report, dtype)
+    _rewrite(gm, weights, report, dtype, attention == "fp8")
     if merge:
         report.merged_away = _merge_shared_inputs(gm)
         if quantize_parts:

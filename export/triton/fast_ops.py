@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from msfp_compiler.ops import get_format
 
-__all__ = ["decode_w4", "decode_w4_group", "im2col_e4m3", "conv_e4m3", "conv_out_size", "pack_halves",
+__all__ = ["decode_w4", "decode_w4_group", "im2col_e4m3", "conv_e4m3", "sdpa_fp8", "conv_out_size", "pack_halves",
            "unpack_halves", "e4m3_lut"]
 
 _FP8 = torch.float8_e4m3fn
@@ -162,3 +162,36 @@ def _conv_e4m3_fake(x: torch.Tensor, w: torch.Tensor, kernel: list[int], stride:
     b, h, wd, _ = x.shape
     ho, wo = conv_out_size(h, wd, kernel, stride, pads)
     return x.new_empty((b * ho * wo, w.shape[0]), dtype=torch.bfloat16)
+
+
+@torch.library.custom_op("msfp_fast::sdpa_fp8", mutates_args=())
+def sdpa_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, descale_q: float, descale_k: float, descale_v: float,
+             scale_o: float, attn_scale: float) -> torch.Tensor:
+    """FP8 attention: q, k, v E4M3 [B, H, S, D] (views of [B, S, H, D] memory) holding values / descale; returns
+    E4M3 O * scale_o, [B, H, S, Dv] in the same layout. CUDA: cuDNN's FP8 flash attention (``attention_fp8``).
+    Elsewhere this reference of its rounding: P = exp(s - rowmax) rounded to E4M3 at scale ``P_SCALE`` before P @ V,
+    the row sum from the unrounded P, O rounded to E4M3 (cuDNN's online softmax rounds P against the running row
+    maximum, so the two agree to E4M3 rounding, not bit for bit)."""
+    from .attention_fp8 import P_SCALE
+
+    qf, kf, vf = q.float() * descale_q, k.float() * descale_k, v.float() * descale_v
+    s = qf @ kf.transpose(-1, -2) * attn_scale
+    p = torch.exp(s - s.amax(-1, keepdim=True))
+    p8 = (p * P_SCALE).to(_FP8).float() / P_SCALE
+    o = (p8 @ vf) / p.sum(-1, keepdim=True) * scale_o
+    return o.to(_FP8).transpose(1, 2).contiguous().transpose(1, 2)
+
+
+@sdpa_fp8.register_kernel("cuda")
+def _sdpa_fp8_cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, descale_q: float, descale_k: float,
+                   descale_v: float, scale_o: float, attn_scale: float) -> torch.Tensor:
+    from .attention_fp8 import sdpa_fp8_cudnn
+
+    return sdpa_fp8_cudnn(q, k, v, descale_q, descale_k, descale_v, scale_o, attn_scale)
+
+
+@sdpa_fp8.register_fake
+def _sdpa_fp8_fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, descale_q: float, descale_k: float,
+                   descale_v: float, scale_o: float, attn_scale: float) -> torch.Tensor:
+    b, h, s, _ = q.shape
+    return q.new_empty((b, s, h, v.shape[-1]), dtype=_FP8).transpose(1, 2)
