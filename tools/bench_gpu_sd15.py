@@ -192,8 +192,13 @@ def parser() -> argparse.ArgumentParser:
                     "fake quantizers in their merged GEMM's epilogue) or conv (build_fast(implicit_conv=True): the "
                     "implicit-GEMM FP8 conv, tiles tuned per shape against im2col + cuBLAS; the default on CUDA "
                     "since session 8) or im2col (implicit_conv=False: the convs as im2col + cuBLAS) or fp8attn "
-                    "(build_fast(attention='fp8'): cuDNN's FP8 attention where admitted; needs nvidia-cudnn-frontend)); "
+                    "(build_fast(attention='fp8'): cuDNN's FP8 attention where admitted; needs nvidia-cudnn-frontend) "
+                    "or gnaten (build_fast(group_norm='aten'): the captured GroupNorm, Inductor's NCHW-order "
+                    "reduction)); "
                     "recorded under 'variants', then its accuracy unless skipped")
+    ap.add_argument("--group-norm", default="channels", choices=["channels", "aten"], help="build_fast's "
+                    "group_norm for the headline rows (channels: per-channel statistics in NHWC order, the default "
+                    "since session 13; aten: the captured op)")
     ap.add_argument("--conv-sets", default="", help="comma list of conv-candidate sets to time the headline W4A4 "
                     "step with as well, after its own timing: the same compiled step re-captured with each conv's "
                     "choice from the set, taken from the tuner's record (no recompile, no second tuning). Sets: "
@@ -303,7 +308,7 @@ def measure(args: argparse.Namespace, rec: Recorder, cm: Any, bf16_bytes: int, b
 
         conv_fp8.TIME_ALSO = tuple(c for n in args.conv_sets.split(",") for c in _conv_set(n)
                                    if c not in conv_fp8.CONFIGS)
-    fasts = {w: build_fast(gm, "cuda", weights=w) for w in args.weights.split(",")}
+    fasts = {w: build_fast(gm, "cuda", weights=w, group_norm=args.group_norm) for w in args.weights.split(",")}
     head = args.weights.split(",")[0]
     rec.put("fast_report", str(fasts[head].report))
     log(str(fasts[head].report).split("\n")[0])
@@ -369,7 +374,7 @@ def variant(args: argparse.Namespace, rec: Recorder, cm: Any) -> None:
     name, b = args.variant.split(":")
     options, build = {"combo": ({"combo_kernels": True}, {}), "qkv": ({}, {"quantize_parts": True}),
                       "conv": ({}, {"implicit_conv": True}), "im2col": ({}, {"implicit_conv": False}),
-                      "fp8attn": ({}, {"attention": "fp8"})}[name]
+                      "fp8attn": ({}, {"attention": "fp8"}), "gnaten": ({}, {"group_norm": "aten"})}[name]
     head = args.weights.split(",")[0]
     row: dict = {"batch": int(b), "variant": name, "inductor_options": options, "build_fast_options": build}
     fast = build_fast(cm.graph_module, "cuda", weights=head, **build)

@@ -46,7 +46,7 @@ from msfp_compiler.talora import chosen_set
 from .fast_ops import conv_out_size, e4m3_lut, pack_halves  # also defines torch.ops.msfp_fast.*
 
 __all__ = ["grid_round", "fake_quant", "grid_e4m3", "PartQuant", "FastGemm", "DecodeGroup", "FastUNet", "build_fast",
-           "FastReport", "weight_bytes", "sdpa_fp8_fq", "fp8_head_dim"]
+           "FastReport", "weight_bytes", "sdpa_fp8_fq", "fp8_head_dim", "group_norm_channels"]
 
 aten = torch.ops.aten
 _Q = torch.ops.msfp.quantize.default
@@ -573,6 +573,37 @@ def _sdpa_as(dtype: torch.dtype, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     return out.transpose(1, 2).contiguous().transpose(1, 2) if out.dim() == 4 else out
 
 
+def group_norm_channels(x: torch.Tensor, groups: int, weight: torch.Tensor | None = None,
+                        bias: torch.Tensor | None = None, eps: float = 1e-5, *_: Any) -> torch.Tensor:
+    """``F.group_norm`` of an [N, C, H, W] activation kept in NHWC memory, as reductions Inductor reads coalesced.
+
+    Inductor lowers ``aten.group_norm`` through a reshape to [N, G, C/G * H * W], which on NHWC memory reads each
+    group's C/G channels (20 bytes of every 640-byte row at SD1.5's 320 channels) position by position: its SD1.5
+    GroupNorm kernels run an order of magnitude below the copy bandwidth (docs/triton.md session 13). Here the
+    statistics are per channel over the positions, channels innermost (Welford, float32), then combined into the
+    groups exactly (equal counts: the group mean is the mean of the channel means, the group variance the mean of
+    the channel variances plus the variance of the channel means); the normalization is one scale and shift per
+    (sample, channel) that Inductor fuses with the producer and the consumers (SiLU, the quantizer) into one
+    pointwise kernel. The output is NHWC memory viewed as [N, C, H, W], as the GEMMs' outputs are."""
+    if x.dim() != 4:
+        return F.group_norm(x, groups, weight, bias, eps)
+    n, c, h, w = x.shape
+    rows = x.permute(0, 2, 3, 1).reshape(n, h * w, c)  # a view where x is NHWC memory
+    var_c, mean_c = torch.var_mean(rows.float(), dim=1, correction=0)  # [N, C]
+    mean_cg = mean_c.view(n, groups, c // groups)
+    mean_g = mean_cg.mean(-1, keepdim=True)
+    var_g = (var_c.view(n, groups, c // groups).mean(-1, keepdim=True)
+             + (mean_cg - mean_g).square().mean(-1, keepdim=True))
+    scale = torch.rsqrt(var_g + eps).expand(n, groups, c // groups).reshape(n, c)
+    shift = -mean_g.expand(n, groups, c // groups).reshape(n, c) * scale
+    if weight is not None:
+        scale, shift = scale * weight.float(), shift * weight.float()
+    if bias is not None:
+        shift = shift + bias.float()
+    y = rows.float() * scale[:, None, :] + shift[:, None, :]
+    return y.to(x.dtype).contiguous().view(n, h, w, c).permute(0, 3, 1, 2)  # eager: the broadcasts can reorder y
+
+
 FP8_ATTENTION_MIN_KV = 1024  # keys per query below which cuDNN's FP8 attention lost to bf16 (SD1.5 cross-attention,
 # the 16x16 / 8x8 levels: 0.56-0.91x on the H200, bench_gpu_kernels --sections fp8attn)
 
@@ -615,6 +646,7 @@ class FastReport:
     part_quant_moved: int = 0  # fake quantizers of merged GEMMs' parts moved into the GEMM (quantize_parts)
     implicit_convs: int = 0  # k x k convs run by the implicit-GEMM kernel (implicit_conv)
     fp8_attention: int = 0  # attentions run by msfp_fast::sdpa_fp8 (attention="fp8")
+    group_norms: int = 0  # GroupNorms as group_norm_channels (group_norm="channels")
 
     def __str__(self) -> str:
         lines = [f"FP8 GEMMs: linear={self.fused['linear']} conv2d={self.fused['conv2d']}; "
@@ -623,7 +655,8 @@ class FastReport:
                  + (f"; part quantizers moved into merged GEMMs: {self.part_quant_moved}" if self.part_quant_moved
                     else "")
                  + (f"; implicit-GEMM convs: {self.implicit_convs}" if self.implicit_convs else "")
-                 + (f"; FP8 attentions: {self.fp8_attention}" if self.fp8_attention else "")]
+                 + (f"; FP8 attentions: {self.fp8_attention}" if self.fp8_attention else "")
+                 + (f"; channels-last GroupNorms: {self.group_norms}" if self.group_norms else "")]
         lines += [f"  kept {k}: {v}" for k, v in self.skipped.items()]
         return "\n".join(lines)
 
@@ -696,9 +729,9 @@ def _fuse_conv(args: list, act: Any, w: Any, bias: torch.Tensor | None, pads: tu
 
 
 def _rewrite(gm: fx.GraphModule, weights: str, report: FastReport, dtype: torch.dtype,
-             fp8_attention: bool = False) -> None:
+             fp8_attention: bool = False, group_norm: str = "channels") -> None:
     _fuse_gemms(gm, weights, report, dtype)
-    _lower_rest(gm, report, dtype, fp8_attention)
+    _lower_rest(gm, report, dtype, fp8_attention, group_norm == "channels")
 
 
 def _fuse_gemms(gm: fx.GraphModule, weights: str, report: FastReport, dtype: torch.dtype) -> None:
@@ -763,9 +796,11 @@ def _fp8_attention_args(gm: fx.GraphModule, node: fx.Node) -> tuple | None:
     return (q, k, v, qp, kp, vp, opt.get("scale"))
 
 
-def _lower_rest(gm: fx.GraphModule, report: FastReport, dtype: torch.dtype, fp8_attention: bool = False) -> None:
+def _lower_rest(gm: fx.GraphModule, report: FastReport, dtype: torch.dtype, fp8_attention: bool = False,
+                group_norm_channels_last: bool = True) -> None:
     """The remaining quantizers, packed weights and attention become ``dtype`` pointwise torch ops (``fp8_attention``:
-    attentions ``_fp8_attention_args`` accepts become ``sdpa_fp8_fq``)."""
+    attentions ``_fp8_attention_args`` accepts become ``sdpa_fp8_fq``; ``group_norm_channels_last``: 4-d GroupNorms
+    become ``group_norm_channels``)."""
     from .runtime import _const
 
     g = gm.graph
@@ -798,6 +833,10 @@ def _lower_rest(gm: fx.GraphModule, report: FastReport, dtype: torch.dtype, fp8_
                     report.fake_quant -= 3  # q, k, v's: inside sdpa_fp8_fq now
                 else:
                     new = g.call_function(_sdpa_as, (dtype, *node.args), dict(node.kwargs))
+        elif node.target == aten.group_norm.default and group_norm_channels_last and _spatial(node) is not None:
+            with g.inserting_before(node):
+                new = g.call_function(group_norm_channels, tuple(node.args), dict(node.kwargs))
+            report.group_norms += 1
         elif node.target == aten._assert_tensor_metadata.default:
             g.erase_node(node)  # dtype assertions of the float32 capture
             continue
@@ -891,7 +930,7 @@ class FastUNet(torch.nn.Module):
 def build_fast(gm: fx.GraphModule, device: str | torch.device = "cuda", weights: str = "packed",
                inplace: bool = False, dtype: torch.dtype = _BF16,
                decode_group_bytes: int | None = None, merge: bool = True, quantize_parts: bool = False,
-               implicit_conv: bool | None = None, attention: str = "bf16") -> FastUNet:
+               implicit_conv: bool | None = None, attention: str = "bf16", group_norm: str = "channels") -> FastUNet:
     """Rewrite a quantized GraphModule (``CompiledModel.graph_module`` or a loaded .pt2's module) for Inductor.
 
     ``dtype``: of the activations between ops (bf16; float32 checks the rewrite against the reference graph with
@@ -908,7 +947,11 @@ def build_fast(gm: fx.GraphModule, device: str | torch.device = "cuda", weights:
     17.37-17.39 without, 1.13x against bf16 default-graph; docs/triton.md session 8), off elsewhere (on the CPU the
     op is im2col + GEMM anyway). ``attention``: "bf16" (PyTorch SDPA on the fake-quantized q, k, v) or "fp8"
     (``sdpa_fp8_fq``: cuDNN's FP8 attention on their grid values where ``_fp8_attention_args`` admits it: SD1.5's
-    self-attention at 64x64 and 32x32; P and O rounded to E4M3 on top of the graph's own quantization)."""
+    self-attention at 64x64 and 32x32; P and O rounded to E4M3 on top of the graph's own quantization).
+    ``group_norm``: "channels" (``group_norm_channels``: per-channel statistics read in NHWC order, combined per group)
+    or "aten" (``aten.group_norm`` as captured, which Inductor reduces in NCHW order)."""
+    if group_norm not in ("channels", "aten"):
+        raise ValueError(f"unknown group_norm mode {group_norm!r} (channels or aten)")
     if attention not in ("bf16", "fp8"):
         raise ValueError(f"unknown attention mode {attention!r} (bf16 or fp8)")
     if weights not in ("packed", "fp8", "mixed"):
@@ -916,7 +959,7 @@ def build_fast(gm: fx.GraphModule, device: str | torch.device = "cuda", weights:
     if not inplace:
         gm = copy.deepcopy(gm)
     report = FastReport()
-    _rewrite(gm, weights, report, dtype, attention == "fp8")
+    _rewrite(gm, weights, report, dtype, attention == "fp8", group_norm)
     if merge:
         report.merged_away = _merge_shared_inputs(gm)
         if quantize_parts:

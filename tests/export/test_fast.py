@@ -423,3 +423,48 @@ def test_sample_fast_one_graph_per_chunk_shape(compiled_cond, tmp_path, monkeypa
         with torch.no_grad():
             ref = step.fn(*args).clone()
         assert torch.equal(step(*args), ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_group_norm_channels_matches_group_norm(dtype: torch.dtype) -> None:
+    """group_norm_channels (per-channel Welford statistics combined per group, NHWC reads) gives F.group_norm's
+    output on NCHW and NHWC memory, also where the mean is 300x the spread (the combination is exact, no
+    E[x^2] - E[x]^2 cancellation), and returns NHWC memory; on the GPU also through Inductor."""
+    gen = torch.Generator().manual_seed(0)
+    n, c, h, w, g = 2, 24, 5, 7, 6
+    x = torch.randn(n, c, h, w, generator=gen) * torch.rand(1, c, 1, 1, generator=gen) * 3
+    x = x + 300 * torch.randn(1, c, 1, 1, generator=gen).sign() * (torch.arange(c) % 4 == 0).view(1, c, 1, 1)
+    wt, bs = torch.randn(c, generator=gen), torch.randn(c, generator=gen)
+    for mem in (torch.contiguous_format, torch.channels_last):
+        xi = x.to(DEV, dtype).contiguous(memory_format=mem)
+        ref = F.group_norm(xi.float(), g, wt.to(DEV), bs.to(DEV), 1e-5)
+        got = FA.group_norm_channels(xi, g, wt.to(DEV, dtype), bs.to(DEV, dtype), 1e-5)
+        assert got.dtype == dtype and got.is_contiguous(memory_format=torch.channels_last)
+        tol = 2e-6 if dtype == torch.float32 else 1e-2  # bf16: the output's rounding (and the rounded weights)
+        ref_w = F.group_norm(xi.float(), g, wt.to(DEV, dtype).float(), bs.to(DEV, dtype).float(), 1e-5)
+        assert (got.float() - ref_w).abs().max() <= tol * ref_w.abs().max(), str(mem)
+        assert _rel(got.float(), ref) < (1e-6 if dtype == torch.float32 else 1e-2)
+        if DEV.type == "cuda":
+            comp = torch.compile(FA.group_norm_channels)(xi, g, wt.to(DEV, dtype), bs.to(DEV, dtype), 1e-5)
+            assert (comp.float() - ref_w).abs().max() <= tol * ref_w.abs().max()
+    x3 = x[:, :, :, 0]  # [N, C, L]: not 4-d, aten's
+    assert torch.equal(FA.group_norm_channels(x3, g), F.group_norm(x3, g))
+
+
+def test_build_fast_group_norm_channels(compiled_cond) -> None:
+    """build_fast(group_norm="channels") (the default) replaces every 4-d GroupNorm of the tiny cond UNet and keeps
+    the float32 rewrite's output at the reference graph's (the statistics' summation order is all that differs);
+    group_norm="aten" keeps the captured op."""
+    gm = compiled_cond.graph_module
+    args = compiled_cond.calibration.batches[0].args
+    n_gn = sum(1 for nd in gm.graph.nodes
+               if nd.op == "call_function" and nd.target == torch.ops.aten.group_norm.default)
+    chan = FA.build_fast(gm, "cpu", dtype=torch.float32)
+    aten_gn = FA.build_fast(gm, "cpu", dtype=torch.float32, group_norm="aten")
+    assert chan.report.group_norms == n_gn >= 4 and aten_gn.report.group_norms == 0
+    assert "channels-last GroupNorms" in str(chan.report)
+    with torch.no_grad():
+        ref = gm(*args)
+        assert _rel(chan(*args), ref) < 1e-5 and _rel(aten_gn(*args), ref) < 1e-5
+    with pytest.raises(ValueError, match="group_norm"):
+        FA.build_fast(gm, "cpu", group_norm="welford")
