@@ -109,7 +109,8 @@ def chunk_attention(model: onnx.ModelProto, max_scores: int = MAX_CHUNK_SCORES) 
         for i, qi in enumerate(q):  # one chunk after the other: its scores die before the next chunk's exist
             new_nodes += [
                 helper.make_node("MatMul", [qi, mm1.input[1]], [f"{base}{i}_scores"], name=f"{base}{i}_qk"),
-                helper.make_node("Softmax", [f"{base}{i}_scores"], [f"{base}{i}_p"], axis=-1, name=f"{base}{i}_softmax"),
+                helper.make_node("Softmax", [f"{base}{i}_scores"], [f"{base}{i}_p"], axis=-1,
+                                 name=f"{base}{i}_softmax"),
                 helper.make_node("MatMul", [f"{base}{i}_p", mm2.input[1]], [f"{base}{i}_o"], name=f"{base}{i}_pv"),
             ]
         new_nodes.append(helper.make_node("Concat", [f"{base}{i}_o" for i in range(len(sizes))], [mm2.output[0]],

@@ -20,28 +20,29 @@ of the ONNX graph use that:
    limited to |w| <= 64 so that the u8 x s8 pair sums of AVX2 kernels without VNNI (vpmaddubsw, int16 saturating)
    cannot saturate: 2 * 255 * 64 < 2^15.
 
-Convolutions keep FP32 kernels on the dequantized weight: onnxruntime's ConvInteger is several times slower than its
-FP32 Conv on this class of CPU, and QLinearConv requantizes its output (inexact). A weight that comes out of a
-DequantizeLinear at run time is not a constant to ORT, so its Conv loses the weight prepacking (NCHWc layout, fused
-activation) that FP32 models get: 1.2x the FP32 latency on the CIFAR-size UNet. ``conv_weights="float32"``
-(CompileConfig.conv_weights) trades memory for that speed: conv weights are decoded here into FP32 initializers
-(the same values, 4 bytes a weight), linears stay int8 + MatMulInteger. ``conv_weights="float32:F"`` is the middle
-ground: FP32 kernels for the share F of the conv weight elements, the convs with the most output positions
-(multiply-adds per weight) first. An op profile of SD1.5 (1 thread) ranks the convs the same way: the 64x64 and
-32x32 ones run 1.2-1.5x their prepacked FP32 time for the fewest weights. A session holds ~7 bytes more per FP32
-conv weight than per int8 one (the initializer and its NCHWc copy) until the model is saved with external data
-(~5 bytes), so on SD1.5 F = 0.05 (38 convs, 29M weights) is what stays within half the FP32 session's memory.
-An FP16 initializer + Cast would halve the file but not the session: ORT folds the Cast at session start (checked
-on an optimized-model dump).
+Convolutions other than those 1x1 convs keep FP32 kernels on the dequantized weight: onnxruntime's ConvInteger is
+several times slower than its FP32 Conv on this class of CPU, and QLinearConv requantizes its output (inexact). A weight
+that comes out of a DequantizeLinear at run time is not a constant to ORT, so its Conv loses the weight prepacking
+(NCHWc layout, fused activation) that FP32 models get: 1.2x the FP32 latency on the CIFAR-size UNet.
+``conv_weights="float32"`` (CompileConfig.conv_weights) trades memory for that speed: conv weights are decoded here into
+FP32 initializers (the same values, 4 bytes a weight), linears stay int8 + MatMulInteger. ``conv_weights="float32:F"``
+is the middle ground: FP32 kernels for the share F of the conv weight elements, the convs with the most output positions
+(multiply-adds per weight) first. An op profile of SD1.5 (1 thread) ranks the convs the same way: the 64x64 and 32x32
+ones run 1.2-1.5x their prepacked FP32 time for the fewest weights. A session holds ~7 bytes more per FP32 conv weight
+than per int8 one (the initializer and its NCHWc copy) until the model is saved with external data (~5 bytes), so on
+SD1.5 F = 0.05 (38 convs, 29M weights) is what stays within half the FP32 session's memory. An FP16 initializer + Cast
+would halve the file but not the session: ORT folds the Cast at session start (checked on an optimized-model dump).
 Also measured and dropped (ORT 1.32, AVX2 without VNNI, 1 thread): 3x3 convs as integer GEMMs (uint8 im2col by
 Pad / Slice / Concat in NHWC, MatMulInteger, Cast, Mul, Transpose back; exact): 0.99-1.12x the prepacked FP32 Conv
 on the SD1.5 and CIFAR shapes, the MatMulInteger alone 0.98-1.07x (u8s8 without VNNI is no faster than MLAS's FP32
 kernels at K = 9 * C), against 1.03-1.22x for the DequantizeLinear + Conv used here, a gain only at 640-1280
 channels, where the resnet convs read unsigned activations with a zero point: exact there only with a [C_out, H, W]
 border-correction map per conv (~95 MB on SD1.5, the memory goal's whole margin). 1x1 convs as MatMulInteger: no
-faster either (0.97-1.06x FP32). MatMulInteger on the linears: 0.84-1.0x FP32 MatMul (a DequantizeLinear weight +
-FP32 MatMul, which loses prepacking, is 2.3-2.6x). onnxruntime's contrib MatMulNBits (com.microsoft, 4- or 8-bit
-block-quantized weights; E1M2 = INT4 exactly, E2M1 x2 in 8 bits): with accuracy_level 0 (FP32 compute, the only
+faster either there (0.97-1.06x FP32) on the previous host; on today's (same ORT, faster memory, MatMulInteger 2x the
+FP32 linears) 0.55-0.75x the prepacked FP32 1x1 Conv, so 1x1 convs on integer-grid activations are rewritten like
+linears (rewrite 2, ``_integer_conv1x1``). MatMulInteger on the linears: 0.84-1.0x FP32 MatMul (a DequantizeLinear
+weight + FP32 MatMul, which loses prepacking, is 2.3-2.6x). onnxruntime's contrib MatMulNBits (com.microsoft, 4- or
+8-bit block-quantized weights; E1M2 = INT4 exactly, E2M1 x2 in 8 bits): with accuracy_level 0 (FP32 compute, the only
 exact-in-FP32 one; level 4 quantizes the activations again per block, 3.5e-3 relative error) 1.14-1.19x FP32
 MatMul on [4096, 320] x [320, 1280] and 1.04-1.07x on [4096, 256] x [256, 256], where MatMulInteger is 0.84x and
 1.03x: not used. Attention scores of quantized q and k as MatMulInteger -> Cast -> Mul: 1.5x (1 thread) and 1.9x
@@ -96,6 +97,7 @@ class IntegerLoweringInfo:
     int8_weights: int = 0
     int8_weight_bytes: int = 0
     integer_matmuls: int = 0
+    integer_convs: int = 0
     float32_conv_weights: int = 0
     float_matmuls_on_int8_weights: int = 0
 
@@ -221,7 +223,8 @@ def _float_conv_weights(rw: _Rewrite, share: float) -> set[str]:
     if share == 0.0:
         return set()
     convs = [(pos, n.output[0], int(np.prod(_attrs(n)["shape"]))) for n, _ in _packed_weights(rw)
-             if (pos := _conv_positions(rw, n.output[0])) is not None]
+             if (pos := _conv_positions(rw, n.output[0])) is not None
+             and not all(_pointwise(u) and _activation_grid(rw, u.input[0]) for u in rw.consumers[n.output[0]])]
     budget = share * sum(numel for _, _, numel in convs)
     chosen, used = set(), 0
     for pos, out, numel in sorted(convs, key=lambda c: -c[0]):  # stable: graph order among equals
@@ -294,28 +297,30 @@ def _int8_weights(rw: _Rewrite, float_convs: set[str], info: IntegerLoweringInfo
 
 def _integer_matmuls(rw: _Rewrite, nodes: list[onnx.NodeProto], weights: dict[str, _Weight],
                      info: IntegerLoweringInfo) -> list[onnx.NodeProto]:
-    """Rewrite 2: ``nodes`` with linears on integer-representable activations as MatMulInteger chains (the codes of
-    each quantizer output computed once, right where the first such linear needs them)."""
+    """Rewrite 2: ``nodes`` with linears and 1x1 convs on integer-representable activations as MatMulInteger chains
+    (the codes of each quantizer output computed once, right where the first such layer needs them)."""
     codes_of: dict[str, str] = {}  # quantizer output -> uint8 codes tensor
     out_nodes: list[onnx.NodeProto] = []
+    def activation(name: str) -> tuple[float, int, str] | None:
+        return _activation(rw, name, codes_of, out_nodes)
+
     for n in nodes:
         rewritten = None
         if n.op_type in ("MatMul", "Gemm") and n.domain in ("", "ai.onnx"):
-            rewritten = _integer_matmul(rw, n, weights, lambda name: _activation(rw, name, codes_of, out_nodes))
-        if rewritten is None:
-            if n.op_type in ("MatMul", "Gemm") and any(i in weights for i in n.input):
+            rewritten = _integer_matmul(rw, n, weights, activation)
+            info.integer_matmuls += rewritten is not None
+            if rewritten is None and any(i in weights for i in n.input):
                 info.float_matmuls_on_int8_weights += 1
-            out_nodes.append(n)
-        else:
-            out_nodes.extend(rewritten)
-            info.integer_matmuls += 1
+        elif _pointwise(n):
+            rewritten = _integer_conv1x1(rw, n, weights, activation)
+            info.integer_convs += rewritten is not None
+        out_nodes.extend([n] if rewritten is None else rewritten)
     return out_nodes
 
 
-def _activation(rw: _Rewrite, name: str, codes_of: dict[str, str], out_nodes: list[onnx.NodeProto]
-                ) -> tuple[float, int, str] | None:
-    """(scale / 2^k, activation zero point code, codes tensor) for an integer-representable quantizer output; the
-    first call for a tensor appends the nodes computing its codes to ``out_nodes``."""
+def _activation_grid(rw: _Rewrite, name: str) -> tuple[float, int] | None:
+    """(scale / 2^k, activation zero point code) of an integer-representable quantizer output (scalar scale, an
+    integer grid after a 2^k rescale that fits uint8 with the offset, zero point 0 or folded), or None."""
     q = rw.producer.get(name)
     if q is None or q.domain != MSFP_DOMAIN or q.op_type not in QUANTIZE_OPS:
         return None
@@ -326,8 +331,17 @@ def _activation(rw: _Rewrite, name: str, codes_of: dict[str, str], out_nodes: li
     sc, zp = rw.array(q.input[1]), rw.array(q.input[2])
     if k is None or sc.size != 1 or (_attrs(q).get("keep_zero_point", 1.0) != 0.0 and np.any(zp != 0)):
         return None
-    s = float(sc.reshape(())) * 2.0 ** -k
-    offset = 128 if fmt.signed else 0
+    return float(sc.reshape(())) * 2.0 ** -k, 128 if fmt.signed else 0
+
+
+def _activation(rw: _Rewrite, name: str, codes_of: dict[str, str], out_nodes: list[onnx.NodeProto]
+                ) -> tuple[float, int, str] | None:
+    """(scale / 2^k, activation zero point code, codes tensor) for an integer-representable quantizer output; the
+    first call for a tensor appends the nodes computing its codes to ``out_nodes``."""
+    grid = _activation_grid(rw, name)
+    if grid is None:
+        return None
+    s, offset = grid
     if name not in codes_of:
         # y is (scale / 2^k) * an integer of magnitude <= 255, rounded once, so y / (scale / 2^k) lies within a few
         # ulps of that integer and QuantizeLinear's round-half-even gives it back exactly (+ offset, as uint8): one
@@ -382,6 +396,62 @@ def _integer_matmul(rw: _Rewrite, n: onnx.NodeProto, weights: dict[str, _Weight]
     else:
         chain += [helper.make_node("Mul", [f"{base}_accf", comb_name], [f"{base}_y"], name=f"{base}_rescale"),
                   helper.make_node("Add", [f"{base}_y", bias], [n.output[0]], name=f"{base}_bias")]
+    return chain
+
+
+def _pointwise(n: onnx.NodeProto) -> bool:
+    """A 2-D 1x1 Conv without stride, padding, dilation or groups: a linear over the channels at every position."""
+    if n.op_type != "Conv" or n.domain not in ("", "ai.onnx") or len(n.input) < 2:
+        return False
+    a = _attrs(n)
+    return (list(a.get("kernel_shape", [1, 1])) == [1, 1] and a.get("group", 1) == 1
+            and all(v == 1 for v in a.get("strides", [1])) and all(v == 1 for v in a.get("dilations", [1]))
+            and not any(a.get("pads", [0])) and a.get("auto_pad", b"NOTSET") in (b"NOTSET", b"VALID"))
+
+
+def _integer_conv1x1(rw: _Rewrite, n: onnx.NodeProto, weights: dict[str, _Weight], activation
+                     ) -> list[onnx.NodeProto] | None:
+    """A 1x1 conv on an integer-representable activation as the linear it is: codes [N, C, H, W] -> [N, H*W, C]
+    -> MatMulInteger with the weight stored [C, C_out] -> Cast -> Mul(s_a * s_w) [-> Add bias] -> back to
+    [N, C_out, H, W]; None where it does not apply (the conv then keeps DequantizeLinear + Conv).
+
+    Measured (ORT 1.32, this CPU): 0.55-0.75x the prepacked FP32 1x1 Conv at 1 thread, 0.5-0.9x at 2, on the
+    SD1.5 shapes (C = 320..1280, 256..4096 positions), transposes included; the weight-as-A form (int8 [C_out, C] x
+    uint8 [N, C, H*W], no transposes) runs 2.5-4x slower (MLAS's fast u8s8 kernels take the uint8 operand as A)."""
+    w = weights.get(n.input[1])
+    vi = rw.value_info.get(n.output[0])
+    dims = [d.dim_value if d.HasField("dim_value") else 0 for d in vi.type.tensor_type.shape.dim] if vi else []
+    if (w is None or w.max_abs > MAX_WEIGHT_FOR_U8S8 or w.axis not in (0, -1) or len(dims) != 4
+            or not all(dims[1:]) or len(rw.consumers[n.input[1]]) != 1):
+        return None
+    t = rw.initializer(w.init)
+    w4 = numpy_helper.to_array(t)
+    if w4.ndim != 4 or w4.shape[2:] != (1, 1) or w4.shape[0] != dims[1]:
+        return None
+    act = activation(n.input[0])
+    if act is None:
+        return None
+    s_a, a_zp, codes = act
+    # stored [C, C_out] (MatMulInteger's B); --check reads a 2-D int8 weight transposed (msfp_compiler/check.py)
+    t.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(w4[:, :, 0, 0].T), w.init))
+    base = n.output[0].replace("/", "_")
+    comb = rw.const((np.float64(s_a) * w.scale.astype(np.float64)).astype(np.float32), f"{base}_scale")
+    azp = rw.const(np.array(a_zp, np.uint8), f"{base}_azp")
+    flat = rw.const(np.array([0, 0, -1], np.int64), f"{base}_flat")
+    shape = rw.const(np.array([0, *dims[1:]], np.int64), f"{base}_shape")
+    y = f"{base}_y"
+    chain = [
+        helper.make_node("Reshape", [codes, flat], [f"{base}_codes3"], name=f"{base}_flatten"),
+        helper.make_node("Transpose", [f"{base}_codes3"], [f"{base}_codes_t"], perm=[0, 2, 1], name=f"{base}_to_nlc"),
+        helper.make_node("MatMulInteger", [f"{base}_codes_t", w.init, azp], [f"{base}_acc"], name=f"{base}_mmi"),
+        helper.make_node("Cast", [f"{base}_acc"], [f"{base}_accf"], to=TensorProto.FLOAT, name=f"{base}_cast"),
+        helper.make_node("Mul", [f"{base}_accf", comb], [y], name=f"{base}_rescale"),
+    ]
+    if len(n.input) > 2 and n.input[2]:
+        chain.append(helper.make_node("Add", [y, n.input[2]], [f"{base}_yb"], name=f"{base}_bias"))
+        y = f"{base}_yb"
+    chain += [helper.make_node("Transpose", [y], [f"{base}_nct"], perm=[0, 2, 1], name=f"{base}_to_nct"),
+              helper.make_node("Reshape", [f"{base}_nct", shape], [n.output[0]], name=f"{base}_unflatten")]
     return chain
 
 

@@ -134,8 +134,8 @@ def lower_to_onnx(gm: fx.GraphModule, example_args: tuple, input_names: list[str
     With ``integer`` (export/integer_kernels.py) packed weights become int8 initializers + DequantizeLinear and
     linears on integer-grid activations run as MatMulInteger; without it the packed weights stay 4-bit
     (DequantizeFP4Packed), which a plain session folds to FP32. ``conv_weights="float32"``: conv weights as FP32
-    initializers (faster convs, 4 bytes a weight; see export/integer_kernels.py). ``unet_config`` (the diffusers config) is stored
-    as JSON in the model's metadata (``diffusers_config``), where ``OrtUNet`` finds it."""
+    initializers (faster convs, 4 bytes a weight; see export/integer_kernels.py). ``unet_config`` (the diffusers
+    config) is stored as JSON in the model's metadata (``diffusers_config``), where ``OrtUNet`` finds it."""
     table = {
         QUANTIZE: _translate_quantize,
         QUANTIZE_FOLDED: _translate_quantize_folded,
@@ -200,6 +200,7 @@ def to_integer(model: onnx.ModelProto, conv_weights: str = "int8") -> dict[str, 
         if n.domain == MSFP_DOMAIN:
             counts[n.op_type] = counts.get(n.op_type, 0) + 1
     counts.update({k: v for k, v in (("int8_weights", info.int8_weights), ("integer_matmuls", info.integer_matmuls),
+                                     ("integer_convs", info.integer_convs),
                                      ("float32_conv_weights", info.float32_conv_weights)) if v})
     return counts
 

@@ -129,12 +129,17 @@ def test_int8_weight_off_by_one_level(compiled_unet2d, reader: str) -> None:
     assert res.first_failure.name.endswith(".weight")  # named by the layer's parameter path
 
 
-def test_float_layer_bug_is_caught_at_the_next_quantizer(compiled_unet2d) -> None:
+@pytest.mark.parametrize("layer, reader", [("down_blocks.1.resnets.0.conv_shortcut", "Add"),
+                                           ("down_blocks.1.resnets.0.conv2", "Conv")])
+def test_float_layer_bug_is_caught_at_the_next_quantizer(compiled_unet2d, layer, reader) -> None:
+    """A wrong bias in a 1x1 conv (lowered to MatMulInteger, its bias an Add after the rescale) and in a 3x3 conv.
+    Both feed the residual Add, not a GroupNorm directly: a GroupNorm would remove a +0.5 on every channel exactly."""
     cm = compiled_unet2d
     m = _copy(cm)
     inits = {t.name: t for t in m.graph.initializer}
-    conv = [n for n in m.graph.node if n.op_type == "Conv" and len(n.input) > 2 and n.input[2] in inits][6]
-    b = inits[conv.input[2]]
+    (name,) = [k for k in inits if k.endswith(f"{layer}.bias")]
+    assert {n.op_type for n in m.graph.node if name in n.input} == {reader}
+    b = inits[name]
     b.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(b) + 0.5, b.name))
     res = _check(cm, m)
     assert not res.ok and "float layers before it diverge" in res.first_failure.problem, str(res)

@@ -126,7 +126,8 @@ def build_cifar(work: Path, only: set[str] | None = None) -> dict[str, Path]:
     with torch.no_grad():
         unet = model_from_config(dict(CIFAR10_DDPM_CONFIG), "cifar10 config").eval()
     calib = CalibConfig(num_samples=4, num_steps=10, num_groups=4, holdout_samples=0)
-    paths = _quantized_pair(LoadedModel(unet, Path("<cifar10 config>")), CompileConfig(calib=calib), work, "cifar", only)
+    loaded = LoadedModel(unet, Path("<cifar10 config>"))
+    paths = _quantized_pair(loaded, CompileConfig(calib=calib), work, "cifar", only)
     fp32 = work / "cifar.fp32.onnx"
     if not fp32.is_file():
         save_atomic(lower_fp32(unet), fp32)
@@ -545,8 +546,9 @@ def probe_memory(name: str, paths: dict[str, Path], timed: dict[str, Path], save
                  work: Path | None = None) -> dict:
     """Peak RSS / open time of a plain onnxruntime.InferenceSession(path) of each timed variant (fp32 first, the
     reference of the ratios), and of fp32 / msfp with open_session's options (``no_mem_pattern``); the packed 4-bit
-    file through open_session (predecode): SD1.5's packed file in a plain session needs 16.7 GB, not probed. ``cached``: also each fp32 / msfp file's optimized model
-    (``save_optimized``, in ``work``) opened without the optimizer. ``save()`` is called after each probe."""
+    file through open_session (predecode): SD1.5's packed file in a plain session needs 16.7 GB, not probed.
+    ``cached``: also each fp32 / msfp file's optimized model (``save_optimized``, in ``work``) opened without the
+    optimizer. ``save()`` is called after each probe."""
     probes = [(k, "plain") for k in timed if not (name == "sd15" and k == "msfp_packed")]
     probes += [(k, "open_session") for k in timed if k == "msfp_packed"]
     probes += [(k, "no_mem_pattern") for k in timed if k in ("fp32", "msfp")]
@@ -562,7 +564,8 @@ def probe_memory(name: str, paths: dict[str, Path], timed: dict[str, Path], save
         ref = out.get(f"fp32/{how}", fp)  # after two runs: against FP32 opened the same way (or plainly)
         m["peak_rss_2runs_vs_fp32"] = round(m["peak_rss_2runs_mb"] / ref["peak_rss_2runs_mb"], 3)
         print(f"  memory {k:<12} {how:<12} open {m['open_s']:.1f}s first run {m['first_run_s']:.1f}s "
-              f"peak RSS {m['peak_rss_mb']} MB ({m['peak_rss_vs_fp32']:.3f}x), after 2 runs {m['peak_rss_2runs_mb']} MB "
+              f"peak RSS {m['peak_rss_mb']} MB ({m['peak_rss_vs_fp32']:.3f}x), "
+              f"after 2 runs {m['peak_rss_2runs_mb']} MB "
               f"({m['peak_rss_2runs_vs_fp32']:.3f}x)  load {m['loadavg'][0]:.1f}", flush=True)
         save(out)
     return out

@@ -84,7 +84,8 @@ def test_msfp_nodes_match_the_torch_graph(compiled) -> None:
     inits = {t.name: t for t in m.graph.initializer}
     dq = [n for n in m.graph.node if n.op_type == "DequantizeLinear"]
     mmi = [n for n in m.graph.node if n.op_type == "MatMulInteger"]
-    assert mmi and len(mmi) == compiled.onnx_op_counts["integer_matmuls"]
+    assert mmi and len(mmi) == compiled.onnx_op_counts["integer_matmuls"] + compiled.onnx_op_counts.get(
+        "integer_convs", 0)  # linears, and 1x1 convs on integer-grid activations
     # int8 weights: read by a DequantizeLinear (FP32 kernels) or by a MatMulInteger (integer kernels), each once
     int8 = {t.name for t in m.graph.initializer if t.data_type == TensorProto.INT8}
     assert len(int8) == compiled.onnx_op_counts["int8_weights"]

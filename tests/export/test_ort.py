@@ -104,6 +104,43 @@ def test_float32_conv_weights_are_the_int8_weights_decoded(compiled_unet2d, pack
     assert np.linalg.norm(out - outs[0]) / np.linalg.norm(outs[0]) < 1e-5  # conv kernels may sum in another order
 
 
+def test_pointwise_convs_run_as_integer_matmuls(compiled_unet2d, packed_unet2d, monkeypatch) -> None:
+    """1x1 convs on integer-grid activations lower to MatMulInteger over [N, H*W, C] with the int8 weight stored
+    [C, C_out]: the same weights as DequantizeLinear + Conv, the output equal up to the float summation order; with
+    conv_weights="float32" they stay integer GEMMs (the faster kernel) and keep their int8 weight."""
+    import onnx
+    from onnx import numpy_helper
+
+    import msfp_compiler.export.integer_kernels as ik
+    from msfp_compiler.export.onnx import to_integer
+    from msfp_compiler.export.ort import session_from_model
+
+    def lowered(conv_weights: str = "int8") -> tuple[onnx.ModelProto, dict[str, int]]:
+        m = onnx.ModelProto()
+        m.CopyFrom(packed_unet2d.onnx_model)
+        return m, to_integer(m, conv_weights=conv_weights)
+
+    m, counts = lowered()
+    assert counts == compiled_unet2d.onnx_op_counts and counts["integer_convs"] > 0
+    inits = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
+    mmi_w = [n.input[1] for n in m.graph.node if n.op_type == "MatMulInteger" and n.name.endswith("_mmi")]
+    monkeypatch.setattr(ik, "_pointwise", lambda n: False)
+    ref, ref_counts = lowered()
+    assert ref_counts["int8_weights"] == counts["int8_weights"] and "integer_convs" not in ref_counts
+    ref_inits = {t.name: numpy_helper.to_array(t) for t in ref.graph.initializer}
+    dq_w = {n.input[0] for n in ref.graph.node if n.op_type == "DequantizeLinear"}
+    conv_w = [w for w in mmi_w if w in dq_w and ref_inits[w].ndim == 4]
+    assert len(conv_w) == counts["integer_convs"]
+    for w in conv_w:  # the conv's int8 weight, transposed to [C, C_out]
+        assert np.array_equal(inits[w], ref_inits[w][:, :, 0, 0].T)
+    feeds = holdout_feeds(compiled_unet2d)
+    (out,) = session_from_model(m).run(None, feeds)
+    (want,) = session_from_model(ref).run(None, feeds)
+    assert np.linalg.norm(out - want) / np.linalg.norm(want) < 1e-5
+    monkeypatch.undo()
+    assert lowered("float32")[1]["integer_convs"] == counts["integer_convs"]
+
+
 def test_float32_conv_share_picks_the_convs_with_the_most_output_positions(packed_unet2d) -> None:
     """CompileConfig.conv_weights="float32:F": FP32 initializers for at most the share F of the conv weight
     elements, the convs with the most output positions first; "float32:1" is "float32"."""
