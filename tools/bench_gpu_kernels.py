@@ -306,48 +306,17 @@ def level_flips(got: torch.Tensor, ref: torch.Tensor) -> float:
 
 def fp8_sdpa_cudnn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, descale: tuple, scale_s: float,
                    scale_o: float, attn_scale: float, out_bf16: bool) -> tuple[Callable[[], Any], torch.Tensor]:
-    """cuDNN's FP8 flash attention through cudnn-frontend's Python graph API (built once): q/k/v E4M3 [B, H, S, D]
-    views of BSHD storage, per-tensor descales (the quantizers' scales), P scaled by scale_s into E4M3, O scaled by
-    scale_o (E4M3 on Hopper; bf16 where out_bf16 and the backend supports it). Returns (run, O)."""
-    import cudnn
+    """cuDNN's FP8 flash attention, the library's graph (``attention_fp8.build_sdpa_fp8``, what
+    ``msfp_fast::sdpa_fp8`` runs): q/k/v E4M3 [B, H, S, D] views of BSHD storage, per-tensor descales (the
+    quantizers' scales), P scaled by scale_s into E4M3, O scaled by scale_o (E4M3 on Hopper; bf16 where out_bf16 and
+    the backend supports it). Returns (run, O)."""
+    from msfp_compiler.export.triton.attention_fp8 import build_sdpa_fp8
 
-    handle = cudnn.create_handle()
-    e4m3, f32 = cudnn.data_type.FP8_E4M3, cudnn.data_type.FLOAT
-    g = cudnn.pygraph(io_data_type=e4m3, intermediate_data_type=f32, compute_data_type=f32, handle=handle)
-    tq, tk, tv = (g.tensor(name=n, dim=list(t.shape), stride=list(t.stride()), data_type=e4m3)
-                  for n, t in (("q", q), ("k", k), ("v", v)))
-    one = dict(dim=[1, 1, 1, 1], stride=[1, 1, 1, 1], data_type=f32)
-    names = ("descale_q", "descale_k", "descale_v", "descale_s", "scale_s", "scale_o")
-    ts = [g.tensor(name=n, **one) for n in names]
-    vals = [*descale, 1.0 / scale_s, scale_s, scale_o]
-    o, _, amax_s, amax_o = g.sdpa_fp8(q=tq, k=tk, v=tv, descale_q=ts[0], descale_k=ts[1], descale_v=ts[2],
-                                      descale_s=ts[3], scale_s=ts[4], scale_o=ts[5], generate_stats=False,
-                                      attn_scale=attn_scale, use_causal_mask=False)
     B, H, S, _ = q.shape
-    Dv = v.shape[-1]
-    out = torch.empty(B, S, H, Dv, device=q.device, dtype=torch.bfloat16 if out_bf16 else torch.float8_e4m3fn)
+    out = torch.empty(B, S, H, v.shape[-1], device=q.device, dtype=torch.bfloat16 if out_bf16 else torch.float8_e4m3fn)
     out = out.permute(0, 2, 1, 3)
-    o.set_output(True).set_dim(list(out.shape)).set_stride(list(out.stride())).set_data_type(
-        cudnn.data_type.BFLOAT16 if out_bf16 else e4m3)
-    amax = [torch.empty(1, 1, 1, 1, device=q.device) for _ in range(2)]
-    for t in (amax_s, amax_o):
-        t.set_output(True).set_dim([1, 1, 1, 1]).set_stride([1, 1, 1, 1]).set_data_type(f32)
-    g.validate()
-    g.build_operation_graph()
-    g.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
-    g.check_support()
-    g.build_plans()
-    ws = torch.empty(max(1, g.get_workspace_size()), device=q.device, dtype=torch.uint8)
-    scal = [torch.full((1, 1, 1, 1), float(x), device=q.device) for x in vals]
-    # device addresses: every frontend version takes them (FP8 tensors have no __cuda_array_interface__)
-    pack = {t: x.data_ptr() for t, x in ((tq, q), (tk, k), (tv, v), (o, out), (amax_s, amax[0]), (amax_o, amax[1]),
-                                         *zip(ts, scal))}
-
-    def run() -> None:
-        cudnn.set_stream(handle=handle, stream=torch.cuda.current_stream().cuda_stream)
-        g.execute(pack, ws.data_ptr(), handle=handle)
-
-    return run, out
+    graph = build_sdpa_fp8(q, k, v, out, tuple(descale), scale_o, attn_scale, p_scale=scale_s)
+    return (lambda: graph(q, k, v, out)), out
 
 
 def _time(fn: Callable[[], Any]) -> tuple[float, str]:

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["P_SCALE", "sdpa_fp8_cudnn"]
+__all__ = ["P_SCALE", "sdpa_fp8_cudnn", "build_sdpa_fp8"]
 
 P_SCALE = 448.0  # P in [0, 1] -> E4M3's whole range
 _FP8 = torch.float8_e4m3fn
@@ -27,7 +27,8 @@ class _Graph:
     """A built cuDNN FP8 SDPA graph for one set of shapes and strides, its workspace and scale tensors."""
 
     def __init__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                 descale: tuple[float, float, float], scale_o: float, attn_scale: float) -> None:
+                 descale: tuple[float, float, float], scale_o: float, attn_scale: float,
+                 p_scale: float = P_SCALE) -> None:
         import cudnn
 
         torch.backends.cudnn.version()  # loads torch's libcudnn first: the frontend finds it by soname
@@ -44,7 +45,8 @@ class _Graph:
         o, _, amax_s, amax_o = g.sdpa_fp8(q=tq, k=tk, v=tv, descale_q=ts[0], descale_k=ts[1], descale_v=ts[2],
                                           descale_s=ts[3], scale_s=ts[4], scale_o=ts[5], generate_stats=False,
                                           attn_scale=attn_scale, use_causal_mask=False)
-        o.set_output(True).set_dim(list(out.shape)).set_stride(list(out.stride())).set_data_type(e4m3)
+        o_type = cudnn.data_type.BFLOAT16 if out.dtype == torch.bfloat16 else e4m3  # bf16: not on Hopper (9.19)
+        o.set_output(True).set_dim(list(out.shape)).set_stride(list(out.stride())).set_data_type(o_type)
         for t in (amax_s, amax_o):
             t.set_output(True).set_dim([1, 1, 1, 1]).set_stride([1, 1, 1, 1]).set_data_type(f32)
         g.validate()
@@ -54,7 +56,7 @@ class _Graph:
         g.build_plans()
         self.graph, self.uids = g, [t.get_uid() for t in (tq, tk, tv, o)]
         self.ws = torch.empty(max(1, g.get_workspace_size()), device=q.device, dtype=torch.uint8)
-        vals = [*descale, 1.0 / P_SCALE, P_SCALE, scale_o]
+        vals = [*descale, 1.0 / p_scale, p_scale, scale_o]
         self.scalars = [torch.full((1, 1, 1, 1), float(x), device=q.device) for x in vals]
         self.amax = [torch.empty(1, 1, 1, 1, device=q.device) for _ in range(2)]
         self.fixed = {t.get_uid(): x.data_ptr() for t, x in zip([*ts, amax_s, amax_o], [*self.scalars, *self.amax])}
@@ -65,6 +67,15 @@ class _Graph:
         cudnn.set_stream(handle=self.handle, stream=torch.cuda.current_stream(q.device).cuda_stream)
         pack = {**self.fixed, **{u: t.data_ptr() for u, t in zip(self.uids, (q, k, v, out))}}
         self.graph.execute(pack, self.ws.data_ptr(), handle=self.handle)
+
+
+def build_sdpa_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                   descale: tuple[float, float, float], scale_o: float, attn_scale: float,
+                   p_scale: float = P_SCALE) -> _Graph:
+    """The cuDNN FP8 SDPA graph for these tensors' shapes and strides (uncached; ``sdpa_fp8_cudnn`` caches): called
+    as ``graph(q, k, v, out)``, it writes ``out`` (E4M3, or bf16 where the backend has it) on the current stream.
+    P is scaled by ``p_scale`` into E4M3, O by ``scale_o``."""
+    return _Graph(q, k, v, out, descale, scale_o, attn_scale, p_scale)
 
 
 def sdpa_fp8_cudnn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, descale_q: float, descale_k: float,
