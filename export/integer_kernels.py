@@ -20,37 +20,35 @@ of the ONNX graph use that:
    limited to |w| <= 64 so that the u8 x s8 pair sums of AVX2 kernels without VNNI (vpmaddubsw, int16 saturating)
    cannot saturate: 2 * 255 * 64 < 2^15.
 
-Convolutions other than those 1x1 convs keep FP32 kernels on the dequantized weight: onnxruntime's ConvInteger is
-several times slower than its FP32 Conv on this class of CPU, and QLinearConv requantizes its output (inexact). A weight
-that comes out of a DequantizeLinear at run time is not a constant to ORT, so its Conv loses the weight prepacking
-(NCHWc layout, fused activation) that FP32 models get: 1.2x the FP32 latency on the CIFAR-size UNet.
-``conv_weights="float32"`` (CompileConfig.conv_weights) trades memory for that speed: conv weights are decoded here into
-FP32 initializers (the same values, 4 bytes a weight), linears stay int8 + MatMulInteger. ``conv_weights="float32:F"``
-is the middle ground: FP32 kernels for the share F of the conv weight elements, the convs with the most output positions
-(multiply-adds per weight) first. An op profile of SD1.5 (1 thread) ranks the convs the same way: the 64x64 and 32x32
-ones run 1.2-1.5x their prepacked FP32 time for the fewest weights. A session holds ~7 bytes more per FP32 conv weight
-than per int8 one (the initializer and its NCHWc copy) until the model is saved with external data (~5 bytes), so on
-SD1.5 F = 0.05 (38 convs, 29M weights) is what stays within half the FP32 session's memory. An FP16 initializer + Cast
-would halve the file but not the session: ORT folds the Cast at session start (checked on an optimized-model dump).
-Also measured and dropped (ORT 1.32, AVX2 without VNNI, 1 thread): 3x3 convs as integer GEMMs (uint8 im2col by
-Pad / Slice / Concat in NHWC, MatMulInteger, Cast, Mul, Transpose back; exact): 0.99-1.12x the prepacked FP32 Conv
-on the SD1.5 and CIFAR shapes, the MatMulInteger alone 0.98-1.07x (u8s8 without VNNI is no faster than MLAS's FP32
-kernels at K = 9 * C), against 1.03-1.22x for the DequantizeLinear + Conv used here, a gain only at 640-1280
-channels, where the resnet convs read unsigned activations with a zero point: exact there only with a [C_out, H, W]
-border-correction map per conv (~95 MB on SD1.5, the memory goal's whole margin). 1x1 convs as MatMulInteger: no
-faster either there (0.97-1.06x FP32) on the previous host; on today's (same ORT, faster memory, MatMulInteger 2x the
-FP32 linears) 0.55-0.75x the prepacked FP32 1x1 Conv, so 1x1 convs on integer-grid activations are rewritten like
-linears (rewrite 2, ``_integer_conv1x1``). MatMulInteger on the linears: 0.84-1.0x FP32 MatMul (a DequantizeLinear
-weight + FP32 MatMul, which loses prepacking, is 2.3-2.6x). onnxruntime's contrib MatMulNBits (com.microsoft, 4- or
-8-bit block-quantized weights; E1M2 = INT4 exactly, E2M1 x2 in 8 bits): with accuracy_level 0 (FP32 compute, the only
-exact-in-FP32 one; level 4 quantizes the activations again per block, 3.5e-3 relative error) 1.14-1.19x FP32
-MatMul on [4096, 320] x [320, 1280] and 1.04-1.07x on [4096, 256] x [256, 256], where MatMulInteger is 0.84x and
-1.03x: not used. Attention scores of quantized q and k as MatMulInteger -> Cast -> Mul: 1.5x (1 thread) and 1.9x
-(2 threads) the FP32 MatMul on an SD1.5 chunk [8, 512, 40] x [8, 40, 4096] (head dim 40 is too short a sum for the
-integer GEMM to pay, and the int32 scores take two more passes): not used. ORT's DequantizeLinear is a
-single-threaded loop (0.5 ns a weight at 1 and 2 threads); a per-tensor DequantizeLinear by 2^-k followed by a Mul
-by the channel scale (bit-identical) is 2.2-2.5x slower, so the per-channel form stays. A linear's Cast -> Mul as
-one DequantizeLinear of the int32 sums (axis -1, bit-identical): 1.5x slower (a per-element scale lookup).
+Convolutions: a "same" conv (odd square-ish kernel, k // 2 zero padding, stride 1, no groups; 1x1 and 3x3 in our
+UNets) on an integer-grid activation runs as the integer GEMM it is: uint8 im2col of the codes (NHWC Transpose,
+Pad, one Slice per tap, Concat) -> MatMulInteger with the int8 weight stored [(kh, kw, C), C_out] (``_integer_conv``).
+Activations that carry a zero point (unsigned grids after SiLU, where the FP32 conv pads with zeros, not with z) get
+z times the weight sums of the taps inside the image added back, by a tiny MatMul of a uint8 tap mask. On this host
+(ORT 1.32, AVX2 without VNNI) the 3x3 convs run 0.48-0.75x the prepacked FP32 Conv, and 1x1 convs 0.55-0.75x; on the
+previous host (slower memory) the same forms were 0.99-1.12x and 0.97-1.06x and were dropped. Other convs (strided,
+on activations that are not one quantizer's output, 8-bit first/last layers) keep FP32 kernels on the dequantized
+weight: onnxruntime's ConvInteger runs 3-4x slower than its FP32 Conv on this class of CPU, and QLinearConv
+requantizes its output (inexact). A weight that comes out of a DequantizeLinear at run time is not a constant to ORT,
+so its Conv loses the weight prepacking (NCHWc layout, fused activation) that FP32 models get.
+``conv_weights="float32"`` (CompileConfig.conv_weights) trades memory for that speed on those convs: their weights
+are decoded here into FP32 initializers (the same values, 4 bytes a weight); convs that run as integer GEMMs keep
+int8 (the faster kernel). ``conv_weights="float32:F"`` is the middle ground: FP32 kernels for the share F of those
+conv weight elements, the convs with the most output positions (multiply-adds per weight) first. A session holds ~7
+bytes more per FP32 conv weight than per int8 one (the initializer and its NCHWc copy) until the model is saved with
+external data (~5 bytes). An FP16 initializer + Cast would halve the file but not the session: ORT folds the Cast at
+session start (checked on an optimized-model dump).
+Measured on the previous host (ORT 1.32, AVX2 without VNNI, 1 thread): MatMulInteger on the linears: 0.84-1.0x FP32
+MatMul (a DequantizeLinear weight + FP32 MatMul, which loses prepacking, is 2.3-2.6x). Dropped: onnxruntime's contrib
+MatMulNBits (com.microsoft, 4- or 8-bit block-quantized weights; E1M2 = INT4 exactly, E2M1 x2 in 8 bits): with
+accuracy_level 0 (FP32 compute, the only exact-in-FP32 one; level 4 quantizes the activations again per block, 3.5e-3
+relative error) 1.14-1.19x FP32 MatMul on [4096, 320] x [320, 1280] and 1.04-1.07x on [4096, 256] x [256, 256], where
+MatMulInteger is 0.84x and 1.03x: not used. Attention scores of quantized q and k as MatMulInteger -> Cast -> Mul: 1.5x
+(1 thread) and 1.9x (2 threads) the FP32 MatMul on an SD1.5 chunk [8, 512, 40] x [8, 40, 4096] (head dim 40 is too short
+a sum for the integer GEMM to pay, and the int32 scores take two more passes): not used. ORT's DequantizeLinear is a
+single-threaded loop (0.5 ns a weight at 1 and 2 threads); a per-tensor DequantizeLinear by 2^-k followed by a Mul by
+the channel scale (bit-identical) is 2.2-2.5x slower, so the per-channel form stays. A linear's Cast -> Mul as one
+DequantizeLinear of the int32 sums (axis -1, bit-identical): 1.5x slower (a per-element scale lookup).
 """
 
 from __future__ import annotations
@@ -224,7 +222,7 @@ def _float_conv_weights(rw: _Rewrite, share: float) -> set[str]:
         return set()
     convs = [(pos, n.output[0], int(np.prod(_attrs(n)["shape"]))) for n, _ in _packed_weights(rw)
              if (pos := _conv_positions(rw, n.output[0])) is not None
-             and not all(_pointwise(u) and _activation_grid(rw, u.input[0]) for u in rw.consumers[n.output[0]])]
+             and not all(_same_conv(u) and _activation_grid(rw, u.input[0], True) for u in rw.consumers[n.output[0]])]
     budget = share * sum(numel for _, _, numel in convs)
     chosen, used = set(), 0
     for pos, out, numel in sorted(convs, key=lambda c: -c[0]):  # stable: graph order among equals
@@ -300,9 +298,14 @@ def _integer_matmuls(rw: _Rewrite, nodes: list[onnx.NodeProto], weights: dict[st
     """Rewrite 2: ``nodes`` with linears and 1x1 convs on integer-representable activations as MatMulInteger chains
     (the codes of each quantizer output computed once, right where the first such layer needs them)."""
     codes_of: dict[str, str] = {}  # quantizer output -> uint8 codes tensor
+    cols_of: dict[tuple[str, int, int], str] = {}  # (codes, kh, kw) -> [N, H*W, kh*kw*C] im2col of the codes
     out_nodes: list[onnx.NodeProto] = []
-    def activation(name: str) -> tuple[float, int, str] | None:
+
+    def activation(name: str) -> tuple[float, int, float, str] | None:
         return _activation(rw, name, codes_of, out_nodes)
+
+    def conv_activation(name: str) -> tuple[float, int, float, str] | None:
+        return _activation(rw, name, codes_of, out_nodes, with_zero_point=True)
 
     for n in nodes:
         rewritten = None
@@ -311,16 +314,18 @@ def _integer_matmuls(rw: _Rewrite, nodes: list[onnx.NodeProto], weights: dict[st
             info.integer_matmuls += rewritten is not None
             if rewritten is None and any(i in weights for i in n.input):
                 info.float_matmuls_on_int8_weights += 1
-        elif _pointwise(n):
-            rewritten = _integer_conv1x1(rw, n, weights, activation)
+        elif _same_conv(n):
+            rewritten = _integer_conv(rw, n, weights, conv_activation, cols_of)
             info.integer_convs += rewritten is not None
         out_nodes.extend([n] if rewritten is None else rewritten)
     return out_nodes
 
 
-def _activation_grid(rw: _Rewrite, name: str) -> tuple[float, int] | None:
-    """(scale / 2^k, activation zero point code) of an integer-representable quantizer output (scalar scale, an
-    integer grid after a 2^k rescale that fits uint8 with the offset, zero point 0 or folded), or None."""
+def _activation_grid(rw: _Rewrite, name: str, with_zero_point: bool = False) -> tuple[float, int, float] | None:
+    """(scale / 2^k, activation zero point code, z) of an integer-representable quantizer output (scalar scale, an
+    integer grid after a 2^k rescale that fits uint8 with the offset), or None. z is the zero point the output still
+    carries (y = z + scale * grid): 0 where it is 0 or folded into the consumer's bias; any other z only
+    ``with_zero_point`` (unsigned grids; the convs add z * their weight sums back, see ``_integer_conv``)."""
     q = rw.producer.get(name)
     if q is None or q.domain != MSFP_DOMAIN or q.op_type not in QUANTIZE_OPS:
         return None
@@ -329,30 +334,41 @@ def _activation_grid(rw: _Rewrite, name: str) -> tuple[float, int] | None:
     fmt = get_format(_attrs(q)["format"].decode())
     k = integer_shift(fmt, 127 if fmt.signed else 255)
     sc, zp = rw.array(q.input[1]), rw.array(q.input[2])
-    if k is None or sc.size != 1 or (_attrs(q).get("keep_zero_point", 1.0) != 0.0 and np.any(zp != 0)):
+    if k is None or sc.size != 1:
         return None
-    return float(sc.reshape(())) * 2.0 ** -k, 128 if fmt.signed else 0
+    z = 0.0 if _attrs(q).get("keep_zero_point", 1.0) == 0.0 else zp
+    if np.any(z != 0):
+        if not with_zero_point or fmt.signed or np.size(z) != 1:
+            return None
+        z = float(np.reshape(z, ()))
+    return float(sc.reshape(())) * 2.0 ** -k, 128 if fmt.signed else 0, float(z)
 
 
-def _activation(rw: _Rewrite, name: str, codes_of: dict[str, str], out_nodes: list[onnx.NodeProto]
-                ) -> tuple[float, int, str] | None:
-    """(scale / 2^k, activation zero point code, codes tensor) for an integer-representable quantizer output; the
+def _activation(rw: _Rewrite, name: str, codes_of: dict[str, str], out_nodes: list[onnx.NodeProto],
+                with_zero_point: bool = False) -> tuple[float, int, float, str] | None:
+    """(scale / 2^k, activation zero point code, z, codes tensor) for an integer-representable quantizer output; the
     first call for a tensor appends the nodes computing its codes to ``out_nodes``."""
-    grid = _activation_grid(rw, name)
+    grid = _activation_grid(rw, name, with_zero_point)
     if grid is None:
         return None
-    s, offset = grid
+    s, offset, z = grid
     if name not in codes_of:
         # y is (scale / 2^k) * an integer of magnitude <= 255, rounded once, so y / (scale / 2^k) lies within a few
         # ulps of that integer and QuantizeLinear's round-half-even gives it back exactly (+ offset, as uint8): one
-        # vectorized pass where Mul -> Round -> Add -> Cast took four (1.3 vs 5-7 ms on a [4096, 320] input)
+        # vectorized pass where Mul -> Round -> Add -> Cast took four (1.3 vs 5-7 ms on a [4096, 320] input). With a
+        # kept zero point, y = z + (scale / 2^k) * n rounded once, and y - z is again within a few ulps of the grid
+        # value (|y| * 2^-24 is far below half a step for any calibrated scale).
         base = name.replace("/", "_")
         step = rw.const(np.array(s, np.float32), f"{base}_step")  # scale * 2^-k: exact in float32
         zp = rw.const(np.array(offset, np.uint8), f"{base}_offset")
-        out_nodes.append(helper.make_node("QuantizeLinear", [name, step, zp], [f"{base}_codes"],
-                                          name=f"{base}_codes"))
+        x = name
+        if z != 0.0:
+            x = f"{base}_minus_z"
+            out_nodes.append(helper.make_node("Sub", [name, rw.const(np.array(z, np.float32), f"{base}_z")], [x],
+                                              name=f"{base}_minus_z"))
+        out_nodes.append(helper.make_node("QuantizeLinear", [x, step, zp], [f"{base}_codes"], name=f"{base}_codes"))
         codes_of[name] = f"{base}_codes"
-    return s, offset, codes_of[name]
+    return s, offset, z, codes_of[name]
 
 
 def _integer_matmul(rw: _Rewrite, n: onnx.NodeProto, weights: dict[str, _Weight], activation
@@ -384,7 +400,7 @@ def _integer_matmul(rw: _Rewrite, n: onnx.NodeProto, weights: dict[str, _Weight]
     act = activation(a_name)
     if act is None:
         return None
-    s_a, a_zp, codes = act
+    s_a, a_zp, _, codes = act
     base = n.output[0].replace("/", "_")
     comb = (np.float64(s_a) * w_scale.astype(np.float64)).astype(np.float32)
     comb_name = rw.const(comb, f"{base}_scale")
@@ -399,60 +415,133 @@ def _integer_matmul(rw: _Rewrite, n: onnx.NodeProto, weights: dict[str, _Weight]
     return chain
 
 
-def _pointwise(n: onnx.NodeProto) -> bool:
-    """A 2-D 1x1 Conv without stride, padding, dilation or groups: a linear over the channels at every position."""
+def _same_conv(n: onnx.NodeProto) -> tuple[int, int] | None:
+    """(kh, kw) of a 2-D Conv with odd kernel sides, "same" zero padding (k // 2 on each side), no stride, dilation
+    or groups, or None. 1x1 convs are linears over the channels at every position."""
     if n.op_type != "Conv" or n.domain not in ("", "ai.onnx") or len(n.input) < 2:
-        return False
+        return None
     a = _attrs(n)
-    return (list(a.get("kernel_shape", [1, 1])) == [1, 1] and a.get("group", 1) == 1
-            and all(v == 1 for v in a.get("strides", [1])) and all(v == 1 for v in a.get("dilations", [1]))
-            and not any(a.get("pads", [0])) and a.get("auto_pad", b"NOTSET") in (b"NOTSET", b"VALID"))
+    ks = list(a.get("kernel_shape", []))
+    if len(ks) != 2 or not all(k % 2 for k in ks) or a.get("group", 1) != 1:
+        return None
+    pads = list(a.get("pads", [0, 0, 0, 0]))
+    if (pads != [ks[0] // 2, ks[1] // 2] * 2 or any(v != 1 for v in a.get("strides", [1]))
+            or any(v != 1 for v in a.get("dilations", [1])) or a.get("auto_pad", b"NOTSET") != b"NOTSET"):
+        return None
+    return ks[0], ks[1]
 
 
-def _integer_conv1x1(rw: _Rewrite, n: onnx.NodeProto, weights: dict[str, _Weight], activation
-                     ) -> list[onnx.NodeProto] | None:
-    """A 1x1 conv on an integer-representable activation as the linear it is: codes [N, C, H, W] -> [N, H*W, C]
-    -> MatMulInteger with the weight stored [C, C_out] -> Cast -> Mul(s_a * s_w) [-> Add bias] -> back to
-    [N, C_out, H, W]; None where it does not apply (the conv then keeps DequantizeLinear + Conv).
+def _integer_conv(rw: _Rewrite, n: onnx.NodeProto, weights: dict[str, _Weight], activation, cols_of: dict
+                  ) -> list[onnx.NodeProto] | None:
+    """A "same" conv on an integer-representable activation as an integer GEMM: codes [N, C, H, W] -> NHWC -> (for
+    kh x kw > 1: Pad, kh * kw Slices, Concat: uint8 im2col) -> [N, H*W, kh*kw*C] -> MatMulInteger with the weight
+    stored [kh*kw*C, C_out] -> Cast -> Mul(s_a * s_w) -> Add bias -> back to [N, C_out, H, W]; None where it does
+    not apply (the conv then keeps DequantizeLinear + Conv). The int32 sums are exact, so the result differs from
+    the FP32 conv of the same operands by the float summation order only (~1e-7 relative).
 
-    Measured (ORT 1.32, this CPU): 0.55-0.75x the prepacked FP32 1x1 Conv at 1 thread, 0.5-0.9x at 2, on the
-    SD1.5 shapes (C = 320..1280, 256..4096 positions), transposes included; the weight-as-A form (int8 [C_out, C] x
-    uint8 [N, C, H*W], no transposes) runs 2.5-4x slower (MLAS's fast u8s8 kernels take the uint8 operand as A)."""
+    Padding: the codes are padded with the activation zero point code (a zero). An activation that carries a zero
+    point z (unsigned grids after SiLU: y = z + s_a * n) is padded with zeros in the FP32 conv, not with z, so the
+    conv is s_a * s_w * sum(w * n) + z * s_w * (sum of w over the taps inside the image): that second term is a
+    [H*W, kh*kw] 0/1 tap mask times a [kh*kw, C_out] table, added with the bias by one small MatMul (an extra column
+    of ones carries the bias). The mask is a uint8 initializer read through DequantizeLinear, which onnxruntime does
+    not constant-fold: folded, the [H*W, C_out] products would cost ~95 MB on SD1.5.
+
+    Measured (ORT 1.32, AVX2 without VNNI; out/mmi3x3.py, out/mmi1x1.py in the issue-13 notes): 3x3 convs 0.48-0.75x
+    the prepacked FP32 Conv and 0.38-0.68x the DequantizeLinear + Conv they replace, at 1 and 2 threads, on the SD1.5
+    shapes; 1x1 convs 0.55-0.75x (1 thread), 0.5-0.9x (2 threads) the prepacked FP32 Conv. The weight-as-A form
+    (int8 [C_out, C] x uint8 [N, C, H*W], no transposes) runs 2.5-4x slower (MLAS's fast u8s8 kernels take the uint8
+    operand as A); ConvInteger runs 3-4x slower than the FP32 Conv."""
+    ks = _same_conv(n)
     w = weights.get(n.input[1])
     vi = rw.value_info.get(n.output[0])
     dims = [d.dim_value if d.HasField("dim_value") else 0 for d in vi.type.tensor_type.shape.dim] if vi else []
-    if (w is None or w.max_abs > MAX_WEIGHT_FOR_U8S8 or w.axis not in (0, -1) or len(dims) != 4
+    if (ks is None or w is None or w.max_abs > MAX_WEIGHT_FOR_U8S8 or w.axis not in (0, -1) or len(dims) != 4
             or not all(dims[1:]) or len(rw.consumers[n.input[1]]) != 1):
         return None
     t = rw.initializer(w.init)
     w4 = numpy_helper.to_array(t)
-    if w4.ndim != 4 or w4.shape[2:] != (1, 1) or w4.shape[0] != dims[1]:
+    kh, kw = ks
+    if w4.ndim != 4 or w4.shape[2:] != (kh, kw) or w4.shape[0] != dims[1]:
         return None
-    act = activation(n.input[0])
-    if act is None:
-        return None
-    s_a, a_zp, codes = act
-    # stored [C, C_out] (MatMulInteger's B); --check reads a 2-D int8 weight transposed (msfp_compiler/check.py)
-    t.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(w4[:, :, 0, 0].T), w.init))
+    grid = _activation_grid(rw, n.input[0], with_zero_point=True)
+    has_bias = len(n.input) > 2 and bool(n.input[2])
+    if grid is None or (grid[2] != 0.0 and has_bias and n.input[2] not in rw.inits):
+        return None  # (a bias computed at run time next to a zero point: none in our graphs)
+    s_a, a_zp, z, codes = activation(n.input[0])
+    c_out, h, wd = dims[1:]
+    c_in = w4.shape[1]
+    # stored [(kh, kw, C), C_out], the im2col column order; --check reads it back (msfp_compiler/check.py)
+    t.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(w4.transpose(2, 3, 1, 0).reshape(-1, c_out)), w.init))
     base = n.output[0].replace("/", "_")
-    comb = rw.const((np.float64(s_a) * w.scale.astype(np.float64)).astype(np.float32), f"{base}_scale")
+    s_w = w.scale.astype(np.float64) * np.ones(c_out)
+    comb = rw.const((np.float64(s_a) * s_w).astype(np.float32), f"{base}_scale")
     azp = rw.const(np.array(a_zp, np.uint8), f"{base}_azp")
-    flat = rw.const(np.array([0, 0, -1], np.int64), f"{base}_flat")
-    shape = rw.const(np.array([0, *dims[1:]], np.int64), f"{base}_shape")
+    chain = []
+    key = (codes, kh, kw)
+    if key not in cols_of:
+        cb = f"{codes}_k{kh}x{kw}"
+        chain.append(helper.make_node("Transpose", [codes], [f"{cb}_nhwc"], perm=[0, 2, 3, 1], name=f"{cb}_nhwc"))
+        x = f"{cb}_nhwc"
+        if (kh, kw) != (1, 1):
+            ph, pw = kh // 2, kw // 2
+            pads = rw.const(np.array([0, ph, pw, 0, 0, ph, pw, 0], np.int64), f"{cb}_pads")
+            chain.append(helper.make_node("Pad", [x, pads, azp], [f"{cb}_padded"], name=f"{cb}_pad"))
+            axes = rw.const(np.array([1, 2], np.int64), f"{cb}_axes")
+            taps = []
+            for i in range(kh):
+                for j in range(kw):
+                    st = rw.const(np.array([i, j], np.int64), f"{cb}_s{i}{j}")
+                    en = rw.const(np.array([i + h, j + wd], np.int64), f"{cb}_e{i}{j}")
+                    chain.append(helper.make_node("Slice", [f"{cb}_padded", st, en, axes], [f"{cb}_t{i}{j}"],
+                                                  name=f"{cb}_t{i}{j}"))
+                    taps.append(f"{cb}_t{i}{j}")
+            chain.append(helper.make_node("Concat", taps, [f"{cb}_cols4"], axis=3, name=f"{cb}_concat"))
+            x = f"{cb}_cols4"
+        flat = rw.const(np.array([0, h * wd, kh * kw * c_in], np.int64), f"{cb}_flat")
+        chain.append(helper.make_node("Reshape", [x, flat], [f"{cb}_cols"], name=f"{cb}_cols"))
+        cols_of[key] = f"{cb}_cols"
     y = f"{base}_y"
-    chain = [
-        helper.make_node("Reshape", [codes, flat], [f"{base}_codes3"], name=f"{base}_flatten"),
-        helper.make_node("Transpose", [f"{base}_codes3"], [f"{base}_codes_t"], perm=[0, 2, 1], name=f"{base}_to_nlc"),
-        helper.make_node("MatMulInteger", [f"{base}_codes_t", w.init, azp], [f"{base}_acc"], name=f"{base}_mmi"),
+    chain += [
+        helper.make_node("MatMulInteger", [cols_of[key], w.init, azp], [f"{base}_acc"], name=f"{base}_mmi"),
         helper.make_node("Cast", [f"{base}_acc"], [f"{base}_accf"], to=TensorProto.FLOAT, name=f"{base}_cast"),
         helper.make_node("Mul", [f"{base}_accf", comb], [y], name=f"{base}_rescale"),
     ]
-    if len(n.input) > 2 and n.input[2]:
-        chain.append(helper.make_node("Add", [y, n.input[2]], [f"{base}_yb"], name=f"{base}_bias"))
+    bias = None
+    if z != 0.0:
+        b = rw.array(n.input[2]).astype(np.float64) if has_bias else np.zeros(c_out)
+        wsum = w4.astype(np.int64).sum(axis=1).reshape(c_out, kh * kw).T  # [taps, C_out], exact
+        if (kh, kw) == (1, 1):  # no padding: z * s_w * sum(w) is a constant per channel
+            bias = rw.const((b + z * s_w * wsum[0]).astype(np.float32), f"{base}_bias")
+        else:
+            mask = f"tap_mask_{h}x{wd}_k{kh}x{kw}"
+            if mask not in rw.taken:
+                rw.taken.add(mask)
+                rw.new_inits += [numpy_helper.from_array(_tap_mask(h, wd, kh, kw), mask),
+                                 numpy_helper.from_array(np.array(1.0, np.float32), f"{mask}_one")]
+                chain.append(helper.make_node("DequantizeLinear", [mask, f"{mask}_one"], [f"{mask}_f"],
+                                              name=f"{mask}_dq"))
+            hint = f"{n.input[2]}_and_zero_point" if has_bias else f"{base}_zero_point"  # --check's tests find it
+            table = rw.const(np.concatenate([z * s_w * wsum, b[None]]).astype(np.float32), hint)
+            chain.append(helper.make_node("MatMul", [f"{mask}_f", table], [f"{base}_corr"], name=f"{base}_corr"))
+            bias = f"{base}_corr"
+    elif has_bias:
+        bias = n.input[2]
+    if bias is not None:
+        chain.append(helper.make_node("Add", [y, bias], [f"{base}_yb"], name=f"{base}_bias"))
         y = f"{base}_yb"
+    shape = rw.const(np.array([0, c_out, h, wd], np.int64), f"{base}_shape")
     chain += [helper.make_node("Transpose", [y], [f"{base}_nct"], perm=[0, 2, 1], name=f"{base}_to_nct"),
               helper.make_node("Reshape", [f"{base}_nct", shape], [n.output[0]], name=f"{base}_unflatten")]
     return chain
+
+
+def _tap_mask(h: int, w: int, kh: int, kw: int) -> np.ndarray:
+    """[h*w, kh*kw + 1] uint8: 1 where tap (i, j) of a "same" conv at that position reads inside the image; the last
+    column all ones (it carries the bias)."""
+    rows = [(np.arange(h) + i - kh // 2 >= 0) & (np.arange(h) + i - kh // 2 < h) for i in range(kh)]
+    cols = [(np.arange(w) + j - kw // 2 >= 0) & (np.arange(w) + j - kw // 2 < w) for j in range(kw)]
+    taps = [(r[:, None] & c[None, :]).reshape(-1) for r in rows for c in cols]
+    return np.stack([*taps, np.ones(h * w, bool)], axis=1).astype(np.uint8)
 
 
 def _just_in_time(nodes: list[onnx.NodeProto], inits: set[str]) -> list[onnx.NodeProto]:

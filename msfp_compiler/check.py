@@ -62,7 +62,9 @@ def _int8_weights(gm: fx.GraphModule, qnodes: list[fx.Node], matched: dict, mode
             continue
         w = torch.from_numpy(onnx.numpy_helper.to_array(inits[int8_name(consts[0][0])]).copy()).float()
         shape = list(q.args[3])
-        if w.dim() == 2:
+        if w.dim() == 2 and len(shape) == 4:  # a conv's, stored [(kh, kw, C_in), C_out] (the im2col order)
+            w = w.T.reshape(shape[0], shape[2], shape[3], shape[1]).permute(0, 3, 1, 2)
+        elif w.dim() == 2:
             w = w.T  # MatMulInteger reads [K, N]; torch's linear weight is [N, K]
         scale = consts[1][1].float() * 2.0 ** -k  # exact: a power-of-two change
         out[q] = w.reshape(shape) * scale.reshape([-1] + [1] * (len(shape) - 1) if scale.numel() > 1 else [])

@@ -134,9 +134,10 @@ def compile_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-pack", action="store_true", help="keep FP32 weights + fake quantization (larger file)")
     p.add_argument("--no-fold", action="store_true", help="do not fold unsigned zero points into biases")
     p.add_argument("--conv-weights", default="int8", metavar="{int8,float32,float32:F}",
-                   help="conv weights in the ONNX: int8 + DequantizeLinear (1 byte a weight in onnxruntime), "
-                        "float32 (4 bytes, faster convs: onnxruntime prepacks constant weights) or float32:F (the "
-                        "share F of the conv weights in FP32, convs with the most output positions first, e.g. "
+                   help="weights of the convs that do not run as integer GEMMs (strided, 8-bit, or on an input "
+                        "that is not one quantizer's output): int8 + DequantizeLinear (1 byte a weight in "
+                        "onnxruntime), float32 (4 bytes, faster: onnxruntime prepacks constant weights) or float32:F "
+                        "(the share F of those weights in FP32, convs with the most output positions first, e.g. "
                         "float32:0.1; default int8)")
     p.add_argument("--log-dir", help="write passes.jsonl, passes.log (and graph dumps) here")
     p.add_argument("--dump-graph", action="store_true", help="with --log-dir: write the fx graph after each pass")

@@ -158,7 +158,8 @@ class CompileConfig:
     # ONNX weights as int8 + DequantizeLinear and linears as MatMulInteger (1 byte a weight in a plain ORT session);
     # False keeps the 4-bit packed weights in the file (half its size), which a plain session expands to FP32
     integer_kernels: bool = True
-    # with integer_kernels: "int8" conv weights (1 byte a weight, dequantized each run), "float32" (decoded at
+    # with integer_kernels, for the convs that do not run as integer GEMMs (strided, 8-bit, input not one
+    # quantizer's output): "int8" conv weights (1 byte a weight, dequantized each run), "float32" (decoded at
     # lowering: ORT prepacks them, faster convs, 4 bytes a weight) or "float32:F" (that share F of the conv weight
     # elements, the convs with the most output positions first); export/integer_kernels.py has the numbers
     conv_weights: str = "int8"

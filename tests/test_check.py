@@ -129,18 +129,22 @@ def test_int8_weight_off_by_one_level(compiled_unet2d, reader: str) -> None:
     assert res.first_failure.name.endswith(".weight")  # named by the layer's parameter path
 
 
-@pytest.mark.parametrize("layer, reader", [("down_blocks.1.resnets.0.conv_shortcut", "Add"),
-                                           ("down_blocks.1.resnets.0.conv2", "Conv")])
+@pytest.mark.parametrize("layer, reader", [("down_blocks.1.resnets.0.conv_shortcut.bias", "Add"),
+                                           ("down_blocks.1.resnets.0.conv2.bias_and_zero_point", "MatMul"),
+                                           ("down_blocks.0.downsamplers.0.conv.bias", "Conv")])
 def test_float_layer_bug_is_caught_at_the_next_quantizer(compiled_unet2d, layer, reader) -> None:
-    """A wrong bias in a 1x1 conv (lowered to MatMulInteger, its bias an Add after the rescale) and in a 3x3 conv.
-    Both feed the residual Add, not a GroupNorm directly: a GroupNorm would remove a +0.5 on every channel exactly."""
+    """A wrong bias in a 1x1 conv (lowered to MatMulInteger, its bias an Add after the rescale), in a 3x3 conv on an
+    activation with a zero point (integer GEMM; the bias is the last row of the zero-point table) and in a strided
+    conv (FP32 Conv). None feeds a GroupNorm directly: a GroupNorm would remove a +0.5 on every channel exactly."""
     cm = compiled_unet2d
     m = _copy(cm)
     inits = {t.name: t for t in m.graph.initializer}
-    (name,) = [k for k in inits if k.endswith(f"{layer}.bias")]
+    (name,) = [k for k in inits if f".{layer}" in k]
     assert {n.op_type for n in m.graph.node if name in n.input} == {reader}
     b = inits[name]
-    b.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(b) + 0.5, b.name))
+    v = numpy_helper.to_array(b).copy()
+    v[-1 if v.ndim == 2 else slice(None)] += 0.5  # the bias: every channel (a zero-point table's last row)
+    b.CopyFrom(numpy_helper.from_array(v, b.name))
     res = _check(cm, m)
     assert not res.ok and "float layers before it diverge" in res.first_failure.problem, str(res)
 

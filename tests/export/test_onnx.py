@@ -85,11 +85,15 @@ def test_msfp_nodes_match_the_torch_graph(compiled) -> None:
     dq = [n for n in m.graph.node if n.op_type == "DequantizeLinear"]
     mmi = [n for n in m.graph.node if n.op_type == "MatMulInteger"]
     assert mmi and len(mmi) == compiled.onnx_op_counts["integer_matmuls"] + compiled.onnx_op_counts.get(
-        "integer_convs", 0)  # linears, and 1x1 convs on integer-grid activations
-    # int8 weights: read by a DequantizeLinear (FP32 kernels) or by a MatMulInteger (integer kernels), each once
+        "integer_convs", 0)  # linears, and "same" convs on integer-grid activations
+    # int8 weights: read by a DequantizeLinear (FP32 kernels) or by a MatMulInteger (integer kernels), each once;
+    # the other DequantizeLinears read the uint8 tap masks of integer convs on activations with a zero point
     int8 = {t.name for t in m.graph.initializer if t.data_type == TensorProto.INT8}
     assert len(int8) == compiled.onnx_op_counts["int8_weights"]
-    assert sorted([n.input[0] for n in dq] + [n.input[1] for n in mmi]) == sorted(int8)
+    dq_int8 = [n.input[0] for n in dq if inits[n.input[0]].data_type == TensorProto.INT8]
+    assert sorted(dq_int8 + [n.input[1] for n in mmi]) == sorted(int8)
+    assert all(inits[n.input[0]].data_type == TensorProto.UINT8 and n.input[0].startswith("tap_mask_")
+               for n in dq if n.input[0] not in int8)
     for n in mmi:
         assert inits[n.input[2]].data_type == TensorProto.UINT8  # activation zero point: 128 (signed) or 0
     # no standard FP4 types, which ORT's CPU provider cannot run

@@ -104,10 +104,11 @@ def test_float32_conv_weights_are_the_int8_weights_decoded(compiled_unet2d, pack
     assert np.linalg.norm(out - outs[0]) / np.linalg.norm(outs[0]) < 1e-5  # conv kernels may sum in another order
 
 
-def test_pointwise_convs_run_as_integer_matmuls(compiled_unet2d, packed_unet2d, monkeypatch) -> None:
-    """1x1 convs on integer-grid activations lower to MatMulInteger over [N, H*W, C] with the int8 weight stored
-    [C, C_out]: the same weights as DequantizeLinear + Conv, the output equal up to the float summation order; with
-    conv_weights="float32" they stay integer GEMMs (the faster kernel) and keep their int8 weight."""
+def test_same_convs_run_as_integer_matmuls(compiled_unet2d, packed_unet2d, monkeypatch) -> None:
+    """1x1 and 3x3 "same" convs on integer-grid activations lower to MatMulInteger over the uint8 im2col [N, H*W,
+    kh*kw*C] with the int8 weight stored [(kh, kw, C), C_out]: the same weights as DequantizeLinear + Conv, the
+    output equal up to the float summation order, also where the activation carries a zero point (the border taps'
+    correction); with conv_weights="float32" they stay integer GEMMs (the faster kernel) and keep their int8 weight."""
     import onnx
     from onnx import numpy_helper
 
@@ -123,22 +124,33 @@ def test_pointwise_convs_run_as_integer_matmuls(compiled_unet2d, packed_unet2d, 
     m, counts = lowered()
     assert counts == compiled_unet2d.onnx_op_counts and counts["integer_convs"] > 0
     inits = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
+    assert any(k.startswith("tap_mask_") for k in inits)  # a 3x3 conv on an activation with a zero point
     mmi_w = [n.input[1] for n in m.graph.node if n.op_type == "MatMulInteger" and n.name.endswith("_mmi")]
-    monkeypatch.setattr(ik, "_pointwise", lambda n: False)
+    monkeypatch.setattr(ik, "_same_conv", lambda n: None)
     ref, ref_counts = lowered()
     assert ref_counts["int8_weights"] == counts["int8_weights"] and "integer_convs" not in ref_counts
     ref_inits = {t.name: numpy_helper.to_array(t) for t in ref.graph.initializer}
     dq_w = {n.input[0] for n in ref.graph.node if n.op_type == "DequantizeLinear"}
     conv_w = [w for w in mmi_w if w in dq_w and ref_inits[w].ndim == 4]
     assert len(conv_w) == counts["integer_convs"]
-    for w in conv_w:  # the conv's int8 weight, transposed to [C, C_out]
-        assert np.array_equal(inits[w], ref_inits[w][:, :, 0, 0].T)
+    assert {ref_inits[w].shape[2:] for w in conv_w} == {(1, 1), (3, 3)}
+    for w in conv_w:  # the conv's int8 weight in the im2col order
+        assert np.array_equal(inits[w], ref_inits[w].transpose(2, 3, 1, 0).reshape(inits[w].shape))
     feeds = holdout_feeds(compiled_unet2d)
     (out,) = session_from_model(m).run(None, feeds)
     (want,) = session_from_model(ref).run(None, feeds)
     assert np.linalg.norm(out - want) / np.linalg.norm(want) < 1e-5
     monkeypatch.undo()
     assert lowered("float32")[1]["integer_convs"] == counts["integer_convs"]
+
+
+def test_tap_mask_marks_the_taps_inside_the_image() -> None:
+    from msfp_compiler.export.integer_kernels import _tap_mask
+
+    m = _tap_mask(3, 4, 3, 3).reshape(3, 4, 10)
+    assert m[1, 1].tolist() == [1] * 10  # interior: every tap, and the bias column
+    assert m[0, 0].tolist() == [0, 0, 0, 0, 1, 1, 0, 1, 1, 1]  # corner: taps (1..2, 1..2)
+    assert m[2, 2].tolist() == [1, 1, 1, 1, 1, 1, 0, 0, 0, 1]  # bottom row: no tap below
 
 
 def test_float32_conv_share_picks_the_convs_with_the_most_output_positions(packed_unet2d) -> None:
