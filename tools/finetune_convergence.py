@@ -98,16 +98,18 @@ SAME_CONFIG = {
         ("uncond", "variant: MSFP + TALoRA + DFA (call 7 rerun)"),
         ("uncond", "variant: MSFP + TALoRA + DFA (call 8 rerun, rank 4)"),
         ("uncond", "variant: MSFP + TALoRA + DFA, rank 4, call 10*")],
-    "uncond MSFP + TALoRA + DFA, rank 32 (calls 8, 10, 11)": [
+    "uncond MSFP + TALoRA + DFA, rank 32 (calls 8, 10, 11, 12)": [
         ("uncond", "variant: MSFP + TALoRA + DFA, LoRA rank 32"),
-        ("uncond", "variant: MSFP + TALoRA + DFA, call 10 (*"), ("uncond", "MSFP + TALoRA + DFA")],
+        ("uncond", "variant: MSFP + TALoRA + DFA, call 10 (*"), ("uncond", "variant: MSFP + TALoRA + DFA, call 11 (*"),
+        ("uncond", "MSFP + TALoRA + DFA")],
     "cond MSFP + TALoRA + DFA, rank 4 (calls 8, 9, 10)": [
         ("cond", "variant: MSFP + TALoRA + DFA, rank 4 (call 8*"),
         ("cond", "variant: MSFP + TALoRA + DFA, rank 4, * steps (baseline)"),
         ("cond", "variant: MSFP + TALoRA + DFA, rank 4, call 10*")],
-    "cond MSFP + TALoRA + DFA, rank 32 (calls 9, 10, 11)": [
+    "cond MSFP + TALoRA + DFA, rank 32 (calls 9, 10, 11, 12)": [
         ("cond", "variant: MSFP + TALoRA + DFA, LoRA rank 32, * steps"),
-        ("cond", "variant: MSFP + TALoRA + DFA, call 10 (*"), ("cond", "MSFP + TALoRA + DFA")],
+        ("cond", "variant: MSFP + TALoRA + DFA, call 10 (*"), ("cond", "MSFP + TALoRA + DFA"),
+        ("cond", "variant: MSFP + TALoRA + DFA, call 12 rerun*")],
 }
 
 
