@@ -3,7 +3,8 @@
 Models: examples/digits-uncond, examples/digits-cond, ``cifar`` (the google/ddpm-cifar10-32 UNet2DModel config) and
 ``sd15`` (the Stable Diffusion 1.5 UNet config), the last two with random weights. Variants:
 - fp32: ``lower_fp32`` (the FP32 model through the same lowering, what ``msfp-compile --scheme fp32`` writes);
-- msfp: ``msfp_compiler.compile`` with the default config (int8 weights + DequantizeLinear, MatMulInteger linears);
+- msfp: ``msfp_compiler.compile`` with the default config (int8 weights + DequantizeLinear, MatMulInteger linears
+  and "same" convs);
 - msfp_fp32conv: the same with FP32 conv weights (``CompileConfig(conv_weights="float32")``: prepacked convs);
 - msfp_fp32convF (F a number, e.g. msfp_fp32conv0.1): FP32 weights for the share F of the conv weights, the convs
   with the most output positions first (``CompileConfig(conv_weights="float32:F")``), the others int8;
@@ -488,7 +489,7 @@ def sweep(formats: list[str], stride: int = 7, scale1_stride: int = 1) -> dict:
 # ---- driver ----
 
 NOTE = ("latency: median of interleaved single runs (intra-op pools do not spin between runs); "
-        "msfp = default compile (int8 weights, MatMulInteger linears), plain InferenceSession; "
+        "msfp = default compile (int8 weights, MatMulInteger linears and same convs), plain InferenceSession; "
         "msfp_packed = CompileConfig(integer_kernels=False) through open_session; "
         "msfp_nofold = CompileConfig(fold_zero_point=False); "
         "msfp@REV = the same quantized graph with the function bodies of REV; ratios vs the "
