@@ -573,9 +573,6 @@ def _sdpa_as(dtype: torch.dtype, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     return out.transpose(1, 2).contiguous().transpose(1, 2) if out.dim() == 4 else out
 
 
-GN_CHUNK = 64  # positions per partial statistic of group_norm_channels (hw not a multiple: one chunk of all)
-
-
 def group_norm_channels(x: torch.Tensor, groups: int, weight: torch.Tensor | None = None,
                         bias: torch.Tensor | None = None, eps: float = 1e-5, *_: Any) -> torch.Tensor:
     """``F.group_norm`` of an [N, C, H, W] activation kept in NHWC memory, as reductions Inductor reads coalesced.
@@ -583,26 +580,22 @@ def group_norm_channels(x: torch.Tensor, groups: int, weight: torch.Tensor | Non
     Inductor lowers ``aten.group_norm`` through a reshape to [N, G, C/G * H * W], which on NHWC memory reads each
     group's C/G channels (20 bytes of every 640-byte row at SD1.5's 320 channels) position by position: its SD1.5
     GroupNorm kernels run an order of magnitude below the copy bandwidth (docs/triton.md session 13). Here the
-    statistics are per channel over chunks of ``GN_CHUNK`` positions, channels innermost (Welford, float32; the
-    chunks give the reduction N * H * W / GN_CHUNK * C independent outputs, where per channel alone gave too few to
-    fill the GPU), then combined into the groups exactly (equal counts: the group mean is the mean of the partial
-    means, the group variance the mean of the partial variances plus the variance of the partial means); the
-    normalization is one scale and shift per (sample, channel) that Inductor fuses with the producer and the
-    consumers (SiLU, the quantizer) into one pointwise kernel. The output is NHWC memory viewed as [N, C, H, W], as
-    the GEMMs' outputs are."""
+    statistics are per channel over the positions, channels innermost (Welford, float32), then combined into the
+    groups exactly (equal counts: the group mean is the mean of the channel means, the group variance the mean of
+    the channel variances plus the variance of the channel means); the normalization is one scale and shift per
+    (sample, channel) that Inductor fuses with the producer and the consumers (SiLU, the quantizer) into one
+    pointwise kernel. The output is NHWC memory viewed as [N, C, H, W], as the GEMMs' outputs are."""
     if x.dim() != 4:
         return F.group_norm(x, groups, weight, bias, eps)
     n, c, h, w = x.shape
-    hw, cg = h * w, c // groups
-    chunk = GN_CHUNK if hw % GN_CHUNK == 0 else hw
-    rows = x.permute(0, 2, 3, 1).reshape(n, hw, c)  # a view where x is NHWC memory
-    var_p, mean_p = torch.var_mean(rows.float().view(n, hw // chunk, chunk, c), dim=2, correction=0)
-    mean_p = mean_p.view(n, hw // chunk, groups, cg)
-    mean_g = mean_p.mean(dim=(1, 3), keepdim=True)  # [N, 1, G, 1]
-    var_g = (var_p.view(n, hw // chunk, groups, cg).mean(dim=(1, 3), keepdim=True)
-             + (mean_p - mean_g).square().mean(dim=(1, 3), keepdim=True))
-    scale = torch.rsqrt(var_g + eps).expand(n, 1, groups, cg).reshape(n, c)
-    shift = -mean_g.expand(n, 1, groups, cg).reshape(n, c) * scale
+    rows = x.permute(0, 2, 3, 1).reshape(n, h * w, c)  # a view where x is NHWC memory
+    var_c, mean_c = torch.var_mean(rows.float(), dim=1, correction=0)  # [N, C]
+    mean_cg = mean_c.view(n, groups, c // groups)
+    mean_g = mean_cg.mean(-1, keepdim=True)
+    var_g = (var_c.view(n, groups, c // groups).mean(-1, keepdim=True)
+             + (mean_cg - mean_g).square().mean(-1, keepdim=True))
+    scale = torch.rsqrt(var_g + eps).expand(n, groups, c // groups).reshape(n, c)
+    shift = -mean_g.expand(n, groups, c // groups).reshape(n, c) * scale
     if weight is not None:
         scale, shift = scale * weight.float(), shift * weight.float()
     if bias is not None:
