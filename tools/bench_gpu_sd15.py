@@ -196,9 +196,9 @@ def parser() -> argparse.ArgumentParser:
                     "or gnaten (build_fast(group_norm='aten'): the captured GroupNorm, Inductor's NCHW-order "
                     "reduction)); "
                     "recorded under 'variants', then its accuracy unless skipped")
-    ap.add_argument("--group-norm", default="channels", choices=["channels", "aten"], help="build_fast's "
-                    "group_norm for the headline rows (channels: per-channel statistics in NHWC order, the default "
-                    "since session 13; aten: the captured op)")
+    ap.add_argument("--group-norm", default="auto", choices=["auto", "channels", "aten"], help="build_fast's "
+                    "group_norm for the headline rows (channels: per-channel statistics in NHWC order; aten: the "
+                    "captured op; auto, the default since session 13: channels from batch 4 on, aten below)")
     ap.add_argument("--conv-sets", default="", help="comma list of conv-candidate sets to time the headline W4A4 "
                     "step with as well, after its own timing: the same compiled step re-captured with each conv's "
                     "choice from the set, taken from the tuner's record (no recompile, no second tuning). Sets: "

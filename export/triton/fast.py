@@ -46,7 +46,8 @@ from msfp_compiler.talora import chosen_set
 from .fast_ops import conv_out_size, e4m3_lut, pack_halves  # also defines torch.ops.msfp_fast.*
 
 __all__ = ["grid_round", "fake_quant", "grid_e4m3", "PartQuant", "FastGemm", "DecodeGroup", "FastUNet", "build_fast",
-           "FastReport", "weight_bytes", "sdpa_fp8_fq", "fp8_head_dim", "group_norm_channels"]
+           "FastReport", "weight_bytes", "sdpa_fp8_fq", "fp8_head_dim", "group_norm_channels",
+           "group_norm_auto"]
 
 aten = torch.ops.aten
 _Q = torch.ops.msfp.quantize.default
@@ -604,6 +605,20 @@ def group_norm_channels(x: torch.Tensor, groups: int, weight: torch.Tensor | Non
     return y.to(x.dtype).contiguous().view(n, h, w, c).permute(0, 3, 1, 2)  # eager: the broadcasts can reorder y
 
 
+GN_CHANNELS_MIN_BATCH = 4  # group_norm_auto: group_norm_channels from this batch size on, aten.group_norm below
+# (SD1.5 on the H200, session 13: batch 8 16.31 vs 16.93 ms per step with it, batch 1 5.03 vs 4.80 ms: two more
+# kernels per GroupNorm cost ~0.35 ms at any batch size, the coalesced reads gain ~0.12 ms per sample: even at ~3)
+
+
+def group_norm_auto(x: torch.Tensor, groups: int, weight: torch.Tensor | None = None,
+                    bias: torch.Tensor | None = None, eps: float = 1e-5, *_: Any) -> torch.Tensor:
+    """``group_norm_channels`` for 4-d inputs of at least ``GN_CHANNELS_MIN_BATCH`` samples, else ``F.group_norm``
+    (the batch size is static in each compiled graph; a dynamic one gets a guard)."""
+    if x.dim() == 4 and x.shape[0] >= GN_CHANNELS_MIN_BATCH:
+        return group_norm_channels(x, groups, weight, bias, eps)
+    return F.group_norm(x, groups, weight, bias, eps)
+
+
 FP8_ATTENTION_MIN_KV = 1024  # keys per query below which cuDNN's FP8 attention lost to bf16 (SD1.5 cross-attention,
 # the 16x16 / 8x8 levels: 0.56-0.91x on the H200, bench_gpu_kernels --sections fp8attn)
 
@@ -646,7 +661,7 @@ class FastReport:
     part_quant_moved: int = 0  # fake quantizers of merged GEMMs' parts moved into the GEMM (quantize_parts)
     implicit_convs: int = 0  # k x k convs run by the implicit-GEMM kernel (implicit_conv)
     fp8_attention: int = 0  # attentions run by msfp_fast::sdpa_fp8 (attention="fp8")
-    group_norms: int = 0  # GroupNorms as group_norm_channels (group_norm="channels")
+    group_norms: int = 0  # GroupNorms as group_norm_channels / group_norm_auto (group_norm="channels" / "auto")
 
     def __str__(self) -> str:
         lines = [f"FP8 GEMMs: linear={self.fused['linear']} conv2d={self.fused['conv2d']}; "
@@ -656,7 +671,7 @@ class FastReport:
                     else "")
                  + (f"; implicit-GEMM convs: {self.implicit_convs}" if self.implicit_convs else "")
                  + (f"; FP8 attentions: {self.fp8_attention}" if self.fp8_attention else "")
-                 + (f"; channels-last GroupNorms: {self.group_norms}" if self.group_norms else "")]
+                 + (f"; channels-last GroupNorms (or batch-dependent): {self.group_norms}" if self.group_norms else "")]
         lines += [f"  kept {k}: {v}" for k, v in self.skipped.items()]
         return "\n".join(lines)
 
@@ -729,9 +744,9 @@ def _fuse_conv(args: list, act: Any, w: Any, bias: torch.Tensor | None, pads: tu
 
 
 def _rewrite(gm: fx.GraphModule, weights: str, report: FastReport, dtype: torch.dtype,
-             fp8_attention: bool = False, group_norm: str = "channels") -> None:
+             fp8_attention: bool = False, group_norm: str = "auto") -> None:
     _fuse_gemms(gm, weights, report, dtype)
-    _lower_rest(gm, report, dtype, fp8_attention, group_norm == "channels")
+    _lower_rest(gm, report, dtype, fp8_attention, group_norm)
 
 
 def _fuse_gemms(gm: fx.GraphModule, weights: str, report: FastReport, dtype: torch.dtype) -> None:
@@ -797,10 +812,10 @@ def _fp8_attention_args(gm: fx.GraphModule, node: fx.Node) -> tuple | None:
 
 
 def _lower_rest(gm: fx.GraphModule, report: FastReport, dtype: torch.dtype, fp8_attention: bool = False,
-                group_norm_channels_last: bool = True) -> None:
+                group_norm: str = "auto") -> None:
     """The remaining quantizers, packed weights and attention become ``dtype`` pointwise torch ops (``fp8_attention``:
-    attentions ``_fp8_attention_args`` accepts become ``sdpa_fp8_fq``; ``group_norm_channels_last``: 4-d GroupNorms
-    become ``group_norm_channels``)."""
+    attentions ``_fp8_attention_args`` accepts become ``sdpa_fp8_fq``; ``group_norm`` "channels" / "auto": 4-d
+    GroupNorms become ``group_norm_channels`` / ``group_norm_auto``)."""
     from .runtime import _const
 
     g = gm.graph
@@ -833,9 +848,10 @@ def _lower_rest(gm: fx.GraphModule, report: FastReport, dtype: torch.dtype, fp8_
                     report.fake_quant -= 3  # q, k, v's: inside sdpa_fp8_fq now
                 else:
                     new = g.call_function(_sdpa_as, (dtype, *node.args), dict(node.kwargs))
-        elif node.target == aten.group_norm.default and group_norm_channels_last and _spatial(node) is not None:
+        elif node.target == aten.group_norm.default and group_norm != "aten" and _spatial(node) is not None:
             with g.inserting_before(node):
-                new = g.call_function(group_norm_channels, tuple(node.args), dict(node.kwargs))
+                fn = group_norm_channels if group_norm == "channels" else group_norm_auto
+                new = g.call_function(fn, tuple(node.args), dict(node.kwargs))
             report.group_norms += 1
         elif node.target == aten._assert_tensor_metadata.default:
             g.erase_node(node)  # dtype assertions of the float32 capture
@@ -930,7 +946,7 @@ class FastUNet(torch.nn.Module):
 def build_fast(gm: fx.GraphModule, device: str | torch.device = "cuda", weights: str = "packed",
                inplace: bool = False, dtype: torch.dtype = _BF16,
                decode_group_bytes: int | None = None, merge: bool = True, quantize_parts: bool = False,
-               implicit_conv: bool | None = None, attention: str = "bf16", group_norm: str = "channels") -> FastUNet:
+               implicit_conv: bool | None = None, attention: str = "bf16", group_norm: str = "auto") -> FastUNet:
     """Rewrite a quantized GraphModule (``CompiledModel.graph_module`` or a loaded .pt2's module) for Inductor.
 
     ``dtype``: of the activations between ops (bf16; float32 checks the rewrite against the reference graph with
@@ -948,10 +964,11 @@ def build_fast(gm: fx.GraphModule, device: str | torch.device = "cuda", weights:
     op is im2col + GEMM anyway). ``attention``: "bf16" (PyTorch SDPA on the fake-quantized q, k, v) or "fp8"
     (``sdpa_fp8_fq``: cuDNN's FP8 attention on their grid values where ``_fp8_attention_args`` admits it: SD1.5's
     self-attention at 64x64 and 32x32; P and O rounded to E4M3 on top of the graph's own quantization).
-    ``group_norm``: "channels" (``group_norm_channels``: per-channel statistics read in NHWC order, combined per group)
-    or "aten" (``aten.group_norm`` as captured, which Inductor reduces in NCHW order)."""
-    if group_norm not in ("channels", "aten"):
-        raise ValueError(f"unknown group_norm mode {group_norm!r} (channels or aten)")
+    ``group_norm``: "channels" (``group_norm_channels``: per-channel statistics read in NHWC order, combined per group),
+    "aten" (``aten.group_norm`` as captured, which Inductor reduces in NCHW order) or "auto" (``group_norm_auto``:
+    channels from ``GN_CHANNELS_MIN_BATCH`` samples on, where it measured faster on SD1.5, aten below)."""
+    if group_norm not in ("auto", "channels", "aten"):
+        raise ValueError(f"unknown group_norm mode {group_norm!r} (auto, channels or aten)")
     if attention not in ("bf16", "fp8"):
         raise ValueError(f"unknown attention mode {attention!r} (bf16 or fp8)")
     if weights not in ("packed", "fp8", "mixed"):

@@ -452,19 +452,24 @@ def test_group_norm_channels_matches_group_norm(dtype: torch.dtype) -> None:
 
 
 def test_build_fast_group_norm_channels(compiled_cond) -> None:
-    """build_fast(group_norm="channels") (the default) replaces every 4-d GroupNorm of the tiny cond UNet and keeps
-    the float32 rewrite's output at the reference graph's (the statistics' summation order is all that differs);
-    group_norm="aten" keeps the captured op."""
+    """build_fast(group_norm="channels") replaces every 4-d GroupNorm of the tiny cond UNet and keeps the float32
+    rewrite's output at the reference graph's (the statistics' summation order is all that differs); "aten" keeps
+    the captured op; "auto" (the default) runs the aten op below GN_CHANNELS_MIN_BATCH samples and the channels form
+    from there on, bit for bit."""
     gm = compiled_cond.graph_module
     args = compiled_cond.calibration.batches[0].args
     n_gn = sum(1 for nd in gm.graph.nodes
                if nd.op == "call_function" and nd.target == torch.ops.aten.group_norm.default)
-    chan = FA.build_fast(gm, "cpu", dtype=torch.float32)
+    chan = FA.build_fast(gm, "cpu", dtype=torch.float32, group_norm="channels")
     aten_gn = FA.build_fast(gm, "cpu", dtype=torch.float32, group_norm="aten")
-    assert chan.report.group_norms == n_gn >= 4 and aten_gn.report.group_norms == 0
+    auto = FA.build_fast(gm, "cpu", dtype=torch.float32)
+    assert chan.report.group_norms == auto.report.group_norms == n_gn >= 4 and aten_gn.report.group_norms == 0
     assert "channels-last GroupNorms" in str(chan.report)
+    small = [a[:1] for a in args]  # batch 1: aten's op
+    big = [torch.cat([a] * FA.GN_CHANNELS_MIN_BATCH)[:FA.GN_CHANNELS_MIN_BATCH] for a in small]
     with torch.no_grad():
         ref = gm(*args)
         assert _rel(chan(*args), ref) < 1e-5 and _rel(aten_gn(*args), ref) < 1e-5
+        assert torch.equal(auto(*small), aten_gn(*small)) and torch.equal(auto(*big), chan(*big))
     with pytest.raises(ValueError, match="group_norm"):
         FA.build_fast(gm, "cpu", group_norm="welford")
