@@ -469,7 +469,7 @@ def test_build_fast_group_norm_channels(compiled_cond) -> None:
     big = [torch.cat([a] * FA.GN_CHANNELS_MIN_BATCH)[:FA.GN_CHANNELS_MIN_BATCH] for a in small]
     with torch.no_grad():
         ref = gm(*args)
-        assert _rel(chan(*args), ref) < 1e-5 and _rel(aten_gn(*args), ref) < 1e-5
+        assert _rel(chan(*args), ref) < 1e-5  # aten's: test_build_fast_on_compiled_cond_unet (batch < 4: auto)
         assert torch.equal(auto(*small), aten_gn(*small)) and torch.equal(auto(*big), chan(*big))
     with pytest.raises(ValueError, match="group_norm"):
         FA.build_fast(gm, "cpu", group_norm="welford")
