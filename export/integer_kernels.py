@@ -20,24 +20,24 @@ of the ONNX graph use that:
    limited to |w| <= 64 so that the u8 x s8 pair sums of AVX2 kernels without VNNI (vpmaddubsw, int16 saturating)
    cannot saturate: 2 * 255 * 64 < 2^15.
 
-Convolutions: a "same" conv (odd square-ish kernel, k // 2 zero padding, stride 1, no groups; 1x1 and 3x3 in our
-UNets) on an integer-grid activation runs as the integer GEMM it is: uint8 im2col of the codes (NHWC Transpose,
-Pad, one Slice per tap, Concat) -> MatMulInteger with the int8 weight stored [(kh, kw, C), C_out] (``_integer_conv``).
-Activations that carry a zero point (unsigned grids after SiLU, where the FP32 conv pads with zeros, not with z) get
-z times the weight sums of the taps inside the image added back, by a tiny MatMul of a uint8 tap mask. On this host
-(ORT 1.32, AVX2 without VNNI) the 3x3 convs run 0.48-0.75x the prepacked FP32 Conv, and 1x1 convs 0.55-0.75x; on the
-previous host (slower memory) the same forms were 0.99-1.12x and 0.97-1.06x and were dropped. Other convs (strided,
-on activations that are not one quantizer's output, 8-bit first/last layers) keep FP32 kernels on the dequantized
-weight: onnxruntime's ConvInteger runs 3-4x slower than its FP32 Conv on this class of CPU, and QLinearConv
-requantizes its output (inexact). A weight that comes out of a DequantizeLinear at run time is not a constant to ORT,
-so its Conv loses the weight prepacking (NCHWc layout, fused activation) that FP32 models get.
-``conv_weights="float32"`` (CompileConfig.conv_weights) trades memory for that speed on those convs: their weights
-are decoded here into FP32 initializers (the same values, 4 bytes a weight); convs that run as integer GEMMs keep
-int8 (the faster kernel). ``conv_weights="float32:F"`` is the middle ground: FP32 kernels for the share F of those
-conv weight elements, the convs with the most output positions (multiply-adds per weight) first. A session holds ~7
-bytes more per FP32 conv weight than per int8 one (the initializer and its NCHWc copy) until the model is saved with
-external data (~5 bytes). An FP16 initializer + Cast would halve the file but not the session: ORT folds the Cast at
-session start (checked on an optimized-model dump).
+Convolutions: a "same" conv (odd square-ish kernel, k // 2 zero padding, stride 1, no groups; 1x1 and 3x3 in our UNets)
+on an integer-grid activation runs as the integer GEMM it is: uint8 im2col of the codes (NHWC Transpose, Pad, one Slice
+per tap, Concat) -> MatMulInteger with the int8 weight stored [(kh, kw, C), C_out] (``_integer_conv``). Activations that
+carry a zero point (unsigned grids after SiLU, where the FP32 conv pads with zeros, not with z) get z times the weight
+sums of the taps inside the image added back, by a tiny MatMul of a uint8 tap mask. On this host (ORT 1.32, AVX2 without
+VNNI) the 3x3 convs run 0.48-0.75x the prepacked FP32 Conv, and 1x1 convs 0.55-0.75x; on the previous host (slower
+memory) the same forms were 0.99-1.12x and 0.97-1.06x and were dropped. A 1x1 conv on a Concat of quantizer outputs (the
+up blocks' shortcuts) runs one integer GEMM per part. Other convs (strided, 8-bit first/last layers, inputs that are not
+quantizer outputs) keep FP32 kernels on the dequantized weight: onnxruntime's ConvInteger runs 3-4x slower than its FP32
+Conv on this class of CPU, and QLinearConv requantizes its output (inexact). A weight that comes out of a
+DequantizeLinear at run time is not a constant to ORT, so its Conv loses the weight prepacking (NCHWc layout, fused
+activation) that FP32 models get. ``conv_weights="float32"`` (CompileConfig.conv_weights) trades memory for that speed
+on those convs: their weights are decoded here into FP32 initializers (the same values, 4 bytes a weight); convs that
+run as integer GEMMs keep int8 (the faster kernel). ``conv_weights="float32:F"`` is the middle ground: FP32 kernels for
+the share F of those conv weight elements, the convs with the most output positions (multiply-adds per weight) first. A
+session holds ~7 bytes more per FP32 conv weight than per int8 one (the initializer and its NCHWc copy) until the model
+is saved with external data (~5 bytes). An FP16 initializer + Cast would halve the file but not the session: ORT folds
+the Cast at session start (checked on an optimized-model dump).
 Measured on the previous host (ORT 1.32, AVX2 without VNNI, 1 thread): MatMulInteger on the linears: 0.84-1.0x FP32
 MatMul (a DequantizeLinear weight + FP32 MatMul, which loses prepacking, is 2.3-2.6x). Dropped: onnxruntime's contrib
 MatMulNBits (com.microsoft, 4- or 8-bit block-quantized weights; E1M2 = INT4 exactly, E2M1 x2 in 8 bits): with
@@ -222,7 +222,7 @@ def _float_conv_weights(rw: _Rewrite, share: float) -> set[str]:
         return set()
     convs = [(pos, n.output[0], int(np.prod(_attrs(n)["shape"]))) for n, _ in _packed_weights(rw)
              if (pos := _conv_positions(rw, n.output[0])) is not None
-             and not all(_same_conv(u) and _activation_grid(rw, u.input[0], True) for u in rw.consumers[n.output[0]])]
+             and not all(_integer_conv_input(rw, u) for u in rw.consumers[n.output[0]])]
     budget = share * sum(numel for _, _, numel in convs)
     chosen, used = set(), 0
     for pos, out, numel in sorted(convs, key=lambda c: -c[0]):  # stable: graph order among equals
@@ -230,6 +230,12 @@ def _float_conv_weights(rw: _Rewrite, share: float) -> set[str]:
             chosen.add(out)
             used += numel
     return chosen
+
+
+def _integer_conv_input(rw: _Rewrite, u: onnx.NodeProto) -> bool:
+    """Whether conv ``u``'s input is made of integer-grid quantizer outputs (a candidate for ``_integer_conv``)."""
+    return bool(_same_conv(u)) and all(
+        _activation_grid(rw, p, True) for p, _ in _conv_input_parts(rw, u, _channels(rw, u.input[0])))
 
 
 def _decode(rw: _Rewrite, n: onnx.NodeProto, k: int) -> tuple[np.ndarray, np.ndarray, bool] | None:
@@ -463,55 +469,54 @@ def _integer_conv(rw: _Rewrite, n: onnx.NodeProto, weights: dict[str, _Weight], 
     kh, kw = ks
     if w4.ndim != 4 or w4.shape[2:] != (kh, kw) or w4.shape[0] != dims[1]:
         return None
-    grid = _activation_grid(rw, n.input[0], with_zero_point=True)
+    parts = _conv_input_parts(rw, n, w4.shape[1])
+    grids = [_activation_grid(rw, p, with_zero_point=True) for p, _ in parts]
     has_bias = len(n.input) > 2 and bool(n.input[2])
-    if grid is None or (grid[2] != 0.0 and has_bias and n.input[2] not in rw.inits):
+    if any(g is None for g in grids) or (any(g[2] for g in grids) and has_bias and n.input[2] not in rw.inits):
         return None  # (a bias computed at run time next to a zero point: none in our graphs)
-    s_a, a_zp, z, codes = activation(n.input[0])
     c_out, h, wd = dims[1:]
-    c_in = w4.shape[1]
     # stored [(kh, kw, C), C_out], the im2col column order; --check reads it back (msfp_compiler/check.py)
     t.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(w4.transpose(2, 3, 1, 0).reshape(-1, c_out)), w.init))
     base = n.output[0].replace("/", "_")
     s_w = w.scale.astype(np.float64) * np.ones(c_out)
-    comb = rw.const((np.float64(s_a) * s_w).astype(np.float32), f"{base}_scale")
-    azp = rw.const(np.array(a_zp, np.uint8), f"{base}_azp")
-    chain = []
-    key = (codes, kh, kw)
-    if key not in cols_of:
-        cb = f"{codes}_k{kh}x{kw}"
-        chain.append(helper.make_node("Transpose", [codes], [f"{cb}_nhwc"], perm=[0, 2, 3, 1], name=f"{cb}_nhwc"))
-        x = f"{cb}_nhwc"
-        if (kh, kw) != (1, 1):
-            ph, pw = kh // 2, kw // 2
-            pads = rw.const(np.array([0, ph, pw, 0, 0, ph, pw, 0], np.int64), f"{cb}_pads")
-            chain.append(helper.make_node("Pad", [x, pads, azp], [f"{cb}_padded"], name=f"{cb}_pad"))
-            axes = rw.const(np.array([1, 2], np.int64), f"{cb}_axes")
-            taps = []
-            for i in range(kh):
-                for j in range(kw):
-                    st = rw.const(np.array([i, j], np.int64), f"{cb}_s{i}{j}")
-                    en = rw.const(np.array([i + h, j + wd], np.int64), f"{cb}_e{i}{j}")
-                    chain.append(helper.make_node("Slice", [f"{cb}_padded", st, en, axes], [f"{cb}_t{i}{j}"],
-                                                  name=f"{cb}_t{i}{j}"))
-                    taps.append(f"{cb}_t{i}{j}")
-            chain.append(helper.make_node("Concat", taps, [f"{cb}_cols4"], axis=3, name=f"{cb}_concat"))
-            x = f"{cb}_cols4"
-        flat = rw.const(np.array([0, h * wd, kh * kw * c_in], np.int64), f"{cb}_flat")
-        chain.append(helper.make_node("Reshape", [x, flat], [f"{cb}_cols"], name=f"{cb}_cols"))
-        cols_of[key] = f"{cb}_cols"
-    y = f"{base}_y"
-    chain += [
-        helper.make_node("MatMulInteger", [cols_of[key], w.init, azp], [f"{base}_acc"], name=f"{base}_mmi"),
-        helper.make_node("Cast", [f"{base}_acc"], [f"{base}_accf"], to=TensorProto.FLOAT, name=f"{base}_cast"),
-        helper.make_node("Mul", [f"{base}_accf", comb], [y], name=f"{base}_rescale"),
-    ]
+    chain: list[onnx.NodeProto] = []
+    ys, z_bias, first = [], np.zeros(c_out), 0
+    for i, (part, c_in) in enumerate(parts):
+        # a 1x1 conv on Concat(quantizer outputs) (the up blocks' shortcuts): one integer GEMM per part, each with
+        # its own activation scale, on the rows of the weight for that part's channels (a Slice of the initializer,
+        # which onnxruntime folds at session start)
+        s_a, a_zp, z, codes = activation(part)
+        sfx = f"_{i}" if len(parts) > 1 else ""
+        comb = rw.const((np.float64(s_a) * s_w).astype(np.float32), f"{base}_scale{sfx}")
+        azp = rw.const(np.array(a_zp, np.uint8), f"{base}_azp{sfx}")
+        cols = _im2col(rw, codes, kh, kw, h, wd, c_in, azp, cols_of, chain)
+        b_w = w.init
+        if len(parts) > 1:
+            b_w = f"{base}_w{sfx}"
+            st, en = (rw.const(np.array([v], np.int64), f"{base}_{k}{sfx}") for k, v in
+                      (("from", first), ("to", first + c_in)))
+            chain.append(helper.make_node("Slice", [w.init, st, en], [b_w], name=f"{base}_w{sfx}"))
+        chain += [
+            helper.make_node("MatMulInteger", [cols, b_w, azp], [f"{base}_acc{sfx}"], name=f"{base}_mmi{sfx}"),
+            helper.make_node("Cast", [f"{base}_acc{sfx}"], [f"{base}_accf{sfx}"], to=TensorProto.FLOAT,
+                             name=f"{base}_cast{sfx}"),
+            helper.make_node("Mul", [f"{base}_accf{sfx}", comb], [f"{base}_y{sfx}"], name=f"{base}_rescale{sfx}"),
+        ]
+        if z != 0.0 and (kh, kw) == (1, 1):  # no padding: z * s_w * sum(w) is a constant per channel
+            z_bias += z * s_w * w4[:, first:first + c_in].astype(np.int64).sum(axis=(1, 2, 3))
+        ys.append(f"{base}_y{sfx}")
+        first += c_in
+    y = ys[0]
+    for i, other in enumerate(ys[1:]):
+        chain.append(helper.make_node("Add", [y, other], [f"{base}_sum{i}"], name=f"{base}_sum{i}"))
+        y = f"{base}_sum{i}"
+    z = grids[0][2]
     bias = None
-    if z != 0.0:
+    if any(g[2] for g in grids):
         b = rw.array(n.input[2]).astype(np.float64) if has_bias else np.zeros(c_out)
         wsum = w4.astype(np.int64).sum(axis=1).reshape(c_out, kh * kw).T  # [taps, C_out], exact
-        if (kh, kw) == (1, 1):  # no padding: z * s_w * sum(w) is a constant per channel
-            bias = rw.const((b + z * s_w * wsum[0]).astype(np.float32), f"{base}_bias")
+        if (kh, kw) == (1, 1):
+            bias = rw.const((b + z_bias).astype(np.float32), f"{base}_bias")
         else:
             mask = f"tap_mask_{h}x{wd}_k{kh}x{kw}"
             if mask not in rw.taken:
@@ -533,6 +538,56 @@ def _integer_conv(rw: _Rewrite, n: onnx.NodeProto, weights: dict[str, _Weight], 
     chain += [helper.make_node("Transpose", [y], [f"{base}_nct"], perm=[0, 2, 1], name=f"{base}_to_nct"),
               helper.make_node("Reshape", [f"{base}_nct", shape], [n.output[0]], name=f"{base}_unflatten")]
     return chain
+
+
+def _conv_input_parts(rw: _Rewrite, n: onnx.NodeProto, c_in: int) -> list[tuple[str, int]]:
+    """The (tensor, channels) the input of conv ``n`` (``c_in`` channels) is made of: for a 1x1 conv on a Concat
+    along the channels whose parts' channel counts the graph's shapes give, the Concat's inputs; else the input."""
+    cat = rw.producer.get(n.input[0])
+    if (_same_conv(n) == (1, 1) and cat is not None and cat.op_type == "Concat"
+            and _attrs(cat).get("axis") in (1, -3)):
+        chans = [_channels(rw, i) for i in cat.input]
+        if all(chans) and sum(chans) == c_in:
+            return list(zip(cat.input, chans))
+    return [(n.input[0], c_in)]
+
+
+def _channels(rw: _Rewrite, name: str) -> int:
+    """dim 1 of a 4-D tensor from the graph's value_info, 0 where unknown."""
+    v = rw.value_info.get(name)
+    dims = v.type.tensor_type.shape.dim if v is not None else []
+    return dims[1].dim_value if len(dims) == 4 and dims[1].HasField("dim_value") else 0
+
+
+def _im2col(rw: _Rewrite, codes: str, kh: int, kw: int, h: int, wd: int, c_in: int, azp: str,
+            cols_of: dict, chain: list[onnx.NodeProto]) -> str:
+    """[N, H*W, kh*kw*C] uint8 columns of ``codes`` [N, C, H, W] (NHWC; "same" padding with the zero point code
+    ``azp``), built once per (codes, kernel): the nodes go to ``chain``."""
+    key = (codes, kh, kw)
+    if key in cols_of:
+        return cols_of[key]
+    cb = f"{codes}_k{kh}x{kw}"
+    chain.append(helper.make_node("Transpose", [codes], [f"{cb}_nhwc"], perm=[0, 2, 3, 1], name=f"{cb}_nhwc"))
+    x = f"{cb}_nhwc"
+    if (kh, kw) != (1, 1):
+        ph, pw = kh // 2, kw // 2
+        pads = rw.const(np.array([0, ph, pw, 0, 0, ph, pw, 0], np.int64), f"{cb}_pads")
+        chain.append(helper.make_node("Pad", [x, pads, azp], [f"{cb}_padded"], name=f"{cb}_pad"))
+        axes = rw.const(np.array([1, 2], np.int64), f"{cb}_axes")
+        taps = []
+        for i in range(kh):
+            for j in range(kw):
+                st = rw.const(np.array([i, j], np.int64), f"{cb}_s{i}{j}")
+                en = rw.const(np.array([i + h, j + wd], np.int64), f"{cb}_e{i}{j}")
+                chain.append(helper.make_node("Slice", [f"{cb}_padded", st, en, axes], [f"{cb}_t{i}{j}"],
+                                              name=f"{cb}_t{i}{j}"))
+                taps.append(f"{cb}_t{i}{j}")
+        chain.append(helper.make_node("Concat", taps, [f"{cb}_cols4"], axis=3, name=f"{cb}_concat"))
+        x = f"{cb}_cols4"
+    flat = rw.const(np.array([0, h * wd, kh * kw * c_in], np.int64), f"{cb}_flat")
+    chain.append(helper.make_node("Reshape", [x, flat], [f"{cb}_cols"], name=f"{cb}_cols"))
+    cols_of[key] = f"{cb}_cols"
+    return cols_of[key]
 
 
 def _tap_mask(h: int, w: int, kh: int, kw: int) -> np.ndarray:

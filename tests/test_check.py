@@ -113,7 +113,7 @@ def test_int8_weight_off_by_one_level(compiled_unet2d, reader: str) -> None:
     inits = {t.name: t for t in m.graph.initializer}
     pos = 0 if reader == "DequantizeLinear" else 1
     nd = [n for n in m.graph.node if n.op_type == reader and n.input[pos] in inits
-          and inits[n.input[pos]].data_type == onnx.TensorProto.INT8][2]
+          and inits[n.input[pos]].data_type == onnx.TensorProto.INT8][0]
     name = nd.input[pos]
     (q,) = [q for q in quantizer_nodes(cm.graph_module)
             if str(q.target).startswith("msfp.dequantize_packed") and int8_name(q.args[0].target) == name]

@@ -8,6 +8,7 @@ torch reference ops bit for bit (up to the sign of zero).
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -84,14 +85,18 @@ def test_msfp_nodes_match_the_torch_graph(compiled) -> None:
     inits = {t.name: t for t in m.graph.initializer}
     dq = [n for n in m.graph.node if n.op_type == "DequantizeLinear"]
     mmi = [n for n in m.graph.node if n.op_type == "MatMulInteger"]
-    assert mmi and len(mmi) == compiled.onnx_op_counts["integer_matmuls"] + compiled.onnx_op_counts.get(
-        "integer_convs", 0)  # linears, and "same" convs on integer-grid activations
+    # linears, and "same" convs on integer-grid activations (a 1x1 conv on a Concat: one MatMulInteger per part)
+    layers = {re.sub(r"_mmi(_\d+)?$", "", n.name) for n in mmi}
+    assert mmi and len(layers) == compiled.onnx_op_counts["integer_matmuls"] + compiled.onnx_op_counts.get(
+        "integer_convs", 0)
+    sliced = {n.output[0]: n.input[0] for n in m.graph.node if n.op_type == "Slice" and n.input[0] in inits}
     # int8 weights: read by a DequantizeLinear (FP32 kernels) or by a MatMulInteger (integer kernels), each once;
     # the other DequantizeLinears read the uint8 tap masks of integer convs on activations with a zero point
     int8 = {t.name for t in m.graph.initializer if t.data_type == TensorProto.INT8}
     assert len(int8) == compiled.onnx_op_counts["int8_weights"]
     dq_int8 = [n.input[0] for n in dq if inits[n.input[0]].data_type == TensorProto.INT8]
-    assert sorted(dq_int8 + [n.input[1] for n in mmi]) == sorted(int8)
+    assert sorted(set(dq_int8 + [sliced.get(n.input[1], n.input[1]) for n in mmi])) == sorted(int8)
+    assert len(dq_int8) + len({sliced.get(n.input[1], n.input[1]) for n in mmi}) == len(int8)
     assert all(inits[n.input[0]].data_type == TensorProto.UINT8 and n.input[0].startswith("tap_mask_")
                for n in dq if n.input[0] not in int8)
     for n in mmi:
