@@ -47,7 +47,8 @@ from .fast_ops import conv_out_size, e4m3_lut, pack_halves  # also defines torch
 
 __all__ = ["grid_round", "fake_quant", "grid_e4m3", "PartQuant", "FastGemm", "DecodeGroup", "FastUNet", "build_fast",
            "FastReport", "weight_bytes", "sdpa_fp8_fq", "fp8_head_dim", "group_norm_channels",
-           "group_norm_auto"]
+           "group_norm_auto",
+           "group_norm_triton", "concat_parts"]
 
 aten = torch.ops.aten
 _Q = torch.ops.msfp.quantize.default
@@ -605,6 +606,29 @@ def group_norm_channels(x: torch.Tensor, groups: int, weight: torch.Tensor | Non
     return y.to(x.dtype).contiguous().view(n, h, w, c).permute(0, 3, 1, 2)  # eager: the broadcasts can reorder y
 
 
+def group_norm_triton(x: torch.Tensor, groups: int, weight: torch.Tensor | None = None,
+                      bias: torch.Tensor | None = None, eps: float = 1e-5, *_: Any,
+                      parts: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """``F.group_norm`` of an [N, C, H, W] activation with the statistics from ``msfp_fast::gn_stats`` (our Triton
+    kernels on CUDA: tiles of NHWC rows, per-group partials combined exactly; ``gn_stats``), the normalization one
+    scale and shift per (sample, channel) that Inductor fuses with the producer and the consumers. ``parts``: the
+    tensors x is the channel concatenation of (the up blocks' skip connections), read part by part for the
+    statistics. Output NHWC memory viewed as [N, C, H, W], as ``group_norm_channels``."""
+    if x.dim() != 4:
+        return F.group_norm(x, groups, weight, bias, eps)
+    n, c, h, w = x.shape
+    stats = torch.ops.msfp_fast.gn_stats(parts if parts else [x], groups, float(eps))
+    scale = stats[1].view(n, groups, 1).expand(n, groups, c // groups).reshape(n, c)
+    shift = -stats[0].view(n, groups, 1).expand(n, groups, c // groups).reshape(n, c) * scale
+    if weight is not None:
+        scale, shift = scale * weight.float(), shift * weight.float()
+    if bias is not None:
+        shift = shift + bias.float()
+    rows = x.permute(0, 2, 3, 1).reshape(n, h * w, c)
+    y = rows.float() * scale[:, None, :] + shift[:, None, :]
+    return y.to(x.dtype).contiguous().view(n, h, w, c).permute(0, 3, 1, 2)
+
+
 GN_CHANNELS_MIN_BATCH = 4  # group_norm_auto: group_norm_channels from this batch size on, aten.group_norm below
 # (SD1.5 on the H200, session 13: batch 8 16.31 vs 16.93 ms per step with it, batch 1 5.03 vs 4.80 ms: two more
 # kernels per GroupNorm cost ~0.35 ms at any batch size, the coalesced reads gain ~0.12 ms per sample: even at ~3)
@@ -661,7 +685,7 @@ class FastReport:
     part_quant_moved: int = 0  # fake quantizers of merged GEMMs' parts moved into the GEMM (quantize_parts)
     implicit_convs: int = 0  # k x k convs run by the implicit-GEMM kernel (implicit_conv)
     fp8_attention: int = 0  # attentions run by msfp_fast::sdpa_fp8 (attention="fp8")
-    group_norms: int = 0  # GroupNorms as group_norm_channels / group_norm_auto (group_norm="channels" / "auto")
+    group_norms: int = 0  # GroupNorms as group_norm_channels / _auto / _triton (group_norm= "channels" etc.)
 
     def __str__(self) -> str:
         lines = [f"FP8 GEMMs: linear={self.fused['linear']} conv2d={self.fused['conv2d']}; "
@@ -811,6 +835,18 @@ def _fp8_attention_args(gm: fx.GraphModule, node: fx.Node) -> tuple | None:
     return (q, k, v, qp, kp, vp, opt.get("scale"))
 
 
+def concat_parts(node: Any) -> list[fx.Node] | None:
+    """The inputs of a 4-d channel concatenation (``aten.cat`` on dim 1 of two or more parts), else None."""
+    if not (isinstance(node, fx.Node) and node.op == "call_function" and node.target == aten.cat.default):
+        return None
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    parts = list(node.args[0])
+    val = node.meta.get("val")
+    if val is None or val.dim() != 4 or dim not in (1, -3) or len(parts) < 2:
+        return None
+    return parts
+
+
 def _lower_rest(gm: fx.GraphModule, report: FastReport, dtype: torch.dtype, fp8_attention: bool = False,
                 group_norm: str = "auto") -> None:
     """The remaining quantizers, packed weights and attention become ``dtype`` pointwise torch ops (``fp8_attention``:
@@ -850,8 +886,15 @@ def _lower_rest(gm: fx.GraphModule, report: FastReport, dtype: torch.dtype, fp8_
                     new = g.call_function(_sdpa_as, (dtype, *node.args), dict(node.kwargs))
         elif node.target == aten.group_norm.default and group_norm != "aten" and _spatial(node) is not None:
             with g.inserting_before(node):
-                fn = group_norm_channels if group_norm == "channels" else group_norm_auto
-                new = g.call_function(fn, tuple(node.args), dict(node.kwargs))
+                if group_norm == "triton":
+                    kw = dict(node.kwargs)
+                    parts = concat_parts(node.args[0])
+                    if parts is not None:
+                        kw["parts"] = parts
+                    new = g.call_function(group_norm_triton, tuple(node.args), kw)
+                else:
+                    fn = group_norm_channels if group_norm == "channels" else group_norm_auto
+                    new = g.call_function(fn, tuple(node.args), dict(node.kwargs))
             report.group_norms += 1
         elif node.target == aten._assert_tensor_metadata.default:
             g.erase_node(node)  # dtype assertions of the float32 capture
@@ -966,9 +1009,11 @@ def build_fast(gm: fx.GraphModule, device: str | torch.device = "cuda", weights:
     self-attention at 64x64 and 32x32; P and O rounded to E4M3 on top of the graph's own quantization).
     ``group_norm``: "channels" (``group_norm_channels``: per-channel statistics read in NHWC order, combined per group),
     "aten" (``aten.group_norm`` as captured, which Inductor reduces in NCHW order) or "auto" (``group_norm_auto``:
-    channels from ``GN_CHANNELS_MIN_BATCH`` samples on, where it measured faster on SD1.5, aten below)."""
-    if group_norm not in ("auto", "channels", "aten"):
-        raise ValueError(f"unknown group_norm mode {group_norm!r} (auto, channels or aten)")
+    channels from ``GN_CHANNELS_MIN_BATCH`` samples on, where it measured faster on SD1.5, aten below) or "triton"
+    (opt-in, not yet measured on the GPU: ``group_norm_triton``, the statistics from our Triton kernels in
+    ``gn_stats``, concatenated inputs read part by part)."""
+    if group_norm not in ("auto", "channels", "aten", "triton"):
+        raise ValueError(f"unknown group_norm mode {group_norm!r} (auto, channels, aten or triton)")
     if attention not in ("bf16", "fp8"):
         raise ValueError(f"unknown attention mode {attention!r} (bf16 or fp8)")
     if weights not in ("packed", "fp8", "mixed"):

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from msfp_compiler.ops import get_format
 
 __all__ = ["decode_w4", "decode_w4_group", "im2col_e4m3", "conv_e4m3", "sdpa_fp8", "conv_out_size", "pack_halves",
-           "unpack_halves", "e4m3_lut"]
+           "unpack_halves", "e4m3_lut", "gn_stats"]
 
 _FP8 = torch.float8_e4m3fn
 
@@ -195,3 +195,26 @@ def _sdpa_fp8_fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, descale_q:
                    descale_v: float, scale_o: float, attn_scale: float) -> torch.Tensor:
     b, h, s, _ = q.shape
     return q.new_empty((b, s, h, v.shape[-1]), dtype=_FP8).transpose(1, 2)
+
+
+@torch.library.custom_op("msfp_fast::gn_stats", mutates_args=())
+def gn_stats(parts: list[torch.Tensor], groups: int, eps: float) -> torch.Tensor:
+    """GroupNorm statistics of the channel concatenation of parts ([N, C_i, H, W] each) -> float32 [2, N, G]: each
+    (sample, group)'s mean and 1 / sqrt(biased variance + eps). CUDA: ``gn_stats.gn_stats_triton`` (tiles of NHWC
+    rows, partials combined exactly per group); elsewhere this reference (torch.var_mean per group, float32)."""
+    x = torch.cat([t.float() for t in parts], dim=1) if len(parts) > 1 else parts[0].float()
+    n = x.shape[0]
+    var, mean = torch.var_mean(x.reshape(n, groups, -1), dim=-1, correction=0)
+    return torch.stack([mean, torch.rsqrt(var + eps)])
+
+
+@gn_stats.register_kernel("cuda")
+def _gn_stats_cuda(parts: list[torch.Tensor], groups: int, eps: float) -> torch.Tensor:
+    from .gn_stats import gn_stats_triton
+
+    return gn_stats_triton(parts, groups, eps)
+
+
+@gn_stats.register_fake
+def _gn_stats_fake(parts: list[torch.Tensor], groups: int, eps: float) -> torch.Tensor:
+    return parts[0].new_empty((2, parts[0].shape[0], groups), dtype=torch.float32)

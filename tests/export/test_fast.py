@@ -473,3 +473,19 @@ def test_build_fast_group_norm_channels(compiled_cond) -> None:
         assert torch.equal(auto(*small), aten_gn(*small)) and torch.equal(auto(*big), chan(*big))
     with pytest.raises(ValueError, match="group_norm"):
         FA.build_fast(gm, "cpu", group_norm="welford")
+
+
+def test_build_fast_group_norm_triton(compiled_cond) -> None:
+    """build_fast(group_norm="triton") replaces every 4-d GroupNorm by group_norm_triton (statistics from
+    msfp_fast::gn_stats; its CPU reference here, the Triton kernels in test_fast_kernels), passes the parts of
+    concatenated inputs (the up blocks' skip connections) and keeps the float32 output at the reference graph's."""
+    gm = compiled_cond.graph_module
+    args = compiled_cond.calibration.batches[0].args
+    gns = [nd for nd in gm.graph.nodes if nd.op == "call_function" and nd.target == torch.ops.aten.group_norm.default]
+    fast = FA.build_fast(gm, "cpu", dtype=torch.float32, group_norm="triton")
+    new = [nd for nd in fast.gm.graph.nodes if nd.op == "call_function" and nd.target == FA.group_norm_triton]
+    assert fast.report.group_norms == len(new) == len(gns) >= 4
+    cats = sum(1 for nd in gns if FA.concat_parts(nd.args[0]) is not None)
+    assert sum(1 for nd in new if "parts" in nd.kwargs) == cats >= 1
+    with torch.no_grad():
+        assert _rel(fast(*args), gm(*args)) < 1e-5

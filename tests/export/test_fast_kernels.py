@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from .triton_env import DEV  # first: sets TRITON_INTERPRET before the kernels are defined
 
 from msfp_compiler.export.triton import fast_ops as O  # noqa: E402
 from msfp_compiler.export.triton.conv_fp8 import (CONFIGS, IM2COL, NEW_CONFIGS, ConvConfig,  # noqa: E402
                                                   conv_e4m3_triton, tma_box)
+from msfp_compiler.export.triton.gn_stats import gn_stats_triton  # noqa: E402
 from msfp_compiler.export.triton.im2col import im2col_triton  # noqa: E402
 from msfp_compiler.export.triton.w4_decode import decode_w4_group_triton, decode_w4_triton  # noqa: E402
 from msfp_compiler.ops import get_format  # noqa: E402
@@ -183,3 +185,31 @@ def test_conv_configs_sd15_shapes_gpu(cfg: ConvConfig) -> None:
         ref = conv_e4m3_triton(x, w, [3, 3], [1, 1], [1, 1, 1, 1], config=IM2COL)
         got = conv_e4m3_triton(x, w, [3, 3], [1, 1], [1, 1, 1, 1], config=cfg)
         assert torch.equal(got, ref), f"{(b, h, c, n)}: {(got != ref).sum().item()} of {ref.numel()} differ"
+
+
+@pytest.mark.parametrize("n,cs,h,w,g", [(2, (24,), 5, 7, 6), (1, (40, 24), 9, 9, 8), (3, (8, 8, 16), 3, 3, 4)])
+def test_gn_stats_matches_group_norm(n: int, cs: tuple, h: int, w: int, g: int) -> None:
+    """gn_stats_triton (tiles of NHWC rows, partials combined per group; 81 positions: two position tiles) gives
+    the float64 group mean and 1/sqrt(var + eps) of the channel concatenation of its parts within float32 summation
+    order, on NHWC and NCHW memory and where the mean is 300x the spread (no E[x^2] - E[x]^2 cancellation), as the
+    op's CPU reference does; group_norm_triton's output is F.group_norm's."""
+    from msfp_compiler.export.triton.fast import group_norm_triton
+
+    gen = torch.Generator().manual_seed(len(cs))
+    parts = [torch.randn(n, c, h, w, generator=gen) * 2 + 300 * (i % 2) for i, c in enumerate(cs)]
+    x = torch.cat(parts, 1).double().reshape(n, g, -1)
+    var, mean = torch.var_mean(x, dim=-1, correction=0)
+    want = torch.stack([mean, torch.rsqrt(var + 1e-5)])
+    # float32 summation order: the mean within a few ulps of |mean| + std, rstd to a relative 1e-5
+    tol = torch.stack([1e-6 * (mean.abs() + var.sqrt()), 1e-5 * want[1]])
+    for mem in (torch.channels_last, torch.contiguous_format):
+        got = gn_stats_triton([t.to(DEV).contiguous(memory_format=mem) for t in parts], g, 1e-5).cpu()
+        assert got.shape == (2, n, g) and got.dtype == torch.float32
+        assert ((got.double() - want).abs() <= tol).all(), str(mem)
+    ref = O.gn_stats(parts, g, 1e-5)
+    assert ((ref.double() - want).abs() <= tol).all()
+    xc = torch.cat(parts, 1).contiguous(memory_format=torch.channels_last)
+    wt, bs = torch.randn(xc.shape[1], generator=gen), torch.randn(xc.shape[1], generator=gen)
+    y = group_norm_triton(xc, g, wt, bs, 1e-5, parts=parts)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert (y - F.group_norm(xc.double(), g, wt.double(), bs.double(), 1e-5).float()).abs().max() < 1e-4

@@ -1,0 +1,112 @@
+"""GroupNorm statistics of NHWC activations as two Triton kernels (``msfp_fast::gn_stats``'s CUDA implementation).
+
+Inductor's reductions for SD1.5's GroupNorms ran at 38-100 us each at batch 8 where ~15 us reads the activation at
+copy bandwidth (docs/triton.md session 13): the per-group reduction reads 20 bytes of each 640-byte NHWC row, the
+per-channel one (``fast.group_norm_channels``) has too few outputs at small batches, and chunked forms became
+persistent kernels reading a few channels per row. Here the reduction order is ours:
+
+``_gn_partial_kernel``: one program per (sample, BLOCK_P positions, BLOCK_C channels) tile, read as BLOCK_P rows of
+BLOCK_C contiguous channels (128 bytes per row in bf16); it writes the tile's per-channel sum and sum of squared
+deviations from the tile mean (float32) to partials [N, PB, C]. A concatenated input (the up blocks' skip
+connections) is read part by part, each part's launch writing its channel range, so the concatenation is not
+materialized for the statistics.
+``_gn_combine_kernel``: one program per (sample, group) combines the PB x C/G partials exactly (Chan et al.: the
+group mean from the sums, the group M2 as the sum of the tile M2s plus each tile's count times its squared mean
+offset) into the group's mean and 1 / sqrt(var + eps).
+
+Agrees with ``aten.group_norm``'s statistics within float32 summation order (the shifted sums avoid the
+cancellation of sum-of-squares forms). Kernels are defined on import: import after choosing TRITON_INTERPRET.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["gn_stats_triton", "BLOCK_P", "BLOCK_C"]
+
+BLOCK_P = 64  # positions per tile: 64 x 64 channels x 2 bytes = 8 KB per program, ~2.5k programs at 64x64 x 320 x b8
+BLOCK_C = 64  # channels per tile row: 128 contiguous bytes in bf16 (one full memory transaction per row)
+
+
+@triton.jit
+def _gn_partial_kernel(x_ptr, sum_ptr, m2_ptr, P, W, C, C_TOTAL, c_off, sxn, sxc, sxh, sxw, PB,
+                       BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    n = tl.program_id(0)
+    pb = tl.program_id(1)
+    cb = tl.program_id(2)
+    p = pb * BLOCK_P + tl.arange(0, BLOCK_P)
+    c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    pm = p < P
+    cm = c < C
+    h = p // W
+    w = p - h * W
+    offs = (n.to(tl.int64) * sxn + (h * sxh + w * sxw).to(tl.int64)[:, None] + (c * sxc).to(tl.int64)[None, :])
+    mask = pm[:, None] & cm[None, :]
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    cnt = tl.minimum(P - pb * BLOCK_P, BLOCK_P).to(tl.float32)
+    s = tl.sum(x, axis=0)  # [BLOCK_C]
+    d = tl.where(mask, x - (s / cnt)[None, :], 0.0)
+    m2 = tl.sum(d * d, axis=0)
+    out = (n.to(tl.int64) * PB + pb) * C_TOTAL + c_off + c
+    tl.store(sum_ptr + out, s, mask=cm)
+    tl.store(m2_ptr + out, m2, mask=cm)
+
+
+@triton.jit
+def _gn_combine_kernel(sum_ptr, m2_ptr, stats_ptr, P, PB, C_TOTAL, CPG, G, eps,
+                       BLOCK_PB: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_P: tl.constexpr):
+    ng = tl.program_id(0)  # n * G + g
+    n = ng // G
+    g = ng - n * G
+    j = tl.arange(0, BLOCK_J)
+    jm = j < CPG
+    base = n.to(tl.int64) * PB * C_TOTAL + g * CPG
+    total = P.to(tl.float32) * CPG
+    acc = tl.zeros([BLOCK_PB, BLOCK_J], dtype=tl.float32)
+    for pb0 in range(0, PB, BLOCK_PB):
+        pb = pb0 + tl.arange(0, BLOCK_PB)
+        mask = (pb < PB)[:, None] & jm[None, :]
+        acc += tl.load(sum_ptr + base + pb[:, None].to(tl.int64) * C_TOTAL + j[None, :], mask=mask, other=0.0)
+    mean = tl.sum(tl.sum(acc, axis=1), axis=0) / total
+    acc = tl.zeros([BLOCK_PB, BLOCK_J], dtype=tl.float32)
+    for pb0 in range(0, PB, BLOCK_PB):
+        pb = pb0 + tl.arange(0, BLOCK_PB)
+        mask = (pb < PB)[:, None] & jm[None, :]
+        off = base + pb[:, None].to(tl.int64) * C_TOTAL + j[None, :]
+        s = tl.load(sum_ptr + off, mask=mask, other=0.0)
+        m2 = tl.load(m2_ptr + off, mask=mask, other=0.0)
+        cnt = tl.maximum(tl.minimum(P - pb * BLOCK_P, BLOCK_P), 1).to(tl.float32)[:, None]
+        dm = s / cnt - mean
+        acc += tl.where(mask, m2 + cnt * dm * dm, 0.0)
+    var = tl.sum(tl.sum(acc, axis=1), axis=0) / total
+    tl.store(stats_ptr + ng, mean)
+    tl.store(stats_ptr + n * G + g + tl.num_programs(0), 1.0 / tl.sqrt(var + eps))
+
+
+def gn_stats_triton(parts: list[torch.Tensor], groups: int, eps: float) -> torch.Tensor:
+    """parts: [N, C_i, H, W] tensors (any strides; NHWC memory reads coalesced) whose channel concatenation is the
+    GroupNorm input -> float32 [2, N, G]: each (sample, group)'s mean and 1 / sqrt(biased var + eps)."""
+    n, _, h, w = parts[0].shape
+    c_total = sum(t.shape[1] for t in parts)
+    p = h * w
+    pb = triton.cdiv(p, BLOCK_P)
+    dev = parts[0].device
+    sums = torch.empty((n, pb, c_total), dtype=torch.float32, device=dev)
+    m2s = torch.empty_like(sums)
+    c_off = 0
+    for t in parts:
+        c = t.shape[1]
+        if c:
+            sn, sc, sh, sw = t.stride()
+            _gn_partial_kernel[(n, pb, triton.cdiv(c, BLOCK_C))](t, sums, m2s, p, w, c, c_total, c_off, sn, sc, sh,
+                                                                 sw, pb, BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C,
+                                                                 num_warps=4)
+        c_off += c
+    cpg = c_total // groups
+    stats = torch.empty((2, n, groups), dtype=torch.float32, device=dev)
+    _gn_combine_kernel[(n * groups,)](sums, m2s, stats, p, pb, c_total, cpg, groups, eps,
+                                      BLOCK_PB=min(64, triton.next_power_of_2(pb)),
+                                      BLOCK_J=triton.next_power_of_2(cpg), BLOCK_P=BLOCK_P, num_warps=4)
+    return stats
