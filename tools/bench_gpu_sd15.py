@@ -186,19 +186,21 @@ def parser() -> argparse.ArgumentParser:
                     "our compiler runs (fills the Inductor caches; the timed compile in this process then hits them)")
     ap.add_argument("--warm-timeout", type=float, default=600.0, help="seconds the timings wait for the warm-up "
                     "process; baseline compiles it has not finished by then are skipped (recorded as such)")
-    ap.add_argument("--variant", default=None, metavar="NAME:BATCH", help="after the main rows: one more W4A4 "
-                    "compile, timing and profile at BATCH with an option: combo (Inductor config.combo_kernels, "
+    ap.add_argument("--variant", default=None, metavar="NAME:BATCH[,BATCH...]", help="after the main rows: "
+                    "one more W4A4 compile, timing and profile at each BATCH with an option: combo (Inductor config.combo_kernels, "
                     "independent kernels launched as one) or qkv (build_fast(quantize_parts=True): the Q/K/V "
                     "fake quantizers in their merged GEMM's epilogue) or conv (build_fast(implicit_conv=True): the "
                     "implicit-GEMM FP8 conv, tiles tuned per shape against im2col + cuBLAS; the default on CUDA "
                     "since session 8) or im2col (implicit_conv=False: the convs as im2col + cuBLAS) or fp8attn "
                     "(build_fast(attention='fp8'): cuDNN's FP8 attention where admitted; needs nvidia-cudnn-frontend) "
                     "or gnaten (build_fast(group_norm='aten'): the captured GroupNorm, Inductor's NCHW-order "
-                    "reduction)); "
+                    "reduction) or gnauto / gnchannels / gntriton (group_norm='auto' / 'channels' / 'triton': "
+                    "the statistics from our Triton kernels)); "
                     "recorded under 'variants', then its accuracy unless skipped")
-    ap.add_argument("--group-norm", default="auto", choices=["auto", "channels", "aten"], help="build_fast's "
+    ap.add_argument("--group-norm", default="auto", choices=["auto", "channels", "aten", "triton"], help="build_fast's "
                     "group_norm for the headline rows (channels: per-channel statistics in NHWC order; aten: the "
-                    "captured op; auto, the default since session 13: channels from batch 4 on, aten below)")
+                    "captured op; auto, the default since session 13: channels from batch 4 on, aten below; triton: the "
+                    "statistics from our Triton kernels, export/triton/gn_stats.py)")
     ap.add_argument("--conv-sets", default="", help="comma list of conv-candidate sets to time the headline W4A4 "
                     "step with as well, after its own timing: the same compiled step re-captured with each conv's "
                     "choice from the set, taken from the tuner's record (no recompile, no second tuning). Sets: "
@@ -229,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     batches = [int(b) for b in args.batches.split(",")]
+    if args.variant:
+        parse_variant(args.variant)  # a typo fails here, not after the SD1.5 compile
     if args.only_warm_baseline:
         return warm_baseline(batches, args.baseline_mode, Path(args.only_warm_baseline))
     warm = start_warm(args) if args.warm_baseline else None
@@ -365,39 +369,67 @@ def measure(args: argparse.Namespace, rec: Recorder, cm: Any, bf16_bytes: int, b
 
 
 def variant(args: argparse.Namespace, rec: Recorder, cm: Any) -> None:
-    """The headline W4A4 build compiled once more at one batch size with an Inductor or build_fast option, timed
-    and profiled (after the main rows, so a failure or a cut cannot cost them)."""
+    """The headline W4A4 build compiled once more at each of the variant's batch sizes with an Inductor or
+    build_fast option, timed and profiled (after the main rows, so a failure or a cut cannot cost them)."""
+    name, batches, options, build = parse_variant(args.variant)
+    rows: list[dict] = []
+    for b in batches:  # each batch size its own row (and compile), saved as soon as it is timed
+        torch._dynamo.reset()
+        torch.cuda.empty_cache()
+        variant_row(args, rec, cm, name, b, options, build, rows, tag=name if len(batches) == 1 else f"{name}_b{b}")
+
+
+VARIANTS = {"combo": ({"combo_kernels": True}, {}), "qkv": ({}, {"quantize_parts": True}),
+            "conv": ({}, {"implicit_conv": True}), "im2col": ({}, {"implicit_conv": False}),
+            "fp8attn": ({}, {"attention": "fp8"}), "gnaten": ({}, {"group_norm": "aten"}),
+            "gnauto": ({}, {"group_norm": "auto"}), "gnchannels": ({}, {"group_norm": "channels"}),
+            "gntriton": ({}, {"group_norm": "triton"})}
+
+
+def parse_variant(spec: str) -> tuple[str, list[int], dict, dict]:
+    """"NAME:B1,B2,..." -> (name, batch sizes, Inductor options, build_fast options); a one-line error otherwise."""
+    name, _, bs = spec.partition(":")
+    if name not in VARIANTS or not bs:
+        raise SystemExit(f"--variant {spec!r}: want NAME:BATCH[,BATCH...] with NAME one of {', '.join(VARIANTS)}")
+    try:
+        batches = [int(b) for b in bs.split(",")]
+    except ValueError:
+        raise SystemExit(f"--variant {spec!r}: batch sizes must be integers") from None
+    options, build = VARIANTS[name]
+    return name, batches, options, build
+
+
+def variant_row(args: argparse.Namespace, rec: Recorder, cm: Any, name: str, b: int, options: dict, build: dict,
+                rows: list[dict], tag: str) -> None:
+    """One variant row: compile, time (and profile) the W4A4 build at batch b, then its accuracy unless skipped."""
     from torch._inductor import config as inductor_config
 
     from msfp_compiler.export.triton.fast import build_fast
 
-    name, b = args.variant.split(":")
-    options, build = {"combo": ({"combo_kernels": True}, {}), "qkv": ({}, {"quantize_parts": True}),
-                      "conv": ({}, {"implicit_conv": True}), "im2col": ({}, {"implicit_conv": False}),
-                      "fp8attn": ({}, {"attention": "fp8"}), "gnaten": ({}, {"group_norm": "aten"})}[name]
     head = args.weights.split(",")[0]
-    row: dict = {"batch": int(b), "variant": name, "inductor_options": options, "build_fast_options": build}
+    row: dict = {"batch": b, "variant": name, "inductor_options": options, "build_fast_options": build}
     fast = build_fast(cm.graph_module, "cuda", weights=head, **build)
     row["fast_report"] = str(fast.report).split("\n")[0]
-    x = inputs(int(b), cm.calibration.batches[0].args)
+    x = inputs(b, cm.calibration.batches[0].args)
     profiles: dict[str, Any] = {}
     with inductor_config.patch(options):
         cf = compile_fast(fast, x, args.fast_mode, row, head)
     if cf is not None:
-        time_fast(cf, x, row, head, args.iters, profiles if args.profile else None, tag=f"_{name}")
+        time_fast(cf, x, row, head, args.iters, profiles if args.profile else None, tag=f"_{tag}")
         if args.fast_mode == "graph" and "prefetch" not in args.skip.split(","):
             time_prefetch_decode(cf, fast, x, row, head, args.iters)
     row["w4a4_ms"] = row.get(f"w4a4_{head}", {}).get("median_ms")
     if name == "conv":
-        row["conv_tuning"] = conv_tuning(int(b))
+        row["conv_tuning"] = conv_tuning(b)
     row["profile"] = {k: {kk: vv for kk, vv in v.items() if kk != "rows"} for k, v in profiles.items()}
-    rec.put("variants", [row])
+    rows.append(row)
+    rec.put("variants", rows)
     if args.log_dir and profiles:
-        (Path(args.log_dir) / f"profile_{name}.txt").write_text("\n\n".join(f"== {k}\n{v['table']}"
-                                                                           for k, v in profiles.items()))
+        (Path(args.log_dir) / f"profile_{tag}.txt").write_text("\n\n".join(f"== {k}\n{v['table']}"
+                                                                          for k, v in profiles.items()))
     if cf is not None and "accuracy" not in args.skip.split(","):  # last: the timed row is saved already
-        rec.section(f"accuracy_{name}", lambda: accuracy(cm.graph_module, cf, cm.calibration.batches[0].args,
-                                                         args.accuracy_steps, int(b)), log_chars=1500)
+        rec.section(f"accuracy_{tag}", lambda: accuracy(cm.graph_module, cf, cm.calibration.batches[0].args,
+                                                        args.accuracy_steps, b), log_chars=1500)
 
 
 def conv_tuning(batch: int) -> list[dict]:

@@ -42,3 +42,11 @@ def test_graphed_run_calls_its_step_with_the_example_inputs():
     run = bench_gpu_sd15.GraphedRun(Step(), (1, 2, 3))
     assert run() == 6 and calls == [(1, 2, 3)]
     assert run.step.fn == "compiled"  # what capture_medians captures again
+
+
+def test_parse_variant_batches_and_errors():
+    assert bench_gpu_sd15.parse_variant("gntriton:8,4,1") == ("gntriton", [8, 4, 1], {}, {"group_norm": "triton"})
+    assert bench_gpu_sd15.parse_variant("combo:2") == ("combo", [2], {"combo_kernels": True}, {})
+    for bad in ("gntriton", "welford:8", "gntriton:8,x"):
+        with pytest.raises(SystemExit, match="--variant"):
+            bench_gpu_sd15.parse_variant(bad)
