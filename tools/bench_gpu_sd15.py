@@ -186,8 +186,9 @@ def parser() -> argparse.ArgumentParser:
                     "our compiler runs (fills the Inductor caches; the timed compile in this process then hits them)")
     ap.add_argument("--warm-timeout", type=float, default=600.0, help="seconds the timings wait for the warm-up "
                     "process; baseline compiles it has not finished by then are skipped (recorded as such)")
-    ap.add_argument("--variant", default=None, metavar="NAME:BATCH[,BATCH...]", help="after the main rows: "
-                    "one more W4A4 compile, timing and profile at each BATCH with an option: combo (Inductor config.combo_kernels, "
+    ap.add_argument("--variant", default=None, metavar="NAME[/NAME...]:BATCH[,BATCH...]", help="after the main "
+                    "rows: one more W4A4 compile, timing and profile at each BATCH with each option (A/B: "
+                    "gnauto/gntriton:8,1,4 alternates them per batch size in one process): combo (Inductor config.combo_kernels, "
                     "independent kernels launched as one) or qkv (build_fast(quantize_parts=True): the Q/K/V "
                     "fake quantizers in their merged GEMM's epilogue) or conv (build_fast(implicit_conv=True): the "
                     "implicit-GEMM FP8 conv, tiles tuned per shape against im2col + cuBLAS; the default on CUDA "
@@ -222,7 +223,8 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    ap = parser()
+    args = ap.parse_args(argv)
     if args.digits_only:
         res = digits_accuracy(args.digits_only, compiled=args.digits_only == "cuda")
         res["loadavg"] = os.getloadavg()
@@ -232,7 +234,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.backends.cudnn.allow_tf32 = False
     batches = [int(b) for b in args.batches.split(",")]
     if args.variant:
-        parse_variant(args.variant)  # a typo fails here, not after the SD1.5 compile
+        try:
+            parse_variant(args.variant)  # a typo fails here (one line, exit 2), not after the SD1.5 compile
+        except ValueError as e:
+            ap.error(str(e))
     if args.only_warm_baseline:
         return warm_baseline(batches, args.baseline_mode, Path(args.only_warm_baseline))
     warm = start_warm(args) if args.warm_baseline else None
@@ -370,13 +375,17 @@ def measure(args: argparse.Namespace, rec: Recorder, cm: Any, bf16_bytes: int, b
 
 def variant(args: argparse.Namespace, rec: Recorder, cm: Any) -> None:
     """The headline W4A4 build compiled once more at each of the variant's batch sizes with an Inductor or
-    build_fast option, timed and profiled (after the main rows, so a failure or a cut cannot cost them)."""
-    name, batches, options, build = parse_variant(args.variant)
+    build_fast option, timed and profiled (after the main rows, so a failure or a cut cannot cost them). An A/B
+    spec ("gnauto/gntriton:8,1") runs the options one after the other at each batch size, in one process."""
+    names, batches = parse_variant(args.variant)
     rows: list[dict] = []
-    for b in batches:  # each batch size its own row (and compile), saved as soon as it is timed
-        torch._dynamo.reset()
-        torch.cuda.empty_cache()
-        variant_row(args, rec, cm, name, b, options, build, rows, tag=name if len(batches) == 1 else f"{name}_b{b}")
+    one = len(batches) == 1 and len(names) == 1
+    for b in batches:  # each (batch size, option) its own row and compile, saved as soon as it is timed
+        for name in names:
+            torch._dynamo.reset()
+            torch.cuda.empty_cache()
+            options, build = VARIANTS[name]
+            variant_row(args, rec, cm, name, b, options, build, rows, tag=name if one else f"{name}_b{b}")
 
 
 VARIANTS = {"combo": ({"combo_kernels": True}, {}), "qkv": ({}, {"quantize_parts": True}),
@@ -386,17 +395,18 @@ VARIANTS = {"combo": ({"combo_kernels": True}, {}), "qkv": ({}, {"quantize_parts
             "gntriton": ({}, {"group_norm": "triton"})}
 
 
-def parse_variant(spec: str) -> tuple[str, list[int], dict, dict]:
-    """"NAME:B1,B2,..." -> (name, batch sizes, Inductor options, build_fast options); a one-line error otherwise."""
-    name, _, bs = spec.partition(":")
-    if name not in VARIANTS or not bs:
-        raise SystemExit(f"--variant {spec!r}: want NAME:BATCH[,BATCH...] with NAME one of {', '.join(VARIANTS)}")
+def parse_variant(spec: str) -> tuple[list[str], list[int]]:
+    """"NAME[/NAME...]:B1[,B2...]" -> (option names, batch sizes); ValueError (one line) otherwise."""
+    names, _, bs = spec.partition(":")
+    bad = [n for n in names.split("/") if n not in VARIANTS]
+    if bad or not bs:
+        raise ValueError(f"--variant {spec!r}: want NAME[/NAME...]:BATCH[,BATCH...] with NAME one of "
+                         f"{', '.join(VARIANTS)}")
     try:
         batches = [int(b) for b in bs.split(",")]
     except ValueError:
-        raise SystemExit(f"--variant {spec!r}: batch sizes must be integers") from None
-    options, build = VARIANTS[name]
-    return name, batches, options, build
+        raise ValueError(f"--variant {spec!r}: batch sizes must be integers") from None
+    return names.split("/"), batches
 
 
 def variant_row(args: argparse.Namespace, rec: Recorder, cm: Any, name: str, b: int, options: dict, build: dict,

@@ -45,8 +45,9 @@ def test_graphed_run_calls_its_step_with_the_example_inputs():
 
 
 def test_parse_variant_batches_and_errors():
-    assert bench_gpu_sd15.parse_variant("gntriton:8,4,1") == ("gntriton", [8, 4, 1], {}, {"group_norm": "triton"})
-    assert bench_gpu_sd15.parse_variant("combo:2") == ("combo", [2], {"combo_kernels": True}, {})
-    for bad in ("gntriton", "welford:8", "gntriton:8,x"):
-        with pytest.raises(SystemExit, match="--variant"):
+    assert bench_gpu_sd15.parse_variant("gnauto/gntriton:8,1,4") == (["gnauto", "gntriton"], [8, 1, 4])
+    assert bench_gpu_sd15.parse_variant("combo:2") == (["combo"], [2])
+    assert bench_gpu_sd15.VARIANTS["gntriton"] == ({}, {"group_norm": "triton"})
+    for bad in ("gntriton", "welford:8", "gnauto/welford:8", "gntriton:8,x"):
+        with pytest.raises(ValueError, match="--variant"):
             bench_gpu_sd15.parse_variant(bad)
