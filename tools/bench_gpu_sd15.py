@@ -426,6 +426,10 @@ def variant_row(args: argparse.Namespace, rec: Recorder, cm: Any, name: str, b: 
         cf = compile_fast(fast, x, args.fast_mode, row, head)
     if cf is not None:
         time_fast(cf, x, row, head, args.iters, profiles if args.profile else None, tag=f"_{tag}")
+        if args.fast_mode == "graph" and args.captures > 1 and f"w4a4_{head}" in row:  # after the profile, as main
+            row["w4a4_capture_medians"] = [row[f"w4a4_{head}"]["median_ms"], *capture_medians(
+                cf.fn, fast, x, args.captures - 1, args.iters)]
+            log(f"batch {b} ({tag}): W4A4 captures {row['w4a4_capture_medians']} ms")
         if args.fast_mode == "graph" and "prefetch" not in args.skip.split(","):
             time_prefetch_decode(cf, fast, x, row, head, args.iters)
     row["w4a4_ms"] = row.get(f"w4a4_{head}", {}).get("median_ms")

@@ -107,6 +107,7 @@ def gn_stats_triton(parts: list[torch.Tensor], groups: int, eps: float) -> torch
     cpg = c_total // groups
     stats = torch.empty((2, n, groups), dtype=torch.float32, device=dev)
     _gn_combine_kernel[(n * groups,)](sums, m2s, stats, p, pb, c_total, cpg, groups, eps,
-                                      BLOCK_PB=min(64, triton.next_power_of_2(pb)),
-                                      BLOCK_J=triton.next_power_of_2(cpg), BLOCK_P=BLOCK_P, num_warps=4)
+                                      BLOCK_PB=max(16, min(64, triton.next_power_of_2(pb))),  # >= 16: no 1-wide
+                                      BLOCK_J=max(16, triton.next_power_of_2(cpg)), BLOCK_P=BLOCK_P,  # tiles
+                                      num_warps=4)
     return stats
