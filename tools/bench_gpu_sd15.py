@@ -441,6 +441,8 @@ def variant_row(args: argparse.Namespace, rec: Recorder, cm: Any, name: str, b: 
     if args.log_dir and profiles:
         (Path(args.log_dir) / f"profile_{tag}.txt").write_text("\n\n".join(f"== {k}\n{v['table']}"
                                                                           for k, v in profiles.items()))
+        (Path(args.log_dir) / f"profile_{tag}.json").write_text(json.dumps(profiles, indent=1))  # full kernel lists
+        # (for tools/pointwise_roofline.py --key w4a4_b<B>_<tag>)
     if cf is not None and "accuracy" not in args.skip.split(","):  # last: the timed row is saved already
         rec.section(f"accuracy_{tag}", lambda: accuracy(cm.graph_module, cf, cm.calibration.batches[0].args,
                                                         args.accuracy_steps, b), log_chars=1500)
