@@ -25,19 +25,20 @@ on an integer-grid activation runs as the integer GEMM it is: uint8 im2col of th
 per tap, Concat) -> MatMulInteger with the int8 weight stored [(kh, kw, C), C_out] (``_integer_conv``). Activations that
 carry a zero point (unsigned grids after SiLU, where the FP32 conv pads with zeros, not with z) get z times the weight
 sums of the taps inside the image added back, by a tiny MatMul of a uint8 tap mask. On this host (ORT 1.32, AVX2 without
-VNNI) the 3x3 convs run 0.48-0.75x the prepacked FP32 Conv, and 1x1 convs 0.55-0.75x; on the previous host (slower
-memory) the same forms were 0.99-1.12x and 0.97-1.06x and were dropped. A 1x1 conv on a Concat of quantizer outputs (the
-up blocks' shortcuts) runs one integer GEMM per part. Other convs (strided, 8-bit first/last layers, inputs that are not
-quantizer outputs) keep FP32 kernels on the dequantized weight: onnxruntime's ConvInteger runs 3-4x slower than its FP32
-Conv on this class of CPU, and QLinearConv requantizes its output (inexact). A weight that comes out of a
-DequantizeLinear at run time is not a constant to ORT, so its Conv loses the weight prepacking (NCHWc layout, fused
-activation) that FP32 models get. ``conv_weights="float32"`` (CompileConfig.conv_weights) trades memory for that speed
-on those convs: their weights are decoded here into FP32 initializers (the same values, 4 bytes a weight); convs that
-run as integer GEMMs keep int8 (the faster kernel). ``conv_weights="float32:F"`` is the middle ground: FP32 kernels for
-the share F of those conv weight elements, the convs with the most output positions (multiply-adds per weight) first. A
-session holds ~7 bytes more per FP32 conv weight than per int8 one (the initializer and its NCHWc copy) until the model
-is saved with external data (~5 bytes). An FP16 initializer + Cast would halve the file but not the session: ORT folds
-the Cast at session start (checked on an optimized-model dump).
+VNNI) the 3x3 convs run 0.49-0.62x (1 thread) and 0.44-0.76x (2 threads) the prepacked FP32 Conv, and 1x1 convs
+0.55-0.61x (tools/bench_ort_conv.py); on the previous host (slower memory) the same forms were 0.99-1.12x and 0.97-1.06x
+and were dropped. A 1x1 conv on a Concat of quantizer outputs (the up blocks' shortcuts) runs one integer GEMM per part.
+Other convs (strided, 8-bit first/last layers, inputs that are not quantizer outputs) keep FP32 kernels on the
+dequantized weight: onnxruntime's ConvInteger runs 3-4x slower than its FP32 Conv on this class of CPU, and QLinearConv
+requantizes its output (inexact). A weight that comes out of a DequantizeLinear at run time is not a constant to ORT, so
+its Conv loses the weight prepacking (NCHWc layout, fused activation) that FP32 models get. ``conv_weights="float32"``
+(CompileConfig.conv_weights) trades memory for that speed on those convs: their weights are decoded here into FP32
+initializers (the same values, 4 bytes a weight); convs that run as integer GEMMs keep int8 (the faster kernel).
+``conv_weights="float32:F"`` is the middle ground: FP32 kernels for the share F of those conv weight elements, the convs
+with the most output positions (multiply-adds per weight) first. A session holds ~7 bytes more per FP32 conv weight than
+per int8 one (the initializer and its NCHWc copy) until the model is saved with external data (~5 bytes). An FP16
+initializer + Cast would halve the file but not the session: ORT folds the Cast at session start (checked on an
+optimized-model dump).
 Measured on the previous host (ORT 1.32, AVX2 without VNNI, 1 thread): MatMulInteger on the linears: 0.84-1.0x FP32
 MatMul (a DequantizeLinear weight + FP32 MatMul, which loses prepacking, is 2.3-2.6x). Dropped: onnxruntime's contrib
 MatMulNBits (com.microsoft, 4- or 8-bit block-quantized weights; E1M2 = INT4 exactly, E2M1 x2 in 8 bits): with
@@ -452,9 +453,9 @@ def _integer_conv(rw: _Rewrite, n: onnx.NodeProto, weights: dict[str, _Weight], 
     of ones carries the bias). The mask is a uint8 initializer read through DequantizeLinear, which onnxruntime does
     not constant-fold: folded, the [H*W, C_out] products would cost ~95 MB on SD1.5.
 
-    Measured (ORT 1.32, AVX2 without VNNI; out/mmi3x3.py, out/mmi1x1.py in the issue-13 notes): 3x3 convs 0.48-0.75x
-    the prepacked FP32 Conv and 0.38-0.68x the DequantizeLinear + Conv they replace, at 1 and 2 threads, on the SD1.5
-    shapes; 1x1 convs 0.55-0.75x (1 thread), 0.5-0.9x (2 threads) the prepacked FP32 Conv. The weight-as-A form
+    Measured (ORT 1.32, AVX2 without VNNI; tools/bench_ort_conv.py, results/bench_ort_conv.json): 3x3 convs 0.44-0.76x
+    the prepacked FP32 Conv and 0.36-0.66x the DequantizeLinear + Conv they replace, at 1 and 2 threads, on the SD1.5
+    and CIFAR shapes; 1x1 convs 0.55-0.61x the prepacked FP32 Conv. The weight-as-A form
     (int8 [C_out, C] x uint8 [N, C, H*W], no transposes) runs 2.5-4x slower (MLAS's fast u8s8 kernels take the uint8
     operand as A); ConvInteger runs 3-4x slower than the FP32 Conv."""
     ks = _same_conv(n)
