@@ -196,7 +196,9 @@ def parser() -> argparse.ArgumentParser:
                     "(build_fast(attention='fp8'): cuDNN's FP8 attention where admitted; needs nvidia-cudnn-frontend) "
                     "or gnaten (build_fast(group_norm='aten'): the captured GroupNorm, Inductor's NCHW-order "
                     "reduction) or gnauto / gnchannels / gntriton (group_norm='auto' / 'channels' / 'triton': "
-                    "the statistics from our Triton kernels)); "
+                    "the statistics from our Triton kernels) or splitcat (build_fast(split_concat=True): the 1x1 "
+                    "convs on per-part quantized concatenations as one FP8 GEMM per part) or gntriton_splitcat "
+                    "(both)); "
                     "recorded under 'variants', then its accuracy unless skipped")
     ap.add_argument("--group-norm", default="auto", choices=["auto", "channels", "aten", "triton"], help="build_fast's "
                     "group_norm for the headline rows (channels: per-channel statistics in NHWC order; aten: the "
@@ -392,7 +394,8 @@ VARIANTS = {"combo": ({"combo_kernels": True}, {}), "qkv": ({}, {"quantize_parts
             "conv": ({}, {"implicit_conv": True}), "im2col": ({}, {"implicit_conv": False}),
             "fp8attn": ({}, {"attention": "fp8"}), "gnaten": ({}, {"group_norm": "aten"}),
             "gnauto": ({}, {"group_norm": "auto"}), "gnchannels": ({}, {"group_norm": "channels"}),
-            "gntriton": ({}, {"group_norm": "triton"})}
+            "gntriton": ({}, {"group_norm": "triton"}), "splitcat": ({}, {"split_concat": True}),
+            "gntriton_splitcat": ({}, {"group_norm": "triton", "split_concat": True})}
 
 
 def parse_variant(spec: str) -> tuple[list[str], list[int]]:

@@ -686,6 +686,7 @@ class FastReport:
     implicit_convs: int = 0  # k x k convs run by the implicit-GEMM kernel (implicit_conv)
     fp8_attention: int = 0  # attentions run by msfp_fast::sdpa_fp8 (attention="fp8")
     group_norms: int = 0  # GroupNorms as group_norm_channels / _auto / _triton (group_norm= "channels" etc.)
+    split_concat: int = 0  # 1x1 convs on a per-part quantized concatenation as one FP8 GEMM per part (opt-in)
 
     def __str__(self) -> str:
         lines = [f"FP8 GEMMs: linear={self.fused['linear']} conv2d={self.fused['conv2d']}; "
@@ -695,7 +696,8 @@ class FastReport:
                     else "")
                  + (f"; implicit-GEMM convs: {self.implicit_convs}" if self.implicit_convs else "")
                  + (f"; FP8 attentions: {self.fp8_attention}" if self.fp8_attention else "")
-                 + (f"; channels-last GroupNorms (or batch-dependent): {self.group_norms}" if self.group_norms else "")]
+                 + (f"; channels-last GroupNorms (or batch-dependent): {self.group_norms}" if self.group_norms else "")
+                 + (f"; concatenation convs as one GEMM per part: {self.split_concat}" if self.split_concat else "")]
         lines += [f"  kept {k}: {v}" for k, v in self.skipped.items()]
         return "\n".join(lines)
 
@@ -768,19 +770,88 @@ def _fuse_conv(args: list, act: Any, w: Any, bias: torch.Tensor | None, pads: tu
 
 
 def _rewrite(gm: fx.GraphModule, weights: str, report: FastReport, dtype: torch.dtype,
-             fp8_attention: bool = False, group_norm: str = "auto") -> None:
-    _fuse_gemms(gm, weights, report, dtype)
+             fp8_attention: bool = False, group_norm: str = "auto", split_concat: bool = False) -> None:
+    _fuse_gemms(gm, weights, report, dtype, split_concat)
     _lower_rest(gm, report, dtype, fp8_attention, group_norm)
 
 
-def _fuse_gemms(gm: fx.GraphModule, weights: str, report: FastReport, dtype: torch.dtype) -> None:
-    """Linears and convs reading a quantized input become FastGemm modules; the others run in ``dtype``."""
+def _split_concat_conv(gm: fx.GraphModule, node: fx.Node, weights: str,
+                       dtype: torch.dtype) -> tuple[list[tuple[fx.Node, FastGemm]], Any] | None:
+    """A 1x1 unpadded conv on a concatenation quantized per part (QuantConfig.split_concat; SD1.5's 12 up-block
+    conv_shortcuts) as one FastGemm per part: the part's own activation scale, the weight's input channels of that
+    part (a K range of a 1x1 conv), the bias on the first part. Returns [(part input, module)] and the weight's
+    set selector (or None), or None where the pattern does not hold (the conv then stays as it was)."""
+    from .runtime import _Weight, _input_pad, _match_act, _match_weight_bias
+
+    padded = _input_pad(node)
+    if isinstance(padded, str) or any(padded[1]):
+        return None
+    inp = padded[0]
+    if not (isinstance(inp, fx.Node) and inp.meta.get("msfp_split_cat") and inp.target == aten.cat.default):
+        return None
+    dim = inp.args[1] if len(inp.args) > 1 else inp.kwargs.get("dim", 0)
+    padding = list(node.args[4]) if len(node.args) > 4 else [0, 0]
+    wb = _match_weight_bias(gm, node.args)
+    if dim not in (1, -3) or any(padding) or isinstance(wb, str):
+        return None
+    w, bias = wb
+    if w.codes.dim() != 5 or tuple(w.codes.shape[3:]) != (1, 1):
+        return None
+    out, c0 = [], 0
+    for i, part in enumerate(inp.args[0]):
+        act = _match_act(gm, part)
+        if isinstance(act, str):
+            return None
+        val = part.meta.get("val")
+        if val is None and isinstance(act.x, fx.Node):  # a quantizer a later pass replaced: its input's shape
+            val = act.x.meta.get("val")
+        if not isinstance(val, torch.Tensor) or val.dim() != 4:
+            return None
+        c = int(val.shape[1])
+        w_i = _Weight(w.codes[:, :, c0:c0 + c].contiguous(), w.scale, w.fmt, w.select)
+        mod = _fuse_conv(list(node.args), act, w_i, bias if i == 0 else None, (0, 0, 0, 0), 0.0, weights, dtype)
+        if isinstance(mod, str):
+            return None
+        out.append((act.x, mod))
+        c0 += c
+    if c0 != w.codes.shape[2]:
+        return None
+    return out, w.select
+
+
+def _fuse_gemms(gm: fx.GraphModule, weights: str, report: FastReport, dtype: torch.dtype,
+                split_concat: bool = False) -> None:
+    """Linears and convs reading a quantized input become FastGemm modules (``split_concat``: also 1x1 convs on a
+    concatenation quantized per part, one FastGemm per part, summed); the others run in ``dtype``."""
     g = gm.graph
     for node in list(g.nodes):
         if node.op != "call_function" or node.target not in (aten.linear.default, aten.conv2d.default):
             continue
         kind = "linear" if node.target == aten.linear.default else "conv2d"
         mod = _fuse_one(gm, node, kind, weights, dtype)
+        split = _split_concat_conv(gm, node, weights, dtype) if isinstance(mod, str) and split_concat \
+            and kind == "conv2d" else None
+        if split is not None:
+            parts, select = split
+            outs = []
+            with g.inserting_before(node):
+                for i, (x, part_mod) in enumerate(parts):
+                    name = f"msfp_fast_{node.name}_part{i}"
+                    gm.add_submodule(name, part_mod)
+                    kwargs = {}
+                    if select is not None:  # the TALoRA set index, as for one GEMM
+                        kwargs["set_index"] = g.call_function(chosen_set, tuple(select.args[:2]))
+                    outs.append(g.call_module(name, (x,), kwargs))
+                    outs[-1].meta = dict(node.meta)
+                new = outs[0]
+                for o in outs[1:]:  # each part's GEMM rounded to dtype, then summed in dtype
+                    new = g.call_function(operator.add, (new, o))
+                    new.meta = dict(node.meta)
+            node.replace_all_uses_with(new)
+            g.erase_node(node)
+            report.fused[kind] += 1
+            report.split_concat += 1
+            continue
         if isinstance(mod, str):
             report.skipped[node.name] = mod
             with g.inserting_before(node):
@@ -989,7 +1060,8 @@ class FastUNet(torch.nn.Module):
 def build_fast(gm: fx.GraphModule, device: str | torch.device = "cuda", weights: str = "packed",
                inplace: bool = False, dtype: torch.dtype = _BF16,
                decode_group_bytes: int | None = None, merge: bool = True, quantize_parts: bool = False,
-               implicit_conv: bool | None = None, attention: str = "bf16", group_norm: str = "auto") -> FastUNet:
+               implicit_conv: bool | None = None, attention: str = "bf16", group_norm: str = "auto",
+               split_concat: bool = False) -> FastUNet:
     """Rewrite a quantized GraphModule (``CompiledModel.graph_module`` or a loaded .pt2's module) for Inductor.
 
     ``dtype``: of the activations between ops (bf16; float32 checks the rewrite against the reference graph with
@@ -1011,7 +1083,9 @@ def build_fast(gm: fx.GraphModule, device: str | torch.device = "cuda", weights:
     "aten" (``aten.group_norm`` as captured, which Inductor reduces in NCHW order) or "auto" (``group_norm_auto``:
     channels from ``GN_CHANNELS_MIN_BATCH`` samples on, where it measured faster on SD1.5, aten below) or "triton"
     (opt-in, not yet measured on the GPU: ``group_norm_triton``, the statistics from our Triton kernels in
-    ``gn_stats``, concatenated inputs read part by part)."""
+    ``gn_stats``, concatenated inputs read part by part). ``split_concat`` (opt-in, not yet measured on the GPU):
+    the 1x1 convs on a concatenation quantized per part (SD1.5's 12 up-block conv_shortcuts, otherwise kept as bf16
+    fake quantization + conv) as one FP8 GEMM per part with its own activation scale, summed in ``dtype``."""
     if group_norm not in ("auto", "channels", "aten", "triton"):
         raise ValueError(f"unknown group_norm mode {group_norm!r} (auto, channels, aten or triton)")
     if attention not in ("bf16", "fp8"):
@@ -1021,7 +1095,7 @@ def build_fast(gm: fx.GraphModule, device: str | torch.device = "cuda", weights:
     if not inplace:
         gm = copy.deepcopy(gm)
     report = FastReport()
-    _rewrite(gm, weights, report, dtype, attention == "fp8", group_norm)
+    _rewrite(gm, weights, report, dtype, attention == "fp8", group_norm, split_concat)
     if merge:
         report.merged_away = _merge_shared_inputs(gm)
         if quantize_parts:

@@ -63,7 +63,7 @@ def _gn_combine_kernel(sum_ptr, m2_ptr, stats_ptr, P, PB, C_TOTAL, CPG, G, eps,
     j = tl.arange(0, BLOCK_J)
     jm = j < CPG
     base = n.to(tl.int64) * PB * C_TOTAL + g * CPG
-    total = P.to(tl.float32) * CPG
+    total = P * CPG * 1.0  # float32; also where Triton made P or CPG a constant (an argument equal to 1)
     acc = tl.zeros([BLOCK_PB, BLOCK_J], dtype=tl.float32)
     for pb0 in range(0, PB, BLOCK_PB):
         pb = pb0 + tl.arange(0, BLOCK_PB)

@@ -489,3 +489,25 @@ def test_build_fast_group_norm_triton(compiled_cond) -> None:
     assert sum(1 for nd in new if "parts" in nd.kwargs) == cats >= 1
     with torch.no_grad():
         assert _rel(fast(*args), gm(*args)) < 1e-5
+
+
+def test_build_fast_split_concat(compiled_cond) -> None:
+    """build_fast(split_concat=True): the 1x1 convs the default build keeps for a concatenation quantized per part
+    become one FastGemm per part (each part's activation scale, its K range of the weight), summed; their part
+    quantizers leave the graph; the float32 output stays at the reference graph's."""
+    gm = compiled_cond.graph_module
+    args = compiled_cond.calibration.batches[0].args
+    base = FA.build_fast(gm, "cpu", dtype=torch.float32)
+    fast = FA.build_fast(gm, "cpu", dtype=torch.float32, split_concat=True)
+    kept = [why for why in base.report.skipped.values() if "per part" in why]
+    still = [why for why in fast.report.skipped.values() if "per part" in why]
+    n = fast.report.split_concat
+    assert 1 <= n == len(kept) - len(still), str(fast.report)
+    assert fast.report.fused["conv2d"] == base.report.fused["conv2d"] + n
+    assert fast.report.fake_quant < base.report.fake_quant
+    parts = [m for name, m in fast.gm.named_children() if "_part" in name]
+    assert len(parts) >= 2 * n and all(isinstance(m, FA.FastGemm) for m in parts)
+    assert len({m.a_scale for m in parts}) > 1  # the parts' own scales
+    assert "one GEMM per part" in str(fast.report)
+    with torch.no_grad():
+        assert _rel(fast(*args), gm(*args)) < 1e-5
