@@ -33,10 +33,9 @@ SHAPES = [(320, 320, 64, 3), (640, 640, 32, 3), (1280, 1280, 16, 3), (1280, 1280
 
 
 def _session(model, threads: int) -> ort.InferenceSession:
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.log_severity_level = 3
-    so.enable_mem_pattern = False
+    from msfp_compiler.export.ort import session_options
+
+    so = session_options(threads)  # open_session's defaults (memory pattern off), no spinning between timed runs
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 

@@ -46,8 +46,7 @@ from msfp_compiler.talora import chosen_set
 from .fast_ops import conv_out_size, e4m3_lut, pack_halves  # also defines torch.ops.msfp_fast.*
 
 __all__ = ["grid_round", "fake_quant", "grid_e4m3", "PartQuant", "FastGemm", "DecodeGroup", "FastUNet", "build_fast",
-           "FastReport", "weight_bytes", "sdpa_fp8_fq", "fp8_head_dim", "group_norm_channels",
-           "group_norm_auto",
+           "FastReport", "weight_bytes", "sdpa_fp8_fq", "fp8_head_dim", "group_norm_channels", "group_norm_auto",
            "group_norm_triton", "concat_parts"]
 
 aten = torch.ops.aten
@@ -596,12 +595,21 @@ def group_norm_channels(x: torch.Tensor, groups: int, weight: torch.Tensor | Non
     mean_g = mean_cg.mean(-1, keepdim=True)
     var_g = (var_c.view(n, groups, c // groups).mean(-1, keepdim=True)
              + (mean_cg - mean_g).square().mean(-1, keepdim=True))
-    scale = torch.rsqrt(var_g + eps).expand(n, groups, c // groups).reshape(n, c)
-    shift = -mean_g.expand(n, groups, c // groups).reshape(n, c) * scale
+    return _group_norm_apply(x, groups, mean_g, torch.rsqrt(var_g + eps), weight, bias)
+
+
+def _group_norm_apply(x: torch.Tensor, groups: int, mean_g: torch.Tensor, rstd_g: torch.Tensor,
+                      weight: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
+    """GroupNorm's normalization from the per-(sample, group) mean and 1 / std (N * G elements each) as one scale
+    and shift per (sample, channel) over x's NHWC rows; output NHWC memory viewed as [N, C, H, W]."""
+    n, c, h, w = x.shape
+    scale = rstd_g.reshape(n, groups, 1).expand(n, groups, c // groups).reshape(n, c)
+    shift = -mean_g.reshape(n, groups, 1).expand(n, groups, c // groups).reshape(n, c) * scale
     if weight is not None:
         scale, shift = scale * weight.float(), shift * weight.float()
     if bias is not None:
         shift = shift + bias.float()
+    rows = x.permute(0, 2, 3, 1).reshape(n, h * w, c)  # a view where x is NHWC memory
     y = rows.float() * scale[:, None, :] + shift[:, None, :]
     return y.to(x.dtype).contiguous().view(n, h, w, c).permute(0, 3, 1, 2)  # eager: the broadcasts can reorder y
 
@@ -616,17 +624,8 @@ def group_norm_triton(x: torch.Tensor, groups: int, weight: torch.Tensor | None 
     statistics. Output NHWC memory viewed as [N, C, H, W], as ``group_norm_channels``."""
     if x.dim() != 4:
         return F.group_norm(x, groups, weight, bias, eps)
-    n, c, h, w = x.shape
     stats = torch.ops.msfp_fast.gn_stats(parts if parts else [x], groups, float(eps))
-    scale = stats[1].view(n, groups, 1).expand(n, groups, c // groups).reshape(n, c)
-    shift = -stats[0].view(n, groups, 1).expand(n, groups, c // groups).reshape(n, c) * scale
-    if weight is not None:
-        scale, shift = scale * weight.float(), shift * weight.float()
-    if bias is not None:
-        shift = shift + bias.float()
-    rows = x.permute(0, 2, 3, 1).reshape(n, h * w, c)
-    y = rows.float() * scale[:, None, :] + shift[:, None, :]
-    return y.to(x.dtype).contiguous().view(n, h, w, c).permute(0, 3, 1, 2)
+    return _group_norm_apply(x, groups, stats[0], stats[1], weight, bias)
 
 
 GN_CHANNELS_MIN_BATCH = 4  # group_norm_auto: group_norm_channels from this batch size on, aten.group_norm below
