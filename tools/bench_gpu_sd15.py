@@ -186,9 +186,10 @@ def parser() -> argparse.ArgumentParser:
                     "our compiler runs (fills the Inductor caches; the timed compile in this process then hits them)")
     ap.add_argument("--warm-timeout", type=float, default=600.0, help="seconds the timings wait for the warm-up "
                     "process; baseline compiles it has not finished by then are skipped (recorded as such)")
-    ap.add_argument("--variant", default=None, metavar="NAME[/NAME...]:BATCH[,BATCH...]", help="after the main "
+    ap.add_argument("--variant", default=None, metavar="NAME[/NAME...]:BATCH[,BATCH...][+...]", help="after the main "
                     "rows: one more W4A4 compile, timing and profile at each BATCH with each option (A/B: "
-                    "gnauto/gntriton:8,1,4 alternates them per batch size in one process): combo (Inductor config.combo_kernels, "
+                    "gnauto/gntriton:8,1,4 alternates them per batch size in one process; groups joined by '+' run "
+                    "in order, e.g. gnauto/gntriton/splitcat:8+gnauto/gntriton:1): combo (Inductor config.combo_kernels, "
                     "independent kernels launched as one) or qkv (build_fast(quantize_parts=True): the Q/K/V "
                     "fake quantizers in their merged GEMM's epilogue) or conv (build_fast(implicit_conv=True): the "
                     "implicit-GEMM FP8 conv, tiles tuned per shape against im2col + cuBLAS; the default on CUDA "
@@ -237,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     batches = [int(b) for b in args.batches.split(",")]
     if args.variant:
         try:
-            parse_variant(args.variant)  # a typo fails here (one line, exit 2), not after the SD1.5 compile
+            parse_variants(args.variant)  # a typo fails here (one line, exit 2), not after the SD1.5 compile
         except ValueError as e:
             ap.error(str(e))
     if args.only_warm_baseline:
@@ -379,15 +380,16 @@ def variant(args: argparse.Namespace, rec: Recorder, cm: Any) -> None:
     """The headline W4A4 build compiled once more at each of the variant's batch sizes with an Inductor or
     build_fast option, timed and profiled (after the main rows, so a failure or a cut cannot cost them). An A/B
     spec ("gnauto/gntriton:8,1") runs the options one after the other at each batch size, in one process."""
-    names, batches = parse_variant(args.variant)
+    groups = parse_variants(args.variant)
     rows: list[dict] = []
-    one = len(batches) == 1 and len(names) == 1
-    for b in batches:  # each (batch size, option) its own row and compile, saved as soon as it is timed
-        for name in names:
-            torch._dynamo.reset()
-            torch.cuda.empty_cache()
-            options, build = VARIANTS[name]
-            variant_row(args, rec, cm, name, b, options, build, rows, tag=name if one else f"{name}_b{b}")
+    one = len(groups) == 1 and len(groups[0][1]) == 1 and len(groups[0][0]) == 1
+    for names, batches in groups:  # in the order given, so a cut loses the last group's last rows first
+        for b in batches:  # each (batch size, option) its own row and compile, saved as soon as it is timed
+            for name in names:
+                torch._dynamo.reset()
+                torch.cuda.empty_cache()
+                options, build = VARIANTS[name]
+                variant_row(args, rec, cm, name, b, options, build, rows, tag=name if one else f"{name}_b{b}")
 
 
 VARIANTS = {"combo": ({"combo_kernels": True}, {}), "qkv": ({}, {"quantize_parts": True}),
@@ -396,6 +398,12 @@ VARIANTS = {"combo": ({"combo_kernels": True}, {}), "qkv": ({}, {"quantize_parts
             "gnauto": ({}, {"group_norm": "auto"}), "gnchannels": ({}, {"group_norm": "channels"}),
             "gntriton": ({}, {"group_norm": "triton"}), "splitcat": ({}, {"split_concat": True}),
             "gntriton_splitcat": ({}, {"group_norm": "triton", "split_concat": True})}
+
+
+def parse_variants(spec: str) -> list[tuple[list[str], list[int]]]:
+    """"GROUP[+GROUP...]", each group as parse_variant reads it (different option sets per batch size in one call,
+    e.g. "gnauto/gntriton/gntriton_splitcat:8+gnauto/gntriton:1,4"); ValueError (one line) otherwise."""
+    return [parse_variant(g) for g in spec.split("+")]
 
 
 def parse_variant(spec: str) -> tuple[list[str], list[int]]:

@@ -51,3 +51,8 @@ def test_parse_variant_batches_and_errors():
     for bad in ("gntriton", "welford:8", "gnauto/welford:8", "gntriton:8,x"):
         with pytest.raises(ValueError, match="--variant"):
             bench_gpu_sd15.parse_variant(bad)
+    assert bench_gpu_sd15.parse_variants("gnauto/gntriton/gntriton_splitcat:8+gnauto/gntriton:1,4") == [
+        (["gnauto", "gntriton", "gntriton_splitcat"], [8]), (["gnauto", "gntriton"], [1, 4])]
+    for bad in ("gnauto:8+", "gnauto:8+welford:1"):
+        with pytest.raises(ValueError, match="--variant"):
+            bench_gpu_sd15.parse_variants(bad)
