@@ -55,6 +55,7 @@ DequantizeLinear of the int32 sums (axis -1, bit-identical): 1.5x slower (a per-
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -67,7 +68,7 @@ from msfp_compiler.ops import get_format
 
 from .msfp_ops import MSFP_DOMAIN, QUANTIZE_OPS
 
-__all__ = ["integer_shift", "int8_name", "TRANSPOSED", "lower_integer", "IntegerLoweringInfo"]
+__all__ = ["integer_shift", "int8_name", "TRANSPOSED", "lower_integer", "IntegerLoweringInfo", "im2col_nodes"]
 
 MAX_WEIGHT_FOR_U8S8 = 64  # 2 * 255 * 64 = 32640 < 32767: no int16 saturation in vpmaddubsw pair sums
 
@@ -490,7 +491,9 @@ def _integer_conv(rw: _Rewrite, n: onnx.NodeProto, weights: dict[str, _Weight], 
         sfx = f"_{i}" if len(parts) > 1 else ""
         comb = rw.const((np.float64(s_a) * s_w).astype(np.float32), f"{base}_scale{sfx}")
         azp = rw.const(np.array(a_zp, np.uint8), f"{base}_azp{sfx}")
-        cols = _im2col(rw, codes, kh, kw, h, wd, c_in, azp, cols_of, chain)
+        if (codes, kh, kw) not in cols_of:  # one im2col per (codes, kernel): the up blocks share their inputs
+            cols_of[codes, kh, kw] = im2col_nodes(rw.const, codes, kh, kw, h, wd, c_in, azp, chain)
+        cols = cols_of[codes, kh, kw]
         b_w = w.init
         if len(parts) > 1:
             b_w = f"{base}_w{sfx}"
@@ -560,35 +563,33 @@ def _channels(rw: _Rewrite, name: str) -> int:
     return dims[1].dim_value if len(dims) == 4 and dims[1].HasField("dim_value") else 0
 
 
-def _im2col(rw: _Rewrite, codes: str, kh: int, kw: int, h: int, wd: int, c_in: int, azp: str,
-            cols_of: dict, chain: list[onnx.NodeProto]) -> str:
-    """[N, H*W, kh*kw*C] uint8 columns of ``codes`` [N, C, H, W] (NHWC; "same" padding with the zero point code
-    ``azp``), built once per (codes, kernel): the nodes go to ``chain``."""
-    key = (codes, kh, kw)
-    if key in cols_of:
-        return cols_of[key]
+def im2col_nodes(const: Callable[[np.ndarray, str], str], codes: str, kh: int, kw: int, h: int, wd: int, c_in: int,
+                 azp: str, chain: list[onnx.NodeProto]) -> str:
+    """Append to ``chain`` the nodes that turn ``codes`` [N, C, H, W] (uint8) into [N, H*W, kh*kw*C] im2col columns
+    (NHWC; "same" padding with the zero point code ``azp``, tap-major: the order the integer weights are stored in);
+    returns the columns' name. ``const(value, hint)`` adds an initializer and returns its name. tools/bench_ort_conv.py
+    times this very chain."""
     cb = f"{codes}_k{kh}x{kw}"
     chain.append(helper.make_node("Transpose", [codes], [f"{cb}_nhwc"], perm=[0, 2, 3, 1], name=f"{cb}_nhwc"))
     x = f"{cb}_nhwc"
     if (kh, kw) != (1, 1):
         ph, pw = kh // 2, kw // 2
-        pads = rw.const(np.array([0, ph, pw, 0, 0, ph, pw, 0], np.int64), f"{cb}_pads")
+        pads = const(np.array([0, ph, pw, 0, 0, ph, pw, 0], np.int64), f"{cb}_pads")
         chain.append(helper.make_node("Pad", [x, pads, azp], [f"{cb}_padded"], name=f"{cb}_pad"))
-        axes = rw.const(np.array([1, 2], np.int64), f"{cb}_axes")
+        axes = const(np.array([1, 2], np.int64), f"{cb}_axes")
         taps = []
         for i in range(kh):
             for j in range(kw):
-                st = rw.const(np.array([i, j], np.int64), f"{cb}_s{i}{j}")
-                en = rw.const(np.array([i + h, j + wd], np.int64), f"{cb}_e{i}{j}")
+                st = const(np.array([i, j], np.int64), f"{cb}_s{i}{j}")
+                en = const(np.array([i + h, j + wd], np.int64), f"{cb}_e{i}{j}")
                 chain.append(helper.make_node("Slice", [f"{cb}_padded", st, en, axes], [f"{cb}_t{i}{j}"],
                                               name=f"{cb}_t{i}{j}"))
                 taps.append(f"{cb}_t{i}{j}")
         chain.append(helper.make_node("Concat", taps, [f"{cb}_cols4"], axis=3, name=f"{cb}_concat"))
         x = f"{cb}_cols4"
-    flat = rw.const(np.array([0, h * wd, kh * kw * c_in], np.int64), f"{cb}_flat")
+    flat = const(np.array([0, h * wd, kh * kw * c_in], np.int64), f"{cb}_flat")
     chain.append(helper.make_node("Reshape", [x, flat], [f"{cb}_cols"], name=f"{cb}_cols"))
-    cols_of[key] = f"{cb}_cols"
-    return cols_of[key]
+    return f"{cb}_cols"
 
 
 def _tap_mask(h: int, w: int, kh: int, kw: int) -> np.ndarray:

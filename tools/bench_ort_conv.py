@@ -4,8 +4,9 @@ Variants (batch 1, stride 1, "same" padding, random int8 weights on the E2M1 x2 
 - conv: FP32 Conv on an FP32 initializer (prepacked by ORT: what the FP32 model runs);
 - dq_conv: DequantizeLinear(int8 weight) + Conv (weights dequantized each run: no prepacking);
 - conv_integer: ConvInteger on the uint8 codes + Cast + Mul + Add;
-- integer_gemm: the lowering's form (uint8 im2col by Transpose / Pad / Slice / Concat for 3x3, MatMulInteger with the
-  weight stored [(kh, kw, C), C_out], Cast, Mul, Add, Transpose back to NCHW).
+- integer_gemm: the lowering's form (its own uint8 im2col chain, ``integer_kernels.im2col_nodes``: Transpose / Pad /
+  Slice / Concat for 3x3; MatMulInteger with the weight stored [(kh, kw, C), C_out], Cast, Mul, Add, Transpose back
+  to NCHW).
 Each variant's median of ``--iters`` runs (after one warm-up), per thread count, with the CPU the rest of the machine
 used meanwhile (cores). Writes ``--out`` (JSON).
 """
@@ -25,6 +26,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_ort import _busy_s  # noqa: E402
+
+from msfp_compiler.export.integer_kernels import im2col_nodes  # noqa: E402
 
 # (C_in, C_out, H = W, kernel): SD1.5 resnet convs at 64/32/16/8, an up-block conv on a concatenation, its 1x1
 # shortcut, CIFAR's 32x32 and 16x16 convs
@@ -73,28 +76,18 @@ def variants(c_in: int, c_out: int, h: int, k: int, rng: np.random.Generator) ->
                                 numpy_helper.from_array((sw * sa).reshape(c_out, 1, 1), "sc"),
                                 numpy_helper.from_array(b.reshape(c_out, 1, 1), "b")]),
     }
-    nodes = [helper.make_node("Transpose", ["xq"], ["xn"], perm=[0, 2, 3, 1])]
     inits = [numpy_helper.from_array(wq.transpose(2, 3, 1, 0).reshape(-1, c_out).copy(), "wt"),
              numpy_helper.from_array(sw * sa, "sc"), numpy_helper.from_array(b, "b"),
-             numpy_helper.from_array(np.array([1, h * h, k * k * c_in], np.int64), "flat"),
+             numpy_helper.from_array(np.array(0, np.uint8), "zero"),
              numpy_helper.from_array(np.array([1, c_out, h, h], np.int64), "shape")]
-    cols = "xn"
-    if k > 1:
-        inits += [numpy_helper.from_array(np.array([0, p, p, 0, 0, p, p, 0], np.int64), "pads"),
-                  numpy_helper.from_array(np.array(0, np.uint8), "zero"),
-                  numpy_helper.from_array(np.array([1, 2], np.int64), "axes")]
-        nodes.append(helper.make_node("Pad", ["xn", "pads", "zero"], ["xp"]))
-        taps = []
-        for i in range(k):
-            for j in range(k):
-                inits += [numpy_helper.from_array(np.array([i, j], np.int64), f"s{i}{j}"),
-                          numpy_helper.from_array(np.array([i + h, j + h], np.int64), f"e{i}{j}")]
-                nodes.append(helper.make_node("Slice", ["xp", f"s{i}{j}", f"e{i}{j}", "axes"], [f"t{i}{j}"]))
-                taps.append(f"t{i}{j}")
-        nodes.append(helper.make_node("Concat", taps, ["cols4"], axis=3))
-        cols = "cols4"
-    nodes += [helper.make_node("Reshape", [cols, "flat"], ["cols"]),
-              helper.make_node("MatMulInteger", ["cols", "wt"], ["acc"]), *rescale,
+
+    def const(value: np.ndarray, hint: str) -> str:
+        inits.append(numpy_helper.from_array(value, hint))
+        return hint
+
+    nodes: list = []
+    cols = im2col_nodes(const, "xq", k, k, h, h, c_in, "zero", nodes)  # the lowering's own chain
+    nodes += [helper.make_node("MatMulInteger", [cols, "wt"], ["acc"]), *rescale,
               helper.make_node("Add", ["m", "b"], ["yb"]),
               helper.make_node("Transpose", ["yb"], ["yt"], perm=[0, 2, 1]),
               helper.make_node("Reshape", ["yt", "shape"], ["y"])]
