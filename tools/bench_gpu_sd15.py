@@ -205,6 +205,8 @@ def parser() -> argparse.ArgumentParser:
                     "group_norm for the headline rows (channels: per-channel statistics in NHWC order; aten: the "
                     "captured op; auto, the default since session 13: channels from batch 4 on, aten below; triton: the "
                     "statistics from our Triton kernels, export/triton/gn_stats.py)")
+    ap.add_argument("--no-gn-tune", action="store_true", help="the GroupNorm statistics' first tile everywhere "
+                    "(gn_stats.DEFAULT) instead of the fastest per shape, timed at the first step")
     ap.add_argument("--conv-sets", default="", help="comma list of conv-candidate sets to time the headline W4A4 "
                     "step with as well, after its own timing: the same compiled step re-captured with each conv's "
                     "choice from the set, taken from the tuner's record (no recompile, no second tuning). Sets: "
@@ -233,6 +235,10 @@ def main(argv: list[str] | None = None) -> int:
         res["loadavg"] = os.getloadavg()
         Recorder(Path(args.out), res).save()
         return 0
+    if args.no_gn_tune:
+        from msfp_compiler.export.triton import gn_stats
+
+        gn_stats.TUNE = False
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     batches = [int(b) for b in args.batches.split(",")]
@@ -349,7 +355,7 @@ def measure(args: argparse.Namespace, rec: Recorder, cm: Any, bf16_bytes: int, b
             row["w4a4_capture_medians"] = [row[f"w4a4_{head}"]["median_ms"], *capture_medians(
                 compiled[(head, b)].fn, fasts[head], xs[b], args.captures - 1, args.iters)]
             log(f"batch {b}: W4A4 captures {row['w4a4_capture_medians']} ms")
-        row["conv_tuning"] = conv_tuning(b)
+        row["conv_tuning"], row["gn_tuning"] = conv_tuning(b), gn_tuning(b)
         if (head, b) in compiled and args.fast_mode == "graph" and "prefetch" not in args.skip.split(","):
             time_prefetch_decode(compiled[(head, b)], fasts[head], xs[b], row, head, args.iters)
         row["w4a4_ms"] = row.get(f"w4a4_{head}", {}).get("median_ms")
@@ -446,6 +452,7 @@ def variant_row(args: argparse.Namespace, rec: Recorder, cm: Any, name: str, b: 
     row["w4a4_ms"] = row.get(f"w4a4_{head}", {}).get("median_ms")
     if name == "conv":
         row["conv_tuning"] = conv_tuning(b)
+    row["gn_tuning"] = gn_tuning(b)
     row["profile"] = {k: {kk: vv for kk, vv in v.items() if kk != "rows"} for k, v in profiles.items()}
     rows.append(row)
     rec.put("variants", rows)
@@ -466,6 +473,14 @@ def conv_tuning(batch: int) -> list[dict]:
 
     return [{"shape": str(k), "chosen": getattr(conv_fp8._BEST.get(k), "name", conv_fp8._BEST.get(k)), "ms": v,
              "err": conv_fp8.TUNE_ERRS.get(k, {})} for k, v in conv_fp8.TUNE_TIMES.items() if k[0][0] == batch]
+
+
+def gn_tuning(batch: int) -> list[dict]:
+    """What the GroupNorm statistics' tile tuner chose and measured at this batch size (ms per candidate tile)."""
+    from msfp_compiler.export.triton import gn_stats
+
+    return [{"parts": str(k[0]), "groups": k[1], "chosen": gn_stats._BEST[k].name, "ms": v}
+            for k, v in gn_stats.TUNE_TIMES.items() if k[0][0][0][0] == batch]
 
 
 def _conv_set(name: str) -> tuple:

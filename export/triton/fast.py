@@ -628,17 +628,19 @@ def group_norm_triton(x: torch.Tensor, groups: int, weight: torch.Tensor | None 
     return _group_norm_apply(x, groups, stats[0], stats[1], weight, bias)
 
 
-GN_CHANNELS_MIN_BATCH = 4  # group_norm_auto: group_norm_channels from this batch size on, aten.group_norm below
-# (SD1.5 on the H200, session 13: batch 8 16.31 vs 16.93 ms per step with it, batch 1 5.03 vs 4.80 ms: two more
-# kernels per GroupNorm cost ~0.35 ms at any batch size, the coalesced reads gain ~0.12 ms per sample: even at ~3)
+GN_TRITON_MIN_BATCH = 4  # group_norm_auto: group_norm_triton from this batch size on, aten.group_norm below
+# (SD1.5 on the H200: session 13, batch 8 16.31 vs 16.93 ms per step with group_norm_channels, batch 1 5.03 vs 4.80:
+# its two more kernels per GroupNorm cost ~0.35 ms at any batch size, the coalesced reads gain ~0.12 ms per sample;
+# session 14 call 1, batch 8: group_norm_triton 15.88 vs channels 16.28 ms, same process; batch 1 not measured)
 
 
 def group_norm_auto(x: torch.Tensor, groups: int, weight: torch.Tensor | None = None,
-                    bias: torch.Tensor | None = None, eps: float = 1e-5, *_: Any) -> torch.Tensor:
-    """``group_norm_channels`` for 4-d inputs of at least ``GN_CHANNELS_MIN_BATCH`` samples, else ``F.group_norm``
+                    bias: torch.Tensor | None = None, eps: float = 1e-5, *_: Any,
+                    parts: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """``group_norm_triton`` for 4-d inputs of at least ``GN_TRITON_MIN_BATCH`` samples, else ``F.group_norm``
     (the batch size is static in each compiled graph; a dynamic one gets a guard)."""
-    if x.dim() == 4 and x.shape[0] >= GN_CHANNELS_MIN_BATCH:
-        return group_norm_channels(x, groups, weight, bias, eps)
+    if x.dim() == 4 and x.shape[0] >= GN_TRITON_MIN_BATCH:
+        return group_norm_triton(x, groups, weight, bias, eps, parts=parts)
     return F.group_norm(x, groups, weight, bias, eps)
 
 
@@ -920,8 +922,8 @@ def concat_parts(node: Any) -> list[fx.Node] | None:
 def _lower_rest(gm: fx.GraphModule, report: FastReport, dtype: torch.dtype, fp8_attention: bool = False,
                 group_norm: str = "auto") -> None:
     """The remaining quantizers, packed weights and attention become ``dtype`` pointwise torch ops (``fp8_attention``:
-    attentions ``_fp8_attention_args`` accepts become ``sdpa_fp8_fq``; ``group_norm`` "channels" / "auto": 4-d
-    GroupNorms become ``group_norm_channels`` / ``group_norm_auto``)."""
+    attentions ``_fp8_attention_args`` accepts become ``sdpa_fp8_fq``; ``group_norm`` "channels" / "auto" /
+    "triton": 4-d GroupNorms become ``group_norm_channels`` / ``group_norm_auto`` / ``group_norm_triton``)."""
     from .runtime import _const
 
     g = gm.graph
@@ -956,15 +958,15 @@ def _lower_rest(gm: fx.GraphModule, report: FastReport, dtype: torch.dtype, fp8_
                     new = g.call_function(_sdpa_as, (dtype, *node.args), dict(node.kwargs))
         elif node.target == aten.group_norm.default and group_norm != "aten" and _spatial(node) is not None:
             with g.inserting_before(node):
-                if group_norm == "triton":
+                if group_norm in ("triton", "auto"):
                     kw = dict(node.kwargs)
                     parts = concat_parts(node.args[0])
                     if parts is not None:
                         kw["parts"] = parts
-                    new = g.call_function(group_norm_triton, tuple(node.args), kw)
+                    fn = group_norm_triton if group_norm == "triton" else group_norm_auto
+                    new = g.call_function(fn, tuple(node.args), kw)
                 else:
-                    fn = group_norm_channels if group_norm == "channels" else group_norm_auto
-                    new = g.call_function(fn, tuple(node.args), dict(node.kwargs))
+                    new = g.call_function(group_norm_channels, tuple(node.args), dict(node.kwargs))
             report.group_norms += 1
         elif node.target == aten._assert_tensor_metadata.default:
             g.erase_node(node)  # dtype assertions of the float32 capture
@@ -1079,11 +1081,11 @@ def build_fast(gm: fx.GraphModule, device: str | torch.device = "cuda", weights:
     (``sdpa_fp8_fq``: cuDNN's FP8 attention on their grid values where ``_fp8_attention_args`` admits it: SD1.5's
     self-attention at 64x64 and 32x32; P and O rounded to E4M3 on top of the graph's own quantization).
     ``group_norm``: "channels" (``group_norm_channels``: per-channel statistics read in NHWC order, combined per group),
-    "aten" (``aten.group_norm`` as captured, which Inductor reduces in NCHW order) or "auto" (``group_norm_auto``:
-    channels from ``GN_CHANNELS_MIN_BATCH`` samples on, where it measured faster on SD1.5, aten below) or "triton"
-    (opt-in, not yet measured on the GPU: ``group_norm_triton``, the statistics from our Triton kernels in
-    ``gn_stats``, concatenated inputs read part by part). ``split_concat`` (opt-in, not yet measured on the GPU):
-    the 1x1 convs on a concatenation quantized per part (SD1.5's 12 up-block conv_shortcuts, otherwise kept as bf16
+    "aten" (``aten.group_norm`` as captured, which Inductor reduces in NCHW order) or "triton"
+    (``group_norm_triton``: the statistics from our Triton kernels in ``gn_stats``, concatenated inputs read part by
+    part) or "auto" (the default, ``group_norm_auto``: triton from ``GN_TRITON_MIN_BATCH`` samples on, where it
+    measured fastest on SD1.5 at batch 8, aten below, as session 13 measured batch 1). ``split_concat`` (opt-in,
+    not yet measured on the GPU): the 1x1 convs on a concatenation quantized per part (SD1.5's 12 up-block conv_shortcuts, otherwise kept as bf16
     fake quantization + conv) as one FP8 GEMM per part with its own activation scale, summed in ``dtype``."""
     if group_norm not in ("auto", "channels", "aten", "triton"):
         raise ValueError(f"unknown group_norm mode {group_norm!r} (auto, channels, aten or triton)")

@@ -454,8 +454,8 @@ def test_group_norm_channels_matches_group_norm(dtype: torch.dtype) -> None:
 def test_build_fast_group_norm_channels(compiled_cond) -> None:
     """build_fast(group_norm="channels") replaces every 4-d GroupNorm of the tiny cond UNet and keeps the float32
     rewrite's output at the reference graph's (the statistics' summation order is all that differs); "aten" keeps
-    the captured op; "auto" (the default) runs the aten op below GN_CHANNELS_MIN_BATCH samples and the channels form
-    from there on, bit for bit."""
+    the captured op; "auto" (the default) runs the aten op below GN_TRITON_MIN_BATCH samples and group_norm_triton
+    (with the concatenations' parts) from there on, bit for bit."""
     gm = compiled_cond.graph_module
     args = compiled_cond.calibration.batches[0].args
     n_gn = sum(1 for nd in gm.graph.nodes
@@ -466,11 +466,14 @@ def test_build_fast_group_norm_channels(compiled_cond) -> None:
     assert chan.report.group_norms == auto.report.group_norms == n_gn >= 4 and aten_gn.report.group_norms == 0
     assert "channels-last GroupNorms" in str(chan.report)
     small = [a[:1] for a in args]  # batch 1: aten's op
-    big = [torch.cat([a] * FA.GN_CHANNELS_MIN_BATCH)[:FA.GN_CHANNELS_MIN_BATCH] for a in small]
+    big = [torch.cat([a] * FA.GN_TRITON_MIN_BATCH)[:FA.GN_TRITON_MIN_BATCH] for a in small]
+    tri = FA.build_fast(gm, "cpu", dtype=torch.float32, group_norm="triton")
+    autos = [nd for nd in auto.gm.graph.nodes if nd.op == "call_function" and nd.target == FA.group_norm_auto]
+    assert len(autos) == n_gn and sum("parts" in nd.kwargs for nd in autos) >= 1  # the concatenations' parts
     with torch.no_grad():
         ref = gm(*args)
         assert _rel(chan(*args), ref) < 1e-5  # aten's: test_build_fast_on_compiled_cond_unet (batch < 4: auto)
-        assert torch.equal(auto(*small), aten_gn(*small)) and torch.equal(auto(*big), chan(*big))
+        assert torch.equal(auto(*small), aten_gn(*small)) and torch.equal(auto(*big), tri(*big))
     with pytest.raises(ValueError, match="group_norm"):
         FA.build_fast(gm, "cpu", group_norm="welford")
 

@@ -56,3 +56,14 @@ def test_parse_variant_batches_and_errors():
     for bad in ("gnauto:8+", "gnauto:8+welford:1"):
         with pytest.raises(ValueError, match="--variant"):
             bench_gpu_sd15.parse_variants(bad)
+
+
+def test_gn_tuning_rows_of_one_batch_size(monkeypatch):
+    from msfp_compiler.export.triton import gn_stats
+
+    k8 = ((((8, 320, 64, 64), (1310720, 1, 20480, 320), "torch.bfloat16"),), 32)
+    k1 = ((((1, 320, 64, 64), (1310720, 1, 20480, 320), "torch.bfloat16"),), 32)
+    monkeypatch.setattr(gn_stats, "_BEST", {k8: gn_stats.CONFIGS[1], k1: gn_stats.DEFAULT})
+    monkeypatch.setattr(gn_stats, "TUNE_TIMES", {k8: {"a": 0.01}, k1: {"b": 0.02}})
+    rows = bench_gpu_sd15.gn_tuning(8)
+    assert rows == [{"parts": str(k8[0]), "groups": 32, "chosen": gn_stats.CONFIGS[1].name, "ms": {"a": 0.01}}]
