@@ -188,8 +188,9 @@ def parser() -> argparse.ArgumentParser:
                     "process; baseline compiles it has not finished by then are skipped (recorded as such)")
     ap.add_argument("--variant", default=None, metavar="NAME[/NAME...]:BATCH[,BATCH...][+...]", help="after the main "
                     "rows: one more W4A4 compile, timing and profile at each BATCH with each option (A/B: "
-                    "gnauto/gntriton:8,1,4 alternates them per batch size in one process; groups joined by '+' run "
-                    "in order, e.g. gnauto/gntriton/splitcat:8+gnauto/gntriton:1): combo (Inductor config.combo_kernels, "
+                    "gnauto/gntriton:8,1,4 alternates them per batch size in one process; groups joined by '+' "
+                    "run in order, e.g. gnauto/gntriton/splitcat:8+gnauto/gntriton:1): combo (Inductor "
+                    "config.combo_kernels, "
                     "independent kernels launched as one) or qkv (build_fast(quantize_parts=True): the Q/K/V "
                     "fake quantizers in their merged GEMM's epilogue) or conv (build_fast(implicit_conv=True): the "
                     "implicit-GEMM FP8 conv, tiles tuned per shape against im2col + cuBLAS; the default on CUDA "
@@ -203,8 +204,11 @@ def parser() -> argparse.ArgumentParser:
                     "recorded under 'variants', then its accuracy unless skipped")
     ap.add_argument("--group-norm", default="auto", choices=["auto", "channels", "aten", "triton"], help="build_fast's "
                     "group_norm for the headline rows (channels: per-channel statistics in NHWC order; aten: the "
-                    "captured op; auto, the default since session 13: channels from batch 4 on, aten below; triton: the "
-                    "statistics from our Triton kernels, export/triton/gn_stats.py)")
+                    "captured op; auto, the default: triton from batch 4 on (session 14; channels in session 13), "
+                    "aten below; triton: the statistics from our Triton kernels, export/triton/gn_stats.py)")
+    ap.add_argument("--time-each", action="store_true", help="compile each batch size's W4A4 step just before its "
+                    "timings (the first before the warm-up wait) instead of all first: a run cut short keeps the "
+                    "rows of the batch sizes it timed")
     ap.add_argument("--no-gn-tune", action="store_true", help="the GroupNorm statistics' first tile everywhere "
                     "(gn_stats.DEFAULT) instead of the fastest per shape, timed at the first step")
     ap.add_argument("--conv-sets", default="", help="comma list of conv-candidate sets to time the headline W4A4 "
@@ -316,8 +320,9 @@ def msfp_sd15(args: argparse.Namespace, rec: Recorder) -> tuple[Any, int]:
 
 def measure(args: argparse.Namespace, rec: Recorder, cm: Any, bf16_bytes: int, batches: list[int],
             warm: tuple[Any, Path] | None) -> list[dict]:
-    """Every W4A4 compile first (the warm-up compiles the baselines meanwhile), then per batch size: W4A4 timings
-    and profile, the bf16 baselines, the row; then the accuracy of the largest batch's compiled fast path."""
+    """Every W4A4 compile first (the warm-up compiles the baselines meanwhile; with --time-each only the first,
+    each other just before its timings), then per batch size: W4A4 timings and profile, the bf16 baselines, the
+    row; then the accuracy of the largest batch's compiled fast path."""
     from msfp_compiler.export.triton.fast import build_fast, weight_bytes
 
     gm, example = cm.graph_module, cm.calibration.batches[0].args
@@ -334,11 +339,18 @@ def measure(args: argparse.Namespace, rec: Recorder, cm: Any, bf16_bytes: int, b
     rec.put("weights_bytes", {"bf16": bf16_bytes, **{f"w4a4_{w}": b for w, b in w_bytes.items()}})
     xs = {b: inputs(b, example) for b in batches}
     rows = {b: {"batch": b} for b in batches}
-    compiled = {(w, b): cf for b in batches for w, f in fasts.items()
-                if (cf := compile_fast(f, xs[b], args.fast_mode, rows[b], w)) is not None}
-    for b in (b for b in batches if (head, b) not in compiled and args.fast_mode == "graph"):  # CUDA graph trees
-        if (cf := compile_fast(fasts[head], xs[b], "reduce-overhead", rows[b], head)) is not None:
-            compiled[(head, b)], rows[b]["w4a4_fallback"] = cf, "reduce-overhead (the graph mode failed)"
+    compiled: dict = {}
+
+    def compile_batch(b: int) -> None:
+        for w, f in fasts.items():
+            if (cf := compile_fast(f, xs[b], args.fast_mode, rows[b], w)) is not None:
+                compiled[(w, b)] = cf
+        if (head, b) not in compiled and args.fast_mode == "graph":  # CUDA graph trees
+            if (cf := compile_fast(fasts[head], xs[b], "reduce-overhead", rows[b], head)) is not None:
+                compiled[(head, b)], rows[b]["w4a4_fallback"] = cf, "reduce-overhead (the graph mode failed)"
+
+    for b in batches[:1] if args.time_each else batches:  # --time-each: the others just before their timings
+        compile_batch(b)
     rec.put("rows", list(rows.values()))
     if warm is not None:  # its autotuning must not share the GPU with the timings
         rec.put("warm_baseline", wait_warm(warm[0], args.warm_timeout))
@@ -346,7 +358,9 @@ def measure(args: argparse.Namespace, rec: Recorder, cm: Any, bf16_bytes: int, b
         rec.put("gpu_lock_wait_s", round(hold_gpu_lock(args.gpu_lock), 1))
     profiles: dict[str, Any] = {}
     unet = build_sd15().unet.to("cuda", torch.bfloat16).eval()
-    for b in batches:  # one batch size at a time, so a run cut short keeps whole rows
+    for i, b in enumerate(batches):  # one batch size at a time, so a run cut short keeps whole rows
+        if args.time_each and i:
+            compile_batch(b)
         row = rows[b]
         for w in fasts:
             if (w, b) in compiled:

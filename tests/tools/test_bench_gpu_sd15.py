@@ -67,3 +67,46 @@ def test_gn_tuning_rows_of_one_batch_size(monkeypatch):
     monkeypatch.setattr(gn_stats, "TUNE_TIMES", {k8: {"a": 0.01}, k1: {"b": 0.02}})
     rows = bench_gpu_sd15.gn_tuning(8)
     assert rows == [{"parts": str(k8[0]), "groups": 32, "chosen": gn_stats.CONFIGS[1].name, "ms": {"a": 0.01}}]
+
+
+@pytest.mark.parametrize("time_each", [False, True])
+def test_measure_compile_order(monkeypatch, tmp_path, time_each):
+    """measure compiles every batch size's W4A4 step before the warm-up wait and the timings, or with --time-each
+    each batch size's just before its own timings (a run cut short keeps the rows it timed)."""
+    import types
+
+    from msfp_compiler.export.triton import fast as FA
+
+    events = []
+    ns = types.SimpleNamespace
+    monkeypatch.setattr(FA, "build_fast", lambda gm, dev, **k: ns(report="r"))
+    monkeypatch.setattr(FA, "weight_bytes", lambda f: 1)
+    for name, fn in {"inputs": lambda b, ex: (b,), "bf16_inputs": lambda x: x, "conv_tuning": lambda b: [],
+                     "gn_tuning": lambda b: [], "capture_medians": lambda *a: [1.0, 1.0],
+                     "cached_modes": lambda *a: ["default-graph"], "save_profiles": lambda *a: None,
+                     "wait_warm": lambda w, t: events.append("wait") or {},
+                     "build_sd15": lambda: ns(unet=ns(to=lambda *a: ns(eval=lambda: None)))}.items():
+        monkeypatch.setattr(bench_gpu_sd15, name, fn)
+
+    def compile_fast(f, x, mode, row, w):
+        events.append(f"compile {row['batch']}")
+        return ns(fn=None)
+
+    def time_fast(c, x, row, w, iters, prof, tag=""):
+        events.append(f"time {row['batch']}")
+        row[f"w4a4_{w}"] = {"median_ms": 1.0}
+
+    def time_baselines(unet, xb, row, modes, iters, prof, captures):
+        row["bf16_compile_default_graph_capture_medians"] = [1.5]
+
+    monkeypatch.setattr(bench_gpu_sd15, "compile_fast", compile_fast)
+    monkeypatch.setattr(bench_gpu_sd15, "time_fast", time_fast)
+    monkeypatch.setattr(bench_gpu_sd15, "time_baselines", time_baselines)
+    monkeypatch.setattr(bench_gpu_sd15.torch.cuda, "max_memory_allocated", lambda: 0)
+    args = bench_gpu_sd15.parser().parse_args(["--batches", "8,1", "--captures", "3", "--skip", "accuracy,prefetch"]
+                                              + (["--time-each"] if time_each else []))
+    cm = ns(graph_module=None, calibration=ns(batches=[ns(args=(0,))]))
+    rows = bench_gpu_sd15.measure(args, bench_gpu_sd15.Recorder(tmp_path / "gpu.json", {}), cm, 2, [8, 1], (None, None))
+    assert events == (["compile 8", "wait", "time 8", "compile 1", "time 1"] if time_each
+                      else ["compile 8", "compile 1", "wait", "time 8", "time 1"])
+    assert [r["speedup_over_captures"] for r in rows] == [1.5, 1.5]
