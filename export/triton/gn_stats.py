@@ -59,7 +59,9 @@ _BEST: dict[tuple, GnConfig] = {}
 TUNE_TIMES: dict[tuple, dict[str, float | str]] = {}  # per input shape: each candidate's ms (or why not), for benches
 
 
-@triton.jit
+# sizes not specialized (each SD1.5 shape would compile its own kernel for every candidate tile at the first step,
+# on the device's clock); the strides are (the channels' stride 1 and the rows' alignment make the loads vectors)
+@triton.jit(do_not_specialize=["P", "C", "C_TOTAL", "c_off", "PB"])
 def _gn_partial_kernel(x_ptr, sum_ptr, m2_ptr, P, W, C, C_TOTAL, c_off, sxn, sxc, sxh, sxw, PB,
                        BLOCK_P: tl.constexpr, ITERS: tl.constexpr, BLOCK_C: tl.constexpr):
     n = tl.program_id(0)
@@ -95,16 +97,16 @@ def _gn_partial_kernel(x_ptr, sum_ptr, m2_ptr, P, W, C, C_TOTAL, c_off, sxn, sxc
     tl.store(m2_ptr + out, m2, mask=cm)
 
 
-@triton.jit
-def _gn_combine_kernel(sum_ptr, m2_ptr, stats_ptr, P, PB, C_TOTAL, CPG, G, eps,
-                       BLOCK_PB: tl.constexpr, BLOCK_J: tl.constexpr, TILE_P: tl.constexpr):
+@triton.jit(do_not_specialize=["P", "PB", "C_TOTAL", "CPG", "G", "TILE_P"])
+def _gn_combine_kernel(sum_ptr, m2_ptr, stats_ptr, P, PB, C_TOTAL, CPG, G, eps, TILE_P,
+                       BLOCK_PB: tl.constexpr, BLOCK_J: tl.constexpr):
     ng = tl.program_id(0)  # n * G + g
     n = ng // G
     g = ng - n * G
     j = tl.arange(0, BLOCK_J)
     jm = j < CPG
     base = n.to(tl.int64) * PB * C_TOTAL + g * CPG
-    total = P * CPG * 1.0  # float32; also where Triton made P or CPG a constant (an argument equal to 1)
+    total = P * CPG * 1.0  # float32 (also if Triton made P or CPG a constant: an argument equal to 1)
     acc = tl.zeros([BLOCK_PB, BLOCK_J], dtype=tl.float32)
     for pb0 in range(0, PB, BLOCK_PB):
         pb = pb0 + tl.arange(0, BLOCK_PB)
@@ -151,10 +153,9 @@ def gn_stats_triton(parts: list[torch.Tensor], groups: int, eps: float,
         c_off += c
     cpg = c_total // groups
     stats = torch.empty((2, n, groups), dtype=torch.float32, device=dev)
-    _gn_combine_kernel[(n * groups,)](sums, m2s, stats, p, pb, c_total, cpg, groups, eps,
+    _gn_combine_kernel[(n * groups,)](sums, m2s, stats, p, pb, c_total, cpg, groups, eps, tile,
                                       BLOCK_PB=max(16, min(64, triton.next_power_of_2(pb))),  # >= 16: no 1-wide
-                                      BLOCK_J=max(16, triton.next_power_of_2(cpg)), TILE_P=tile,  # tiles
-                                      num_warps=4)
+                                      BLOCK_J=max(16, triton.next_power_of_2(cpg)), num_warps=4)  # tiles
     return stats
 
 
