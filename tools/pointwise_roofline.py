@@ -37,10 +37,15 @@ RESNET_RESIDUAL = 6  # conv2's output and the shortcut read, the block output wr
 
 
 def category(name: str) -> str:
-    """The pointwise category of an Inductor kernel, from the aten ops its name lists."""
+    """The pointwise category of an Inductor kernel, from the aten ops its name lists (or one of our GroupNorm
+    statistics kernels, export/triton/gn_stats.py)."""
     if "var_mean" in name or "mean_pow" in name or (("per_" in name or "red_" in name) and "group_norm" in name):
         return "gn_stats"
-    if "rsqrt" in name or "group_norm" in name:
+    if name.startswith("_gn_"):  # our Triton statistics: partials, combine
+        return "gn_stats"
+    # the apply: rsqrt of Inductor's own statistics; from msfp_fast::gn_stats's output, the select of mean and rstd
+    # expanded per channel and the shift -mean * rstd
+    if "rsqrt" in name or "group_norm" in name or ("select" in name and "expand" in name and "_neg_" in name):
         return "gn_apply"
     for key, cat in (("layer_norm", "layernorm"), ("gelu", "geglu"), ("scaled_dot_product", "qkv_quant")):
         if key in name:
@@ -65,7 +70,7 @@ def table(rows: list[dict], batch: int) -> str:
     meas: dict[str, float] = {}
     calls: dict[str, float] = {}
     for r in rows:
-        if r["kernel"].startswith("triton"):
+        if r["kernel"].startswith(("triton", "_gn_")):
             c = category(r["kernel"])
             meas[c] = meas.get(c, 0.0) + r["ms_per_step"]
             calls[c] = calls.get(c, 0.0) + r["calls_per_step"]

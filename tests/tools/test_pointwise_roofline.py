@@ -12,6 +12,8 @@ def test_categories_bytes_and_table():
     assert PR.category("triton_red_fused__to_copy_add_mul_permute_var_mean_view_13") == "gn_stats"
     assert PR.category("triton_per_fused_clone_native_group_norm_16") == "gn_stats"  # aten's reduction
     assert PR.category("triton_poi_fused_conv_e4m3_div_expand_mean_mul_pow_round_rsqrt_silu_3") == "gn_apply"
+    assert PR.category("_gn_partial_kernel") == PR.category("_gn_combine_kernel") == "gn_stats"  # ours
+    assert PR.category("triton_poi_fused_add_conv_e4m3_expand_mul_neg_permute_round_select_silu_9") == "gn_apply"
     assert PR.category("triton_per_fused__scaled_mm_native_layer_norm_round_23") == "layernorm"
     assert PR.category("triton_poi_fused_gelu_mul_split_view_18") == "geglu"
     assert PR.category("triton_poi_fused_add_mul_permute_view_12") == "other_pointwise"
