@@ -209,6 +209,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--time-each", action="store_true", help="compile each batch size's W4A4 step just before its "
                     "timings (the first before the warm-up wait) instead of all first: a run cut short keeps the "
                     "rows of the batch sizes it timed")
+    ap.add_argument("--gn-ab", action="store_true", help="graph mode, --captures > 1: after each row, the same "
+                    "compiled step captured --captures more times on the GroupNorm statistics' default tile "
+                    "(w4a4_gn_default_tile_capture_medians: the tile tuner's gain, no recompile)")
     ap.add_argument("--no-gn-tune", action="store_true", help="the GroupNorm statistics' first tile everywhere "
                     "(gn_stats.DEFAULT) instead of the fastest per shape, timed at the first step")
     ap.add_argument("--conv-sets", default="", help="comma list of conv-candidate sets to time the headline W4A4 "
@@ -384,6 +387,9 @@ def measure(args: argparse.Namespace, rec: Recorder, cm: Any, bf16_bytes: int, b
         row["weights_gib"] = {"w4a4": round(w_bytes[head] / 2**30, 4), "bf16": round(bf16_bytes / 2**30, 4)}
         rec.put("rows", list(rows.values()))
         save_profiles(rec, profiles, args.log_dir)
+        if (head, b) in compiled and args.fast_mode == "graph" and args.gn_ab and args.captures > 1:  # saved already
+            time_gn_default_tile(compiled[(head, b)], fasts[head], xs[b], row, args.captures, args.iters)
+            rec.put("rows", list(rows.values()))
         if (head, b) in compiled and args.fast_mode == "graph" and args.conv_sets:  # last: the row is saved already
             time_conv_sets(compiled[(head, b)], fasts[head], xs[b], row, args.conv_sets.split(","), args.iters)
             rec.put("rows", list(rows.values()))
@@ -504,6 +510,27 @@ def _conv_set(name: str) -> tuple:
     tiles = tuple(c for c in cv.NEW_CONFIGS if c.split_k == 1)
     return {"new": cv.CONFIGS + cv.NEW_CONFIGS, "nosplit": cv.CONFIGS + tiles, "session8": cv.CONFIGS[:3],
             "im2col": ()}[name]
+
+
+def time_gn_default_tile(step: Any, fast: Any, x: tuple, row: dict, n: int, iters: int) -> None:
+    """The same compiled step captured n more times with every GroupNorm statistics call on ``gn_stats.DEFAULT``'s
+    tile instead of the tuner's choice (made inside msfp_fast::gn_stats at capture time: no recompile): the tile
+    tuner's gain in the step, same process. Nothing where this batch size tuned no GroupNorm (aten's below
+    ``GN_TRITON_MIN_BATCH``)."""
+    from msfp_compiler.export.triton import gn_stats
+
+    if not gn_stats.TUNE or not gn_tuning(row["batch"]):
+        return
+    try:
+        gn_stats.TUNE = False
+        row["w4a4_gn_default_tile_capture_medians"] = capture_medians(step.fn, fast, x, n, iters)
+        log(f"batch {row['batch']}: W4A4 with the default GroupNorm tile: "
+            f"{row['w4a4_gn_default_tile_capture_medians']} ms")
+    except Exception as e:  # noqa: BLE001
+        row["w4a4_gn_default_tile_error"] = repr(e)[:3000]
+        traceback.print_exc()
+    finally:
+        gn_stats.TUNE = True
 
 
 def time_conv_sets(step: Any, fast: Any, x: tuple, row: dict, sets: list[str], iters: int) -> None:

@@ -110,3 +110,30 @@ def test_measure_compile_order(monkeypatch, tmp_path, time_each):
     assert events == (["compile 8", "wait", "time 8", "compile 1", "time 1"] if time_each
                       else ["compile 8", "compile 1", "wait", "time 8", "time 1"])
     assert [r["speedup_over_captures"] for r in rows] == [1.5, 1.5]
+
+
+def test_gn_default_tile_recaptures_with_the_tuner_off(monkeypatch):
+    """--gn-ab: the same compiled step re-captured with gn_stats.TUNE off (the default tile everywhere), the tuner
+    back on afterwards, also when the capture fails; nothing where the batch size tuned no GroupNorm."""
+    import types
+
+    from msfp_compiler.export.triton import gn_stats
+
+    seen = []
+
+    def capture_medians(fn, module, example, n, iters):
+        seen.append(gn_stats.TUNE)
+        if n == 1:
+            raise RuntimeError("capture failed")
+        return [2.0] * n
+
+    monkeypatch.setattr(bench_gpu_sd15, "capture_medians", capture_medians)
+    monkeypatch.setattr(bench_gpu_sd15, "gn_tuning", lambda b: [{"chosen": "x"}] if b == 8 else [])
+    step, row = types.SimpleNamespace(fn=None), {"batch": 8}
+    bench_gpu_sd15.time_gn_default_tile(step, None, (), row, 3, 30)
+    assert row["w4a4_gn_default_tile_capture_medians"] == [2.0] * 3 and seen == [False] and gn_stats.TUNE
+    bench_gpu_sd15.time_gn_default_tile(step, None, (), row, 1, 30)
+    assert "capture failed" in row["w4a4_gn_default_tile_error"] and gn_stats.TUNE
+    row1 = {"batch": 1}
+    bench_gpu_sd15.time_gn_default_tile(step, None, (), row1, 3, 30)
+    assert row1 == {"batch": 1} and len(seen) == 2
