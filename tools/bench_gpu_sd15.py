@@ -209,11 +209,6 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--time-each", action="store_true", help="compile each batch size's W4A4 step just before its "
                     "timings (the first before the warm-up wait) instead of all first: a run cut short keeps the "
                     "rows of the batch sizes it timed")
-    ap.add_argument("--gn-ab", action="store_true", help="graph mode, --captures > 1: after each row, the same "
-                    "compiled step captured --captures more times on the GroupNorm statistics' default tile "
-                    "(w4a4_gn_default_tile_capture_medians: the tile tuner's gain, no recompile)")
-    ap.add_argument("--no-gn-tune", action="store_true", help="the GroupNorm statistics' first tile everywhere "
-                    "(gn_stats.DEFAULT) instead of the fastest per shape, timed at the first step")
     ap.add_argument("--conv-sets", default="", help="comma list of conv-candidate sets to time the headline W4A4 "
                     "step with as well, after its own timing: the same compiled step re-captured with each conv's "
                     "choice from the set, taken from the tuner's record (no recompile, no second tuning). Sets: "
@@ -242,10 +237,6 @@ def main(argv: list[str] | None = None) -> int:
         res["loadavg"] = os.getloadavg()
         Recorder(Path(args.out), res).save()
         return 0
-    if args.no_gn_tune:
-        from msfp_compiler.export.triton import gn_stats
-
-        gn_stats.TUNE = False
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     batches = [int(b) for b in args.batches.split(",")]
@@ -372,7 +363,7 @@ def measure(args: argparse.Namespace, rec: Recorder, cm: Any, bf16_bytes: int, b
             row["w4a4_capture_medians"] = [row[f"w4a4_{head}"]["median_ms"], *capture_medians(
                 compiled[(head, b)].fn, fasts[head], xs[b], args.captures - 1, args.iters)]
             log(f"batch {b}: W4A4 captures {row['w4a4_capture_medians']} ms")
-        row["conv_tuning"], row["gn_tuning"] = conv_tuning(b), gn_tuning(b)
+        row["conv_tuning"] = conv_tuning(b)
         if (head, b) in compiled and args.fast_mode == "graph" and "prefetch" not in args.skip.split(","):
             time_prefetch_decode(compiled[(head, b)], fasts[head], xs[b], row, head, args.iters)
         row["w4a4_ms"] = row.get(f"w4a4_{head}", {}).get("median_ms")
@@ -387,9 +378,6 @@ def measure(args: argparse.Namespace, rec: Recorder, cm: Any, bf16_bytes: int, b
         row["weights_gib"] = {"w4a4": round(w_bytes[head] / 2**30, 4), "bf16": round(bf16_bytes / 2**30, 4)}
         rec.put("rows", list(rows.values()))
         save_profiles(rec, profiles, args.log_dir)
-        if (head, b) in compiled and args.fast_mode == "graph" and args.gn_ab and args.captures > 1:  # saved already
-            time_gn_default_tile(compiled[(head, b)], fasts[head], xs[b], row, args.captures, args.iters)
-            rec.put("rows", list(rows.values()))
         if (head, b) in compiled and args.fast_mode == "graph" and args.conv_sets:  # last: the row is saved already
             time_conv_sets(compiled[(head, b)], fasts[head], xs[b], row, args.conv_sets.split(","), args.iters)
             rec.put("rows", list(rows.values()))
@@ -472,7 +460,6 @@ def variant_row(args: argparse.Namespace, rec: Recorder, cm: Any, name: str, b: 
     row["w4a4_ms"] = row.get(f"w4a4_{head}", {}).get("median_ms")
     if name == "conv":
         row["conv_tuning"] = conv_tuning(b)
-    row["gn_tuning"] = gn_tuning(b)
     row["profile"] = {k: {kk: vv for kk, vv in v.items() if kk != "rows"} for k, v in profiles.items()}
     rows.append(row)
     rec.put("variants", rows)
@@ -495,14 +482,6 @@ def conv_tuning(batch: int) -> list[dict]:
              "err": conv_fp8.TUNE_ERRS.get(k, {})} for k, v in conv_fp8.TUNE_TIMES.items() if k[0][0] == batch]
 
 
-def gn_tuning(batch: int) -> list[dict]:
-    """What the GroupNorm statistics' tile tuner chose and measured at this batch size (ms per candidate tile)."""
-    from msfp_compiler.export.triton import gn_stats
-
-    return [{"parts": str(k[0]), "groups": k[1], "chosen": gn_stats._BEST[k].name, "ms": v}
-            for k, v in gn_stats.TUNE_TIMES.items() if k[0][0][0][0] == batch]
-
-
 def _conv_set(name: str) -> tuple:
     """The conv tuner's candidates of a --conv-sets name."""
     from msfp_compiler.export.triton import conv_fp8 as cv
@@ -510,27 +489,6 @@ def _conv_set(name: str) -> tuple:
     tiles = tuple(c for c in cv.NEW_CONFIGS if c.split_k == 1)
     return {"new": cv.CONFIGS + cv.NEW_CONFIGS, "nosplit": cv.CONFIGS + tiles, "session8": cv.CONFIGS[:3],
             "im2col": ()}[name]
-
-
-def time_gn_default_tile(step: Any, fast: Any, x: tuple, row: dict, n: int, iters: int) -> None:
-    """The same compiled step captured n more times with every GroupNorm statistics call on ``gn_stats.DEFAULT``'s
-    tile instead of the tuner's choice (made inside msfp_fast::gn_stats at capture time: no recompile): the tile
-    tuner's gain in the step, same process. Nothing where this batch size tuned no GroupNorm (aten's below
-    ``GN_TRITON_MIN_BATCH``)."""
-    from msfp_compiler.export.triton import gn_stats
-
-    if not gn_stats.TUNE or not gn_tuning(row["batch"]):
-        return
-    try:
-        gn_stats.TUNE = False
-        row["w4a4_gn_default_tile_capture_medians"] = capture_medians(step.fn, fast, x, n, iters)
-        log(f"batch {row['batch']}: W4A4 with the default GroupNorm tile: "
-            f"{row['w4a4_gn_default_tile_capture_medians']} ms")
-    except Exception as e:  # noqa: BLE001
-        row["w4a4_gn_default_tile_error"] = repr(e)[:3000]
-        traceback.print_exc()
-    finally:
-        gn_stats.TUNE = True
 
 
 def time_conv_sets(step: Any, fast: Any, x: tuple, row: dict, sets: list[str], iters: int) -> None:

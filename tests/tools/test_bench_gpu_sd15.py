@@ -58,17 +58,6 @@ def test_parse_variant_batches_and_errors():
             bench_gpu_sd15.parse_variants(bad)
 
 
-def test_gn_tuning_rows_of_one_batch_size(monkeypatch):
-    from msfp_compiler.export.triton import gn_stats
-
-    k8 = ((((8, 320, 64, 64), (1310720, 1, 20480, 320), "torch.bfloat16"),), 32)
-    k1 = ((((1, 320, 64, 64), (1310720, 1, 20480, 320), "torch.bfloat16"),), 32)
-    monkeypatch.setattr(gn_stats, "_BEST", {k8: gn_stats.CONFIGS[1], k1: gn_stats.DEFAULT})
-    monkeypatch.setattr(gn_stats, "TUNE_TIMES", {k8: {"a": 0.01}, k1: {"b": 0.02}})
-    rows = bench_gpu_sd15.gn_tuning(8)
-    assert rows == [{"parts": str(k8[0]), "groups": 32, "chosen": gn_stats.CONFIGS[1].name, "ms": {"a": 0.01}}]
-
-
 @pytest.mark.parametrize("time_each", [False, True])
 def test_measure_compile_order(monkeypatch, tmp_path, time_each):
     """measure compiles every batch size's W4A4 step before the warm-up wait and the timings, or with --time-each
@@ -82,7 +71,7 @@ def test_measure_compile_order(monkeypatch, tmp_path, time_each):
     monkeypatch.setattr(FA, "build_fast", lambda gm, dev, **k: ns(report="r"))
     monkeypatch.setattr(FA, "weight_bytes", lambda f: 1)
     for name, fn in {"inputs": lambda b, ex: (b,), "bf16_inputs": lambda x: x, "conv_tuning": lambda b: [],
-                     "gn_tuning": lambda b: [], "capture_medians": lambda *a: [1.0, 1.0],
+                     "capture_medians": lambda *a: [1.0, 1.0],
                      "cached_modes": lambda *a: ["default-graph"], "save_profiles": lambda *a: None,
                      "wait_warm": lambda w, t: events.append("wait") or {},
                      "build_sd15": lambda: ns(unet=ns(to=lambda *a: ns(eval=lambda: None)))}.items():
@@ -111,29 +100,3 @@ def test_measure_compile_order(monkeypatch, tmp_path, time_each):
                       else ["compile 8", "compile 1", "wait", "time 8", "time 1"])
     assert [r["speedup_over_captures"] for r in rows] == [1.5, 1.5]
 
-
-def test_gn_default_tile_recaptures_with_the_tuner_off(monkeypatch):
-    """--gn-ab: the same compiled step re-captured with gn_stats.TUNE off (the default tile everywhere), the tuner
-    back on afterwards, also when the capture fails; nothing where the batch size tuned no GroupNorm."""
-    import types
-
-    from msfp_compiler.export.triton import gn_stats
-
-    seen = []
-
-    def capture_medians(fn, module, example, n, iters):
-        seen.append(gn_stats.TUNE)
-        if n == 1:
-            raise RuntimeError("capture failed")
-        return [2.0] * n
-
-    monkeypatch.setattr(bench_gpu_sd15, "capture_medians", capture_medians)
-    monkeypatch.setattr(bench_gpu_sd15, "gn_tuning", lambda b: [{"chosen": "x"}] if b == 8 else [])
-    step, row = types.SimpleNamespace(fn=None), {"batch": 8}
-    bench_gpu_sd15.time_gn_default_tile(step, None, (), row, 3, 30)
-    assert row["w4a4_gn_default_tile_capture_medians"] == [2.0] * 3 and seen == [False] and gn_stats.TUNE
-    bench_gpu_sd15.time_gn_default_tile(step, None, (), row, 1, 30)
-    assert "capture failed" in row["w4a4_gn_default_tile_error"] and gn_stats.TUNE
-    row1 = {"batch": 1}
-    bench_gpu_sd15.time_gn_default_tile(step, None, (), row1, 3, 30)
-    assert row1 == {"batch": 1} and len(seen) == 2
