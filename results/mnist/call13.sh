@@ -15,7 +15,9 @@
 # its fine-tuning was cut: cond calibration took ~100 s with 12 processes time-slicing the GPU (4-18 s in calls 11,
 # 12), so cond fine-tuning started ~180 s in and the 340 s budget ran past the limit.
 # fc (a later call, alone): the cond variant's MSFP + TALoRA + DFA only, 3 processes as call 12's gc (~285 s):
-#   RUNS=fc LIMIT=300 BUDGET=225 bash results/mnist/call13.sh
+#   RUNS=fc LIMIT=300 BUDGET=225 bash results/mnist/call13.sh      (an outer timeout: at least LIMIT + 35 s)
+# Call 13b ran RUNS=fc SEEDS=0,1 LIMIT=195 BUDGET=125 under `timeout 215`: the eval's own limit + 25 s (220) was past
+# that timeout, which killed the script before its tar; nothing came back (the TERM trap below is the fix).
 # oc (only if a later call gets time): the strict cond goal row, seed 0, 1500 steps, with its onnxruntime check
 # (call 12 cut it at the limit during the check; cond's check needs ~90 s of CPU after a ~31 s lowering).
 # Other optional runs (ku/kc shortcut convs at 8 bits + TALoRA + DFA, lu/lc LR probe): results/mnist/call12.sh.
@@ -45,6 +47,10 @@ run() {  # folder, then eval_mnist arguments
   echo "$d done $(( $(date +%s) - T0 ))s"
 }
 on() { case " $RUNS " in *" $1 "*) return 0;; esac; return 1; }
+pack() { (cd $R && tar czf ${OUT:-/tmp}/call13_${RUNS// /_}.tar.gz --exclude '*.pt' --exclude '.gpu*' $RUNS); }
+# An outer `timeout` shorter than LIMIT + 35 s kills this script before its tar (call 13b lost everything so): on
+# TERM, pack what the tasks have written so far (each finished task has its JSON already).
+trap 'echo "TERM at $(( $(date +%s) - T0 ))s: packing what finished"; pack; exit 124' TERM
 on vu && run vu --models uncond --seeds $S --rows msfp,msfp+talora+dfa --jobs 6 --check-seeds=${CHECK-} \
   --keep-8bit 'first,last,up_blocks.3.*' --finetune-steps ${USTEPS:-1800} &
 on vc && run vc --models cond --seeds $S --rows msfp,msfp+talora+dfa --jobs 6 --check-seeds=${CHECK-} \
@@ -57,6 +63,6 @@ wait
 echo "eval done $(( $(date +%s) - T0 ))s"
 for d in $RUNS; do echo "== $d"; cat $R/$d/quality_mnist.md
   grep -h "stage calibrate\|stage finetune\|ONNX\|onnx\|check\|: FID" $R/$d/log_*.txt | cut -c1-240; done
-cd $R && tar czf ${OUT:-/tmp}/call13_${RUNS// /_}.tar.gz --exclude '*.pt' --exclude '.gpu*' $RUNS
+pack
 ls -la ${OUT:-/tmp}
 echo "total $(( $(date +%s) - T0 ))s"
