@@ -15,7 +15,8 @@ Sections (``--sections``): ``layers`` (the above), ``decode`` (the grouped packe
 decoded bytes), ``im2col`` (tile configurations of the
 im2col kernel on the SD1.5 k x k convs, ms per step), ``conv`` (the implicit-GEMM FP8 conv, each tile, against
 im2col + cuBLAS on the SD1.5 k x k convs, outputs checked equal), ``fp8attn`` (cuDNN's FP8 flash attention through
-cudnn-frontend against the bf16 cuDNN SDPA on SD1.5's attention shapes: ``bench_fp8_attention``).
+cudnn-frontend against the bf16 cuDNN SDPA on SD1.5's attention shapes: ``bench_fp8_attention``), ``gnstats``
+(tiles of our GroupNorm statistics kernels on SD1.5's GroupNorm shapes, ``bench_gnstats``).
 """
 
 from __future__ import annotations
@@ -207,6 +208,46 @@ def bench_im2col(shapes: Counter) -> dict:
         rows.append(row)
         print(json.dumps(row), flush=True)
     return {"per_step_ms": {k: round(v, 4) for k, v in totals.items()}, "rows": rows}
+
+
+GN_TILES = ((64, 64, 4), (32, 64, 4), (16, 64, 4), (32, 64, 2), (16, 64, 2), (16, 64, 1), (64, 32, 4), (32, 32, 2),
+            (32, 128, 4), (16, 128, 4))  # (positions, channels, warps) of gn_stats' partial kernel; first: the default
+
+
+def bench_gnstats(batch: int) -> dict:
+    """Tiles of the GroupNorm statistics kernels (``gn_stats``: BLOCK_P positions x BLOCK_C channels, warps) on the
+    SD1.5 GroupNorm shapes (``pointwise_roofline.GROUP_NORMS``, each as one NHWC bf16 tensor; the 12 concatenated
+    inputs are read part by part in the UNet), partials + combine replayed from a CUDA graph (device time: what the
+    captured step pays), ms per call and per step, with the read bandwidth; each tile's statistics are checked against
+    the default tile's (float32 summation order: mean by 2e-5 of |mean| + std, 1/std by 1e-4 relative). Session 14
+    measured 4-8 chunks per program slower than the default 64 x 64 tile on every shape: this times smaller ones."""
+    from pointwise_roofline import GROUP_NORMS
+
+    from msfp_compiler.export.triton.gn_stats import gn_stats_triton
+
+    totals: Counter = Counter()
+    rows = []
+    for (side, c), count in sorted(Counter(GROUP_NORMS).items()):
+        x = torch.randn(batch, c, side, side, device=DEV, dtype=torch.bfloat16).contiguous(
+            memory_format=torch.channels_last) * 2 + 1
+        ref = gn_stats_triton([x], 32, 1e-5)
+        row: dict = {"x": [batch, c, side, side], "count": count, "mb": round(x.numel() * 2 / 1e6, 2)}
+        for bp, bc, nw in GN_TILES:
+            name = f"{bp}x{bc}w{nw}"
+            got = gn_stats_triton([x], 32, 1e-5, block_p=bp, block_c=bc, num_warps=nw)
+            ok = bool(((got[0] - ref[0]).abs() <= 2e-5 * (ref[0].abs() + 1 / ref[1])).all()
+                      and ((got[1] - ref[1]).abs() <= 1e-4 * ref[1]).all())
+            if not ok:
+                row[name] = "mismatch"
+                continue
+            ms = graphed_ms(lambda: gn_stats_triton([x], 32, 1e-5, block_p=bp, block_c=bc, num_warps=nw))  # noqa: B023
+            row[name] = round(ms, 5)
+            row[f"{name}_gbs"] = round(x.numel() * 2 / ms / 1e6, 1)
+            totals[name] += count * ms
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return {"per_step_ms": {k: round(v, 4) for k, v in totals.items()}, "timing": "graphed_ms (do_bench_cudagraph)",
+            "rows": rows}
 
 
 def bench_conv(shapes: Counter, gpu_lock: str | None = None) -> dict:
@@ -431,7 +472,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--out", default=str(ROOT / "results" / "gpu_sd15_kernels.json"))
-    ap.add_argument("--sections", default="layers", help="comma list of layers, conv, decode, im2col, fp8attn")
+    ap.add_argument("--sections", default="layers", help="comma list of layers, conv, decode, im2col, fp8attn, "
+                    "gnstats")
     ap.add_argument("--attn-levels", default=",".join(lv[0] for lv in ATTN_LEVELS),
                     help="fp8attn: the SD1.5 levels to time (64x64, 32x32, 16x16, 8x8)")
     ap.add_argument("--attn-pads", default="16", help="fp8attn: head dims also padded to multiples of these")
@@ -442,6 +484,12 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     sections = args.sections.split(",")
     res: dict = {"device": torch.cuda.get_device_name(0), "batch": args.batch}
+    if "gnstats" in sections:  # needs no layer list either
+        res["gnstats"] = bench_gnstats(args.batch)
+        res["seconds"] = round(time.perf_counter() - t0, 1)
+        Path(args.out).write_text(json.dumps(res, indent=1))
+        if sections == ["gnstats"]:
+            return 0
     if "fp8attn" in sections:  # needs no layer list (no diffusers UNet)
         levels = tuple(lv for lv in ATTN_LEVELS if lv[0] in args.attn_levels.split(","))
         res["fp8attn"] = bench_fp8_attention(args.batch, levels, pads=tuple(int(p) for p in args.attn_pads.split(",")))

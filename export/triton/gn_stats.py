@@ -88,13 +88,16 @@ def _gn_combine_kernel(sum_ptr, m2_ptr, stats_ptr, P, PB, C_TOTAL, CPG, G, eps,
     tl.store(stats_ptr + n * G + g + tl.num_programs(0), 1.0 / tl.sqrt(var + eps))
 
 
-def gn_stats_triton(parts: list[torch.Tensor], groups: int, eps: float) -> torch.Tensor:
+def gn_stats_triton(parts: list[torch.Tensor], groups: int, eps: float, block_p: int = BLOCK_P,
+                    block_c: int = BLOCK_C, num_warps: int = 4) -> torch.Tensor:
     """parts: [N, C_i, H, W] tensors (any strides; NHWC memory reads coalesced) whose channel concatenation is the
-    GroupNorm input -> float32 [2, N, G]: each (sample, group)'s mean and 1 / sqrt(biased var + eps)."""
+    GroupNorm input -> float32 [2, N, G]: each (sample, group)'s mean and 1 / sqrt(biased var + eps).
+    ``block_p`` x ``block_c`` / ``num_warps``: the partial kernel's tile (``tools/bench_gpu_kernels.py --sections
+    gnstats`` times others on SD1.5's shapes)."""
     n, _, h, w = parts[0].shape
     c_total = sum(t.shape[1] for t in parts)
     p = h * w
-    pb = triton.cdiv(p, BLOCK_P)
+    pb = triton.cdiv(p, block_p)
     dev = parts[0].device
     sums = torch.empty((n, pb, c_total), dtype=torch.float32, device=dev)
     m2s = torch.empty_like(sums)
@@ -103,14 +106,14 @@ def gn_stats_triton(parts: list[torch.Tensor], groups: int, eps: float) -> torch
         c = t.shape[1]
         if c:
             sn, sc, sh, sw = t.stride()
-            _gn_partial_kernel[(n, pb, triton.cdiv(c, BLOCK_C))](t, sums, m2s, p, w, c, c_total, c_off, sn, sc, sh,
-                                                                 sw, pb, BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C,
-                                                                 num_warps=4)
+            _gn_partial_kernel[(n, pb, triton.cdiv(c, block_c))](t, sums, m2s, p, w, c, c_total, c_off, sn, sc, sh,
+                                                                 sw, pb, BLOCK_P=block_p, BLOCK_C=block_c,
+                                                                 num_warps=num_warps)
         c_off += c
     cpg = c_total // groups
     stats = torch.empty((2, n, groups), dtype=torch.float32, device=dev)
     _gn_combine_kernel[(n * groups,)](sums, m2s, stats, p, pb, c_total, cpg, groups, eps,
                                       BLOCK_PB=max(16, min(64, triton.next_power_of_2(pb))),  # >= 16: no 1-wide
-                                      BLOCK_J=max(16, triton.next_power_of_2(cpg)), BLOCK_P=BLOCK_P,  # tiles
+                                      BLOCK_J=max(16, triton.next_power_of_2(cpg)), BLOCK_P=block_p,  # tiles
                                       num_warps=4)
     return stats

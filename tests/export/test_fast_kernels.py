@@ -215,3 +215,19 @@ def test_gn_stats_matches_group_norm(n: int, cs: tuple, h: int, w: int, g: int) 
     y = group_norm_triton(xc.to(DEV), g, wt.to(DEV), bs.to(DEV), 1e-5, parts=[t.to(DEV) for t in parts]).cpu()
     assert y.is_contiguous(memory_format=torch.channels_last)  # on CUDA through the op's Triton kernels
     assert (y - F.group_norm(xc.double(), g, wt.double(), bs.double(), 1e-5).float()).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("tile", [(16, 32, 1), (32, 128, 4)])
+def test_gn_stats_other_tiles(tile: tuple) -> None:
+    """gn_stats_triton with a tile other than the default (tools/bench_gpu_kernels.py --sections gnstats times them):
+    the same statistics within float32 summation order (several position tiles with a partial last one, channel
+    blocks with a partial last one, two parts, one offset by 300x its spread)."""
+    gen = torch.Generator().manual_seed(9)
+    parts = [torch.randn(1, 136, 7, 10, generator=gen) * 2, torch.randn(1, 40, 7, 10, generator=gen) + 300]
+    x = torch.cat(parts, 1).double().reshape(1, 11, -1)
+    var, mean = torch.var_mean(x, dim=-1, correction=0)
+    want = torch.stack([mean, torch.rsqrt(var + 1e-5)])
+    tol = torch.stack([1e-6 * (mean.abs() + var.sqrt()), 1e-5 * want[1]])
+    dev = [t.to(DEV).contiguous(memory_format=torch.channels_last) for t in parts]
+    got = gn_stats_triton(dev, 11, 1e-5, block_p=tile[0], block_c=tile[1], num_warps=tile[2]).cpu()
+    assert ((got.double() - want).abs() <= tol).all(), tile
