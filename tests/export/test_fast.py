@@ -478,6 +478,38 @@ def test_build_fast_group_norm_channels(compiled_cond) -> None:
         FA.build_fast(gm, "cpu", group_norm="welford")
 
 
+def test_group_norm_auto_small_batch_is_session12_graph(compiled_cond) -> None:
+    """Below GN_TRITON_MIN_BATCH the default build is the graph session 12 measured (batch 1, 1.103x on the H200):
+    build_fast's nodes are group_norm="aten"'s one for one (group_norm_auto where aten.group_norm stood, the same
+    arguments), and group_norm_auto traces to the same aten ops as the captured op (the deprecated cudnn_enabled
+    flag aside), so Dynamo and Inductor see one graph (docs/triton.md session 14, continuation: also compared
+    through Inductor's IR on the CPU)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    gm = compiled_cond.graph_module
+    auto = FA.build_fast(gm, "cpu")
+    aten_gn = FA.build_fast(gm, "cpu", group_norm="aten")
+
+    def key(nd):
+        tgt = torch.ops.aten.group_norm.default if nd.target is FA.group_norm_auto else nd.target
+        return nd.op, str(tgt), len(nd.args)
+
+    a, b = list(auto.gm.graph.nodes), list(aten_gn.gm.graph.nodes)
+    assert [key(n) for n in a] == [key(n) for n in b]
+    assert sum(n.target is FA.group_norm_auto for n in a) == auto.report.group_norms >= 4
+    x = torch.randn(1, 16, 4, 4).contiguous(memory_format=torch.channels_last).bfloat16()
+    w, bias = torch.randn(16).bfloat16(), torch.randn(16).bfloat16()
+    p0, p1 = x[:, :8].clone(), x[:, 8:].clone()  # a concatenation's parts: unused below GN_TRITON_MIN_BATCH
+
+    def ops(fn):
+        g = make_fx(fn)(x, w, bias, p0, p1)
+        return [str(n.target) for n in g.graph.nodes if n.op == "call_function"]
+
+    got = ops(lambda x, w, b, p0, p1: FA.group_norm_auto(x, 8, w, b, 1e-5, True, parts=[p0, p1]))
+    assert got == ops(lambda x, w, b, p0, p1: torch.ops.aten.group_norm.default(x, 8, w, b, 1e-5, False))
+    assert any("native_group_norm" in op for op in got)
+
+
 def test_build_fast_group_norm_triton(compiled_cond) -> None:
     """build_fast(group_norm="triton") replaces every 4-d GroupNorm by group_norm_triton (statistics from
     msfp_fast::gn_stats; its CPU reference here, the Triton kernels in test_fast_kernels), passes the parts of
