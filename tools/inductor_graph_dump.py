@@ -4,8 +4,9 @@ graph two commits give (docs/triton.md session 14, continuation: main's batch-1 
 Writes to OUT: ``build_fast_nodes.json`` (op and target of every node; ``group_norm_auto`` written as the captured
 ``group_norm`` it wraps), ``dynamo_graph.py`` (the graph Dynamo hands to Inductor), Inductor's debug trace under
 ``inductor/`` (post-grad graph, IR before and after fusion, output code: the CPU backend's kernels, the same
-scheduler's fusion decisions as on the GPU for one IR), ``summary.json`` (sha256 of each, stack-trace comments and
-node names ``group_norm_auto*`` -> ``group_norm*`` normalized). Another commit's code: extract its tree (``git archive
+scheduler's fusion decisions as on the GPU for one IR), ``summary.json`` (sha256 of each, with stack-trace
+comments, node names ``group_norm_auto*`` -> ``group_norm*`` and ``F.group_norm(.., eps)`` ->
+``aten.group_norm(.., eps, False)`` normalized). Another commit's code: extract its tree (``git archive
 COMMIT | tar -x -C DIR``), lay its packages out as msfp_compiler's package-dir does and put that first on PYTHONPATH
 (the editable install's finder comes after sys.path)::
 
@@ -27,6 +28,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def _normalized(text: str) -> str:
     """Stack-trace comments and group_norm_auto's node names out: what is left is the graph."""
     text = re.sub(r"# File:.*", "", text)
+    # group_norm_auto below its batch threshold: F.group_norm, i.e. the captured op with the cudnn flag ATen ignores
+    text = re.sub(r"torch\.nn\.functional\.group_norm\((.*?)\);",
+                  r"torch.ops.aten.group_norm.default(\1, False);", text)
     return text.replace("group_norm_auto", "group_norm")
 
 
@@ -65,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         graphs.append(gm.print_readable(print_output=False))
         return compile_fx(gm, ex)
 
+    icfg.force_disable_caches = True  # a cache hit would skip the lowering and its debug trace
     icfg.trace.enabled = True
     icfg.trace.debug_dir = str(out / "inductor")
     with torch.no_grad():

@@ -1,0 +1,131 @@
+"""GEGLU with its quantizer in the FP8 GEMM's epilogue (opt-in lever for SD1.5 at batch 8; not wired into build_fast
+yet, not measured on a GPU).
+
+In the fast path a transformer block's feed-forward is ``FastGemm`` (ff.net.0.proj: [M, K] x [2F, K]^T, bf16 out)
+-> split -> ``a * gelu(gate)`` -> the next ``FastGemm``'s quantizer (grid values as E4M3). Inductor fuses the split,
+GELU, product and quantizer into one pointwise kernel, but the GEMM writes its 2F-wide bf16 output and that kernel
+reads it back: at SD1.5's 64x64 level, batch 8, 2 x 32768 x 2560 x 2 bytes = 335 MB a call (~80 us at the H200's copy
+bandwidth; the geglu category ran at 46% of it in session 14's roofline, 0.51 ms above). Here one Triton program
+computes the same rows of both halves (the value columns n and the gate columns F + n: two accumulators), applies
+FastGemm's epilogue (the fp32 sum rounded to bf16, times the column scale, plus beta, rounded to bf16), GELU (erf
+form) and the product, each rounded to bf16 as the eager ops do, and the next layer's quantizer, and stores only
+the E4M3 grid values [M, F] the next GEMM reads (1 byte an element).
+
+Exact against ``geglu_quant_reference`` (the same eager ops) where the fp32 sums are exact (grid operands) and GELU's
+erf rounds alike (Triton's erf and torch's may differ in the last fp32 bit; after the bf16 rounding that flips a
+value rarely): tests/export/test_fast_kernels.py. Formats: grid_round's "int" and "fp" kinds, signed or unsigned.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .fast import _spec, grid_round
+from .kernels import INTERPRET, _grouped_tile, _round_bf16
+
+__all__ = ["gemm_geglu_e4m3", "geglu_quant_reference", "GEGLU_TILE"]
+
+_FP8 = torch.float8_e4m3fn
+
+
+@triton.jit
+def _rne_small(t):
+    """Round non-negative fp32 t < 2^22 to an integer, half to even (the 1.5 * 2^23 addend fixes the ulp at 1)."""
+    return (t + 12582912.0) - 12582912.0
+
+
+@triton.jit
+def _gemm_geglu_kernel(a_ptr, w_ptr, sb_ptr, beta_ptr, out_ptr, M, F, K, q_s, q_z,
+                       QMAX: tl.constexpr, IS_INT: tl.constexpr, SIGNED: tl.constexpr, MAN: tl.constexpr,
+                       EMIN: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                       GROUP_M: tl.constexpr):
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(M, BM), tl.cdiv(F, BN), GROUP_M)
+    rows = pid_m * BM + tl.arange(0, BM)
+    cols = pid_n * BN + tl.arange(0, BN)
+    rmask = rows < M
+    cmask = cols < F
+    kk = tl.arange(0, BK)
+    a_rows = a_ptr + rows.to(tl.int64)[:, None] * K
+    h_rows = w_ptr + cols.to(tl.int64)[:, None] * K  # value columns n
+    g_rows = w_ptr + (cols + F).to(tl.int64)[:, None] * K  # gate columns F + n
+    acc_h = tl.zeros((BM, BN), dtype=tl.float32)
+    acc_g = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        kmask = (k0 + kk < K)[None, :]
+        a = tl.load(a_rows + k0 + kk[None, :], mask=rmask[:, None] & kmask, other=0.0)
+        wh = tl.load(h_rows + k0 + kk[None, :], mask=cmask[:, None] & kmask, other=0.0)
+        wg = tl.load(g_rows + k0 + kk[None, :], mask=cmask[:, None] & kmask, other=0.0)
+        acc_h = tl.dot(a, wh.T, acc_h)
+        acc_g = tl.dot(a, wg.T, acc_g)
+    # FastGemm's epilogue on each half: bf16(sum) * scale_b + beta, rounded to bf16
+    sb_h = tl.load(sb_ptr + cols, mask=cmask, other=0.0)[None, :]
+    sb_g = tl.load(sb_ptr + F + cols, mask=cmask, other=0.0)[None, :]
+    be_h = tl.load(beta_ptr + cols, mask=cmask, other=0.0)[None, :]
+    be_g = tl.load(beta_ptr + F + cols, mask=cmask, other=0.0)[None, :]
+    h = _round_bf16(_round_bf16(acc_h) * sb_h + be_h)
+    g = _round_bf16(_round_bf16(acc_g) * sb_g + be_g)
+    gelu = _round_bf16(0.5 * g * (1.0 + tl.math.erf(g * 0.7071067811865476)))
+    y = _round_bf16(h * gelu)
+    # the next layer's quantizer: grid_round((y - z) / s) (fast.grid_round, "int" and "fp" kinds)
+    v = (y - q_z) / q_s
+    if SIGNED:
+        mag = tl.abs(v)
+    else:
+        mag = tl.maximum(v, 0.0)
+    mag = tl.minimum(mag, QMAX)
+    if IS_INT:
+        r = _rne_small(mag)
+    else:
+        sub = _rne_small(mag * (2.0 ** (MAN - EMIN))) * (2.0 ** (EMIN - MAN))
+        bits = mag.to(tl.int32, bitcast=True)
+        drop: tl.constexpr = 23 - MAN
+        bits = (bits + ((1 << (drop - 1)) - 1) + ((bits >> drop) & 1)) & -(1 << drop)
+        r = tl.where(mag < 2.0 ** EMIN, sub, bits.to(tl.float32, bitcast=True))
+    if SIGNED:  # copysign, -0.0 included (v's sign bit onto r)
+        sign = v.to(tl.int32, bitcast=True) & -2147483648
+        r = (r.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
+    else:
+        r = r + 0.0  # -0.0 -> +0.0, as grid_round
+    out = out_ptr + rows.to(tl.int64)[:, None] * F + cols[None, :]
+    tl.store(out, r.to(out_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
+
+
+GEGLU_TILE = (128, 64, 128, 8, 3)  # BM, BN, BK, warps, stages on the GPU (two accumulators: BN 64 keeps it at 128x128)
+_INTERP_TILE = (16, 16, 32, 1, 1)
+
+
+def gemm_geglu_e4m3(a: torch.Tensor, w: torch.Tensor, scale_b: torch.Tensor, beta: torch.Tensor, q_scale: float,
+                    q_zero: float, qfmt: str, tile: tuple[int, int, int, int, int] | None = None) -> torch.Tensor:
+    """a E4M3 [M, K] (the block's quantized input), w E4M3 [2F, K] (ff.net.0.proj: value rows, then gate rows),
+    scale_b / beta float32 [2F] (FastGemm's column scale and bias) -> E4M3 [M, F]: the grid values of
+    ``quantize(a_half * gelu(gate_half), q_scale, q_zero, qfmt)``, what the next FastGemm multiplies."""
+    f = _spec(qfmt)
+    if f.kind not in ("int", "fp"):
+        raise ValueError(f"gemm_geglu_e4m3: format {qfmt!r} is not of grid_round's int or fp kind")
+    m, k = a.shape
+    n2, k2 = w.shape
+    if k2 != k or n2 % 2 or scale_b.numel() != n2 or beta.numel() != n2:
+        raise ValueError(f"gemm_geglu_e4m3: a {tuple(a.shape)}, w {tuple(w.shape)}, scale_b {scale_b.numel()}, "
+                         f"beta {beta.numel()} (w [2F, K], vectors of 2F)")
+    fo = n2 // 2
+    bm, bn, bk, warps, stages = tile or (_INTERP_TILE if INTERPRET or a.device.type != "cuda" else GEGLU_TILE)
+    out = torch.empty(m, fo, dtype=_FP8, device=a.device)
+    grid = (triton.cdiv(m, bm) * triton.cdiv(fo, bn),)
+    _gemm_geglu_kernel[grid](a.contiguous(), w.contiguous(), scale_b.float().contiguous(), beta.float().contiguous(),
+                             out, m, fo, k, float(q_scale), float(q_zero), QMAX=float(f.max),
+                             IS_INT=f.kind == "int", SIGNED=f.signed, MAN=f.man_bits, EMIN=f.emin, BM=bm, BN=bn,
+                             BK=bk, GROUP_M=8, num_warps=warps, num_stages=stages)
+    return out
+
+
+def geglu_quant_reference(a: torch.Tensor, w: torch.Tensor, scale_b: torch.Tensor, beta: torch.Tensor,
+                          q_scale: float, q_zero: float, qfmt: str) -> torch.Tensor:
+    """The eager ops the fused kernel replaces (FastGemm's GEMM and epilogue in bf16, split, GELU, product, the next
+    FastGemm's grid values), float32 sums of the E4M3 operands."""
+    y = (a.float() @ w.float().t()).to(torch.bfloat16)
+    y = (y.float() * scale_b.float() + beta.float()).to(torch.bfloat16)
+    h, g = y.chunk(2, dim=-1)
+    z = h * torch.nn.functional.gelu(g)
+    return grid_round((z.float() - q_zero) / q_scale, qfmt).to(_FP8)
