@@ -38,8 +38,9 @@ def _rne_small(t):
 
 @triton.jit
 def _gemm_geglu_kernel(a_ptr, w_ptr, sb_ptr, beta_ptr, out_ptr, M, F, K, q_s, q_z,
-                       QMAX: tl.constexpr, IS_INT: tl.constexpr, SIGNED: tl.constexpr, MAN: tl.constexpr,
-                       EMIN: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                       QMAX: tl.constexpr, IS_INT: tl.constexpr, SIGNED: tl.constexpr, SUB_UP: tl.constexpr,
+                       SUB_DOWN: tl.constexpr, MIN_NORMAL: tl.constexpr, DROP: tl.constexpr, HALF: tl.constexpr,
+                       KEEP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                        GROUP_M: tl.constexpr):
     pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(M, BM), tl.cdiv(F, BN), GROUP_M)
     rows = pid_m * BM + tl.arange(0, BM)
@@ -78,11 +79,10 @@ def _gemm_geglu_kernel(a_ptr, w_ptr, sb_ptr, beta_ptr, out_ptr, M, F, K, q_s, q_
     if IS_INT:
         r = _rne_small(mag)
     else:
-        sub = _rne_small(mag * (2.0 ** (MAN - EMIN))) * (2.0 ** (EMIN - MAN))
+        sub = _rne_small(mag * SUB_UP) * SUB_DOWN  # the subnormal range: exact power-of-two scalings
         bits = mag.to(tl.int32, bitcast=True)
-        drop: tl.constexpr = 23 - MAN
-        bits = (bits + ((1 << (drop - 1)) - 1) + ((bits >> drop) & 1)) & -(1 << drop)
-        r = tl.where(mag < 2.0 ** EMIN, sub, bits.to(tl.float32, bitcast=True))
+        bits = (bits + HALF + ((bits >> DROP) & 1)) & KEEP  # RNE to the format's mantissa bits (fast._bit_rne)
+        r = tl.where(mag < MIN_NORMAL, sub, bits.to(tl.float32, bitcast=True))
     if SIGNED:  # copysign, -0.0 included (v's sign bit onto r)
         sign = v.to(tl.int32, bitcast=True) & -2147483648
         r = (r.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
@@ -113,10 +113,13 @@ def gemm_geglu_e4m3(a: torch.Tensor, w: torch.Tensor, scale_b: torch.Tensor, bet
     bm, bn, bk, warps, stages = tile or (_INTERP_TILE if INTERPRET or a.device.type != "cuda" else GEGLU_TILE)
     out = torch.empty(m, fo, dtype=_FP8, device=a.device)
     grid = (triton.cdiv(m, bm) * triton.cdiv(fo, bn),)
+    drop = 23 - f.man_bits  # the format's constants in Python: no constexpr arithmetic in the kernel
     _gemm_geglu_kernel[grid](a.contiguous(), w.contiguous(), scale_b.float().contiguous(), beta.float().contiguous(),
                              out, m, fo, k, float(q_scale), float(q_zero), QMAX=float(f.max),
-                             IS_INT=f.kind == "int", SIGNED=f.signed, MAN=f.man_bits, EMIN=f.emin, BM=bm, BN=bn,
-                             BK=bk, GROUP_M=8, num_warps=warps, num_stages=stages)
+                             IS_INT=f.kind == "int", SIGNED=f.signed, SUB_UP=2.0 ** (f.man_bits - f.emin),
+                             SUB_DOWN=2.0 ** (f.emin - f.man_bits), MIN_NORMAL=2.0 ** f.emin, DROP=drop,
+                             HALF=(1 << (drop - 1)) - 1, KEEP=-(1 << drop), BM=bm, BN=bn, BK=bk, GROUP_M=8,
+                             num_warps=warps, num_stages=stages)
     return out
 
 
