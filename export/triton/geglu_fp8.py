@@ -1,5 +1,7 @@
-"""GEGLU with its quantizer in the FP8 GEMM's epilogue (opt-in lever for SD1.5 at batch 8; not wired into build_fast
-yet, not measured on a GPU).
+"""GEGLU with its quantizer in the FP8 GEMM's epilogue (opt-in lever for SD1.5 at batch 8, not measured on a GPU yet):
+``build_fast(geglu="fused")`` runs it as the CUDA implementation of the op ``msfp_fast::gemm_geglu_e4m3``
+(``fast_ops``; its CPU implementation is ``geglu_quant_reference``), one per transformer block
+(``fast._fuse_geglu``); ``tools/bench_gpu_sd15.py --variant geglu:8`` times the step with it.
 
 In the fast path a transformer block's feed-forward is ``FastGemm`` (ff.net.0.proj: [M, K] x [2F, K]^T, bf16 out)
 -> split -> ``a * gelu(gate)`` -> the next ``FastGemm``'s quantizer (grid values as E4M3). Inductor fuses the split,
@@ -22,7 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .fast import _spec, grid_round
+from .fast import _spec
+from .fast_ops import geglu_quant_reference  # the eager ops this kernel fuses (re-exported)
 from .kernels import INTERPRET, _grouped_tile, _round_bf16
 
 __all__ = ["gemm_geglu_e4m3", "geglu_quant_reference", "GEGLU_TILE"]
@@ -121,14 +124,3 @@ def gemm_geglu_e4m3(a: torch.Tensor, w: torch.Tensor, scale_b: torch.Tensor, bet
                              HALF=(1 << (drop - 1)) - 1, KEEP=-(1 << drop), BM=bm, BN=bn, BK=bk, GROUP_M=8,
                              num_warps=warps, num_stages=stages)
     return out
-
-
-def geglu_quant_reference(a: torch.Tensor, w: torch.Tensor, scale_b: torch.Tensor, beta: torch.Tensor,
-                          q_scale: float, q_zero: float, qfmt: str) -> torch.Tensor:
-    """The eager ops the fused kernel replaces (FastGemm's GEMM and epilogue in bf16, split, GELU, product, the next
-    FastGemm's grid values), float32 sums of the E4M3 operands."""
-    y = (a.float() @ w.float().t()).to(torch.bfloat16)
-    y = (y.float() * scale_b.float() + beta.float()).to(torch.bfloat16)
-    h, g = y.chunk(2, dim=-1)
-    z = h * torch.nn.functional.gelu(g)
-    return grid_round((z.float() - q_zero) / q_scale, qfmt).to(_FP8)

@@ -546,3 +546,62 @@ def test_build_fast_split_concat(compiled_cond) -> None:
     assert "one GEMM per part" in str(fast.report)
     with torch.no_grad():
         assert _rel(fast(*args), gm(*args)) < 1e-5
+
+
+@pytest.mark.parametrize("weights,sets", [("packed", 1), ("fp8", 2)])
+def test_fast_gemm_geglu_matches_unfused(weights: str, sets: int) -> None:
+    """A FastGemm with ``geglu`` (msfp_fast::gemm_geglu_e4m3: GEMM, epilogue, value * gelu(gate), the next layer's
+    quantizer) and the next FastGemm reading its E4M3 grid values (``a_grid``) give the unfused chain's output bit
+    for bit (the op's CPU implementation is the same eager ops in the same order; FP8 products sum exactly), TALoRA
+    sets included; the op is opaque to Dynamo (its fake implementation): the chain traces as one graph."""
+    gen = torch.Generator().manual_seed(5)
+    f, k, n2 = 32, 48, 16
+    codes0, ws0, _ = _weight(2 * f, (k,), "e2m1", gen, sets)
+    codes2, ws2, _ = _weight(n2, (f,), "e1m2", gen)
+    ff0 = FA.FastGemm(codes0, ws0, "e2m1", 0.21, 0.0, "e2m1", torch.randn(2 * f, generator=gen), False, weights)
+    ff2 = FA.FastGemm(codes2, ws2, "e1m2", 0.12, -0.2, "ue2m2", None, False, weights)  # unsigned, zero point
+    x = torch.randn(2, 5, k, generator=gen)
+    si = torch.tensor([sets - 1]) if sets > 1 else None
+    with torch.no_grad():
+        h, g = ff0(x, si).chunk(2, -1)
+        ref = ff2(h * F.gelu(g))
+        ff0.geglu, ff2.a_grid = (ff2.a_scale, ff2.a_zero, ff2.afmt), True
+        grid = ff0(x, si)
+        assert grid.dtype == torch.float8_e4m3fn and grid.shape == (2, 5, f)
+        assert len(grid.float().unique()) >= 5  # the quantizer's grid is used, not one level
+        assert torch.equal(ff2(grid), ref)
+        traced = torch.compile(lambda x: ff2(ff0(x, si)), backend="eager", fullgraph=True)(x)
+    assert torch.equal(traced, ref)
+    a, w = (torch.randint(-2, 3, shape, generator=gen).float().to(torch.float8_e4m3fn) for shape in ((6, 16), (8, 16)))
+    got = torch.library.opcheck(torch.ops.msfp_fast.gemm_geglu_e4m3, (a, w, torch.rand(8), torch.randn(8), 0.3, 0.0,
+                                                                      "e2m1"), test_utils="test_faketensor")
+    assert got == {"test_faketensor": "SUCCESS"}
+
+
+def test_build_fast_geglu_fused(compiled_cond, unet_cond) -> None:
+    """build_fast(geglu="fused"): every transformer block's GEGLU (ff.net.0.proj -> split -> value * gelu(gate) ->
+    the eval-mode dropout's clone -> ff.net.2's quantizer) becomes one msfp_fast::gemm_geglu_e4m3 in the
+    projection's FastGemm, and ff.net.2 reads its E4M3 grid values. On the CPU the output is the default build's bit
+    for bit: the op's CPU implementation runs the eager ops the default graph runs, in the same order and dtypes
+    (and its FP8 products sum exactly in float32, as _scaled_mm's); the GPU kernel's own check against those ops is
+    test_fast_kernels' test_gemm_geglu_matches_reference. The float32 checking dtype and a site whose GELU is not
+    erf's are left alone; an unknown mode is a ValueError."""
+    blocks = sum(type(m).__name__ == "BasicTransformerBlock" for m in unet_cond.modules())
+    gm = compiled_cond.graph_module
+    args = compiled_cond.calibration.batches[0].args
+    base = FA.build_fast(gm, "cpu")
+    fused = FA.build_fast(gm, "cpu", geglu="fused")
+    assert fused.report.geglu_fused == blocks >= 2 and base.report.geglu_fused == 0
+    assert f"GEGLUs fused into their GEMM: {blocks}" in str(fused.report)
+    gelu = torch.ops.aten.gelu.default
+    assert [sum(n.target == gelu for n in f.gm.graph.nodes) for f in (base, fused)] == [blocks, 0]
+    layers = [m for m in fused.modules() if isinstance(m, FA.FastGemm)]
+    assert sum(m.geglu is not None for m in layers) == sum(m.a_grid for m in layers) == blocks
+    with torch.no_grad():
+        assert torch.equal(fused(*args), base(*args))
+    assert FA.build_fast(gm, "cpu", dtype=torch.float32, geglu="fused").report.geglu_fused == 0
+    tanh = next(n for n in base.gm.graph.nodes if n.target == gelu)
+    tanh.kwargs = {"approximate": "tanh"}  # not the kernel's GELU: that site stays as it is
+    assert FA._fuse_geglu(base.gm) == blocks - 1 and tanh in base.gm.graph.nodes
+    with pytest.raises(ValueError, match="geglu mode 'triton'"):
+        FA.build_fast(gm, "cpu", geglu="triton")
