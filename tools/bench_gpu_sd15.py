@@ -200,8 +200,10 @@ def parser() -> argparse.ArgumentParser:
                     "reduction) or gnauto / gnchannels / gntriton (group_norm='auto' / 'channels' / 'triton': "
                     "the statistics from our Triton kernels) or splitcat (build_fast(split_concat=True): the 1x1 "
                     "convs on per-part quantized concatenations as one FP8 GEMM per part) or gntriton_splitcat "
-                    "(both)); "
-                    "recorded under 'variants', then its accuracy unless skipped")
+                    "(both) or geglu (build_fast(geglu='fused'): each GEGLU's GEMM, GELU * value and the next "
+                    "quantizer as one Triton kernel, geglu_fp8; A/B against the default build: gnauto/geglu:8)); "
+                    "recorded under 'variants' (with output_vs_main: its output against the headline step's at "
+                    "that batch size, same inputs, where the main rows ran), then its accuracy unless skipped")
     ap.add_argument("--group-norm", default="auto", choices=["auto", "channels", "aten", "triton"], help="build_fast's "
                     "group_norm for the headline rows (channels: per-channel statistics in NHWC order; aten: the "
                     "captured op; auto, the default: triton from batch 4 on (session 14; channels in session 13), "
@@ -411,7 +413,8 @@ VARIANTS = {"combo": ({"combo_kernels": True}, {}), "qkv": ({}, {"quantize_parts
             "fp8attn": ({}, {"attention": "fp8"}), "gnaten": ({}, {"group_norm": "aten"}),
             "gnauto": ({}, {"group_norm": "auto"}), "gnchannels": ({}, {"group_norm": "channels"}),
             "gntriton": ({}, {"group_norm": "triton"}), "splitcat": ({}, {"split_concat": True}),
-            "gntriton_splitcat": ({}, {"group_norm": "triton", "split_concat": True})}
+            "gntriton_splitcat": ({}, {"group_norm": "triton", "split_concat": True}),
+            "geglu": ({}, {"geglu": "fused"})}
 
 
 def parse_variants(spec: str) -> list[tuple[list[str], list[int]]]:
@@ -458,6 +461,13 @@ def variant_row(args: argparse.Namespace, rec: Recorder, cm: Any, name: str, b: 
         if args.fast_mode == "graph" and "prefetch" not in args.skip.split(","):
             time_prefetch_decode(cf, fast, x, row, head, args.iters)
     row["w4a4_ms"] = row.get(f"w4a4_{head}", {}).get("median_ms")
+    if cf is not None and (b, head) in MAIN_OUT:  # same inputs (inputs() is seeded) as the headline row's step
+        try:
+            row["output_vs_main"] = output_diff(cf(*x), MAIN_OUT[(b, head)])
+            log(f"batch {b} ({tag}): output vs the headline build {row['output_vs_main']}")
+        except Exception as e:  # noqa: BLE001
+            row["output_vs_main_error"] = repr(e)[:3000]
+            traceback.print_exc()
     if name == "conv":
         row["conv_tuning"] = conv_tuning(b)
     row["profile"] = {k: {kk: vv for kk, vv in v.items() if kk != "rows"} for k, v in profiles.items()}
@@ -568,11 +578,26 @@ def compile_fast(fast: Any, x: tuple, mode: str, row: dict, wmode: str) -> Any:
         return None
 
 
+MAIN_OUT: dict[tuple[int, str], torch.Tensor] = {}  # the headline W4A4 step's output per (batch, weights mode)
+
+
+def output_diff(out: torch.Tensor, ref: torch.Tensor) -> dict:
+    """A variant's step output against the headline build's on the same inputs: relative RMS difference, largest
+    absolute difference, bit-equality (a rewrite that should change no rounding gives 0; one that rounds differently
+    on the GPU, e.g. GELU's erf in another kernel, a small number; a wrong one, order 1)."""
+    d = out.float() - ref.float()
+    return {"rel_rmse": round(float(d.norm() / ref.float().norm()), 6), "max_abs": round(float(d.abs().max()), 6),
+            "equal": bool(torch.equal(out.float(), ref.float()))}
+
+
 def time_fast(cf: Any, x: tuple, row: dict, wmode: str, iters: int, profiles: dict | None, tag: str = "") -> None:
-    """Median step time of the compiled fast path, and its kernel profile when ``profiles`` is given."""
+    """Median step time of the compiled fast path, and its kernel profile when ``profiles`` is given; the headline
+    step's output (no tag) is kept in MAIN_OUT for the variants' output check."""
     b = row["batch"]
     try:
         row[f"w4a4_{wmode}"] = step_ms(lambda: cf(*x), iters, mark_step=True)
+        if not tag:
+            MAIN_OUT[(b, wmode)] = cf(*x).float().clone()  # a graphed step returns its static output buffer
         log(f"batch {b}: W4A4 ({wmode}) {row[f'w4a4_{wmode}']['median_ms']} ms")
         if profiles is not None:
             table, prow = profile_table(lambda: cf(*x), mark_step=True)

@@ -48,7 +48,11 @@ def test_parse_variant_batches_and_errors():
     assert bench_gpu_sd15.parse_variant("gnauto/gntriton:8,1,4") == (["gnauto", "gntriton"], [8, 1, 4])
     assert bench_gpu_sd15.parse_variant("combo:2") == (["combo"], [2])
     assert bench_gpu_sd15.VARIANTS["gntriton"] == ({}, {"group_norm": "triton"})
-    for bad in ("gntriton", "welford:8", "gnauto/welford:8", "gntriton:8,x"):
+    # the default build (gnauto: build_fast's defaults) next to the fused GEGLU, batch 8 then 1, one process
+    assert bench_gpu_sd15.parse_variants("gnauto/geglu:8,1") == [(["gnauto", "geglu"], [8, 1])]
+    assert bench_gpu_sd15.VARIANTS["geglu"] == ({}, {"geglu": "fused"})
+    assert bench_gpu_sd15.VARIANTS["gnauto"][1] == {"group_norm": "auto"}  # what build_fast does by default
+    for bad in ("gntriton", "welford:8", "gnauto/welford:8", "gntriton:8,x", "geglu", "geglu_fused:8"):
         with pytest.raises(ValueError, match="--variant"):
             bench_gpu_sd15.parse_variant(bad)
     assert bench_gpu_sd15.parse_variants("gnauto/gntriton/gntriton_splitcat:8+gnauto/gntriton:1,4") == [
@@ -56,6 +60,31 @@ def test_parse_variant_batches_and_errors():
     for bad in ("gnauto:8+", "gnauto:8+welford:1"):
         with pytest.raises(ValueError, match="--variant"):
             bench_gpu_sd15.parse_variants(bad)
+
+
+def test_variant_build_options_are_build_fast_options():
+    """Every variant's build_fast options are accepted by build_fast (names and values; an identity graph on the
+    CPU), so a variant cannot fail only after the SD1.5 compile on the device."""
+    import torch
+    import torch.fx as fx
+
+    from msfp_compiler.export.triton.fast import build_fast
+
+    gm = fx.symbolic_trace(torch.nn.Identity())
+    for name, (_, build) in bench_gpu_sd15.VARIANTS.items():
+        fast = build_fast(gm, "cpu", weights="packed", **build)
+        assert torch.equal(fast(torch.ones(2)), torch.ones(2)), name
+
+
+def test_output_diff():
+    """A variant's output against the headline step's: 0 and equal for the same values, the relative RMS difference
+    and the largest difference otherwise (what --variant geglu:8 records as output_vs_main)."""
+    import torch
+
+    ref = torch.tensor([3.0, 4.0, 0.0])
+    assert bench_gpu_sd15.output_diff(ref.clone(), ref) == {"rel_rmse": 0.0, "max_abs": 0.0, "equal": True}
+    got = bench_gpu_sd15.output_diff(torch.tensor([3.0, 4.0, 0.5]), ref)
+    assert got == {"rel_rmse": 0.1, "max_abs": 0.5, "equal": False}
 
 
 @pytest.mark.parametrize("time_each", [False, True])
