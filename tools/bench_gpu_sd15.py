@@ -202,8 +202,9 @@ def parser() -> argparse.ArgumentParser:
                     "convs on per-part quantized concatenations as one FP8 GEMM per part) or gntriton_splitcat "
                     "(both) or geglu (build_fast(geglu='fused'): each GEGLU's GEMM, GELU * value and the next "
                     "quantizer as one Triton kernel, geglu_fp8; A/B against the default build: gnauto/geglu:8)); "
-                    "recorded under 'variants' (with output_vs_main: its output against the headline step's at "
-                    "that batch size, same inputs, where the main rows ran), then its accuracy unless skipped")
+                    "recorded under 'variants' (with output_vs: its output against the headline step's at that "
+                    "batch size, same inputs, or with --skip main the first variant's), then its accuracy unless "
+                    "skipped")
     ap.add_argument("--group-norm", default="auto", choices=["auto", "channels", "aten", "triton"], help="build_fast's "
                     "group_norm for the headline rows (channels: per-channel statistics in NHWC order; aten: the "
                     "captured op; auto, the default: triton from batch 4 on (session 14; channels in session 13), "
@@ -461,12 +462,17 @@ def variant_row(args: argparse.Namespace, rec: Recorder, cm: Any, name: str, b: 
         if args.fast_mode == "graph" and "prefetch" not in args.skip.split(","):
             time_prefetch_decode(cf, fast, x, row, head, args.iters)
     row["w4a4_ms"] = row.get(f"w4a4_{head}", {}).get("median_ms")
-    if cf is not None and (b, head) in MAIN_OUT:  # same inputs (inputs() is seeded) as the headline row's step
+    if cf is not None:  # same inputs as the reference step's (inputs() is seeded)
         try:
-            row["output_vs_main"] = output_diff(cf(*x), MAIN_OUT[(b, head)])
-            log(f"batch {b} ({tag}): output vs the headline build {row['output_vs_main']}")
+            out = cf(*x).float()
+            if (b, head) in REF_OUT:
+                ref, ref_name = REF_OUT[(b, head)]
+                row["output_vs"] = {"ref": ref_name, **output_diff(out, ref)}
+                log(f"batch {b} ({tag}): output vs {ref_name}'s {row['output_vs']}")
+            else:  # --skip main: the first variant at this batch size is the others' reference
+                REF_OUT[(b, head)] = (out.clone(), name)
         except Exception as e:  # noqa: BLE001
-            row["output_vs_main_error"] = repr(e)[:3000]
+            row["output_vs_error"] = repr(e)[:3000]
             traceback.print_exc()
     if name == "conv":
         row["conv_tuning"] = conv_tuning(b)
@@ -578,11 +584,13 @@ def compile_fast(fast: Any, x: tuple, mode: str, row: dict, wmode: str) -> Any:
         return None
 
 
-MAIN_OUT: dict[tuple[int, str], torch.Tensor] = {}  # the headline W4A4 step's output per (batch, weights mode)
+# per (batch, weights mode): the step output the variants compare theirs with, and whose it is: the headline step's
+# ("main"), or with --skip main the first variant's at that batch size (an A/B like gnauto/geglu:1)
+REF_OUT: dict[tuple[int, str], tuple[torch.Tensor, str]] = {}
 
 
 def output_diff(out: torch.Tensor, ref: torch.Tensor) -> dict:
-    """A variant's step output against the headline build's on the same inputs: relative RMS difference, largest
+    """A variant's step output against a reference step's on the same inputs: relative RMS difference, largest
     absolute difference, bit-equality (a rewrite that should change no rounding gives 0; one that rounds differently
     on the GPU, e.g. GELU's erf in another kernel, a small number; a wrong one, order 1)."""
     d = out.float() - ref.float()
@@ -592,12 +600,12 @@ def output_diff(out: torch.Tensor, ref: torch.Tensor) -> dict:
 
 def time_fast(cf: Any, x: tuple, row: dict, wmode: str, iters: int, profiles: dict | None, tag: str = "") -> None:
     """Median step time of the compiled fast path, and its kernel profile when ``profiles`` is given; the headline
-    step's output (no tag) is kept in MAIN_OUT for the variants' output check."""
+    step's output (no tag) is kept in REF_OUT for the variants' output check."""
     b = row["batch"]
     try:
         row[f"w4a4_{wmode}"] = step_ms(lambda: cf(*x), iters, mark_step=True)
         if not tag:
-            MAIN_OUT[(b, wmode)] = cf(*x).float().clone()  # a graphed step returns its static output buffer
+            REF_OUT[(b, wmode)] = (cf(*x).float().clone(), "main")  # a graphed step returns its static output buffer
         log(f"batch {b}: W4A4 ({wmode}) {row[f'w4a4_{wmode}']['median_ms']} ms")
         if profiles is not None:
             table, prow = profile_table(lambda: cf(*x), mark_step=True)

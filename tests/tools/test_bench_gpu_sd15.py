@@ -78,13 +78,44 @@ def test_variant_build_options_are_build_fast_options():
 
 def test_output_diff():
     """A variant's output against the headline step's: 0 and equal for the same values, the relative RMS difference
-    and the largest difference otherwise (what --variant geglu:8 records as output_vs_main)."""
+    and the largest difference otherwise (what a --variant row records as output_vs)."""
     import torch
 
     ref = torch.tensor([3.0, 4.0, 0.0])
     assert bench_gpu_sd15.output_diff(ref.clone(), ref) == {"rel_rmse": 0.0, "max_abs": 0.0, "equal": True}
     got = bench_gpu_sd15.output_diff(torch.tensor([3.0, 4.0, 0.5]), ref)
     assert got == {"rel_rmse": 0.1, "max_abs": 0.5, "equal": False}
+
+
+def test_variant_rows_compare_outputs(monkeypatch, tmp_path):
+    """--skip main --variant gnauto/geglu:1 (an A/B without the headline rows): the first variant's step output is
+    the reference of the second's (output_vs); with main rows the headline step's output is (time_fast keeps it)."""
+    import types
+
+    import torch
+
+    from msfp_compiler.export.triton import fast as FA
+
+    ns = types.SimpleNamespace
+    outs = {"gnauto": torch.tensor([3.0, 4.0, 0.0]), "geglu": torch.tensor([3.0, 4.0, 0.5])}
+    monkeypatch.setattr(FA, "build_fast", lambda gm, dev, weights, **kw: ns(
+        report="r", kind="geglu" if kw.get("geglu") == "fused" else "gnauto"))
+    monkeypatch.setattr(bench_gpu_sd15, "inputs", lambda b, ex: (b,))
+    monkeypatch.setattr(bench_gpu_sd15, "compile_fast", lambda f, x, mode, row, w: lambda *a: outs[f.kind])
+    monkeypatch.setattr(bench_gpu_sd15, "time_fast", lambda *a, **k: None)
+    monkeypatch.setattr(bench_gpu_sd15.torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(bench_gpu_sd15, "REF_OUT", {})
+    args = bench_gpu_sd15.parser().parse_args(["--skip", "main,accuracy,prefetch", "--captures", "1",
+                                               "--variant", "gnauto/geglu:1"])
+    cm = ns(graph_module=None, calibration=ns(batches=[ns(args=(0,))]))
+    bench_gpu_sd15.variant(args, bench_gpu_sd15.Recorder(tmp_path / "gpu.json", {}), cm)
+    rows = json.loads((tmp_path / "gpu.json").read_text())["variants"]
+    assert [r["variant"] for r in rows] == ["gnauto", "geglu"] and "output_vs" not in rows[0]
+    assert rows[1]["output_vs"] == {"ref": "gnauto", "rel_rmse": 0.1, "max_abs": 0.5, "equal": False}
+    bench_gpu_sd15.REF_OUT[(1, args.weights.split(",")[0])] = (outs["geglu"], "main")  # as time_fast keeps it
+    bench_gpu_sd15.variant(args, bench_gpu_sd15.Recorder(tmp_path / "gpu2.json", {}), cm)
+    rows = json.loads((tmp_path / "gpu2.json").read_text())["variants"]
+    assert [r["output_vs"]["ref"] for r in rows] == ["main", "main"] and rows[1]["output_vs"]["equal"]
 
 
 @pytest.mark.parametrize("time_each", [False, True])
