@@ -260,7 +260,9 @@ class FastGemm(torch.nn.Module):
         self.part_quant: PartQuant | None = None  # the parts' fake quantizers, applied before the split
         self.lut_rows = [n]  # rows decoded by each row of lut ([16] here, [R, 16] in merged layers)
         self.implicit = False  # k x k stride-1 conv as msfp_fast::conv_e4m3 instead of im2col + cuBLAS (implicit_conv)
-        self.geglu: tuple[float, float, str] | None = None  # the next layer's quantizer, applied in the epilogue
+        # geglu: the next layer's quantizer (scale, zero point, format) applied in the epilogue, and whether the
+        # epilogue rounds each step to bf16 as eager ops do (else float32, as Inductor's fusion of the unfused chain)
+        self.geglu: tuple[float, float, str, bool] | None = None
         self.a_grid = False  # the input already is the E4M3 grid values (a geglu layer's output)
         if weights == "fp8":
             self.register_buffer("w8", table[codes.long()].to(_FP8).contiguous())
@@ -363,10 +365,10 @@ class FastGemm(torch.nn.Module):
                wflat: torch.Tensor | None) -> torch.Tensor:
         """GEMM, epilogue, ``value * gelu(gate)`` of the output's halves and the next layer's quantizer as one op
         (``msfp_fast::gemm_geglu_e4m3``): E4M3 grid values [*lead, N/2], what the next FastGemm (a_grid) reads."""
-        q_scale, q_zero, q_fmt = self.geglu  # type: ignore[misc]
+        q_scale, q_zero, q_fmt, eager = self.geglu  # type: ignore[misc]
         out = torch.ops.msfp_fast.gemm_geglu_e4m3(a, self.weight_e4m3(set_index, wflat),
                                                   self._pick(self.scale_b, set_index).reshape(-1),
-                                                  self._pick(self.beta, set_index), q_scale, q_zero, q_fmt)
+                                                  self._pick(self.beta, set_index), q_scale, q_zero, q_fmt, eager)
         return out.view(*lead, self.n // 2)
 
     def _implicit_conv(self, g: torch.Tensor, set_index: torch.Tensor | None,
@@ -594,17 +596,19 @@ def _geglu_site(gm: fx.GraphModule, node: fx.Node) -> tuple[FastGemm, fx.Node] |
     return nxt, read
 
 
-def _fuse_geglu(gm: fx.GraphModule) -> int:
+def _fuse_geglu(gm: fx.GraphModule, eager_rounding: bool = False) -> int:
     """GEGLU feed-forwards (``_geglu_site``) as one ``msfp_fast::gemm_geglu_e4m3`` in the projection's FastGemm
     (``geglu``): the next FastGemm reads its E4M3 grid values (``a_grid``) instead of quantizing the bf16 product;
-    the split, GELU, product and clones leave the graph. Returns how many sites were fused."""
+    the split, GELU, product and clones leave the graph. The op computes in float32 after the GEMM's bf16 output, as
+    Inductor's kernel for the unfused chain does (what the default build runs compiled), or with
+    ``eager_rounding`` each step rounded to bf16, as the unfused chain's eager ops. Returns how many sites fused."""
     count = 0
     for node in list(gm.graph.nodes):
         site = _geglu_site(gm, node) if node.op == "call_module" else None
         if site is None:
             continue
         nxt, read = site
-        gm.get_submodule(node.target).geglu = (nxt.a_scale, nxt.a_zero, nxt.afmt)
+        gm.get_submodule(node.target).geglu = (nxt.a_scale, nxt.a_zero, nxt.afmt, eager_rounding)
         nxt.a_grid = True
         if "val" in read.meta:
             node.meta["val"] = read.meta["val"]  # the shape its reader sees now ([..., N/2])
@@ -1181,7 +1185,10 @@ def build_fast(gm: fx.GraphModule, device: str | torch.device = "cuda", weights:
     output, Inductor fuses split, GELU, product and ff.net.2's quantizer into one pointwise kernel) or "fused"
     (opt-in, not yet measured on the GPU: each GEGLU ``_geglu_site`` matches as one ``msfp_fast::gemm_geglu_e4m3``,
     the Triton kernel of ``geglu_fp8`` writing only ff.net.2's E4M3 operand [M, F]; SD1.5: the 16 transformer
-    blocks; counted in ``report.geglu_fused``; bf16 ``dtype`` only: the float32 check is left unfused)."""
+    blocks; counted in ``report.geglu_fused``; bf16 ``dtype`` only: the float32 check is left unfused). The op
+    computes in float32 after the GEMM's bf16 output, the numerics of Inductor's kernel for the unfused chain (which
+    drops eager's intermediate bf16 roundings), so compiled builds agree; eagerly the default build rounds those
+    steps to bf16 and a few codes differ."""
     if geglu not in ("inductor", "fused"):
         raise ValueError(f"unknown geglu mode {geglu!r} (inductor or fused)")
     if group_norm not in ("auto", "channels", "aten", "triton"):
@@ -1198,7 +1205,7 @@ def build_fast(gm: fx.GraphModule, device: str | torch.device = "cuda", weights:
         report.merged_away = _merge_shared_inputs(gm)
         if quantize_parts:
             report.part_quant_moved = _quantize_parts_in_epilogue(gm)
-    if geglu == "fused" and dtype == _BF16:  # the kernel rounds as the bf16 ops do: the float32 check is left alone
+    if geglu == "fused" and dtype == _BF16:  # the op's GEMM output is bf16: the float32 check is left alone
         report.geglu_fused = _fuse_geglu(gm)
     if implicit_conv or (implicit_conv is None and torch.device(device).type == "cuda"):
         report.implicit_convs = _route_implicit_convs(gm)

@@ -233,12 +233,15 @@ def test_gn_stats_other_tiles(tile: tuple) -> None:
     assert ((got.double() - want).abs() <= tol).all(), tile
 
 
+@pytest.mark.parametrize("eager", [False, True])
 @pytest.mark.parametrize("qfmt", ["e2m1", "int4", "ue2m2"])
-def test_gemm_geglu_matches_reference(qfmt: str) -> None:
-    """The GEGLU-in-epilogue kernel (opt-in lever, geglu_fp8) gives the eager ops' E4M3 grid values: FastGemm's GEMM
-    and epilogue rounded to bf16, GELU, product, the next quantizer. Grid operands (exact fp32 sums); rows, columns and
-    K not multiples of the tile (masks); signed/unsigned, int/fp formats. GELU's erf may differ in the last fp32 bit
-    between Triton and torch: at most 1% of the codes may differ, each by one grid step."""
+def test_gemm_geglu_matches_reference(qfmt: str, eager: bool) -> None:
+    """The GEGLU-in-epilogue kernel (geglu_fp8, build_fast(geglu="fused")) gives geglu_quant_reference's E4M3 grid
+    values: FastGemm's GEMM rounded to bf16, its epilogue, GELU, product (float32, as Inductor computes the unfused
+    chain; eager: each rounded to bf16, as the eager ops), the next quantizer. Grid operands (exact fp32 sums); rows,
+    columns and K not multiples of the tile (masks); signed/unsigned, int/fp formats. GELU's erf may differ in the last
+    fp32 bit between Triton and torch (and the GPU may contract the epilogue into an FMA): at most 1% of the codes may
+    differ, each by one grid step."""
     from msfp_compiler.export.triton.geglu_fp8 import gemm_geglu_e4m3, geglu_quant_reference
 
     g = torch.Generator().manual_seed(3)
@@ -251,11 +254,12 @@ def test_gemm_geglu_matches_reference(qfmt: str) -> None:
     z0 = geglu_quant_reference(a, w, sb, beta, 1.0, 0.0, "int8").float()  # the product's range (int8: coarse)
     zero = 0.0 if fmt.signed else float(z0.min())
     scale = float((z0 - zero).abs().max()) / float(fmt.max) * 0.9
-    ref = geglu_quant_reference(a, w, sb, beta, scale, zero, qfmt)
-    got = gemm_geglu_e4m3(a.to(DEV), w.to(DEV), sb.to(DEV), beta.to(DEV), scale, zero, qfmt).cpu()
+    ref = geglu_quant_reference(a, w, sb, beta, scale, zero, qfmt, eager)
+    got = gemm_geglu_e4m3(a.to(DEV), w.to(DEV), sb.to(DEV), beta.to(DEV), scale, zero, qfmt,
+                          eager_rounding=eager).cpu()
     assert got.shape == (m, f) and got.dtype == torch.float8_e4m3fn
     diff = (got.float() - ref.float()).abs()
-    if DEV.type == "cpu":  # the interpreter's erf is math.erf's, rounded as torch's: bit for bit
+    if DEV.type == "cpu":  # the interpreter's erf is math.erf's, which rounds as torch's here: bit for bit
         assert torch.equal(got.view(torch.uint8), ref.view(torch.uint8)), qfmt
     assert (diff > 0).float().mean() <= 0.01 and diff.max() <= 1.0, (qfmt, diff.max())
     assert len(torch.unique(ref.float())) >= 5  # the grid is used, not one level
