@@ -16,6 +16,10 @@ carry most of the W4A4 error) are replaced by each lever, keeping 4-bit values:
   select_format), the rotation folded back into the consumer's weight, whose 4-bit per-output-channel quantization
   is redone in the rotated basis (``Q_w(W H) H^T`` stands in for ``Q_w(W)``);
 - ``a8``: reference, the block's activations at 8 bits (uint8, min/max of the calibration values), weights 4-bit;
+- ``tstep:K``: timestep-dependent per-tensor parameters: the DDIM trajectory's timesteps in K contiguous groups
+  (as calibration groups them), each group's scale and zero point searched (select_format's search, the layer's
+  MSFP format kept) on calibration values of that group's steps only; at inference the quantizer reads the
+  timestep input (a t -> group table, as TALoRA's fused router) and uses its group's parameters;
 - options: ``:bN`` block size, ``:mse`` per-block clip search, ``:res`` a second NVFP4 term on the residual (two
   W4A4 GEMMs), ``@shortcut`` only the conv_shortcut inputs; ``recal`` (control) per-tensor MSFP re-searched.
 
@@ -48,9 +52,12 @@ import sensitivity_mnist as sens  # noqa: E402
 
 import msfp_compiler.layer_graph as sens_lg  # noqa: E402
 import msfp_compiler.search as sens_search  # noqa: E402
+from msfp_compiler.calibration import _timestep_groups  # noqa: E402
+from msfp_compiler.config import QuantConfig  # noqa: E402
 from msfp_compiler.device import resolve_device  # noqa: E402
 from msfp_compiler.formats import parse_format  # noqa: E402
 from msfp_compiler.load import load_model  # noqa: E402
+from msfp_compiler.talora import chosen_set  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "activation quantizer of the model (W4A4), not only the block's")
     p.add_argument("--md-from", type=Path, default=None, help="only rewrite the markdown of this result JSON")
     p.add_argument("--calib-seed", type=int, default=1, help="noise seed of the levers' own calibration runs")
+    p.add_argument("--tstep-calib-steps", type=int, default=None, help="DDIM steps of the tstep levers' calibration "
+                   "trajectories (default --steps: the inference trajectory, so tstep:50 is one group per step)")
     return p
 
 
@@ -182,6 +191,64 @@ def search_best(values: torch.Tensor, cands) -> tuple[str, torch.Tensor, torch.T
     return best
 
 
+# ------------------------------------------------------------------------------- timestep-dependent parameters
+
+def step_groups(sched, steps: int, k: int) -> tuple[list[int], list[list[int]]]:
+    """The sampler's ``steps`` timesteps and their K contiguous near-equal groups (step indices), grouped as the
+    library's calibration groups them."""
+    ts, bounds = _timestep_groups(sched, steps, k)
+    if len(bounds) - 1 != k:
+        raise ValueError(f"{k} groups over {steps} steps")
+    return ts, [list(range(a, b)) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def group_table(timesteps: list[int], groups: list[list[int]], num_train_timesteps: int = 1000) -> torch.Tensor:
+    """int64 [T]: t -> the group of the trajectory timestep nearest t (so every training timestep has a group, as
+    the fused TALoRA table; a tie goes to the later, smaller timestep)."""
+    grp = torch.empty(len(timesteps), dtype=torch.int64)
+    for g, idx in enumerate(groups):
+        grp[idx] = g
+    tt = torch.tensor(timesteps, dtype=torch.float64)
+    d = (torch.arange(num_train_timesteps, dtype=torch.float64)[:, None] - tt[None]).abs()
+    near = (d - 1e-6 * torch.arange(len(timesteps))).argmin(1)  # ties: the larger step index
+    return grp[near]
+
+
+def search_groups(fmt: str, per_step: list[torch.Tensor], groups: list[list[int]],
+                  cfg: QuantConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per group: (scale, zero point) of the format ``fmt`` by select_format's search (search_scale with the
+    config's grids, one sort shared) on the calibration values of that group's steps. -> scales [K], zps [K]."""
+    cfg = cfg or QuantConfig()
+    f = parse_format(fmt)
+    scales, zps = [], []
+    for idx in groups:
+        rows = torch.cat([per_step[i].reshape(-1) for i in idx]).float().reshape(1, -1)
+        r = sens_search.search_scale(f, rows, cfg.clip_ratios, cfg.zero_points,
+                                     sorted_values=sens_search.SortedValues(rows), exact=False)
+        scales.append(r.scale.reshape(()))
+        zps.append(r.zero_point.reshape(()))
+    return torch.stack(scales), torch.stack(zps)
+
+
+class TimestepQuant(torch.nn.Module):
+    """Per-tensor fake quantization whose scale / zero point come from the timestep's group: ``table[t[0]]``
+    (one timestep per batch, as TALoRA's select_weight reads it). Reads the graph's timestep input."""
+
+    timestep_input = True
+
+    def __init__(self, fmt: str, table: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor):
+        super().__init__()
+        self.fmt = parse_format(fmt)
+        self.register_buffer("table", table.long())
+        self.register_buffer("scales", scales.float().reshape(-1))
+        self.register_buffer("zps", zero_points.float().reshape(-1))
+
+    def forward(self, x: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        g = chosen_set(self.table, timestep.reshape(-1).long())
+        s, z = self.scales[g].reshape(()), self.zps[g].reshape(())
+        return z + self.fmt.round_to_grid((x - z) / s) * s
+
+
 # ------------------------------------------------------------------------------------------- graph surgery
 
 def layer_of(n: fx.Node) -> tuple[fx.Node, str]:
@@ -218,10 +285,11 @@ class _Capture(fx.Interpreter):
 
 
 @torch.no_grad()
-def calibration(gm, pr: "sens.Probe", names: set[str], rot: dict[str, int], args) -> dict[str, torch.Tensor]:
+def calibration_steps(gm, pr: "sens.Probe", names: set[str], rot: dict[str, int], args,
+                      steps: int | None = None) -> tuple[list[int], dict[str, list[torch.Tensor]]]:
     """Float values of the named quantize inputs (rotated where ``rot`` gives a channel dim) over FP32 DDIM
-    trajectories of ``args.calib_samples`` noises (seed ``args.calib_seed``), ``args.calib_steps`` steps, 4096
-    random values per tensor and step."""
+    trajectories of ``args.calib_samples`` noises (seed ``args.calib_seed``), ``steps`` steps (default
+    ``args.calib_steps``), 4096 random values per tensor and step: the timesteps and the values of each step."""
     gen = torch.Generator().manual_seed(args.calib_seed)
     noise = torch.randn((args.calib_samples, *pr.noise.shape[1:]), generator=gen).to(pr.dev)
     cond = None
@@ -236,20 +304,27 @@ def calibration(gm, pr: "sens.Probe", names: set[str], rot: dict[str, int], args
 
     cap = _Capture(gm, names, sink)
     cap.quantize = False
-    pr.sched.set_timesteps(args.calib_steps)
-    x = noise.clone()
+    pr.sched.set_timesteps(steps or args.calib_steps)
+    x, ts = noise.clone(), []
     for t in pr.sched.timesteps:
         tt = torch.full((x.shape[0],), int(t), dtype=torch.int64, device=x.device)
         eps = cap.run(x, tt, *((cond,) if cond is not None else ()))
         eps = eps[0] if isinstance(eps, (tuple, list)) else eps
         x = pr.sched.step(eps, t, x).prev_sample
-    return {k: torch.cat(v) for k, v in vals.items()}
+        ts.append(int(t))
+    return ts, vals
+
+
+def calibration(gm, pr: "sens.Probe", names: set[str], rot: dict[str, int], args) -> dict[str, torch.Tensor]:
+    """calibration_steps over ``args.calib_steps`` steps, every step's values concatenated."""
+    return {k: torch.cat(v) for k, v in calibration_steps(gm, pr, names, rot, args)[1].items()}
 
 
 def swap_uses(gm: fx.GraphModule, repl: dict[tuple[str, str], torch.nn.Module],
               weights: dict[str, torch.Tensor] | None = None) -> fx.GraphModule:
     """A copy of gm where the quantize node q, where user u reads it ((q, u) in repl; u = "*": every user), is
-    replaced by that module on q's float input; ``weights``: layer name -> fake-quantized weight tensor used
+    replaced by that module on q's float input (and the graph's timestep input where the module has
+    ``timestep_input``); ``weights``: layer name -> fake-quantized weight tensor used
     instead of that layer's weight quantizer."""
     g2 = copy.deepcopy(gm)
     nodes = {n.name: n for n in g2.graph.nodes}
@@ -258,7 +333,10 @@ def swap_uses(gm: fx.GraphModule, repl: dict[tuple[str, str], torch.nn.Module],
         name = f"lever_{i}_{qn}"
         g2.add_submodule(name, mod)
         with g2.graph.inserting_before(q):
-            m = g2.graph.call_module(name, (q.args[0],))
+            ins = (q.args[0],)
+            if getattr(mod, "timestep_input", False):  # inputs (sample, timestep, ...), as fuse_talora reads them
+                ins += ([n for n in g2.graph.nodes if n.op == "placeholder"][1],)
+            m = g2.graph.call_module(name, ins)
         if un == "*":
             q.replace_all_uses_with(m)
         else:
@@ -333,8 +411,25 @@ def main(argv: list[str] | None = None) -> int:
     calib_names = set(target) | {q for q, _ in rot_ops}
     t1 = time.perf_counter()
     plain = calibration(gm, pr, calib_names, {}, args)
-    rotv = calibration(gm, pr, {q for q, _ in rot_ops}, {q: d for (q, _), d in rot_ops.items()}, args)
+    rotv = calibration(gm, pr, {q for q, _ in rot_ops}, {q: d for (q, _), d in rot_ops.items()}, args) \
+        if "hadamard" in levers else {}  # (the CPU is shared: only what a lever reads)
     print(f"calibration values in {time.perf_counter() - t1:.0f}s", flush=True)
+
+    # tstep:K levers: per-step values on trajectories of the inference step count, searched per group of steps
+    tstep_ks = sorted({int(lv.split(":")[1]) for lv in levers + all_levers if lv.startswith("tstep:")})
+    tstep_names = set(acts4 if any(lv.startswith("tstep:") for lv in all_levers) else target)
+    tstep_steps = args.tstep_calib_steps or args.steps
+    tstep: dict[int, dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}  # K -> q -> table, s, z
+    if tstep_ks:
+        t1 = time.perf_counter()
+        cal_ts, per_step = calibration_steps(gm, pr, tstep_names, {}, args, tstep_steps)
+        for k in tstep_ks:
+            ts_k, groups = step_groups(pr.sched, tstep_steps, k)
+            assert ts_k == cal_ts, "calibration steps and groups from different schedules"
+            table = group_table(ts_k, groups, pr.sched.config.num_train_timesteps)
+            tstep[k] = {q: (table, *search_groups(byname[q]["fmt"], per_step[q], groups)) for q in tstep_names}
+        print(f"tstep calibration ({args.calib_samples} x {tstep_steps} steps, {len(tstep_names)} quantizers) and "
+              f"searches in {time.perf_counter() - t1:.0f}s", flush=True)
 
     def block_mods(lever: str, names) -> dict[tuple[str, str], torch.nn.Module]:
         out = {}
@@ -343,6 +438,9 @@ def main(argv: list[str] | None = None) -> int:
             if where == "shortcut" and byname[q]["kind"] != "skip_concat":
                 continue
             b = byname[q]
+            if lever.startswith("tstep:"):  # per-tensor: no channel dim needed (attention q/k/v included)
+                out[(q, "*")] = TimestepQuant(b["fmt"], *tstep[int(lever.split(":")[1])][q])
+                continue
             dim = channel_dim(kind_of[q][1])
             base, *opts = lever.split(":")  # e.g. nvfp4-msfp:b8:mse, nvfp4-msfp:res
             size = next((int(o[1:]) for o in opts if o.startswith("b") and o[1:].isdigit()), 16)
@@ -373,11 +471,12 @@ def main(argv: list[str] | None = None) -> int:
             out[(q, u)] = StaticQuant(fmt, float(s), float(z), rot_dim=d)
         return out
 
-    had_w = {ln: rotated_weight(weight_tensor(gm, l)) for ln, l in rot_layers.items()}
-    ctl_w = {ln: plain_weight(weight_tensor(gm, l)) for ln, l in rot_layers.items()}
+    had_layers = rot_layers if "hadamard" in levers else {}
+    had_w = {ln: rotated_weight(weight_tensor(gm, l)) for ln, l in had_layers.items()}
+    ctl_w = {ln: plain_weight(weight_tensor(gm, l)) for ln, l in had_layers.items()}
     w_err = {ln: {"rotated": float((had_w[ln] - weight_tensor(gm, l)).norm() / weight_tensor(gm, l).norm()),
                   "plain": float((ctl_w[ln] - weight_tensor(gm, l)).norm() / weight_tensor(gm, l).norm())}
-             for ln, l in rot_layers.items()}
+             for ln, l in had_layers.items()}
 
     # local errors of the block's quantizers (inputs from the W4A4 graph at the probed steps)
     inputs: dict[str, dict[int, torch.Tensor]] = {q: {} for q in target}
@@ -389,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
         return float((a - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt().clamp_min(1e-12))
 
     base_q = {q: StaticQuant(byname[q]["fmt"], scale_of(q), zp_of(q)) for q in target}
-    had = hadamard_mods()
+    had = hadamard_mods() if "hadamard" in levers else {}
     local: dict[str, dict[str, dict[int, float]]] = {}
     for q in target:
         row = {"W4A4 (per-tensor MSFP)": {t: rel(base_q[q](x), x) for t, x in inputs[q].items()}}
@@ -399,9 +498,19 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 m = block_mods(lv, [q]).get((q, "*"), base_q[q])  # "@shortcut" levers leave the others
             with torch.no_grad():
-                row[lv] = {t: rel(m(x), x) for t, x in inputs[q].items()}
+                row[lv] = {t: rel(m(x, torch.tensor([t])) if getattr(m, "timestep_input", False) else m(x), x)
+                           for t, x in inputs[q].items()}
         local[byname[q]["name"]] = row
         print(byname[q]["name"], {k: round(sum(v.values()) / len(v), 4) for k, v in row.items()}, flush=True)
+
+    # how much the searched parameters move across groups (the lever's premise), and K=1 against the compile's
+    tstep_params = {str(k): {byname[q]["name"]: {"node": q, "block": byname[q]["block"], "fmt": byname[q]["fmt"],
+                                                 "compiled_scale": scale_of(q), "compiled_zp": zp_of(q),
+                                                 "scales": p[1].tolist(), "zps": p[2].tolist()}
+                             for q, p in params.items()} for k, params in tstep.items()}
+    tstep_spread = {str(k): spread_summary(v, block) for k, v in tstep_params.items()}
+    for k, v in tstep_spread.items():
+        print(f"tstep:{k} scale max/min per quantizer, median: {v}", flush=True)
 
     args.out.mkdir(parents=True, exist_ok=True)
     configs: dict[str, dict] = {}
@@ -411,7 +520,8 @@ def main(argv: list[str] | None = None) -> int:
         res = {"model": args.model, "block": block, "settings": {k: str(v) for k, v in vars(args).items()},
                "probe_timesteps": [pr.ts[i] for i in pr.probe], "target_quantizers": [byname[q] for q in target],
                "hadamard_formats": rot_info, "hadamard_weight_rel_err": w_err, "local_rel_rmse": local,
-               "configs": configs, "seconds": round(time.perf_counter() - t0, 1), "loadavg": os.getloadavg()}
+               "configs": configs, "tstep_params": tstep_params, "tstep_spread": tstep_spread,
+               "seconds": round(time.perf_counter() - t0, 1), "loadavg": os.getloadavg()}
         (args.out / f"{tag}.json").write_text(json.dumps(res, indent=1))
         (args.out / f"{tag}.md").write_text(markdown(res))
 
@@ -439,10 +549,27 @@ def main(argv: list[str] | None = None) -> int:
     if "hadamard" in levers:  # control: the same layers' weights re-searched without rotation
         measure(f"W4A4, {block} weights re-searched (control for hadamard)", swap_uses(gm, {}, ctl_w), len(all_nodes))
     for lv in all_levers:
+        if lv.startswith("tstep:"):  # per-tensor: every 4-bit activation quantizer, attention q/k/v included
+            measure(f"W4A4, every 4-bit activation: {lv}", swap_uses(gm, block_mods(lv, acts4)), len(all_nodes))
+            continue
         mods = block_mods(lv, layer_acts)
         measure(f"W4A4, every conv/linear activation: {lv}", swap_uses(gm, mods), len(all_nodes))
     save()
     return 0
+
+
+def spread_summary(params: dict[str, dict], block: str) -> dict[str, float]:
+    """Median over quantizers (the block's, every one) of max/min of a quantizer's group scales, the max of that
+    ratio, and the median ratio of the mean group scale to the compiled scale."""
+    def med(v: list[float]) -> float:
+        return float(torch.tensor(v).median()) if v else float("nan")
+
+    ratio = {n: max(p["scales"]) / min(p["scales"]) for n, p in params.items()}
+    blk = [r for n, r in ratio.items() if params[n]["block"] == block]
+    vs_compiled = [sum(p["scales"]) / len(p["scales"]) / p["compiled_scale"] for p in params.values()]
+    return {"quantizers": len(ratio), "median_ratio": med(list(ratio.values())), "max_ratio": max(ratio.values()),
+            "block_quantizers": len(blk), "block_median_ratio": med(blk), "block_max_ratio": max(blk, default=0.0),
+            "median_mean_scale_over_compiled": med(vs_compiled)}
 
 
 def markdown(res: dict) -> str:
@@ -459,6 +586,13 @@ def markdown(res: dict) -> str:
               "W4A4 graph):", "", "| quantizer | " + " | ".join(levers) + " |", "|---|" + "---|" * len(levers)]
     for name, row in res["local_rel_rmse"].items():
         lines.append(f"| {name} | " + " | ".join(f"{sum(v.values()) / len(v):.4f}" for v in row.values()) + " |")
+    if res.get("tstep_spread"):
+        lines += ["", "tstep:K: max/min of each quantizer's K group scales (median over quantizers; max):", ""]
+        for k, v in res["tstep_spread"].items():
+            lines.append(f"- K={k}: block ({v['block_quantizers']}) median {v['block_median_ratio']:.2f}, max "
+                         f"{v['block_max_ratio']:.2f}; all {v['quantizers']}: median {v['median_ratio']:.2f}, max "
+                         f"{v['max_ratio']:.2f}; mean group scale / compiled scale, median "
+                         f"{v['median_mean_scale_over_compiled']:.3f}")
     if res.get("hadamard_formats"):
         lines += ["", "Hadamard: per-tensor format picked on the rotated calibration values: " +
                   ", ".join(f"{k} {v}" for k, v in res["hadamard_formats"].items()) + ".", "",

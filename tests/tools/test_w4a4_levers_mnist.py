@@ -101,3 +101,89 @@ def test_swap_uses_replaces_a_quantizer_for_one_reader_only() -> None:
     ra, rb = lev.swap_uses(gm, {(q.name, "*"): ident})(inp)
     assert torch.equal(rb, inp.abs())
     assert torch.equal(gm(inp)[0], qa)  # the original is untouched
+
+
+# ------------------------------------------------------------------------- tstep:K (timestep-dependent parameters)
+
+class _Sched:
+    """The two things step_groups reads of a scheduler: set_timesteps and timesteps (DDIM-50 spacing)."""
+
+    def set_timesteps(self, n: int) -> None:
+        self.timesteps = torch.arange(n - 1, -1, -1) * (1000 // n)
+
+
+def test_step_groups_are_contiguous_near_equal_runs_of_the_trajectory() -> None:
+    ts, g5 = lev.step_groups(_Sched(), 50, 5)
+    assert ts[:2] == [980, 960] and ts[-1] == 0
+    assert g5 == [list(range(i, i + 10)) for i in range(0, 50, 10)]
+    _, g3 = lev.step_groups(_Sched(), 50, 3)
+    assert [len(g) for g in g3] == [17, 16, 17] and sum(g3, []) == list(range(50))
+    _, g50 = lev.step_groups(_Sched(), 50, 50)
+    assert g50 == [[i] for i in range(50)]
+    with pytest.raises(ValueError, match="groups"):
+        lev.step_groups(_Sched(), 4, 5)  # more groups than steps
+
+
+def test_group_table_maps_each_timestep_to_its_group_and_others_to_the_nearest_step() -> None:
+    ts, g50 = lev.step_groups(_Sched(), 50, 50)
+    tab = lev.group_table(ts, g50)
+    assert tab.shape == (1000,) and tab.dtype == torch.int64
+    assert tab[torch.tensor(ts)].tolist() == list(range(50))
+    assert int(tab[999]) == 0 and int(tab[983]) == 0 and int(tab[977]) == 0 and int(tab[969]) == 1 and int(tab[1]) == 49
+    _, g5 = lev.step_groups(_Sched(), 50, 5)
+    tab5 = lev.group_table(ts, g5)
+    assert int(tab5[800]) == 0 and int(tab5[780]) == 1 and int(tab5[0]) == 4
+    assert (tab5.diff() <= 0).all()  # later (smaller) timesteps never go to an earlier group
+
+
+def test_one_group_reproduces_the_per_tensor_search() -> None:
+    torch.manual_seed(3)
+    per_step = [torch.nn.functional.silu(torch.randn(512) * (1 + i)) for i in range(6)]
+    allv = torch.cat(per_step)
+    for fmt in ("ue2m2", "e2m1"):
+        s, z = lev.search_groups(fmt, per_step, [list(range(6))])
+        ref = lev.sens_search.search_scale(lev.parse_format(fmt), allv[None], 40, 12, exact=False)
+        assert s.shape == (1,) and torch.equal(s, ref.scale) and torch.equal(z, ref.zero_point)
+        best = lev.search_best(allv[None], (fmt,))  # the tool's select_format-style search (recal lever)
+        assert torch.equal(s, best[1]) and torch.equal(z, best[2])
+    assert float(z) == 0.0  # signed: no zero point
+
+
+def test_each_group_is_searched_on_its_own_steps_only() -> None:
+    torch.manual_seed(4)
+    per_step = [torch.randn(1024) * m for m in (1.0, 1.0, 4.0, 4.0)]
+    s, _ = lev.search_groups("e2m1", per_step, [[0, 1], [2, 3]])
+    assert 3.0 < float(s[1] / s[0]) < 5.0
+    alone, _ = lev.search_groups("e2m1", per_step[2:], [[0, 1]])
+    assert torch.equal(s[1], alone[0])
+
+
+def test_timestep_quant_uses_the_parameters_of_the_timesteps_group() -> None:
+    ts, g5 = lev.step_groups(_Sched(), 50, 5)
+    scales, zps = torch.tensor([0.1, 0.2, 0.4, 0.8, 1.6]), torch.tensor([-0.2, -0.1, 0.0, -0.3, -0.25])
+    m = lev.TimestepQuant("ue2m2", lev.group_table(ts, g5), scales, zps)
+    x = torch.linspace(-0.3, 5, 101)
+    for t, g in ((980, 0), (800, 0), (780, 1), (420, 2), (0, 4)):
+        want = lev.StaticQuant("ue2m2", float(scales[g]), float(zps[g]))(x)
+        assert torch.equal(m(x, torch.full((4,), t)), want), t
+    assert not torch.equal(m(x, torch.tensor([980])), m(x, torch.tensor([0])))
+
+
+def test_swap_uses_feeds_the_graphs_timestep_to_a_timestep_quantizer() -> None:
+    from msfp_compiler.ops import QUANTIZE
+
+    g = fx.Graph()
+    x, t = g.placeholder("sample"), g.placeholder("timestep")
+    s, z = g.get_attr("s"), g.get_attr("z")
+    g.output(g.call_function(torch.neg, (g.call_function(QUANTIZE, (x, s, z, "e2m1")),)))
+    root = torch.nn.Module()
+    root.register_buffer("s", torch.tensor(0.5))
+    root.register_buffer("z", torch.tensor(0.0))
+    gm = fx.GraphModule(root, g)
+    qn = next(n.name for n in gm.graph.nodes if n.target is QUANTIZE)
+    table = torch.tensor([0] * 500 + [1] * 500)
+    tq = lev.TimestepQuant("e2m1", table, torch.tensor([0.25, 1.0]), torch.zeros(2))
+    g2 = lev.swap_uses(gm, {(qn, "*"): tq})
+    inp = torch.linspace(-2, 2, 17)
+    assert torch.equal(g2(inp, torch.tensor([100])), -lev.StaticQuant("e2m1", 0.25, 0.0)(inp))
+    assert torch.equal(g2(inp, torch.tensor([900])), -lev.StaticQuant("e2m1", 1.0, 0.0)(inp))
