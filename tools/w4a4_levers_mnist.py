@@ -420,6 +420,7 @@ def main(argv: list[str] | None = None) -> int:
     tstep_names = set(acts4 if any(lv.startswith("tstep:") for lv in all_levers) else target)
     tstep_steps = args.tstep_calib_steps or args.steps
     tstep: dict[int, dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}  # K -> q -> table, s, z
+    tstep_rms: dict[int, dict[str, list[float]]] = {}  # K -> q -> RMS of each group's calibration values
     if tstep_ks:
         t1 = time.perf_counter()
         cal_ts, per_step = calibration_steps(gm, pr, tstep_names, {}, args, tstep_steps)
@@ -428,6 +429,9 @@ def main(argv: list[str] | None = None) -> int:
             assert ts_k == cal_ts, "calibration steps and groups from different schedules"
             table = group_table(ts_k, groups, pr.sched.config.num_train_timesteps)
             tstep[k] = {q: (table, *search_groups(byname[q]["fmt"], per_step[q], groups)) for q in tstep_names}
+            # the data's own spread across groups: the searched scale also moves where the MSE surface is flat
+            tstep_rms[k] = {q: [float(torch.cat([per_step[q][i] for i in g]).pow(2).mean().sqrt()) for g in groups]
+                            for q in tstep_names}
         print(f"tstep calibration ({args.calib_samples} x {tstep_steps} steps, {len(tstep_names)} quantizers) and "
               f"searches in {time.perf_counter() - t1:.0f}s", flush=True)
 
@@ -506,7 +510,8 @@ def main(argv: list[str] | None = None) -> int:
     # how much the searched parameters move across groups (the lever's premise), and K=1 against the compile's
     tstep_params = {str(k): {byname[q]["name"]: {"node": q, "block": byname[q]["block"], "fmt": byname[q]["fmt"],
                                                  "compiled_scale": scale_of(q), "compiled_zp": zp_of(q),
-                                                 "scales": p[1].tolist(), "zps": p[2].tolist()}
+                                                 "scales": p[1].tolist(), "zps": p[2].tolist(),
+                                                 "rms": tstep_rms[k][q]}
                              for q, p in params.items()} for k, params in tstep.items()}
     tstep_spread = {str(k): spread_summary(v, block) for k, v in tstep_params.items()}
     for k, v in tstep_spread.items():
@@ -567,9 +572,14 @@ def spread_summary(params: dict[str, dict], block: str) -> dict[str, float]:
     ratio = {n: max(p["scales"]) / min(p["scales"]) for n, p in params.items()}
     blk = [r for n, r in ratio.items() if params[n]["block"] == block]
     vs_compiled = [sum(p["scales"]) / len(p["scales"]) / p["compiled_scale"] for p in params.values()]
-    return {"quantizers": len(ratio), "median_ratio": med(list(ratio.values())), "max_ratio": max(ratio.values()),
-            "block_quantizers": len(blk), "block_median_ratio": med(blk), "block_max_ratio": max(blk, default=0.0),
-            "median_mean_scale_over_compiled": med(vs_compiled)}
+    out = {"quantizers": len(ratio), "median_ratio": med(list(ratio.values())), "max_ratio": max(ratio.values()),
+           "block_quantizers": len(blk), "block_median_ratio": med(blk), "block_max_ratio": max(blk, default=0.0),
+           "median_mean_scale_over_compiled": med(vs_compiled)}
+    if all("rms" in p for p in params.values()):  # max/min of the groups' RMS: how much the data itself moves
+        rr = {n: max(p["rms"]) / max(min(p["rms"]), 1e-12) for n, p in params.items()}
+        out |= {"median_rms_ratio": med(list(rr.values())),
+                "block_median_rms_ratio": med([r for n, r in rr.items() if params[n]["block"] == block])}
+    return out
 
 
 def markdown(res: dict) -> str:
@@ -592,7 +602,9 @@ def markdown(res: dict) -> str:
             lines.append(f"- K={k}: block ({v['block_quantizers']}) median {v['block_median_ratio']:.2f}, max "
                          f"{v['block_max_ratio']:.2f}; all {v['quantizers']}: median {v['median_ratio']:.2f}, max "
                          f"{v['max_ratio']:.2f}; mean group scale / compiled scale, median "
-                         f"{v['median_mean_scale_over_compiled']:.3f}")
+                         f"{v['median_mean_scale_over_compiled']:.3f}" +
+                         (f"; RMS of the groups' values max/min, median: block {v['block_median_rms_ratio']:.2f}, all "
+                          f"{v['median_rms_ratio']:.2f}" if "median_rms_ratio" in v else ""))
     if res.get("hadamard_formats"):
         lines += ["", "Hadamard: per-tensor format picked on the rotated calibration values: " +
                   ", ".join(f"{k} {v}" for k, v in res["hadamard_formats"].items()) + ".", "",

@@ -187,3 +187,13 @@ def test_swap_uses_feeds_the_graphs_timestep_to_a_timestep_quantizer() -> None:
     inp = torch.linspace(-2, 2, 17)
     assert torch.equal(g2(inp, torch.tensor([100])), -lev.StaticQuant("e2m1", 0.25, 0.0)(inp))
     assert torch.equal(g2(inp, torch.tensor([900])), -lev.StaticQuant("e2m1", 1.0, 0.0)(inp))
+
+
+def test_spread_summary_reports_max_over_min_of_the_group_scales() -> None:
+    params = {"a": {"block": "b3", "scales": [1.0, 2.0, 1.5], "compiled_scale": 1.5, "rms": [1.0, 1.1, 1.2]},
+              "b": {"block": "b3", "scales": [3.0, 3.0, 3.0], "compiled_scale": 1.5, "rms": [2.0, 2.0, 2.0]},
+              "c": {"block": "b0", "scales": [1.0, 4.0, 2.5], "compiled_scale": 2.5, "rms": [1.0, 3.0, 2.0]}}
+    v = lev.spread_summary(params, "b3")
+    assert v["block_quantizers"] == 2 and v["quantizers"] == 3
+    assert v["max_ratio"] == 4.0 and v["block_max_ratio"] == 2.0 and v["median_ratio"] == 2.0
+    assert v["median_mean_scale_over_compiled"] == 1.0 and abs(v["median_rms_ratio"] - 1.2) < 1e-6
