@@ -565,7 +565,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def spread_summary(params: dict[str, dict], block: str) -> dict[str, float]:
     """Median over quantizers (the block's, every one) of max/min of a quantizer's group scales, the max of that
-    ratio, and the median ratio of the mean group scale to the compiled scale."""
+    ratio, the median ratio of the mean group scale to the compiled scale and, where recorded, the median max/min
+    of the groups' calibration RMS (torch's median: the lower middle value of an even count)."""
     def med(v: list[float]) -> float:
         return float(torch.tensor(v).median()) if v else float("nan")
 
