@@ -202,6 +202,7 @@ def parser() -> argparse.ArgumentParser:
                     "convs on per-part quantized concatenations as one FP8 GEMM per part) or gntriton_splitcat "
                     "(both) or geglu (build_fast(geglu='fused'): each GEGLU's GEMM, GELU * value and the next "
                     "quantizer as one Triton kernel, geglu_fp8; A/B against the default build: gnauto/geglu:8)); "
+                    "names joined by ',' are one build with all their options (gnauto/geglu,splitcat:8); "
                     "recorded under 'variants' (with output_vs: its output against the headline step's at that "
                     "batch size, same inputs, or with --skip main the first variant's), then its accuracy unless "
                     "skipped")
@@ -405,8 +406,9 @@ def variant(args: argparse.Namespace, rec: Recorder, cm: Any) -> None:
             for name in names:
                 torch._dynamo.reset()
                 torch.cuda.empty_cache()
-                options, build = VARIANTS[name]
-                variant_row(args, rec, cm, name, b, options, build, rows, tag=name if one else f"{name}_b{b}")
+                options, build = variant_options(name)
+                tag = name.replace(",", "+")  # a file-name-friendly tag: profile_geglu+splitcat_b8.json
+                variant_row(args, rec, cm, name, b, options, build, rows, tag=tag if one else f"{tag}_b{b}")
 
 
 VARIANTS = {"combo": ({"combo_kernels": True}, {}), "qkv": ({}, {"quantize_parts": True}),
@@ -424,13 +426,36 @@ def parse_variants(spec: str) -> list[tuple[list[str], list[int]]]:
     return [parse_variant(g) for g in spec.split("+")]
 
 
+def variant_options(name: str) -> tuple[dict, dict]:
+    """(Inductor options, build_fast options) of a variant NAME, or of "A,B,...": the named variants' options in
+    one build (so one compile measures levers together; the profile tells their kernels apart). ValueError (one
+    line) for an unknown name or two names that set one option differently."""
+    options: dict = {}
+    build: dict = {}
+    for part in name.split(","):
+        if part not in VARIANTS:
+            raise ValueError(f"unknown variant {part!r}")
+        for have, new in zip((options, build), VARIANTS[part]):
+            clash = [k for k, v in new.items() if k in have and have[k] != v]
+            if clash:
+                raise ValueError(f"variant {name!r}: {part!r} sets {clash[0]} differently")
+            have.update(new)
+    return options, build
+
+
 def parse_variant(spec: str) -> tuple[list[str], list[int]]:
-    """"NAME[/NAME...]:B1[,B2...]" -> (option names, batch sizes); ValueError (one line) otherwise."""
+    """"NAME[/NAME...]:B1[,B2...]" -> (option names, batch sizes), a NAME being one variant or several joined by
+    ',' (one build with all their options); ValueError (one line) otherwise."""
     names, _, bs = spec.partition(":")
-    bad = [n for n in names.split("/") if n not in VARIANTS]
-    if bad or not bs:
-        raise ValueError(f"--variant {spec!r}: want NAME[/NAME...]:BATCH[,BATCH...] with NAME one of "
-                         f"{', '.join(VARIANTS)}")
+    want = (f"--variant {spec!r}: want NAME[/NAME...]:BATCH[,BATCH...] with NAME one of {', '.join(VARIANTS)} or "
+            "several joined by ','")
+    if not bs or not names:
+        raise ValueError(want)
+    for name in names.split("/"):
+        try:
+            variant_options(name)
+        except ValueError as e:
+            raise ValueError(f"{want} ({e})") from None
     try:
         batches = [int(b) for b in bs.split(",")]
     except ValueError:
@@ -474,7 +499,7 @@ def variant_row(args: argparse.Namespace, rec: Recorder, cm: Any, name: str, b: 
         except Exception as e:  # noqa: BLE001
             row["output_vs_error"] = repr(e)[:3000]
             traceback.print_exc()
-    if name == "conv":
+    if "conv" in name.split(","):
         row["conv_tuning"] = conv_tuning(b)
     row["profile"] = {k: {kk: vv for kk, vv in v.items() if kk != "rows"} for k, v in profiles.items()}
     rows.append(row)

@@ -62,6 +62,22 @@ def test_parse_variant_batches_and_errors():
             bench_gpu_sd15.parse_variants(bad)
 
 
+def test_variant_combinations_are_one_build():
+    """"A,B" is one build with both variants' options (one compile for two levers); a clash or an unknown part is
+    a one-line ValueError before any compile."""
+    assert bench_gpu_sd15.parse_variant("gnauto/geglu,splitcat:8") == (["gnauto", "geglu,splitcat"], [8])
+    assert bench_gpu_sd15.variant_options("geglu,splitcat") == ({}, {"geglu": "fused", "split_concat": True})
+    assert bench_gpu_sd15.variant_options("combo,gntriton") == ({"combo_kernels": True}, {"group_norm": "triton"})
+    assert bench_gpu_sd15.variant_options("gntriton,splitcat") == bench_gpu_sd15.VARIANTS["gntriton_splitcat"]
+    assert bench_gpu_sd15.variant_options("gntriton,gntriton_splitcat")[1] == {"group_norm": "triton",
+                                                                                 "split_concat": True}
+    with pytest.raises(ValueError, match="sets group_norm differently"):
+        bench_gpu_sd15.variant_options("gnaten,gntriton")
+    for bad in ("conv,im2col:8", "geglu,welford:8", "geglu,:8", ",geglu:1"):
+        with pytest.raises(ValueError, match="--variant"):
+            bench_gpu_sd15.parse_variant(bad)
+
+
 def test_variant_build_options_are_build_fast_options():
     """Every variant's build_fast options are accepted by build_fast (names and values; an identity graph on the
     CPU), so a variant cannot fail only after the SD1.5 compile on the device."""
