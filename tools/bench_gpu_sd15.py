@@ -201,7 +201,8 @@ def parser() -> argparse.ArgumentParser:
                     "the statistics from our Triton kernels) or splitcat (build_fast(split_concat=True): the 1x1 "
                     "convs on per-part quantized concatenations as one FP8 GEMM per part) or gntriton_splitcat "
                     "(both) or geglu (build_fast(geglu='fused'): each GEGLU's GEMM, GELU * value and the next "
-                    "quantizer as one Triton kernel, geglu_fp8; A/B against the default build: gnauto/geglu:8)); "
+                    "quantizer as one Triton kernel, geglu_fp8; A/B against the default build: gnauto/geglu:8) or "
+                    "catnhwc (build_fast(cat_nhwc=True): the skip concatenations in NHWC memory)); "
                     "names joined by ',' are one build with all their options (gnauto/geglu,splitcat:8); "
                     "recorded under 'variants' (with output_vs: its output against the headline step's at that "
                     "batch size, same inputs, or with --skip main the first variant's), then its accuracy unless "
@@ -417,7 +418,7 @@ VARIANTS = {"combo": ({"combo_kernels": True}, {}), "qkv": ({}, {"quantize_parts
             "gnauto": ({}, {"group_norm": "auto"}), "gnchannels": ({}, {"group_norm": "channels"}),
             "gntriton": ({}, {"group_norm": "triton"}), "splitcat": ({}, {"split_concat": True}),
             "gntriton_splitcat": ({}, {"group_norm": "triton", "split_concat": True}),
-            "geglu": ({}, {"geglu": "fused"})}
+            "geglu": ({}, {"geglu": "fused"}), "catnhwc": ({}, {"cat_nhwc": True})}
 
 
 def parse_variants(spec: str) -> list[tuple[list[str], list[int]]]:

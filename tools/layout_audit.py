@@ -14,12 +14,13 @@ pointwise kernel in 2-D and read both sides coalesced) is not known from the CPU
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import re
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -107,6 +108,37 @@ def strided(rec: dict, min_share: float = 0.25) -> list[dict]:
     return [a for a in rec["accesses"] if a["numel"] >= min_share * total and (a[key] is None or abs(a[key]) > 1)]
 
 
+@contextlib.contextmanager
+def recording() -> Iterator[tuple[list[dict], dict[str, str]]]:
+    """While open, every Inductor compile appends ``audit_nodes`` of its scheduler nodes before fusion to the first
+    list and maps each node to its fused kernel's descriptive name in the dict."""
+    import torch._inductor.debug as idebug
+    from torch._inductor.utils import get_fused_kernel_name
+
+    pre: list[dict] = []
+    kernels: dict[str, str] = {}
+    log_pre, log_post = idebug.log_ir_pre_fusion, idebug.log_ir_post_fusion
+
+    def on_pre(nodes: list) -> None:
+        pre.extend(audit_nodes(nodes))
+        log_pre(nodes)
+
+    def on_post(nodes: list) -> None:
+        for n in nodes:  # each fused node's kernel name, as Inductor's descriptive names build it
+            snodes = n.get_nodes()
+            if all(getattr(s, "_body", None) is not None for s in snodes):
+                name = get_fused_kernel_name(snodes, "original_aten")
+                for s in snodes:
+                    kernels[s.get_name()] = name
+        log_post(nodes)
+
+    idebug.log_ir_pre_fusion, idebug.log_ir_post_fusion = on_pre, on_post
+    try:
+        yield pre, kernels
+    finally:
+        idebug.log_ir_pre_fusion, idebug.log_ir_post_fusion = log_pre, log_post
+
+
 _QUANT_FRAMES = ("_bit_rne", "grid_round", "fake_quant", "_scaled ", "forward", "__call__")
 
 
@@ -129,8 +161,6 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     import torch
     import torch._inductor.config as icfg
-    import torch._inductor.debug as idebug
-    from torch._inductor.utils import get_fused_kernel_name
 
     sys.path.insert(0, str(ROOT / "tests"))
     import conftest
@@ -138,38 +168,18 @@ def main(argv: list[str] | None = None) -> int:
     import msfp_compiler.export.triton.fast as FA
     from msfp_compiler.compile import compile as msfp_compile
 
-    pre: list[dict] = []
-    kernels: dict[str, str] = {}
-    log_pre, log_post = idebug.log_ir_pre_fusion, idebug.log_ir_post_fusion
-
-    def on_pre(nodes: list) -> None:
-        pre.extend(audit_nodes(nodes))
-        log_pre(nodes)
-
-    def on_post(nodes: list) -> None:
-        for n in nodes:  # each fused node's kernel name, as Inductor's descriptive names build it
-            snodes = n.get_nodes()
-            if all(getattr(s, "_body", None) is not None for s in snodes):
-                name = get_fused_kernel_name(snodes, "original_aten")
-                for s in snodes:
-                    kernels[s.get_name()] = name
-        log_post(nodes)
-
-    idebug.log_ir_pre_fusion, idebug.log_ir_post_fusion = on_pre, on_post
     cm = msfp_compile(conftest.make_unet_cond(), conftest.FAST_CONFIG, progress=False)
     x = [torch.cat([a] * args.batch)[:args.batch] for a in cm.calibration.batches[0].args]
     fast = FA.build_fast(cm.graph_module, "cpu", implicit_conv=True,  # implicit_conv: as on CUDA
                          cat_nhwc=args.cat_nhwc)
     icfg.force_disable_caches = True  # a cache hit would skip the scheduler
-    with torch.no_grad():
+    with torch.no_grad(), recording() as (pre, kernels):
         y = torch.compile(fast, dynamic=False)(*x)
-    flagged = []
-    for rec in pre:
-        acc = strided(rec)
-        if acc:
-            flagged.append(compact({**rec, "strided": acc, "kernel": kernels.get(rec["op"])}))
+    flagged = [compact({**rec, "strided": acc, "kernel": kernels.get(rec["op"])})
+               for rec in pre if (acc := strided(rec))]
     summary = {"batch": args.batch, "cat_nhwc": args.cat_nhwc, "report": str(fast.report),
-               "output_sha256": hashlib.sha256(y.float().numpy().tobytes()).hexdigest(), "model": "conftest.make_unet_cond (tiny cond UNet: 8x8/4x4, 16/32 channels)",
+               "output_sha256": hashlib.sha256(y.float().numpy().tobytes()).hexdigest(),
+               "model": "conftest.make_unet_cond (tiny cond UNet: 8x8/4x4, 16/32 channels)",
                "torch": torch.__version__, "scheduler_nodes": len(pre), "strided_nodes": len(flagged),
                "flagged": flagged}
     Path(args.out).write_text(json.dumps(summary, indent=1))

@@ -47,7 +47,7 @@ from .fast_ops import conv_out_size, e4m3_lut, pack_halves  # also defines torch
 
 __all__ = ["grid_round", "fake_quant", "grid_e4m3", "PartQuant", "FastGemm", "DecodeGroup", "FastUNet", "build_fast",
            "FastReport", "weight_bytes", "sdpa_fp8_fq", "fp8_head_dim", "group_norm_channels", "group_norm_auto",
-           "group_norm_triton", "concat_parts"]
+           "group_norm_triton", "concat_parts", "cat_nhwc"]
 
 aten = torch.ops.aten
 _Q = torch.ops.msfp.quantize.default
@@ -781,6 +781,7 @@ class FastReport:
     group_norms: int = 0  # GroupNorms as group_norm_channels / _auto / _triton (group_norm= "channels" etc.)
     split_concat: int = 0  # 1x1 convs on a per-part quantized concatenation as one FP8 GEMM per part (opt-in)
     geglu_fused: int = 0  # GEGLU feed-forwards as one GEMM + GELU * value + quantizer op (geglu="fused")
+    cat_nhwc: int = 0  # 4-d channel concatenations laid out NHWC (cat_nhwc=True)
 
     def __str__(self) -> str:
         lines = [f"FP8 GEMMs: linear={self.fused['linear']} conv2d={self.fused['conv2d']}; "
@@ -792,7 +793,8 @@ class FastReport:
                  + (f"; FP8 attentions: {self.fp8_attention}" if self.fp8_attention else "")
                  + (f"; channels-last GroupNorms (or batch-dependent): {self.group_norms}" if self.group_norms else "")
                  + (f"; concatenation convs as one GEMM per part: {self.split_concat}" if self.split_concat else "")
-                 + (f"; GEGLUs fused into their GEMM: {self.geglu_fused}" if self.geglu_fused else "")]
+                 + (f"; GEGLUs fused into their GEMM: {self.geglu_fused}" if self.geglu_fused else "")
+                 + (f"; channel concatenations in NHWC memory: {self.cat_nhwc}" if self.cat_nhwc else "")]
         lines += [f"  kept {k}: {v}" for k, v in self.skipped.items()]
         return "\n".join(lines)
 
@@ -1001,8 +1003,36 @@ def _fp8_attention_args(gm: fx.GraphModule, node: fx.Node) -> tuple | None:
     return (q, k, v, qp, kp, vp, opt.get("scale"))
 
 
+def cat_nhwc(parts: list[torch.Tensor]) -> torch.Tensor:
+    """``torch.cat(parts, 1)`` of [N, C_i, H, W] activations as the concatenation of their NHWC views along the
+    channels: NHWC memory viewed as [N, C, H, W], the layout the GEMMs write and read. Inductor lays an
+    ``aten.cat`` on dim 1 out in the output's logical (NCHW) order whatever its inputs' memory, so the producers
+    of the parts (the skip connections and the up path) store into it transposed and its readers (GroupNorm,
+    quantizers) read it transposed (docs/triton.md, session 15 CPU: layout copies). The values are the cat's."""
+    return torch.cat([p.permute(0, 2, 3, 1) for p in parts], dim=-1).permute(0, 3, 1, 2)
+
+
+def _cat_nhwc(gm: fx.GraphModule) -> int:
+    """Replace every 4-d channel concatenation (``concat_parts``) by ``cat_nhwc``; returns how many."""
+    count = 0
+    for node in list(gm.graph.nodes):
+        parts = concat_parts(node) if node.op == "call_function" and node.target == aten.cat.default else None
+        if parts is None:
+            continue
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_function(cat_nhwc, (parts,))
+        new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        count += 1
+    return count
+
+
 def concat_parts(node: Any) -> list[fx.Node] | None:
-    """The inputs of a 4-d channel concatenation (``aten.cat`` on dim 1 of two or more parts), else None."""
+    """The inputs of a 4-d channel concatenation (``aten.cat`` on dim 1 of two or more parts, or ``cat_nhwc``),
+    else None."""
+    if isinstance(node, fx.Node) and node.op == "call_function" and node.target is cat_nhwc:
+        return list(node.args[0])
     if not (isinstance(node, fx.Node) and node.op == "call_function" and node.target == aten.cat.default):
         return None
     dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
@@ -1156,7 +1186,7 @@ def build_fast(gm: fx.GraphModule, device: str | torch.device = "cuda", weights:
                inplace: bool = False, dtype: torch.dtype = _BF16,
                decode_group_bytes: int | None = None, merge: bool = True, quantize_parts: bool = False,
                implicit_conv: bool | None = None, attention: str = "bf16", group_norm: str = "auto",
-               split_concat: bool = False, geglu: str = "inductor") -> FastUNet:
+               split_concat: bool = False, geglu: str = "inductor", cat_nhwc: bool = False) -> FastUNet:
     """Rewrite a quantized GraphModule (``CompiledModel.graph_module`` or a loaded .pt2's module) for Inductor.
 
     ``dtype``: of the activations between ops (bf16; float32 checks the rewrite against the reference graph with
@@ -1188,7 +1218,10 @@ def build_fast(gm: fx.GraphModule, device: str | torch.device = "cuda", weights:
     blocks; counted in ``report.geglu_fused``; bf16 ``dtype`` only: the float32 check is left unfused). The op
     computes in float32 after the GEMM's bf16 output, the numerics of Inductor's kernel for the unfused chain (which
     drops eager's intermediate bf16 roundings), so compiled builds agree; eagerly the default build rounds those
-    steps to bf16 and a few codes differ."""
+    steps to bf16 and a few codes differ. ``cat_nhwc`` (opt-in, not yet measured on the GPU): the 4-d channel
+    concatenations (SD1.5's 12 up-block skip connections, and the concatenations of their quantized parts) as
+    ``cat_nhwc``, NHWC memory like every other activation, instead of the NCHW buffer Inductor gives an
+    ``aten.cat``; the same values (a layout change only)."""
     if geglu not in ("inductor", "fused"):
         raise ValueError(f"unknown geglu mode {geglu!r} (inductor or fused)")
     if group_norm not in ("auto", "channels", "aten", "triton"):
@@ -1201,6 +1234,8 @@ def build_fast(gm: fx.GraphModule, device: str | torch.device = "cuda", weights:
         gm = copy.deepcopy(gm)
     report = FastReport()
     _rewrite(gm, weights, report, dtype, attention == "fp8", group_norm, split_concat)
+    if cat_nhwc:  # after the rewrite: the GroupNorms have taken their concatenations' parts
+        report.cat_nhwc = _cat_nhwc(gm)
     if merge:
         report.merged_away = _merge_shared_inputs(gm)
         if quantize_parts:

@@ -644,3 +644,67 @@ def test_build_fast_geglu_fused(compiled_cond, unet_cond) -> None:
     assert FA._fuse_geglu(base.gm) == blocks - 1 and tanh in base.gm.graph.nodes
     with pytest.raises(ValueError, match="geglu mode 'triton'"):
         FA.build_fast(gm, "cpu", geglu="triton")
+
+
+def _strided_nodes(fn, *args: torch.Tensor) -> tuple[list[dict], torch.Tensor]:
+    """fn compiled by Inductor (CPU): its scheduler nodes that load or store strided along their innermost loop
+    (tools/layout_audit.py) and its output."""
+    import sys
+    from pathlib import Path
+
+    import torch._inductor.config as icfg
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
+    import layout_audit
+
+    torch._dynamo.reset()
+    with icfg.patch(force_disable_caches=True), layout_audit.recording() as (pre, _):
+        out = torch.compile(fn, dynamic=False)(*args)
+    return [r for r in pre if layout_audit.strided(r)], out
+
+
+def test_cat_nhwc_keeps_concatenations_channels_last() -> None:
+    """cat_nhwc: torch.cat's values in NHWC memory. Through Inductor, a channel concatenation of NHWC activations
+    (an up block's skip connection: producers with a second reader, a quantizer writing NHWC rows) is laid out NCHW
+    as aten.cat (ConcatKernel): the producers read transposed to store into it and its reader stores transposed;
+    with cat_nhwc no node steps by more than one element along its innermost loop, and the outputs are equal
+    (docs/triton.md, session 15 CPU: layout copies)."""
+    gen = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(2, c, 8, 8, generator=gen).contiguous(memory_format=torch.channels_last).bfloat16()
+            for c in (16, 32))
+    assert torch.equal(FA.cat_nhwc([a, b]), torch.cat([a, b], 1))
+    assert FA.cat_nhwc([a, b]).is_contiguous(memory_format=torch.channels_last)
+
+    def block(cat):
+        def fn(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            pa, pb = a * 2 + 1, torch.sigmoid(b)  # producers with a second reader, as a skip connection's
+            q = (cat([pa, pb]).float() * 3).round().to(torch.bfloat16)
+            return q.permute(0, 2, 3, 1).contiguous(), pa * pb[:, :16]  # NHWC rows, as a GEMM's operand
+        return fn
+
+    slow, out_a = _strided_nodes(block(lambda p: torch.cat(p, 1)), a, b)
+    fast, out_b = _strided_nodes(block(FA.cat_nhwc), a, b)
+    assert len(slow) >= 3 and not fast
+    assert all(torch.equal(u, v) for u, v in zip(out_a, out_b))
+
+
+def test_build_fast_cat_nhwc(compiled_cond) -> None:
+    """build_fast(cat_nhwc=True) replaces every 4-d channel concatenation (the up blocks' skip connections and the
+    concatenations of their per-part quantized copies) by cat_nhwc, the GroupNorms keep their parts, and the
+    output is the default build's bit for bit (eagerly: a layout change only; through Inductor on the whole tiny
+    UNet also, tools/layout_audit.py, not a test: ~6 min)."""
+    gm = compiled_cond.graph_module
+    args = compiled_cond.calibration.batches[0].args
+    for kw in ({}, {"split_concat": True}):
+        base = FA.build_fast(gm, "cpu", **kw)
+        fast = FA.build_fast(gm, "cpu", cat_nhwc=True, **kw)
+        cats = [n for n in base.gm.graph.nodes if n.op == "call_function" and FA.concat_parts(n) is not None]
+        assert fast.report.cat_nhwc == len(cats) >= 1 and base.report.cat_nhwc == 0
+        assert not any(n.target == torch.ops.aten.cat.default and FA.concat_parts(n) for n in fast.gm.graph.nodes)
+        parts = [n for n in fast.gm.graph.nodes if n.op == "call_function" and "parts" in n.kwargs]
+        assert parts and all(p.kwargs["parts"] == list(p.args[0].args[0]) for p in parts)
+        assert "channel concatenations in NHWC memory" in str(fast.report)
+        for batch in (args[0].shape[0], 8):  # aten's GroupNorm below GN_TRITON_MIN_BATCH, gn_stats from it on
+            x = [torch.cat([a] * 8)[:batch] for a in args]
+            with torch.no_grad():
+                assert torch.equal(fast(*x), base(*x))
