@@ -1006,9 +1006,10 @@ def _fp8_attention_args(gm: fx.GraphModule, node: fx.Node) -> tuple | None:
 def cat_nhwc(parts: list[torch.Tensor]) -> torch.Tensor:
     """``torch.cat(parts, 1)`` of [N, C_i, H, W] activations as the concatenation of their NHWC views along the
     channels: NHWC memory viewed as [N, C, H, W], the layout the GEMMs write and read. Inductor lays an
-    ``aten.cat`` on dim 1 out in the output's logical (NCHW) order whatever its inputs' memory, so the producers
-    of the parts (the skip connections and the up path) store into it transposed and its readers (GroupNorm,
-    quantizers) read it transposed (docs/triton.md, session 15 CPU: layout copies). The values are the cat's."""
+    ``aten.cat`` on dim 1 out in the output's logical (NCHW) order unless a part's layout is already fixed
+    channels-last when it lowers the cat; then the parts' producers store into it transposed and its readers
+    (GroupNorm, quantizers) read it transposed (docs/triton.md, session 15 CPU: layout copies; on SD1.5 the first
+    concatenation of up blocks 1-3). The values are the cat's."""
     return torch.cat([p.permute(0, 2, 3, 1) for p in parts], dim=-1).permute(0, 3, 1, 2)
 
 
@@ -1221,7 +1222,8 @@ def build_fast(gm: fx.GraphModule, device: str | torch.device = "cuda", weights:
     steps to bf16 and a few codes differ. ``cat_nhwc`` (opt-in, not yet measured on the GPU): the 4-d channel
     concatenations (SD1.5's 12 up-block skip connections, and the concatenations of their quantized parts) as
     ``cat_nhwc``, NHWC memory like every other activation, instead of the NCHW buffer Inductor gives an
-    ``aten.cat``; the same values (a layout change only)."""
+    ``aten.cat`` none of whose parts it has fixed channels-last yet (3 of SD1.5's); the same values (a layout
+    change only; compiled, Inductor's fusions change, and with them a few roundings)."""
     if geglu not in ("inductor", "fused"):
         raise ValueError(f"unknown geglu mode {geglu!r} (inductor or fused)")
     if group_norm not in ("auto", "channels", "aten", "triton"):
