@@ -153,11 +153,27 @@ def compact(rec: dict) -> dict:
             "where": where}
 
 
+def _sd15_mini() -> Any:
+    """SD1.5's UNet layout (CrossAttnDown x3 + Down, mid, Up + CrossAttnUp x3, 2 layers per block: 16 transformer
+    blocks, 12 skip concatenations) at toy widths."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    return UNet2DConditionModel(sample_size=16, in_channels=4, out_channels=4, block_out_channels=(16, 32, 32, 32),
+                                layers_per_block=2, down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                                up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, norm_num_groups=8,
+                                cross_attention_dim=16, attention_head_dim=8).eval()
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("out", help="JSON summary (strided nodes only, with their kernels)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--cat-nhwc", action="store_true", help="build_fast(cat_nhwc=True)")
+    ap.add_argument("--model", default="tiny", choices=["tiny", "sd15-mini"], help="tiny: conftest.make_unet_cond; "
+                    "sd15-mini: SD1.5's block layout (4 levels, 2 layers per block, 3 cross-attention levels) with "
+                    "16 / 32 channels, 16x16 latents (slower: ~3x the nodes)")
     args = ap.parse_args(argv)
     import torch
     import torch._inductor.config as icfg
@@ -168,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     import msfp_compiler.export.triton.fast as FA
     from msfp_compiler.compile import compile as msfp_compile
 
-    cm = msfp_compile(conftest.make_unet_cond(), conftest.FAST_CONFIG, progress=False)
+    cm = msfp_compile(conftest.make_unet_cond() if args.model == "tiny" else _sd15_mini(), conftest.FAST_CONFIG,
+                      progress=False)
     x = [torch.cat([a] * args.batch)[:args.batch] for a in cm.calibration.batches[0].args]
     fast = FA.build_fast(cm.graph_module, "cpu", implicit_conv=True,  # implicit_conv: as on CUDA
                          cat_nhwc=args.cat_nhwc)
@@ -179,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
                for rec in pre if (acc := strided(rec))]
     summary = {"batch": args.batch, "cat_nhwc": args.cat_nhwc, "report": str(fast.report),
                "output_sha256": hashlib.sha256(y.float().numpy().tobytes()).hexdigest(),
-               "model": "conftest.make_unet_cond (tiny cond UNet: 8x8/4x4, 16/32 channels)",
+               "model": args.model,
                "torch": torch.__version__, "scheduler_nodes": len(pre), "strided_nodes": len(flagged),
                "flagged": flagged}
     Path(args.out).write_text(json.dumps(summary, indent=1))
