@@ -331,20 +331,19 @@ class FastGemm(torch.nn.Module):
                 wflat: torch.Tensor | None = None) -> torch.Tensor:
         """x: the quantizer's input (any float dtype / strides); wflat: the output of this layer's DecodeGroup.
         Returns bfloat16 (``geglu`` set: the next layer's E4M3 grid values)."""
-        if self.a_grid:  # linear on E4M3 [..., K] row-major: the grid values from the previous layer's geglu epilogue
-            lead = x.shape[:-1]
-            y = self._gemm(x.reshape(-1, self.k), set_index, wflat)
-        elif self.conv is None:
-            g = grid_round(_scaled(x, self.a_s, self.a_z), self.afmt)
-            a = g.reshape(-1, self.k).to(_FP8).contiguous()  # _scaled_mm wants A row-major (a view may not be)
+        # a_grid (linears only): x already is the E4M3 grid values [..., K], row-major, of the previous layer's geglu
+        g = None if self.a_grid else grid_round(_scaled(x, self.a_s, self.a_z), self.afmt)
+        if self.conv is None:
+            # _scaled_mm wants A row-major (a view may not be)
+            a = x.reshape(-1, self.k) if g is None else g.reshape(-1, self.k).to(_FP8).contiguous()
             lead = x.shape[:-1]
             if self.geglu is not None:
                 return self._geglu(a, lead, set_index, wflat)
             y = self._gemm(a, set_index, wflat)
         elif self.implicit:
-            y, lead = self._implicit_conv(grid_round(_scaled(x, self.a_s, self.a_z), self.afmt), set_index, wflat)
+            y, lead = self._implicit_conv(g, set_index, wflat)
         else:
-            a, lead = self._im2col(grid_round(_scaled(x, self.a_s, self.a_z), self.afmt))
+            a, lead = self._im2col(g)
             y = self._gemm(a, set_index, wflat)
         m = y.shape[0]
         y = y.float() * self._pick(self.scale_b, set_index)
