@@ -24,13 +24,15 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["gn_stats_triton", "BLOCK_P", "BLOCK_C"]
+__all__ = ["gn_stats_triton", "BLOCK_P", "BLOCK_C", "GN_WARPS"]
 
-BLOCK_P = 64  # positions per tile: 64 x 64 channels x 2 bytes = 8 KB per program, ~2.5k programs at 64x64 x 320 x b8
+BLOCK_P = 16  # positions per tile: 16 x 64 channels x 2 bytes = 2 KB per program, one warp (GN_WARPS)
 BLOCK_C = 64  # channels per tile row: 128 contiguous bytes in bf16 (one full memory transaction per row)
-# Session 14 on the H200 (docs/triton.md): tiles of 4-8 such chunks per program (16-64 KB), or 128 channels, were
-# slower on all 14 SD1.5 batch-8 GroupNorm shapes (timed alone); and the sizes stay specialized (Triton's default):
-# P, C, the channel offset and PB as runtime values made these kernels 0.18 ms slower per batch-8 step.
+GN_WARPS = 1
+# Tiles measured on the H200 (docs/triton.md): session 14, 4-8 chunks of 64 x 64 per program, or 128 channels, were
+# slower than 64 x 64 / 4 warps on all 14 SD1.5 batch-8 GroupNorm shapes, and runtime (unspecialized) sizes made
+# these kernels 0.18 ms slower per batch-8 step; session 16, smaller programs won: 16 x 64 / 1 warp 0.612 ms per
+# batch-8 step against 0.792 for 64 x 64 / 4 warps (the kernel is latency-bound per program: more programs in flight).
 
 
 @triton.jit
@@ -89,7 +91,7 @@ def _gn_combine_kernel(sum_ptr, m2_ptr, stats_ptr, P, PB, C_TOTAL, CPG, G, eps,
 
 
 def gn_stats_triton(parts: list[torch.Tensor], groups: int, eps: float, block_p: int = BLOCK_P,
-                    block_c: int = BLOCK_C, num_warps: int = 4) -> torch.Tensor:
+                    block_c: int = BLOCK_C, num_warps: int = GN_WARPS) -> torch.Tensor:
     """parts: [N, C_i, H, W] tensors (any strides; NHWC memory reads coalesced) whose channel concatenation is the
     GroupNorm input -> float32 [2, N, G]: each (sample, group)'s mean and 1 / sqrt(biased var + eps).
     ``block_p`` x ``block_c`` / ``num_warps``: the partial kernel's tile (``tools/bench_gpu_kernels.py --sections
