@@ -211,10 +211,11 @@ def bench_im2col(shapes: Counter) -> dict:
     return {"per_step_ms": {k: round(v, 4) for k, v in totals.items()}, "rows": rows}
 
 
-GN_TILES = ((32, 64, 1), (16, 64, 1), (64, 64, 1), (64, 64, 2), (32, 32, 1), (32, 128, 1), (64, 32, 1), (128, 64, 2),
+GN_TILES = ((16, 64, 1), (32, 64, 1), (64, 64, 1), (64, 64, 2), (32, 32, 1), (32, 128, 1), (64, 32, 1), (128, 64, 2),
             (64, 128, 2))  # (positions, channels, warps) of gn_stats' partial kernel; first: the default (GN_WARPS)
 # session 16's sweeps (64x64w4 the default before): results/gpu_sd15_kernels_session16_b8.json (16x64w1 best of
-# those tiles), results/gpu_sd15_kernels_session16_call2_b8.json (32x64w1 best, 0.480 ms a step)
+# those tiles), results/gpu_sd15_kernels_session16_call2_b8.json (32x64w1 0.480 ms a step),
+# results/gpu_sd15_kernels_session16_call4_b8.json (64x64w1 0.445)
 
 
 def bench_gnstats(batch: int) -> dict:
@@ -223,8 +224,8 @@ def bench_gnstats(batch: int) -> dict:
     inputs are read part by part in the UNet), partials + combine replayed from a CUDA graph (device time: what the
     captured step pays), ms per call and per step, with the read bandwidth; each tile's statistics are checked against
     the default tile's (float32 summation order: mean by 2e-5 of |mean| + std, 1/std by 1e-4 relative). Session 14
-    measured 4-8 chunks per program slower than 64 x 64 tiles on every shape; session 16 one warp per program faster: this
-    times the tiles around the default 32 x 64 / 1 warp."""
+    measured 4-8 chunks per program slower than 64 x 64 tiles on every shape; session 16 one warp per program
+    faster: this times the tiles around the default 16 x 64 / 1 warp."""
     from pointwise_roofline import GROUP_NORMS
 
     from msfp_compiler.export.triton.gn_stats import gn_stats_triton

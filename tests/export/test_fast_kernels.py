@@ -207,7 +207,8 @@ def test_gn_stats_matches_group_norm(n: int, cs: tuple, h: int, w: int, g: int) 
     for mem in (torch.channels_last, torch.contiguous_format):
         got = gn_stats_triton([t.to(DEV).contiguous(memory_format=mem) for t in parts], g, 1e-5).cpu()
         assert got.shape == (2, n, g) and got.dtype == torch.float32
-        assert ((got.double() - want).abs() <= tol).all(), str(mem)
+        err = (got.double() - want).abs() / tol  # the message says by how much a tile misses (GPU summation order)
+        assert (err <= 1).all(), f"{mem}: max error / tolerance: mean {err[0].max():.3g}, rstd {err[1].max():.3g}"
     ref = O.gn_stats(parts, g, 1e-5)
     assert ((ref.double() - want).abs() <= tol).all()
     xc = torch.cat(parts, 1).contiguous(memory_format=torch.channels_last)
