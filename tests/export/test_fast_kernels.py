@@ -215,7 +215,16 @@ def test_gn_stats_matches_group_norm(n: int, cs: tuple, h: int, w: int, g: int) 
     wt, bs = torch.randn(xc.shape[1], generator=gen), torch.randn(xc.shape[1], generator=gen)
     y = group_norm_triton(xc.to(DEV), g, wt.to(DEV), bs.to(DEV), 1e-5, parts=[t.to(DEV) for t in parts]).cpu()
     assert y.is_contiguous(memory_format=torch.channels_last)  # on CUDA through the op's Triton kernels
-    assert (y - F.group_norm(xc.double(), g, wt.double(), bs.double(), 1e-5).float()).abs().max() < 1e-4
+    # the statistics' tolerance carried through y = (x - mean) * rstd * w + b, plus float32 rounding of the apply
+    # (a fixed 1e-4 failed at a quarter of the statistics' tolerance here: |x| ~ 300, |w| up to ~3)
+    ref_y = F.group_norm(xc.double(), g, wt.double(), bs.double(), 1e-5)
+    xg = xc.double().reshape(n, g, -1)
+    per = lambda v: v[:, :, None].expand_as(xg).reshape(xc.shape)  # noqa: E731  (per group -> per element)
+    wd = wt.double().abs()[None, :, None, None]
+    bound = (wd * (per(tol[0]) * per(want[1]) + (xc.double() - per(mean)).abs() * per(tol[1]))
+             + 8 * 2.0 ** -24 * (xc.double().abs() * per(want[1]) * wd + ref_y.abs()))
+    err = (y.double() - ref_y).abs() / bound
+    assert (err <= 1).all(), f"GroupNorm output: max error / tolerance {err.max():.3g}"
 
 
 @pytest.mark.parametrize("tile", [(16, 32, 1), (32, 128, 4)])
