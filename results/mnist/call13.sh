@@ -16,9 +16,11 @@
 # 12), so cond fine-tuning started ~180 s in and the 340 s budget ran past the limit.
 # fc (a later call, alone): the cond variant's MSFP + TALoRA + DFA only, 3 processes as call 12's gc (~285 s):
 #   RUNS=fc LIMIT=300 BUDGET=225 bash results/mnist/call13.sh      (an outer timeout: at least LIMIT + 35 s)
+# Call 13c (session 16) ran it to completion under `timeout 340`: every seed 1500 steps (7.7-8.1 steps/s), eval
+# 294 s, script 322 s; FID 227.96 ± 33.26, 1.81x FP32, 91.3% labels (labelled variant, not strict W4A4).
 # Call 13b ran RUNS=fc SEEDS=0,1 LIMIT=195 BUDGET=125 under `timeout 215`: the eval's own limit + 25 s (220) was past
 # that timeout, which killed the script before its tar; nothing came back (the TERM trap below is the fix).
-# oc (only if a later call gets time): the strict cond goal row, seed 0, 1500 steps, with its onnxruntime check
+# oc (only if a later call gets time; issue 12's one device item left): the strict cond goal row, seed 0, 1500 steps, with its onnxruntime check
 # (call 12 cut it at the limit during the check; cond's check needs ~90 s of CPU after a ~31 s lowering).
 # Other optional runs (ku/kc shortcut convs at 8 bits + TALoRA + DFA, lu/lc LR probe): results/mnist/call12.sh.
 # DEV/SAMPLES/... override the device settings for a CPU dry run (results/mnist/device_runs.md, call 13).
