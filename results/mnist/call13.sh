@@ -20,8 +20,9 @@
 # 294 s, script 322 s; FID 227.96 ± 33.26, 1.81x FP32, 91.3% labels (labelled variant, not strict W4A4).
 # Call 13b ran RUNS=fc SEEDS=0,1 LIMIT=195 BUDGET=125 under `timeout 215`: the eval's own limit + 25 s (220) was past
 # that timeout, which killed the script before its tar; nothing came back (the TERM trap below is the fix).
-# oc (only if a later call gets time; issue 12's one device item left): the strict cond goal row, seed 0, 1500 steps, with its onnxruntime check
-# (call 12 cut it at the limit during the check; cond's check needs ~90 s of CPU after a ~31 s lowering).
+# oc (only if a later call gets time; issue 12's one device item left): the strict cond goal row, seed 0, 1500
+# steps, with its onnxruntime check (call 12 cut it at the limit during the check; cond's check needs ~90 s of CPU
+# after a ~31 s lowering).
 # Other optional runs (ku/kc shortcut convs at 8 bits + TALoRA + DFA, lu/lc LR probe): results/mnist/call12.sh.
 # DEV/SAMPLES/... override the device settings for a CPU dry run (results/mnist/device_runs.md, call 13).
 set -x
