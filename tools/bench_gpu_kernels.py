@@ -16,8 +16,7 @@ decoded bytes), ``im2col`` (tile configurations of the
 im2col kernel on the SD1.5 k x k convs, ms per step), ``conv`` (the implicit-GEMM FP8 conv, each tile, against
 im2col + cuBLAS on the SD1.5 k x k convs, outputs checked equal), ``fp8attn`` (cuDNN's FP8 flash attention through
 cudnn-frontend against the bf16 cuDNN SDPA on SD1.5's attention shapes: ``bench_fp8_attention``), ``gnstats``
-(tiles of our GroupNorm statistics kernels on SD1.5's GroupNorm shapes, ``bench_gnstats``), ``geglu`` (GEGLU and
-its quantizer in the FP8 GEMM's epilogue vs cuBLAS + Inductor's kernel, ``bench_geglu``).
+(tiles of our GroupNorm statistics kernels on SD1.5's GroupNorm shapes, ``bench_gnstats``).
 """
 
 from __future__ import annotations
@@ -255,70 +254,6 @@ def bench_gnstats(batch: int) -> dict:
             "rows": rows}
 
 
-GEGLU_TILES = ((128, 64, 128, 8, 3), (128, 64, 128, 4, 4), (64, 64, 128, 4, 4), (128, 128, 64, 8, 3),
-               (64, 128, 128, 4, 3))  # (BM, BN, BK, warps, stages) of geglu_fp8's kernel; first: GEGLU_TILE
-
-
-def bench_geglu(batch: int, levels: list | None = None, tiles: tuple = GEGLU_TILES) -> dict:
-    """GEGLU with its quantizer in the FP8 GEMM's epilogue (``geglu_fp8.gemm_geglu_e4m3``, one kernel writing the
-    E4M3 [M, F] the next GEMM reads) against what the fast path runs now: cuBLAS's FP8 GEMM writing bf16 [M, 2F],
-    then FastGemm's epilogue, split, GELU, product and the next quantizer as one Inductor kernel (torch.compile of
-    those torch ops), on SD1.5's 16 GEGLU shapes (``pointwise_roofline.TRANSFORMERS``: M = batch x side^2, K = C,
-    2F = 8C). Device time from CUDA-graph replays, ms per call and per step (x count); every tile's output is
-    compared with the unfused path's (at most 1% of the codes may differ, by one grid step: erf's last bit; the
-    sums of these grid operands are exact in any order)."""
-    from pointwise_roofline import TRANSFORMERS
-
-    from msfp_compiler.export.triton.fast import grid_e4m3
-    from msfp_compiler.export.triton.geglu_fp8 import gemm_geglu_e4m3
-
-    qfmt = "e2m1"
-    one = torch.ones((), device=DEV)
-
-    def tail(y: torch.Tensor, sb: torch.Tensor, beta: torch.Tensor, s: float, z: float) -> torch.Tensor:
-        y = (y.float() * sb + beta).to(torch.bfloat16)
-        h, g = y.chunk(2, dim=-1)
-        return grid_e4m3(h * F.gelu(g), s, z, qfmt)
-
-    tail_c = torch.compile(tail, dynamic=False)
-    totals: Counter = Counter()
-    rows = []
-    for (side, c), count in sorted(Counter(levels or TRANSFORMERS).items()):
-        m, f = batch * side * side, 4 * c
-        gen = torch.Generator(device=DEV).manual_seed(0)
-        a = torch.randint(-2, 3, (m, c), device=DEV, generator=gen).float().to(torch.float8_e4m3fn)
-        w = torch.randint(-2, 3, (2 * f, c), device=DEV, generator=gen).float().to(torch.float8_e4m3fn)
-        sb = torch.rand(2 * f, device=DEV, generator=gen) * 0.02 + 0.005
-        beta = torch.randn(2 * f, device=DEV, generator=gen) * 0.5
-        s, z = 0.1, 0.0  # e2m1's grid over +-0.6: the products' range here
-
-        def unfused() -> torch.Tensor:
-            return tail_c(torch._scaled_mm(a, w.t(), one, one, out_dtype=torch.bfloat16, use_fast_accum=True),
-                          sb, beta, s, z)
-
-        ref = unfused().float()
-        row: dict = {"M": m, "K": c, "F": f, "count": count, "unfused_ms": round(graphed_ms(unfused), 5)}
-        totals["unfused"] += count * row["unfused_ms"]
-        for tile in tiles:
-            name = "x".join(str(t) for t in tile[:3]) + f"w{tile[3]}s{tile[4]}"
-            try:
-                got = gemm_geglu_e4m3(a, w, sb, beta, s, z, qfmt, tile=tile).float()
-                d = (got - ref).abs()
-                if (d > 0).float().mean().item() > 0.01 or d.max().item() > 2.0:  # e2m1's largest step: 2
-                    row[name] = f"mismatch: {(d > 0).float().mean().item():.3g} of codes, max {d.max().item()}"
-                    continue
-                ms = graphed_ms(lambda: gemm_geglu_e4m3(a, w, sb, beta, s, z, qfmt, tile=tile))  # noqa: B023
-            except Exception as e:  # noqa: BLE001  (a tile this Triton cannot compile)
-                row[name] = repr(e)[:200]
-                continue
-            row[name] = round(ms, 5)
-            totals[name] += count * ms
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-    return {"per_step_ms": {k: round(v, 4) for k, v in totals.items()}, "timing": "graphed_ms (do_bench_cudagraph)",
-            "format": qfmt, "rows": rows}
-
-
 def bench_conv(shapes: Counter, gpu_lock: str | None = None) -> dict:
     """The implicit-GEMM FP8 conv (``conv_fp8``, every tile of ``CONFIGS``) against im2col + cuBLAS on the SD1.5
     k x k convs, ms per call and per step: ``*_ms`` do_bench (L2 flushed, launch included), ``*_graphed_ms``
@@ -542,7 +477,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--out", default=str(ROOT / "results" / "gpu_sd15_kernels.json"))
     ap.add_argument("--sections", default="layers", help="comma list of layers, conv, decode, im2col, fp8attn, "
-                    "gnstats, geglu")
+                    "gnstats")
     ap.add_argument("--attn-levels", default=",".join(lv[0] for lv in ATTN_LEVELS),
                     help="fp8attn: the SD1.5 levels to time (64x64, 32x32, 16x16, 8x8)")
     ap.add_argument("--attn-pads", default="16", help="fp8attn: head dims also padded to multiples of these")
@@ -559,12 +494,6 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.out).write_text(json.dumps(res, indent=1))
         if sections == ["gnstats"]:
             return 0
-    if "geglu" in sections:  # after gnstats: a failure here keeps its rows
-        res["geglu"] = bench_geglu(args.batch)
-        res["seconds"] = round(time.perf_counter() - t0, 1)
-        Path(args.out).write_text(json.dumps(res, indent=1))
-        if sections == ["geglu"]:
-            return 0
     if "fp8attn" in sections:  # needs no layer list (no diffusers UNet)
         levels = tuple(lv for lv in ATTN_LEVELS if lv[0] in args.attn_levels.split(","))
         res["fp8attn"] = bench_fp8_attention(args.batch, levels, pads=tuple(int(p) for p in args.attn_pads.split(",")))
@@ -572,7 +501,7 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.out).write_text(json.dumps(res, indent=1))
         if sections == ["fp8attn"]:
             return 0
-    if not set(sections) & {"conv", "decode", "im2col", "layers"}:  # e.g. geglu,gnstats: no SD1.5 layer list
+    if not set(sections) & {"conv", "decode", "im2col", "layers"}:  # e.g. fp8attn,gnstats: no SD1.5 layer list
         return 0
     shapes = layer_shapes(args.batch)
     for name, fn in (("conv", bench_conv), ("decode", bench_decode), ("im2col", bench_im2col)):

@@ -200,10 +200,8 @@ def parser() -> argparse.ArgumentParser:
                     "reduction) or gnauto / gnchannels / gntriton (group_norm='auto' / 'channels' / 'triton': "
                     "the statistics from our Triton kernels) or splitcat (build_fast(split_concat=True): the 1x1 "
                     "convs on per-part quantized concatenations as one FP8 GEMM per part) or gntriton_splitcat "
-                    "(both) or geglu (build_fast(geglu='fused'): each GEGLU's GEMM, GELU * value and the next "
-                    "quantizer as one Triton kernel, geglu_fp8; A/B against the default build: gnauto/geglu:8) or "
-                    "catnhwc (build_fast(cat_nhwc=True): the skip concatenations in NHWC memory)); "
-                    "names joined by ',' are one build with all their options (gnauto/geglu,splitcat:8); "
+                    "(both) or catnhwc (build_fast(cat_nhwc=True): the skip concatenations in NHWC memory)); "
+                    "names joined by ',' are one build with all their options (gnauto/catnhwc,splitcat:8); "
                     "recorded under 'variants' (with output_vs: its output against the headline step's at that "
                     "batch size, same inputs, or with --skip main the first variant's), then its accuracy unless "
                     "skipped")
@@ -408,7 +406,7 @@ def variant(args: argparse.Namespace, rec: Recorder, cm: Any) -> None:
                 torch._dynamo.reset()
                 torch.cuda.empty_cache()
                 options, build = variant_options(name)
-                tag = name.replace(",", "+")  # a file-name-friendly tag: profile_geglu+splitcat_b8.json
+                tag = name.replace(",", "+")  # a file-name-friendly tag: profile_catnhwc+splitcat_b8.json
                 variant_row(args, rec, cm, name, b, options, build, rows, tag=tag if one else f"{tag}_b{b}")
 
 
@@ -418,7 +416,7 @@ VARIANTS = {"combo": ({"combo_kernels": True}, {}), "qkv": ({}, {"quantize_parts
             "gnauto": ({}, {"group_norm": "auto"}), "gnchannels": ({}, {"group_norm": "channels"}),
             "gntriton": ({}, {"group_norm": "triton"}), "splitcat": ({}, {"split_concat": True}),
             "gntriton_splitcat": ({}, {"group_norm": "triton", "split_concat": True}),
-            "geglu": ({}, {"geglu": "fused"}), "catnhwc": ({}, {"cat_nhwc": True})}
+            "catnhwc": ({}, {"cat_nhwc": True})}
 
 
 def parse_variants(spec: str) -> list[tuple[list[str], list[int]]]:
@@ -611,7 +609,7 @@ def compile_fast(fast: Any, x: tuple, mode: str, row: dict, wmode: str) -> Any:
 
 
 # per (batch, weights mode): the step output the variants compare theirs with, and whose it is: the headline step's
-# ("main"), or with --skip main the first variant's at that batch size (an A/B like gnauto/geglu:1)
+# ("main"), or with --skip main the first variant's at that batch size (an A/B like gnauto/catnhwc:1)
 REF_OUT: dict[tuple[int, str], tuple[torch.Tensor, str]] = {}
 
 

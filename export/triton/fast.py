@@ -260,10 +260,6 @@ class FastGemm(torch.nn.Module):
         self.part_quant: PartQuant | None = None  # the parts' fake quantizers, applied before the split
         self.lut_rows = [n]  # rows decoded by each row of lut ([16] here, [R, 16] in merged layers)
         self.implicit = False  # k x k stride-1 conv as msfp_fast::conv_e4m3 instead of im2col + cuBLAS (implicit_conv)
-        # geglu: the next layer's quantizer (scale, zero point, format) applied in the epilogue, and whether the
-        # epilogue rounds each step to bf16 as eager ops do (else float32, as Inductor's fusion of the unfused chain)
-        self.geglu: tuple[float, float, str, bool] | None = None
-        self.a_grid = False  # the input already is the E4M3 grid values (a geglu layer's output)
         if weights == "fp8":
             self.register_buffer("w8", table[codes.long()].to(_FP8).contiguous())
         elif weights == "packed":  # decoded per step by one bandwidth-bound Triton kernel (w4_decode)
@@ -302,7 +298,6 @@ class FastGemm(torch.nn.Module):
         m.sets, m.k, m.n = 1, f.k, sum(x.n for x in layers)
         m.afmt, m.a_scale, m.a_zero, m.conv, m.weights, m.dtype = f.afmt, f.a_scale, f.a_zero, None, f.weights, f.dtype
         m.group_offset, m.parts, m.part_quant, m.implicit = 0, [x.n for x in layers], None, False
-        m.geglu, m.a_grid = None, False
         for name in ("a_s", "a_z", "one"):
             m.register_buffer(name, getattr(f, name))
         m.register_buffer("beta", torch.cat([x.beta for x in layers], 1))
@@ -330,15 +325,11 @@ class FastGemm(torch.nn.Module):
     def forward(self, x: torch.Tensor, set_index: torch.Tensor | None = None,
                 wflat: torch.Tensor | None = None) -> torch.Tensor:
         """x: the quantizer's input (any float dtype / strides); wflat: the output of this layer's DecodeGroup.
-        Returns bfloat16 (``geglu`` set: the next layer's E4M3 grid values)."""
-        # a_grid (linears only): x already is the E4M3 grid values [..., K], row-major, of the previous layer's geglu
-        g = None if self.a_grid else grid_round(_scaled(x, self.a_s, self.a_z), self.afmt)
+        Returns bfloat16."""
+        g = grid_round(_scaled(x, self.a_s, self.a_z), self.afmt)
         if self.conv is None:
-            # _scaled_mm wants A row-major (a view may not be)
-            a = x.reshape(-1, self.k) if g is None else g.reshape(-1, self.k).to(_FP8).contiguous()
+            a = g.reshape(-1, self.k).to(_FP8).contiguous()  # _scaled_mm wants A row-major (a view may not be)
             lead = x.shape[:-1]
-            if self.geglu is not None:
-                return self._geglu(a, lead, set_index, wflat)
             y = self._gemm(a, set_index, wflat)
         elif self.implicit:
             y, lead = self._implicit_conv(g, set_index, wflat)
@@ -359,16 +350,6 @@ class FastGemm(torch.nn.Module):
             return tuple(p.contiguous() for p in y.split(self.parts, dim=-1))
         b, ho, wo = lead
         return y.view(b, ho, wo, self.n).permute(0, 3, 1, 2)
-
-    def _geglu(self, a: torch.Tensor, lead: Any, set_index: torch.Tensor | None,
-               wflat: torch.Tensor | None) -> torch.Tensor:
-        """GEMM, epilogue, ``value * gelu(gate)`` of the output's halves and the next layer's quantizer as one op
-        (``msfp_fast::gemm_geglu_e4m3``): E4M3 grid values [*lead, N/2], what the next FastGemm (a_grid) reads."""
-        q_scale, q_zero, q_fmt, eager = self.geglu  # type: ignore[misc]
-        out = torch.ops.msfp_fast.gemm_geglu_e4m3(a, self.weight_e4m3(set_index, wflat),
-                                                  self._pick(self.scale_b, set_index).reshape(-1),
-                                                  self._pick(self.beta, set_index), q_scale, q_zero, q_fmt, eager)
-        return out.view(*lead, self.n // 2)
 
     def _implicit_conv(self, g: torch.Tensor, set_index: torch.Tensor | None,
                        wflat: torch.Tensor | None) -> tuple[torch.Tensor, tuple[int, int, int]]:
@@ -545,78 +526,6 @@ def _quantize_parts_in_epilogue(gm: fx.GraphModule) -> int:
     return moved
 
 
-def _halves(split: fx.Node, n: int) -> tuple[fx.Node, fx.Node] | None:
-    """(first half, second half): the getitem nodes of ``split``, a chunk / split of an [..., n] tensor into two
-    halves along its last dimension (``GEGLU``'s ``proj(x).chunk(2, dim=-1)``, captured as ``aten.split.Tensor``),
-    or None."""
-    if split.op != "call_function" or len(split.args) < 2:
-        return None
-    dim = split.args[2] if len(split.args) > 2 else split.kwargs.get("dim", 0)
-    val = split.args[0].meta.get("val") if isinstance(split.args[0], fx.Node) else None
-    last = dim == -1 or (val is not None and dim == val.dim() - 1)
-    sizes = {aten.split.Tensor: lambda: split.args[1] == n // 2, aten.chunk.default: lambda: split.args[1] == 2,
-             aten.split_with_sizes.default: lambda: list(split.args[1]) == [n // 2, n // 2]}
-    if split.target not in sizes or not last or n % 2 or not sizes[split.target]():
-        return None
-    items = {u.args[1]: u for u in split.users if u.target is operator.getitem}
-    if len(items) != len(split.users) or sorted(items) != [0, 1]:
-        return None
-    return items[0], items[1]
-
-
-def _geglu_site(gm: fx.GraphModule, node: fx.Node) -> tuple[FastGemm, fx.Node] | None:
-    """For a FastGemm node: (the next FastGemm, the node it reads) where the node is a GEGLU projection,
-    ``h, g = y.chunk(2, -1); h * gelu(g)`` (erf GELU), the product read by nothing but the next layer's quantizer
-    (through clones: the captured eval-mode dropout ff.net.1), which is a single-GEMM linear's of grid_round's int or
-    fp kind; None otherwise (the site is left to Inductor)."""
-    mod = gm.get_submodule(node.target) if node.op == "call_module" else None
-    if not isinstance(mod, FastGemm) or mod.conv is not None or mod.parts is not None or mod.geglu is not None \
-            or mod.a_grid or mod.dtype != _BF16 or len(node.users) != 1:
-        return None
-    halves = _halves(next(iter(node.users)), mod.n)
-    if halves is None or any(len(h.users) != 1 for h in halves):
-        return None
-    (mul,), (gelu,) = halves[0].users, halves[1].users
-    approximate = gelu.args[1] if len(gelu.args) > 1 else gelu.kwargs.get("approximate", "none")
-    if gelu.target != aten.gelu.default or approximate != "none" or list(gelu.users) != [mul] \
-            or mul.target != aten.mul.Tensor or set(mul.args) != {halves[0], gelu}:
-        return None
-    read = mul
-    while len(read.users) == 1 and next(iter(read.users)).target == aten.clone.default:
-        read = next(iter(read.users))
-    if len(read.users) != 1:
-        return None
-    (user,) = read.users
-    nxt = gm.get_submodule(user.target) if user.op == "call_module" else None
-    if not isinstance(nxt, FastGemm) or nxt.conv is not None or nxt.parts is not None or nxt.a_grid \
-            or nxt.geglu is not None or nxt.dtype != _BF16 or user.args[0] is not read or nxt.k != mod.n // 2 \
-            or _spec(nxt.afmt).kind not in ("int", "fp"):
-        return None
-    return nxt, read
-
-
-def _fuse_geglu(gm: fx.GraphModule, eager_rounding: bool = False) -> int:
-    """GEGLU feed-forwards (``_geglu_site``) as one ``msfp_fast::gemm_geglu_e4m3`` in the projection's FastGemm
-    (``geglu``): the next FastGemm reads its E4M3 grid values (``a_grid``) instead of quantizing the bf16 product;
-    the split, GELU, product and clones leave the graph. The op computes in float32 after the GEMM's bf16 output, as
-    Inductor's kernel for the unfused chain does (what the default build runs compiled), or with
-    ``eager_rounding`` each step rounded to bf16, as the unfused chain's eager ops. Returns how many sites fused."""
-    count = 0
-    for node in list(gm.graph.nodes):
-        site = _geglu_site(gm, node) if node.op == "call_module" else None
-        if site is None:
-            continue
-        nxt, read = site
-        gm.get_submodule(node.target).geglu = (nxt.a_scale, nxt.a_zero, nxt.afmt, eager_rounding)
-        nxt.a_grid = True
-        if "val" in read.meta:
-            node.meta["val"] = read.meta["val"]  # the shape its reader sees now ([..., N/2])
-        read.replace_all_uses_with(node)
-        count += 1
-    gm.graph.eliminate_dead_code()
-    return count
-
-
 def _route_implicit_convs(gm: fx.GraphModule) -> int:
     """Mark the single-set k x k stride-1 convs whose channel count the kernel takes (C % 16) for the implicit-GEMM
     conv; returns how many. Strided convs keep im2col (the kernel's pointer gather is their only form there); the
@@ -779,7 +688,6 @@ class FastReport:
     fp8_attention: int = 0  # attentions run by msfp_fast::sdpa_fp8 (attention="fp8")
     group_norms: int = 0  # GroupNorms as group_norm_channels / _auto / _triton (group_norm= "channels" etc.)
     split_concat: int = 0  # 1x1 convs on a per-part quantized concatenation as one FP8 GEMM per part (opt-in)
-    geglu_fused: int = 0  # GEGLU feed-forwards as one GEMM + GELU * value + quantizer op (geglu="fused")
     cat_nhwc: int = 0  # 4-d channel concatenations laid out NHWC (cat_nhwc=True)
 
     def __str__(self) -> str:
@@ -792,7 +700,6 @@ class FastReport:
                  + (f"; FP8 attentions: {self.fp8_attention}" if self.fp8_attention else "")
                  + (f"; channels-last GroupNorms (or batch-dependent): {self.group_norms}" if self.group_norms else "")
                  + (f"; concatenation convs as one GEMM per part: {self.split_concat}" if self.split_concat else "")
-                 + (f"; GEGLUs fused into their GEMM: {self.geglu_fused}" if self.geglu_fused else "")
                  + (f"; channel concatenations in NHWC memory: {self.cat_nhwc}" if self.cat_nhwc else "")]
         lines += [f"  kept {k}: {v}" for k, v in self.skipped.items()]
         return "\n".join(lines)
@@ -1186,7 +1093,7 @@ def build_fast(gm: fx.GraphModule, device: str | torch.device = "cuda", weights:
                inplace: bool = False, dtype: torch.dtype = _BF16,
                decode_group_bytes: int | None = None, merge: bool = True, quantize_parts: bool = False,
                implicit_conv: bool | None = None, attention: str = "bf16", group_norm: str = "auto",
-               split_concat: bool = False, geglu: str = "inductor", cat_nhwc: bool = False) -> FastUNet:
+               split_concat: bool = False, cat_nhwc: bool = False) -> FastUNet:
     """Rewrite a quantized GraphModule (``CompiledModel.graph_module`` or a loaded .pt2's module) for Inductor.
 
     ``dtype``: of the activations between ops (bf16; float32 checks the rewrite against the reference graph with
@@ -1211,20 +1118,11 @@ def build_fast(gm: fx.GraphModule, device: str | torch.device = "cuda", weights:
     measured fastest on SD1.5 at batch 8, aten below, as session 13 measured batch 1). ``split_concat`` (opt-in,
     not yet measured on the GPU): the 1x1 convs on a concatenation quantized per part (SD1.5's 12 up-block
     conv_shortcuts, otherwise kept as bf16 fake quantization + conv) as one FP8 GEMM per part with its own activation
-    scale, summed in ``dtype``. ``geglu``: "inductor" (the default: ff.net.0.proj's GEMM writes its [M, 2F] bf16
-    output, Inductor fuses split, GELU, product and ff.net.2's quantizer into one pointwise kernel) or "fused"
-    (opt-in, not yet measured on the GPU: each GEGLU ``_geglu_site`` matches as one ``msfp_fast::gemm_geglu_e4m3``,
-    the Triton kernel of ``geglu_fp8`` writing only ff.net.2's E4M3 operand [M, F]; SD1.5: the 16 transformer
-    blocks; counted in ``report.geglu_fused``; bf16 ``dtype`` only: the float32 check is left unfused). The op
-    computes in float32 after the GEMM's bf16 output, the numerics of Inductor's kernel for the unfused chain (which
-    drops eager's intermediate bf16 roundings), so compiled builds agree; eagerly the default build rounds those
-    steps to bf16 and a few codes differ. ``cat_nhwc`` (opt-in, not yet measured on the GPU): the 4-d channel
+    scale, summed in ``dtype``. ``cat_nhwc`` (opt-in, not yet measured on the GPU): the 4-d channel
     concatenations (SD1.5's 12 up-block skip connections, and the concatenations of their quantized parts) as
     ``cat_nhwc``, NHWC memory like every other activation, instead of the NCHW buffer Inductor gives an
     ``aten.cat`` none of whose parts it has fixed channels-last yet (3 of SD1.5's); the same values (a layout
     change only; compiled, Inductor's fusions change, and with them a few roundings)."""
-    if geglu not in ("inductor", "fused"):
-        raise ValueError(f"unknown geglu mode {geglu!r} (inductor or fused)")
     if group_norm not in ("auto", "channels", "aten", "triton"):
         raise ValueError(f"unknown group_norm mode {group_norm!r} (auto, channels, aten or triton)")
     if attention not in ("bf16", "fp8"):
@@ -1241,8 +1139,6 @@ def build_fast(gm: fx.GraphModule, device: str | torch.device = "cuda", weights:
         report.merged_away = _merge_shared_inputs(gm)
         if quantize_parts:
             report.part_quant_moved = _quantize_parts_in_epilogue(gm)
-    if geglu == "fused" and dtype == _BF16:  # the op's GEMM output is bf16: the float32 check is left alone
-        report.geglu_fused = _fuse_geglu(gm)
     if implicit_conv or (implicit_conv is None and torch.device(device).type == "cuda"):
         report.implicit_convs = _route_implicit_convs(gm)
     group_bytes = DECODE_GROUP_BYTES if decode_group_bytes is None else decode_group_bytes

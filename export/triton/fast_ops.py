@@ -1,10 +1,8 @@
 """torch.library ops of the fast path: the Triton kernels Inductor should not regenerate, as opaque ops.
 
 ``msfp_fast::decode_w4`` / ``decode_w4_group`` (packed 4-bit weights -> E4M3 [N, K], kernels in ``w4_decode``)
-``msfp_fast::im2col_e4m3`` (NHWC E4M3 -> im2col rows, kernel in ``im2col``), ``msfp_fast::conv_e4m3`` (the
-implicit-GEMM FP8 conv, kernel in ``conv_fp8``) and ``msfp_fast::gemm_geglu_e4m3`` (a GEGLU feed-forward's first GEMM
-with GELU * value and the next layer's quantizer in its epilogue, kernel in ``geglu_fp8``). Each has a fake
-implementation
+``msfp_fast::im2col_e4m3`` (NHWC E4M3 -> im2col rows, kernel in ``im2col``) and ``msfp_fast::conv_e4m3`` (the
+implicit-GEMM FP8 conv, kernel in ``conv_fp8``). Each has a fake implementation
 (shapes only) so torch.compile traces through it and Inductor fuses the code around it, a CUDA implementation that
 launches the Triton kernel (captured by CUDA graphs like any launch), and the reference in torch ops for every other
 device (CPU tests, eager CPU runs). The Triton modules are imported on first CUDA use only: their kernels must be
@@ -22,7 +20,7 @@ import torch.nn.functional as F
 from msfp_compiler.ops import get_format
 
 __all__ = ["decode_w4", "decode_w4_group", "im2col_e4m3", "conv_e4m3", "sdpa_fp8", "conv_out_size", "pack_halves",
-           "unpack_halves", "e4m3_lut", "gn_stats", "gemm_geglu_e4m3", "geglu_quant_reference"]
+           "unpack_halves", "e4m3_lut", "gn_stats"]
 
 _FP8 = torch.float8_e4m3fn
 
@@ -220,48 +218,3 @@ def _gn_stats_cuda(parts: list[torch.Tensor], groups: int, eps: float) -> torch.
 @gn_stats.register_fake
 def _gn_stats_fake(parts: list[torch.Tensor], groups: int, eps: float) -> torch.Tensor:
     return parts[0].new_empty((2, parts[0].shape[0], groups), dtype=torch.float32)
-
-
-def geglu_quant_reference(a: torch.Tensor, w: torch.Tensor, scale_b: torch.Tensor, beta: torch.Tensor,
-                          q_scale: float, q_zero: float, qfmt: str, eager_rounding: bool = False) -> torch.Tensor:
-    """What ``msfp_fast::gemm_geglu_e4m3`` computes, as torch ops: FastGemm's GEMM (float32 sums of the E4M3
-    operands, rounded to bf16 as cuBLAS writes them) and epilogue (x scale_b + beta), the split, GELU (erf) and
-    product in float32 (the numerics of Inductor's one kernel for the unfused chain: it drops the intermediate bf16
-    downcasts) or, ``eager_rounding``, each rounded to bf16 (the unfused chain's eager ops), then the next FastGemm's
-    quantizer (its grid values as E4M3)."""
-    from .fast import grid_round  # fast imports this module at its top
-
-    y = (a.float() @ w.float().t()).to(torch.bfloat16)
-    y = y.float() * scale_b.float() + beta.float()
-    if eager_rounding:
-        h, g = y.to(torch.bfloat16).chunk(2, dim=-1)
-        z = (h * F.gelu(g)).float()
-    else:
-        h, g = y.chunk(2, dim=-1)
-        z = h * F.gelu(g)
-    return grid_round((z - q_zero) / q_scale, qfmt).to(_FP8)
-
-
-@torch.library.custom_op("msfp_fast::gemm_geglu_e4m3", mutates_args=())
-def gemm_geglu_e4m3(a: torch.Tensor, w: torch.Tensor, scale_b: torch.Tensor, beta: torch.Tensor, q_scale: float,
-                    q_zero: float, qfmt: str, eager_rounding: bool = False) -> torch.Tensor:
-    """a E4M3 [M, K], w E4M3 [2F, K] (value rows, then gate rows), scale_b / beta float32 [2F] -> E4M3 [M, F]: the
-    grid values of the next layer's quantizer (q_scale, q_zero, qfmt of grid_round's int or fp kind) applied to
-    ``value * gelu(gate)`` of FastGemm's output, in float32 after the GEMM's bf16 rounding (``eager_rounding``: each
-    step in bf16). CUDA: one Triton kernel (``geglu_fp8.gemm_geglu_e4m3``, the [M, 2F] output never leaves the
-    chip); elsewhere ``geglu_quant_reference``."""
-    return geglu_quant_reference(a, w, scale_b, beta, q_scale, q_zero, qfmt, eager_rounding)
-
-
-@gemm_geglu_e4m3.register_kernel("cuda")
-def _gemm_geglu_cuda(a: torch.Tensor, w: torch.Tensor, scale_b: torch.Tensor, beta: torch.Tensor, q_scale: float,
-                     q_zero: float, qfmt: str, eager_rounding: bool = False) -> torch.Tensor:
-    from .geglu_fp8 import gemm_geglu_e4m3 as gemm_geglu_triton
-
-    return gemm_geglu_triton(a, w, scale_b, beta, q_scale, q_zero, qfmt, eager_rounding=eager_rounding)
-
-
-@gemm_geglu_e4m3.register_fake
-def _gemm_geglu_fake(a: torch.Tensor, w: torch.Tensor, scale_b: torch.Tensor, beta: torch.Tensor, q_scale: float,
-                     q_zero: float, qfmt: str, eager_rounding: bool = False) -> torch.Tensor:
-    return a.new_empty((a.shape[0], w.shape[0] // 2), dtype=_FP8)

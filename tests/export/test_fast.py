@@ -5,7 +5,6 @@ Runs on the CPU (torch._scaled_mm has a CPU kernel; Inductor generates C++ there
 
 from __future__ import annotations
 
-import copy
 import math
 
 import pytest
@@ -547,103 +546,6 @@ def test_build_fast_split_concat(compiled_cond) -> None:
     assert "one GEMM per part" in str(fast.report)
     with torch.no_grad():
         assert _rel(fast(*args), gm(*args)) < 1e-5
-
-
-@pytest.mark.parametrize("weights,sets", [("packed", 1), ("fp8", 2)])
-def test_fast_gemm_geglu_matches_unfused(weights: str, sets: int) -> None:
-    """A FastGemm with ``geglu`` (msfp_fast::gemm_geglu_e4m3: GEMM, epilogue, value * gelu(gate), the next layer's
-    quantizer) and the next FastGemm reading its E4M3 grid values (``a_grid``) give the eager unfused chain's output
-    bit for bit with eager_rounding (the op's CPU implementation is then the same eager ops in the same order; FP8
-    products sum exactly), TALoRA sets included; its fake implementation agrees with it (opcheck). (Without
-    eager_rounding, build_fast's choice, and through torch.compile: test_gemm_geglu_op_matches_inductor.)"""
-    gen = torch.Generator().manual_seed(5)
-    f, k, n2 = 32, 48, 16
-    codes0, ws0, _ = _weight(2 * f, (k,), "e2m1", gen, sets)
-    codes2, ws2, _ = _weight(n2, (f,), "e1m2", gen)
-    ff0 = FA.FastGemm(codes0, ws0, "e2m1", 0.21, 0.0, "e2m1", torch.randn(2 * f, generator=gen), False, weights)
-    ff2 = FA.FastGemm(codes2, ws2, "e1m2", 0.12, -0.2, "ue2m2", None, False, weights)  # unsigned, zero point
-    x = torch.randn(2, 5, k, generator=gen)
-    si = torch.tensor([sets - 1]) if sets > 1 else None
-    with torch.no_grad():
-        h, g = ff0(x, si).chunk(2, -1)
-        ref = ff2(h * F.gelu(g))
-        ff0.geglu, ff2.a_grid = (ff2.a_scale, ff2.a_zero, ff2.afmt, True), True
-        grid = ff0(x, si)
-        assert grid.dtype == torch.float8_e4m3fn and grid.shape == (2, 5, f)
-        assert len(grid.float().unique()) >= 5  # the quantizer's grid is used, not one level
-        assert torch.equal(ff2(grid), ref)
-    a, w = (torch.randint(-2, 3, shape, generator=gen).float().to(torch.float8_e4m3fn) for shape in ((6, 16), (8, 16)))
-    got = torch.library.opcheck(torch.ops.msfp_fast.gemm_geglu_e4m3, (a, w, torch.rand(8), torch.randn(8), 0.3, 0.0,
-                                                                      "e2m1"), test_utils="test_faketensor")
-    assert got == {"test_faketensor": "SUCCESS"}
-
-
-def test_gemm_geglu_op_matches_inductor() -> None:
-    """build_fast(geglu="fused")'s op computes after the GEMM's bf16 output in float32: the codes Inductor's kernel
-    for the unfused chain (FastGemm's epilogue, split, GELU, product, the next FastGemm's quantizer) gives, which
-    drops eager's bf16 roundings between those ops (emulate_precision_casts is off; CPU C++ here, the same rule for
-    its Triton code on the GPU, where erf and FMA contraction may still differ in the last bit). The op is opaque to
-    torch.compile (one graph with it, its fake implementation) and gives the same codes there. With eager_rounding
-    the codes are eager's, a fraction of a percent of them one step from Inductor's."""
-    gen = torch.Generator().manual_seed(6)
-    f, k = 64, 64
-    codes0, ws0, _ = _weight(2 * f, (k,), "e2m1", gen)
-    codes2, ws2, _ = _weight(16, (f,), "e1m2", gen)
-    ff0 = FA.FastGemm(codes0, ws0, "e2m1", 0.21, 0.0, "e2m1", torch.randn(2 * f, generator=gen), False, "packed")
-    ff2 = FA.FastGemm(codes2, ws2, "e1m2", 0.12, -0.2, "ue2m2", None, False, "packed")
-
-    def unfused(x: torch.Tensor) -> torch.Tensor:  # ff2's quantizer as FastGemm.forward computes it
-        h, g = ff0(x).chunk(2, -1)
-        return FA.grid_round(FA._scaled(h * F.gelu(g), ff2.a_s, ff2.a_z), ff2.afmt).to(torch.float8_e4m3fn)
-
-    fused = {mode: copy.deepcopy(ff0) for mode in (False, True)}
-    for mode, m in fused.items():
-        m.geglu = (ff2.a_scale, ff2.a_zero, ff2.afmt, mode)
-    x = torch.randn(16, 256, k, generator=gen)
-    with torch.no_grad():
-        both = torch.compile(lambda x: (unfused(x), fused[False](x)), dynamic=False, fullgraph=True)
-        inductor, compiled_op = (t.view(torch.uint8) for t in both(x))
-        eager = unfused(x).view(torch.uint8)
-        codes = {mode: m(x).view(torch.uint8) for mode, m in fused.items()}
-    assert torch.equal(codes[False], inductor) and torch.equal(compiled_op, codes[False])
-    assert torch.equal(codes[True], eager)
-    assert 0 < (eager != inductor).float().mean() < 0.01  # what the two numerics differ by here
-
-
-def test_build_fast_geglu_fused(compiled_cond, unet_cond) -> None:
-    """build_fast(geglu="fused"): every transformer block's GEGLU (ff.net.0.proj -> split -> value * gelu(gate) ->
-    the eval-mode dropout's clone -> ff.net.2's quantizer) becomes one msfp_fast::gemm_geglu_e4m3 in the
-    projection's FastGemm, and ff.net.2 reads its E4M3 grid values. The op computes in float32, as Inductor does
-    the default build's chain (test_gemm_geglu_op_matches_inductor), so eagerly it differs from the default build
-    in a few codes, which this random model amplifies; the wiring is checked with the sites switched to
-    eager_rounding: then the eager output is the default build's bit for bit (the op's CPU implementation runs the
-    eager ops the default graph runs, in the same order and dtypes; FP8 products sum exactly in float32, as
-    _scaled_mm's). The GPU kernel's own check: test_fast_kernels' test_gemm_geglu_matches_reference. The float32
-    checking dtype and a site whose GELU is not erf's are left alone; an unknown mode is a ValueError."""
-    blocks = sum(type(m).__name__ == "BasicTransformerBlock" for m in unet_cond.modules())
-    gm = compiled_cond.graph_module
-    args = compiled_cond.calibration.batches[0].args
-    base = FA.build_fast(gm, "cpu")
-    fused = FA.build_fast(gm, "cpu", geglu="fused")
-    assert fused.report.geglu_fused == blocks >= 2 and base.report.geglu_fused == 0
-    assert f"GEGLUs fused into their GEMM: {blocks}" in str(fused.report)
-    gelu = torch.ops.aten.gelu.default
-    assert [sum(n.target == gelu for n in f.gm.graph.nodes) for f in (base, fused)] == [blocks, 0]
-    layers = [m for m in fused.modules() if isinstance(m, FA.FastGemm)]
-    assert sum(m.geglu is not None for m in layers) == sum(m.a_grid for m in layers) == blocks
-    assert all(not m.geglu[3] for m in layers if m.geglu is not None)  # float32, Inductor's numerics
-    with torch.no_grad():
-        out = fused(*args)
-        for m in layers:
-            if m.geglu is not None:
-                m.geglu = (*m.geglu[:3], True)
-        assert torch.isfinite(out).all() and torch.equal(fused(*args), base(*args))
-    assert FA.build_fast(gm, "cpu", dtype=torch.float32, geglu="fused").report.geglu_fused == 0
-    tanh = next(n for n in base.gm.graph.nodes if n.target == gelu)
-    tanh.kwargs = {"approximate": "tanh"}  # not the kernel's GELU: that site stays as it is
-    assert FA._fuse_geglu(base.gm) == blocks - 1 and tanh in base.gm.graph.nodes
-    with pytest.raises(ValueError, match="geglu mode 'triton'"):
-        FA.build_fast(gm, "cpu", geglu="triton")
 
 
 def _strided_nodes(fn, *args: torch.Tensor) -> tuple[list[dict], torch.Tensor]:

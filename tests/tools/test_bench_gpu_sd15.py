@@ -48,15 +48,16 @@ def test_parse_variant_batches_and_errors():
     assert bench_gpu_sd15.parse_variant("gnauto/gntriton:8,1,4") == (["gnauto", "gntriton"], [8, 1, 4])
     assert bench_gpu_sd15.parse_variant("combo:2") == (["combo"], [2])
     assert bench_gpu_sd15.VARIANTS["gntriton"] == ({}, {"group_norm": "triton"})
-    # the default build (gnauto: build_fast's defaults) next to the fused GEGLU, batch 8 then 1, one process
-    assert bench_gpu_sd15.parse_variants("gnauto/geglu:8,1") == [(["gnauto", "geglu"], [8, 1])]
-    assert bench_gpu_sd15.VARIANTS["geglu"] == ({}, {"geglu": "fused"})
+    # the default build (gnauto: build_fast's defaults) next to the NHWC concatenations, batch 8 then 1, one process
+    assert bench_gpu_sd15.parse_variants("gnauto/catnhwc:8,1") == [(["gnauto", "catnhwc"], [8, 1])]
     assert bench_gpu_sd15.VARIANTS["catnhwc"] == ({}, {"cat_nhwc": True})
-    assert bench_gpu_sd15.variant_options("geglu,catnhwc") == ({}, {"geglu": "fused", "cat_nhwc": True})
+    assert bench_gpu_sd15.variant_options("splitcat,catnhwc") == ({}, {"split_concat": True, "cat_nhwc": True})
     assert bench_gpu_sd15.VARIANTS["gnauto"][1] == {"group_norm": "auto"}  # what build_fast does by default
     for bad in ("gntriton", "welford:8", "gnauto/welford:8", "gntriton:8,x", "geglu", "geglu_fused:8"):
         with pytest.raises(ValueError, match="--variant"):
             bench_gpu_sd15.parse_variant(bad)
+    with pytest.raises(ValueError, match="unknown variant 'geglu'"):  # removed in session 16 (docs/triton.md)
+        bench_gpu_sd15.parse_variant("gnauto/geglu:8")
     assert bench_gpu_sd15.parse_variants("gnauto/gntriton/gntriton_splitcat:8+gnauto/gntriton:1,4") == [
         (["gnauto", "gntriton", "gntriton_splitcat"], [8]), (["gnauto", "gntriton"], [1, 4])]
     for bad in ("gnauto:8+", "gnauto:8+welford:1"):
@@ -67,15 +68,15 @@ def test_parse_variant_batches_and_errors():
 def test_variant_combinations_are_one_build():
     """"A,B" is one build with both variants' options (one compile for two levers); a clash or an unknown part is
     a one-line ValueError before any compile."""
-    assert bench_gpu_sd15.parse_variant("gnauto/geglu,splitcat:8") == (["gnauto", "geglu,splitcat"], [8])
-    assert bench_gpu_sd15.variant_options("geglu,splitcat") == ({}, {"geglu": "fused", "split_concat": True})
+    assert bench_gpu_sd15.parse_variant("gnauto/catnhwc,splitcat:8") == (["gnauto", "catnhwc,splitcat"], [8])
+    assert bench_gpu_sd15.variant_options("catnhwc,splitcat") == ({}, {"cat_nhwc": True, "split_concat": True})
     assert bench_gpu_sd15.variant_options("combo,gntriton") == ({"combo_kernels": True}, {"group_norm": "triton"})
     assert bench_gpu_sd15.variant_options("gntriton,splitcat") == bench_gpu_sd15.VARIANTS["gntriton_splitcat"]
     assert bench_gpu_sd15.variant_options("gntriton,gntriton_splitcat")[1] == {"group_norm": "triton",
                                                                                  "split_concat": True}
     with pytest.raises(ValueError, match="sets group_norm differently"):
         bench_gpu_sd15.variant_options("gnaten,gntriton")
-    for bad in ("conv,im2col:8", "geglu,welford:8", "geglu,:8", ",geglu:1"):
+    for bad in ("conv,im2col:8", "catnhwc,welford:8", "catnhwc,:8", ",catnhwc:1"):
         with pytest.raises(ValueError, match="--variant"):
             bench_gpu_sd15.parse_variant(bad)
 
@@ -106,7 +107,7 @@ def test_output_diff():
 
 
 def test_variant_rows_compare_outputs(monkeypatch, tmp_path):
-    """--skip main --variant gnauto/geglu:1 (an A/B without the headline rows): the first variant's step output is
+    """--skip main --variant gnauto/catnhwc:1 (an A/B without the headline rows): the first variant's step output is
     the reference of the second's (output_vs); with main rows the headline step's output is (time_fast keeps it)."""
     import types
 
@@ -115,22 +116,22 @@ def test_variant_rows_compare_outputs(monkeypatch, tmp_path):
     from msfp_compiler.export.triton import fast as FA
 
     ns = types.SimpleNamespace
-    outs = {"gnauto": torch.tensor([3.0, 4.0, 0.0]), "geglu": torch.tensor([3.0, 4.0, 0.5])}
+    outs = {"gnauto": torch.tensor([3.0, 4.0, 0.0]), "catnhwc": torch.tensor([3.0, 4.0, 0.5])}
     monkeypatch.setattr(FA, "build_fast", lambda gm, dev, weights, **kw: ns(
-        report="r", kind="geglu" if kw.get("geglu") == "fused" else "gnauto"))
+        report="r", kind="catnhwc" if kw.get("cat_nhwc") else "gnauto"))
     monkeypatch.setattr(bench_gpu_sd15, "inputs", lambda b, ex: (b,))
     monkeypatch.setattr(bench_gpu_sd15, "compile_fast", lambda f, x, mode, row, w: lambda *a: outs[f.kind])
     monkeypatch.setattr(bench_gpu_sd15, "time_fast", lambda *a, **k: None)
     monkeypatch.setattr(bench_gpu_sd15.torch.cuda, "empty_cache", lambda: None)
     monkeypatch.setattr(bench_gpu_sd15, "REF_OUT", {})
     args = bench_gpu_sd15.parser().parse_args(["--skip", "main,accuracy,prefetch", "--captures", "1",
-                                               "--variant", "gnauto/geglu:1"])
+                                               "--variant", "gnauto/catnhwc:1"])
     cm = ns(graph_module=None, calibration=ns(batches=[ns(args=(0,))]))
     bench_gpu_sd15.variant(args, bench_gpu_sd15.Recorder(tmp_path / "gpu.json", {}), cm)
     rows = json.loads((tmp_path / "gpu.json").read_text())["variants"]
-    assert [r["variant"] for r in rows] == ["gnauto", "geglu"] and "output_vs" not in rows[0]
+    assert [r["variant"] for r in rows] == ["gnauto", "catnhwc"] and "output_vs" not in rows[0]
     assert rows[1]["output_vs"] == {"ref": "gnauto", "rel_rmse": 0.1, "max_abs": 0.5, "equal": False}
-    bench_gpu_sd15.REF_OUT[(1, args.weights.split(",")[0])] = (outs["geglu"], "main")  # as time_fast keeps it
+    bench_gpu_sd15.REF_OUT[(1, args.weights.split(",")[0])] = (outs["catnhwc"], "main")  # as time_fast keeps it
     bench_gpu_sd15.variant(args, bench_gpu_sd15.Recorder(tmp_path / "gpu2.json", {}), cm)
     rows = json.loads((tmp_path / "gpu2.json").read_text())["variants"]
     assert [r["output_vs"]["ref"] for r in rows] == ["main", "main"] and rows[1]["output_vs"]["equal"]
