@@ -472,21 +472,26 @@ def bench_fp8_attention(batch: int, levels: tuple = ATTN_LEVELS, device: str = D
     return res
 
 
+SECTIONS = ("layers", "conv", "decode", "im2col", "fp8attn", "gnstats")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--out", default=str(ROOT / "results" / "gpu_sd15_kernels.json"))
-    ap.add_argument("--sections", default="layers", help="comma list of layers, conv, decode, im2col, fp8attn, "
-                    "gnstats")
+    ap.add_argument("--sections", default="layers", help=f"comma list of {', '.join(SECTIONS)}")
     ap.add_argument("--attn-levels", default=",".join(lv[0] for lv in ATTN_LEVELS),
                     help="fp8attn: the SD1.5 levels to time (64x64, 32x32, 16x16, 8x8)")
     ap.add_argument("--attn-pads", default="16", help="fp8attn: head dims also padded to multiples of these")
     ap.add_argument("--gpu-lock", default=None, metavar="FILE", help="conv: hold an flock on FILE for the timings "
                     "(the one bench_gpu_sd15 --gpu-lock takes), so they never share the GPU with another bench")
     args = ap.parse_args(argv)
+    sections = args.sections.split(",")
+    unknown = sorted(set(sections) - set(SECTIONS))
+    if unknown:  # before any GPU work: a typo (or a removed section) must not time nothing and exit 0
+        ap.error(f"--sections: unknown section {unknown[0]!r} (choose from {', '.join(SECTIONS)})")
     torch.backends.cuda.matmul.allow_tf32 = False
     t0 = time.perf_counter()
-    sections = args.sections.split(",")
     res: dict = {"device": torch.cuda.get_device_name(0), "batch": args.batch}
     if "gnstats" in sections:  # needs no layer list either
         res["gnstats"] = bench_gnstats(args.batch)
