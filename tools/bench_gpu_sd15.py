@@ -200,7 +200,8 @@ def parser() -> argparse.ArgumentParser:
                     "reduction) or gnauto / gnchannels / gntriton (group_norm='auto' / 'channels' / 'triton': "
                     "the statistics from our Triton kernels) or splitcat (build_fast(split_concat=True): the 1x1 "
                     "convs on per-part quantized concatenations as one FP8 GEMM per part) or gntriton_splitcat "
-                    "(both) or catnhwc (build_fast(cat_nhwc=True): the skip concatenations in NHWC memory)); "
+                    "(both) or catnhwc (build_fast(cat_nhwc=True), the default since session 16: the skip "
+                    "concatenations in NHWC memory) or catnchw (cat_nhwc=False: aten.cat, the graph before)); "
                     "names joined by ',' are one build with all their options (gnauto/catnhwc,splitcat:8); "
                     "recorded under 'variants' (with output_vs: its output against the headline step's at that "
                     "batch size, same inputs, or with --skip main the first variant's), then its accuracy unless "
@@ -416,7 +417,8 @@ VARIANTS = {"combo": ({"combo_kernels": True}, {}), "qkv": ({}, {"quantize_parts
             "gnauto": ({}, {"group_norm": "auto"}), "gnchannels": ({}, {"group_norm": "channels"}),
             "gntriton": ({}, {"group_norm": "triton"}), "splitcat": ({}, {"split_concat": True}),
             "gntriton_splitcat": ({}, {"group_norm": "triton", "split_concat": True}),
-            "catnhwc": ({}, {"cat_nhwc": True})}
+            "catnhwc": ({}, {"cat_nhwc": True}),  # the default since session 16
+            "catnchw": ({}, {"cat_nhwc": False})}  # aten.cat, the default build before session 16
 
 
 def parse_variants(spec: str) -> list[tuple[list[str], list[int]]]:

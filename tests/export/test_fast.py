@@ -591,15 +591,15 @@ def test_cat_nhwc_keeps_concatenations_channels_last() -> None:
 
 
 def test_build_fast_cat_nhwc(compiled_cond) -> None:
-    """build_fast(cat_nhwc=True) replaces every 4-d channel concatenation (the up blocks' skip connections and the
+    """build_fast(cat_nhwc=True), the default, replaces every 4-d channel concatenation (the up blocks' skip connections and the
     concatenations of their per-part quantized copies) by cat_nhwc, the GroupNorms keep their parts, and the
-    output is the default build's bit for bit (eagerly: a layout change only; through Inductor on the whole tiny
+    output is the aten.cat build's (cat_nhwc=False) bit for bit (eagerly: a layout change only; through Inductor on the whole tiny
     UNet also, tools/layout_audit.py, not a test: ~6 min)."""
     gm = compiled_cond.graph_module
     args = compiled_cond.calibration.batches[0].args
     for kw in ({}, {"split_concat": True}):
-        base = FA.build_fast(gm, "cpu", **kw)
-        fast = FA.build_fast(gm, "cpu", cat_nhwc=True, **kw)
+        base = FA.build_fast(gm, "cpu", cat_nhwc=False, **kw)
+        fast = FA.build_fast(gm, "cpu", **kw)
         cats = [n for n in base.gm.graph.nodes if n.op == "call_function" and FA.concat_parts(n) is not None]
         assert fast.report.cat_nhwc == len(cats) >= 1 and base.report.cat_nhwc == 0
         assert not any(n.target == torch.ops.aten.cat.default and FA.concat_parts(n) for n in fast.gm.graph.nodes)

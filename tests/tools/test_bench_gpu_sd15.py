@@ -51,6 +51,7 @@ def test_parse_variant_batches_and_errors():
     # the default build (gnauto: build_fast's defaults) next to the NHWC concatenations, batch 8 then 1, one process
     assert bench_gpu_sd15.parse_variants("gnauto/catnhwc:8,1") == [(["gnauto", "catnhwc"], [8, 1])]
     assert bench_gpu_sd15.VARIANTS["catnhwc"] == ({}, {"cat_nhwc": True})
+    assert bench_gpu_sd15.VARIANTS["catnchw"] == ({}, {"cat_nhwc": False})  # the graph before session 16
     assert bench_gpu_sd15.variant_options("splitcat,catnhwc") == ({}, {"split_concat": True, "cat_nhwc": True})
     assert bench_gpu_sd15.VARIANTS["gnauto"][1] == {"group_norm": "auto"}  # what build_fast does by default
     for bad in ("gntriton", "welford:8", "gnauto/welford:8", "gntriton:8,x", "geglu", "geglu_fused:8"):
