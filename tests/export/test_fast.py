@@ -591,10 +591,10 @@ def test_cat_nhwc_keeps_concatenations_channels_last() -> None:
 
 
 def test_build_fast_cat_nhwc(compiled_cond) -> None:
-    """build_fast(cat_nhwc=True), the default, replaces every 4-d channel concatenation (the up blocks' skip connections and the
-    concatenations of their per-part quantized copies) by cat_nhwc, the GroupNorms keep their parts, and the
-    output is the aten.cat build's (cat_nhwc=False) bit for bit (eagerly: a layout change only; through Inductor on the whole tiny
-    UNet also, tools/layout_audit.py, not a test: ~6 min)."""
+    """build_fast(cat_nhwc=True), the default, replaces every 4-d channel concatenation (the up blocks' skip
+    connections and the concatenations of their per-part quantized copies) by cat_nhwc, the GroupNorms keep their
+    parts, and the output is the aten.cat build's (cat_nhwc=False) bit for bit (eagerly: a layout change only;
+    through Inductor on the whole tiny UNet also, tools/layout_audit.py, not a test: ~6 min)."""
     gm = compiled_cond.graph_module
     args = compiled_cond.calibration.batches[0].args
     for kw in ({}, {"split_concat": True}):
