@@ -259,3 +259,52 @@ def test_gn_stats_other_tiles(tile: tuple) -> None:
     dev = [t.to(DEV).contiguous(memory_format=torch.channels_last) for t in parts]
     got = gn_stats_triton(dev, 11, 1e-5, block_p=tile[0], block_c=tile[1], num_warps=tile[2]).cpu()
     assert ((got.double() - want).abs() <= tol).all(), tile
+
+
+@pytest.mark.parametrize("n,cs,h,w,g,tile", [
+    (2, (24,), 5, 7, 6, (16, 64, 1)),  # 35 positions: a partial last position tile; one channel block
+    (3, (36, 28), 9, 9, 8, (16, 32, 1)),  # two parts, group 4 straddles them; 36 = 32 + 4: a partial channel block
+    (2, (8, 8, 16), 3, 3, 4, (4, 16, 2)),  # three parts: one group each, two groups in one; two warps
+    (2, (136, 40), 7, 10, 11, (16, 64, 1)),  # 16 channels a group straddling channel blocks and parts
+    (1, (70,), 5, 5, 7, (8, 16, 1)),  # 10 channels a group straddling 16-channel blocks
+    (2, (3, 5), 6, 6, 8, (16, 64, 1)),  # one channel a group: a tile touches 3 or 5 groups
+])
+def test_gn_stats_fused_matches_two_kernel(n: int, cs: tuple, h: int, w: int, g: int, tile: tuple) -> None:
+    """The combine folded into the partial kernel's launch (fused_combine=True, the default: per-(sample, group)
+    counters, the last program combines) gives the two-kernel form's statistics bit for bit (the same combine code
+    and order; on CUDA with the combine at the same warps), a second call the same (the counters reset to zero by
+    the combining programs, none left counting), and the float64 statistics within float32 summation order."""
+    from msfp_compiler.export.triton import gn_stats as GS
+
+    gen = torch.Generator().manual_seed(sum(cs))
+    parts = [torch.randn(n, c, h, w, generator=gen) * 2 + 300 * (i % 2) for i, c in enumerate(cs)]
+    dev = [t.to(DEV).contiguous(memory_format=torch.channels_last) for t in parts]
+    kw = dict(block_p=tile[0], block_c=tile[1], num_warps=tile[2])
+    two = gn_stats_triton(dev, g, 1e-5, fused_combine=False, combine_warps=tile[2], **kw)
+    fused = gn_stats_triton(dev, g, 1e-5, fused_combine=True, **kw)
+    assert torch.equal(fused, two), f"{(fused != two).sum().item()} of {two.numel()} differ"
+    assert torch.equal(gn_stats_triton(dev, g, 1e-5, **kw), fused)  # the default: fused, counters reset
+    assert all(not b.any() for b in GS._COUNTERS.values())
+    x = torch.cat(parts, 1).double().reshape(n, g, -1)
+    var, mean = torch.var_mean(x, dim=-1, correction=0)
+    want = torch.stack([mean, torch.rsqrt(var + 1e-5)])
+    tol = torch.stack([1e-6 * (mean.abs() + var.sqrt()), 1e-5 * want[1]])
+    assert ((fused.cpu().double() - want).abs() <= tol).all()
+
+
+def test_gn_stats_fused_counters_shared() -> None:
+    """GroupNorms of different shapes with the same samples x groups share one counter buffer one after another
+    (each launch leaves it zeroed): interleaved calls give each shape's statistics unchanged; the buffer is cached
+    per (device, size), not reallocated."""
+    from msfp_compiler.export.triton import gn_stats as GS
+
+    gen = torch.Generator().manual_seed(4)
+    a = [torch.randn(2, 24, 5, 6, generator=gen).to(DEV).contiguous(memory_format=torch.channels_last)]
+    b = [torch.randn(2, c, 3, 3, generator=gen).to(DEV).contiguous(memory_format=torch.channels_last) for c in (20, 28)]
+    ra = gn_stats_triton(a, 4, 1e-5)
+    buf = GS._counters(DEV, 2 * 4)
+    rb = gn_stats_triton(b, 4, 1e-5)
+    assert torch.equal(gn_stats_triton(a, 4, 1e-5), ra) and torch.equal(gn_stats_triton(b, 4, 1e-5), rb)
+    assert torch.equal(rb, gn_stats_triton(b, 4, 1e-5, fused_combine=False, combine_warps=1))
+    assert GS._counters(DEV, 2 * 4) is buf and not buf.any()
+
