@@ -37,20 +37,23 @@ at ~3 us each, launch-bound: docs/triton.md session 14). Design:
   (bar.sync), then release through the atomic (``atom.global.gpu.acq_rel``; the release is cumulative, so it
   carries every thread's stores: the pattern of CUDA's threadFenceReduction sample and of cooperative groups' grid
   sync, a block barrier then the atomic). The program that sees the last count acquired with the same atomic;
-  Triton broadcasts the atomic's result through registers and a barrier, and the branch barriers once more before
-  the combine's loads, which are ``.cg`` (from L2, the coherence point: no stale L1 line of a partial another SM
-  wrote). The Triton interpreter runs programs one after another, so there the atomics are trivially ordered: the
-  interpreter tests check the counting, the reset and the combine, not the GPU ordering, which relies on these
-  acq_rel semantics.
+  Triton hands the atomic's result to the other lanes by a warp shuffle and a barrier (bar.sync), and the branch
+  barriers once more before the combine's loads, which are ``.cg`` (from L2, the coherence point: no stale L1 line
+  of a partial another SM wrote). PTX checked (sm_90, compiled on the CPU): bar.sync, atom.global.gpu.acq_rel.add,
+  shfl.sync + bar.sync, the branch, bar.sync, ld.global.cg. The Triton interpreter runs programs one after
+  another, so there the atomics are trivially ordered: the interpreter tests check the counting, the reset and the
+  combine, not the GPU ordering, which relies on these acq_rel semantics (not yet run on a GPU).
 * Counters and CUDA graphs. One zero-initialized buffer per (device, N x G), allocated on first use and kept
   (``_counters``: a captured graph keeps its address); every launch leaves it zeroed (each counter is reset by its
   group's combining program), so the next part's launch, the next GroupNorm and the next graph replay find zeros
   with no memset. GroupNorms sharing it must be stream-ordered: on one stream (the UNet's step and its graph) they
   are sequential, so one buffer per device and size suffices; two GroupNorms of the same N x G in flight on two
-  streams at once would corrupt each other's counts (not supported). A first call during a capture gets a buffer of
-  its own, zero-filled by a captured memset, not cached.
+  streams at once would corrupt each other's counts (not supported; e.g. switching to a side stream right after
+  GroupNorms on another one without a synchronization, as ``do_bench_cudagraph``'s warm-up would). A first call
+  during a capture gets a buffer of its own, zero-filled by a captured memset, not cached.
 * Cost, on paper (not measured yet): one atomic instruction per program, two barriers, and G combines per sample in
-  the programs that happen to finish their groups (overlapping the other programs' reads, not after them); the
+  the programs that happen to finish their groups (overlapping the other programs' reads, except the last group's:
+  the launch's tail is one combine, 2 x PB / BLOCK_PB iterations of loads from L2, against a separate launch); the
   combine's registers count in the whole kernel, hence ``combine_tile``'s cap (~90 registers instead of 80 for the
   16 x 64 / 1-warp tile, 135 uncapped).
 
