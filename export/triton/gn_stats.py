@@ -185,6 +185,8 @@ def _counters(dev: torch.device, size: int) -> torch.Tensor:
     without a memset. Launches sharing a buffer must be ordered (one stream, as the UNet's step and its graph are);
     GroupNorms of one size running concurrently on two streams would corrupt each other's counts. A first call
     during a capture gets a buffer of its own whose zero fill is captured (replayed with the graph), not cached."""
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())  # one key per device: "cuda" is "cuda:0" here
     key = (dev, size)
     buf = _COUNTERS.get(key)
     if buf is None:

@@ -302,9 +302,36 @@ def test_gn_stats_fused_counters_shared() -> None:
     a = [torch.randn(2, 24, 5, 6, generator=gen).to(DEV).contiguous(memory_format=torch.channels_last)]
     b = [torch.randn(2, c, 3, 3, generator=gen).to(DEV).contiguous(memory_format=torch.channels_last) for c in (20, 28)]
     ra = gn_stats_triton(a, 4, 1e-5)
-    buf = GS._counters(DEV, 2 * 4)
+    buf = GS._counters(a[0].device, 2 * 4)
     rb = gn_stats_triton(b, 4, 1e-5)
     assert torch.equal(gn_stats_triton(a, 4, 1e-5), ra) and torch.equal(gn_stats_triton(b, 4, 1e-5), rb)
     assert torch.equal(rb, gn_stats_triton(b, 4, 1e-5, fused_combine=False, combine_warps=1))
-    assert GS._counters(DEV, 2 * 4) is buf and not buf.any()
+    assert GS._counters(b[0].device, 2 * 4) is buf and not buf.any()
+
+
+@pytest.mark.skipif(DEV.type != "cuda", reason="CUDA graphs")
+def test_gn_stats_fused_graph_replay() -> None:
+    """The fused statistics captured in a CUDA graph and replayed give the eager bits every replay, with the counter
+    buffer cached before the capture (left zeroed by every replay, no memset in the graph) and with a size first seen
+    during the capture (a buffer of the graph's own, zero-filled by a captured memset)."""
+    from msfp_compiler.export.triton import gn_stats as GS
+
+    gen = torch.Generator().manual_seed(6)
+    parts = [torch.randn(4, c, 16, 16, generator=gen).to(DEV).contiguous(memory_format=torch.channels_last)
+             for c in (96, 64)]
+    want = gn_stats_triton(parts, 8, 1e-5)  # caches the (device, 4 x 8) counters outside the capture
+    gn_stats_triton(parts, 5, 1e-5)  # compiles the 32-channel-group kernel before the capture
+    small = [t[:2] for t in parts]  # the same kernels, 2 x 5 counters: first needed in the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = gn_stats_triton(parts, 8, 1e-5)
+        new = gn_stats_triton(small, 5, 1e-5)
+    assert (parts[0].device, 10) not in GS._COUNTERS
+    want_new = gn_stats_triton(small, 5, 1e-5)
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, want) and torch.equal(new, want_new)
+    assert all(not b.any() for b in GS._COUNTERS.values())
 
