@@ -334,4 +334,3 @@ def test_gn_stats_fused_graph_replay() -> None:
         torch.cuda.synchronize()
         assert torch.equal(out, want) and torch.equal(new, want_new)
     assert all(not b.any() for b in GS._COUNTERS.values())
-
