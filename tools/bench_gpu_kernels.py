@@ -229,7 +229,7 @@ def bench_gnstats(batch: int) -> dict:
     the default tile's (float32 summation order: mean by 2e-5 of |mean| + std, 1/std by 1e-4 relative). Session 14
     measured 4-8 chunks per program slower than 64 x 64 tiles on every shape; session 16 one warp per program
     faster: this times the tiles around the default 16 x 64 / 1 warp. Names ending in "f": the combine folded into
-    the partial kernel's launch (``fused_combine=True``, the default: one launch per GroupNorm part) against the
+    the partial kernel's launch (``fused_combine=True``, opt-in: one launch per GroupNorm part) against the
     same tile's two-kernel form (partials, then ``_gn_combine_kernel``); per shape, ``<name>_exact``: the fused
     statistics equal the two-kernel form's bit for bit with the combine at the same warps, ``<name>_repeat``: a
     second call gives the same bits (the counters reset)."""

@@ -1,5 +1,6 @@
-"""GroupNorm statistics of NHWC activations in Triton (``msfp_fast::gn_stats``'s CUDA implementation): by default
-one kernel launch per input part, each group's statistics combined by the last program that stores its partials.
+"""GroupNorm statistics of NHWC activations in Triton (``msfp_fast::gn_stats``'s CUDA implementation): partials per
+tile, combined exactly per group by a second kernel, or (``FUSED_COMBINE``, opt-in until a GPU has run it) by the
+last program that stores a group's partials, one kernel launch per input part.
 
 Inductor's reductions for SD1.5's GroupNorms ran at 38-100 us each at batch 8 where ~15 us reads the activation at
 copy bandwidth (docs/triton.md session 13): the per-group reduction reads 20 bytes of each 640-byte NHWC row, the
@@ -13,10 +14,12 @@ connections) is read part by part, each part's launch writing its channel range,
 materialized for the statistics.
 ``_gn_combine_kernel``: one program per (sample, group) combines the PB x C/G partials exactly (Chan et al.: the
 group mean from the sums, the group M2 as the sum of the tile M2s plus each tile's count times its squared mean
-offset) into the group's mean and 1 / sqrt(var + eps). These two are the two-kernel form (``fused_combine=False``:
-parts + 1 launches per GroupNorm), kept so ``tools/bench_gpu_kernels.py --sections gnstats`` times both forms.
+offset) into the group's mean and 1 / sqrt(var + eps). These two are the two-kernel form (``fused_combine=False``,
+the default: parts + 1 launches per GroupNorm); ``tools/bench_gpu_kernels.py --sections gnstats`` times both forms.
 
-``_gn_fused_kernel`` (the default, ``fused_combine=True``): the partial kernel's tile, then the combine folded into
+``_gn_fused_kernel`` (``fused_combine=True``; opt-in: ``FUSED_COMBINE`` becomes True once the GPU tests
+(``-k gn_stats``: the graph replay, SD1.5's largest concatenation) pass on a device and the sweep has it ahead):
+the partial kernel's tile, then the combine folded into
 the same launch, so a GroupNorm is one launch per part (the H200 ran the 61 combine launches of a batch-8 SD1.5 step
 at ~3 us each, launch-bound: docs/triton.md session 14). Design:
 
@@ -67,11 +70,12 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["gn_stats_triton", "combine_tile", "BLOCK_P", "BLOCK_C", "GN_WARPS"]
+__all__ = ["gn_stats_triton", "combine_tile", "BLOCK_P", "BLOCK_C", "GN_WARPS", "FUSED_COMBINE"]
 
 BLOCK_P = 16  # positions per tile: 16 x 64 channels x 2 bytes = 2 KB per program, one warp (GN_WARPS)
 BLOCK_C = 64  # channels per tile row: 128 contiguous bytes in bf16 (one full memory transaction per row)
 GN_WARPS = 1
+FUSED_COMBINE = False  # the default of gn_stats_triton's fused_combine (see the module docstring)
 # Tiles measured on the H200 (docs/triton.md): session 14, 4-8 chunks of 64 x 64 per program, or 128 channels, were
 # slower than 64 x 64 / 4 warps on all 14 SD1.5 batch-8 GroupNorm shapes, and runtime (unspecialized) sizes made
 # these kernels 0.18 ms slower per batch-8 step; session 16, one warp per program won: 16 x 64 / 1 warp 0.611 ms per
@@ -213,14 +217,16 @@ def combine_tile(pb: int, cpg: int, warps: int) -> tuple[int, int]:
 
 
 def gn_stats_triton(parts: list[torch.Tensor], groups: int, eps: float, block_p: int = BLOCK_P,
-                    block_c: int = BLOCK_C, num_warps: int = GN_WARPS, fused_combine: bool = True,
+                    block_c: int = BLOCK_C, num_warps: int = GN_WARPS, fused_combine: bool | None = None,
                     combine_warps: int = 4) -> torch.Tensor:
     """parts: [N, C_i, H, W] tensors (any strides; NHWC memory reads coalesced) whose channel concatenation is the
     GroupNorm input -> float32 [2, N, G]: each (sample, group)'s mean and 1 / sqrt(biased var + eps).
     ``block_p`` x ``block_c`` / ``num_warps``: the partial kernel's tile (``tools/bench_gpu_kernels.py --sections
     gnstats`` times others on SD1.5's shapes). ``fused_combine``: one ``_gn_fused_kernel`` launch per part, each
-    group combined by its last program (the default); False: ``_gn_partial_kernel`` per part, then
-    ``_gn_combine_kernel`` with ``combine_warps`` warps (the two-kernel form, kept for the benchmark)."""
+    group combined by its last program; False: ``_gn_partial_kernel`` per part, then ``_gn_combine_kernel`` with
+    ``combine_warps`` warps (the two-kernel form); None: ``FUSED_COMBINE``."""
+    if fused_combine is None:
+        fused_combine = FUSED_COMBINE
     n, _, h, w = parts[0].shape
     c_total = sum(t.shape[1] for t in parts)
     assert c_total % groups == 0, (c_total, groups)

@@ -228,11 +228,13 @@ def test_gn_stats_matches_group_norm(n: int, cs: tuple, h: int, w: int, g: int) 
 
 
 @pytest.mark.skipif(DEV.type != "cuda", reason="SD1.5's largest concatenation: GPU only")
-@pytest.mark.parametrize("tile", [(32, 64, 1), (64, 64, 1), (64, 32, 1), (64, 64, 4)])
-def test_gn_stats_sd15_tiles(tile: tuple) -> None:
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("tile", [(16, 64, 1), (32, 64, 1), (64, 64, 1), (64, 32, 1), (64, 64, 4)])
+def test_gn_stats_sd15_tiles(tile: tuple, fused: bool) -> None:
     """The faster tiles of session 16's sweep (results/gpu_sd15_kernels_session16_call4_b8.json) on SD1.5's largest
     concatenation within test_gn_stats_matches_group_norm's tolerance: a tile must pass this to become BLOCK_P /
-    BLOCK_C / GN_WARPS (32 x 64 / 1 warp failed that test's former fixed output tolerance on the H200)."""
+    BLOCK_C / GN_WARPS (32 x 64 / 1 warp failed that test's former fixed output tolerance on the H200), and the
+    folded combine (fused) before it becomes FUSED_COMBINE."""
     gen = torch.Generator().manual_seed(2)
     parts = [torch.randn(2, c, 64, 64, generator=gen) * 2 + 300 * (i % 2) for i, c in enumerate((640, 320))]
     x = torch.cat(parts, 1).double().reshape(2, 32, -1)
@@ -240,9 +242,11 @@ def test_gn_stats_sd15_tiles(tile: tuple) -> None:
     want = torch.stack([mean, torch.rsqrt(var + 1e-5)])
     tol = torch.stack([1e-6 * (mean.abs() + var.sqrt()), 1e-5 * want[1]])
     dev = [t.to(DEV).contiguous(memory_format=torch.channels_last) for t in parts]
-    got = gn_stats_triton(dev, 32, 1e-5, block_p=tile[0], block_c=tile[1], num_warps=tile[2]).cpu()
+    got = gn_stats_triton(dev, 32, 1e-5, block_p=tile[0], block_c=tile[1], num_warps=tile[2],
+                          fused_combine=fused).cpu()
     err = (got.double() - want).abs() / tol
-    assert (err <= 1).all(), f"{tile}: max error / tolerance: mean {err[0].max():.3g}, rstd {err[1].max():.3g}"
+    assert (err <= 1).all(), (f"{tile}, fused {fused}: max error / tolerance: mean {err[0].max():.3g}, "
+                              f"rstd {err[1].max():.3g}")
 
 
 @pytest.mark.parametrize("tile", [(16, 32, 1), (32, 128, 4)])
@@ -270,7 +274,7 @@ def test_gn_stats_other_tiles(tile: tuple) -> None:
     (2, (3, 5), 6, 6, 8, (16, 64, 1)),  # one channel a group: a tile touches 3 or 5 groups
 ])
 def test_gn_stats_fused_matches_two_kernel(n: int, cs: tuple, h: int, w: int, g: int, tile: tuple) -> None:
-    """The combine folded into the partial kernel's launch (fused_combine=True, the default: per-(sample, group)
+    """The combine folded into the partial kernel's launch (fused_combine=True, opt-in: per-(sample, group)
     counters, the last program combines) gives the two-kernel form's statistics bit for bit (the same combine code
     and order; on CUDA with the combine at the same warps), a second call the same (the counters reset to zero by
     the combining programs, none left counting), and the float64 statistics within float32 summation order."""
@@ -283,7 +287,7 @@ def test_gn_stats_fused_matches_two_kernel(n: int, cs: tuple, h: int, w: int, g:
     two = gn_stats_triton(dev, g, 1e-5, fused_combine=False, combine_warps=tile[2], **kw)
     fused = gn_stats_triton(dev, g, 1e-5, fused_combine=True, **kw)
     assert torch.equal(fused, two), f"{(fused != two).sum().item()} of {two.numel()} differ"
-    assert torch.equal(gn_stats_triton(dev, g, 1e-5, **kw), fused)  # the default: fused, counters reset
+    assert torch.equal(gn_stats_triton(dev, g, 1e-5, fused_combine=True, **kw), fused)  # counters reset
     assert all(not b.any() for b in GS._COUNTERS.values())
     x = torch.cat(parts, 1).double().reshape(n, g, -1)
     var, mean = torch.var_mean(x, dim=-1, correction=0)
@@ -301,10 +305,10 @@ def test_gn_stats_fused_counters_shared() -> None:
     gen = torch.Generator().manual_seed(4)
     a = [torch.randn(2, 24, 5, 6, generator=gen).to(DEV).contiguous(memory_format=torch.channels_last)]
     b = [torch.randn(2, c, 3, 3, generator=gen).to(DEV).contiguous(memory_format=torch.channels_last) for c in (20, 28)]
-    ra = gn_stats_triton(a, 4, 1e-5)
+    ra = gn_stats_triton(a, 4, 1e-5, fused_combine=True)
     buf = GS._counters(a[0].device, 2 * 4)
-    rb = gn_stats_triton(b, 4, 1e-5)
-    assert torch.equal(gn_stats_triton(a, 4, 1e-5), ra) and torch.equal(gn_stats_triton(b, 4, 1e-5), rb)
+    rb = gn_stats_triton(b, 4, 1e-5, fused_combine=True)
+    assert torch.equal(gn_stats_triton(a, 4, 1e-5, fused_combine=True), ra) and torch.equal(gn_stats_triton(b, 4, 1e-5, fused_combine=True), rb)
     assert torch.equal(rb, gn_stats_triton(b, 4, 1e-5, fused_combine=False, combine_warps=1))
     assert GS._counters(b[0].device, 2 * 4) is buf and not buf.any()
 
@@ -319,16 +323,16 @@ def test_gn_stats_fused_graph_replay() -> None:
     gen = torch.Generator().manual_seed(6)
     parts = [torch.randn(4, c, 16, 16, generator=gen).to(DEV).contiguous(memory_format=torch.channels_last)
              for c in (96, 64)]
-    want = gn_stats_triton(parts, 8, 1e-5)  # caches the (device, 4 x 8) counters outside the capture
-    gn_stats_triton(parts, 5, 1e-5)  # compiles the 32-channel-group kernel before the capture
+    want = gn_stats_triton(parts, 8, 1e-5, fused_combine=True)  # caches the (device, 4 x 8) counters outside the capture
+    gn_stats_triton(parts, 5, 1e-5, fused_combine=True)  # compiles the 32-channel-group kernel before the capture
     small = [t[:2] for t in parts]  # the same kernels, 2 x 5 counters: first needed in the capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = gn_stats_triton(parts, 8, 1e-5)
-        new = gn_stats_triton(small, 5, 1e-5)
+        out = gn_stats_triton(parts, 8, 1e-5, fused_combine=True)
+        new = gn_stats_triton(small, 5, 1e-5, fused_combine=True)
     assert (parts[0].device, 10) not in GS._COUNTERS
-    want_new = gn_stats_triton(small, 5, 1e-5)
+    want_new = gn_stats_triton(small, 5, 1e-5, fused_combine=True)
     for _ in range(3):
         graph.replay()
         torch.cuda.synchronize()
