@@ -210,12 +210,12 @@ def bench_im2col(shapes: Counter) -> dict:
     return {"per_step_ms": {k: round(v, 4) for k, v in totals.items()}, "rows": rows}
 
 
-GN_TILES = ((16, 64, 1, True), (16, 64, 1, False), (32, 64, 1, True), (32, 64, 1, False), (64, 64, 1, True),
+GN_TILES = ((16, 64, 1, False), (16, 64, 1, True), (32, 64, 1, True), (32, 64, 1, False), (64, 64, 1, True),
             (64, 64, 1, False), (64, 64, 2, False), (32, 32, 1, False), (32, 128, 1, False), (64, 32, 1, False),
             (128, 64, 2, False), (64, 128, 2, False))
-# (positions, channels, warps, fused combine) of gn_stats' partial kernel; first: the default (GN_WARPS, the combine
-# folded into the partial kernel's launch: named with an "f", e.g. 16x64w1f; without: the two-kernel form, partials
-# then _gn_combine_kernel at 4 warps, as timed in session 16)
+# (positions, channels, warps, fused combine) of gn_stats' partial kernel; first: the default (BLOCK_P, BLOCK_C,
+# GN_WARPS, FUSED_COMBINE); the combine folded into the partial kernel's launch is named with an "f", e.g. 16x64w1f;
+# without: the two-kernel form, partials then _gn_combine_kernel at 4 warps, as timed in session 16
 # session 16's sweeps (64x64w4 the default before): results/gpu_sd15_kernels_session16_b8.json (16x64w1 best of
 # those tiles), results/gpu_sd15_kernels_session16_call2_b8.json (32x64w1 0.480 ms a step),
 # results/gpu_sd15_kernels_session16_call4_b8.json (64x64w1 0.445)

@@ -308,7 +308,8 @@ def test_gn_stats_fused_counters_shared() -> None:
     ra = gn_stats_triton(a, 4, 1e-5, fused_combine=True)
     buf = GS._counters(a[0].device, 2 * 4)
     rb = gn_stats_triton(b, 4, 1e-5, fused_combine=True)
-    assert torch.equal(gn_stats_triton(a, 4, 1e-5, fused_combine=True), ra) and torch.equal(gn_stats_triton(b, 4, 1e-5, fused_combine=True), rb)
+    assert torch.equal(gn_stats_triton(a, 4, 1e-5, fused_combine=True), ra)
+    assert torch.equal(gn_stats_triton(b, 4, 1e-5, fused_combine=True), rb)
     assert torch.equal(rb, gn_stats_triton(b, 4, 1e-5, fused_combine=False, combine_warps=1))
     assert GS._counters(b[0].device, 2 * 4) is buf and not buf.any()
 
@@ -323,7 +324,7 @@ def test_gn_stats_fused_graph_replay() -> None:
     gen = torch.Generator().manual_seed(6)
     parts = [torch.randn(4, c, 16, 16, generator=gen).to(DEV).contiguous(memory_format=torch.channels_last)
              for c in (96, 64)]
-    want = gn_stats_triton(parts, 8, 1e-5, fused_combine=True)  # caches the (device, 4 x 8) counters outside the capture
+    want = gn_stats_triton(parts, 8, 1e-5, fused_combine=True)  # caches the (device, 4 x 8) counters first
     gn_stats_triton(parts, 5, 1e-5, fused_combine=True)  # compiles the 32-channel-group kernel before the capture
     small = [t[:2] for t in parts]  # the same kernels, 2 x 5 counters: first needed in the capture
     torch.cuda.synchronize()
