@@ -12,8 +12,10 @@ from .triton_env import DEV  # first: sets TRITON_INTERPRET before the kernels a
 from msfp_compiler.export.triton import fast_ops as O  # noqa: E402
 from msfp_compiler.export.triton.conv_fp8 import (CONFIGS, IM2COL, NEW_CONFIGS, ConvConfig,  # noqa: E402
                                                   conv_e4m3_triton, tma_box)
+from msfp_compiler.export.triton.fast import grid_e4m3  # noqa: E402
 from msfp_compiler.export.triton.gn_stats import gn_stats_triton  # noqa: E402
 from msfp_compiler.export.triton.im2col import im2col_triton  # noqa: E402
+from msfp_compiler.export.triton.ln_quant import ln_quant_reference, ln_quant_triton  # noqa: E402
 from msfp_compiler.export.triton.w4_decode import decode_w4_group_triton, decode_w4_triton  # noqa: E402
 from msfp_compiler.ops import get_format  # noqa: E402
 
@@ -339,3 +341,85 @@ def test_gn_stats_fused_graph_replay() -> None:
         torch.cuda.synchronize()
         assert torch.equal(out, want) and torch.equal(new, want_new)
     assert all(not b.any() for b in GS._COUNTERS.values())
+
+
+def _ln_inputs(m: int, c: int, seed: int) -> tuple:
+    """A transformer LayerNorm's inputs: bf16 GEMM output y [m, c], float32 column scales and beta, bf16 residual,
+    bf16 LayerNorm weight and bias (rows of varied mean and spread)."""
+    gen = torch.Generator().manual_seed(seed)
+    y = (torch.randn(m, c, generator=gen) * 40 * torch.rand(m, 1, generator=gen) + 5).bfloat16()
+    cs = torch.rand(c, generator=gen) * 0.05 + 0.01
+    beta = torch.randn(c, generator=gen) * 0.2
+    res = (torch.randn(m, c, generator=gen) * 2).bfloat16()
+    w = (torch.rand(c, generator=gen) + 0.5).bfloat16()
+    b = (torch.randn(c, generator=gen) * 0.1).bfloat16()
+    return y, cs, beta, res, w, b
+
+
+def _bf16_key(t: torch.Tensor) -> torch.Tensor:
+    """bf16 values as ordered integers (one apart: neighbouring bf16 values; -0 and +0 equal)."""
+    b = t.cpu().view(torch.int16).int()
+    return torch.where(b < 0, -(b & 0x7FFF), b)
+
+
+def _grid_step(t: torch.Tensor, fmt: str) -> torch.Tensor:
+    """The index of each E4M3 grid value among the format's sorted values."""
+    vals = torch.unique(get_format(fmt).code_table.float())
+    return torch.searchsorted(vals, t.float().cpu())
+
+
+@pytest.mark.parametrize("fmt", ["e2m1", "int4", "uint4", "ue2m2"])
+@pytest.mark.parametrize("m,c,block_m,residual", [(13, 320, 4, True), (13, 320, 4, False), (5, 40, 1, True),
+                                                  (3, 1280, 2, True), (6, 640, 8, False)])
+def test_ln_quant_matches_reference(fmt: str, m: int, c: int, block_m: int, residual: bool) -> None:
+    """ln_quant_triton (eager roundings) against ln_quant_reference: the residual stream bit for bit; the E4M3 grid
+    values bit for bit the quantizer of the kernel's own LayerNorm output; the LayerNorm output and the codes within
+    the reduction-order bound (float32 statistics summed in another order: under 1% of the bf16 outputs one bf16
+    step apart, those codes one grid step apart; on the CPU interpreter all equal so far). Masked rows (13 rows in
+    blocks of 4) and a width that is not a power of two (40, 320, 640, 1280)."""
+    y, cs, beta, res, w, b = _ln_inputs(m, c, m * c)
+    r = res if residual else None
+    s, z = 0.37, (0.25 if fmt.startswith("u") else 0.0)
+    h_ref, g_ref, ln_ref = ln_quant_reference(y, cs, beta, r, w, b, 1e-5, torch.tensor(s), torch.tensor(z), fmt)
+    h, g, ln = ln_quant_triton(*(t.to(DEV) for t in (y, cs, beta)), r.to(DEV) if residual else None, w.to(DEV),
+                               b.to(DEV), 1e-5, s, z, fmt, ln_out=True, block_m=block_m)
+    assert h.dtype == torch.bfloat16 and g.dtype == torch.float8_e4m3fn and ln.dtype == torch.bfloat16
+    assert torch.equal(_u8(h), _u8(h_ref))
+    assert torch.equal(_u8(g), _u8(grid_e4m3(ln.cpu(), torch.tensor(s), torch.tensor(z), fmt)))
+    ln_off = (_bf16_key(ln) - _bf16_key(ln_ref)).abs()
+    assert ln_off.max() <= 1 and (ln_off > 0).float().mean() <= 0.01
+    g_off = (_grid_step(g, fmt) - _grid_step(g_ref, fmt)).abs()
+    assert g_off.max() <= 1 and (g_off > 0).float().mean() <= 0.01
+
+
+@pytest.mark.parametrize("fmt", ["e2m1", "int4", "uint4"])
+@pytest.mark.parametrize("residual", [True, False])
+def test_ln_quant_inductor_rounding(fmt: str, residual: bool) -> None:
+    """round_bf16=False (Inductor's elided bf16 round trips): the stored residual bit for bit (one float32 add, one
+    rounding; on a GPU the kernel contracts y * scale + beta into an FMA, as Inductor does, so there it is within
+    one bf16 step), the float32 LayerNorm output within float32 reduction-order error, the codes within one grid
+    step on under 1% of elements."""
+    m, c = 9, 320
+    y, cs, beta, res, w, b = _ln_inputs(m, c, 7)
+    r = res if residual else None
+    s, z = 0.29, (0.5 if fmt.startswith("u") else 0.0)
+    h_ref, g_ref, ln_ref = ln_quant_reference(y, cs, beta, r, w, b, 1e-5, s, z, fmt, round_bf16=False)
+    h, g, ln = ln_quant_triton(*(t.to(DEV) for t in (y, cs, beta)), r.to(DEV) if residual else None, w.to(DEV),
+                               b.to(DEV), 1e-5, s, z, fmt, round_bf16=False, ln_out=True, block_m=4)
+    assert ln.dtype == torch.float32 and ln_ref.dtype == torch.float32
+    h_off = (_bf16_key(h) - _bf16_key(h_ref)).abs()
+    assert h_off.max() <= (1 if DEV.type == "cuda" else 0)
+    torch.testing.assert_close(ln.cpu(), ln_ref, rtol=1e-5, atol=1e-5)
+    g_off = (_grid_step(g, fmt) - _grid_step(g_ref, fmt)).abs()
+    assert g_off.max() <= 1 and (g_off > 0).float().mean() <= 0.01
+
+
+def test_ln_quant_no_ln_output_and_views() -> None:
+    """Without ln_out the third output is None; [B, T, C] inputs (the graph's [B, HW, C] views) keep their shape."""
+    y, cs, beta, res, w, b = _ln_inputs(6, 64, 3)
+    h, g, ln = ln_quant_triton(y.view(2, 3, 64).to(DEV), cs.to(DEV), beta.to(DEV), res.view(2, 3, 64).to(DEV),
+                               w.to(DEV), b.to(DEV), 1e-5, 0.5, 0.0, "e2m1")
+    assert ln is None and h.shape == g.shape == (2, 3, 64)
+    h2, g2, _ = ln_quant_triton(y.to(DEV), cs.to(DEV), beta.to(DEV), res.to(DEV), w.to(DEV), b.to(DEV), 1e-5, 0.5,
+                                0.0, "e2m1", ln_out=True)
+    assert torch.equal(_u8(h.reshape(6, 64)), _u8(h2)) and torch.equal(_u8(g.reshape(6, 64)), _u8(g2))

@@ -1,0 +1,198 @@
+"""A transformer block's LayerNorm with its neighbours, fused by hand: GEMM epilogue, residual add, LayerNorm, E4M3
+quantizer in one Triton kernel (not wired into ``build_fast``: ``tools/bench_gpu_kernels.py --sections lnquant``
+decides first whether it beats what Inductor generates).
+
+The chain, as ``fast.build_fast`` emits it for SD1.5 (one ``BasicTransformerBlock`` per ``Transformer2DModel``, 16
+blocks, three LayerNorms each; C = 320 / 640 / 1280, M = batch x 4096 / 1024 / 256 / 64 tokens):
+
+* ``y``: the raw output of the preceding ``FastGemm``'s ``torch._scaled_mm`` ([M, C] bf16, unit scales), and its
+  epilogue from ``FastGemm.forward``: ``(y.float() * scale_b[0] + beta[0]).to(bf16)`` (the column scale
+  ``s_a * s_w[n]`` and beta are float32 buffers; ``_pick`` selects set 0, the ``select`` of Inductor's kernel name);
+  norm1 reads ``proj_in`` (a 1x1 unpadded conv: no zero-point map, its NHWC output viewed as [B, HW, C] rows),
+  norm2 / norm3 read ``attn1.to_out[0]`` / ``attn2.to_out[0]``;
+* norm2 / norm3 only: ``h = epilogue + residual`` (bf16 + bf16); norm1: ``h = epilogue`` (no add). ``h`` is the
+  block's residual stream, read again by the next add, so it is an output (bf16);
+* ``aten.layer_norm(h, [C], w, b, 1e-5)`` in bf16 (``_cast_constants`` made w, b bf16);
+* the next ``FastGemm``'s activation quantizer: ``grid_round((ln.float() - a_z) / a_s, afmt).to(e4m3)``
+  (``_scaled``, ``grid_round``, ``_bit_rne``): the E4M3 grid values, the FP8 GEMM's A operand. The only reader of
+  the LayerNorm output is that quantizer: norm1 feeds Q/K/V, one merged ``FastGemm`` (``_merge_shared_inputs``:
+  one quantizer), norm2 feeds ``attn2.to_q`` (K / V read the text states), norm3 feeds the GEGLU ``ff.net[0].proj``.
+  The LayerNorm output is therefore not written (``ln_out=True`` writes it, for tests).
+
+Formats: ``grid_round``'s "int" (round half to even of |v| or max(v, 0)) and "fp" (integer RNE of the float32
+bits in the normal range, ``round(a * 2^(M - emin)) * 2^(emin - M)`` below it) kinds, signed or unsigned,
+saturating at the format's max; the copysign is done on the bits, so -0.0 stays byte 0x80 as torch's copysign
+gives it. The threshold-table kind (M = 0, even bias) is not handled (none of SD1.5's 4-bit choices needs it).
+
+Numerics, two modes (``round_bf16``):
+
+* True (default): eager PyTorch's roundings, those of ``ln_quant_reference``: the epilogue, the add and the
+  LayerNorm output each rounded to bf16, statistics in float32; compiled without FMA contraction
+  (``enable_fp_fusion=False``), as eager runs ``y * scale`` and ``+ beta`` as two kernels.
+* False: what Inductor generates for the fused chain (``emulate_precision_casts`` off): it elides bf16
+  downcast/upcast pairs inside a kernel, so the add reads the float32 epilogue, the LayerNorm reads the float32
+  sum (only the stored residual is rounded) and the quantizer reads the float32 LayerNorm output; Triton's
+  default FMA contraction, as Inductor's kernels have it. The bench compares the kernel in this mode with
+  ``torch.compile(ln_quant_reference)``.
+
+Bit-exactness: the residual and the quantizer are pointwise and bit-exact; the LayerNorm statistics are float32
+sums whose order differs from torch's (tree sums here, torch's CPU / CUDA kernels and Inductor's Welford each their
+own), so mean and 1/std differ in the last float32 bits and a small fraction of LayerNorm outputs land one bf16
+step apart (tests: under 1%, never more than one step), the E4M3 codes of those one grid step apart at most.
+
+Kernel: one program normalizes BLOCK_M rows of BLOCK_C = next_power_of_2(C) lanes (C is at most 1280 on SD1.5, so a
+whole row sits in registers: one read of each input, one write of each output, the minimum bytes: 2 + 2 + 2 + 1
+per element with the residual, 2 + 2 + 1 without).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from .fast import _spec, grid_e4m3, grid_round
+
+__all__ = ["ln_quant_reference", "ln_quant_triton", "format_constants"]
+
+_BF16 = torch.bfloat16
+_FP8 = torch.float8_e4m3fn
+
+
+def ln_quant_reference(y: torch.Tensor, col_scale: torch.Tensor, beta: torch.Tensor, residual: torch.Tensor | None,
+                       weight: torch.Tensor, bias: torch.Tensor, eps: float, a_scale: torch.Tensor | float,
+                       a_zero: torch.Tensor | float, fmt: str,
+                       round_bf16: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The chain as build_fast's graph computes it (module docstring): y [M, C] bf16 GEMM output, col_scale / beta [C]
+    float32, residual [M, C] bf16 or None (norm1), weight / bias [C] bf16. Returns (h bf16, E4M3 grid values, the
+    LayerNorm output: bf16 with ``round_bf16``, else float32). ``round_bf16=False``: Inductor's elided roundings
+    written out in float32 (what torch.compile of the default form computes, up to reduction order)."""
+    e = y.float() * col_scale + beta
+    c = y.shape[-1]
+    if round_bf16:
+        h = e.to(_BF16)
+        if residual is not None:
+            h = h + residual
+        ln = F.layer_norm(h, (c,), weight, bias, eps)
+        return h, grid_e4m3(ln, a_scale, a_zero, fmt), ln
+    h32 = e if residual is None else e + residual.float()
+    var, mean = torch.var_mean(h32, -1, correction=0, keepdim=True)
+    ln = (h32 - mean) * torch.rsqrt(var + eps) * weight.float() + bias.float()
+    g = grid_round((ln - a_zero) / a_scale, fmt).to(_FP8)
+    return h32.to(_BF16), g, ln
+
+
+def format_constants(fmt: str) -> dict:
+    """The kernel's constexpr description of an int- or fp-kind format (``grid_round``'s spec)."""
+    f = _spec(fmt)
+    if f.kind not in ("int", "fp"):
+        raise ValueError(f"format {fmt}: threshold-table kind, not handled by ln_quant")
+    m, emin = (0, 0) if f.kind == "int" else (f.man_bits, f.emin)
+    drop = 23 - m
+    return {"SIGNED": f.signed, "FP": f.kind == "fp", "VMAX": float(f.max), "FSUB": 2.0 ** (m - emin),
+            "FINV": 2.0 ** (emin - m), "THR": 2.0 ** emin, "DROP": drop, "HALF_M1": (1 << (drop - 1)) - 1,
+            "MASK": -(1 << drop)}
+
+
+@triton.jit
+def _round_half_even(x):
+    """Nearest integer, ties to even, of 0 <= x < 2^22 (the float32 add of 2^23 rounds; both steps exact)."""
+    big = 8388608.0
+    return (x + big) - big
+
+
+@triton.jit
+def _bf16(x):
+    """float32 x rounded to bfloat16 (nearest, ties to even; finite x), kept in float32: integer ops on the bits, as
+    the GPU's conversion rounds (Triton's interpreter truncates in ``.to(tl.bfloat16)``); the bf16 stores of values
+    rounded here are exact."""
+    bits = x.to(tl.int32, bitcast=True)
+    bits = (bits + 32767 + ((bits >> 16) & 1)) & -65536
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _grid(v, SIGNED: tl.constexpr, FP: tl.constexpr, VMAX: tl.constexpr, FSUB: tl.constexpr, FINV: tl.constexpr,
+          THR: tl.constexpr, DROP: tl.constexpr, HALF_M1: tl.constexpr, MASK: tl.constexpr):
+    """grid_round of float32 v (fast.grid_round, bit for bit)."""
+    if SIGNED:
+        a = tl.abs(v)
+    else:
+        a = tl.maximum(v, 0.0)
+    a = tl.minimum(a, VMAX)
+    r = _round_half_even(a * FSUB) * FINV
+    if FP:
+        bits = a.to(tl.int32, bitcast=True)
+        rne = ((bits + HALF_M1 + ((bits >> DROP) & 1)) & MASK).to(tl.float32, bitcast=True)
+        r = tl.where(a < THR, r, rne)
+    if SIGNED:
+        sign = v.to(tl.int32, bitcast=True) & -2147483648
+        r = (r.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
+    else:
+        r = r + 0.0
+    return r
+
+
+@triton.jit
+def _ln_quant_kernel(y_ptr, cs_ptr, beta_ptr, res_ptr, w_ptr, b_ptr, h_ptr, g_ptr, ln_ptr, M, C, eps, a_s, a_z,
+                     HAS_RES: tl.constexpr, STORE_LN: tl.constexpr, ROUND: tl.constexpr,
+                     SIGNED: tl.constexpr, FP: tl.constexpr, VMAX: tl.constexpr, FSUB: tl.constexpr,
+                     FINV: tl.constexpr, THR: tl.constexpr, DROP: tl.constexpr, HALF_M1: tl.constexpr,
+                     MASK: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr):
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    cols = tl.arange(0, BC)
+    cm = cols < C
+    mask = (rows < M)[:, None] & cm[None, :]
+    off = rows.to(tl.int64)[:, None] * C + cols[None, :]
+    y = tl.load(y_ptr + off, mask=mask, other=0.0).to(tl.float32)
+    cs = tl.load(cs_ptr + cols, mask=cm, other=0.0)
+    beta = tl.load(beta_ptr + cols, mask=cm, other=0.0)
+    h = y * cs[None, :] + beta[None, :]
+    if ROUND:
+        h = _bf16(h)
+    if HAS_RES:
+        h = h + tl.load(res_ptr + off, mask=mask, other=0.0).to(tl.float32)
+    hb = _bf16(h)
+    tl.store(h_ptr + off, hb.to(tl.bfloat16), mask=mask)
+    if ROUND:
+        h = hb
+    h = tl.where(mask, h, 0.0)
+    mean = tl.sum(h, axis=1) / C
+    d = tl.where(mask, h - mean[:, None], 0.0)
+    var = tl.sum(d * d, axis=1) / C
+    rstd = tl.rsqrt(var + eps)  # as Inductor (libdevice.rsqrt); torch.rsqrt in eager
+    w = tl.load(w_ptr + cols, mask=cm, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + cols, mask=cm, other=0.0).to(tl.float32)
+    ln = d * rstd[:, None] * w[None, :] + b[None, :]
+    if ROUND:
+        ln = _bf16(ln)
+    if STORE_LN:
+        tl.store(ln_ptr + off, ln.to(ln_ptr.dtype.element_ty), mask=mask)
+    g = _grid((ln - a_z) / a_s, SIGNED, FP, VMAX, FSUB, FINV, THR, DROP, HALF_M1, MASK)
+    tl.store(g_ptr + off, g.to(tl.float8e4nv), mask=mask)
+
+
+def ln_quant_triton(y: torch.Tensor, col_scale: torch.Tensor, beta: torch.Tensor, residual: torch.Tensor | None,
+                    weight: torch.Tensor, bias: torch.Tensor, eps: float, a_scale: float, a_zero: float, fmt: str,
+                    round_bf16: bool = True, ln_out: bool = False, block_m: int = 1,
+                    num_warps: int = 4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``ln_quant_reference``'s outputs from one kernel: (h bf16, E4M3 grid values, the LayerNorm output or None).
+    y, residual: [M, C] bf16 rows (contiguous); col_scale, beta [C] float32; weight, bias [C]; ``block_m`` rows per
+    program (a power of two); ``ln_out``: also write the LayerNorm output (bf16 with ``round_bf16``, else float32)."""
+    c = y.shape[-1]
+    y2 = y.reshape(-1, c).contiguous()
+    m = y2.shape[0]
+    res = residual.reshape(-1, c).contiguous() if residual is not None else y2
+    h = torch.empty_like(y2, dtype=_BF16)
+    g = torch.empty(y2.shape, dtype=_FP8, device=y.device)
+    ln = torch.empty(y2.shape, dtype=_BF16 if round_bf16 else torch.float32, device=y.device) if ln_out else h
+    if m:
+        grid = (triton.cdiv(m, block_m),)
+        _ln_quant_kernel[grid](y2, col_scale.float().contiguous(), beta.float().contiguous(), res,
+                               weight.contiguous(), bias.contiguous(), h, g, ln, m, c, float(eps), float(a_scale),
+                               float(a_zero), HAS_RES=residual is not None, STORE_LN=ln_out, ROUND=round_bf16,
+                               BM=block_m, BC=triton.next_power_of_2(c), num_warps=num_warps,
+                               enable_fp_fusion=not round_bf16, **format_constants(fmt))
+    shape = y.shape
+    return h.view(shape), g.view(shape), ln.view(shape) if ln_out else None
