@@ -10,14 +10,19 @@ blocks, three LayerNorms each; C = 320 / 640 / 1280, M = batch x 4096 / 1024 / 2
   ``s_a * s_w[n]`` and beta are float32 buffers; ``_pick`` selects set 0, the ``select`` of Inductor's kernel name);
   norm1 reads ``proj_in`` (a 1x1 unpadded conv: no zero-point map, its NHWC output viewed as [B, HW, C] rows),
   norm2 / norm3 read ``attn1.to_out[0]`` / ``attn2.to_out[0]``;
-* norm2 / norm3 only: ``h = epilogue + residual`` (bf16 + bf16); norm1: ``h = epilogue`` (no add). ``h`` is the
-  block's residual stream, read again by the next add, so it is an output (bf16);
+* norm2 / norm3 only: ``h = epilogue + residual`` (bf16 + bf16; between the epilogue and the add the graph has
+  dropout's ``clone`` and the division by the attention's ``rescale_output_factor`` 1.0, both exact); norm1:
+  ``h = epilogue`` (no add). ``h`` is the block's residual stream, read again by the next add, so it is an output
+  (bf16). The residual of norm2 is proj_in's output (norm1's input), that of norm3 norm2's ``h``;
 * ``aten.layer_norm(h, [C], w, b, 1e-5)`` in bf16 (``_cast_constants`` made w, b bf16);
 * the next ``FastGemm``'s activation quantizer: ``grid_round((ln.float() - a_z) / a_s, afmt).to(e4m3)``
   (``_scaled``, ``grid_round``, ``_bit_rne``): the E4M3 grid values, the FP8 GEMM's A operand. The only reader of
   the LayerNorm output is that quantizer: norm1 feeds Q/K/V, one merged ``FastGemm`` (``_merge_shared_inputs``:
   one quantizer), norm2 feeds ``attn2.to_q`` (K / V read the text states), norm3 feeds the GEGLU ``ff.net[0].proj``.
-  The LayerNorm output is therefore not written (``ln_out=True`` writes it, for tests).
+  The LayerNorm output is therefore not written (``ln_out=True`` writes it, for tests). Checked on the rewritten
+  tiny conditional UNet of the tests (tests/conftest.py ``make_unet_cond``, ``FAST_CONFIG``): each of its 12
+  ``aten.layer_norm`` nodes has one user, a FastGemm (norm1: a merged Q/K/V one), and reads either
+  view(permute(proj_in FastGemm)) or add(div(clone(to_out FastGemm)), residual).
 
 Formats: ``grid_round``'s "int" (round half to even of |v| or max(v, 0)) and "fp" (integer RNE of the float32
 bits in the normal range, ``round(a * 2^(M - emin)) * 2^(emin - M)`` below it) kinds, signed or unsigned,
