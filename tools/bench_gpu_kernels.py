@@ -326,8 +326,7 @@ def bench_lnquant(batch: int, tiles: tuple = LN_TILES, fmt: str = LN_FMT, device
         if grid:
             d = (torch.searchsorted(vals, got.float()) - torch.searchsorted(vals, ref.float())).abs()
         else:
-            k = [torch.where(t.view(torch.int16) < 0, -(t.view(torch.int16).int() & 0x7FFF), t.view(torch.int16).int())
-                 for t in (got, ref)]
+            k = [torch.where(t < 0, -(t & 0x7FFF), t) for t in (x.view(torch.int16).int() for x in (got, ref))]
             d = (k[0] - k[1]).abs()
         return round(float((d > 0).float().mean()), 6), int(d.max())
 

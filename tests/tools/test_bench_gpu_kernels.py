@@ -69,8 +69,8 @@ def test_lnquant_dry_run() -> None:
         return 0.01
 
     dev = "cuda" if BK.torch.cuda.is_available() else "cpu"
-    r = BK.bench_lnquant(1, tiles=((1, 4), (4, 8)), device=dev, timer=timer, shapes=Counter({(13, 320, False): 1, (9, 40, True): 2}),
-                         compile_fn=lambda f: f)
+    r = BK.bench_lnquant(1, tiles=((1, 4), (4, 8)), device=dev, timer=timer,
+                         shapes=Counter({(13, 320, False): 1, (9, 40, True): 2}), compile_fn=lambda f: f)
     assert len(calls) == 2 * 3 and r["per_step_ms"] == {"inductor": 0.03, "1x4": 0.03, "4x8": 0.03, "best": 0.03}
     for row in r["rows"]:
         assert row["1x4_g_max"] <= 1 and row["4x8_g_max"] <= 1 and row["1x4_g_off"] < 0.02
