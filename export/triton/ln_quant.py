@@ -33,11 +33,14 @@ Numerics, two modes (``round_bf16``):
 
 * True (default): eager PyTorch's roundings, those of ``ln_quant_reference``: the epilogue, the add and the
   LayerNorm output each rounded to bf16, statistics in float32; compiled without FMA contraction
-  (``enable_fp_fusion=False``), as eager runs ``y * scale`` and ``+ beta`` as two kernels.
+  (``enable_fp_fusion=False``), as eager runs ``y * scale`` and ``+ beta`` as two kernels, and with IEEE divisions
+  (``tl.div_rn``) in the statistics and the quantizer's ``(x - z) / s``.
 * False: what Inductor generates for the fused chain (``emulate_precision_casts`` off): it elides bf16
   downcast/upcast pairs inside a kernel, so the add reads the float32 epilogue, the LayerNorm reads the float32
   sum (only the stored residual is rounded) and the quantizer reads the float32 LayerNorm output; Triton's
-  default FMA contraction, as Inductor's kernels have it. The bench compares the kernel in this mode with
+  default FMA contraction and its ``/`` (``div.full.f32`` on NVIDIA: approximate, within 2 ulp), as Inductor's
+  kernels have them (its ``eager_numerics.division_rounding`` is off by default, so the fast path's compiled
+  quantizers divide approximately too, unlike eager ``grid_round``). The bench compares the kernel in this mode with
   ``torch.compile(ln_quant_reference)``.
 
 Bit-exactness: the residual and the quantizer are pointwise and bit-exact; the LayerNorm statistics are float32
@@ -118,6 +121,16 @@ def _bf16(x):
 
 
 @triton.jit
+def _div(x, y, RN: tl.constexpr):
+    """x / y: IEEE round to nearest (eager's division) with RN, else Triton's ``/`` (div.full.f32, within 2 ulp on
+    NVIDIA GPUs: what Inductor emits unless TORCHINDUCTOR_EMULATE_DIVISION_ROUNDING=1)."""
+    if RN:
+        return tl.div_rn(x, y)
+    else:
+        return x / y
+
+
+@triton.jit
 def _grid(v, SIGNED: tl.constexpr, FP: tl.constexpr, VMAX: tl.constexpr, FSUB: tl.constexpr, FINV: tl.constexpr,
           THR: tl.constexpr, DROP: tl.constexpr, HALF_M1: tl.constexpr, MASK: tl.constexpr):
     """grid_round of float32 v (fast.grid_round, bit for bit)."""
@@ -163,9 +176,9 @@ def _ln_quant_kernel(y_ptr, cs_ptr, beta_ptr, res_ptr, w_ptr, b_ptr, h_ptr, g_pt
     if ROUND:
         h = hb
     h = tl.where(mask, h, 0.0)
-    mean = tl.sum(h, axis=1) / C
+    mean = _div(tl.sum(h, axis=1), C.to(tl.float32), ROUND)
     d = tl.where(mask, h - mean[:, None], 0.0)
-    var = tl.sum(d * d, axis=1) / C
+    var = _div(tl.sum(d * d, axis=1), C.to(tl.float32), ROUND)
     rstd = tl.rsqrt(var + eps)  # as Inductor (libdevice.rsqrt); torch.rsqrt in eager
     w = tl.load(w_ptr + cols, mask=cm, other=0.0).to(tl.float32)
     b = tl.load(b_ptr + cols, mask=cm, other=0.0).to(tl.float32)
@@ -174,7 +187,7 @@ def _ln_quant_kernel(y_ptr, cs_ptr, beta_ptr, res_ptr, w_ptr, b_ptr, h_ptr, g_pt
         ln = _bf16(ln)
     if STORE_LN:
         tl.store(ln_ptr + off, ln.to(ln_ptr.dtype.element_ty), mask=mask)
-    g = _grid((ln - a_z) / a_s, SIGNED, FP, VMAX, FSUB, FINV, THR, DROP, HALF_M1, MASK)
+    g = _grid(_div(ln - a_z, a_s, ROUND), SIGNED, FP, VMAX, FSUB, FINV, THR, DROP, HALF_M1, MASK)
     tl.store(g_ptr + off, g.to(tl.float8e4nv), mask=mask)
 
 

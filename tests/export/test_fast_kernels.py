@@ -423,3 +423,34 @@ def test_ln_quant_no_ln_output_and_views() -> None:
     h2, g2, _ = ln_quant_triton(y.to(DEV), cs.to(DEV), beta.to(DEV), res.to(DEV), w.to(DEV), b.to(DEV), 1e-5, 0.5,
                                 0.0, "e2m1", ln_out=True)
     assert torch.equal(_u8(h.reshape(6, 64)), _u8(h2)) and torch.equal(_u8(g.reshape(6, 64)), _u8(g2))
+
+
+_LN_PTX = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from msfp_compiler.export.triton import ln_quant as L
+sig = dict(y_ptr="*bf16", cs_ptr="*fp32", beta_ptr="*fp32", res_ptr="*bf16", w_ptr="*bf16", b_ptr="*bf16",
+           h_ptr="*bf16", g_ptr="*fp8e4nv", ln_ptr="*bf16", M="i32", C="i32", eps="fp32", a_s="fp32", a_z="fp32")
+for fmt, rnd, res in [("e2m1", False, True), ("int4", True, False), ("ue2m2", True, True)]:
+    const = dict(HAS_RES=res, STORE_LN=False, ROUND=rnd, BM=2, BC=2048, **L.format_constants(fmt))
+    src = ASTSource(L._ln_quant_kernel, {**sig, **{k: "constexpr" for k in const}}, constexprs=const)
+    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                         options={"num_warps": 8, "enable_fp_fusion": not rnd}).asm["ptx"]
+    assert ("div.rn.f32" in ptx) == rnd and ("div.full.f32" in ptx) != rnd, fmt
+    assert ("fma.rn.f32" in ptx) != rnd, fmt
+print("ok")
+"""
+
+
+@pytest.mark.skipif(DEV.type == "cuda", reason="the GPU runs the kernel itself")
+def test_ln_quant_compiles_for_hopper() -> None:
+    """Without a GPU: the kernel compiles for sm_90 (Triton's real compiler, in a process without the interpreter),
+    eager numerics with IEEE divisions and no FMA, Inductor's with div.full and FMA contraction."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    run = subprocess.run([sys.executable, "-c", _LN_PTX], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-2000:]
