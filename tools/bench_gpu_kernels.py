@@ -271,7 +271,7 @@ def bench_gnstats(batch: int) -> dict:
             "rows": rows}
 
 
-LN_TILES = ((1, 4), (1, 2), (1, 8), (2, 4), (2, 8), (4, 4), (4, 8), (8, 8))
+LN_TILES = ((1, 4), (1, 2), (1, 8), (2, 4), (4, 4), (4, 8), (8, 8), (16, 8))
 # (rows per program, warps) of ln_quant's kernel; a row of C <= 1280 channels sits in BLOCK_C = next_power_of_2(C)
 # lanes
 LN_FMT = "e2m1"  # a signed fp-kind activation format (Inductor's kernel names in session 16 show its bit rounding)
@@ -306,7 +306,8 @@ def bench_lnquant(batch: int, tiles: tuple = LN_TILES, fmt: str = LN_FMT, device
     torch.compile (max-autotune without CUDA graphs, as the UNet's kernels are tuned) makes of ``ln_quant_reference``
     (outputs: residual, E4M3 codes), against ``ln_quant_triton`` (round_bf16=False: Inductor's numerics) at each
     (rows per program, warps) tile, named ``<rows>x<warps>``; device time replayed from a CUDA graph (``timer``), ms
-    per call and per step, ``_gbs``: the minimum bytes (y, residual read, residual and codes written) per second.
+    per call and per step, ``_gbs``: the minimum bytes (y, residual read, residual and codes written) per second,
+    ``roofline``: those bytes at ``pointwise_roofline.COPY_BW`` (0.419 ms a step at batch 8).
     Per shape, each tile's outputs against Inductor's: ``<tile>_h_off`` / ``_g_off``, the fraction of residual
     values (bf16 steps) and codes (grid steps) that differ, ``_max``: the largest distance in steps, ``_h_abs``: the
     largest |difference| of the residual. FMA contraction and reduction order may differ: codes more than one grid
@@ -314,6 +315,8 @@ def bench_lnquant(batch: int, tiles: tuple = LN_TILES, fmt: str = LN_FMT, device
     rounding the kernel elides (the epilogue's before the add: cancellation). per_step_ms ``best``: the fastest tile
     per shape.
     ``device``, ``timer``, ``shapes``, ``compile_fn``: a CPU dry run (interpreter, stub timer, eager baseline)."""
+    from pointwise_roofline import COPY_BW
+
     from msfp_compiler.export.triton.ln_quant import ln_quant_triton
     from msfp_compiler.ops import get_format
 
@@ -342,7 +345,10 @@ def bench_lnquant(batch: int, tiles: tuple = LN_TILES, fmt: str = LN_FMT, device
         b = (torch.randn(c, generator=gen) * 0.1).to(device, torch.bfloat16)
         a_s, a_z = torch.tensor(0.4, device=device), torch.tensor(0.0, device=device)  # 0-d buffers, as FastGemm's
         mb = m * c * (7 if has_res else 5) / 1e6
-        row: dict = {"m": m, "c": c, "residual": has_res, "count": count, "mb": round(mb, 2)}
+        roof = mb * 1e6 / COPY_BW * 1e3
+        row: dict = {"m": m, "c": c, "residual": has_res, "count": count, "mb": round(mb, 2),
+                     "roofline": round(roof, 5)}
+        totals["roofline"] += count * roof
         h_ref, g_ref = chain(y, cs, beta, res, w, b, a_s, a_z)
         ms = timer(lambda: chain(y, cs, beta, res, w, b, a_s, a_z))  # noqa: B023
         row["inductor"], row["inductor_gbs"] = round(ms, 5), round(mb / ms, 1)
