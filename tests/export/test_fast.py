@@ -610,3 +610,84 @@ def test_build_fast_cat_nhwc(compiled_cond) -> None:
             x = [torch.cat([a] * 8)[:batch] for a in args]
             with torch.no_grad():
                 assert torch.equal(fast(*x), base(*x))
+
+
+def _layer_norms_feeding_gemms(fast) -> int:
+    """aten.layer_norm nodes of a build whose only reader is a FastGemm."""
+    n = 0
+    for node in fast.gm.graph.nodes:
+        if node.target == torch.ops.aten.layer_norm.default and len(node.users) == 1:
+            (user,) = node.users
+            n += user.op == "call_module" and isinstance(fast.gm.get_submodule(user.target), FA.FastGemm)
+    return n
+
+
+def test_build_fast_ln_quant(compiled_cond, unet_cond) -> None:
+    """build_fast(ln_quant=True): every LayerNorm feeding a FastGemm (the tiny UNet's transformer blocks: norm1 on
+    proj_in's output, norm2 / norm3 on to_out's plus the residual) becomes one msfp_fast::ln_quant: the producer
+    FastGemm hands its raw GEMM output over (raw_out), the op applies its epilogue, adds the residual, normalizes and
+    quantizes, and the consumer reads the E4M3 grid values (a_grid); no LayerNorm, dropout clone or division by 1.0
+    is left. The op computes with Inductor's numerics (float32 between the steps), so eagerly it differs from the
+    default build in a few codes, which this random model amplifies; the wiring is checked with the sites switched
+    to eager roundings (LnQuant.round_bf16): then the eager output is the default build's bit for bit (the op's CPU
+    implementation, ln_quant_reference, runs the default graph's eager ops in the same order and dtypes; FP8
+    products sum exactly in float32, as _scaled_mm's). The float32 checking dtype and a site whose producer does not
+    reach the add through value-preserving ops are left alone. The GPU kernel's own check: test_fast_kernels'
+    test_ln_quant_* (eager and Inductor numerics)."""
+    blocks = sum(type(m).__name__ == "BasicTransformerBlock" for m in unet_cond.modules())
+    gm = compiled_cond.graph_module
+    args = compiled_cond.calibration.batches[0].args
+    base = FA.build_fast(gm, "cpu")
+    fused = FA.build_fast(gm, "cpu", ln_quant=True)
+    sites = _layer_norms_feeding_gemms(base)
+    assert sites == 3 * blocks >= 6 and fused.report.ln_quant_fused == sites and base.report.ln_quant_fused == 0
+    assert f"LayerNorms fused with their epilogue and quantizer: {sites}" in str(fused.report)
+    assert "LayerNorms fused" not in str(base.report)
+    aten = torch.ops.aten
+    count = {f: {t: sum(n.target == t for n in f.gm.graph.nodes) for t in (aten.layer_norm.default,
+                                                                          aten.clone.default, aten.div.Tensor)}
+             for f in (base, fused)}
+    assert count[fused][aten.layer_norm.default] == 0  # norm2 / norm3 took their clone and division by 1.0 along
+    assert [count[base][t] - count[fused][t] for t in (aten.clone.default, aten.div.Tensor)] == [2 * blocks] * 2
+    layers = [m for m in fused.modules() if isinstance(m, FA.FastGemm)]
+    ops = [m for m in fused.modules() if isinstance(m, FA.LnQuant)]
+    assert len(ops) == sum(m.raw_out for m in layers) == sum(m.a_grid for m in layers) == sites
+    assert not any(m.round_bf16 for m in ops)  # Inductor's numerics: what the default build runs compiled
+    with torch.no_grad():
+        out = fused(*args)
+        assert torch.isfinite(out).all()
+        for m in ops:
+            m.round_bf16 = True
+        eager = fused(*args)
+        assert torch.equal(eager, base(*args))
+        traced = torch.compile(fused, backend="eager", fullgraph=True)(*args)  # one graph: the op traces
+        assert torch.equal(traced, eager)
+    assert FA.build_fast(gm, "cpu", dtype=torch.float32, ln_quant=True).report.ln_quant_fused == 0
+    div = next(n for n in base.gm.graph.nodes if n.target == aten.div.Tensor and n.args[1] == 1.0
+               and n.args[0].target == aten.clone.default)  # attn1's rescale_output_factor: norm2's input
+    div.args = (div.args[0], 2.0)  # no longer the producer's value: that site stays as it is
+    assert FA._fuse_ln_quant(base.gm) == sites - 1
+    assert sum(n.target == aten.layer_norm.default for n in base.gm.graph.nodes) == 1
+
+
+def test_ln_quant_op() -> None:
+    """msfp_fast::ln_quant on the CPU is ln_quant_reference (both numerics, with and without the residual, [B, T, C]
+    views of NHWC memory as norm1 reads), contiguous outputs; its fake implementation agrees (opcheck)."""
+    from msfp_compiler.export.triton.ln_quant import ln_quant_reference
+
+    gen = torch.Generator().manual_seed(8)
+    c = 32
+    y = torch.randn(2, c, 3, 4, generator=gen).bfloat16().permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+    y = y.permute(0, 2, 3, 1).reshape(2, 12, c)
+    cs, beta = torch.rand(c, generator=gen), torch.randn(c, generator=gen)
+    w, b = torch.randn(c, generator=gen).bfloat16(), torch.randn(c, generator=gen).bfloat16()
+    res = torch.randn(2, 12, c, generator=gen).bfloat16()
+    for r, fmt, z, rnd in [(res, "e2m1", 0.0, False), (None, "ue2m2", -0.1, True), (res, "int4", 0.0, True)]:
+        h, g = torch.ops.msfp_fast.ln_quant(y, cs, beta, r, w, b, 1e-5, 0.3, z, fmt, rnd)
+        h_ref, g_ref, _ = ln_quant_reference(y, cs, beta, r, w, b, 1e-5, 0.3, z, fmt, round_bf16=rnd)
+        assert h.is_contiguous() and g.is_contiguous() and h.shape == g.shape == y.shape
+        assert torch.equal(h, h_ref) and torch.equal(g.view(torch.uint8), g_ref.view(torch.uint8))
+        assert len(g.float().unique()) >= 4
+        got = torch.library.opcheck(torch.ops.msfp_fast.ln_quant, (y, cs, beta, r, w, b, 1e-5, 0.3, z, fmt, rnd),
+                                    test_utils="test_faketensor")
+        assert got == {"test_faketensor": "SUCCESS"}
