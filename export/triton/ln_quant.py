@@ -1,6 +1,8 @@
 """A transformer block's LayerNorm with its neighbours, fused by hand: GEMM epilogue, residual add, LayerNorm, E4M3
-quantizer in one Triton kernel (not wired into ``build_fast``: ``tools/bench_gpu_kernels.py --sections lnquant``
-decides first whether it beats what Inductor generates).
+quantizer in one Triton kernel: op ``msfp_fast::ln_quant`` (fast_ops), wired by ``build_fast(ln_quant=True)``
+(opt-in, ``fast._fuse_ln_quant``: the producer FastGemm hands its raw GEMM output over, the consumer FastGemm reads
+the codes; bench variant ``lnquant``), not by default until ``tools/bench_gpu_kernels.py --sections lnquant`` and
+the SD1.5 A/B show it beating what Inductor generates.
 
 The chain, as ``fast.build_fast`` emits it for SD1.5 (one ``BasicTransformerBlock`` per ``Transformer2DModel``, 16
 blocks, three LayerNorms each; C = 320 / 640 / 1280, M = batch x 4096 / 1024 / 256 / 64 tokens):

@@ -414,6 +414,27 @@ def test_ln_quant_inductor_rounding(fmt: str, residual: bool) -> None:
     assert g_off.max() <= 1 and (g_off > 0).float().mean() <= 0.01
 
 
+@pytest.mark.parametrize("residual", [True, False])
+def test_ln_quant_op_cuda_implementation(residual: bool) -> None:
+    """msfp_fast::ln_quant's CUDA implementation (build_fast(ln_quant=True)'s op; called directly, so the CPU
+    interpreter runs it too; through the dispatcher on a GPU) against the op's reference with Inductor's numerics,
+    as the build calls it: norm1's [B, HW, C] view of NHWC memory as y, contiguous outputs of y's shape, the
+    residual within one bf16 step (FMA contraction on the GPU), codes within one grid step, under 1% off."""
+    y, cs, beta, res, w, b = _ln_inputs(24, 320, 17)
+    y = y.view(2, 3, 4, 320).permute(0, 3, 1, 2).permute(0, 2, 3, 1).reshape(2, 12, 320)
+    r = res.view(2, 12, 320) if residual else None
+    args = (1e-5, 0.37, 0.25, "ue2m2", False)
+    h_ref, g_ref = O.ln_quant(y, cs, beta, r, w, b, *args)
+    dev = [t.to(DEV) if t is not None else None for t in (y, cs, beta, r, w, b)]
+    h, g = (torch.ops.msfp_fast.ln_quant if DEV.type == "cuda" else O._ln_quant_cuda)(*dev, *args)
+    assert h.shape == g.shape == y.shape and h.is_contiguous() and g.is_contiguous()
+    assert h.dtype == torch.bfloat16 and g.dtype == torch.float8_e4m3fn
+    assert (_bf16_key(h) - _bf16_key(h_ref)).abs().max() <= 1
+    g_off = (_grid_step(g, "ue2m2") - _grid_step(g_ref, "ue2m2")).abs()
+    assert g_off.max() <= 1 and (g_off > 0).float().mean() <= 0.01
+    assert len(g_ref.float().unique()) >= 4
+
+
 def test_ln_quant_no_ln_output_and_views() -> None:
     """Without ln_out the third output is None; [B, T, C] inputs (the graph's [B, HW, C] views) keep their shape."""
     y, cs, beta, res, w, b = _ln_inputs(6, 64, 3)
