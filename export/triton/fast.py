@@ -633,7 +633,15 @@ def _fuse_ln_quant(gm: fx.GraphModule, round_bf16: bool = False) -> int:
     residual stream h replaces the add (norm2 / norm3) or the LayerNorm's input (norm1, read again as norm2's
     residual) for every other reader. The raw output reaches the op through the chain's views only (dropout's clone
     and the division by 1.0 are dropped: an opaque op's input would be materialized through them). Returns how many
-    sites fused."""
+    sites fused.
+
+    Why the epilogue moves into the op rather than the op reading the producer's finished bf16 output (which would
+    leave FastGemm's forward alone): Inductor fuses that epilogue into its reader, and with an opaque reader it
+    would be a kernel of its own (a read and a write of [M, C] bf16 more than the default build's one fused kernel,
+    and the epilogue rounded to bf16 before the add, where the default build's compiled kernel adds in float32).
+    Taking it costs one flag (``raw_out``: skip the epilogue) and the sites' FastGemm conditions (one set, no
+    zero-point map, no parts: SD1.5's proj_in and to_out all qualify in the bench's build, which has no TALoRA
+    sets); the graph is then the op, its two getitems and the views the LayerNorm read the GEMM through."""
     g = gm.graph
     count = 0
     for ln in list(g.nodes):
