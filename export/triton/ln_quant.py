@@ -62,7 +62,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .fast import _spec, grid_e4m3, grid_round
+from .fast import grid_e4m3, grid_round
+from .kernels import _round_bf16, _round_to_grid, quant_spec
 
 __all__ = ["ln_quant_reference", "ln_quant_triton", "format_constants"]
 
@@ -94,32 +95,13 @@ def ln_quant_reference(y: torch.Tensor, col_scale: torch.Tensor, beta: torch.Ten
 
 
 def format_constants(fmt: str) -> dict:
-    """The kernel's constexpr description of an int- or fp-kind format (``grid_round``'s spec)."""
-    f = _spec(fmt)
-    if f.kind not in ("int", "fp"):
+    """The kernel's constexpr description of an int- or fp-kind format (``kernels.quant_spec``'s arithmetic form,
+    the one ``kernels._round_to_grid`` rounds by)."""
+    spec = quant_spec(fmt)
+    if not spec.arith:
         raise ValueError(f"format {fmt}: threshold-table kind, not handled by ln_quant")
-    m, emin = (0, 0) if f.kind == "int" else (f.man_bits, f.emin)
-    drop = 23 - m
-    return {"SIGNED": f.signed, "FP": f.kind == "fp", "VMAX": float(f.max), "FSUB": 2.0 ** (m - emin),
-            "FINV": 2.0 ** (emin - m), "THR": 2.0 ** emin, "DROP": drop, "HALF_M1": (1 << (drop - 1)) - 1,
-            "MASK": -(1 << drop)}
-
-
-@triton.jit
-def _round_half_even(x):
-    """Nearest integer, ties to even, of 0 <= x < 2^22 (the float32 add of 2^23 rounds; both steps exact)."""
-    big = 8388608.0
-    return (x + big) - big
-
-
-@triton.jit
-def _bf16(x):
-    """float32 x rounded to bfloat16 (nearest, ties to even; finite x), kept in float32: integer ops on the bits, as
-    the GPU's conversion rounds (Triton's interpreter truncates in ``.to(tl.bfloat16)``); the bf16 stores of values
-    rounded here are exact."""
-    bits = x.to(tl.int32, bitcast=True)
-    bits = (bits + 32767 + ((bits >> 16) & 1)) & -65536
-    return bits.to(tl.float32, bitcast=True)
+    return {"SIGNED": spec.signed, "MAXV": spec.max, "SUB_LIMIT": spec.sub_limit, "MAGIC": spec.magic,
+            "SHIFT": spec.shift}
 
 
 @triton.jit
@@ -133,33 +115,10 @@ def _div(x, y, RN: tl.constexpr):
 
 
 @triton.jit
-def _grid(v, SIGNED: tl.constexpr, FP: tl.constexpr, VMAX: tl.constexpr, FSUB: tl.constexpr, FINV: tl.constexpr,
-          THR: tl.constexpr, DROP: tl.constexpr, HALF_M1: tl.constexpr, MASK: tl.constexpr):
-    """grid_round of float32 v (fast.grid_round, bit for bit)."""
-    if SIGNED:
-        a = tl.abs(v)
-    else:
-        a = tl.maximum(v, 0.0)
-    a = tl.minimum(a, VMAX)
-    r = _round_half_even(a * FSUB) * FINV
-    if FP:
-        bits = a.to(tl.int32, bitcast=True)
-        rne = ((bits + HALF_M1 + ((bits >> DROP) & 1)) & MASK).to(tl.float32, bitcast=True)
-        r = tl.where(a < THR, r, rne)
-    if SIGNED:
-        sign = v.to(tl.int32, bitcast=True) & -2147483648
-        r = (r.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
-    else:
-        r = r + 0.0
-    return r
-
-
-@triton.jit
 def _ln_quant_kernel(y_ptr, cs_ptr, beta_ptr, res_ptr, w_ptr, b_ptr, h_ptr, g_ptr, ln_ptr, M, C, eps, a_s, a_z,
                      HAS_RES: tl.constexpr, STORE_LN: tl.constexpr, ROUND: tl.constexpr,
-                     SIGNED: tl.constexpr, FP: tl.constexpr, VMAX: tl.constexpr, FSUB: tl.constexpr,
-                     FINV: tl.constexpr, THR: tl.constexpr, DROP: tl.constexpr, HALF_M1: tl.constexpr,
-                     MASK: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr):
+                     SIGNED: tl.constexpr, MAXV: tl.constexpr, SUB_LIMIT: tl.constexpr, MAGIC: tl.constexpr,
+                     SHIFT: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr):
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     cols = tl.arange(0, BC)
     cm = cols < C
@@ -170,10 +129,10 @@ def _ln_quant_kernel(y_ptr, cs_ptr, beta_ptr, res_ptr, w_ptr, b_ptr, h_ptr, g_pt
     beta = tl.load(beta_ptr + cols, mask=cm, other=0.0)
     h = y * cs[None, :] + beta[None, :]
     if ROUND:
-        h = _bf16(h)
+        h = _round_bf16(h)
     if HAS_RES:
         h = h + tl.load(res_ptr + off, mask=mask, other=0.0).to(tl.float32)
-    hb = _bf16(h)
+    hb = _round_bf16(h)
     tl.store(h_ptr + off, hb.to(tl.bfloat16), mask=mask)
     if ROUND:
         h = hb
@@ -186,10 +145,12 @@ def _ln_quant_kernel(y_ptr, cs_ptr, beta_ptr, res_ptr, w_ptr, b_ptr, h_ptr, g_pt
     b = tl.load(b_ptr + cols, mask=cm, other=0.0).to(tl.float32)
     ln = d * rstd[:, None] * w[None, :] + b[None, :]
     if ROUND:
-        ln = _bf16(ln)
+        ln = _round_bf16(ln)
     if STORE_LN:
         tl.store(ln_ptr + off, ln.to(ln_ptr.dtype.element_ty), mask=mask)
-    g = _grid(_div(ln - a_z, a_s, ROUND), SIGNED, FP, VMAX, FSUB, FINV, THR, DROP, HALF_M1, MASK)
+    v = _div(ln - a_z, a_s, ROUND)
+    # the arithmetic form only (ARITH, no threshold table: its pointers are never read)
+    g = _round_to_grid(v, v, g_ptr, g_ptr, SIGNED, True, MAXV, SUB_LIMIT, MAGIC, SHIFT, 0)
     tl.store(g_ptr + off, g.to(tl.float8e4nv), mask=mask)
 
 
