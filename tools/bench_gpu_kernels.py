@@ -632,25 +632,18 @@ def main(argv: list[str] | None = None) -> int:
     torch.backends.cuda.matmul.allow_tf32 = False
     t0 = time.perf_counter()
     res: dict = {"device": torch.cuda.get_device_name(0), "batch": args.batch}
-    if "gnstats" in sections:  # needs no layer list either
-        res["gnstats"] = bench_gnstats(args.batch)
-        res["seconds"] = round(time.perf_counter() - t0, 1)
-        Path(args.out).write_text(json.dumps(res, indent=1))
-        if sections == ["gnstats"]:
-            return 0
-    if "lnquant" in sections:  # no layer list either
-        res["lnquant"] = bench_lnquant(args.batch, ln_tiles, args.ln_fmt)
-        res["seconds"] = round(time.perf_counter() - t0, 1)
-        Path(args.out).write_text(json.dumps(res, indent=1))
-        if sections == ["lnquant"]:
-            return 0
-    if "fp8attn" in sections:  # needs no layer list (no diffusers UNet)
-        levels = tuple(lv for lv in ATTN_LEVELS if lv[0] in args.attn_levels.split(","))
-        res["fp8attn"] = bench_fp8_attention(args.batch, levels, pads=tuple(int(p) for p in args.attn_pads.split(",")))
-        res["seconds"] = round(time.perf_counter() - t0, 1)
-        Path(args.out).write_text(json.dumps(res, indent=1))
-        if sections == ["fp8attn"]:
-            return 0
+    levels = tuple(lv for lv in ATTN_LEVELS if lv[0] in args.attn_levels.split(","))
+    standalone = {  # the sections that need no SD1.5 layer list (no diffusers UNet), in this order
+        "gnstats": lambda: bench_gnstats(args.batch),
+        "lnquant": lambda: bench_lnquant(args.batch, ln_tiles, args.ln_fmt),
+        "fp8attn": lambda: bench_fp8_attention(args.batch, levels,
+                                               pads=tuple(int(p) for p in args.attn_pads.split(","))),
+    }
+    for name, run in standalone.items():
+        if name in sections:
+            res[name] = run()
+            res["seconds"] = round(time.perf_counter() - t0, 1)
+            Path(args.out).write_text(json.dumps(res, indent=1))  # after every section: a later failure keeps it
     if not set(sections) & {"conv", "decode", "im2col", "layers"}:  # e.g. fp8attn,gnstats,lnquant: no layer list
         return 0
     shapes = layer_shapes(args.batch)
