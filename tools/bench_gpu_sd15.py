@@ -422,7 +422,8 @@ VARIANTS = {"combo": ({"combo_kernels": True}, {}), "qkv": ({}, {"quantize_parts
             "gntriton_splitcat": ({}, {"group_norm": "triton", "split_concat": True}),
             "catnhwc": ({}, {"cat_nhwc": True}),  # the default since session 16
             "catnchw": ({}, {"cat_nhwc": False}),  # aten.cat, the default build before session 16
-            "lnquant": ({}, {"ln_quant": True})}  # msfp_fast::ln_quant at each LayerNorm (opt-in, session 16 CPU)
+            "lnquant": ({}, {"ln_quant": True}),  # msfp_fast::ln_quant at each LayerNorm (opt-in, session 16 CPU)
+            "cdt": ({"coordinate_descent_tuning": True}, {})}  # Inductor tunes each kernel's block sizes and warps
 
 
 def parse_variants(spec: str) -> list[tuple[list[str], list[int]]]:

@@ -72,7 +72,7 @@ import triton.language as tl
 
 __all__ = ["gn_stats_triton", "combine_tile", "BLOCK_P", "BLOCK_C", "GN_WARPS", "FUSED_COMBINE"]
 
-BLOCK_P = 16  # positions per tile: 16 x 64 channels x 2 bytes = 2 KB per program, one warp (GN_WARPS)
+BLOCK_P = 64  # positions per tile: 64 x 64 channels x 2 bytes = 8 KB per program, one warp (GN_WARPS)
 BLOCK_C = 64  # channels per tile row: 128 contiguous bytes in bf16 (one full memory transaction per row)
 GN_WARPS = 1
 FUSED_COMBINE = False  # the default of gn_stats_triton's fused_combine (see the module docstring)
@@ -80,8 +80,10 @@ FUSED_COMBINE = False  # the default of gn_stats_triton's fused_combine (see the
 # slower than 64 x 64 / 4 warps on all 14 SD1.5 batch-8 GroupNorm shapes, and runtime (unspecialized) sizes made
 # these kernels 0.18 ms slower per batch-8 step; session 16, one warp per program won: 16 x 64 / 1 warp 0.611 ms per
 # batch-8 step against 0.793 for 64 x 64 / 4 warps; 32 x 64 (0.480) and 64 x 64 (0.445) with one warp are faster still
-# but 32 x 64 failed test_gn_stats_matches_group_norm's SD1.5 case on the H200 (cause not seen: the test now says
-# by how much; results/gpu_sd15_kernels_session16_*.json, docs/triton.md session 16).
+# but 32 x 64 failed test_gn_stats_matches_group_norm's SD1.5 case on the H200 (its former fixed output tolerance;
+# results/gpu_sd15_kernels_session16_*.json, docs/triton.md session 16); session 17: 64 x 64 / 1 warp passed every GPU
+# test (test_gn_stats_sd15_tiles included) and swept fastest again (0.446 ms a batch-8 step; in the step gn_partial +
+# gn_combine 0.503 ms against 0.637 with 16 x 64 / 1).
 
 
 @triton.jit
