@@ -23,6 +23,7 @@ import json
 import math
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -173,6 +174,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--weights", default="packed", help="comma list of packed,mixed,fp8 (build_fast's weights "
                     "modes; the first is the headline)")
     ap.add_argument("--iters", type=int, default=30)
+    ap.add_argument("--flash-tile", default=None, metavar="TILE", help="msfp_fast::flash_fp8's tile for builds with "
+                    "attention='fp8-triton' (variant tfp8attn), as bench_gpu_kernels --sections flashfp8 names them, "
+                    "e.g. 128x64w4s3e16 (default: flash_fp8.FLASH_TILE)")
     ap.add_argument("--captures", type=int, default=1, help="graph mode: time the W4A4 step and the bf16 "
                     "default-graph step from this many CUDA-graph captures each (the same compiled code captured "
                     "again, no recompile; session 9 measured ~1%% between two captures of one step); recorded as "
@@ -209,6 +213,9 @@ def parser() -> argparse.ArgumentParser:
                     "recorded under 'variants' (with output_vs: its output against the headline step's at that "
                     "batch size, same inputs, or with --skip main the first variant's), then its accuracy unless "
                     "skipped")
+    ap.add_argument("--attention", default="bf16", choices=["bf16", "fp8", "fp8-triton"], help="build_fast's "
+                    "attention for the headline rows (fp8-triton: our Triton FP8 flash kernel on the quantized Q/K/V "
+                    "where admitted, tile --flash-tile; fp8: cuDNN's)")
     ap.add_argument("--group-norm", default="auto", choices=["auto", "channels", "aten", "triton"], help="build_fast's "
                     "group_norm for the headline rows (channels: per-channel statistics in NHWC order; aten: the "
                     "captured op; auto, the default: triton from batch 4 on (session 14; channels in session 13), "
@@ -252,6 +259,14 @@ def main(argv: list[str] | None = None) -> int:
             parse_variants(args.variant)  # a typo fails here (one line, exit 2), not after the SD1.5 compile
         except ValueError as e:
             ap.error(str(e))
+    if args.flash_tile:
+        try:
+            tile = parse_flash_tile(args.flash_tile)
+        except ValueError as e:
+            ap.error(str(e))
+        from msfp_compiler.export.triton import flash_fp8
+
+        flash_fp8.FLASH_TILE = tile
     if args.only_warm_baseline:
         return warm_baseline(batches, args.baseline_mode, Path(args.only_warm_baseline))
     warm = start_warm(args) if args.warm_baseline else None
@@ -332,7 +347,7 @@ def measure(args: argparse.Namespace, rec: Recorder, cm: Any, bf16_bytes: int, b
 
         conv_fp8.TIME_ALSO = tuple(c for n in args.conv_sets.split(",") for c in _conv_set(n)
                                    if c not in conv_fp8.CONFIGS)
-    fasts = {w: build_fast(gm, "cuda", weights=w, group_norm=args.group_norm) for w in args.weights.split(",")}
+    fasts = {w: build_fast(gm, "cuda", weights=w, group_norm=args.group_norm, attention=args.attention) for w in args.weights.split(",")}
     head = args.weights.split(",")[0]
     rec.put("fast_report", str(fasts[head].report))
     log(str(fasts[head].report).split("\n")[0])
@@ -423,7 +438,17 @@ VARIANTS = {"combo": ({"combo_kernels": True}, {}), "qkv": ({}, {"quantize_parts
             "catnhwc": ({}, {"cat_nhwc": True}),  # the default since session 16
             "catnchw": ({}, {"cat_nhwc": False}),  # aten.cat, the default build before session 16
             "lnquant": ({}, {"ln_quant": True}),  # msfp_fast::ln_quant at each LayerNorm (opt-in, session 16 CPU)
-            "cdt": ({"coordinate_descent_tuning": True}, {})}  # Inductor tunes each kernel's block sizes and warps
+            "cdt": ({"coordinate_descent_tuning": True}, {}),
+            "tfp8attn": ({}, {"attention": "fp8-triton"})}  # msfp_fast::flash_fp8 (session 17)  # Inductor tunes each kernel's block sizes and warps
+
+
+def parse_flash_tile(text: str) -> tuple:
+    """"128x64w4s3e16" -> (128, 64, 4, 3, True): BLOCK_M x BLOCK_N, warps, stages, f16x2 exponentials (the names
+    bench_gpu_kernels --sections flashfp8 gives its tiles); ValueError (one line) otherwise."""
+    m = re.fullmatch(r"(\d+)x(\d+)w(\d+)s(\d+)(e16)?", text)
+    if not m:
+        raise ValueError(f"--flash-tile {text!r}: want BMxBNwWARPSsSTAGES[e16], e.g. 128x64w4s3e16")
+    return (*(int(g) for g in m.groups()[:4]), m.group(5) is not None)
 
 
 def parse_variants(spec: str) -> list[tuple[list[str], list[int]]]:

@@ -46,7 +46,7 @@ from msfp_compiler.talora import chosen_set
 from .fast_ops import conv_out_size, e4m3_lut, pack_halves  # also defines torch.ops.msfp_fast.*
 
 __all__ = ["grid_round", "fake_quant", "grid_e4m3", "PartQuant", "FastGemm", "DecodeGroup", "FastUNet", "build_fast",
-           "FastReport", "weight_bytes", "sdpa_fp8_fq", "fp8_head_dim", "group_norm_channels", "group_norm_auto",
+           "FastReport", "weight_bytes", "sdpa_fp8_fq", "flash_fp8_fq", "fp8_head_dim", "group_norm_channels", "group_norm_auto",
            "group_norm_triton", "concat_parts", "cat_nhwc", "LnQuant"]
 
 aten = torch.ops.aten
@@ -824,6 +824,21 @@ def sdpa_fp8_fq(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qp: tuple, kp
     return o.transpose(1, 2).contiguous().transpose(1, 2)
 
 
+def flash_fp8_fq(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qp: tuple, kp: tuple, vp: tuple,
+                 scale: float | None = None, dtype: torch.dtype = _BF16) -> torch.Tensor:
+    """``sdpa_fp8_fq``'s attention on our Triton FP8 flash kernel (``msfp_fast::flash_fp8``): the grid values as
+    E4M3 at their own head dim (no padding copy), V written transposed ([B, H, D, T]: the kernel's K-major P @ V
+    operand) by the quantizer's kernel, O in bfloat16 straight from the kernel. Rounds where the bf16 path does not:
+    P to E4M3 (docs/triton.md session 17). Output as ``_sdpa_as``'s."""
+    def grid(x: torch.Tensor, p: tuple) -> torch.Tensor:
+        return grid_round(_scaled(x, p[0], p[1]), p[2]).to(_FP8)
+
+    o = torch.ops.msfp_fast.flash_fp8(grid(q, qp), grid(k, kp), grid(v, vp).transpose(-1, -2).contiguous(),
+                                      float(qp[0]), float(kp[0]), float(vp[0]), float(vp[1]),
+                                      q.shape[-1] ** -0.5 if scale is None else float(scale))
+    return o if dtype == _BF16 else o.to(dtype).transpose(1, 2).contiguous().transpose(1, 2)
+
+
 @dataclass
 class FastReport:
     """What the rewrite turned into FP8 GEMMs and why the rest stayed bf16 fake quantization."""
@@ -835,7 +850,7 @@ class FastReport:
     merged_away: int = 0  # GEMMs saved by merging linears of one quantized input
     part_quant_moved: int = 0  # fake quantizers of merged GEMMs' parts moved into the GEMM (quantize_parts)
     implicit_convs: int = 0  # k x k convs run by the implicit-GEMM kernel (implicit_conv)
-    fp8_attention: int = 0  # attentions run by msfp_fast::sdpa_fp8 (attention="fp8")
+    fp8_attention: int = 0  # attentions run by msfp_fast::sdpa_fp8 (attention="fp8") or flash_fp8 ("fp8-triton")
     group_norms: int = 0  # GroupNorms as group_norm_channels / _auto / _triton (group_norm= "channels" etc.)
     split_concat: int = 0  # 1x1 convs on a per-part quantized concatenation as one FP8 GEMM per part (opt-in)
     cat_nhwc: int = 0  # 4-d channel concatenations laid out NHWC (cat_nhwc=True)
@@ -926,9 +941,9 @@ def _fuse_conv(args: list, act: Any, w: Any, bias: torch.Tensor | None, pads: tu
 
 
 def _rewrite(gm: fx.GraphModule, weights: str, report: FastReport, dtype: torch.dtype,
-             fp8_attention: bool = False, group_norm: str = "auto", split_concat: bool = False) -> None:
+             attention: str = "bf16", group_norm: str = "auto", split_concat: bool = False) -> None:
     _fuse_gemms(gm, weights, report, dtype, split_concat)
-    _lower_rest(gm, report, dtype, fp8_attention, group_norm)
+    _lower_rest(gm, report, dtype, attention, group_norm)
 
 
 def _split_concat_conv(gm: fx.GraphModule, node: fx.Node, weights: str,
@@ -1103,7 +1118,7 @@ def concat_parts(node: Any) -> list[fx.Node] | None:
     return parts
 
 
-def _lower_rest(gm: fx.GraphModule, report: FastReport, dtype: torch.dtype, fp8_attention: bool = False,
+def _lower_rest(gm: fx.GraphModule, report: FastReport, dtype: torch.dtype, attention: str = "bf16",
                 group_norm: str = "auto") -> None:
     """The remaining quantizers, packed weights and attention become ``dtype`` pointwise torch ops (``fp8_attention``:
     attentions ``_fp8_attention_args`` accepts become ``sdpa_fp8_fq``; ``group_norm`` "channels" / "auto" /
@@ -1132,10 +1147,11 @@ def _lower_rest(gm: fx.GraphModule, report: FastReport, dtype: torch.dtype, fp8_
                 new = g.call_function(decode_packed, (g.get_attr(halves), g.get_attr(f"{halves}_lut"), scale_n,
                                                       list(shape), dtype))
         elif node.target == aten.scaled_dot_product_attention.default:
-            fp8 = _fp8_attention_args(gm, node) if fp8_attention else None
+            fp8 = _fp8_attention_args(gm, node) if attention != "bf16" else None
             with g.inserting_before(node):
                 if fp8 is not None:
-                    new = g.call_function(sdpa_fp8_fq, fp8, {"dtype": dtype})
+                    fn = flash_fp8_fq if attention == "fp8-triton" else sdpa_fp8_fq
+                    new = g.call_function(fn, fp8, {"dtype": dtype})
                     report.fp8_attention += 1
                     report.fake_quant -= 3  # q, k, v's: inside sdpa_fp8_fq now
                 else:
@@ -1263,7 +1279,9 @@ def build_fast(gm: fx.GraphModule, device: str | torch.device = "cuda", weights:
     17.37-17.39 without, 1.13x against bf16 default-graph; docs/triton.md session 8), off elsewhere (on the CPU the
     op is im2col + GEMM anyway). ``attention``: "bf16" (PyTorch SDPA on the fake-quantized q, k, v) or "fp8"
     (``sdpa_fp8_fq``: cuDNN's FP8 attention on their grid values where ``_fp8_attention_args`` admits it: SD1.5's
-    self-attention at 64x64 and 32x32; P and O rounded to E4M3 on top of the graph's own quantization).
+    self-attention at 64x64 and 32x32; P and O rounded to E4M3 on top of the graph's own quantization) or
+    "fp8-triton" (``flash_fp8_fq``: the same attentions on our Triton FP8 flash kernel, unpadded head dim, V^T from the
+    quantizer, bf16 O; P rounded to E4M3).
     ``group_norm``: "channels" (``group_norm_channels``: per-channel statistics read in NHWC order, combined per group),
     "aten" (``aten.group_norm`` as captured, which Inductor reduces in NCHW order) or "triton"
     (``group_norm_triton``: the statistics from our Triton kernels in ``gn_stats``, concatenated inputs read part by
@@ -1286,14 +1304,14 @@ def build_fast(gm: fx.GraphModule, device: str | torch.device = "cuda", weights:
     steps), as the default build runs compiled; ``LnQuant.round_bf16`` switches it to eager's."""
     if group_norm not in ("auto", "channels", "aten", "triton"):
         raise ValueError(f"unknown group_norm mode {group_norm!r} (auto, channels, aten or triton)")
-    if attention not in ("bf16", "fp8"):
-        raise ValueError(f"unknown attention mode {attention!r} (bf16 or fp8)")
+    if attention not in ("bf16", "fp8", "fp8-triton"):
+        raise ValueError(f"unknown attention mode {attention!r} (bf16, fp8 or fp8-triton)")
     if weights not in ("packed", "fp8", "mixed"):
         raise ValueError(f"unknown weights mode {weights!r} (packed, fp8 or mixed)")
     if not inplace:
         gm = copy.deepcopy(gm)
     report = FastReport()
-    _rewrite(gm, weights, report, dtype, attention == "fp8", group_norm, split_concat)
+    _rewrite(gm, weights, report, dtype, attention, group_norm, split_concat)
     if cat_nhwc:  # after the rewrite: the GroupNorms have taken their concatenations' parts
         report.cat_nhwc = _cat_nhwc(gm)
     if merge:

@@ -2,7 +2,8 @@
 
 ``msfp_fast::decode_w4`` / ``decode_w4_group`` (packed 4-bit weights -> E4M3 [N, K], kernels in ``w4_decode``)
 ``msfp_fast::im2col_e4m3`` (NHWC E4M3 -> im2col rows, kernel in ``im2col``), ``msfp_fast::conv_e4m3`` (the
-implicit-GEMM FP8 conv, kernel in ``conv_fp8``) and ``msfp_fast::ln_quant`` (a transformer block's GEMM epilogue,
+implicit-GEMM FP8 conv, kernel in ``conv_fp8``), ``msfp_fast::flash_fp8`` (FP8 flash attention on quantized Q, K,
+V, kernel in ``flash_fp8``) and ``msfp_fast::ln_quant`` (a transformer block's GEMM epilogue,
 residual add, LayerNorm and E4M3 quantizer, kernel in ``ln_quant``). Each has a fake implementation (shapes only) so
 torch.compile traces through it and Inductor fuses the code around it, a CUDA implementation that launches the
 Triton kernel (captured by CUDA graphs like any launch), and the reference in torch ops for every other device (CPU
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 
 from msfp_compiler.ops import get_format
 
-__all__ = ["decode_w4", "decode_w4_group", "im2col_e4m3", "conv_e4m3", "sdpa_fp8", "conv_out_size", "pack_halves",
+__all__ = ["decode_w4", "decode_w4_group", "im2col_e4m3", "conv_e4m3", "sdpa_fp8", "flash_fp8", "conv_out_size", "pack_halves",
            "unpack_halves", "e4m3_lut", "gn_stats", "ln_quant", "LN_QUANT_TILE"]
 
 _FP8 = torch.float8_e4m3fn
@@ -197,6 +198,34 @@ def _sdpa_fp8_fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, descale_q:
                    descale_v: float, scale_o: float, attn_scale: float) -> torch.Tensor:
     b, h, s, _ = q.shape
     return q.new_empty((b, s, h, v.shape[-1]), dtype=_FP8).transpose(1, 2)
+
+
+@torch.library.custom_op("msfp_fast::flash_fp8", mutates_args=())
+def flash_fp8(q: torch.Tensor, k: torch.Tensor, vt: torch.Tensor, descale_q: float, descale_k: float,
+              descale_v: float, shift_v: float, attn_scale: float) -> torch.Tensor:
+    """FP8 attention on E4M3 grid values: q [B, H, S, D], k [B, H, T, D], vt [B, H, D, T] (V transposed), each
+    holding values / descale -> bfloat16 softmax(attn_scale q k^T) v + shift_v, [B, H, S, D] viewing [B, S, H, D]
+    memory. CUDA: our Triton flash kernel (``flash_fp8.flash_fp8_triton``, P rounded to E4M3 before P @ V);
+    elsewhere ``flash_fp8.flash_fp8_reference`` (the same rounding against the row's maximum)."""
+    from .flash_fp8 import flash_fp8_reference
+
+    return flash_fp8_reference(q, k, vt, descale_q, descale_k, descale_v, shift_v, attn_scale)
+
+
+@flash_fp8.register_kernel("cuda")
+def _flash_fp8_cuda(q: torch.Tensor, k: torch.Tensor, vt: torch.Tensor, descale_q: float, descale_k: float,
+                    descale_v: float, shift_v: float, attn_scale: float) -> torch.Tensor:
+    from .flash_fp8 import flash_fp8_triton
+
+    q, k, vt = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, vt))
+    return flash_fp8_triton(q, k, vt, descale_q, descale_k, descale_v, shift_v, attn_scale)
+
+
+@flash_fp8.register_fake
+def _flash_fp8_fake(q: torch.Tensor, k: torch.Tensor, vt: torch.Tensor, descale_q: float, descale_k: float,
+                    descale_v: float, shift_v: float, attn_scale: float) -> torch.Tensor:
+    b, h, s, d = q.shape
+    return q.new_empty((b, s, h, d), dtype=torch.bfloat16).transpose(1, 2)
 
 
 @torch.library.custom_op("msfp_fast::gn_stats", mutates_args=())

@@ -79,3 +79,25 @@ def test_lnquant_dry_run() -> None:
         assert row["1x4_g_max"] <= 1 and row["4x8_g_max"] <= 1 and row["1x4_g_off"] < 0.02
         if not row["residual"] and dev == "cpu":  # no add: one float32 epilogue rounded once (no FMA on the CPU)
             assert row["1x4_h_off"] == 0.0
+
+
+def test_flashfp8_dry_run(monkeypatch) -> None:
+    """bench_flash_fp8 end to end on the CPU: the kernel in Triton's interpreter on a tiny level, a stub timer; the
+    tile names are the ones bench_gpu_sd15 --flash-tile reads, and O is within P's E4M3 rounding of the bf16 SDPA."""
+    if not BK.torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+        if os.environ["TRITON_INTERPRET"] != "1":
+            pytest.skip("no CUDA and TRITON_INTERPRET is off")
+    pytest.importorskip("triton")
+    import bench_gpu_sd15
+
+    dev = "cuda" if BK.torch.cuda.is_available() else "cpu"
+    calls = []
+    monkeypatch.setattr(BK, "graphed_ms", lambda fn: (fn(), calls.append(1), 0.5)[2])
+    tiles = ((32, 32, 4, 1, False),)
+    r = BK.bench_flash_fp8(1, (("tiny", 48, 2, 40, 5),), tiles=tiles, device=dev)
+    (row,) = r["rows"]
+    name = BK.flash_tile_name(tiles[0])
+    assert name == "32x32w4s1" and bench_gpu_sd15.parse_flash_tile(name) == tiles[0]
+    assert len(calls) == 2 and row["best"] == name and r["per_step_ms"] == {"bf16_ms": 2.5, "best_ms": 2.5, name: 2.5}
+    assert 1e-3 < row[name]["rel_rmse"] < 0.05

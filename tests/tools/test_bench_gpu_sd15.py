@@ -183,3 +183,18 @@ def test_measure_compile_order(monkeypatch, tmp_path, time_each):
                       else ["compile 8", "compile 1", "wait", "time 8", "time 1"])
     assert [r["speedup_over_captures"] for r in rows] == [1.5, 1.5]
 
+
+
+def test_flash_tile_option():
+    """--flash-tile reads bench_gpu_kernels' flashfp8 tile names; anything else is a one-line error (exit 2)
+    before any GPU work; tfp8attn is build_fast(attention="fp8-triton")."""
+    assert bench_gpu_sd15.parse_flash_tile("128x64w4s3e16") == (128, 64, 4, 3, True)
+    assert bench_gpu_sd15.parse_flash_tile("64x128w8s4") == (64, 128, 8, 4, False)
+    assert bench_gpu_sd15.VARIANTS["tfp8attn"] == ({}, {"attention": "fp8-triton"})
+    assert bench_gpu_sd15.VARIANTS["cdt"] == ({"coordinate_descent_tuning": True}, {})
+    for bad in ("128x64", "128x64w4s3e8", "tile"):
+        with pytest.raises(ValueError, match="--flash-tile"):
+            bench_gpu_sd15.parse_flash_tile(bad)
+        with pytest.raises(SystemExit) as e:
+            bench_gpu_sd15.main(["--flash-tile", bad])
+        assert e.value.code == 2
