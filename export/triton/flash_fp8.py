@@ -15,6 +15,12 @@ Numerics (the rounding the bf16 path does not have): P = exp2(s - running max) i
 accumulate in float32. ``exp16``: the exponentials as ``ex2.approx.f16x2`` (two per MUFU instruction: at head dim 40
 the softmax's exponentials, not the MMAs, bound a flash kernel on Hopper); P is rounded to E4M3 afterwards anyway.
 GPU only (inline PTX): the interpreter runs the float32 form.
+
+Measured (session 17, H200, batch 8): it loses where it matters. At the 64x64 level 1.028 ms at its best tile against
+cuDNN bf16's 0.615 ms (1.12 ms with float32 exponentials); at 32x32 it wins (0.055 vs 0.0625 ms). Per step 5.4 ms
+against 3.4 ms, so ``build_fast(attention="fp8-triton")`` stays opt-in. Not yet measured: the cause. The 40-byte rows
+load as 8-byte ``cp.async`` (16-byte at head dim 64: the micro-bench's ``_pad64`` rows); Triton 3.6 runs the softmax
+and the two MMAs of a tile one after another in one warpgroup, where cuDNN's kernel overlaps them.
 """
 
 from __future__ import annotations
@@ -28,7 +34,9 @@ import triton.language as tl
 __all__ = ["P_SCALE", "FLASH_TILE", "flash_fp8_triton", "flash_fp8_reference"]
 
 P_SCALE = 256.0  # P in [0, 1] -> E4M3 up to 256 (a power of two: the rescale is exact); P >= 2^-17 stays nonzero
-FLASH_TILE = (128, 128, 8, 3, False)  # BLOCK_M, BLOCK_N, warps, stages, exp16: the default (until measured on SD1.5)
+# BLOCK_M, BLOCK_N, warps, stages, exp16: the fastest of session 17's sweep at SD1.5's 64x64 level (batch 8, H200:
+# 1.028 ms against cuDNN bf16's 0.615; results/gpu_sd15_kernels_session17_flashfp8_b8.json): slower, so off by default
+FLASH_TILE = (128, 128, 4, 3, True)
 _LOG2E = 1.4426950408889634
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
