@@ -212,12 +212,10 @@ def bench_im2col(shapes: Counter) -> dict:
     return {"per_step_ms": {k: round(v, 4) for k, v in totals.items()}, "rows": rows}
 
 
-GN_TILES = ((16, 64, 1, False), (16, 64, 1, True), (32, 64, 1, True), (32, 64, 1, False), (64, 64, 1, True),
-            (64, 64, 1, False), (64, 64, 2, False), (32, 32, 1, False), (32, 128, 1, False), (64, 32, 1, False),
-            (128, 64, 2, False), (64, 128, 2, False))
-# (positions, channels, warps, fused combine) of gn_stats' partial kernel; first: the default (BLOCK_P, BLOCK_C,
-# GN_WARPS, FUSED_COMBINE); the combine folded into the partial kernel's launch is named with an "f", e.g. 16x64w1f;
-# without: the two-kernel form, partials then _gn_combine_kernel at 4 warps, as timed in session 16
+GN_TILES = ((64, 64, 1), (16, 64, 1), (32, 64, 1), (64, 64, 2), (32, 32, 1), (32, 128, 1), (64, 32, 1), (128, 64, 2),
+            (64, 128, 2))
+# (positions, channels, warps) of gn_stats' partial kernel, then _gn_combine_kernel at 4 warps; first: the default
+# (BLOCK_P, BLOCK_C, GN_WARPS)
 # session 16's sweeps (64x64w4 the default before): results/gpu_sd15_kernels_session16_b8.json (16x64w1 best of
 # those tiles), results/gpu_sd15_kernels_session16_call2_b8.json (32x64w1 0.480 ms a step),
 # results/gpu_sd15_kernels_session16_call4_b8.json (64x64w1 0.445)
@@ -230,11 +228,7 @@ def bench_gnstats(batch: int) -> dict:
     captured step pays), ms per call and per step, with the read bandwidth; each tile's statistics are checked against
     the default tile's (float32 summation order: mean by 2e-5 of |mean| + std, 1/std by 1e-4 relative). Session 14
     measured 4-8 chunks per program slower than 64 x 64 tiles on every shape; session 16 one warp per program
-    faster: this times the tiles around the default 16 x 64 / 1 warp. Names ending in "f": the combine folded into
-    the partial kernel's launch (``fused_combine=True``, opt-in: one launch per GroupNorm part) against the
-    same tile's two-kernel form (partials, then ``_gn_combine_kernel``); per shape, ``<name>_exact``: the fused
-    statistics equal the two-kernel form's bit for bit with the combine at the same warps, ``<name>_repeat``: a
-    second call gives the same bits (the counters reset)."""
+    faster: this times the tiles around the default 64 x 64 / 1 warp."""
     from pointwise_roofline import GROUP_NORMS
 
     from msfp_compiler.export.triton.gn_stats import gn_stats_triton
@@ -246,22 +240,15 @@ def bench_gnstats(batch: int) -> dict:
             memory_format=torch.channels_last) * 2 + 1
         ref = gn_stats_triton([x], 32, 1e-5)
         row: dict = {"x": [batch, c, side, side], "count": count, "mb": round(x.numel() * 2 / 1e6, 2)}
-        for bp, bc, nw, fused in GN_TILES:
-            name = f"{bp}x{bc}w{nw}" + ("f" if fused else "")
-            got = gn_stats_triton([x], 32, 1e-5, block_p=bp, block_c=bc, num_warps=nw, fused_combine=fused)
-            if fused:  # the same bits as the two-kernel form with its combine at the fused kernel's warps?
-                two = gn_stats_triton([x], 32, 1e-5, block_p=bp, block_c=bc, num_warps=nw, fused_combine=False,
-                                      combine_warps=nw)
-                row[f"{name}_exact"] = bool(torch.equal(got, two))
-                again = gn_stats_triton([x], 32, 1e-5, block_p=bp, block_c=bc, num_warps=nw, fused_combine=True)
-                row[f"{name}_repeat"] = bool(torch.equal(got, again))  # the counters' reset, run to run
+        for bp, bc, nw in GN_TILES:
+            name = f"{bp}x{bc}w{nw}"
+            got = gn_stats_triton([x], 32, 1e-5, block_p=bp, block_c=bc, num_warps=nw)
             ok = bool(((got[0] - ref[0]).abs() <= 2e-5 * (ref[0].abs() + 1 / ref[1])).all()
                       and ((got[1] - ref[1]).abs() <= 1e-4 * ref[1]).all())
             if not ok:
                 row[name] = "mismatch"
                 continue
-            ms = graphed_ms(lambda: gn_stats_triton([x], 32, 1e-5, block_p=bp, block_c=bc, num_warps=nw,  # noqa: B023
-                                                    fused_combine=fused))  # noqa: B023
+            ms = graphed_ms(lambda: gn_stats_triton([x], 32, 1e-5, block_p=bp, block_c=bc, num_warps=nw))  # noqa: B023
             row[name] = round(ms, 5)
             row[f"{name}_gbs"] = round(x.numel() * 2 / ms / 1e6, 1)
             totals[name] += count * ms

@@ -232,8 +232,8 @@ def _flash_fp8_fake(q: torch.Tensor, k: torch.Tensor, vt: torch.Tensor, descale_
 def gn_stats(parts: list[torch.Tensor], groups: int, eps: float) -> torch.Tensor:
     """GroupNorm statistics of the channel concatenation of parts ([N, C_i, H, W] each) -> float32 [2, N, G]: each
     (sample, group)'s mean and 1 / sqrt(biased variance + eps). CUDA: ``gn_stats.gn_stats_triton`` (tiles of NHWC
-    rows, partials combined exactly per group: by a second kernel, or with ``gn_stats.FUSED_COMBINE`` by each
-    group's last program); elsewhere this reference (torch.var_mean per group, float32)."""
+    rows, partials combined exactly per group by a second kernel); elsewhere this reference (torch.var_mean per group,
+    float32)."""
     x = torch.cat([t.float() for t in parts], dim=1) if len(parts) > 1 else parts[0].float()
     n = x.shape[0]
     var, mean = torch.var_mean(x.reshape(n, groups, -1), dim=-1, correction=0)

@@ -230,13 +230,11 @@ def test_gn_stats_matches_group_norm(n: int, cs: tuple, h: int, w: int, g: int) 
 
 
 @pytest.mark.skipif(DEV.type != "cuda", reason="SD1.5's largest concatenation: GPU only")
-@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("tile", [(16, 64, 1), (32, 64, 1), (64, 64, 1), (64, 32, 1), (64, 64, 4)])
-def test_gn_stats_sd15_tiles(tile: tuple, fused: bool) -> None:
+def test_gn_stats_sd15_tiles(tile: tuple) -> None:
     """The faster tiles of session 16's sweep (results/gpu_sd15_kernels_session16_call4_b8.json) on SD1.5's largest
     concatenation within test_gn_stats_matches_group_norm's tolerance: a tile must pass this to become BLOCK_P /
-    BLOCK_C / GN_WARPS (32 x 64 / 1 warp failed that test's former fixed output tolerance on the H200), and the
-    folded combine (fused) before it becomes FUSED_COMBINE."""
+    BLOCK_C / GN_WARPS (32 x 64 / 1 warp failed that test's former fixed output tolerance on the H200)."""
     gen = torch.Generator().manual_seed(2)
     parts = [torch.randn(2, c, 64, 64, generator=gen) * 2 + 300 * (i % 2) for i, c in enumerate((640, 320))]
     x = torch.cat(parts, 1).double().reshape(2, 32, -1)
@@ -244,11 +242,9 @@ def test_gn_stats_sd15_tiles(tile: tuple, fused: bool) -> None:
     want = torch.stack([mean, torch.rsqrt(var + 1e-5)])
     tol = torch.stack([1e-6 * (mean.abs() + var.sqrt()), 1e-5 * want[1]])
     dev = [t.to(DEV).contiguous(memory_format=torch.channels_last) for t in parts]
-    got = gn_stats_triton(dev, 32, 1e-5, block_p=tile[0], block_c=tile[1], num_warps=tile[2],
-                          fused_combine=fused).cpu()
+    got = gn_stats_triton(dev, 32, 1e-5, block_p=tile[0], block_c=tile[1], num_warps=tile[2]).cpu()
     err = (got.double() - want).abs() / tol
-    assert (err <= 1).all(), (f"{tile}, fused {fused}: max error / tolerance: mean {err[0].max():.3g}, "
-                              f"rstd {err[1].max():.3g}")
+    assert (err <= 1).all(), f"{tile}: max error / tolerance: mean {err[0].max():.3g}, rstd {err[1].max():.3g}"
 
 
 @pytest.mark.parametrize("tile", [(16, 32, 1), (32, 128, 4)])
@@ -275,72 +271,22 @@ def test_gn_stats_other_tiles(tile: tuple) -> None:
     (1, (70,), 5, 5, 7, (8, 16, 1)),  # 10 channels a group straddling 16-channel blocks
     (2, (3, 5), 6, 6, 8, (16, 64, 1)),  # one channel a group: a tile touches 3 or 5 groups
 ])
-def test_gn_stats_fused_matches_two_kernel(n: int, cs: tuple, h: int, w: int, g: int, tile: tuple) -> None:
-    """The combine folded into the partial kernel's launch (fused_combine=True, opt-in: per-(sample, group)
-    counters, the last program combines) gives the two-kernel form's statistics bit for bit (the same combine code
-    and order; on CUDA with the combine at the same warps), a second call the same (the counters reset to zero by
-    the combining programs, none left counting), and the float64 statistics within float32 summation order."""
-    from msfp_compiler.export.triton import gn_stats as GS
-
+def test_gn_stats_parts_and_groups(n: int, cs: tuple, h: int, w: int, g: int, tile: tuple) -> None:
+    """Groups cut every way by tiles and parts (straddling channel blocks and parts, one channel a group, partial
+    position and channel tiles, two warps): the float64 statistics within float32 summation order, with the combine
+    at its default 4 warps and at the partial tile's warps, and the same bits on a second call."""
     gen = torch.Generator().manual_seed(sum(cs))
     parts = [torch.randn(n, c, h, w, generator=gen) * 2 + 300 * (i % 2) for i, c in enumerate(cs)]
     dev = [t.to(DEV).contiguous(memory_format=torch.channels_last) for t in parts]
     kw = dict(block_p=tile[0], block_c=tile[1], num_warps=tile[2])
-    two = gn_stats_triton(dev, g, 1e-5, fused_combine=False, combine_warps=tile[2], **kw)
-    fused = gn_stats_triton(dev, g, 1e-5, fused_combine=True, **kw)
-    assert torch.equal(fused, two), f"{(fused != two).sum().item()} of {two.numel()} differ"
-    assert torch.equal(gn_stats_triton(dev, g, 1e-5, fused_combine=True, **kw), fused)  # counters reset
-    assert all(not b.any() for b in GS._COUNTERS.values())
     x = torch.cat(parts, 1).double().reshape(n, g, -1)
     var, mean = torch.var_mean(x, dim=-1, correction=0)
     want = torch.stack([mean, torch.rsqrt(var + 1e-5)])
     tol = torch.stack([1e-6 * (mean.abs() + var.sqrt()), 1e-5 * want[1]])
-    assert ((fused.cpu().double() - want).abs() <= tol).all()
-
-
-def test_gn_stats_fused_counters_shared() -> None:
-    """GroupNorms of different shapes with the same samples x groups share one counter buffer one after another
-    (each launch leaves it zeroed): interleaved calls give each shape's statistics unchanged; the buffer is cached
-    per (device, size), not reallocated."""
-    from msfp_compiler.export.triton import gn_stats as GS
-
-    gen = torch.Generator().manual_seed(4)
-    a = [torch.randn(2, 24, 5, 6, generator=gen).to(DEV).contiguous(memory_format=torch.channels_last)]
-    b = [torch.randn(2, c, 3, 3, generator=gen).to(DEV).contiguous(memory_format=torch.channels_last) for c in (20, 28)]
-    ra = gn_stats_triton(a, 4, 1e-5, fused_combine=True)
-    buf = GS._counters(a[0].device, 2 * 4)
-    rb = gn_stats_triton(b, 4, 1e-5, fused_combine=True)
-    assert torch.equal(gn_stats_triton(a, 4, 1e-5, fused_combine=True), ra)
-    assert torch.equal(gn_stats_triton(b, 4, 1e-5, fused_combine=True), rb)
-    assert torch.equal(rb, gn_stats_triton(b, 4, 1e-5, fused_combine=False, combine_warps=1))
-    assert GS._counters(b[0].device, 2 * 4) is buf and not buf.any()
-
-
-@pytest.mark.skipif(DEV.type != "cuda", reason="CUDA graphs")
-def test_gn_stats_fused_graph_replay() -> None:
-    """The fused statistics captured in a CUDA graph and replayed give the eager bits every replay, with the counter
-    buffer cached before the capture (left zeroed by every replay, no memset in the graph) and with a size first seen
-    during the capture (a buffer of the graph's own, zero-filled by a captured memset)."""
-    from msfp_compiler.export.triton import gn_stats as GS
-
-    gen = torch.Generator().manual_seed(6)
-    parts = [torch.randn(4, c, 16, 16, generator=gen).to(DEV).contiguous(memory_format=torch.channels_last)
-             for c in (96, 64)]
-    want = gn_stats_triton(parts, 8, 1e-5, fused_combine=True)  # caches the (device, 4 x 8) counters first
-    gn_stats_triton(parts, 5, 1e-5, fused_combine=True)  # compiles the 32-channel-group kernel before the capture
-    small = [t[:2] for t in parts]  # the same kernels, 2 x 5 counters: first needed in the capture
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = gn_stats_triton(parts, 8, 1e-5, fused_combine=True)
-        new = gn_stats_triton(small, 5, 1e-5, fused_combine=True)
-    assert (parts[0].device, 10) not in GS._COUNTERS
-    want_new = gn_stats_triton(small, 5, 1e-5, fused_combine=True)
-    for _ in range(3):
-        graph.replay()
-        torch.cuda.synchronize()
-        assert torch.equal(out, want) and torch.equal(new, want_new)
-    assert all(not b.any() for b in GS._COUNTERS.values())
+    for cw in (4, tile[2]):
+        got = gn_stats_triton(dev, g, 1e-5, combine_warps=cw, **kw)
+        assert torch.equal(gn_stats_triton(dev, g, 1e-5, combine_warps=cw, **kw), got)
+        assert ((got.cpu().double() - want).abs() <= tol).all(), cw
 
 
 def _ln_inputs(m: int, c: int, seed: int) -> tuple:
