@@ -49,8 +49,8 @@ def _exp2_f16(x):
 
 @triton.jit
 def _to_e4m3(x, RNE_BITS: tl.constexpr):
-    # RNE_BITS (the interpreter only): round the float32 mantissa to E4M3's 3 bits first, since Triton 3.6's
-    # interpreter drops the carry when a conversion rounds up into the next binade (124.6 -> 64 instead of 128); the
+    # RNE_BITS (the interpreter only): round the float32 mantissa to E4M3's 3 bits first, since Triton's interpreter
+    # (3.9 here) drops the carry when a conversion rounds up into the next binade (124.6 -> 64 instead of 128); the
     # cast of the rounded value is then exact where E4M3 is normal (x >= 2^-6). The GPU's cvt rounds correctly.
     if RNE_BITS:
         b = x.to(tl.int32, bitcast=True)
@@ -128,7 +128,7 @@ def flash_fp8_triton(q: torch.Tensor, k: torch.Tensor, vt: torch.Tensor, descale
                             heads, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                             vt.stride(0), vt.stride(1), vt.stride(2), out.stride(0), out.stride(1), out.stride(2),
                             D=dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, EVEN_N=t % block_n == 0,
-                            EXP16=bool(exp16), PS=P_SCALE, RNE_BITS=_INTERPRET, num_warps=warps, num_stages=stages)
+                            EXP16=bool(exp16) and not _INTERPRET, PS=P_SCALE, RNE_BITS=_INTERPRET, num_warps=warps, num_stages=stages)
     return out.transpose(1, 2)
 
 
