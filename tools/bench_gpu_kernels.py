@@ -16,9 +16,7 @@ decoded bytes), ``im2col`` (tile configurations of the
 im2col kernel on the SD1.5 k x k convs, ms per step), ``conv`` (the implicit-GEMM FP8 conv, each tile, against
 im2col + cuBLAS on the SD1.5 k x k convs, outputs checked equal), ``fp8attn`` (cuDNN's FP8 flash attention through
 cudnn-frontend against the bf16 cuDNN SDPA on SD1.5's attention shapes: ``bench_fp8_attention``), ``gnstats``
-(tiles of our GroupNorm statistics kernels on SD1.5's GroupNorm shapes, ``bench_gnstats``), ``lnquant`` (the
-transformer blocks' LayerNorm chain, GEMM epilogue + residual add + LayerNorm + E4M3 quantizer, as Inductor compiles
-it against our Triton kernel ``ln_quant`` at a few rows-per-program / warps: ``bench_lnquant``).
+(tiles of our GroupNorm statistics kernels on SD1.5's GroupNorm shapes, ``bench_gnstats``).
 """
 
 from __future__ import annotations
@@ -256,121 +254,6 @@ def bench_gnstats(batch: int) -> dict:
         print(json.dumps(row), flush=True)
     return {"per_step_ms": {k: round(v, 4) for k, v in totals.items()}, "timing": "graphed_ms (do_bench_cudagraph)",
             "rows": rows}
-
-
-LN_TILES = ((1, 4), (1, 2), (1, 8), (2, 4), (4, 4), (4, 8), (8, 8), (16, 8))
-# (rows per program, warps) of ln_quant's kernel; a row of C <= 1280 channels sits in BLOCK_C = next_power_of_2(C)
-# lanes
-LN_FMT = "e2m1"  # a signed fp-kind activation format (Inductor's kernel names in session 16 show its bit rounding)
-
-
-def ln_shapes(batch: int) -> Counter:
-    """(rows M, channels C, with residual) -> LayerNorms per SD1.5 step: per transformer block
-    (``pointwise_roofline.TRANSFORMERS``, one BasicTransformerBlock each) norm1 without the residual add (it reads
-    proj_in's output), norm2 and norm3 with it."""
-    from pointwise_roofline import TRANSFORMERS
-
-    out: Counter = Counter()
-    for side, c in TRANSFORMERS:
-        out[(batch * side * side, c, False)] += 1
-        out[(batch * side * side, c, True)] += 2
-    return out
-
-
-def _ln_chain(y, cs, beta, res, w, b, a_s, a_z, fmt: str = LN_FMT):
-    """What build_fast's graph computes around a LayerNorm and keeps: the residual stream and the E4M3 codes (the
-    LayerNorm output has no other reader)."""
-    from msfp_compiler.export.triton.ln_quant import ln_quant_reference
-
-    h, g, _ = ln_quant_reference(y, cs, beta, res, w, b, 1e-5, a_s, a_z, fmt)
-    return h, g
-
-
-def bench_lnquant(batch: int, tiles: tuple = LN_TILES, fmt: str = LN_FMT, device: str = DEV,
-                  timer: Callable[[Callable[[], Any]], float] = graphed_ms, shapes: Counter | None = None,
-                  compile_fn: Callable | None = None) -> dict:
-    """The LayerNorm chain of SD1.5's transformer blocks (``ln_shapes``: 48 a step): ``inductor``, what
-    torch.compile (max-autotune without CUDA graphs, as the UNet's kernels are tuned) makes of ``ln_quant_reference``
-    (outputs: residual, E4M3 codes), against ``ln_quant_triton`` (round_bf16=False: Inductor's numerics) at each
-    (rows per program, warps) tile, named ``<rows>x<warps>``; device time replayed from a CUDA graph (``timer``), ms
-    per call and per step, ``_gbs``: the minimum bytes (y, residual read, residual and codes written) per second,
-    ``roofline``: those bytes at ``pointwise_roofline.COPY_BW`` (0.419 ms a step at batch 8).
-    Per shape, each tile's outputs against Inductor's: ``<tile>_h_off`` / ``_g_off``, the fraction of residual
-    values (bf16 steps) and codes (grid steps) that differ, ``_max``: the largest distance in steps, ``_h_abs``: the
-    largest |difference| of the residual. FMA contraction and reduction order may differ: codes more than one grid
-    step apart are a bug; residual values many bf16 steps apart (with a small ``_h_abs``) mean Inductor kept a bf16
-    rounding the kernel elides (the epilogue's before the add: cancellation). per_step_ms ``best``: the fastest tile
-    per shape.
-    ``device``, ``timer``, ``shapes``, ``compile_fn``: a CPU dry run (interpreter, stub timer, eager baseline)."""
-    from pointwise_roofline import COPY_BW
-
-    from msfp_compiler.export.triton.ln_quant import ln_quant_triton
-    from msfp_compiler.ops import get_format
-
-    if compile_fn is None:
-        compile_fn = lambda f: torch.compile(f, mode="max-autotune-no-cudagraphs", dynamic=False)  # noqa: E731
-    chain = compile_fn(_ln_chain)
-    vals = torch.unique(get_format(fmt).code_table.float()).to(device)
-
-    def off(got: torch.Tensor, ref: torch.Tensor, grid: bool) -> tuple[float, int]:
-        if grid:
-            d = (torch.searchsorted(vals, got.float()) - torch.searchsorted(vals, ref.float())).abs()
-        else:
-            k = [torch.where(t < 0, -(t & 0x7FFF), t) for t in (x.view(torch.int16).int() for x in (got, ref))]
-            d = (k[0] - k[1]).abs()
-        return round(float((d > 0).float().mean()), 6), int(d.max())
-
-    gen = torch.Generator().manual_seed(0)
-    totals: Counter = Counter()
-    rows = []
-    for (m, c, has_res), count in sorted((shapes or ln_shapes(batch)).items()):
-        y = (torch.randn(m, c, generator=gen) * 30 + 3).to(device, torch.bfloat16)
-        cs = (torch.rand(c, generator=gen) * 0.05 + 0.01).to(device)
-        beta = (torch.randn(c, generator=gen) * 0.2).to(device)
-        res = (torch.randn(m, c, generator=gen) * 2).to(device, torch.bfloat16) if has_res else None
-        w = (torch.rand(c, generator=gen) + 0.5).to(device, torch.bfloat16)
-        b = (torch.randn(c, generator=gen) * 0.1).to(device, torch.bfloat16)
-        a_s, a_z = torch.tensor(0.4, device=device), torch.tensor(0.0, device=device)  # 0-d buffers, as FastGemm's
-        mb = m * c * (7 if has_res else 5) / 1e6
-        roof = mb * 1e6 / COPY_BW * 1e3
-        row: dict = {"m": m, "c": c, "residual": has_res, "count": count, "mb": round(mb, 2),
-                     "roofline": round(roof, 5)}
-        totals["roofline"] += count * roof
-        h_ref, g_ref = chain(y, cs, beta, res, w, b, a_s, a_z)
-        ms = timer(lambda: chain(y, cs, beta, res, w, b, a_s, a_z))  # noqa: B023
-        row["inductor"], row["inductor_gbs"] = round(ms, 5), round(mb / ms, 1)
-        totals["inductor"] += count * ms
-        best = None
-        for bm, nw in tiles:
-            name = f"{bm}x{nw}"
-
-            def run(bm=bm, nw=nw):
-                return ln_quant_triton(y, cs, beta, res, w, b, 1e-5, 0.4, 0.0, fmt, round_bf16=False,  # noqa: B023
-                                       block_m=bm, num_warps=nw)
-            h, g, _ = run()
-            row[f"{name}_h_off"], row[f"{name}_h_max"] = off(h, h_ref, False)
-            row[f"{name}_h_abs"] = float((h.float() - h_ref.float()).abs().max())
-            row[f"{name}_g_off"], row[f"{name}_g_max"] = off(g, g_ref, True)
-            ms = timer(run)
-            row[name], row[f"{name}_gbs"] = round(ms, 5), round(mb / ms, 1)
-            totals[name] += count * ms
-            best = ms if best is None else min(best, ms)
-        totals["best"] += count * best
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-    return {"per_step_ms": {k: round(v, 4) for k, v in totals.items()}, "format": fmt, "numerics": "round_bf16=False",
-            "timing": getattr(timer, "__name__", str(timer)), "rows": rows}
-
-
-def parse_ln_tiles(text: str) -> tuple:
-    """``--ln-tiles`` "1x4,4x8" -> ((1, 4), (4, 8)): rows per program x warps."""
-    tiles = []
-    for t in text.split(","):
-        bm, nw = (int(v) for v in t.split("x"))
-        if bm < 1 or bm & (bm - 1) or nw < 1 or nw & (nw - 1):
-            raise ValueError(f"tile {t!r}: rows and warps must be powers of two")
-        tiles.append((bm, nw))
-    return tuple(tiles)
 
 
 def bench_conv(shapes: Counter, gpu_lock: str | None = None) -> dict:
@@ -662,7 +545,7 @@ def bench_flash_fp8(batch: int, levels: tuple = ATTN_LEVELS, tiles: tuple = FLAS
     return res
 
 
-SECTIONS = ("layers", "conv", "decode", "im2col", "fp8attn", "gnstats", "lnquant", "flashfp8")
+SECTIONS = ("layers", "conv", "decode", "im2col", "fp8attn", "gnstats", "flashfp8")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -673,9 +556,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--attn-levels", default=",".join(lv[0] for lv in ATTN_LEVELS),
                     help="fp8attn: the SD1.5 levels to time (64x64, 32x32, 16x16, 8x8)")
     ap.add_argument("--attn-pads", default="16", help="fp8attn: head dims also padded to multiples of these")
-    ap.add_argument("--ln-tiles", default=",".join(f"{bm}x{nw}" for bm, nw in LN_TILES),
-                    help="lnquant: ln_quant kernel tiles, rows per program x warps")
-    ap.add_argument("--ln-fmt", default=LN_FMT, help="lnquant: the activation format (int or fp kind)")
     ap.add_argument("--gpu-lock", default=None, metavar="FILE", help="conv: hold an flock on FILE for the timings "
                     "(the one bench_gpu_sd15 --gpu-lock takes), so they never share the GPU with another bench")
     args = ap.parse_args(argv)
@@ -683,17 +563,12 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(sections) - set(SECTIONS))
     if unknown:  # before any GPU work: a typo (or a removed section) must not time nothing and exit 0
         ap.error(f"--sections: unknown section {unknown[0]!r} (choose from {', '.join(SECTIONS)})")
-    try:
-        ln_tiles = parse_ln_tiles(args.ln_tiles)
-    except ValueError as e:
-        ap.error(f"--ln-tiles: {e}")
     torch.backends.cuda.matmul.allow_tf32 = False
     t0 = time.perf_counter()
     res: dict = {"device": torch.cuda.get_device_name(0), "batch": args.batch}
     levels = tuple(lv for lv in ATTN_LEVELS if lv[0] in args.attn_levels.split(","))
     standalone = {  # the sections that need no SD1.5 layer list (no diffusers UNet), in this order
         "gnstats": lambda: bench_gnstats(args.batch),
-        "lnquant": lambda: bench_lnquant(args.batch, ln_tiles, args.ln_fmt),
         "fp8attn": lambda: bench_fp8_attention(args.batch, levels,
                                                pads=tuple(int(p) for p in args.attn_pads.split(","))),
         "flashfp8": lambda: bench_flash_fp8(args.batch, tuple(lv for lv in levels if lv[0] in ("64x64", "32x32"))),

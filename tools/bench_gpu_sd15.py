@@ -205,10 +205,7 @@ def parser() -> argparse.ArgumentParser:
                     "the statistics from our Triton kernels) or splitcat (build_fast(split_concat=True): the 1x1 "
                     "convs on per-part quantized concatenations as one FP8 GEMM per part) or gntriton_splitcat "
                     "(both) or catnhwc (build_fast(cat_nhwc=True), the default since session 16: the skip "
-                    "concatenations in NHWC memory) or catnchw (cat_nhwc=False: aten.cat, the graph before) or "
-                    "lnquant (build_fast(ln_quant=True): each transformer LayerNorm with its producer GEMM's "
-                    "epilogue, the residual add and the next GEMM's quantizer as one Triton kernel, "
-                    "msfp_fast::ln_quant; the row's fast_report counts the sites)); "
+                    "concatenations in NHWC memory) or catnchw (cat_nhwc=False: aten.cat, the graph before)); "
                     "names joined by ',' are one build with all their options (gnauto/catnhwc,splitcat:8); "
                     "recorded under 'variants' (with output_vs: its output against the headline step's at that "
                     "batch size, same inputs, or with --skip main the first variant's), then its accuracy unless "
@@ -437,9 +434,8 @@ VARIANTS = {"combo": ({"combo_kernels": True}, {}), "qkv": ({}, {"quantize_parts
             "gntriton_splitcat": ({}, {"group_norm": "triton", "split_concat": True}),
             "catnhwc": ({}, {"cat_nhwc": True}),  # the default since session 16
             "catnchw": ({}, {"cat_nhwc": False}),  # aten.cat, the default build before session 16
-            "lnquant": ({}, {"ln_quant": True}),  # msfp_fast::ln_quant at each LayerNorm (opt-in, session 16 CPU)
-            "cdt": ({"coordinate_descent_tuning": True}, {}),
-            "tfp8attn": ({}, {"attention": "fp8-triton"})}  # msfp_fast::flash_fp8 (session 17)  # Inductor tunes each kernel's block sizes and warps
+            "cdt": ({"coordinate_descent_tuning": True}, {}),  # Inductor tunes each kernel's block sizes and warps
+            "tfp8attn": ({}, {"attention": "fp8-triton"})}  # msfp_fast::flash_fp8 (session 17)
 
 
 def parse_flash_tile(text: str) -> tuple:

@@ -47,7 +47,7 @@ from .fast_ops import conv_out_size, e4m3_lut, pack_halves  # also defines torch
 
 __all__ = ["grid_round", "fake_quant", "grid_e4m3", "PartQuant", "FastGemm", "DecodeGroup", "FastUNet", "build_fast",
            "FastReport", "weight_bytes", "sdpa_fp8_fq", "flash_fp8_fq", "fp8_head_dim", "group_norm_channels", "group_norm_auto",
-           "group_norm_triton", "concat_parts", "cat_nhwc", "LnQuant"]
+           "group_norm_triton", "concat_parts", "cat_nhwc"]
 
 aten = torch.ops.aten
 _Q = torch.ops.msfp.quantize.default
@@ -260,8 +260,6 @@ class FastGemm(torch.nn.Module):
         self.part_quant: PartQuant | None = None  # the parts' fake quantizers, applied before the split
         self.lut_rows = [n]  # rows decoded by each row of lut ([16] here, [R, 16] in merged layers)
         self.implicit = False  # k x k stride-1 conv as msfp_fast::conv_e4m3 instead of im2col + cuBLAS (implicit_conv)
-        self.a_grid = False  # linears: the input already is the E4M3 grid values (an msfp_fast::ln_quant output)
-        self.raw_out = False  # the raw bf16 GEMM output, its epilogue left to the reader (msfp_fast::ln_quant)
         if weights == "fp8":
             self.register_buffer("w8", table[codes.long()].to(_FP8).contiguous())
         elif weights == "packed":  # decoded per step by one bandwidth-bound Triton kernel (w4_decode)
@@ -300,7 +298,6 @@ class FastGemm(torch.nn.Module):
         m.sets, m.k, m.n = 1, f.k, sum(x.n for x in layers)
         m.afmt, m.a_scale, m.a_zero, m.conv, m.weights, m.dtype = f.afmt, f.a_scale, f.a_zero, None, f.weights, f.dtype
         m.group_offset, m.parts, m.part_quant, m.implicit = 0, [x.n for x in layers], None, False
-        m.a_grid, m.raw_out = False, False
         for name in ("a_s", "a_z", "one"):
             m.register_buffer(name, getattr(f, name))
         m.register_buffer("beta", torch.cat([x.beta for x in layers], 1))
@@ -327,13 +324,11 @@ class FastGemm(torch.nn.Module):
 
     def forward(self, x: torch.Tensor, set_index: torch.Tensor | None = None,
                 wflat: torch.Tensor | None = None) -> torch.Tensor:
-        """x: the quantizer's input (any float dtype / strides), or with ``a_grid`` (linears) its E4M3 grid values
-        [..., K], row-major; wflat: the output of this layer's DecodeGroup. Returns bfloat16 (``raw_out``: the GEMM's
-        output before the epilogue, in the same shape)."""
-        g = None if self.a_grid else grid_round(_scaled(x, self.a_s, self.a_z), self.afmt)
+        """x: the quantizer's input (any float dtype / strides); wflat: the output of this layer's DecodeGroup.
+        Returns bfloat16."""
+        g = grid_round(_scaled(x, self.a_s, self.a_z), self.afmt)
         if self.conv is None:
-            # _scaled_mm wants A row-major (a view may not be)
-            a = x.reshape(-1, self.k) if g is None else g.reshape(-1, self.k).to(_FP8).contiguous()
+            a = g.reshape(-1, self.k).to(_FP8).contiguous()  # _scaled_mm wants A row-major (a view may not be)
             lead = x.shape[:-1]
             y = self._gemm(a, set_index, wflat)
         elif self.implicit:
@@ -342,11 +337,10 @@ class FastGemm(torch.nn.Module):
             a, lead = self._im2col(g)
             y = self._gemm(a, set_index, wflat)
         m = y.shape[0]
-        if not self.raw_out:  # raw_out (single set, no zmap, no parts): msfp_fast::ln_quant applies the epilogue
-            y = y.float() * self._pick(self.scale_b, set_index)
-            if self.zmap is not None:
-                y = (y.view(-1, self.zmap.shape[1], self.n) + self._pick(self.zmap, set_index)).view(m, self.n)
-            y = (y + self._pick(self.beta, set_index)).to(self.dtype)
+        y = y.float() * self._pick(self.scale_b, set_index)
+        if self.zmap is not None:
+            y = (y.view(-1, self.zmap.shape[1], self.n) + self._pick(self.zmap, set_index)).view(m, self.n)
+        y = (y + self._pick(self.beta, set_index)).to(self.dtype)
         if self.conv is None:
             y = y.view(*lead, self.n)
             if self.parts is None:
@@ -532,150 +526,6 @@ def _quantize_parts_in_epilogue(gm: fx.GraphModule) -> int:
     return moved
 
 
-class LnQuant(torch.nn.Module):
-    """``msfp_fast::ln_quant`` at one LayerNorm site (``_fuse_ln_quant``): the producer FastGemm's epilogue (its
-    column scale and beta, float32 copies), the residual add, the LayerNorm and the consumer FastGemm's quantizer
-    in one op. forward(raw GEMM output, residual or None, LayerNorm weight, bias) -> (residual stream h bf16, the
-    consumer's E4M3 grid values). ``round_bf16``: eager PyTorch's roundings (the default build's eager ops, bit for
-    bit on the CPU); False (the build's choice): Inductor's, as the default build runs compiled."""
-
-    def __init__(self, producer: FastGemm, consumer: FastGemm, eps: float, round_bf16: bool = False):
-        super().__init__()
-        self.register_buffer("col_scale", producer.scale_b[0].reshape(-1).clone())
-        self.register_buffer("beta", producer.beta[0].reshape(-1).clone())
-        # the values the consumer's quantizer divides by and subtracts: its float32 buffers
-        self.a_scale, self.a_zero, self.fmt = float(consumer.a_s), float(consumer.a_z), consumer.afmt
-        self.eps, self.round_bf16 = float(eps), round_bf16
-
-    def forward(self, y: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
-                bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.ops.msfp_fast.ln_quant(y, self.col_scale, self.beta, residual, weight, bias, self.eps,
-                                            self.a_scale, self.a_zero, self.fmt, self.round_bf16)
-
-
-# value-preserving ops between a GEMM's output and the residual add: the captured eval-mode dropout and the division
-# by the attention's rescale_output_factor 1.0 (and their views)
-_LN_VIEWS = _VIEWS + (aten._unsafe_view.default,)
-
-
-def _identity_step(node: fx.Node) -> bool:
-    if node.op != "call_function":
-        return False
-    if node.target in _LN_VIEWS or node.target == aten.clone.default:
-        return True
-    return node.target in (aten.div.Tensor, aten.mul.Tensor) and len(node.args) == 2 and not node.kwargs \
-        and isinstance(node.args[1], (int, float)) and not isinstance(node.args[1], bool) and node.args[1] == 1
-
-
-def _raw_producer(gm: fx.GraphModule, x: Any, c: int) -> list[fx.Node] | None:
-    """[producer, ..., x]: x reads a FastGemm's output through value-preserving ops only (``_identity_step``), each
-    but x read by nothing else, the FastGemm one that can hand its raw output over (``raw_out``: one set, no
-    zero-point map or parts, bf16, N = c, its module called once); None otherwise."""
-    chain = []
-    cur = x
-    while isinstance(cur, fx.Node) and _identity_step(cur):
-        chain.append(cur)
-        cur = cur.args[0]
-    if not isinstance(cur, fx.Node) or cur.op != "call_module":
-        return None
-    mod = gm.get_submodule(cur.target)
-    if not isinstance(mod, FastGemm) or mod.sets != 1 or mod.zmap is not None or mod.parts is not None \
-            or mod.implicit or mod.raw_out or mod.dtype != _BF16 or mod.n != c \
-            or sum(n.op == "call_module" and n.target == cur.target for n in gm.graph.nodes) != 1:
-        return None
-    chain.append(cur)
-    chain.reverse()
-    if any(len(n.users) != 1 for n in chain[:-1]):
-        return None
-    return chain
-
-
-def _ln_quant_site(gm: fx.GraphModule, ln: fx.Node) -> tuple | None:
-    """For an ``aten.layer_norm`` node: (producer chain, residual or None, the LayerNorm's input node, consumer
-    node) where the LayerNorm normalizes the last dim C of ``[add(x, residual)]`` (x and residual of the same shape,
-    from the nodes' meta: its dtypes are the float32 capture's, the graph runs in the FastGemm's bf16), x reading a
-    FastGemm's output (``_raw_producer``), and its only reader is a FastGemm linear's quantizer (int / fp kind, bf16,
-    K = C); with the add, x must be read by the add alone. None otherwise (the site is left to Inductor)."""
-    if ln.op != "call_function" or ln.target != aten.layer_norm.default or len(ln.users) != 1 or ln.kwargs:
-        return None
-    inp, shape = ln.args[0], ln.args[1]
-    weight, bias = (ln.args[2] if len(ln.args) > 2 else None), (ln.args[3] if len(ln.args) > 3 else None)
-    val = inp.meta.get("val") if isinstance(inp, fx.Node) else None
-    if val is None or not isinstance(val.shape[-1], int) or list(shape) != [val.shape[-1]] \
-            or not all(isinstance(t, fx.Node) and t.op == "get_attr" for t in (weight, bias)):
-        return None
-    c = val.shape[-1]
-    (user,) = ln.users
-    nxt = gm.get_submodule(user.target) if user.op == "call_module" else None
-    if not isinstance(nxt, FastGemm) or nxt.conv is not None or nxt.a_grid or nxt.dtype != _BF16 or nxt.k != c \
-            or user.args[0] is not ln or ln in user.args[1:] or ln in user.kwargs.values() \
-            or _spec(nxt.afmt).kind not in ("int", "fp"):
-        return None
-    if inp.op == "call_function" and inp.target == aten.add.Tensor and len(inp.args) == 2 and not inp.kwargs:
-        for x, res in (inp.args, inp.args[::-1]):
-            rv = res.meta.get("val") if isinstance(res, fx.Node) else None
-            xv = x.meta.get("val") if isinstance(x, fx.Node) else None
-            if rv is None or xv is None or tuple(rv.shape) != tuple(val.shape) \
-                    or tuple(xv.shape) != tuple(val.shape) or len(x.users) != 1:
-                continue
-            chain = _raw_producer(gm, x, c)
-            if chain is not None:
-                return chain, res, inp, user
-        return None
-    chain = _raw_producer(gm, inp, c)
-    return None if chain is None else (chain, None, inp, user)
-
-
-def _fuse_ln_quant(gm: fx.GraphModule, round_bf16: bool = False) -> int:
-    """Each LayerNorm site ``_ln_quant_site`` accepts as one ``msfp_fast::ln_quant`` (an ``LnQuant`` module): the
-    producer FastGemm returns its raw GEMM output (``raw_out``) and the op applies its epilogue, adds the residual,
-    normalizes and quantizes for the consumer FastGemm, which reads the E4M3 grid values (``a_grid``); the op's
-    residual stream h replaces the add (norm2 / norm3) or the LayerNorm's input (norm1, read again as norm2's
-    residual) for every other reader. The raw output reaches the op through the chain's views only (dropout's clone
-    and the division by 1.0 are dropped: an opaque op's input would be materialized through them). Returns how many
-    sites fused.
-
-    Why the epilogue moves into the op rather than the op reading the producer's finished bf16 output (which would
-    leave FastGemm's forward alone): Inductor fuses that epilogue into its reader, and with an opaque reader it
-    would be a kernel of its own (a read and a write of [M, C] bf16 more than the default build's one fused kernel,
-    and the epilogue rounded to bf16 before the add, where the default build's compiled kernel adds in float32).
-    Taking it costs one flag (``raw_out``: skip the epilogue) and the sites' FastGemm conditions (one set, no
-    zero-point map, no parts: SD1.5's proj_in and to_out all qualify in the bench's build, which has no TALoRA
-    sets); the graph is then the op, its two getitems and the views the LayerNorm read the GEMM through."""
-    g = gm.graph
-    count = 0
-    for ln in list(g.nodes):
-        site = _ln_quant_site(gm, ln) if ln.op == "call_function" else None
-        if site is None:
-            continue
-        chain, res, inp, user = site
-        producer, consumer = gm.get_submodule(chain[0].target), gm.get_submodule(user.target)
-        name = f"msfp_fast_ln_quant_{count}"
-        gm.add_submodule(name, LnQuant(producer, consumer, ln.args[4] if len(ln.args) > 4 else 1e-5, round_bf16))
-        with g.inserting_before(inp.next):  # after the add / the input: before every reader of h
-            y = chain[0]
-            if all(n.target in _LN_VIEWS for n in chain[1:]):
-                y = chain[-1]
-            else:
-                for n in chain[1:]:
-                    if n.target in _LN_VIEWS:
-                        y = g.call_function(n.target, (y, *n.args[1:]), dict(n.kwargs))
-                        y.meta = dict(n.meta)
-            w, b = g.get_attr(ln.args[2].target), g.get_attr(ln.args[3].target)
-            op = g.call_module(name, (y, res, w, b))
-            h = g.call_function(operator.getitem, (op, 0))
-            codes = g.call_function(operator.getitem, (op, 1))
-        h.meta = dict(inp.meta)
-        user.args = (codes, *user.args[1:])
-        g.erase_node(ln)
-        inp.replace_all_uses_with(h, delete_user_cb=lambda u: u is not op)
-        producer.raw_out = True
-        consumer.a_grid = True
-        count += 1
-    g.eliminate_dead_code()
-    return count
-
-
 def _route_implicit_convs(gm: fx.GraphModule) -> int:
     """Mark the single-set k x k stride-1 convs whose channel count the kernel takes (C % 16) for the implicit-GEMM
     conv; returns how many. Strided convs keep im2col (the kernel's pointer gather is their only form there); the
@@ -854,7 +704,6 @@ class FastReport:
     group_norms: int = 0  # GroupNorms as group_norm_channels / _auto / _triton (group_norm= "channels" etc.)
     split_concat: int = 0  # 1x1 convs on a per-part quantized concatenation as one FP8 GEMM per part (opt-in)
     cat_nhwc: int = 0  # 4-d channel concatenations laid out NHWC (cat_nhwc=True)
-    ln_quant_fused: int = 0  # LayerNorms with their producer's epilogue, residual add and quantizer as one op
 
     def __str__(self) -> str:
         lines = [f"FP8 GEMMs: linear={self.fused['linear']} conv2d={self.fused['conv2d']}; "
@@ -866,9 +715,7 @@ class FastReport:
                  + (f"; FP8 attentions: {self.fp8_attention}" if self.fp8_attention else "")
                  + (f"; channels-last GroupNorms (or batch-dependent): {self.group_norms}" if self.group_norms else "")
                  + (f"; concatenation convs as one GEMM per part: {self.split_concat}" if self.split_concat else "")
-                 + (f"; channel concatenations in NHWC memory: {self.cat_nhwc}" if self.cat_nhwc else "")
-                 + (f"; LayerNorms fused with their epilogue and quantizer: {self.ln_quant_fused}"
-                    if self.ln_quant_fused else "")]
+                 + (f"; channel concatenations in NHWC memory: {self.cat_nhwc}" if self.cat_nhwc else "")]
         lines += [f"  kept {k}: {v}" for k, v in self.skipped.items()]
         return "\n".join(lines)
 
@@ -1262,7 +1109,7 @@ def build_fast(gm: fx.GraphModule, device: str | torch.device = "cuda", weights:
                inplace: bool = False, dtype: torch.dtype = _BF16,
                decode_group_bytes: int | None = None, merge: bool = True, quantize_parts: bool = False,
                implicit_conv: bool | None = None, attention: str = "bf16", group_norm: str = "auto",
-               split_concat: bool = False, cat_nhwc: bool = True, ln_quant: bool = False) -> FastUNet:
+               split_concat: bool = False, cat_nhwc: bool = True) -> FastUNet:
     """Rewrite a quantized GraphModule (``CompiledModel.graph_module`` or a loaded .pt2's module) for Inductor.
 
     ``dtype``: of the activations between ops (bf16; float32 checks the rewrite against the reference graph with
@@ -1295,13 +1142,7 @@ def build_fast(gm: fx.GraphModule, device: str | torch.device = "cuda", weights:
     ``aten.cat`` none of whose parts it has fixed channels-last yet (3 of SD1.5's); the same values (a layout
     change only; compiled, Inductor's fusions change, and with them a few roundings). SD1.5 at batch 8 on the H200,
     same process: 15.60-15.68 ms per step against 15.73-15.86 with ``aten.cat`` (device time 15.21 vs 15.45 ms;
-    docs/triton.md session 16); False gives that graph. ``ln_quant`` (opt-in, not yet measured on the GPU): each
-    transformer-block LayerNorm whose input is a FastGemm's output (norm1: proj_in's) or that plus a residual
-    (norm2 / norm3: to_out's + the residual stream) and whose only reader is a FastGemm linear's quantizer becomes
-    one ``msfp_fast::ln_quant`` (``_fuse_ln_quant``: the Triton kernel of ``ln_quant`` on CUDA, reading the raw GEMM
-    output, writing the residual stream and the consumer's E4M3 operand; SD1.5: 48 LayerNorms), counted in
-    ``report.ln_quant_fused``; bf16 ``dtype`` only. The op computes with Inductor's numerics (float32 between the
-    steps), as the default build runs compiled; ``LnQuant.round_bf16`` switches it to eager's."""
+    docs/triton.md session 16); False gives that graph."""
     if group_norm not in ("auto", "channels", "aten", "triton"):
         raise ValueError(f"unknown group_norm mode {group_norm!r} (auto, channels, aten or triton)")
     if attention not in ("bf16", "fp8", "fp8-triton"):
@@ -1318,8 +1159,6 @@ def build_fast(gm: fx.GraphModule, device: str | torch.device = "cuda", weights:
         report.merged_away = _merge_shared_inputs(gm)
         if quantize_parts:
             report.part_quant_moved = _quantize_parts_in_epilogue(gm)
-    if ln_quant and dtype == _BF16:  # the op's outputs are bf16 / E4M3: the float32 check is left alone
-        report.ln_quant_fused = _fuse_ln_quant(gm)
     if implicit_conv or (implicit_conv is None and torch.device(device).type == "cuda"):
         report.implicit_convs = _route_implicit_convs(gm)
     group_bytes = DECODE_GROUP_BYTES if decode_group_bytes is None else decode_group_bytes

@@ -2,14 +2,12 @@
 
 ``msfp_fast::decode_w4`` / ``decode_w4_group`` (packed 4-bit weights -> E4M3 [N, K], kernels in ``w4_decode``)
 ``msfp_fast::im2col_e4m3`` (NHWC E4M3 -> im2col rows, kernel in ``im2col``), ``msfp_fast::conv_e4m3`` (the
-implicit-GEMM FP8 conv, kernel in ``conv_fp8``), ``msfp_fast::flash_fp8`` (FP8 flash attention on quantized Q, K,
-V, kernel in ``flash_fp8``) and ``msfp_fast::ln_quant`` (a transformer block's GEMM epilogue,
-residual add, LayerNorm and E4M3 quantizer, kernel in ``ln_quant``). Each has a fake implementation (shapes only) so
-torch.compile traces through it and Inductor fuses the code around it, a CUDA implementation that launches the
-Triton kernel (captured by CUDA graphs like any launch), and the reference in torch ops for every other device (CPU
-tests, eager CPU runs). The Triton modules are imported on first use only (ln_quant's also by its CPU reference,
-which lives there): their kernels must be defined after a test has chosen the interpreter (TRITON_INTERPRET is read
-when a kernel is defined).
+implicit-GEMM FP8 conv, kernel in ``conv_fp8``) and ``msfp_fast::flash_fp8`` (FP8 flash attention on quantized Q,
+K, V, kernel in ``flash_fp8``). Each has a fake implementation (shapes only) so torch.compile traces through it and
+Inductor fuses the code around it, a CUDA implementation that launches the Triton kernel (captured by CUDA graphs
+like any launch), and the reference in torch ops for every other device (CPU tests, eager CPU runs). The Triton
+modules are imported on first use only (flash_fp8's also by its CPU reference, which lives there): their kernels
+must be defined after a test has chosen the interpreter (TRITON_INTERPRET is read when a kernel is defined).
 
 Packed layout ("halves"): a row of K codes is K/2 bytes, byte j holding code j in its low nibble and code j + K/2
 in its high nibble, so the decode writes two contiguous runs per row (no nibble interleave).
@@ -23,7 +21,7 @@ import torch.nn.functional as F
 from msfp_compiler.ops import get_format
 
 __all__ = ["decode_w4", "decode_w4_group", "im2col_e4m3", "conv_e4m3", "sdpa_fp8", "flash_fp8", "conv_out_size", "pack_halves",
-           "unpack_halves", "e4m3_lut", "gn_stats", "ln_quant", "LN_QUANT_TILE"]
+           "unpack_halves", "e4m3_lut", "gn_stats"]
 
 _FP8 = torch.float8_e4m3fn
 
@@ -250,45 +248,3 @@ def _gn_stats_cuda(parts: list[torch.Tensor], groups: int, eps: float) -> torch.
 @gn_stats.register_fake
 def _gn_stats_fake(parts: list[torch.Tensor], groups: int, eps: float) -> torch.Tensor:
     return parts[0].new_empty((2, parts[0].shape[0], groups), dtype=torch.float32)
-
-
-# (rows per program, warps) of msfp_fast::ln_quant's kernel on CUDA: the kernel's default tile until the micro-bench
-# (``bench_gpu_kernels --sections lnquant``, LN_TILES) has measured SD1.5's shapes on the GPU
-LN_QUANT_TILE = (1, 4)
-
-
-@torch.library.custom_op("msfp_fast::ln_quant", mutates_args=())
-def ln_quant(y: torch.Tensor, col_scale: torch.Tensor, beta: torch.Tensor, residual: torch.Tensor | None,
-             weight: torch.Tensor, bias: torch.Tensor, eps: float, a_scale: float, a_zero: float, fmt: str,
-             round_bf16: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """A FastGemm's epilogue, the residual add, the LayerNorm and the next FastGemm's activation quantizer
-    (``ln_quant`` module docstring): y [..., C] bf16 (the raw GEMM output), col_scale / beta float32 [C], residual
-    [..., C] bf16 or None, weight / bias [C] bf16 -> (h bf16 [..., C]: the residual stream, E4M3 [..., C]: the grid
-    values of (LayerNorm(h) - a_zero) / a_scale in ``fmt``, grid_round's int or fp kind), both contiguous.
-    ``round_bf16``: eager PyTorch's roundings (each step rounded to bf16), else Inductor's (float32 between the
-    steps, only h rounded). CUDA: one Triton kernel (``ln_quant.ln_quant_triton``, tile ``LN_QUANT_TILE``);
-    elsewhere ``ln_quant.ln_quant_reference``."""
-    from .ln_quant import ln_quant_reference
-
-    h, g, _ = ln_quant_reference(y, col_scale, beta, residual, weight, bias, eps, a_scale, a_zero, fmt,
-                                 round_bf16=round_bf16)
-    return h.contiguous(), g.contiguous()
-
-
-@ln_quant.register_kernel("cuda")
-def _ln_quant_cuda(y: torch.Tensor, col_scale: torch.Tensor, beta: torch.Tensor, residual: torch.Tensor | None,
-                   weight: torch.Tensor, bias: torch.Tensor, eps: float, a_scale: float, a_zero: float, fmt: str,
-                   round_bf16: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    from .ln_quant import ln_quant_triton
-
-    block_m, warps = LN_QUANT_TILE
-    h, g, _ = ln_quant_triton(y, col_scale, beta, residual, weight, bias, eps, a_scale, a_zero, fmt,
-                              round_bf16=round_bf16, block_m=block_m, num_warps=warps)
-    return h, g
-
-
-@ln_quant.register_fake
-def _ln_quant_fake(y: torch.Tensor, col_scale: torch.Tensor, beta: torch.Tensor, residual: torch.Tensor | None,
-                   weight: torch.Tensor, bias: torch.Tensor, eps: float, a_scale: float, a_zero: float, fmt: str,
-                   round_bf16: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    return y.new_empty(y.shape, dtype=torch.bfloat16), y.new_empty(y.shape, dtype=_FP8)

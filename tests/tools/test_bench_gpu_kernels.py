@@ -3,7 +3,6 @@
 import json
 import os
 import sys
-from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -12,7 +11,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
 import bench_gpu_kernels as BK  # noqa: E402
 
 
-@pytest.mark.parametrize("sections", ["geglu", "gnstats,geglu", "gnstat"])
+@pytest.mark.parametrize("sections", ["geglu", "gnstats,geglu", "gnstat", "lnquant", "flashfp8,lnquant"])
 def test_unknown_section_is_an_error(sections: str, capsys: pytest.CaptureFixture) -> None:
     """An unknown (or removed) section exits 2 with a one-line message before any GPU work, not an empty run."""
     with pytest.raises(SystemExit) as e:
@@ -22,63 +21,21 @@ def test_unknown_section_is_an_error(sections: str, capsys: pytest.CaptureFixtur
     assert "--sections: unknown section" in err and "gnstats" in err
 
 
-def test_lnquant_arguments(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """--sections lnquant runs bench_lnquant alone with the parsed --ln-tiles / --ln-fmt and writes its result; a
-    tile that is not rows x warps in powers of two is an argument error."""
+def test_standalone_section_arguments(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """--sections gnstats runs bench_gnstats alone (no SD1.5 layer list) with --batch and writes its result."""
     seen = {}
 
-    def stub(batch, tiles, fmt):
-        seen.update(batch=batch, tiles=tiles, fmt=fmt)
+    def stub(batch):
+        seen.update(batch=batch)
         return {"per_step_ms": {}}
 
-    monkeypatch.setattr(BK, "bench_lnquant", stub)
+    monkeypatch.setattr(BK, "bench_gnstats", stub)
+    monkeypatch.setattr(BK, "layer_shapes", lambda *_: pytest.fail("gnstats needs no layer list"))
     monkeypatch.setattr(BK.torch.cuda, "get_device_name", lambda *_: "stub")
     out = tmp_path / "k.json"
-    assert BK.main(["--sections", "lnquant", "--batch", "2", "--ln-tiles", "1x2,4x8", "--ln-fmt", "int4",
-                    "--out", str(out)]) == 0
-    assert seen == {"batch": 2, "tiles": ((1, 2), (4, 8)), "fmt": "int4"}
-    assert json.loads(out.read_text())["lnquant"] == {"per_step_ms": {}}
-    assert BK.parse_ln_tiles(",".join(f"{b}x{w}" for b, w in BK.LN_TILES)) == BK.LN_TILES
-    for bad in ("3x4", "1x4x2", "4"):
-        with pytest.raises(SystemExit) as e:
-            BK.main(["--sections", "lnquant", "--ln-tiles", bad, "--out", str(out)])
-        assert e.value.code == 2
-
-
-def test_ln_shapes_sd15() -> None:
-    """48 LayerNorms a step: per transformer block norm1 without the residual add, norm2 and norm3 with it."""
-    shapes = BK.ln_shapes(8)
-    assert sum(shapes.values()) == 48 and sum(n for (_, _, res), n in shapes.items() if not res) == 16
-    assert shapes[(8 * 64 * 64, 320, True)] == 10 and shapes[(8 * 8 * 8, 1280, False)] == 1
-
-
-def test_lnquant_dry_run() -> None:
-    """bench_lnquant end to end on the CPU: the kernel in Triton's interpreter on tiny shapes, a stub timer, the
-    eager reference as the baseline (eager rounds the epilogue and the add to bf16, the kernel's Inductor numerics do
-    not: codes within one grid step)."""
-    if not BK.torch.cuda.is_available():
-        os.environ.setdefault("TRITON_INTERPRET", "1")
-        if os.environ["TRITON_INTERPRET"] != "1":
-            pytest.skip("no CUDA and TRITON_INTERPRET is off")
-    pytest.importorskip("triton")
-    calls = []
-
-    def timer(fn):
-        fn()
-        calls.append(1)
-        return 0.01
-
-    dev = "cuda" if BK.torch.cuda.is_available() else "cpu"
-    r = BK.bench_lnquant(1, tiles=((1, 4), (4, 8)), device=dev, timer=timer,
-                         shapes=Counter({(13, 320, False): 1, (9, 40, True): 2}), compile_fn=lambda f: f)
-    step = r["per_step_ms"]
-    assert len(calls) == 2 * 3 and step == {"inductor": 0.03, "1x4": 0.03, "4x8": 0.03, "best": 0.03,
-                                            "roofline": step["roofline"]}
-    assert step["roofline"] == 0.0  # 0.419 ms at SD1.5's batch 8, rounded to 4 decimals on these tiny shapes
-    for row in r["rows"]:
-        assert row["1x4_g_max"] <= 1 and row["4x8_g_max"] <= 1 and row["1x4_g_off"] < 0.02
-        if not row["residual"] and dev == "cpu":  # no add: one float32 epilogue rounded once (no FMA on the CPU)
-            assert row["1x4_h_off"] == 0.0
+    assert BK.main(["--sections", "gnstats", "--batch", "2", "--out", str(out)]) == 0
+    assert seen == {"batch": 2}
+    assert json.loads(out.read_text())["gnstats"] == {"per_step_ms": {}}
 
 
 def test_flashfp8_dry_run(monkeypatch) -> None:

@@ -52,16 +52,18 @@ def test_parse_variant_batches_and_errors():
     assert bench_gpu_sd15.parse_variants("gnauto/catnhwc:8,1") == [(["gnauto", "catnhwc"], [8, 1])]
     assert bench_gpu_sd15.VARIANTS["catnhwc"] == ({}, {"cat_nhwc": True})
     assert bench_gpu_sd15.VARIANTS["catnchw"] == ({}, {"cat_nhwc": False})  # the graph before session 16
-    assert bench_gpu_sd15.VARIANTS["lnquant"] == ({}, {"ln_quant": True})  # msfp_fast::ln_quant (opt-in)
-    assert bench_gpu_sd15.parse_variant("gnauto/lnquant:8") == (["gnauto", "lnquant"], [8])
-    assert bench_gpu_sd15.variant_options("lnquant,catnhwc") == ({}, {"ln_quant": True, "cat_nhwc": True})
     assert bench_gpu_sd15.variant_options("splitcat,catnhwc") == ({}, {"split_concat": True, "cat_nhwc": True})
     assert bench_gpu_sd15.VARIANTS["gnauto"][1] == {"group_norm": "auto"}  # what build_fast does by default
-    for bad in ("gntriton", "welford:8", "gnauto/welford:8", "gntriton:8,x", "geglu", "geglu_fused:8"):
+    for bad in ("gntriton", "welford:8", "gnauto/welford:8", "gntriton:8,x", "geglu", "geglu_fused:8",
+                "lnquant:8"):
         with pytest.raises(ValueError, match="--variant"):
             bench_gpu_sd15.parse_variant(bad)
     with pytest.raises(ValueError, match="unknown variant 'geglu'"):  # removed in session 16 (docs/triton.md)
         bench_gpu_sd15.parse_variant("gnauto/geglu:8")
+    with pytest.raises(ValueError, match="unknown variant 'lnquant'"):  # removed in session 17 (docs/triton.md)
+        bench_gpu_sd15.parse_variant("gnauto/lnquant:8")
+    with pytest.raises(ValueError, match="unknown variant 'lnquant'"):
+        bench_gpu_sd15.variant_options("lnquant,catnhwc")
     assert bench_gpu_sd15.parse_variants("gnauto/gntriton/gntriton_splitcat:8+gnauto/gntriton:1,4") == [
         (["gnauto", "gntriton", "gntriton_splitcat"], [8]), (["gnauto", "gntriton"], [1, 4])]
     for bad in ("gnauto:8+", "gnauto:8+welford:1"):
