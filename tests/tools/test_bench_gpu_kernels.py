@@ -51,9 +51,10 @@ def test_flashfp8_dry_run(monkeypatch) -> None:
     dev = "cuda" if BK.torch.cuda.is_available() else "cpu"
     calls = []
     monkeypatch.setattr(BK, "graphed_ms", lambda fn: (fn(), calls.append(1), 0.5)[2])
-    tiles = ((32, 32, 4, 1, False),)
+    tiles = ((32, 32, 4, 1, False), (24, 32, 4, 1, False))  # the second fails (BLOCK_M not a power of two)
     r = BK.bench_flash_fp8(1, (("tiny", 48, 2, 40, 5),), tiles=tiles, device=dev, pad64=False)
     (row,) = r["rows"]
+    assert "error" in row["24x32w4s1"]  # recorded, and left out of the per-step totals (below)
     name = BK.flash_tile_name(tiles[0])
     assert name == "32x32w4s1" and bench_gpu_sd15.parse_flash_tile(name) == tiles[0]
     assert len(calls) == 2 and row["best"] == name and r["per_step_ms"] == {"bf16_ms": 2.5, "best_ms": 2.5, name: 2.5}
