@@ -205,8 +205,11 @@ def parser() -> argparse.ArgumentParser:
                     "the statistics from our Triton kernels) or splitcat (build_fast(split_concat=True): the 1x1 "
                     "convs on per-part quantized concatenations as one FP8 GEMM per part) or gntriton_splitcat "
                     "(both) or catnhwc (build_fast(cat_nhwc=True), the default since session 16: the skip "
-                    "concatenations in NHWC memory) or catnchw (cat_nhwc=False: aten.cat, the graph before)); "
-                    "names joined by ',' are one build with all their options (gnauto/catnhwc,splitcat:8); "
+                    "concatenations in NHWC memory) or catnchw (cat_nhwc=False: aten.cat, the graph before) or cdt "
+                    "(Inductor coordinate_descent_tuning; did not compile SD1.5 within a call in session 17) or "
+                    "tfp8attn (build_fast(attention='fp8-triton'): our Triton FP8 flash kernel, tile --flash-tile)); "
+                    "names joined by ',' are one build with all their options (gnauto/catnhwc,splitcat:8); each "
+                    "starts from build_fast's defaults, not from --attention / --group-norm; "
                     "recorded under 'variants' (with output_vs: its output against the headline step's at that "
                     "batch size, same inputs, or with --skip main the first variant's), then its accuracy unless "
                     "skipped")
@@ -261,6 +264,9 @@ def main(argv: list[str] | None = None) -> int:
             tile = parse_flash_tile(args.flash_tile)
         except ValueError as e:
             ap.error(str(e))
+        if args.attention != "fp8-triton" and "tfp8attn" not in (args.variant or ""):
+            ap.error("--flash-tile: no build runs the FP8 flash kernel (give --attention fp8-triton or a tfp8attn "
+                     "variant)")
         from msfp_compiler.export.triton import flash_fp8
 
         flash_fp8.FLASH_TILE = tile
@@ -444,7 +450,11 @@ def parse_flash_tile(text: str) -> tuple:
     m = re.fullmatch(r"(\d+)x(\d+)w(\d+)s(\d+)(e16)?", text)
     if not m:
         raise ValueError(f"--flash-tile {text!r}: want BMxBNwWARPSsSTAGES[e16], e.g. 128x64w4s3e16")
-    return (*(int(g) for g in m.groups()[:4]), m.group(5) is not None)
+    bm, bn, warps, stages = (int(g) for g in m.groups()[:4])
+    if any(v & (v - 1) for v in (bm, bn, warps)) or bm < 16 or bn < 32 or not warps or not stages:
+        raise ValueError(f"--flash-tile {text!r}: BM, BN and WARPS must be powers of two, BM >= 16, BN >= 32 (the FP8 "
+                         "P @ V contracts over BN), STAGES >= 1")
+    return bm, bn, warps, stages, m.group(5) is not None
 
 
 def parse_variants(spec: str) -> list[tuple[list[str], list[int]]]:

@@ -46,8 +46,8 @@ from msfp_compiler.talora import chosen_set
 from .fast_ops import conv_out_size, e4m3_lut, pack_halves  # also defines torch.ops.msfp_fast.*
 
 __all__ = ["grid_round", "fake_quant", "grid_e4m3", "PartQuant", "FastGemm", "DecodeGroup", "FastUNet", "build_fast",
-           "FastReport", "weight_bytes", "sdpa_fp8_fq", "flash_fp8_fq", "fp8_head_dim", "group_norm_channels", "group_norm_auto",
-           "group_norm_triton", "concat_parts", "cat_nhwc"]
+           "FastReport", "weight_bytes", "sdpa_fp8_fq", "flash_fp8_fq", "fp8_head_dim", "group_norm_channels",
+           "group_norm_auto", "group_norm_triton", "concat_parts", "cat_nhwc"]
 
 aten = torch.ops.aten
 _Q = torch.ops.msfp.quantize.default
@@ -645,7 +645,8 @@ def group_norm_auto(x: torch.Tensor, groups: int, weight: torch.Tensor | None = 
 
 
 FP8_ATTENTION_MIN_KV = 1024  # keys per query below which cuDNN's FP8 attention lost to bf16 (SD1.5 cross-attention,
-# the 16x16 / 8x8 levels: 0.56-0.91x on the H200, bench_gpu_kernels --sections fp8attn)
+# the 16x16 / 8x8 levels: 0.56-0.91x on the H200, bench_gpu_kernels --sections fp8attn); the same gate for our Triton
+# kernel ("fp8-triton"), whose micro-bench times only the self-attentions it admits (--sections flashfp8)
 
 
 def fp8_head_dim(d: int) -> int:
@@ -686,7 +687,7 @@ def flash_fp8_fq(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qp: tuple, k
     o = torch.ops.msfp_fast.flash_fp8(grid(q, qp), grid(k, kp), grid(v, vp).transpose(-1, -2).contiguous(),
                                       float(qp[0]), float(kp[0]), float(vp[0]), float(vp[1]),
                                       q.shape[-1] ** -0.5 if scale is None else float(scale))
-    return o if dtype == _BF16 else o.to(dtype).transpose(1, 2).contiguous().transpose(1, 2)
+    return o if dtype == _BF16 else o.to(dtype)  # .to keeps the [B, S, H, D] memory; float32 builds get bf16 values
 
 
 @dataclass
@@ -967,8 +968,9 @@ def concat_parts(node: Any) -> list[fx.Node] | None:
 
 def _lower_rest(gm: fx.GraphModule, report: FastReport, dtype: torch.dtype, attention: str = "bf16",
                 group_norm: str = "auto") -> None:
-    """The remaining quantizers, packed weights and attention become ``dtype`` pointwise torch ops (``fp8_attention``:
-    attentions ``_fp8_attention_args`` accepts become ``sdpa_fp8_fq``; ``group_norm`` "channels" / "auto" /
+    """The remaining quantizers, packed weights and attention become ``dtype`` pointwise torch ops (``attention``
+    "fp8" / "fp8-triton": attentions ``_fp8_attention_args`` accepts become ``sdpa_fp8_fq`` / ``flash_fp8_fq``;
+    ``group_norm`` "channels" / "auto" /
     "triton": 4-d GroupNorms become ``group_norm_channels`` / ``group_norm_auto`` / ``group_norm_triton``)."""
     from .runtime import _const
 
@@ -1000,7 +1002,7 @@ def _lower_rest(gm: fx.GraphModule, report: FastReport, dtype: torch.dtype, atte
                     fn = flash_fp8_fq if attention == "fp8-triton" else sdpa_fp8_fq
                     new = g.call_function(fn, fp8, {"dtype": dtype})
                     report.fp8_attention += 1
-                    report.fake_quant -= 3  # q, k, v's: inside sdpa_fp8_fq now
+                    report.fake_quant -= 3  # q, k, v's: inside the FP8 attention now
                 else:
                     new = g.call_function(_sdpa_as, (dtype, *node.args), dict(node.kwargs))
         elif node.target == aten.group_norm.default and group_norm != "aten" and _spatial(node) is not None:

@@ -20,8 +20,8 @@ import torch.nn.functional as F
 
 from msfp_compiler.ops import get_format
 
-__all__ = ["decode_w4", "decode_w4_group", "im2col_e4m3", "conv_e4m3", "sdpa_fp8", "flash_fp8", "conv_out_size", "pack_halves",
-           "unpack_halves", "e4m3_lut", "gn_stats"]
+__all__ = ["decode_w4", "decode_w4_group", "im2col_e4m3", "conv_e4m3", "sdpa_fp8", "flash_fp8", "conv_out_size",
+           "pack_halves", "unpack_halves", "e4m3_lut", "gn_stats"]
 
 _FP8 = torch.float8_e4m3fn
 

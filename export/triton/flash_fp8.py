@@ -51,7 +51,8 @@ def _exp2_f16(x):
 def _to_e4m3(x, RNE_BITS: tl.constexpr):
     # RNE_BITS (the interpreter only): round the float32 mantissa to E4M3's 3 bits first, since Triton's interpreter
     # (3.9 here) drops the carry when a conversion rounds up into the next binade (124.6 -> 64 instead of 128); the
-    # cast of the rounded value is then exact where E4M3 is normal (x >= 2^-6). The GPU's cvt rounds correctly.
+    # cast of the rounded value is then exact where E4M3 is normal (x >= 2^-6). Below that (P < 2^-14 at P_SCALE) the
+    # interpreter's subnormals stay off by up to a step. The GPU's cvt rounds correctly.
     if RNE_BITS:
         b = x.to(tl.int32, bitcast=True)
         b = (b + 0x7FFFF + ((b >> 20) & 1)) & -0x100000
@@ -119,6 +120,8 @@ def flash_fp8_triton(q: torch.Tensor, k: torch.Tensor, vt: torch.Tensor, descale
         raise ValueError("flash_fp8: q, k, vt must be E4M3 with a contiguous last dimension")
     block_m, block_n, warps, stages, exp16 = tile or FLASH_TILE
     out = torch.empty(bsz, s, heads, dim, device=q.device, dtype=torch.bfloat16)
+    if t == 0:
+        raise ValueError("flash_fp8: no keys (k has 0 rows): softmax over nothing")
     if min(bsz, heads, s) == 0:
         return out.transpose(1, 2)
     block_d = max(32, triton.next_power_of_2(dim))  # FP8 MMA: K a multiple of 32
@@ -128,18 +131,31 @@ def flash_fp8_triton(q: torch.Tensor, k: torch.Tensor, vt: torch.Tensor, descale
                             heads, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                             vt.stride(0), vt.stride(1), vt.stride(2), out.stride(0), out.stride(1), out.stride(2),
                             D=dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, EVEN_N=t % block_n == 0,
-                            EXP16=bool(exp16) and not _INTERPRET, PS=P_SCALE, RNE_BITS=_INTERPRET, num_warps=warps, num_stages=stages)
+                            EXP16=bool(exp16) and not _INTERPRET, PS=P_SCALE, RNE_BITS=_INTERPRET, num_warps=warps,
+                            num_stages=stages)
     return out.transpose(1, 2)
 
 
 def flash_fp8_reference(q: torch.Tensor, k: torch.Tensor, vt: torch.Tensor, descale_q: float, descale_k: float,
-                        descale_v: float, shift_v: float, attn_scale: float) -> torch.Tensor:
-    """The kernel's rounding in torch ops, against the whole row's maximum instead of the running one (the same
-    result where the keys fit one BLOCK_N tile; otherwise P's E4M3 roundings differ): float32, then bfloat16 in the
-    kernel's output layout."""
+                        descale_v: float, shift_v: float, attn_scale: float,
+                        block_n: int | None = None) -> torch.Tensor:
+    """The kernel's rounding in torch ops: float32, then bfloat16 in the kernel's output layout. P is rounded to E4M3
+    against the whole row's maximum, or with ``block_n`` as the kernel does, key tile by key tile against the running
+    maximum (the online softmax: earlier tiles' sums rescaled when the maximum grows)."""
     qf, kf, vf = q.float() * descale_q, k.float() * descale_k, vt.float().transpose(-1, -2) * descale_v
+    if kf.shape[-2] == 0:
+        raise ValueError("flash_fp8: no keys")
     s = qf @ kf.transpose(-1, -2) * (attn_scale * _LOG2E)
-    p = torch.exp2(s - s.amax(-1, keepdim=True))
-    p8 = (p * P_SCALE).to(torch.float8_e4m3fn).float()
-    o = (p8 @ vf) / (p.sum(-1, keepdim=True) * P_SCALE) + shift_v
+    step = block_n or s.shape[-1]
+    m = s.new_full(s.shape[:-1] + (1,), float("-inf"))
+    acc, l_sum = s.new_zeros(s.shape[:-1] + (vf.shape[-1],)), s.new_zeros(s.shape[:-1] + (1,))
+    for j in range(0, s.shape[-1], step):
+        sj = s[..., j:j + step]
+        m_new = torch.maximum(m, sj.amax(-1, keepdim=True))
+        alpha = torch.exp2(m - m_new)
+        p = torch.exp2(sj - m_new)
+        l_sum = l_sum * alpha + p.sum(-1, keepdim=True)
+        acc = acc * alpha + (p * P_SCALE).to(torch.float8_e4m3fn).float() @ vf[..., j:j + step, :]
+        m = m_new
+    o = acc / (l_sum * P_SCALE) + shift_v
     return o.to(torch.bfloat16).transpose(1, 2).contiguous().transpose(1, 2)

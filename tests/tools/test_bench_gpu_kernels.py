@@ -58,4 +58,5 @@ def test_flashfp8_dry_run(monkeypatch) -> None:
     name = BK.flash_tile_name(tiles[0])
     assert name == "32x32w4s1" and bench_gpu_sd15.parse_flash_tile(name) == tiles[0]
     assert len(calls) == 2 and row["best"] == name and r["per_step_ms"] == {"bf16_ms": 2.5, "best_ms": 2.5, name: 2.5}
+    assert r["best_tile"] == name and r["per_step_saving_ms"] == 0.0
     assert 1e-3 < row[name]["rel_rmse"] < 0.05

@@ -194,7 +194,10 @@ def test_flash_tile_option():
     assert bench_gpu_sd15.parse_flash_tile("64x128w8s4") == (64, 128, 8, 4, False)
     assert bench_gpu_sd15.VARIANTS["tfp8attn"] == ({}, {"attention": "fp8-triton"})
     assert bench_gpu_sd15.VARIANTS["cdt"] == ({"coordinate_descent_tuning": True}, {})
-    for bad in ("128x64", "128x64w4s3e8", "tile"):
+    with pytest.raises(SystemExit) as e:  # a tile nothing would run
+        bench_gpu_sd15.main(["--flash-tile", "128x64w4s3"])
+    assert e.value.code == 2
+    for bad in ("128x64", "128x64w4s3e8", "tile", "96x64w4s3", "128x16w4s3", "128x64w3s3", "0x64w4s3"):
         with pytest.raises(ValueError, match="--flash-tile"):
             bench_gpu_sd15.parse_flash_tile(bad)
         with pytest.raises(SystemExit) as e:
