@@ -170,7 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("out", help="JSON summary (strided nodes only, with their kernels)")
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--cat-nhwc", action="store_true", help="build_fast(cat_nhwc=True)")
+    ap.add_argument("--cat-nhwc", action=argparse.BooleanOptionalAction, default=True,
+                    help="build_fast(cat_nhwc=...): on by default, as build_fast's own default since session 16; "
+                    "--no-cat-nhwc for the aten.cat graph")
     ap.add_argument("--model", default="tiny", choices=["tiny", "sd15-mini"], help="tiny: conftest.make_unet_cond; "
                     "sd15-mini: SD1.5's block layout (4 levels, 2 layers per block, 3 cross-attention levels) with "
                     "16 / 32 channels, 16x16 latents (slower: ~3x the nodes)")
