@@ -187,6 +187,15 @@ def test_conv_configs_sd15_shapes_gpu(cfg: ConvConfig) -> None:
         assert torch.equal(got, ref), f"{(b, h, c, n)}: {(got != ref).sum().item()} of {ref.numel()} differ"
 
 
+def _gn_want(parts: list[torch.Tensor], groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The float64 [mean, 1/sqrt(var + 1e-5)] per (sample, group) of the channel concatenation of parts, and the
+    tolerance of float32 summation order: the mean within a few ulps of |mean| + std, rstd to a relative 1e-5."""
+    x = torch.cat(parts, 1).double().reshape(parts[0].shape[0], groups, -1)
+    var, mean = torch.var_mean(x, dim=-1, correction=0)
+    want = torch.stack([mean, torch.rsqrt(var + 1e-5)])
+    return want, torch.stack([1e-6 * (mean.abs() + var.sqrt()), 1e-5 * want[1]])
+
+
 @pytest.mark.parametrize("n,cs,h,w,g", [(2, (24,), 5, 7, 6), (1, (40, 24), 9, 9, 8), (3, (8, 8, 16), 3, 3, 4),
                                          pytest.param(2, (640, 320), 64, 64, 32, marks=pytest.mark.skipif(
                                              DEV.type != "cuda", reason="SD1.5's largest concatenation: GPU only"))])
@@ -199,11 +208,8 @@ def test_gn_stats_matches_group_norm(n: int, cs: tuple, h: int, w: int, g: int) 
 
     gen = torch.Generator().manual_seed(len(cs))
     parts = [torch.randn(n, c, h, w, generator=gen) * 2 + 300 * (i % 2) for i, c in enumerate(cs)]
-    x = torch.cat(parts, 1).double().reshape(n, g, -1)
-    var, mean = torch.var_mean(x, dim=-1, correction=0)
-    want = torch.stack([mean, torch.rsqrt(var + 1e-5)])
-    # float32 summation order: the mean within a few ulps of |mean| + std, rstd to a relative 1e-5
-    tol = torch.stack([1e-6 * (mean.abs() + var.sqrt()), 1e-5 * want[1]])
+    want, tol = _gn_want(parts, g)
+    mean = want[0]
     for mem in (torch.channels_last, torch.contiguous_format):
         got = gn_stats_triton([t.to(DEV).contiguous(memory_format=mem) for t in parts], g, 1e-5).cpu()
         assert got.shape == (2, n, g) and got.dtype == torch.float32
@@ -235,10 +241,7 @@ def test_gn_stats_sd15_tiles(tile: tuple) -> None:
     BLOCK_C / GN_WARPS (32 x 64 / 1 warp failed that test's former fixed output tolerance on the H200)."""
     gen = torch.Generator().manual_seed(2)
     parts = [torch.randn(2, c, 64, 64, generator=gen) * 2 + 300 * (i % 2) for i, c in enumerate((640, 320))]
-    x = torch.cat(parts, 1).double().reshape(2, 32, -1)
-    var, mean = torch.var_mean(x, dim=-1, correction=0)
-    want = torch.stack([mean, torch.rsqrt(var + 1e-5)])
-    tol = torch.stack([1e-6 * (mean.abs() + var.sqrt()), 1e-5 * want[1]])
+    want, tol = _gn_want(parts, 32)
     dev = [t.to(DEV).contiguous(memory_format=torch.channels_last) for t in parts]
     got = gn_stats_triton(dev, 32, 1e-5, block_p=tile[0], block_c=tile[1], num_warps=tile[2]).cpu()
     err = (got.double() - want).abs() / tol
@@ -252,10 +255,7 @@ def test_gn_stats_other_tiles(tile: tuple) -> None:
     blocks with a partial last one, two parts, one offset by 300x its spread)."""
     gen = torch.Generator().manual_seed(9)
     parts = [torch.randn(1, 136, 7, 10, generator=gen) * 2, torch.randn(1, 40, 7, 10, generator=gen) + 300]
-    x = torch.cat(parts, 1).double().reshape(1, 11, -1)
-    var, mean = torch.var_mean(x, dim=-1, correction=0)
-    want = torch.stack([mean, torch.rsqrt(var + 1e-5)])
-    tol = torch.stack([1e-6 * (mean.abs() + var.sqrt()), 1e-5 * want[1]])
+    want, tol = _gn_want(parts, 11)
     dev = [t.to(DEV).contiguous(memory_format=torch.channels_last) for t in parts]
     got = gn_stats_triton(dev, 11, 1e-5, block_p=tile[0], block_c=tile[1], num_warps=tile[2]).cpu()
     assert ((got.double() - want).abs() <= tol).all(), tile
@@ -277,10 +277,7 @@ def test_gn_stats_parts_and_groups(n: int, cs: tuple, h: int, w: int, g: int, ti
     parts = [torch.randn(n, c, h, w, generator=gen) * 2 + 300 * (i % 2) for i, c in enumerate(cs)]
     dev = [t.to(DEV).contiguous(memory_format=torch.channels_last) for t in parts]
     kw = dict(block_p=tile[0], block_c=tile[1], num_warps=tile[2])
-    x = torch.cat(parts, 1).double().reshape(n, g, -1)
-    var, mean = torch.var_mean(x, dim=-1, correction=0)
-    want = torch.stack([mean, torch.rsqrt(var + 1e-5)])
-    tol = torch.stack([1e-6 * (mean.abs() + var.sqrt()), 1e-5 * want[1]])
+    want, tol = _gn_want(parts, g)
     for cw in (4, tile[2]):
         got = gn_stats_triton(dev, g, 1e-5, combine_warps=cw, **kw)
         assert torch.equal(gn_stats_triton(dev, g, 1e-5, combine_warps=cw, **kw), got)
