@@ -681,12 +681,9 @@ def flash_fp8_fq(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qp: tuple, k
     E4M3 at their own head dim (no padding copy), V written transposed ([B, H, D, T]: the kernel's K-major P @ V
     operand) by the quantizer's kernel, O in bfloat16 straight from the kernel. Rounds where the bf16 path does not:
     P to E4M3 (docs/triton.md session 17). Output as ``_sdpa_as``'s."""
-    def grid(x: torch.Tensor, p: tuple) -> torch.Tensor:
-        return grid_round(_scaled(x, p[0], p[1]), p[2]).to(_FP8)
-
-    o = torch.ops.msfp_fast.flash_fp8(grid(q, qp), grid(k, kp), grid(v, vp).transpose(-1, -2).contiguous(),
-                                      float(qp[0]), float(kp[0]), float(vp[0]), float(vp[1]),
-                                      q.shape[-1] ** -0.5 if scale is None else float(scale))
+    vt = grid_e4m3(v, *vp).transpose(-1, -2).contiguous()
+    o = torch.ops.msfp_fast.flash_fp8(grid_e4m3(q, *qp), grid_e4m3(k, *kp), vt, float(qp[0]), float(kp[0]),
+                                      float(vp[0]), float(vp[1]), q.shape[-1] ** -0.5 if scale is None else float(scale))
     return o if dtype == _BF16 else o.to(dtype)  # .to keeps the [B, S, H, D] memory; float32 builds get bf16 values
 
 
