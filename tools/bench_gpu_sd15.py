@@ -350,7 +350,8 @@ def measure(args: argparse.Namespace, rec: Recorder, cm: Any, bf16_bytes: int, b
 
         conv_fp8.TIME_ALSO = tuple(c for n in args.conv_sets.split(",") for c in _conv_set(n)
                                    if c not in conv_fp8.CONFIGS)
-    fasts = {w: build_fast(gm, "cuda", weights=w, group_norm=args.group_norm, attention=args.attention) for w in args.weights.split(",")}
+    fasts = {w: build_fast(gm, "cuda", weights=w, group_norm=args.group_norm, attention=args.attention)
+             for w in args.weights.split(",")}
     head = args.weights.split(",")[0]
     rec.put("fast_report", str(fasts[head].report))
     log(str(fasts[head].report).split("\n")[0])
