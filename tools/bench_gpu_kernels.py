@@ -17,7 +17,8 @@ im2col kernel on the SD1.5 k x k convs, ms per step), ``conv`` (the implicit-GEM
 im2col + cuBLAS on the SD1.5 k x k convs, outputs checked equal), ``fp8attn`` (cuDNN's FP8 flash attention through
 cudnn-frontend against the bf16 cuDNN SDPA on SD1.5's attention shapes: ``bench_fp8_attention``), ``gnstats``
 (tiles of our GroupNorm statistics kernels on SD1.5's GroupNorm shapes, ``bench_gnstats``), ``flashfp8`` (our Triton
-FP8 flash attention's tiles against the bf16 SDPA on SD1.5's self-attentions at 64x64 and 32x32, ``bench_flash_fp8``).
+FP8 flash attention's tiles against the bf16 SDPA on SD1.5's self-attentions at 64x64 and 32x32, ``bench_flash_fp8``),
+``epilogue`` (the pointwise kernel after an FP8 GEMM, variants against its bytes' floor, ``bench_epilogue``).
 """
 
 from __future__ import annotations
@@ -559,7 +560,104 @@ def bench_flash_fp8(batch: int, levels: tuple = ATTN_LEVELS, tiles: tuple = FLAS
     return res
 
 
-SECTIONS = ("layers", "conv", "decode", "im2col", "fp8attn", "gnstats", "flashfp8")
+EPI_SHAPES = (("geglu_64x64", 4096, 320, 2560), ("geglu_32x32", 1024, 640, 5120), ("linear_64x64", 4096, 1280, 320))
+EPI_QUANT = ("e2m1", 0.05)  # a signed FP4 activation quantizer (scale; zero point 0) of the next GEMM
+
+
+def bench_epilogue(batch: int) -> dict:
+    """The pointwise kernel after an FP8 GEMM as Inductor (default mode) compiles it from the fast path's torch ops,
+    replayed from a CUDA graph, on SD1.5's largest 64x64 / 32x32 shapes (rows ``M = tokens * batch``), against the
+    floor of its bytes (``floor``: read the GEMM output, write the E4M3 result, no other math). Session 17's
+    roofline had these kernels at ~26% of copy bandwidth; counting sm_90 SASS on the CPU put them at 40-90
+    instructions per element (the per-column epilogue ~15 per input, exact GELU's erf ~30, the quantizer ~11),
+    which the H200 issues slower than it moves the bytes. Variants: ``exact`` (the fast path today: the tensorwise
+    GEMM's bf16 output times its per-column scale plus bias, rounded to bf16, then GEGLU and the next layer's
+    quantizer; ``linear`` rows write the bf16 result and its E4M3 codes), ``nd`` (the same under Inductor's
+    ``triton.prefer_nd_tiling``: column index from a 2-D tile, no div/mod per element; must be bit-equal),
+    ``noepi`` (no per-column work: what is left when the GEMM applies scale and bias itself), ``tanh`` (GELU's tanh
+    form: the share of exact erf; ``tanh_code_diff`` = fraction of E4M3 codes that differ from ``exact``). The
+    GEMMs that ``noepi`` would need: ``torch._scaled_mm`` tensorwise (today) vs rowwise scales with a bf16 bias,
+    with their max difference after the same epilogue. ``code``: Inductor's kernels of ``exact`` and ``nd``."""
+    import torch._dynamo
+    from torch._inductor import config as inductor_config
+    from torch._inductor.utils import run_and_get_code
+
+    from msfp_compiler.export.triton.fast import grid_e4m3
+
+    fmt, s = EPI_QUANT
+    f8 = torch.float8_e4m3fn
+    gen = torch.Generator(device=DEV).manual_seed(0)
+    rows, code = [], {}
+    for name, tokens, k, n in EPI_SHAPES:
+        m = tokens * batch
+        a = (torch.randn(m, k, device=DEV, generator=gen) * 2).to(f8)
+        w = (torch.randn(n, k, device=DEV, generator=gen) * 2).to(f8)
+        sb = torch.rand(n, device=DEV, generator=gen) * 1e-3 + 1e-3  # per-column scale of a tensorwise GEMM
+        beta = torch.randn(n, device=DEV, generator=gen) * 0.1
+        one = torch.ones((), device=DEV)
+        y = torch._scaled_mm(a, w.t(), one, one, out_dtype=torch.bfloat16, use_fast_accum=True)
+        row: dict = {"shape": name, "m": m, "k": k, "n": n,
+                     "out_mb": round(y.numel() * 2 / 1e6, 1)}
+        geglu = name.startswith("geglu")
+
+        def epi(t: torch.Tensor) -> torch.Tensor:
+            return (t.float() * sb + beta).to(torch.bfloat16)
+
+        def tail(t: torch.Tensor, approximate: str = "none"):
+            if geglu:
+                h, g = t.chunk(2, dim=-1)
+                return grid_e4m3(h * F.gelu(g, approximate=approximate), s, 0.0, fmt)
+            return t, grid_e4m3(t, s, 0.0, fmt)
+
+        variants = {
+            "floor": (lambda t: (t[:, : n // 2] + t[:, n // 2:]).to(f8)) if geglu else (lambda t: (t, t.to(f8))),
+            "exact": lambda t: tail(epi(t)), "nd": lambda t: tail(epi(t)), "noepi": lambda t: tail(t),
+        }
+        if geglu:
+            variants["tanh"] = lambda t: tail(epi(t), "tanh")
+        outs = {}
+        for v, fn in variants.items():
+            torch._dynamo.reset()
+            with inductor_config.patch({"triton.prefer_nd_tiling": v == "nd"}):
+                cf = torch.compile(fn, fullgraph=True, dynamic=False)
+                if v in ("exact", "nd") and name not in ("geglu_32x32",):
+                    out, src = run_and_get_code(cf, y)
+                    code[f"{name}_{v}"] = "\n".join(src)[-20000:]
+                else:
+                    out = cf(y)
+                outs[v] = out
+                row[f"{v}_ms"] = round(graphed_ms(lambda: cf(y)), 5)  # noqa: B023
+        last = (lambda o: o if geglu else o[1])
+        row["nd_bit_equal"] = bool(torch.equal(last(outs["nd"]).view(torch.uint8), last(outs["exact"]).view(torch.uint8)))
+        if geglu:
+            row["tanh_code_diff"] = float((last(outs["tanh"]).view(torch.uint8)
+                                           != last(outs["exact"]).view(torch.uint8)).float().mean())
+        floor_mb = (m * n * 2 + (m * n // 2 if geglu else m * n * 3)) / 1e6  # read bf16; write E4M3 (+ bf16)
+        row["floor_gbs"] = round(floor_mb / row["floor_ms"] / 1e3, 1)
+        for v in variants:
+            row[f"{v}_vs_floor"] = round(row[f"{v}_ms"] / row["floor_ms"], 3)
+        # the GEMM itself: tensorwise (today) vs rowwise scales + bf16 bias (what noepi needs)
+        row["gemm_tensorwise_ms"] = round(graphed_ms(
+            lambda: torch._scaled_mm(a, w.t(), one, one, out_dtype=torch.bfloat16, use_fast_accum=True)), 5)  # noqa: B023
+        ones_m = torch.ones(m, 1, device=DEV)
+        b16 = beta.to(torch.bfloat16)
+        for fast in (True, False):
+            key = f"gemm_rowwise_bias{'_fastacc' if fast else ''}"
+            try:
+                def rw(fast=fast):
+                    return torch._scaled_mm(a, w.t(), ones_m, sb.view(1, n), bias=b16,  # noqa: B023
+                                            out_dtype=torch.bfloat16, use_fast_accum=fast)
+                got = rw()
+                row[f"{key}_ms"] = round(graphed_ms(rw), 5)
+                row[f"{key}_max_diff"] = float((got.float() - epi(y).float()).abs().max())
+            except Exception as e:  # noqa: BLE001
+                row[f"{key}_error"] = repr(e)[:300]
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return {"timing": "graphed_ms (do_bench_cudagraph)", "quantizer": list(EPI_QUANT), "rows": rows, "code": code}
+
+
+SECTIONS = ("layers", "conv", "decode", "im2col", "fp8attn", "gnstats", "flashfp8", "epilogue")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -584,6 +682,7 @@ def main(argv: list[str] | None = None) -> int:
     levels = tuple(lv for lv in ATTN_LEVELS if lv[0] in args.attn_levels.split(","))
     standalone = {  # the sections that need no SD1.5 layer list (no diffusers UNet), in this order
         "gnstats": lambda: bench_gnstats(args.batch),
+        "epilogue": lambda: bench_epilogue(args.batch),
         "fp8attn": lambda: bench_fp8_attention(args.batch, levels,
                                                pads=tuple(int(p) for p in args.attn_pads.split(","))),
         "flashfp8": lambda: bench_flash_fp8(args.batch, tuple(lv for lv in levels if lv[0] in ("64x64", "32x32"))),

@@ -207,7 +207,8 @@ def parser() -> argparse.ArgumentParser:
                     "(both) or catnhwc (build_fast(cat_nhwc=True), the default since session 16: the skip "
                     "concatenations in NHWC memory) or catnchw (cat_nhwc=False: aten.cat, the graph before) or cdt "
                     "(Inductor coordinate_descent_tuning; did not compile SD1.5 within a call in session 17) or "
-                    "tfp8attn (build_fast(attention='fp8-triton'): our Triton FP8 flash kernel, tile --flash-tile)); "
+                    "tfp8attn (build_fast(attention='fp8-triton'): our Triton FP8 flash kernel, tile --flash-tile) or ndtile (Inductor "
+                    "triton.prefer_nd_tiling: pointwise kernels index broadcast columns from 2-D tiles)); "
                     "names joined by ',' are one build with all their options (gnauto/catnhwc,splitcat:8); each "
                     "starts from build_fast's defaults, not from --attention / --group-norm; "
                     "recorded under 'variants' (with output_vs: its output against the headline step's at that "
@@ -442,7 +443,8 @@ VARIANTS = {"combo": ({"combo_kernels": True}, {}), "qkv": ({}, {"quantize_parts
             "catnhwc": ({}, {"cat_nhwc": True}),  # the default since session 16
             "catnchw": ({}, {"cat_nhwc": False}),  # aten.cat, the default build before session 16
             "cdt": ({"coordinate_descent_tuning": True}, {}),  # Inductor tunes each kernel's block sizes and warps
-            "tfp8attn": ({}, {"attention": "fp8-triton"})}  # msfp_fast::flash_fp8 (session 17)
+            "tfp8attn": ({}, {"attention": "fp8-triton"}),  # msfp_fast::flash_fp8 (session 17)
+            "ndtile": ({"triton.prefer_nd_tiling": True}, {})}  # column indices from 2-D tiles, no div/mod (session 18)
 
 
 def parse_flash_tile(text: str) -> tuple:
