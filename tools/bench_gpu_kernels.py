@@ -575,14 +575,15 @@ def bench_epilogue(batch: int) -> dict:
     quantizer; ``linear`` rows write the bf16 result and its E4M3 codes), ``nd`` (the same under Inductor's
     ``triton.prefer_nd_tiling``: column index from a 2-D tile, no div/mod per element; must be bit-equal),
     ``noepi`` (no per-column work: what is left when the GEMM applies scale and bias itself), ``tanh`` (GELU's tanh
-    form: the share of exact erf; ``tanh_code_diff`` = fraction of E4M3 codes that differ from ``exact``). The
+    form: the share of exact erf; ``tanh_code_diff`` = fraction of E4M3 codes that differ from ``exact``), ``fast``
+    (``fast.gelu_fast``: the same tanh form as a sigmoid, build_fast's default on CUDA since session 18). The
     GEMMs that ``noepi`` would need: ``torch._scaled_mm`` tensorwise (today) vs rowwise scales with a bf16 bias,
     with their max difference after the same epilogue. ``code``: Inductor's kernels of ``exact`` and ``nd``."""
     import torch._dynamo
     from torch._inductor import config as inductor_config
     from torch._inductor.utils import run_and_get_code
 
-    from msfp_compiler.export.triton.fast import grid_e4m3
+    from msfp_compiler.export.triton.fast import gelu_fast, grid_e4m3
 
     fmt, s = EPI_QUANT
     f8 = torch.float8_e4m3fn
@@ -603,10 +604,10 @@ def bench_epilogue(batch: int) -> dict:
         def epi(t: torch.Tensor) -> torch.Tensor:
             return (t.float() * sb + beta).to(torch.bfloat16)
 
-        def tail(t: torch.Tensor, approximate: str = "none"):
+        def tail(t: torch.Tensor, gelu: Callable = F.gelu):
             if geglu:
                 h, g = t.chunk(2, dim=-1)
-                return grid_e4m3(h * F.gelu(g, approximate=approximate), s, 0.0, fmt)
+                return grid_e4m3(h * gelu(g), s, 0.0, fmt)
             return t, grid_e4m3(t, s, 0.0, fmt)
 
         variants = {
@@ -614,7 +615,8 @@ def bench_epilogue(batch: int) -> dict:
             "exact": lambda t: tail(epi(t)), "nd": lambda t: tail(epi(t)), "noepi": lambda t: tail(t),
         }
         if geglu:
-            variants["tanh"] = lambda t: tail(epi(t), "tanh")
+            variants["tanh"] = lambda t: tail(epi(t), lambda g: F.gelu(g, approximate="tanh"))
+            variants["fast"] = lambda t: tail(epi(t), gelu_fast)  # build_fast's default on CUDA (session 18)
         outs = {}
         for v, fn in variants.items():
             torch._dynamo.reset()
@@ -630,8 +632,9 @@ def bench_epilogue(batch: int) -> dict:
         last = (lambda o: o if geglu else o[1])
         row["nd_bit_equal"] = bool(torch.equal(last(outs["nd"]).view(torch.uint8), last(outs["exact"]).view(torch.uint8)))
         if geglu:
-            row["tanh_code_diff"] = float((last(outs["tanh"]).view(torch.uint8)
-                                           != last(outs["exact"]).view(torch.uint8)).float().mean())
+            for v in ("tanh", "fast"):
+                row[f"{v}_code_diff"] = float((last(outs[v]).view(torch.uint8)
+                                               != last(outs["exact"]).view(torch.uint8)).float().mean())
         floor_mb = (m * n * 2 + (m * n // 2 if geglu else m * n * 3)) / 1e6  # read bf16; write E4M3 (+ bf16)
         row["floor_gbs"] = round(floor_mb / row["floor_ms"] / 1e3, 1)
         for v in variants:

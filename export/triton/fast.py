@@ -702,6 +702,7 @@ class FastReport:
     group_norms: int = 0  # GroupNorms as group_norm_channels / _auto / _triton (group_norm= "channels" etc.)
     split_concat: int = 0  # 1x1 convs on a per-part quantized concatenation as one FP8 GEMM per part (opt-in)
     cat_nhwc: int = 0  # 4-d channel concatenations laid out NHWC (cat_nhwc=True)
+    fast_activations: int = 0  # SiLU / GELU nodes as silu_fast / gelu_fast (activations="fast")
 
     def __str__(self) -> str:
         lines = [f"FP8 GEMMs: linear={self.fused['linear']} conv2d={self.fused['conv2d']}; "
@@ -713,7 +714,8 @@ class FastReport:
                  + (f"; FP8 attentions: {self.fp8_attention}" if self.fp8_attention else "")
                  + (f"; channels-last GroupNorms (or batch-dependent): {self.group_norms}" if self.group_norms else "")
                  + (f"; concatenation convs as one GEMM per part: {self.split_concat}" if self.split_concat else "")
-                 + (f"; channel concatenations in NHWC memory: {self.cat_nhwc}" if self.cat_nhwc else "")]
+                 + (f"; channel concatenations in NHWC memory: {self.cat_nhwc}" if self.cat_nhwc else "")
+                 + (f"; SiLU / GELU in fast form: {self.fast_activations}" if self.fast_activations else "")]
         lines += [f"  kept {k}: {v}" for k, v in self.skipped.items()]
         return "\n".join(lines)
 
@@ -948,6 +950,49 @@ def _cat_nhwc(gm: fx.GraphModule) -> int:
     return count
 
 
+# GELU's tanh form as a sigmoid: (1 + tanh(u)) / 2 = sigmoid(2u)
+_GELU_2U = 2.0 * math.sqrt(2.0 / math.pi)
+
+
+def silu_fast(x: torch.Tensor) -> torch.Tensor:
+    """SiLU as ``x * sigmoid(x)`` in float32, rounded once to x's dtype: the same function as ``aten.silu``, which
+    Inductor decomposes into libdevice's exact exp and a division; Triton's sigmoid takes the hardware exp2 and
+    reciprocal (sm_90 SASS: 19 instructions per element against 25; relative error ~1e-7, below bf16's)."""
+    xf = x.float()
+    return (xf * torch.sigmoid(xf)).to(x.dtype)
+
+
+def gelu_fast(x: torch.Tensor) -> torch.Tensor:
+    """GELU in its tanh form, ``x * sigmoid(2u)`` with ``u = sqrt(2/pi) (x + 0.044715 x^3)`` (= ``F.gelu(x,
+    approximate="tanh")``), in float32, rounded once to x's dtype. Exact GELU's erf was the costliest math of the
+    step's largest pointwise kernels (GEGLU + the next quantizer: sm_90 SASS 40 instructions per element for the
+    GELU against 23 here); the forms differ by at most ~5e-4 (|x| ~ 2), and the next layer's 4-bit quantizer moves
+    ~2e-6 of its codes (H200, SD1.5 GEGLU shapes; docs/triton.md session 18)."""
+    xf = x.float()
+    return (xf * torch.sigmoid(_GELU_2U * (xf + 0.044715 * xf * xf * xf))).to(x.dtype)
+
+
+def _fast_activations(gm: fx.GraphModule) -> int:
+    """Replace ``aten.silu`` by ``silu_fast`` and exact ``aten.gelu`` by ``gelu_fast``; returns how many."""
+    count = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function":
+            continue
+        if node.target == aten.silu.default:
+            fn = silu_fast
+        elif node.target == aten.gelu.default and node.kwargs.get("approximate", "none") == "none":
+            fn = gelu_fast
+        else:
+            continue
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_function(fn, (node.args[0],))
+        new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        count += 1
+    return count
+
+
 def concat_parts(node: Any) -> list[fx.Node] | None:
     """The inputs of a 4-d channel concatenation (``aten.cat`` on dim 1 of two or more parts, or ``cat_nhwc``),
     else None."""
@@ -1108,7 +1153,7 @@ def build_fast(gm: fx.GraphModule, device: str | torch.device = "cuda", weights:
                inplace: bool = False, dtype: torch.dtype = _BF16,
                decode_group_bytes: int | None = None, merge: bool = True, quantize_parts: bool = False,
                implicit_conv: bool | None = None, attention: str = "bf16", group_norm: str = "auto",
-               split_concat: bool = False, cat_nhwc: bool = True) -> FastUNet:
+               split_concat: bool = False, cat_nhwc: bool = True, activations: str | None = None) -> FastUNet:
     """Rewrite a quantized GraphModule (``CompiledModel.graph_module`` or a loaded .pt2's module) for Inductor.
 
     ``dtype``: of the activations between ops (bf16; float32 checks the rewrite against the reference graph with
@@ -1141,7 +1186,12 @@ def build_fast(gm: fx.GraphModule, device: str | torch.device = "cuda", weights:
     ``aten.cat`` none of whose parts it has fixed channels-last yet (3 of SD1.5's); the same values (a layout
     change only; compiled, Inductor's fusions change, and with them a few roundings). SD1.5 at batch 8 on the H200,
     same process: 15.60-15.68 ms per step against 15.73-15.86 with ``aten.cat`` (device time 15.21 vs 15.45 ms;
-    docs/triton.md session 16); False gives that graph."""
+    docs/triton.md session 16); False gives that graph. ``activations``: "fast" (``silu_fast``: SiLU as x *
+    sigmoid(x), the same function on the hardware exp2; ``gelu_fast``: GELU in its tanh form) or "exact" (the
+    captured ops). Default (None): fast on CUDA at bf16, exact otherwise (the CPU and the float32 check compare
+    with the reference graph)."""
+    if activations not in (None, "fast", "exact"):
+        raise ValueError(f"unknown activations mode {activations!r} (fast or exact)")
     if group_norm not in ("auto", "channels", "aten", "triton"):
         raise ValueError(f"unknown group_norm mode {group_norm!r} (auto, channels, aten or triton)")
     if attention not in ("bf16", "fp8", "fp8-triton"):
@@ -1154,6 +1204,8 @@ def build_fast(gm: fx.GraphModule, device: str | torch.device = "cuda", weights:
     _rewrite(gm, weights, report, dtype, attention, group_norm, split_concat)
     if cat_nhwc:  # after the rewrite: the GroupNorms have taken their concatenations' parts
         report.cat_nhwc = _cat_nhwc(gm)
+    if activations == "fast" or (activations is None and torch.device(device).type == "cuda" and dtype == _BF16):
+        report.fast_activations = _fast_activations(gm)
     if merge:
         report.merged_away = _merge_shared_inputs(gm)
         if quantize_parts:
