@@ -209,8 +209,8 @@ def parser() -> argparse.ArgumentParser:
                     "(Inductor coordinate_descent_tuning; did not compile SD1.5 within a call in session 17) or "
                     "tfp8attn (build_fast(attention='fp8-triton'): our Triton FP8 flash kernel, tile --flash-tile) or ndtile (Inductor "
                     "triton.prefer_nd_tiling: pointwise kernels index broadcast columns from 2-D tiles; "
-                    "did not compile SD1.5 within a call in session 18) or exactact (build_fast(activations='exact'): "
-                    "the captured SiLU and exact GELU, the default before session 18)); "
+                    "did not compile SD1.5 within a call in session 18) or exactgelu (build_fast(gelu='exact'): "
+                    "the captured erf GELU, the default on CUDA before session 18)); "
                     "names joined by ',' are one build with all their options (gnauto/catnhwc,splitcat:8); each "
                     "starts from build_fast's defaults, not from --attention / --group-norm; "
                     "recorded under 'variants' (with output_vs: its output against the headline step's at that "
@@ -446,8 +446,8 @@ VARIANTS = {"combo": ({"combo_kernels": True}, {}), "qkv": ({}, {"quantize_parts
             "catnchw": ({}, {"cat_nhwc": False}),  # aten.cat, the default build before session 16
             "cdt": ({"coordinate_descent_tuning": True}, {}),  # Inductor tunes each kernel's block sizes and warps
             "tfp8attn": ({}, {"attention": "fp8-triton"}),  # msfp_fast::flash_fp8 (session 17)
-            "ndtile": ({"triton.prefer_nd_tiling": True}, {}),
-            "exactact": ({}, {"activations": "exact"})}  # aten.silu / exact GELU (the default before session 18)  # column indices from 2-D tiles, no div/mod (session 18)
+            "ndtile": ({"triton.prefer_nd_tiling": True}, {}),  # column indices from 2-D tiles, no div/mod
+            "exactgelu": ({}, {"gelu": "exact"})}  # the captured erf GELU (the default on CUDA before session 18)
 
 
 def parse_flash_tile(text: str) -> tuple:
