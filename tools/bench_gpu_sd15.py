@@ -210,7 +210,9 @@ def parser() -> argparse.ArgumentParser:
                     "tfp8attn (build_fast(attention='fp8-triton'): our Triton FP8 flash kernel, tile --flash-tile) or ndtile (Inductor "
                     "triton.prefer_nd_tiling: pointwise kernels index broadcast columns from 2-D tiles; "
                     "did not compile SD1.5 within a call in session 18) or exactgelu (build_fast(gelu='exact'): "
-                    "the captured erf GELU, the default on CUDA before session 18)); "
+                    "the captured erf GELU, the default on CUDA before session 18) or gnaffine "
+                    "(build_fast(gn_affine=True): each GroupNorm's per-channel scale and shift written by the "
+                    "statistics' combine kernel, not recomputed per element)); "
                     "names joined by ',' are one build with all their options (gnauto/catnhwc,splitcat:8); each "
                     "starts from build_fast's defaults, not from --attention / --group-norm; "
                     "recorded under 'variants' (with output_vs: its output against the headline step's at that "
@@ -447,7 +449,8 @@ VARIANTS = {"combo": ({"combo_kernels": True}, {}), "qkv": ({}, {"quantize_parts
             "cdt": ({"coordinate_descent_tuning": True}, {}),  # Inductor tunes each kernel's block sizes and warps
             "tfp8attn": ({}, {"attention": "fp8-triton"}),  # msfp_fast::flash_fp8 (session 17)
             "ndtile": ({"triton.prefer_nd_tiling": True}, {}),  # column indices from 2-D tiles, no div/mod
-            "exactgelu": ({}, {"gelu": "exact"})}  # the captured erf GELU (the default on CUDA before session 18)
+            "exactgelu": ({}, {"gelu": "exact"}),  # the captured erf GELU (the default on CUDA before session 18)
+            "gnaffine": ({}, {"gn_affine": True})}  # GroupNorm scale / shift from msfp_fast::gn_scale_shift
 
 
 def parse_flash_tile(text: str) -> tuple:

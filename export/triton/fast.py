@@ -610,6 +610,13 @@ def _group_norm_apply(x: torch.Tensor, groups: int, mean_g: torch.Tensor, rstd_g
         scale, shift = scale * weight.float(), shift * weight.float()
     if bias is not None:
         shift = shift + bias.float()
+    return _scale_shift_rows(x, scale, shift)
+
+
+def _scale_shift_rows(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """``x * scale + shift`` with one float32 scale and shift per (sample, channel) ([N, C] each) over x's NHWC
+    rows; output NHWC memory viewed as [N, C, H, W]."""
+    n, c, h, w = x.shape
     rows = x.permute(0, 2, 3, 1).reshape(n, h * w, c)  # a view where x is NHWC memory
     y = rows.float() * scale[:, None, :] + shift[:, None, :]
     return y.to(x.dtype).contiguous().view(n, h, w, c).permute(0, 3, 1, 2)  # eager: the broadcasts can reorder y
@@ -617,14 +624,19 @@ def _group_norm_apply(x: torch.Tensor, groups: int, mean_g: torch.Tensor, rstd_g
 
 def group_norm_triton(x: torch.Tensor, groups: int, weight: torch.Tensor | None = None,
                       bias: torch.Tensor | None = None, eps: float = 1e-5, *_: Any,
-                      parts: list[torch.Tensor] | None = None) -> torch.Tensor:
+                      parts: list[torch.Tensor] | None = None, affine: bool = False) -> torch.Tensor:
     """``F.group_norm`` of an [N, C, H, W] activation with the statistics from ``msfp_fast::gn_stats`` (our Triton
     kernels on CUDA: tiles of NHWC rows, per-group partials combined exactly; ``gn_stats``), the normalization one
     scale and shift per (sample, channel) that Inductor fuses with the producer and the consumers. ``parts``: the
     tensors x is the channel concatenation of (the up blocks' skip connections), read part by part for the
-    statistics. Output NHWC memory viewed as [N, C, H, W], as ``group_norm_channels``."""
+    statistics. ``affine``: the scale and shift come from ``msfp_fast::gn_scale_shift`` (the combine kernel writes
+    them) instead of being recomputed per element from the group statistics and the weights in the apply kernel.
+    Output NHWC memory viewed as [N, C, H, W], as ``group_norm_channels``."""
     if x.dim() != 4:
         return F.group_norm(x, groups, weight, bias, eps)
+    if affine:
+        ss = torch.ops.msfp_fast.gn_scale_shift(parts if parts else [x], groups, float(eps), weight, bias)
+        return _scale_shift_rows(x, ss[0], ss[1])
     stats = torch.ops.msfp_fast.gn_stats(parts if parts else [x], groups, float(eps))
     return _group_norm_apply(x, groups, stats[0], stats[1], weight, bias)
 
@@ -637,11 +649,11 @@ GN_TRITON_MIN_BATCH = 4  # group_norm_auto: group_norm_triton from this batch si
 
 def group_norm_auto(x: torch.Tensor, groups: int, weight: torch.Tensor | None = None,
                     bias: torch.Tensor | None = None, eps: float = 1e-5, *_: Any,
-                    parts: list[torch.Tensor] | None = None) -> torch.Tensor:
+                    parts: list[torch.Tensor] | None = None, affine: bool = False) -> torch.Tensor:
     """``group_norm_triton`` for 4-d inputs of at least ``GN_TRITON_MIN_BATCH`` samples, else ``F.group_norm``
     (the batch size is static in each compiled graph; a dynamic one gets a guard)."""
     if x.dim() == 4 and x.shape[0] >= GN_TRITON_MIN_BATCH:
-        return group_norm_triton(x, groups, weight, bias, eps, parts=parts)
+        return group_norm_triton(x, groups, weight, bias, eps, parts=parts, affine=affine)
     return F.group_norm(x, groups, weight, bias, eps)
 
 
@@ -704,6 +716,7 @@ class FastReport:
     split_concat: int = 0  # 1x1 convs on a per-part quantized concatenation as one FP8 GEMM per part (opt-in)
     cat_nhwc: int = 0  # 4-d channel concatenations laid out NHWC (cat_nhwc=True)
     gelu_tanh: int = 0  # exact GELUs as gelu_fast, the tanh form (gelu="tanh")
+    gn_affine: int = 0  # Triton GroupNorms taking their scale and shift from msfp_fast::gn_scale_shift (gn_affine)
 
     def __str__(self) -> str:
         lines = [f"FP8 GEMMs: linear={self.fused['linear']} conv2d={self.fused['conv2d']}; "
@@ -716,7 +729,8 @@ class FastReport:
                  + (f"; channels-last GroupNorms (or batch-dependent): {self.group_norms}" if self.group_norms else "")
                  + (f"; concatenation convs as one GEMM per part: {self.split_concat}" if self.split_concat else "")
                  + (f"; channel concatenations in NHWC memory: {self.cat_nhwc}" if self.cat_nhwc else "")
-                 + (f"; GELUs in tanh form: {self.gelu_tanh}" if self.gelu_tanh else "")]
+                 + (f"; GELUs in tanh form: {self.gelu_tanh}" if self.gelu_tanh else "")
+                 + (f"; GroupNorms with combined scale and shift: {self.gn_affine}" if self.gn_affine else "")]
         lines += [f"  kept {k}: {v}" for k, v in self.skipped.items()]
         return "\n".join(lines)
 
@@ -966,6 +980,14 @@ def gelu_fast(x: torch.Tensor) -> torch.Tensor:
     return (xf * torch.sigmoid(_GELU_2U * (xf + 0.044715 * xf * xf * xf))).to(x.dtype)
 
 
+def _gn_affine(gm: fx.GraphModule) -> int:
+    """Set ``affine=True`` on every ``group_norm_triton`` / ``group_norm_auto`` node; returns how many."""
+    nodes = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in (group_norm_triton, group_norm_auto)]
+    for n in nodes:
+        n.kwargs = {**n.kwargs, "affine": True}
+    return len(nodes)
+
+
 def _gelu_tanh(gm: fx.GraphModule) -> int:
     """Replace every exact ``aten.gelu`` by ``gelu_fast``; returns how many."""
     count = 0
@@ -1142,7 +1164,8 @@ def build_fast(gm: fx.GraphModule, device: str | torch.device = "cuda", weights:
                inplace: bool = False, dtype: torch.dtype = _BF16,
                decode_group_bytes: int | None = None, merge: bool = True, quantize_parts: bool = False,
                implicit_conv: bool | None = None, attention: str = "bf16", group_norm: str = "auto",
-               split_concat: bool = False, cat_nhwc: bool = True, gelu: str | None = None) -> FastUNet:
+               split_concat: bool = False, cat_nhwc: bool = True, gelu: str | None = None,
+               gn_affine: bool = False) -> FastUNet:
     """Rewrite a quantized GraphModule (``CompiledModel.graph_module`` or a loaded .pt2's module) for Inductor.
 
     ``dtype``: of the activations between ops (bf16; float32 checks the rewrite against the reference graph with
@@ -1178,7 +1201,12 @@ def build_fast(gm: fx.GraphModule, device: str | torch.device = "cuda", weights:
     docs/triton.md session 16); False gives that graph. ``gelu``: "tanh" (``gelu_fast``: GELU in its tanh form,
     as a sigmoid) or "exact" (the captured erf form). Default (None): tanh on CUDA at bf16 (SD1.5 at batch 8 on the
     H200: the GEGLU kernels 1.248 ms per step against 1.465, rel-RMSE against the float32 reference unchanged;
-    docs/triton.md session 18), exact otherwise (the CPU and the float32 check compare with the reference graph)."""
+    docs/triton.md session 18), exact otherwise (the CPU and the float32 check compare with the reference graph).
+    ``gn_affine`` (opt-in, not yet measured on the GPU): the Triton GroupNorms (group_norm "triton", or "auto" from
+    ``GN_TRITON_MIN_BATCH`` samples) take each (sample, channel)'s scale and shift from ``msfp_fast::gn_scale_shift``
+    instead of recomputing them per element in the apply kernel (SD1.5's GroupNorm + SiLU + quantizer kernel at
+    batch 8, Inductor's code edited so: 46 sm_90 SASS instructions per element against 72; docs/triton.md session
+    18)."""
     if gelu not in (None, "tanh", "exact"):
         raise ValueError(f"unknown gelu mode {gelu!r} (tanh or exact)")
     if group_norm not in ("auto", "channels", "aten", "triton"):
@@ -1195,6 +1223,8 @@ def build_fast(gm: fx.GraphModule, device: str | torch.device = "cuda", weights:
         report.cat_nhwc = _cat_nhwc(gm)
     if gelu == "tanh" or (gelu is None and torch.device(device).type == "cuda" and dtype == _BF16):
         report.gelu_tanh = _gelu_tanh(gm)
+    if gn_affine:
+        report.gn_affine = _gn_affine(gm)
     if merge:
         report.merged_away = _merge_shared_inputs(gm)
         if quantize_parts:

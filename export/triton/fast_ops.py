@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from msfp_compiler.ops import get_format
 
 __all__ = ["decode_w4", "decode_w4_group", "im2col_e4m3", "conv_e4m3", "sdpa_fp8", "flash_fp8", "conv_out_size",
-           "pack_halves", "unpack_halves", "e4m3_lut", "gn_stats"]
+           "pack_halves", "unpack_halves", "e4m3_lut", "gn_stats", "gn_scale_shift"]
 
 _FP8 = torch.float8_e4m3fn
 
@@ -248,3 +248,36 @@ def _gn_stats_cuda(parts: list[torch.Tensor], groups: int, eps: float) -> torch.
 @gn_stats.register_fake
 def _gn_stats_fake(parts: list[torch.Tensor], groups: int, eps: float) -> torch.Tensor:
     return parts[0].new_empty((2, parts[0].shape[0], groups), dtype=torch.float32)
+
+
+@torch.library.custom_op("msfp_fast::gn_scale_shift", mutates_args=())
+def gn_scale_shift(parts: list[torch.Tensor], groups: int, eps: float, weight: torch.Tensor | None,
+                   bias: torch.Tensor | None) -> torch.Tensor:
+    """GroupNorm of the channel concatenation of parts as one scale and shift per (sample, channel) -> float32
+    [2, N, C]: ``rstd * w`` and ``(-mean * rstd) * w + b`` (w = 1, b = 0 where None), so that the normalization is
+    ``x * scale + shift``. CUDA: ``gn_stats.gn_stats_triton(affine=...)`` (the combine kernel writes them); elsewhere
+    from ``gn_stats``' reference in the same float32 operations."""
+    mean, rstd = gn_stats(parts, groups, eps)
+    c = sum(t.shape[1] for t in parts)
+    n = mean.shape[0]
+    scale = rstd.reshape(n, groups, 1).expand(n, groups, c // groups).reshape(n, c)
+    shift = -mean.reshape(n, groups, 1).expand(n, groups, c // groups).reshape(n, c) * scale
+    if weight is not None:
+        scale, shift = scale * weight.float(), shift * weight.float()
+    if bias is not None:
+        shift = shift + bias.float()
+    return torch.stack([scale, shift])
+
+
+@gn_scale_shift.register_kernel("cuda")
+def _gn_scale_shift_cuda(parts: list[torch.Tensor], groups: int, eps: float, weight: torch.Tensor | None,
+                         bias: torch.Tensor | None) -> torch.Tensor:
+    from .gn_stats import gn_stats_triton
+
+    return gn_stats_triton(parts, groups, eps, affine=(weight, bias))
+
+
+@gn_scale_shift.register_fake
+def _gn_scale_shift_fake(parts: list[torch.Tensor], groups: int, eps: float, weight: torch.Tensor | None,
+                         bias: torch.Tensor | None) -> torch.Tensor:
+    return parts[0].new_empty((2, parts[0].shape[0], sum(t.shape[1] for t in parts)), dtype=torch.float32)

@@ -12,7 +12,9 @@ connections) is read part by part, each part's launch writing its channel range,
 materialized for the statistics.
 ``_gn_combine_kernel``: one program per (sample, group) combines the PB x C/G partials exactly (Chan et al.: the
 group mean from the sums, the group M2 as the sum of the tile M2s plus each tile's count times its squared mean
-offset) into the group's mean and 1 / sqrt(var + eps). A GroupNorm is parts + 1 launches.
+offset) into the group's mean and 1 / sqrt(var + eps), or (``affine``) straight into each channel's scale and shift
+(``msfp_fast::gn_scale_shift``: the apply kernel then loads two contiguous [N, C] rows instead of gathering the
+group's statistics and the affine weights per element). A GroupNorm is parts + 1 launches.
 Session 17 measured the combine folded into the partial kernel's launch (per-group atomic counters, the last
 program combining) on the H200: exact, slower at every tile (batch 8, 64 x 64 / 1 warp: 1.175 against 0.446 ms per
 step); removed, the code is at 802e069.
@@ -67,8 +69,9 @@ def _gn_partial_kernel(x_ptr, sum_ptr, m2_ptr, P, W, C, C_TOTAL, c_off, sxn, sxc
 
 
 @triton.jit
-def _gn_combine_kernel(sum_ptr, m2_ptr, stats_ptr, P, PB, C_TOTAL, CPG, G, eps,
-                       BLOCK_PB: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_P: tl.constexpr):
+def _gn_combine_kernel(sum_ptr, m2_ptr, stats_ptr, w_ptr, b_ptr, P, PB, C_TOTAL, CPG, G, eps,
+                       BLOCK_PB: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_P: tl.constexpr,
+                       AFFINE: tl.constexpr = False, HAS_W: tl.constexpr = False, HAS_B: tl.constexpr = False):
     ng = tl.program_id(0)  # n * G + g
     n = ng // G
     g = ng - n * G
@@ -93,8 +96,23 @@ def _gn_combine_kernel(sum_ptr, m2_ptr, stats_ptr, P, PB, C_TOTAL, CPG, G, eps,
         dm = s / cnt - mean
         acc += tl.where(mask, m2 + cnt * dm * dm, 0.0)
     var = tl.sum(tl.sum(acc, axis=1), axis=0) / total
-    tl.store(stats_ptr + ng, mean)
-    tl.store(stats_ptr + ng + tl.num_programs(0), 1.0 / tl.sqrt(var + eps))
+    rstd = 1.0 / tl.sqrt(var + eps)
+    if AFFINE:  # each channel's scale and shift, in _group_norm_apply's order: rstd * w, (-mean * rstd) * w + b
+        ch = g * CPG + j
+        scale = tl.zeros([BLOCK_J], dtype=tl.float32) + rstd
+        shift = tl.zeros([BLOCK_J], dtype=tl.float32) - mean * rstd
+        if HAS_W:
+            w = tl.load(w_ptr + ch, mask=jm, other=0.0).to(tl.float32)
+            scale = scale * w
+            shift = shift * w
+        if HAS_B:
+            shift = shift + tl.load(b_ptr + ch, mask=jm, other=0.0).to(tl.float32)
+        out = n.to(tl.int64) * C_TOTAL + ch
+        tl.store(stats_ptr + out, scale, mask=jm)
+        tl.store(stats_ptr + C_TOTAL * (tl.num_programs(0) // G) + out, shift, mask=jm)
+    else:
+        tl.store(stats_ptr + ng, mean)
+        tl.store(stats_ptr + ng + tl.num_programs(0), rstd)
 
 
 def combine_tile(pb: int, cpg: int, warps: int) -> tuple[int, int]:
@@ -113,9 +131,12 @@ def combine_tile(pb: int, cpg: int, warps: int) -> tuple[int, int]:
 
 
 def gn_stats_triton(parts: list[torch.Tensor], groups: int, eps: float, block_p: int = BLOCK_P,
-                    block_c: int = BLOCK_C, num_warps: int = GN_WARPS, combine_warps: int = 4) -> torch.Tensor:
+                    block_c: int = BLOCK_C, num_warps: int = GN_WARPS, combine_warps: int = 4,
+                    affine: tuple[torch.Tensor | None, torch.Tensor | None] | None = None) -> torch.Tensor:
     """parts: [N, C_i, H, W] tensors (any strides; NHWC memory reads coalesced) whose channel concatenation is the
-    GroupNorm input -> float32 [2, N, G]: each (sample, group)'s mean and 1 / sqrt(biased var + eps).
+    GroupNorm input -> float32 [2, N, G]: each (sample, group)'s mean and 1 / sqrt(biased var + eps); with
+    ``affine=(weight, bias)`` (either may be None) float32 [2, N, C] instead: each (sample, channel)'s scale
+    ``rstd * w`` and shift ``(-mean * rstd) * w + b``, written by the same combine launch.
     ``block_p`` x ``block_c`` / ``num_warps``: the partial kernel's tile (``tools/bench_gpu_kernels.py --sections
     gnstats`` times others on SD1.5's shapes), one ``_gn_partial_kernel`` launch per part; then
     ``_gn_combine_kernel`` with ``combine_warps`` warps and ``combine_tile``'s tile."""
@@ -137,8 +158,11 @@ def gn_stats_triton(parts: list[torch.Tensor], groups: int, eps: float, block_p:
                                                                  sw, pb, BLOCK_P=block_p, BLOCK_C=block_c,
                                                                  num_warps=num_warps)
         c_off += c
-    stats = torch.empty((2, n, groups), dtype=torch.float32, device=dev)
+    w, b = affine if affine is not None else (None, None)
+    stats = torch.empty((2, n, c_total if affine is not None else groups), dtype=torch.float32, device=dev)
     block_pb, block_j = combine_tile(pb, cpg, combine_warps)
-    _gn_combine_kernel[(n * groups,)](sums, m2s, stats, p, pb, c_total, cpg, groups, eps, BLOCK_PB=block_pb,
-                                      BLOCK_J=block_j, BLOCK_P=block_p, num_warps=combine_warps)
+    _gn_combine_kernel[(n * groups,)](sums, m2s, stats, stats if w is None else w, stats if b is None else b, p, pb,
+                                      c_total, cpg, groups, eps, BLOCK_PB=block_pb, BLOCK_J=block_j,
+                                      BLOCK_P=block_p, AFFINE=affine is not None, HAS_W=w is not None,
+                                      HAS_B=b is not None, num_warps=combine_warps)
     return stats

@@ -282,3 +282,45 @@ def test_gn_stats_parts_and_groups(n: int, cs: tuple, h: int, w: int, g: int, ti
         got = gn_stats_triton(dev, g, 1e-5, combine_warps=cw, **kw)
         assert torch.equal(gn_stats_triton(dev, g, 1e-5, combine_warps=cw, **kw), got)
         assert ((got.cpu().double() - want).abs() <= tol).all(), cw
+
+
+@pytest.mark.parametrize("n,cs,h,w,g,affine", [
+    (2, (24,), 5, 7, 6, "wb"),  # one part, weight and bias
+    (3, (36, 28), 9, 9, 8, "w"),  # two parts, a group straddling them; weight only
+    (2, (136, 40), 7, 10, 11, "b"),  # 16 channels a group across channel blocks and parts; bias only
+    (1, (8,), 4, 4, 2, ""),  # neither
+])
+def test_gn_scale_shift(n: int, cs: tuple, h: int, w: int, g: int, affine: str) -> None:
+    """gn_stats_triton(affine=(w, b)) writes each (sample, channel)'s scale rstd * w and shift (-mean * rstd) * w + b
+    from the same combine as the group statistics (to float32 rounding: the kernel may contract the shift into one
+    FMA); msfp_fast::gn_scale_shift's CPU reference is that formula on gn_stats' reference, bit for bit; and
+    group_norm_triton(affine=True) normalizes as the per-element form does."""
+    from msfp_compiler.export.triton.fast import group_norm_triton
+
+    gen = torch.Generator().manual_seed(sum(cs) + len(affine))
+    parts = [torch.randn(n, c, h, w, generator=gen) * 2 + 300 * (i % 2) for i, c in enumerate(cs)]
+    c = sum(cs)
+    wt = torch.randn(c, generator=gen) if "w" in affine else None
+    bs = torch.randn(c, generator=gen) if "b" in affine else None
+    dev = [t.to(DEV).contiguous(memory_format=torch.channels_last) for t in parts]
+
+    def expect(stats: torch.Tensor) -> torch.Tensor:
+        per = lambda v: v.reshape(n, g, 1).expand(n, g, c // g).reshape(n, c)  # noqa: E731
+        scale, shift = per(stats[1]), -per(stats[0]) * per(stats[1])
+        if wt is not None:
+            scale, shift = scale * wt, shift * wt
+        return torch.stack([scale, shift + bs if bs is not None else shift])
+
+    got = gn_stats_triton(dev, g, 1e-5, affine=(None if wt is None else wt.to(DEV),
+                                                None if bs is None else bs.to(DEV))).cpu()
+    want = expect(gn_stats_triton(dev, g, 1e-5).cpu())
+    assert got.shape == (2, n, c) and got.dtype == torch.float32
+    assert torch.allclose(got, want, rtol=4e-7, atol=1e-6), (got - want).abs().max()
+    ref = O.gn_scale_shift(parts, g, 1e-5, wt, bs)
+    assert torch.equal(ref, expect(O.gn_stats(parts, g, 1e-5)))
+    xc = torch.cat(parts, 1).contiguous(memory_format=torch.channels_last).to(DEV)
+    args = (xc, g, None if wt is None else wt.to(DEV), None if bs is None else bs.to(DEV), 1e-5)
+    a = group_norm_triton(*args, parts=dev).cpu()
+    b = group_norm_triton(*args, parts=dev, affine=True).cpu()
+    assert b.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(a, b, rtol=1e-5, atol=1e-4), (a - b).abs().max()
