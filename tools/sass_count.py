@@ -107,8 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("code", type=Path, help="Inductor output-code module (.py) or a .tar.gz of them")
     ap.add_argument("--kernel", required=True, help="a substring of one kernel's name (its end: e.g. where_9)")
     ap.add_argument("--block", action="append", default=[], metavar="NAME=N",
-                    help="block sizes of the kernel's constexpr parameters (default XBLOCK=1024, YBLOCK=1; a persistent "
-                    "reduction's R0_BLOCK is fixed in its code)")
+                    help="block sizes of the kernel's constexpr parameters (default XBLOCK=1024, YBLOCK=1; a "
+                    "persistent reduction's R0_BLOCK is fixed in its code)")
     ap.add_argument("--warps", type=int, default=4)
     ap.add_argument("--json", type=Path, default=None, help="also write the counts here")
     args = ap.parse_args(argv)

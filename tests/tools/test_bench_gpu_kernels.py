@@ -60,3 +60,19 @@ def test_flashfp8_dry_run(monkeypatch) -> None:
     assert len(calls) == 2 and row["best"] == name and r["per_step_ms"] == {"bf16_ms": 2.5, "best_ms": 2.5, name: 2.5}
     assert r["best_tile"] == name and r["per_step_saving_ms"] == 0.0
     assert 1e-3 < row[name]["rel_rmse"] < 0.05
+
+
+def test_epilogue_dry_run(monkeypatch) -> None:
+    """bench_epilogue end to end on the CPU (Inductor's C++ code, a stub timer) on one tiny GEGLU shape: every
+    variant timed, nd tiling bit-equal to exact (the same ops), the tanh forms move few codes, Inductor's code
+    kept for exact and nd, the rowwise GEMM's output close to the tensorwise GEMM's epilogue."""
+    monkeypatch.setattr(BK, "DEV", "cpu")
+    monkeypatch.setattr(BK, "graphed_ms", lambda fn: (fn(), 0.5)[1])
+    monkeypatch.setattr(BK, "EPI_SHAPES", (("geglu_tiny", 16, 64, 256),))
+    r = BK.bench_epilogue(2)
+    (row,) = r["rows"]
+    assert {f"{v}_ms" for v in ("floor", "exact", "nd", "noepi", "tanh", "fast")} <= set(row)
+    assert row["nd_bit_equal"] and row["m"] == 32
+    assert 0 <= row["fast_code_diff"] < 0.05 and 0 <= row["tanh_code_diff"] < 0.05
+    assert set(r["code"]) == {"geglu_tiny_exact", "geglu_tiny_nd"} and all(r["code"].values())
+    assert row["gemm_rowwise_bias_max_diff"] < 0.1  # outputs ~0.3: wrong scales or bias would show
