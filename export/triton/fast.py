@@ -44,7 +44,7 @@ from msfp_compiler.formats import FPFormat, IntFormat
 from msfp_compiler.ops import get_format, unpack_codes
 from msfp_compiler.talora import chosen_set
 
-from .fast_ops import conv_out_size, e4m3_lut, pack_halves  # also defines torch.ops.msfp_fast.*
+from .fast_ops import conv_out_size, e4m3_lut, group_scale_shift, pack_halves  # also defines torch.ops.msfp_fast.*
 
 __all__ = ["grid_round", "fake_quant", "grid_e4m3", "PartQuant", "FastGemm", "DecodeGroup", "FastUNet", "build_fast",
            "FastReport", "weight_bytes", "sdpa_fp8_fq", "flash_fp8_fq", "fp8_head_dim", "group_norm_channels",
@@ -603,13 +603,7 @@ def _group_norm_apply(x: torch.Tensor, groups: int, mean_g: torch.Tensor, rstd_g
                       weight: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
     """GroupNorm's normalization from the per-(sample, group) mean and 1 / std (N * G elements each) as one scale
     and shift per (sample, channel) over x's NHWC rows; output NHWC memory viewed as [N, C, H, W]."""
-    n, c, h, w = x.shape
-    scale = rstd_g.reshape(n, groups, 1).expand(n, groups, c // groups).reshape(n, c)
-    shift = -mean_g.reshape(n, groups, 1).expand(n, groups, c // groups).reshape(n, c) * scale
-    if weight is not None:
-        scale, shift = scale * weight.float(), shift * weight.float()
-    if bias is not None:
-        shift = shift + bias.float()
+    scale, shift = group_scale_shift(mean_g.reshape(x.shape[0], groups), rstd_g, x.shape[1], weight, bias)
     return _scale_shift_rows(x, scale, shift)
 
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from msfp_compiler.ops import get_format
 
 __all__ = ["decode_w4", "decode_w4_group", "im2col_e4m3", "conv_e4m3", "sdpa_fp8", "flash_fp8", "conv_out_size",
-           "pack_halves", "unpack_halves", "e4m3_lut", "gn_stats", "gn_scale_shift"]
+           "pack_halves", "unpack_halves", "e4m3_lut", "gn_stats", "gn_scale_shift", "group_scale_shift"]
 
 _FP8 = torch.float8_e4m3fn
 
@@ -258,15 +258,22 @@ def gn_scale_shift(parts: list[torch.Tensor], groups: int, eps: float, weight: t
     ``x * scale + shift``. CUDA: ``gn_stats.gn_stats_triton(affine=...)`` (the combine kernel writes them); elsewhere
     from ``gn_stats``' reference in the same float32 operations."""
     mean, rstd = gn_stats(parts, groups, eps)
-    c = sum(t.shape[1] for t in parts)
+    return torch.stack(group_scale_shift(mean, rstd, sum(t.shape[1] for t in parts), weight, bias))
+
+
+def group_scale_shift(mean: torch.Tensor, rstd: torch.Tensor, channels: int, weight: torch.Tensor | None,
+                      bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """GroupNorm's per-(sample, channel) scale ``rstd * w`` and shift ``(-mean * rstd) * w + b`` ([N, C] each,
+    float32) from each (sample, group)'s mean and 1 / std (N * G elements each, any shape)."""
     n = mean.shape[0]
-    scale = rstd.reshape(n, groups, 1).expand(n, groups, c // groups).reshape(n, c)
-    shift = -mean.reshape(n, groups, 1).expand(n, groups, c // groups).reshape(n, c) * scale
+    groups = mean.numel() // n
+    scale = rstd.reshape(n, groups, 1).expand(n, groups, channels // groups).reshape(n, channels)
+    shift = -mean.reshape(n, groups, 1).expand(n, groups, channels // groups).reshape(n, channels) * scale
     if weight is not None:
         scale, shift = scale * weight.float(), shift * weight.float()
     if bias is not None:
         shift = shift + bias.float()
-    return torch.stack([scale, shift])
+    return scale, shift
 
 
 @gn_scale_shift.register_kernel("cuda")
