@@ -39,8 +39,13 @@ def main(argv: list[str] | None = None) -> int:
     if not args.cache.is_dir():
         print(f"inductor_code: {args.cache}: no such directory", file=sys.stderr)
         return 2
-    for name in collect(args.cache, args.grep, args.out):
+    names = collect(args.cache, args.grep, args.out)
+    for name in names:
         print(name)
+    if not names:
+        print(f"inductor_code: no output-code module under {args.cache} contains {args.grep!r} (empty {args.out})",
+              file=sys.stderr)
+        return 1
     return 0
 
 

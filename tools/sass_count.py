@@ -63,38 +63,40 @@ def compile_sm90(src: str, name: str, blocks: dict[str, int], warps: int) -> byt
     body = src[src.index("@triton.jit"):]
     mod_src = ("import triton\nimport triton.language as tl\nfrom torch._inductor.runtime import triton_helpers\n"
                "from torch._inductor.runtime.triton_helpers import libdevice, math as tl_math\n" + body)
-    with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:  # triton.jit reads the source file
-        f.write(mod_src)
-    ns: dict = {"__name__": "sass_kernel", "__file__": f.name}
-    exec(compile(mod_src, f.name, "exec"), ns)  # noqa: S102  (generated code of our own run)
-    fn = ns[name]
     sig = dict(meta["signature"])
-    const = {}
-    for k in list(sig):
-        if sig[k] == "constexpr":
-            if k not in blocks:
-                raise SystemExit(f"sass_count: kernel {name}: give --block {k}=N")
-            const[k] = blocks[k]
+    missing = [k for k, v in sig.items() if v == "constexpr" and k not in blocks]
+    if missing:
+        raise ValueError(f"kernel {name}: give --block {missing[0]}=N")
+    const = {k: blocks[k] for k, v in sig.items() if v == "constexpr"}
     attrs = {}
     for cfg in meta.get("configs", []):
-        attrs.update({k: v for k, v in cfg.items()})
-    target = GPUTarget("cuda", 90, 32)
-    c = triton.compile(ASTSource(fn, sig, constexprs=const, attrs=attrs), target=target,
-                       options={"num_warps": warps})
-    os.unlink(f.name)
+        attrs.update(cfg)
+    with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:  # triton.jit reads the source file
+        f.write(mod_src)
+    try:
+        ns: dict = {"__name__": "sass_kernel", "__file__": f.name}
+        exec(compile(mod_src, f.name, "exec"), ns)  # noqa: S102  (generated code of our own run)
+        c = triton.compile(ASTSource(ns[name], sig, constexprs=const, attrs=attrs), target=GPUTarget("cuda", 90, 32),
+                           options={"num_warps": warps})
+    finally:
+        os.unlink(f.name)
     return c.asm["cubin"]
 
 
 def sass(cubin: bytes) -> list[str]:
-    """The instruction lines of the cubin (nvdisasm from Triton's NVIDIA backend)."""
+    """The instruction lines of the cubin up to its last EXIT (nvdisasm from Triton's NVIDIA backend)."""
     import triton
 
     nv = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
         f.write(cubin)
-    out = subprocess.run([str(nv), "-c", f.name], capture_output=True, text=True, check=True).stdout
-    os.unlink(f.name)
-    return [ln for ln in out.splitlines() if re.search(r"/\*[0-9a-f]{4}\*/", ln)]
+    try:
+        out = subprocess.run([str(nv), "-c", f.name], capture_output=True, text=True, check=True).stdout
+    finally:
+        os.unlink(f.name)
+    lines = [ln for ln in out.splitlines() if re.search(r"/\*[0-9a-f]{4,}\*/", ln)]
+    last_exit = max((i for i, ln in enumerate(lines) if opcode(ln) == "EXIT"), default=len(lines) - 1)
+    return lines[:last_exit + 1]  # not the alignment NOPs and the self-branch after the last EXIT
 
 
 def opcode(line: str) -> str:
@@ -122,13 +124,23 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     name = hits[0]
-    blocks = {"XBLOCK": 1024, "YBLOCK": 1}
+    src = ks[name]
+    params = [k for k, v in _meta(src)["signature"].items() if v == "constexpr"]  # XBLOCK, YBLOCK, R0_BLOCK ...
+    blocks = {k: v for k, v in (("XBLOCK", 1024), ("YBLOCK", 1)) if k in params}
     for b in args.block:
         k, _, v = b.partition("=")
-        blocks[k.upper() if k.upper().endswith("BLOCK") else f"{k.upper()}BLOCK"] = int(v)
-    src = ks[name]
-    used = {k: v for k, v in blocks.items() if k in _meta(src)["signature"]}  # the kernel's own block parameters
-    lines = sass(compile_sm90(src, name, used, args.warps))
+        key = k.upper() if k.upper().endswith("BLOCK") else f"{k.upper()}{'_' if k[-1:].isdigit() else ''}BLOCK"
+        if key not in params or not v.isdigit() or int(v) < 1:
+            print(f"sass_count: --block {b!r}: want NAME=N with NAME one of {', '.join(params)} (or x, y, r0)",
+                  file=sys.stderr)
+            return 2
+        blocks[key] = int(v)
+    try:
+        lines = sass(compile_sm90(src, name, blocks, args.warps))
+    except ValueError as e:
+        print(f"sass_count: {e}", file=sys.stderr)
+        return 2
+    used = blocks
     r0 = re.search(r"R0_BLOCK: tl.constexpr = (\d+)", src)
     per_program = math.prod(used.values()) * (int(r0.group(1)) if r0 else 1)
     per_thread = per_program / (32 * args.warps)

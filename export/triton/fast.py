@@ -23,7 +23,8 @@ fused by the compiler:
 Quantizers the GEMMs cannot take (8-bit formats, attention Q/K/V, per-channel activation scales) stay fake
 quantization, written as pointwise torch ops (``fake_quant``) on bfloat16 tensors. The numerics differ from the
 float32 reference graph in: bfloat16 activations between ops (the quantizers see bfloat16-rounded inputs), FP8 GEMM
-accumulation (Hopper), bfloat16 GEMM outputs, bfloat16 attention, and on CUDA GELU's tanh form (``gelu_fast``); see
+accumulation (Hopper), bfloat16 GEMM outputs, bfloat16 attention, and GELU's tanh form (``gelu_fast``, the default on
+CUDA at bf16); see
 docs/triton.md for the measured difference.
 """
 
@@ -724,7 +725,8 @@ class FastReport:
                  + (f"; concatenation convs as one GEMM per part: {self.split_concat}" if self.split_concat else "")
                  + (f"; channel concatenations in NHWC memory: {self.cat_nhwc}" if self.cat_nhwc else "")
                  + (f"; GELUs in tanh form: {self.gelu_tanh}" if self.gelu_tanh else "")
-                 + (f"; GroupNorms with combined scale and shift: {self.gn_affine}" if self.gn_affine else "")]
+                 + (f"; GroupNorms marked for the combined scale and shift (from GN_TRITON_MIN_BATCH samples under "
+                    f"auto): {self.gn_affine}" if self.gn_affine else "")]
         lines += [f"  kept {k}: {v}" for k, v in self.skipped.items()]
         return "\n".join(lines)
 
@@ -967,7 +969,7 @@ def gelu_fast(x: torch.Tensor) -> torch.Tensor:
     """GELU in its tanh form, ``x * sigmoid(2u)`` with ``u = sqrt(2/pi) (x + 0.044715 x^3)`` (= ``F.gelu(x,
     approximate="tanh")``), in float32, rounded once to x's dtype. Exact GELU's erf was the costliest math of the
     step's largest pointwise kernels (GEGLU + the next quantizer: sm_90 SASS 40 instructions per element for the
-    GELU against 23 here); the forms differ by at most ~5e-4 (|x| ~ 2), and the next layer's 4-bit quantizer moves
+    GELU against 23 here); the forms differ by at most 4.7e-4 (at |x| ~ 2.7), and the next layer's 4-bit quantizer moves
     2.4e-6 (64x64) to 7.5e-6 (32x32) of its codes (H200, SD1.5's GEGLU shapes at batch 8; docs/triton.md session
     18)."""
     xf = x.float()
@@ -1199,8 +1201,11 @@ def build_fast(gm: fx.GraphModule, device: str | torch.device = "cuda", weights:
     ``gn_affine`` (opt-in, not yet measured on the GPU): the Triton GroupNorms (group_norm "triton", or "auto" from
     ``GN_TRITON_MIN_BATCH`` samples) take each (sample, channel)'s scale and shift from ``msfp_fast::gn_scale_shift``
     instead of recomputing them per element in the apply kernel (SD1.5's GroupNorm + SiLU + quantizer kernel at
-    batch 8, Inductor's code edited so: 46 sm_90 SASS instructions per element against 72; docs/triton.md session
+    batch 8, Inductor's code edited so: 45 sm_90 SASS instructions per element against 71; docs/triton.md session
     18)."""
+    if gn_affine and group_norm not in ("auto", "triton"):
+        raise ValueError(f"gn_affine=True needs group_norm 'auto' or 'triton' (the Triton statistics), "
+                         f"not {group_norm!r}")
     if gelu not in (None, "tanh", "exact"):
         raise ValueError(f"unknown gelu mode {gelu!r} (tanh or exact)")
     if group_norm not in ("auto", "channels", "aten", "triton"):

@@ -264,7 +264,7 @@ def gn_scale_shift(parts: list[torch.Tensor], groups: int, eps: float, weight: t
 def group_scale_shift(mean: torch.Tensor, rstd: torch.Tensor, channels: int, weight: torch.Tensor | None,
                       bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """GroupNorm's per-(sample, channel) scale ``rstd * w`` and shift ``(-mean * rstd) * w + b`` ([N, C] each,
-    float32) from each (sample, group)'s mean and 1 / std (N * G elements each, any shape)."""
+    float32) from each (sample, group)'s mean ([N, G]) and 1 / std (N * G elements, any shape)."""
     n = mean.shape[0]
     groups = mean.numel() // n
     scale = rstd.reshape(n, groups, 1).expand(n, groups, channels // groups).reshape(n, channels)
@@ -281,7 +281,13 @@ def _gn_scale_shift_cuda(parts: list[torch.Tensor], groups: int, eps: float, wei
                          bias: torch.Tensor | None) -> torch.Tensor:
     from .gn_stats import gn_stats_triton
 
-    return gn_stats_triton(parts, groups, eps, affine=(weight, bias))
+    c = sum(t.shape[1] for t in parts)
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and (t.numel() != c or t.device != parts[0].device):
+            raise ValueError(f"gn_scale_shift: {name} of {t.numel()} elements on {t.device}, want {c} on "
+                             f"{parts[0].device}")
+    as_rows = (lambda t: None if t is None else t.reshape(c).contiguous())  # the kernel reads them with stride 1
+    return gn_stats_triton(parts, groups, eps, affine=(as_rows(weight), as_rows(bias)))
 
 
 @gn_scale_shift.register_fake

@@ -135,8 +135,8 @@ def gn_stats_triton(parts: list[torch.Tensor], groups: int, eps: float, block_p:
                     affine: tuple[torch.Tensor | None, torch.Tensor | None] | None = None) -> torch.Tensor:
     """parts: [N, C_i, H, W] tensors (any strides; NHWC memory reads coalesced) whose channel concatenation is the
     GroupNorm input -> float32 [2, N, G]: each (sample, group)'s mean and 1 / sqrt(biased var + eps); with
-    ``affine=(weight, bias)`` (either may be None) float32 [2, N, C] instead: each (sample, channel)'s scale
-    ``rstd * w`` and shift ``(-mean * rstd) * w + b``, written by the same combine launch.
+    ``affine=(weight, bias)`` (either may be None; 1-d, contiguous, C elements) float32 [2, N, C] instead: each
+    (sample, channel)'s scale ``rstd * w`` and shift ``(-mean * rstd) * w + b``, written by the same combine launch.
     ``block_p`` x ``block_c`` / ``num_warps``: the partial kernel's tile (``tools/bench_gpu_kernels.py --sections
     gnstats`` times others on SD1.5's shapes), one ``_gn_partial_kernel`` launch per part; then
     ``_gn_combine_kernel`` with ``combine_warps`` warps and ``combine_tile``'s tile."""
@@ -158,11 +158,12 @@ def gn_stats_triton(parts: list[torch.Tensor], groups: int, eps: float, block_p:
                                                                  sw, pb, BLOCK_P=block_p, BLOCK_C=block_c,
                                                                  num_warps=num_warps)
         c_off += c
-    w, b = affine if affine is not None else (None, None)
+    weight, bias = affine if affine is not None else (None, None)  # 1-d, contiguous (gn_scale_shift's wrapper)
     stats = torch.empty((2, n, c_total if affine is not None else groups), dtype=torch.float32, device=dev)
     block_pb, block_j = combine_tile(pb, cpg, combine_warps)
-    _gn_combine_kernel[(n * groups,)](sums, m2s, stats, stats if w is None else w, stats if b is None else b, p, pb,
-                                      c_total, cpg, groups, eps, BLOCK_PB=block_pb, BLOCK_J=block_j,
-                                      BLOCK_P=block_p, AFFINE=affine is not None, HAS_W=w is not None,
-                                      HAS_B=b is not None, num_warps=combine_warps)
+    _gn_combine_kernel[(n * groups,)](sums, m2s, stats, stats if weight is None else weight,
+                                      stats if bias is None else bias, p, pb, c_total, cpg, groups, eps,
+                                      BLOCK_PB=block_pb, BLOCK_J=block_j, BLOCK_P=block_p,
+                                      AFFINE=affine is not None, HAS_W=weight is not None, HAS_B=bias is not None,
+                                      num_warps=combine_warps)
     return stats

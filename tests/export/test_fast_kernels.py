@@ -318,6 +318,13 @@ def test_gn_scale_shift(n: int, cs: tuple, h: int, w: int, g: int, affine: str) 
     assert torch.allclose(got, want, rtol=4e-7, atol=1e-6), (got - want).abs().max()
     ref = O.gn_scale_shift(parts, g, 1e-5, wt, bs)
     assert torch.equal(ref, expect(O.gn_stats(parts, g, 1e-5)))
+    # the op's CUDA wrapper (called directly: on the CPU under the interpreter): weight and bias in their order, a
+    # strided weight read as its values, a wrong-sized one refused
+    strided = None if wt is None else torch.stack([wt, -wt], 1)[:, 0].to(DEV)
+    via = O._gn_scale_shift_cuda(dev, g, 1e-5, strided, None if bs is None else bs.to(DEV)).cpu()
+    assert torch.equal(via, got)
+    with pytest.raises(ValueError, match="weight of"):
+        O._gn_scale_shift_cuda(dev, g, 1e-5, torch.ones(c + 1, device=DEV), None)
     xc = torch.cat(parts, 1).contiguous(memory_format=torch.channels_last).to(DEV)
     args = (xc, g, None if wt is None else wt.to(DEV), None if bs is None else bs.to(DEV), 1e-5)
     a = group_norm_triton(*args, parts=dev).cpu()

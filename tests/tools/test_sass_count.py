@@ -50,13 +50,16 @@ def test_user_errors_exit_2(capsys: pytest.CaptureFixture) -> None:
     assert sass_count.main(["/nonexistent.py", "--kernel", "x"]) == 2
     assert sass_count.main([str(CODE), "--kernel", "no_such_kernel_name"]) == 2
     assert sass_count.main([str(CODE), "--kernel", "triton_"]) == 2
+    assert sass_count.main([str(CODE), "--kernel", "where_9", "--block", "z=4"]) == 2  # not a block of this kernel
+    assert sass_count.main([str(CODE), "--kernel", "where_9", "--block", "x=abc"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 3 and "no such file" in err[0] and "matches 0 of" in err[1] and "matches" in err[2]
+    assert len(err) == 5 and "no such file" in err[0] and "matches 0 of" in err[1] and "matches" in err[2]
+    assert all("--block" in e and "XBLOCK" in e for e in err[3:])
 
 
 def test_inductor_code_collects_output_modules(tmp_path: Path) -> None:
     """Only output-code modules (``def call(``) containing the pattern go into the tarball; a missing cache dir
-    exits 2."""
+    exits 2, a pattern no module contains 1."""
     (tmp_path / "c" / "ab").mkdir(parents=True)
     (tmp_path / "c" / "ab" / "keep.py").write_text("def call(args):\n    _scaled_mm\n")
     (tmp_path / "c" / "ab" / "other.py").write_text("def call(args):\n    pass\n")
@@ -66,3 +69,4 @@ def test_inductor_code_collects_output_modules(tmp_path: Path) -> None:
     with tarfile.open(out) as tar:
         assert tar.getnames() == ["ab/keep.py"]
     assert inductor_code.main([str(tmp_path / "missing"), "--out", str(out)]) == 2
+    assert inductor_code.main([str(tmp_path / "c"), "--grep", "no_such_text", "--out", str(out)]) == 1
