@@ -24,8 +24,7 @@ Quantizers the GEMMs cannot take (8-bit formats, attention Q/K/V, per-channel ac
 quantization, written as pointwise torch ops (``fake_quant``) on bfloat16 tensors. The numerics differ from the
 float32 reference graph in: bfloat16 activations between ops (the quantizers see bfloat16-rounded inputs), FP8 GEMM
 accumulation (Hopper), bfloat16 GEMM outputs, bfloat16 attention, and GELU's tanh form (``gelu_fast``, the default on
-CUDA at bf16); see
-docs/triton.md for the measured difference.
+CUDA at bf16); see docs/triton.md for the measured difference.
 """
 
 from __future__ import annotations
@@ -690,8 +689,9 @@ def flash_fp8_fq(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qp: tuple, k
     operand) by the quantizer's kernel, O in bfloat16 straight from the kernel. Rounds where the bf16 path does not:
     P to E4M3 (docs/triton.md session 17). Output as ``_sdpa_as``'s."""
     vt = grid_e4m3(v, *vp).transpose(-1, -2).contiguous()
+    qk_scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     o = torch.ops.msfp_fast.flash_fp8(grid_e4m3(q, *qp), grid_e4m3(k, *kp), vt, float(qp[0]), float(kp[0]),
-                                      float(vp[0]), float(vp[1]), q.shape[-1] ** -0.5 if scale is None else float(scale))
+                                      float(vp[0]), float(vp[1]), qk_scale)
     return o if dtype == _BF16 else o.to(dtype)  # .to keeps the [B, S, H, D] memory; float32 builds get bf16 values
 
 
@@ -945,20 +945,30 @@ def cat_nhwc(parts: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([p.permute(0, 2, 3, 1) for p in parts], dim=-1).permute(0, 3, 1, 2)
 
 
-def _cat_nhwc(gm: fx.GraphModule) -> int:
-    """Replace every 4-d channel concatenation (``concat_parts``) by ``cat_nhwc``; returns how many."""
+def _replace_calls(gm: fx.GraphModule, fn: Any, args_of: Any) -> int:
+    """Replace every node for which ``args_of(node)`` gives arguments (None: keep the node) by ``fn(*arguments)``,
+    keeping the node's meta; returns how many."""
     count = 0
     for node in list(gm.graph.nodes):
-        parts = concat_parts(node) if node.op == "call_function" and node.target == aten.cat.default else None
-        if parts is None:
+        args = args_of(node) if node.op == "call_function" else None
+        if args is None:
             continue
         with gm.graph.inserting_before(node):
-            new = gm.graph.call_function(cat_nhwc, (parts,))
+            new = gm.graph.call_function(fn, args)
         new.meta = dict(node.meta)
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
         count += 1
     return count
+
+
+def _cat_nhwc(gm: fx.GraphModule) -> int:
+    """Replace every 4-d channel concatenation (``concat_parts``) by ``cat_nhwc``; returns how many."""
+    def args_of(node: fx.Node) -> tuple | None:
+        parts = concat_parts(node) if node.target == aten.cat.default else None
+        return None if parts is None else (parts,)
+
+    return _replace_calls(gm, cat_nhwc, args_of)
 
 
 # GELU's tanh form as a sigmoid: (1 + tanh(u)) / 2 = sigmoid(2u)
@@ -969,9 +979,9 @@ def gelu_fast(x: torch.Tensor) -> torch.Tensor:
     """GELU in its tanh form, ``x * sigmoid(2u)`` with ``u = sqrt(2/pi) (x + 0.044715 x^3)`` (= ``F.gelu(x,
     approximate="tanh")``), in float32, rounded once to x's dtype. Exact GELU's erf was the costliest math of the
     step's largest pointwise kernels (GEGLU + the next quantizer: sm_90 SASS 40 instructions per element for the
-    GELU against 23 here); the forms differ by at most 4.7e-4 (at |x| ~ 2.7), and the next layer's 4-bit quantizer moves
-    2.4e-6 (64x64) to 7.5e-6 (32x32) of its codes (H200, SD1.5's GEGLU shapes at batch 8; docs/triton.md session
-    18)."""
+    GELU against 23 here); the forms differ by at most 4.7e-4 (at |x| ~ 2.7), and the next layer's 4-bit quantizer
+    moves 2.4e-6 (64x64) to 7.5e-6 (32x32) of its codes (H200, SD1.5's GEGLU shapes at batch 8; docs/triton.md
+    session 18)."""
     xf = x.float()
     return (xf * torch.sigmoid(_GELU_2U * (xf + 0.044715 * xf * xf * xf))).to(x.dtype)
 
@@ -986,18 +996,8 @@ def _gn_affine(gm: fx.GraphModule) -> int:
 
 def _gelu_tanh(gm: fx.GraphModule) -> int:
     """Replace every exact ``aten.gelu`` by ``gelu_fast``; returns how many."""
-    count = 0
-    for node in list(gm.graph.nodes):
-        if not (node.op == "call_function" and node.target == aten.gelu.default
-                and node.kwargs.get("approximate", "none") == "none"):
-            continue
-        with gm.graph.inserting_before(node):
-            new = gm.graph.call_function(gelu_fast, (node.args[0],))
-        new.meta = dict(node.meta)
-        node.replace_all_uses_with(new)
-        gm.graph.erase_node(node)
-        count += 1
-    return count
+    return _replace_calls(gm, gelu_fast, lambda node: (node.args[0],) if node.target == aten.gelu.default
+                          and node.kwargs.get("approximate", "none") == "none" else None)
 
 
 def concat_parts(node: Any) -> list[fx.Node] | None:
