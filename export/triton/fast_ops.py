@@ -281,13 +281,7 @@ def _gn_scale_shift_cuda(parts: list[torch.Tensor], groups: int, eps: float, wei
                          bias: torch.Tensor | None) -> torch.Tensor:
     from .gn_stats import gn_stats_triton
 
-    c = sum(t.shape[1] for t in parts)
-    for name, t in (("weight", weight), ("bias", bias)):
-        if t is not None and (t.numel() != c or t.device != parts[0].device):
-            raise ValueError(f"gn_scale_shift: {name} of {t.numel()} elements on {t.device}, want {c} on "
-                             f"{parts[0].device}")
-    as_rows = (lambda t: None if t is None else t.reshape(c).contiguous())  # the kernel reads them with stride 1
-    return gn_stats_triton(parts, groups, eps, affine=(as_rows(weight), as_rows(bias)))
+    return gn_stats_triton(parts, groups, eps, affine=(weight, bias))
 
 
 @gn_scale_shift.register_fake

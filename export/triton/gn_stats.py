@@ -135,7 +135,7 @@ def gn_stats_triton(parts: list[torch.Tensor], groups: int, eps: float, block_p:
                     affine: tuple[torch.Tensor | None, torch.Tensor | None] | None = None) -> torch.Tensor:
     """parts: [N, C_i, H, W] tensors (any strides; NHWC memory reads coalesced) whose channel concatenation is the
     GroupNorm input -> float32 [2, N, G]: each (sample, group)'s mean and 1 / sqrt(biased var + eps); with
-    ``affine=(weight, bias)`` (either may be None; 1-d, contiguous, C elements) float32 [2, N, C] instead: each
+    ``affine=(weight, bias)`` (either may be None; C elements on the parts' device) float32 [2, N, C] instead: each
     (sample, channel)'s scale ``rstd * w`` and shift ``(-mean * rstd) * w + b``, written by the same combine launch.
     ``block_p`` x ``block_c`` / ``num_warps``: the partial kernel's tile (``tools/bench_gpu_kernels.py --sections
     gnstats`` times others on SD1.5's shapes), one ``_gn_partial_kernel`` launch per part; then
@@ -147,6 +147,12 @@ def gn_stats_triton(parts: list[torch.Tensor], groups: int, eps: float, block_p:
     pb = triton.cdiv(p, block_p)
     cpg = c_total // groups
     dev = parts[0].device
+    weight, bias = affine if affine is not None else (None, None)
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and (t.numel() != c_total or t.device != dev):
+            raise ValueError(f"gn_stats_triton: {name} of {t.numel()} elements on {t.device}, want {c_total} on "
+                             f"{dev}")
+    weight, bias = (None if t is None else t.reshape(c_total).contiguous() for t in (weight, bias))  # read at stride 1
     sums = torch.empty((n, pb, c_total), dtype=torch.float32, device=dev)
     m2s = torch.empty_like(sums)
     c_off = 0
@@ -158,7 +164,6 @@ def gn_stats_triton(parts: list[torch.Tensor], groups: int, eps: float, block_p:
                                                                  sw, pb, BLOCK_P=block_p, BLOCK_C=block_c,
                                                                  num_warps=num_warps)
         c_off += c
-    weight, bias = affine if affine is not None else (None, None)  # 1-d, contiguous (gn_scale_shift's wrapper)
     stats = torch.empty((2, n, c_total if affine is not None else groups), dtype=torch.float32, device=dev)
     block_pb, block_j = combine_tile(pb, cpg, combine_warps)
     _gn_combine_kernel[(n * groups,)](sums, m2s, stats, stats if weight is None else weight,
