@@ -570,8 +570,8 @@ def bench_epilogue(batch: int) -> dict:
     floor of its bytes (``floor``: read the GEMM output, write the E4M3 result, no other math). Session 17's
     roofline had these kernels at ~26% of copy bandwidth; counting sm_90 SASS on the CPU put them at 40-90
     instructions per element (the per-column epilogue ~15 per input, exact GELU ~40 of which its erf ~30, the
-    quantizer ~11), which the H200 issues slower than it moves the bytes. Variants: ``exact`` (the fast path today: the tensorwise
-    GEMM's bf16 output times its per-column scale plus bias, rounded to bf16, then GEGLU and the next layer's
+    quantizer ~11), which the H200 issues slower than it moves the bytes. Variants: ``exact`` (the fast path today:
+    the tensorwise GEMM's bf16 output times its per-column scale plus bias, rounded to bf16, then GEGLU and the next layer's
     quantizer; ``linear`` rows write the bf16 result and its E4M3 codes), ``nd`` (the same under Inductor's
     ``triton.prefer_nd_tiling``: column index from a 2-D tile, no div/mod per element; must be bit-equal),
     ``noepi`` (no per-column work: what is left when the GEMM applies scale and bias itself), ``tanh`` (GELU's tanh

@@ -24,9 +24,6 @@ from collections import Counter
 from pathlib import Path
 
 _KERNEL = re.compile(r"(\w+) = async_compile\.triton\('(\w+)', '''(.*?)'''", re.S)
-# warp-instruction issue rate of an H200 (132 SMs x 4 schedulers x 1.98 GHz) and its measured copy bandwidth
-H200_WARP_INSTR_PER_S = 132 * 4 * 1.98e9
-H200_COPY_BYTES_PER_S = 4.19e12
 
 
 def kernels(path: Path) -> dict[str, str]:
@@ -140,12 +137,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"sass_count: {e}", file=sys.stderr)
         return 2
-    used = blocks
     r0 = re.search(r"R0_BLOCK: tl.constexpr = (\d+)", src)
-    per_program = math.prod(used.values()) * (int(r0.group(1)) if r0 else 1)
+    per_program = math.prod(blocks.values()) * (int(r0.group(1)) if r0 else 1)
     per_thread = per_program / (32 * args.warps)
     ops = Counter(opcode(ln) for ln in lines)
-    res = {"kernel": name, "blocks": used, "warps": args.warps, "sass": len(lines),
+    res = {"kernel": name, "blocks": blocks, "warps": args.warps, "sass": len(lines),
            "elements_per_thread": per_thread, "per_element": round(len(lines) / per_thread, 2),
            "opcodes": dict(ops.most_common())}
     print(json.dumps(res, indent=1))
