@@ -259,9 +259,11 @@ def main(argv: list[str] | None = None) -> int:
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     batches = [int(b) for b in args.batches.split(",")]
+    variant_names: set[str] = set()
     if args.variant:
-        try:
-            parse_variants(args.variant)  # a typo fails here (one line, exit 2), not after the SD1.5 compile
+        try:  # a typo fails here (one line, exit 2), not after the SD1.5 compile
+            variant_names = {part for names, _ in parse_variants(args.variant) for name in names
+                             for part in name.split(",")}
         except ValueError as e:
             ap.error(str(e))
     if args.flash_tile:
@@ -269,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
             tile = parse_flash_tile(args.flash_tile)
         except ValueError as e:
             ap.error(str(e))
-        if args.attention != "fp8-triton" and "tfp8attn" not in (args.variant or ""):
+        if args.attention != "fp8-triton" and "tfp8attn" not in variant_names:
             ap.error("--flash-tile: no build runs the FP8 flash kernel (give --attention fp8-triton or a tfp8attn "
                      "variant)")
         from msfp_compiler.export.triton import flash_fp8
