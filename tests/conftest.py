@@ -31,6 +31,16 @@ from msfp_compiler.config import CalibConfig, CompileConfig, QuantConfig
 from msfp_compiler.pass_manager import PassResult
 from msfp_compiler.record import META_KEY
 
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Without a GPU the Triton kernels run in the interpreter, which a kernel module reads when it is first
+    imported: set before collection, so it holds in every worker whichever test imports a kernel module first
+    (tests/export/triton_env.py sets it per module, and a tools test importing flash_fp8 before any of those left
+    the kernels compiled for a GPU in that worker)."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
 # Two xdist workers share two (busy) cores: more intra-op threads than cores makes OpenMP spin-wait, which turns a
 # 10 ms forward into seconds. One thread each, also for the CLI subprocesses (they inherit the environment).
 torch.set_num_threads(1)
