@@ -212,7 +212,9 @@ def parser() -> argparse.ArgumentParser:
                     "tiles; did not compile SD1.5 within a call in session 18) or exactgelu (build_fast(gelu='exact'): "
                     "the captured erf GELU, the default on CUDA before session 18) or gnaffine "
                     "(build_fast(gn_affine=True): each GroupNorm's per-channel scale and shift written by the "
-                    "statistics' combine kernel, not recomputed per element)); "
+                    "statistics' combine kernel, not recomputed per element) or fastq (build_fast(quant_math="
+                    "'fast'): the quantizers multiply by p / s and round M = 2 / 3 formats by one FP8 conversion) "
+                    "or silusig (build_fast(silu='sigmoid'): the Triton GroupNorms' SiLUs as x * sigmoid(x))); "
                     "names joined by ',' are one build with all their options (gnauto/catnhwc,splitcat:8); each "
                     "starts from build_fast's defaults, not from --attention / --group-norm; "
                     "recorded under 'variants' (with output_vs: its output against the headline step's at that "
@@ -452,7 +454,9 @@ VARIANTS = {"combo": ({"combo_kernels": True}, {}), "qkv": ({}, {"quantize_parts
             "tfp8attn": ({}, {"attention": "fp8-triton"}),  # msfp_fast::flash_fp8 (session 17)
             "ndtile": ({"triton.prefer_nd_tiling": True}, {}),  # column indices from 2-D tiles, no div/mod
             "exactgelu": ({}, {"gelu": "exact"}),  # the captured erf GELU (the default on CUDA before session 18)
-            "gnaffine": ({}, {"gn_affine": True})}  # GroupNorm scale / shift from msfp_fast::gn_scale_shift
+            "gnaffine": ({}, {"gn_affine": True}),  # GroupNorm scale / shift from msfp_fast::gn_scale_shift
+            "fastq": ({}, {"quant_math": "fast"}),  # quantizers by grid_fast: multiplier, FP8-conversion rounding
+            "silusig": ({}, {"silu": "sigmoid"})}  # the Triton GroupNorms' SiLUs as x * sigmoid(x)
 
 
 def parse_flash_tile(text: str) -> tuple:

@@ -140,10 +140,57 @@ def _scaled(x: torch.Tensor, scale: Any, zero_point: Any) -> torch.Tensor:
     return (x.float() - zero_point) / scale
 
 
+# FP8 formats whose round-to-nearest-even conversion is a grid_round: (dtype, its emin) by mantissa bits
+_FP8_GRID = {2: (torch.float8_e5m2, -14), 3: (torch.float8_e4m3fn, -6)}
+
+
+def fp8_grid(fmt: str) -> tuple[torch.dtype, float] | None:
+    """(FP8 dtype, power of two p) with ``grid_round(v, fmt) == (clamp(v, -max, max) * p).to(dtype) / p`` (unsigned:
+    clamp to [0, max]), or None. A format of M = 2 or 3 mantissa bits has E5M2's or E4M3's rounding once its
+    smallest normal binade 2^emin is moved onto theirs (p = 2^(emin_fp8 - emin)): the same M bits in every normal
+    binade, the same subnormal step 2^(emin - M) (scaled), ties to even, and its largest value (a grid point, so
+    nothing rounds above it) inside the FP8 range. Hopper converts float32 pairs to FP8 in one instruction."""
+    f = _spec(fmt)
+    if f.kind != "fp" or f.man_bits not in _FP8_GRID:
+        return None
+    dtype, emin = _FP8_GRID[f.man_bits]
+    p = 2.0 ** (emin - f.emin)
+    return (dtype, p) if f.max * p <= torch.finfo(dtype).max else None
+
+
+def quant_multiplier(scale: float, fmt: str) -> float:
+    """``p / s`` in float32 (p: ``fp8_grid``'s power of two, 1 for other formats): what ``grid_fast`` multiplies
+    (x - z) by. Rounded once from the exact reciprocal, so (x - z) * it is within 1.5 float32 ulps of
+    ((x - z) / s) * p (CUDA's division in Triton is div.full.f32, within 2 ulps)."""
+    g = fp8_grid(fmt)
+    return float(torch.tensor((g[1] if g else 1.0) / float(scale), dtype=torch.float64).float())
+
+
+def grid_fast(x: torch.Tensor, zero_point: Any, mult: Any, fmt: str) -> torch.Tensor:
+    """``grid_round((x - z) / s, fmt)`` as float32, with ``mult = quant_multiplier(s, fmt)``: a multiplication
+    instead of a division, and for M = 2 / 3 formats the rounding as one FP8 conversion (``fp8_grid``) instead of
+    the bit arithmetic and the subnormal branch. On SD1.5's GroupNorm + SiLU + quantizer kernel (sm_90 SASS) the
+    two take the quantizer from ~17 to ~6 instructions per element. The rounding is grid_round's for the same
+    scaled value (tested); the scaled value can differ from the reference's by the multiplication's rounding, which
+    moves a code only where (x - z) / s lies within about an ulp of a rounding boundary."""
+    v = (x.float() - zero_point) * mult
+    g = fp8_grid(fmt)
+    if g is None:
+        return grid_round(v, fmt)
+    dtype, p = g
+    f = _spec(fmt)
+    v = v.clamp(-f.max * p if f.signed else 0.0, f.max * p)
+    return v.to(dtype).float() * (1.0 / p)
+
+
 def fake_quant(x: torch.Tensor, scale: Any, zero_point: Any, fmt: str, folded: bool = False,
-               out_dtype: torch.dtype | None = _BF16) -> torch.Tensor:
-    """msfp::quantize (``folded``: msfp::quantize_folded) as pointwise ops, result in ``out_dtype`` (None: x's)."""
-    q = grid_round(_scaled(x, scale, zero_point), fmt) * scale
+               out_dtype: torch.dtype | None = _BF16, mult: Any = None) -> torch.Tensor:
+    """msfp::quantize (``folded``: msfp::quantize_folded) as pointwise ops, result in ``out_dtype`` (None: x's).
+    ``mult`` (``quant_multiplier(scale, fmt)``): the grid by ``grid_fast`` instead of ``grid_round``."""
+    if mult is None:
+        q = grid_round(_scaled(x, scale, zero_point), fmt) * scale
+    else:
+        q = grid_fast(x, zero_point, mult, fmt) * scale
     if not folded:
         q = q + zero_point
     return q.to(out_dtype or x.dtype)
@@ -243,6 +290,8 @@ class FastGemm(torch.nn.Module):
         # source, which Inductor compiles once (baked constants made every layer's kernels unique)
         self.register_buffer("a_s", torch.tensor(self.a_scale))
         self.register_buffer("a_z", torch.tensor(self.a_zero))
+        self.register_buffer("a_mult", torch.tensor(quant_multiplier(self.a_scale, afmt)))
+        self.fast_quant = False  # the activation's grid by grid_fast (build_fast(quant_math="fast"))
         self.conv = conv
         self.weights = weights
         self.dtype = dtype  # of the output (bf16 on the fast path; float32 to check the rewrite itself)
@@ -299,7 +348,8 @@ class FastGemm(torch.nn.Module):
         m.sets, m.k, m.n = 1, f.k, sum(x.n for x in layers)
         m.afmt, m.a_scale, m.a_zero, m.conv, m.weights, m.dtype = f.afmt, f.a_scale, f.a_zero, None, f.weights, f.dtype
         m.group_offset, m.parts, m.part_quant, m.implicit = 0, [x.n for x in layers], None, False
-        for name in ("a_s", "a_z", "one"):
+        m.fast_quant = f.fast_quant
+        for name in ("a_s", "a_z", "a_mult", "one"):
             m.register_buffer(name, getattr(f, name))
         m.register_buffer("beta", torch.cat([x.beta for x in layers], 1))
         m.register_buffer("scale_b", torch.cat([x.scale_b for x in layers], 2))
@@ -327,7 +377,10 @@ class FastGemm(torch.nn.Module):
                 wflat: torch.Tensor | None = None) -> torch.Tensor:
         """x: the quantizer's input (any float dtype / strides); wflat: the output of this layer's DecodeGroup.
         Returns bfloat16."""
-        g = grid_round(_scaled(x, self.a_s, self.a_z), self.afmt)
+        if self.fast_quant:
+            g = grid_fast(x, self.a_z, self.a_mult, self.afmt)
+        else:
+            g = grid_round(_scaled(x, self.a_s, self.a_z), self.afmt)
         if self.conv is None:
             a = g.reshape(-1, self.k).to(_FP8).contiguous()  # _scaled_mm wants A row-major (a view may not be)
             lead = x.shape[:-1]
@@ -712,6 +765,8 @@ class FastReport:
     cat_nhwc: int = 0  # 4-d channel concatenations laid out NHWC (cat_nhwc=True)
     gelu_tanh: int = 0  # exact GELUs as gelu_fast, the tanh form (gelu="tanh")
     gn_affine: int = 0  # Triton GroupNorms taking their scale and shift from msfp_fast::gn_scale_shift (gn_affine)
+    fast_quant: int = 0  # quantizers by grid_fast (quant_math="fast")
+    silu_gn: int = 0  # SiLUs of Triton GroupNorms as silu_gn (silu="sigmoid")
 
     def __str__(self) -> str:
         lines = [f"FP8 GEMMs: linear={self.fused['linear']} conv2d={self.fused['conv2d']}; "
@@ -726,7 +781,9 @@ class FastReport:
                  + (f"; channel concatenations in NHWC memory: {self.cat_nhwc}" if self.cat_nhwc else "")
                  + (f"; GELUs in tanh form: {self.gelu_tanh}" if self.gelu_tanh else "")
                  + (f"; GroupNorms marked for the combined scale and shift (from GN_TRITON_MIN_BATCH samples under "
-                    f"auto): {self.gn_affine}" if self.gn_affine else "")]
+                    f"auto): {self.gn_affine}" if self.gn_affine else "")
+                 + (f"; quantizers by grid_fast: {self.fast_quant}" if self.fast_quant else "")
+                 + (f"; SiLUs after Triton GroupNorms as x * sigmoid(x): {self.silu_gn}" if self.silu_gn else "")]
         lines += [f"  kept {k}: {v}" for k, v in self.skipped.items()]
         return "\n".join(lines)
 
@@ -994,6 +1051,53 @@ def _gn_affine(gm: fx.GraphModule) -> int:
     return len(nodes)
 
 
+def silu_gn(x: torch.Tensor) -> torch.Tensor:
+    """SiLU of a Triton GroupNorm's output: ``x * sigmoid(x)`` in float32 (Triton's sigmoid: the hardware exp2 and
+    reciprocal, where Inductor's ``aten.silu`` divides by 1 + libdevice's exp) from ``GN_TRITON_MIN_BATCH`` samples
+    on, ``F.silu`` below (batch 1's aten GroupNorm kernels measured 0.08 ms slower with it; docs/triton.md session
+    18). The same function; it rounds differently in the last float32 bits."""
+    if x.shape[0] < GN_TRITON_MIN_BATCH:
+        return F.silu(x)
+    xf = x.float()
+    return (xf * torch.sigmoid(xf)).to(x.dtype)
+
+
+def _silu_after_gn(gm: fx.GraphModule) -> int:
+    """Replace every ``aten.silu`` of a ``group_norm_triton`` / ``group_norm_auto`` output by ``silu_gn``; returns
+    how many."""
+    gn = (group_norm_triton, group_norm_auto)
+    return _replace_calls(gm, silu_gn, lambda node: (node.args[0],) if node.target == aten.silu.default
+                          and isinstance(node.args[0], fx.Node) and node.args[0].target in gn else None)
+
+
+def _fast_quantizers(gm: fx.GraphModule) -> int:
+    """Every FP8 GEMM's activation quantizer and every bf16 fake quantizer to ``grid_fast`` (``quant_math="fast"``):
+    the multiplier ``quant_multiplier`` becomes a float32 buffer next to the scale; returns how many."""
+    from .runtime import _const
+
+    count = 0
+    for node in gm.graph.nodes:
+        mod = gm.get_submodule(node.target) if node.op == "call_module" else None
+        if isinstance(mod, FastGemm):
+            mod.fast_quant = True
+            count += 1
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not fake_quant or "mult" in node.kwargs:
+            continue
+        s_n, fmt = node.args[1], node.args[3]
+        s = _const(gm, s_n) if isinstance(s_n, fx.Node) else torch.tensor(float(s_n))
+        if s is None:
+            continue
+        p = fp8_grid(fmt)[1] if fp8_grid(fmt) else 1.0
+        name = f"_qmult_{count}"
+        gm.register_buffer(name, (p / s.double()).float())
+        with gm.graph.inserting_before(node):
+            mult = gm.graph.get_attr(name)
+        node.kwargs = {**node.kwargs, "mult": mult}
+        count += 1
+    return count
+
+
 def _gelu_tanh(gm: fx.GraphModule) -> int:
     """Replace every exact ``aten.gelu`` by ``gelu_fast``; returns how many."""
     return _replace_calls(gm, gelu_fast, lambda node: (node.args[0],) if node.target == aten.gelu.default
@@ -1097,7 +1201,7 @@ def _cast_constants(gm: fx.GraphModule, dtype: torch.dtype) -> None:
     keep: set[str] = set()
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target in (fake_quant, decode_packed):
-            for a in node.args:
+            for a in (*node.args, *node.kwargs.values()):
                 if isinstance(a, fx.Node) and a.op == "get_attr":
                     keep.add(a.target)
     for node in gm.graph.nodes:
@@ -1161,7 +1265,7 @@ def build_fast(gm: fx.GraphModule, device: str | torch.device = "cuda", weights:
                decode_group_bytes: int | None = None, merge: bool = True, quantize_parts: bool = False,
                implicit_conv: bool | None = None, attention: str = "bf16", group_norm: str = "auto",
                split_concat: bool = False, cat_nhwc: bool = True, gelu: str | None = None,
-               gn_affine: bool = False) -> FastUNet:
+               gn_affine: bool = False, quant_math: str = "exact", silu: str = "exact") -> FastUNet:
     """Rewrite a quantized GraphModule (``CompiledModel.graph_module`` or a loaded .pt2's module) for Inductor.
 
     ``dtype``: of the activations between ops (bf16; float32 checks the rewrite against the reference graph with
@@ -1203,6 +1307,10 @@ def build_fast(gm: fx.GraphModule, device: str | torch.device = "cuda", weights:
     instead of recomputing them per element in the apply kernel (SD1.5's GroupNorm + SiLU + quantizer kernel at
     batch 8, Inductor's code edited so: 45 sm_90 SASS instructions per element against 71; docs/triton.md session
     18)."""
+    if quant_math not in ("exact", "fast"):
+        raise ValueError(f"unknown quant_math {quant_math!r} (exact or fast)")
+    if silu not in ("exact", "sigmoid"):
+        raise ValueError(f"unknown silu mode {silu!r} (exact or sigmoid)")
     if gn_affine and group_norm not in ("auto", "triton"):
         raise ValueError(f"gn_affine=True needs group_norm 'auto' or 'triton' (the Triton statistics), "
                          f"not {group_norm!r}")
@@ -1224,10 +1332,14 @@ def build_fast(gm: fx.GraphModule, device: str | torch.device = "cuda", weights:
         report.gelu_tanh = _gelu_tanh(gm)
     if gn_affine:
         report.gn_affine = _gn_affine(gm)
+    if silu == "sigmoid":
+        report.silu_gn = _silu_after_gn(gm)
     if merge:
         report.merged_away = _merge_shared_inputs(gm)
         if quantize_parts:
             report.part_quant_moved = _quantize_parts_in_epilogue(gm)
+    if quant_math == "fast":  # last: the passes above recognise fake_quant nodes by their arguments
+        report.fast_quant = _fast_quantizers(gm)
     if implicit_conv or (implicit_conv is None and torch.device(device).type == "cuda"):
         report.implicit_convs = _route_implicit_convs(gm)
     group_bytes = DECODE_GROUP_BYTES if decode_group_bytes is None else decode_group_bytes

@@ -666,3 +666,94 @@ def test_build_fast_gn_affine(compiled_cond) -> None:
             assert torch.equal(aff(*x), base(*x)), batch  # on the CPU both take gn_stats' reference, same ops
     with pytest.raises(ValueError, match="gn_affine"):
         FA.build_fast(gm, "cpu", gn_affine=True, group_norm="channels")
+
+
+def test_fp8_grid_formats() -> None:
+    """The M = 2 / 3 formats map onto E5M2 / E4M3 (their smallest normal binade onto the FP8's), others do not."""
+    assert FA.fp8_grid("ue2m2") == (torch.float8_e5m2, 2.0 ** -14)
+    assert FA.fp8_grid("e1m2") == (torch.float8_e5m2, 2.0 ** -15)
+    assert FA.fp8_grid("ue1m3") == (torch.float8_e4m3fn, 2.0 ** -7)
+    assert all(FA.fp8_grid(f) is None for f in ("e2m1", "ue3m1", "e3m0", "ue4m0", "int4", "uint8"))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_grid_fast_rounding_exact(fmt: str) -> None:
+    """With a power-of-two scale (so the multiplication is exact) grid_fast is grid_round bit for bit, up to the
+    sign of zero for unsigned formats: levels, midpoints and their neighbours, saturation, denormals; eager and
+    compiled (C++ on the CPU; Triton's FP8 conversion instructions on the GPU)."""
+    v = _inputs(fmt)
+    for scale in (1.0, 0.25):
+        ref = FA.grid_round(v / scale, fmt)
+        mult = FA.quant_multiplier(scale, fmt)
+        got = FA.grid_fast(v, 0.0, mult, fmt)
+        assert torch.equal(got, ref), f"{fmt}: {(got != ref).sum()} of {v.numel()} differ"
+        cf = torch.compile(lambda t: FA.grid_fast(t * 1.0, 0.0, torch.tensor(mult, device=DEV), fmt),
+                           dynamic=False)
+        got_c = cf(v.to(DEV)).cpu()
+        assert torch.equal(got_c, ref), f"{fmt} compiled: {(got_c != ref).sum()} of {v.numel()} differ"
+
+
+@pytest.mark.parametrize("fmt", ["ue2m2", "e2m1", "e1m2", "ue1m3", "int8"])
+def test_fake_quant_mult_close(fmt: str) -> None:
+    """fake_quant with the multiplier (grid_fast) against the reference op at a scale that is no power of two:
+    a code moves only where the scaled value lies within a few float32 ulps of a rounding boundary, by one step."""
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(200_000, generator=gen) * 3
+    s, z = torch.tensor(0.3713), torch.tensor(-0.2785)
+    ref = torch.ops.msfp.quantize(x, s, z, fmt)
+    got = FA.fake_quant(x, s, z, fmt, out_dtype=torch.float32, mult=torch.tensor(FA.quant_multiplier(0.3713, fmt)))
+    diff = got != ref
+    assert diff.float().mean() < 1e-4, diff.sum()
+    if diff.any():
+        v = ((x[diff] - z) / s).double()
+        f = get_format(fmt)
+        mids = ((f.levels[1:] + f.levels[:-1]) / 2).double()
+        dist = (v.abs()[:, None] - mids.abs()[None, :]).abs().min(1).values if f.signed else \
+            (v[:, None] - mids[None, :]).abs().min(1).values
+        assert (dist <= 4 * v.abs() * 2.0 ** -23).all(), dist.max()
+
+
+def test_build_fast_quant_math(compiled_cond) -> None:
+    """quant_math="fast" puts every FP8 GEMM and every bf16 fake quantizer of the tiny cond UNet on grid_fast
+    (the multiplier as a float32 buffer); in float32 its output is within the default build's distance of the
+    reference graph (codes near a boundary may move: 4-bit flips propagate in this random-weight model); an
+    unknown mode is a ValueError."""
+    gm = compiled_cond.graph_module
+    args = compiled_cond.calibration.batches[0].args
+    exact = FA.build_fast(gm, "cpu", dtype=torch.float32)
+    fast = FA.build_fast(gm, "cpu", dtype=torch.float32, quant_math="fast")
+    gemms = [m for m in fast.modules() if isinstance(m, FA.FastGemm)]
+    fqs = [n for n in fast.gm.graph.nodes if n.op == "call_function" and n.target is FA.fake_quant]
+    assert gemms and all(m.fast_quant for m in gemms) and not any(m.fast_quant for m in exact.modules()
+                                                                  if isinstance(m, FA.FastGemm))
+    assert fqs and all("mult" in n.kwargs for n in fqs)
+    assert fast.report.fast_quant == len(gemms) + len(fqs) and "grid_fast" in str(fast.report)
+    mult = getattr(fast.gm, fqs[0].kwargs["mult"].target)
+    assert mult.dtype == torch.float32
+    with torch.no_grad():
+        ref = gm(*args)
+        ref = (ref[0] if isinstance(ref, (tuple, list)) else ref).float()
+        a, b = exact(*args).float(), fast(*args).float()
+    assert torch.isfinite(b).all() and not torch.equal(a, b) or _rel(a, b) == 0.0
+    assert _rel(b, ref) <= max(1.5 * _rel(a, ref), 0.05), (_rel(b, ref), _rel(a, ref))
+    with pytest.raises(ValueError, match="quant_math"):
+        FA.build_fast(gm, "cpu", quant_math="approx")
+
+
+def test_build_fast_silu_sigmoid(compiled_cond) -> None:
+    """silu="sigmoid" replaces the SiLUs of the GroupNorms (not others) by silu_gn: below GN_TRITON_MIN_BATCH
+    samples it is F.silu (the same output as the default build), from it on x * sigmoid(x), the same function;
+    an unknown mode is a ValueError."""
+    gm = compiled_cond.graph_module
+    args = compiled_cond.calibration.batches[0].args
+    base = FA.build_fast(gm, "cpu", dtype=torch.float32)
+    sig = FA.build_fast(gm, "cpu", dtype=torch.float32, silu="sigmoid")
+    nodes = [n for n in sig.gm.graph.nodes if n.op == "call_function" and n.target is FA.silu_gn]
+    assert sig.report.silu_gn == len(nodes) >= 2 and "x * sigmoid(x)" in str(sig.report)
+    assert all(n.args[0].target in (FA.group_norm_auto, FA.group_norm_triton) for n in nodes)
+    with torch.no_grad():
+        assert torch.equal(sig(*args), base(*args))  # batch < GN_TRITON_MIN_BATCH: F.silu
+        x = torch.randn(FA.GN_TRITON_MIN_BATCH, 4, 6, 6)
+        assert torch.allclose(FA.silu_gn(x), F.silu(x), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="silu"):
+        FA.build_fast(gm, "cpu", silu="fast")
