@@ -214,7 +214,9 @@ def parser() -> argparse.ArgumentParser:
                     "(build_fast(gn_affine=True): each GroupNorm's per-channel scale and shift written by the "
                     "statistics' combine kernel, not recomputed per element) or fastq (build_fast(quant_math="
                     "'fast'): the quantizers multiply by p / s and round M = 2 / 3 formats by one FP8 conversion) "
-                    "or silusig (build_fast(silu='sigmoid'): the Triton GroupNorms' SiLUs as x * sigmoid(x))); "
+                    "or silusig (build_fast(silu='sigmoid'): the Triton GroupNorms' SiLUs as x * sigmoid(x)) "
+                    "(those three the default on CUDA since session 19) or s18 (the default build of session 18: "
+                    "gn_affine=False, quant_math='exact', silu='exact')); "
                     "names joined by ',' are one build with all their options (gnauto/catnhwc,splitcat:8); each "
                     "starts from build_fast's defaults, not from --attention / --group-norm; "
                     "recorded under 'variants' (with output_vs: its output against the headline step's at that "
@@ -438,7 +440,8 @@ def variant(args: argparse.Namespace, rec: Recorder, cm: Any) -> None:
                 torch._dynamo.reset()
                 torch.cuda.empty_cache()
                 options, build = variant_options(name)
-                tag = name.replace(",", "+")  # a file-name-friendly tag: profile_catnhwc+splitcat_b8.json
+                tag = name.replace(",", "-")  # a file-name-friendly tag: profile_catnhwc-splitcat_b8.json (the device
+                # tool does not bring back names with "+")
                 variant_row(args, rec, cm, name, b, options, build, rows, tag=tag if one else f"{tag}_b{b}")
 
 
@@ -456,7 +459,9 @@ VARIANTS = {"combo": ({"combo_kernels": True}, {}), "qkv": ({}, {"quantize_parts
             "exactgelu": ({}, {"gelu": "exact"}),  # the captured erf GELU (the default on CUDA before session 18)
             "gnaffine": ({}, {"gn_affine": True}),  # GroupNorm scale / shift from msfp_fast::gn_scale_shift
             "fastq": ({}, {"quant_math": "fast"}),  # quantizers by grid_fast: multiplier, FP8-conversion rounding
-            "silusig": ({}, {"silu": "sigmoid"})}  # the Triton GroupNorms' SiLUs as x * sigmoid(x)
+            "silusig": ({}, {"silu": "sigmoid"}),  # the Triton GroupNorms' SiLUs as x * sigmoid(x)
+            # the three above are the default on CUDA at bf16 since session 19; this is the build before
+            "s18": ({}, {"gn_affine": False, "quant_math": "exact", "silu": "exact"})}
 
 
 def parse_flash_tile(text: str) -> tuple:

@@ -1265,7 +1265,7 @@ def build_fast(gm: fx.GraphModule, device: str | torch.device = "cuda", weights:
                decode_group_bytes: int | None = None, merge: bool = True, quantize_parts: bool = False,
                implicit_conv: bool | None = None, attention: str = "bf16", group_norm: str = "auto",
                split_concat: bool = False, cat_nhwc: bool = True, gelu: str | None = None,
-               gn_affine: bool = False, quant_math: str = "exact", silu: str = "exact") -> FastUNet:
+               gn_affine: bool | None = None, quant_math: str | None = None, silu: str | None = None) -> FastUNet:
     """Rewrite a quantized GraphModule (``CompiledModel.graph_module`` or a loaded .pt2's module) for Inductor.
 
     ``dtype``: of the activations between ops (bf16; float32 checks the rewrite against the reference graph with
@@ -1307,10 +1307,15 @@ def build_fast(gm: fx.GraphModule, device: str | torch.device = "cuda", weights:
     instead of recomputing them per element in the apply kernel (SD1.5's GroupNorm + SiLU + quantizer kernel at
     batch 8, Inductor's code edited so: 45 sm_90 SASS instructions per element against 71; docs/triton.md session
     18)."""
-    if quant_math not in ("exact", "fast"):
+    if quant_math not in (None, "exact", "fast"):
         raise ValueError(f"unknown quant_math {quant_math!r} (exact or fast)")
-    if silu not in ("exact", "sigmoid"):
+    if silu not in (None, "exact", "sigmoid"):
         raise ValueError(f"unknown silu mode {silu!r} (exact or sigmoid)")
+    gpu_bf16 = torch.device(device).type == "cuda" and dtype == _BF16  # the defaults measured on the H200
+    quant_math = quant_math or ("fast" if gpu_bf16 else "exact")
+    silu = silu or ("sigmoid" if gpu_bf16 else "exact")
+    if gn_affine is None:
+        gn_affine = group_norm in ("auto", "triton")
     if gn_affine and group_norm not in ("auto", "triton"):
         raise ValueError(f"gn_affine=True needs group_norm 'auto' or 'triton' (the Triton statistics), "
                          f"not {group_norm!r}")
@@ -1328,7 +1333,7 @@ def build_fast(gm: fx.GraphModule, device: str | torch.device = "cuda", weights:
     _rewrite(gm, weights, report, dtype, attention, group_norm, split_concat)
     if cat_nhwc:  # after the rewrite: the GroupNorms have taken their concatenations' parts
         report.cat_nhwc = _cat_nhwc(gm)
-    if gelu == "tanh" or (gelu is None and torch.device(device).type == "cuda" and dtype == _BF16):
+    if gelu == "tanh" or (gelu is None and gpu_bf16):
         report.gelu_tanh = _gelu_tanh(gm)
     if gn_affine:
         report.gn_affine = _gn_affine(gm)

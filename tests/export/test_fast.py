@@ -647,15 +647,15 @@ def test_build_fast_gelu_tanh(compiled_cond) -> None:
 
 
 def test_build_fast_gn_affine(compiled_cond) -> None:
-    """gn_affine=True marks every group_norm_auto node (the up blocks' concatenations included) to take its scale
+    """gn_affine (the default with group_norm "auto" / "triton") marks every group_norm_auto node (the up blocks' concatenations included) to take its scale
     and shift from msfp_fast::gn_scale_shift; from GN_TRITON_MIN_BATCH samples on (where group_norm_auto is
     group_norm_triton) the output is the default build's bit for bit on the CPU (the op's reference is the same
     float32 operations; the GPU kernel's own test bounds its rounding); below it the graph is the same function;
     with a GroupNorm mode it cannot change it is a ValueError."""
     gm = compiled_cond.graph_module
     args = compiled_cond.calibration.batches[0].args
-    base = FA.build_fast(gm, "cpu", dtype=torch.float32)
-    aff = FA.build_fast(gm, "cpu", dtype=torch.float32, gn_affine=True)
+    base = FA.build_fast(gm, "cpu", dtype=torch.float32, gn_affine=False)
+    aff = FA.build_fast(gm, "cpu", dtype=torch.float32)  # the default with group_norm "auto"
     gns = [n for n in aff.gm.graph.nodes if n.op == "call_function" and n.target is FA.group_norm_auto]
     assert aff.report.gn_affine == len(gns) == base.report.group_norms >= 3
     assert all(n.kwargs["affine"] for n in gns) and any("parts" in n.kwargs for n in gns)
@@ -666,6 +666,7 @@ def test_build_fast_gn_affine(compiled_cond) -> None:
             assert torch.equal(aff(*x), base(*x)), batch  # on the CPU both take gn_stats' reference, same ops
     with pytest.raises(ValueError, match="gn_affine"):
         FA.build_fast(gm, "cpu", gn_affine=True, group_norm="channels")
+    assert FA.build_fast(gm, "cpu", group_norm="channels").report.gn_affine == 0  # the default follows the mode
 
 
 def test_fp8_grid_formats() -> None:
@@ -720,7 +721,7 @@ def test_build_fast_quant_math(compiled_cond) -> None:
     unknown mode is a ValueError."""
     gm = compiled_cond.graph_module
     args = compiled_cond.calibration.batches[0].args
-    exact = FA.build_fast(gm, "cpu", dtype=torch.float32)
+    exact = FA.build_fast(gm, "cpu", dtype=torch.float32)  # the default off CUDA
     fast = FA.build_fast(gm, "cpu", dtype=torch.float32, quant_math="fast")
     gemms = [m for m in fast.modules() if isinstance(m, FA.FastGemm)]
     fqs = [n for n in fast.gm.graph.nodes if n.op == "call_function" and n.target is FA.fake_quant]
