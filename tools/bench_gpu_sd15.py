@@ -215,8 +215,9 @@ def parser() -> argparse.ArgumentParser:
                     "statistics' combine kernel, not recomputed per element) or fastq (build_fast(quant_math="
                     "'fast'): the quantizers multiply by p / s and round M = 2 / 3 formats by one FP8 conversion) "
                     "or silusig (build_fast(silu='sigmoid'): the Triton GroupNorms' SiLUs as x * sigmoid(x)) "
-                    "(those three the default on CUDA since session 19) or s18 (the default build of session 18: "
-                    "gn_affine=False, quant_math='exact', silu='exact')); "
+                    "(those three and splitcat the default on CUDA since session 19) or nosplitcat "
+                    "(split_concat=False) or s18 (the default build of session 18: gn_affine=False, "
+                    "quant_math='exact', silu='exact', split_concat=False)); "
                     "names joined by ',' are one build with all their options (gnauto/catnhwc,splitcat:8); each "
                     "starts from build_fast's defaults, not from --attention / --group-norm; "
                     "recorded under 'variants' (with output_vs: its output against the headline step's at that "
@@ -461,7 +462,8 @@ VARIANTS = {"combo": ({"combo_kernels": True}, {}), "qkv": ({}, {"quantize_parts
             "fastq": ({}, {"quant_math": "fast"}),  # quantizers by grid_fast: multiplier, FP8-conversion rounding
             "silusig": ({}, {"silu": "sigmoid"}),  # the Triton GroupNorms' SiLUs as x * sigmoid(x)
             # the three above are the default on CUDA at bf16 since session 19; this is the build before
-            "s18": ({}, {"gn_affine": False, "quant_math": "exact", "silu": "exact"})}
+            "nosplitcat": ({}, {"split_concat": False}),  # splitcat is the default on CUDA since session 19
+            "s18": ({}, {"gn_affine": False, "quant_math": "exact", "silu": "exact", "split_concat": False})}
 
 
 def parse_flash_tile(text: str) -> tuple:

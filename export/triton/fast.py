@@ -761,7 +761,7 @@ class FastReport:
     implicit_convs: int = 0  # k x k convs run by the implicit-GEMM kernel (implicit_conv)
     fp8_attention: int = 0  # attentions run by msfp_fast::sdpa_fp8 (attention="fp8") or flash_fp8 ("fp8-triton")
     group_norms: int = 0  # GroupNorms as group_norm_channels / _auto / _triton (group_norm= "channels" etc.)
-    split_concat: int = 0  # 1x1 convs on a per-part quantized concatenation as one FP8 GEMM per part (opt-in)
+    split_concat: int = 0  # 1x1 convs on a per-part quantized concatenation as one FP8 GEMM per part
     cat_nhwc: int = 0  # 4-d channel concatenations laid out NHWC (cat_nhwc=True)
     gelu_tanh: int = 0  # exact GELUs as gelu_fast, the tanh form (gelu="tanh")
     gn_affine: int = 0  # Triton GroupNorms taking their scale and shift from msfp_fast::gn_scale_shift (gn_affine)
@@ -1264,7 +1264,7 @@ def build_fast(gm: fx.GraphModule, device: str | torch.device = "cuda", weights:
                inplace: bool = False, dtype: torch.dtype = _BF16,
                decode_group_bytes: int | None = None, merge: bool = True, quantize_parts: bool = False,
                implicit_conv: bool | None = None, attention: str = "bf16", group_norm: str = "auto",
-               split_concat: bool = False, cat_nhwc: bool = True, gelu: str | None = None,
+               split_concat: bool | None = None, cat_nhwc: bool = True, gelu: str | None = None,
                gn_affine: bool | None = None, quant_math: str | None = None, silu: str | None = None) -> FastUNet:
     """Rewrite a quantized GraphModule (``CompiledModel.graph_module`` or a loaded .pt2's module) for Inductor.
 
@@ -1316,6 +1316,8 @@ def build_fast(gm: fx.GraphModule, device: str | torch.device = "cuda", weights:
     silu = silu or ("sigmoid" if gpu_bf16 else "exact")
     if gn_affine is None:
         gn_affine = group_norm in ("auto", "triton")
+    if split_concat is None:
+        split_concat = gpu_bf16
     if gn_affine and group_norm not in ("auto", "triton"):
         raise ValueError(f"gn_affine=True needs group_norm 'auto' or 'triton' (the Triton statistics), "
                          f"not {group_norm!r}")
