@@ -250,6 +250,10 @@ def parser() -> argparse.ArgumentParser:
                     "msfp-sample --backend triton")
     ap.add_argument("--digits-only", default=None, metavar="DEVICE", help="only the digits models' sample accuracy "
                     "(fast path on DEVICE, cpu or cuda, vs onnxruntime); writes --out")
+    ap.add_argument("--digits-gpu-build", action="store_true", help="with --digits-only cpu: build the fast path "
+                    "with the options it defaults to on CUDA (build_fast's CUDA_BF16_DEFAULTS: GELU tanh form, "
+                    "grid_fast quantizers, the GroupNorms' SiLUs as x * sigmoid(x), per-part concatenation GEMMs), so "
+                    "the CPU run has the GPU build's roundings but for the FP8 accumulation and the kernels' own")
     return ap
 
 
@@ -257,7 +261,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = parser()
     args = ap.parse_args(argv)
     if args.digits_only:
-        res = digits_accuracy(args.digits_only, compiled=args.digits_only == "cuda")
+        from msfp_compiler.export.triton.fast import CUDA_BF16_DEFAULTS
+
+        res = digits_accuracy(args.digits_only, compiled=args.digits_only == "cuda",
+                              options=dict(CUDA_BF16_DEFAULTS) if args.digits_gpu_build else None)
         res["loadavg"] = os.getloadavg()
         Recorder(Path(args.out), res).save()
         return 0
@@ -921,10 +928,12 @@ def accuracy(gm: Any, fast: Any, example: tuple, steps: int, batch: int) -> dict
             "batch": batch}
 
 
-def digits_accuracy(device: str, steps: int = 20, n: int = 32, compiled: bool = False) -> dict:
+def digits_accuracy(device: str, steps: int = 20, n: int = 32, compiled: bool = False,
+                    options: dict | None = None) -> dict:
     """The trained digits UNets (examples/), compiled with the CLI defaults: DDIM samples of the fast path (bf16
-    activations, FP8 GEMMs; ``device``) vs onnxruntime on the CPU (the deployment reference) vs the float32 graph,
-    same seeds. PSNR over images in [-1, 1] (peak-to-peak 2), and the per-step eps rel-RMSE on ORT's trajectory."""
+    activations, FP8 GEMMs; ``device``; ``options``: build_fast keyword arguments) vs onnxruntime on the CPU (the
+    deployment reference) vs the float32 graph, same seeds. PSNR over images in [-1, 1] (peak-to-peak 2), and the
+    per-step eps rel-RMSE on ORT's trajectory."""
     from msfp_compiler.compile import compile as msfp_compile
     from msfp_compiler.config import CompileConfig
     from msfp_compiler.export.ort import OrtUNet, ddim_sample, session_from_model
@@ -935,12 +944,13 @@ def digits_accuracy(device: str, steps: int = 20, n: int = 32, compiled: bool = 
         mse = float((a.double().clamp(-1, 1) - b.double().clamp(-1, 1)).pow(2).mean())
         return round(10 * math.log10(4.0 / max(mse, 1e-20)), 2)
 
-    out: dict[str, Any] = {"steps": steps, "samples": n, "device": device, "compiled": compiled}
+    out: dict[str, Any] = {"steps": steps, "samples": n, "device": device, "compiled": compiled,
+                           "build_fast_options": options or {}}
     for name in ("digits-uncond", "digits-cond"):
         loaded = load_model(ROOT / "examples" / name)
         cm = msfp_compile(loaded, CompileConfig(), progress=False)
         ort_unet = OrtUNet(session_from_model(cm.onnx_model))
-        fast = build_fast(cm.graph_module, device)
+        fast = build_fast(cm.graph_module, device, **(options or {}))
         fn = torch.compile(fast) if compiled else fast
         cond = None
         if ort_unet.cond:

@@ -47,6 +47,10 @@ def category(name: str) -> str:
     # expanded per channel and the shift -mean * rstd
     if "rsqrt" in name or "group_norm" in name or ("select" in name and "expand" in name and "_neg_" in name):
         return "gn_apply"
+    if "select" in name and "unsqueeze" in name:  # session 19: the [N, C] rows of msfp_fast::gn_scale_shift
+        return "gn_apply"
+    if "sigmoid" in name and "split" in name:  # GEGLU with GELU's tanh form (gelu_fast, a sigmoid; session 18)
+        return "geglu"
     for key, cat in (("layer_norm", "layernorm"), ("gelu", "geglu"), ("scaled_dot_product", "qkv_quant")):
         if key in name:
             return cat

@@ -6,7 +6,8 @@ fused by the compiler:
 
 * the non-GEMM graph runs in bfloat16 (GroupNorm, SiLU, residual adds, attention through PyTorch's flash SDPA);
 * each activation quantizer in front of a 4-bit layer becomes pointwise torch ops producing the E4M3 grid values
-  (``grid_round``: integer bit arithmetic, no FMA-sensitive float tricks), which Inductor fuses into the kernel
+  (``grid_round``: integer bit arithmetic, no FMA-sensitive float tricks; on CUDA ``grid_fast``: one FP8 conversion
+  for formats of 2 or 3 mantissa bits, the same rounding), which Inductor fuses into the kernel
   that produces the activation (GroupNorm -> SiLU -> quantize -> E4M3 store);
 * each 4-bit linear / 1x1 conv is ``torch._scaled_mm`` on E4M3 operands (FP8 tensor cores, unit scales; the
   column scale ``s_a * s_w[n]`` and the bias are a pointwise epilogue that Inductor fuses into the consumer); each
@@ -23,8 +24,10 @@ fused by the compiler:
 Quantizers the GEMMs cannot take (8-bit formats, attention Q/K/V, per-channel activation scales) stay fake
 quantization, written as pointwise torch ops (``fake_quant``) on bfloat16 tensors. The numerics differ from the
 float32 reference graph in: bfloat16 activations between ops (the quantizers see bfloat16-rounded inputs), FP8 GEMM
-accumulation (Hopper), bfloat16 GEMM outputs, bfloat16 attention, and GELU's tanh form (``gelu_fast``, the default on
-CUDA at bf16); see docs/triton.md for the measured difference.
+accumulation (Hopper), bfloat16 GEMM outputs, bfloat16 attention, GELU's tanh form (``gelu_fast``), the GroupNorms'
+SiLUs as x * sigmoid(x) (``silu_gn``) and the quantizers' multiplication by p / s in place of the division
+(``grid_fast``), the last three the defaults on CUDA at bf16 (``CUDA_BF16_DEFAULTS``); see docs/triton.md for the
+measured difference.
 """
 
 from __future__ import annotations
@@ -48,7 +51,8 @@ from .fast_ops import conv_out_size, e4m3_lut, group_scale_shift, pack_halves  #
 
 __all__ = ["grid_round", "fake_quant", "grid_e4m3", "PartQuant", "FastGemm", "DecodeGroup", "FastUNet", "build_fast",
            "FastReport", "weight_bytes", "sdpa_fp8_fq", "flash_fp8_fq", "fp8_head_dim", "group_norm_channels",
-           "group_norm_auto", "group_norm_triton", "concat_parts", "cat_nhwc"]
+           "group_norm_auto", "group_norm_triton", "concat_parts", "cat_nhwc", "grid_fast", "fp8_grid",
+           "quant_multiplier", "silu_gn", "CUDA_BF16_DEFAULTS"]
 
 aten = torch.ops.aten
 _Q = torch.ops.msfp.quantize.default
@@ -1260,6 +1264,12 @@ class FastUNet(torch.nn.Module):
             return super().__call__(*args, **kwargs)
 
 
+# What build_fast's options default to on CUDA at bf16 (elsewhere: "exact" and False), each measured on SD1.5 on the
+# H200 (docs/triton.md sessions 18-19); a CPU run passes them to reproduce the GPU build's numerics
+CUDA_BF16_DEFAULTS: dict[str, Any] = {"gelu": "tanh", "quant_math": "fast", "silu": "sigmoid", "split_concat": True}
+_OTHER_DEFAULTS: dict[str, Any] = {"gelu": "exact", "quant_math": "exact", "silu": "exact", "split_concat": False}
+
+
 def build_fast(gm: fx.GraphModule, device: str | torch.device = "cuda", weights: str = "packed",
                inplace: bool = False, dtype: torch.dtype = _BF16,
                decode_group_bytes: int | None = None, merge: bool = True, quantize_parts: bool = False,
@@ -1289,10 +1299,11 @@ def build_fast(gm: fx.GraphModule, device: str | torch.device = "cuda", weights:
     "aten" (``aten.group_norm`` as captured, which Inductor reduces in NCHW order) or "triton"
     (``group_norm_triton``: the statistics from our Triton kernels in ``gn_stats``, concatenated inputs read part by
     part) or "auto" (the default, ``group_norm_auto``: triton from ``GN_TRITON_MIN_BATCH`` samples on, where it
-    measured fastest on SD1.5 at batch 8, aten below, as session 13 measured batch 1). ``split_concat`` (opt-in,
-    not yet measured on the GPU): the 1x1 convs on a concatenation quantized per part (SD1.5's 12 up-block
-    conv_shortcuts, otherwise kept as bf16 fake quantization + conv) as one FP8 GEMM per part with its own activation
-    scale, summed in ``dtype``. ``cat_nhwc`` (the default since session 16): the 4-d channel
+    measured fastest on SD1.5 at batch 8, aten below, as session 13 measured batch 1). ``split_concat``: the 1x1
+    convs on a concatenation quantized per part (SD1.5's 12 up-block conv_shortcuts, otherwise kept as bf16 fake
+    quantization + conv) as one FP8 GEMM per part with its own activation scale, summed in ``dtype``. Default (None):
+    on for CUDA at bf16 (SD1.5 at batch 8 on the H200: device time 14.294 against 14.370 ms per step; docs/triton.md
+    session 19), off elsewhere. ``cat_nhwc`` (the default since session 16): the 4-d channel
     concatenations (SD1.5's 12 up-block skip connections, and the concatenations of their quantized parts) as
     ``cat_nhwc``, NHWC memory like every other activation, instead of the NCHW buffer Inductor gives an
     ``aten.cat`` none of whose parts it has fixed channels-last yet (3 of SD1.5's); the same values (a layout
@@ -1302,22 +1313,29 @@ def build_fast(gm: fx.GraphModule, device: str | torch.device = "cuda", weights:
     as a sigmoid) or "exact" (the captured erf form). Default (None): tanh on CUDA at bf16 (SD1.5 at batch 8 on the
     H200: the GEGLU kernels 0.786 ms per step against 0.993, rel-RMSE against the float32 reference unchanged;
     docs/triton.md session 18), exact otherwise (the CPU and the float32 check compare with the reference graph).
-    ``gn_affine`` (opt-in, not yet measured on the GPU): the Triton GroupNorms (group_norm "triton", or "auto" from
-    ``GN_TRITON_MIN_BATCH`` samples) take each (sample, channel)'s scale and shift from ``msfp_fast::gn_scale_shift``
-    instead of recomputing them per element in the apply kernel (SD1.5's GroupNorm + SiLU + quantizer kernel at
-    batch 8, Inductor's code edited so: 45 sm_90 SASS instructions per element against 71; docs/triton.md session
-    18)."""
+    ``gn_affine``: the Triton GroupNorms (group_norm "triton", or "auto" from ``GN_TRITON_MIN_BATCH`` samples) take
+    each (sample, channel)'s scale and shift from ``msfp_fast::gn_scale_shift`` instead of recomputing them per
+    element in the apply kernel (SD1.5's GroupNorm + SiLU + quantizer kernel: 71 sm_90 SASS instructions per element
+    down to 44). Default (None): on with group_norm "auto" / "triton"; True with another mode is a ValueError.
+    ``quant_math``: "fast" (every FP8 GEMM's activation quantizer and every bf16 fake quantizer by ``grid_fast``:
+    (x - z) times ``quant_multiplier`` instead of a division, and formats of 2 or 3 mantissa bits rounded by one FP8
+    conversion; the rounding is ``grid_round``'s, the multiplication can move a code lying within ~an ulp of a
+    boundary) or "exact" (``grid_round`` of (x - z) / s, as the reference). ``silu``: "sigmoid" (``silu_gn``: the
+    SiLUs of the Triton GroupNorms as x * sigmoid(x), Triton's exp2 and reciprocal) or "exact". Defaults (None):
+    ``CUDA_BF16_DEFAULTS`` on CUDA at bf16, "exact" elsewhere. Together with gn_affine they took the step's
+    GroupNorm + SiLU + quantizer kernel from 71 to 30 instructions per element and SD1.5's batch-8 step on the H200
+    from 15.129 to 14.505 ms of device time (docs/triton.md session 19)."""
     if quant_math not in (None, "exact", "fast"):
         raise ValueError(f"unknown quant_math {quant_math!r} (exact or fast)")
     if silu not in (None, "exact", "sigmoid"):
         raise ValueError(f"unknown silu mode {silu!r} (exact or sigmoid)")
-    gpu_bf16 = torch.device(device).type == "cuda" and dtype == _BF16  # the defaults measured on the H200
-    quant_math = quant_math or ("fast" if gpu_bf16 else "exact")
-    silu = silu or ("sigmoid" if gpu_bf16 else "exact")
+    gpu_bf16 = torch.device(device).type == "cuda" and dtype == _BF16
+    base = CUDA_BF16_DEFAULTS if gpu_bf16 else _OTHER_DEFAULTS
+    quant_math, silu, gelu = quant_math or base["quant_math"], silu or base["silu"], gelu or base["gelu"]
     if gn_affine is None:
         gn_affine = group_norm in ("auto", "triton")
     if split_concat is None:
-        split_concat = gpu_bf16
+        split_concat = base["split_concat"]
     if gn_affine and group_norm not in ("auto", "triton"):
         raise ValueError(f"gn_affine=True needs group_norm 'auto' or 'triton' (the Triton statistics), "
                          f"not {group_norm!r}")
@@ -1335,7 +1353,7 @@ def build_fast(gm: fx.GraphModule, device: str | torch.device = "cuda", weights:
     _rewrite(gm, weights, report, dtype, attention, group_norm, split_concat)
     if cat_nhwc:  # after the rewrite: the GroupNorms have taken their concatenations' parts
         report.cat_nhwc = _cat_nhwc(gm)
-    if gelu == "tanh" or (gelu is None and gpu_bf16):
+    if gelu == "tanh":
         report.gelu_tanh = _gelu_tanh(gm)
     if gn_affine:
         report.gn_affine = _gn_affine(gm)
