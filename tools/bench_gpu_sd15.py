@@ -974,7 +974,7 @@ def digits_accuracy(device: str, steps: int = 20, n: int = 32, compiled: bool = 
         per_step = []
         for t in sched.timesteps:
             tt = torch.full((n,), int(t), dtype=torch.int64)
-            e_ort = ort_unet(x, tt, cond) if cond is not None else ort_unet(x, tt)
+            e_ort = ort_unet.eps(x, tt, cond)  # calling OrtUNet returns a diffusers output object
             e_fast = fast_call(x, tt, cond)
             per_step.append(round(float((e_fast - e_ort).norm() / e_ort.norm()), 5))
             x = sched.step(e_ort, t, x).prev_sample
