@@ -52,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     cm = msfp_compile(conftest.make_unet_cond(), conftest.FAST_CONFIG, progress=False)
     x = [torch.cat([a] * args.batch)[:args.batch] for a in cm.calibration.batches[0].args]
-    fast = FA.build_fast(cm.graph_module, "cpu", implicit_conv=True)  # implicit_conv: as on CUDA
+    # as on CUDA: the implicit conv and the CUDA-at-bf16 defaults (an older tree has none of them: {})
+    fast = FA.build_fast(cm.graph_module, "cpu", implicit_conv=True, **getattr(FA, "CUDA_BF16_DEFAULTS", {}))
 
     def node_key(n: torch.fx.Node) -> str:
         name = getattr(n.target, "__name__", str(n.target))

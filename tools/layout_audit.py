@@ -139,7 +139,7 @@ def recording() -> Iterator[tuple[list[dict], dict[str, str]]]:
         idebug.log_ir_pre_fusion, idebug.log_ir_post_fusion = log_pre, log_post
 
 
-_QUANT_FRAMES = ("_bit_rne", "grid_round", "fake_quant", "_scaled ", "forward", "__call__")
+_QUANT_FRAMES = ("_bit_rne", "grid_round", "grid_fast", "fake_quant", "_scaled ", "forward", "__call__")
 
 
 def compact(rec: dict) -> dict:
@@ -189,8 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     cm = msfp_compile(conftest.make_unet_cond() if args.model == "tiny" else _sd15_mini(), conftest.FAST_CONFIG,
                       progress=False)
     x = [torch.cat([a] * args.batch)[:args.batch] for a in cm.calibration.batches[0].args]
-    fast = FA.build_fast(cm.graph_module, "cpu", implicit_conv=True,  # implicit_conv: as on CUDA
-                         cat_nhwc=args.cat_nhwc)
+    # as on CUDA: the implicit conv and the CUDA-at-bf16 defaults (split_concat, grid_fast, ...)
+    fast = FA.build_fast(cm.graph_module, "cpu", implicit_conv=True, cat_nhwc=args.cat_nhwc,
+                         **FA.CUDA_BF16_DEFAULTS)
     icfg.force_disable_caches = True  # a cache hit would skip the scheduler
     with torch.no_grad(), recording() as (pre, kernels):
         y = torch.compile(fast, dynamic=False)(*x)

@@ -47,8 +47,9 @@ def category(name: str) -> str:
     # expanded per channel and the shift -mean * rstd
     if "rsqrt" in name or "group_norm" in name or ("select" in name and "expand" in name and "_neg_" in name):
         return "gn_apply"
-    if "select" in name and "unsqueeze" in name:  # session 19: the [N, C] rows of msfp_fast::gn_scale_shift
-        return "gn_apply"
+    if "select" in name and "unsqueeze" in name and ("sigmoid" in name or "silu" in name):
+        return "gn_apply"  # session 19: the [N, C] rows of msfp_fast::gn_scale_shift, then SiLU (resnet epilogues
+        # with the time embedding also select and unsqueeze, without SiLU; the transformers' GroupNorms land in other)
     if "sigmoid" in name and "split" in name:  # GEGLU with GELU's tanh form (gelu_fast, a sigmoid; session 18)
         return "geglu"
     for key, cat in (("layer_norm", "layernorm"), ("gelu", "geglu"), ("scaled_dot_product", "qkv_quant")):

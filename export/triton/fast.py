@@ -176,7 +176,8 @@ def grid_fast(x: torch.Tensor, zero_point: Any, mult: Any, fmt: str) -> torch.Te
     the bit arithmetic and the subnormal branch. On SD1.5's GroupNorm + SiLU + quantizer kernel (sm_90 SASS) the
     two take the quantizer from ~17 to ~6 instructions per element. The rounding is grid_round's for the same
     scaled value (tested); the scaled value can differ from the reference's by the multiplication's rounding, which
-    moves a code only where (x - z) / s lies within about an ulp of a rounding boundary."""
+    moves a code only where (x - z) / s lies within about an ulp of a rounding boundary. For unsigned formats a -0.0
+    input stays -0.0 (grid_round gives +0.0): the same value, one instruction per element less."""
     v = (x.float() - zero_point) * mult
     g = fp8_grid(fmt)
     if g is None:
