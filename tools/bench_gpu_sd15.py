@@ -215,7 +215,8 @@ def parser() -> argparse.ArgumentParser:
                     "statistics' combine kernel, not recomputed per element) or fastq (build_fast(quant_math="
                     "'fast'): the quantizers multiply by p / s and round M = 2 / 3 formats by one FP8 conversion) "
                     "or silusig (build_fast(silu='sigmoid'): the Triton GroupNorms' SiLUs as x * sigmoid(x)) "
-                    "(those three and splitcat the default on CUDA since session 19) or nosplitcat "
+                    "(those three and splitcat the default on CUDA since session 19) or nopersist (Inductor "
+                    "triton.persistent_reductions=False: looped reductions, no padded LayerNorm rows) or nosplitcat "
                     "(split_concat=False) or s18 (the default build of session 18: gn_affine=False, "
                     "quant_math='exact', silu='exact', split_concat=False)); "
                     "names joined by ',' are one build with all their options (gnauto/catnhwc,splitcat:8); each "
@@ -470,6 +471,9 @@ VARIANTS = {"combo": ({"combo_kernels": True}, {}), "qkv": ({}, {"quantize_parts
             "silusig": ({}, {"silu": "sigmoid"}),  # the Triton GroupNorms' SiLUs as x * sigmoid(x)
             # the three above are the default on CUDA at bf16 since session 19; this is the build before
             "nosplitcat": ({}, {"split_concat": False}),  # splitcat is the default on CUDA since session 19
+            # looped reductions: the LayerNorms' rows in power-of-two chunks instead of one padded block (SD1.5's
+            # widths are 5 x 2^k: a persistent row idles 37.5% of its lanes; docs/triton.md session 19)
+            "nopersist": ({"triton.persistent_reductions": False}, {}),
             "s18": ({}, {"gn_affine": False, "quant_math": "exact", "silu": "exact", "split_concat": False})}
 
 
