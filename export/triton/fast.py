@@ -162,12 +162,12 @@ def fp8_grid(fmt: str) -> tuple[torch.dtype, float] | None:
     return (dtype, p) if f.max * p <= torch.finfo(dtype).max else None
 
 
-def quant_multiplier(scale: float, fmt: str) -> float:
-    """``p / s`` in float32 (p: ``fp8_grid``'s power of two, 1 for other formats): what ``grid_fast`` multiplies
-    (x - z) by. Rounded once from the exact reciprocal, so (x - z) * it is within 1.5 float32 ulps of
-    ((x - z) / s) * p (CUDA's division in Triton is div.full.f32, within 2 ulps)."""
+def quant_multiplier(scale: float | torch.Tensor, fmt: str) -> torch.Tensor:
+    """``p / s`` as a float32 tensor of the scale's shape (p: ``fp8_grid``'s power of two, 1 for other formats):
+    what ``grid_fast`` multiplies (x - z) by. Rounded once from the float64 quotient, so (x - z) * it is within 1.5
+    float32 ulps of ((x - z) / s) * p (CUDA's division in Triton is div.full.f32, within 2 ulps)."""
     g = fp8_grid(fmt)
-    return float(torch.tensor((g[1] if g else 1.0) / float(scale), dtype=torch.float64).float())
+    return ((g[1] if g else 1.0) / torch.as_tensor(scale, dtype=torch.float64)).float()
 
 
 def grid_fast(x: torch.Tensor, zero_point: Any, mult: Any, fmt: str) -> torch.Tensor:
@@ -296,7 +296,7 @@ class FastGemm(torch.nn.Module):
         # source, which Inductor compiles once (baked constants made every layer's kernels unique)
         self.register_buffer("a_s", torch.tensor(self.a_scale))
         self.register_buffer("a_z", torch.tensor(self.a_zero))
-        self.register_buffer("a_mult", torch.tensor(quant_multiplier(self.a_scale, afmt)))
+        self.register_buffer("a_mult", quant_multiplier(self.a_scale, afmt))
         self.fast_quant = False  # the activation's grid by grid_fast (build_fast(quant_math="fast"))
         self.conv = conv
         self.weights = weights
@@ -1094,9 +1094,8 @@ def _fast_quantizers(gm: fx.GraphModule) -> int:
         s = _const(gm, s_n) if isinstance(s_n, fx.Node) else torch.tensor(float(s_n))
         if s is None:
             continue
-        p = fp8_grid(fmt)[1] if fp8_grid(fmt) else 1.0
         name = f"_qmult_{count}"
-        gm.register_buffer(name, (p / s.double()).float())
+        gm.register_buffer(name, quant_multiplier(s, fmt))
         with gm.graph.inserting_before(node):
             mult = gm.graph.get_attr(name)
         node.kwargs = {**node.kwargs, "mult": mult}

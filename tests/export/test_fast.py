@@ -688,7 +688,7 @@ def test_grid_fast_rounding_exact(fmt: str) -> None:
         mult = FA.quant_multiplier(scale, fmt)
         got = FA.grid_fast(v, 0.0, mult, fmt)
         assert torch.equal(got, ref), f"{fmt}: {(got != ref).sum()} of {v.numel()} differ"
-        cf = torch.compile(lambda t: FA.grid_fast(t * 1.0, 0.0, torch.tensor(mult, device=DEV), fmt),
+        cf = torch.compile(lambda t: FA.grid_fast(t * 1.0, 0.0, mult.to(DEV), fmt),
                            dynamic=False)
         got_c = cf(v.to(DEV)).cpu()
         assert torch.equal(got_c, ref), f"{fmt} compiled: {(got_c != ref).sum()} of {v.numel()} differ"
@@ -702,7 +702,7 @@ def test_fake_quant_mult_close(fmt: str) -> None:
     x = torch.randn(200_000, generator=gen) * 3
     s, z = torch.tensor(0.3713), torch.tensor(-0.2785)
     ref = torch.ops.msfp.quantize(x, s, z, fmt)
-    got = FA.fake_quant(x, s, z, fmt, out_dtype=torch.float32, mult=torch.tensor(FA.quant_multiplier(float(s), fmt)))
+    got = FA.fake_quant(x, s, z, fmt, out_dtype=torch.float32, mult=FA.quant_multiplier(s, fmt))
     diff = got != ref
     assert diff.float().mean() < 1e-4, diff.sum()
     if diff.any():
