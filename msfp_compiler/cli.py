@@ -53,6 +53,7 @@ FIELD_FLAGS = {
     "FinetuneConfig.steps": "--finetune-steps", "FinetuneConfig.num_loras": "--num-loras",
     "FinetuneConfig.rank": "--lora-rank", "FinetuneConfig.samples": "--finetune-samples",
     "FinetuneConfig.sampler_steps": "--finetune-sampler-steps", "FinetuneConfig.checkpoint": "--finetune-checkpoint",
+    "FinetuneConfig.holdout_samples": "--finetune-holdout",
     "load_model.config": "--config", "load_model.trust_pickle": "--trust-pickle",
     "CompileConfig.conv_weights": "--conv-weights",
 }
@@ -164,6 +165,8 @@ def _add_finetune_args(p: argparse.ArgumentParser) -> None:
     ft.add_argument("--no-dfa", action="store_true", help="unweighted loss instead of DFA's gamma_t weighting")
     ft.add_argument("--learn-act-scales", action="store_true", help="also learn activation scales (LSQ-style)")
     ft.add_argument("--finetune-samples", type=int, default=32, help="FP trajectories used as data (default 32)")
+    ft.add_argument("--finetune-holdout", type=int, default=0,
+                    help="FP trajectories held out of training: their loss before / after is logged (default 0)")
     ft.add_argument("--finetune-sampler-steps", type=int, default=50,
                     help="DDIM steps of those trajectories and of gamma_t; match your sampler (default 50)")
     ft.add_argument("--finetune-checkpoint", help="write LoRA + router tensors here (.safetensors)")
@@ -223,12 +226,14 @@ def _validate_compile_args(args: argparse.Namespace) -> None:
                         "(each timestep group needs at least one step)")
     at_least("--text-len", args.text_len, 1)
     at_least("--finetune-steps", args.finetune_steps, 0)
+    at_least("--finetune-holdout", args.finetune_holdout, 0)
     for flag, value in (("--num-loras", args.num_loras), ("--lora-rank", args.lora_rank),
                         ("--finetune-samples", args.finetune_samples),
                         ("--finetune-sampler-steps", args.finetune_sampler_steps)):
         at_least(flag, value, 1)
     if not args.finetune_steps:
         given = [f for f, v in (("--finetune-checkpoint", args.finetune_checkpoint), ("--no-dfa", args.no_dfa),
+                                ("--finetune-holdout", args.finetune_holdout),
                                 ("--learn-act-scales", args.learn_act_scales)) if v]
         if given:
             raise MsfpError(f"{', '.join(given)} only apply to fine-tuning; add --finetune-steps N (N >= 1)")
@@ -273,6 +278,7 @@ def _quant_finetune_configs(args: argparse.Namespace):
     return quant, FinetuneConfig(steps=args.finetune_steps, num_loras=args.num_loras, rank=args.lora_rank,
                                  dfa=not args.no_dfa, learn_act_scales=args.learn_act_scales,
                                  samples=args.finetune_samples, sampler_steps=args.finetune_sampler_steps,
+                                 holdout_samples=args.finetune_holdout,
                                  seed=args.seed, checkpoint=args.finetune_checkpoint)
 
 

@@ -119,6 +119,9 @@ class FinetuneConfig:
     # seconds: fit the cosine schedule's length (at most ``steps``) to this budget at the measured step rate
     time_budget_s: float | None = None
     samples: int = 32  # FP trajectories used as distillation data
+    # FP trajectories never trained on: their DFA-weighted loss before / after fine-tuning (overfitting shows as a
+    # held-out loss that stops falling while the training probe's still does); 0 = none
+    holdout_samples: int = 0
     sampler_steps: int = 50  # DDIM steps of those trajectories (and of gamma_t)
     sampler: str = "ddim"
     seed: int = 0
@@ -129,6 +132,8 @@ class FinetuneConfig:
     def __post_init__(self) -> None:
         if self.steps < 1 or self.num_loras < 1 or self.rank < 1:
             raise MsfpError("FinetuneConfig.steps, FinetuneConfig.num_loras and FinetuneConfig.rank must be >= 1")
+        if self.holdout_samples < 0:
+            raise MsfpError(f"FinetuneConfig.holdout_samples must be >= 0 (got {self.holdout_samples})")
 
 
 

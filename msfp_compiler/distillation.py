@@ -48,6 +48,8 @@ class FinetuneResult:
     curve: list[tuple[int, float]] = field(default_factory=list)  # (step, mean loss over the interval)
     cuda_graph: bool = False  # the steps after the warm-up replayed one captured CUDA graph
     steps: int = 0  # steps run (less than FinetuneConfig.steps when its time budget cut the schedule)
+    holdout_initial_loss: float | None = None  # the same loss on FinetuneConfig.holdout_samples unseen trajectories
+    holdout_final_loss: float | None = None
 
     def log_info(self, cfg: FinetuneConfig) -> dict:
         """Facts for the pass log (JSON-able)."""
@@ -56,11 +58,16 @@ class FinetuneResult:
                 "initial_loss": round(self.initial_loss, 6), "final_loss": round(self.final_loss, 6),
                 "train_seconds": round(self.seconds, 2), "steps_per_s": round(self.steps / max(self.seconds, 1e-9), 2),
                 "batch_size": cfg.batch_size, "cuda_graph": self.cuda_graph, "learn_act_scales": cfg.learn_act_scales,
+                "samples": cfg.samples, "holdout_samples": cfg.holdout_samples,
+                "holdout_initial_loss": _rounded(self.holdout_initial_loss),
+                "holdout_final_loss": _rounded(self.holdout_final_loss),
                 "loss_curve": [[s, round(v, 6)] for s, v in self.curve]}
 
     def log_report(self) -> list[str]:
         """Readable lines for passes.log: the loss before/after and a sample of gamma_t."""
         report = [f"distillation loss (DFA-weighted probe) {self.initial_loss:.5f} -> {self.final_loss:.5f}"]
+        if self.holdout_final_loss is not None:
+            report.append(f"held-out trajectories {self.holdout_initial_loss:.5f} -> {self.holdout_final_loss:.5f}")
         if self.gammas:
             ts = sorted(self.gammas)
             report.append("gamma_t: " + " ".join(f"{t}:{self.gammas[t]:.2f}" for t in ts[:: max(1, len(ts) // 10)]))
@@ -68,9 +75,13 @@ class FinetuneResult:
 
 
 @torch.no_grad()
-def _teacher_data(teacher: nn.Module, sig: UNetSignature, data: CalibrationSet):
+def _teacher_data(teacher: nn.Module, sig: UNetSignature, batches: list):
     model = UNetWrapper(teacher, sig).eval()
-    return [(b, model(*b.args)) for b in data.batches]
+    return [(b, model(*b.args)) for b in batches]
+
+
+def _rounded(v: float | None) -> float | None:
+    return None if v is None else round(v, 6)
 
 
 def _eval_loss(gm, items, gammas) -> float:
@@ -211,13 +222,17 @@ def _fit_to_budget(cfg: FinetuneConfig, step: int, rate: float, left: float) -> 
 
 def _train(gm, teacher, sig, data, cfg, gammas, progress) -> FinetuneResult:
     groups = _param_groups(gm, cfg)
-    items = _teacher_data(teacher, sig, data)
+    items = _teacher_data(teacher, sig, data.batches)
+    # Held-out trajectories at the training probe's timesteps: the two losses compare directly.
+    held = _teacher_data(teacher, sig, data.holdout[:: max(1, len(data.holdout) // 8)])
     graph = _use_graph(cfg, items, groups)
     base = [float(g["lr"]) for g in groups]
     opt = _make_optimizer(groups, graph)
     probe = items[:: max(1, len(items) // 8)]
     res = FinetuneResult(gammas=gammas)
     res.initial_loss = _eval_loss(gm, probe, gammas)
+    if held:
+        res.holdout_initial_loss = _eval_loss(gm, held, gammas)
     picks, rows = _batch_plan(items, cfg, items[0][1].device)
     runner = _StepRunner(gm, items, gammas, opt, rows)
     hist = torch.zeros(cfg.steps, device=items[0][1].device)
@@ -260,6 +275,8 @@ def _train(gm, teacher, sig, data, cfg, gammas, progress) -> FinetuneResult:
     res.cuda_graph = runner.graph is not None
     del runner
     _finish(gm, cfg, groups, res, probe, gammas)
+    if held:
+        res.holdout_final_loss = _eval_loss(gm, held, gammas)
     return res
 
 

@@ -27,6 +27,7 @@ def test_config_does_not_import_training_code() -> None:
     (lambda: CalibConfig(num_samples=0), "CalibConfig.num_samples"),
     (lambda: CalibConfig(text_len=0), "CalibConfig.text_len"),
     (lambda: FinetuneConfig(rank=0), "FinetuneConfig.rank"),
+    (lambda: FinetuneConfig(holdout_samples=-1), "FinetuneConfig.holdout_samples"),
     (lambda: CompileConfig(conv_weights="float16"), "CompileConfig.conv_weights"),
     (lambda: CompileConfig(conv_weights="float32:1.5"), "CompileConfig.conv_weights"),
 ])

@@ -69,7 +69,7 @@ def _reference_losses(gm, unet, sig, data, cfg, sched) -> list[float]:
     gammas = dfa_weights(sched, cfg.sampler_steps, cfg.sampler)
     opt = torch.optim.Adam(_param_groups(gm, cfg))
     lr_sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.steps)
-    items = _teacher_data(unet, sig, data)
+    items = _teacher_data(unet, sig, data.batches)
     gen = torch.Generator().manual_seed(cfg.seed)
     losses = []
     for _ in range(cfg.steps):
@@ -142,6 +142,35 @@ def test_finetune_cuda_graph_matches_eager(stages_unet2d):
     # quantizer input can cross a rounding boundary and the runs part (seen on an H200 at lr 5e-3: equal to 4
     # digits for 9 steps, then 10% apart), so the replayed steps are compared while they must still agree.
     assert torch.allclose(torch.tensor(res.losses[:8]), torch.tensor(ref[:8]), rtol=1e-3, atol=1e-7)
+
+
+def test_finetune_holdout_loss_is_measured_without_touching_training(stages_unet2d):
+    # held-out trajectories are drawn after the training ones: the same training, plus a loss on unseen inputs
+    from msfp_compiler.calibration import collect
+    from msfp_compiler.dfa import dfa_weights
+    from msfp_compiler.distillation import _eval_loss, _teacher_data, finetune
+    from msfp_compiler.sampling import make_scheduler
+
+    from .conftest import clone_gm, quantize_tiny
+
+    unet = stages_unet2d.unet
+    gm, sig = quantize_tiny(unet, steps=3, groups=1, sample_per_group=128, gm=stages_unet2d.fresh("capture"))
+    again = clone_gm(gm)
+    cfg = FinetuneConfig(steps=8, num_loras=2, rank=2, batch_size=3, lr=5e-3, samples=4, sampler_steps=8)
+    plain = collect(unet, sig, 4, 8, 1, make_scheduler("ddim"), num_groups=1, holdout_samples=0, progress=False)
+    held = collect(unet, sig, 4, 8, 1, make_scheduler("ddim"), num_groups=1, holdout_samples=3, progress=False)
+    r0 = finetune(gm, unet, sig, plain, cfg, make_scheduler("ddim"), progress=False)
+    cfg3 = dataclasses.replace(cfg, holdout_samples=3)
+    r3 = finetune(again, unet, sig, held, cfg3, make_scheduler("ddim"), progress=False)
+    assert r3.losses == r0.losses and r0.holdout_final_loss is None
+    # the held-out loss is the probe's DFA-weighted loss on the unseen trajectories (8 steps: every one)
+    gammas = dfa_weights(make_scheduler("ddim"), 8, "ddim")
+    expect = _eval_loss(again, _teacher_data(unet, sig, held.holdout), gammas)
+    assert math.isclose(r3.holdout_final_loss, expect, rel_tol=1e-6)
+    assert r3.holdout_final_loss != r3.holdout_initial_loss > 0
+    info = r3.log_info(cfg3)
+    assert info["holdout_samples"] == 3 and info["holdout_final_loss"] == round(r3.holdout_final_loss, 6)
+    assert any(line.startswith("held-out trajectories") for line in r3.log_report())
 
 
 def test_finetune_time_budget_shortens_the_schedule(stages_unet2d):

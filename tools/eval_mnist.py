@@ -110,6 +110,7 @@ def keep_8bit_names(patterns: str) -> tuple[str, ...]:
 def compile_config(row: Row, args, seed: int) -> CompileConfig:
     cfg = args_row_config(row, args, seed, args.device, batch_size=args.finetune_batch, lr=args.lora_lr,
                           log_every=args.log_every, learn_act_scales=args.learn_act_scales,
+                          holdout_samples=args.finetune_holdout,
                           time_budget_s=args.finetune_time_budget)
     return dataclasses.replace(cfg, quant=dataclasses.replace(cfg.quant, keep_8bit=keep_8bit_names(args.keep_8bit),
                                                               quantize_attention=not args.float_attention))
@@ -366,6 +367,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--finetune-time-budget", type=float, default=None, metavar="S",
                    help="fit each fine-tuning's cosine schedule (at most --finetune-steps) to S seconds")
     p.add_argument("--learn-act-scales", action="store_true", help="fine-tuning also learns the activation scales")
+    p.add_argument("--finetune-holdout", type=int, default=0, metavar="N",
+                   help="FP trajectories held out of fine-tuning; their loss before / after goes into each row")
     p.add_argument("--keep-8bit", default="first,last", metavar="LAYERS",
                    help="layers kept at 8 bits: first, last and fnmatch patterns over layer paths, e.g. "
                         "'first,last,time_embedding.*,*.conv_shortcut,*.downsamplers.*' (EfficientDM's scope)")
@@ -471,7 +474,8 @@ def main(argv: list[str] | None = None) -> int:
     settings = {k: getattr(args, k) for k in ("samples", "steps", "batch", "calib_samples", "calib_steps",
                                               "finetune_steps", "finetune_samples", "finetune_batch", "lora_rank",
                                               "lora_lr", "device", "tf32", "finetune_time_budget",
-                                              "learn_act_scales", "keep_8bit", "float_attention")}
+                                              "learn_act_scales", "keep_8bit", "float_attention",
+                                              "finetune_holdout")}
     settings["seeds"] = [int(s) for s in args.seeds.split(",")]
     failed: list[str] = []
     if not args.merge_only:

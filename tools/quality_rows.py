@@ -65,7 +65,7 @@ def compile_facts(cm: CompiledModel) -> dict:
     for run in cm.pass_runs:
         if run.name == "finetune":
             for k in ("steps", "train_seconds", "steps_per_s", "cuda_graph", "initial_loss", "final_loss",
-                      "loss_curve"):
+                      "holdout_initial_loss", "holdout_final_loss", "loss_curve"):
                 info[k] = run.info.get(k)
         if run.name == "fuse_talora" and "table" in run.info:
             info["talora_table"] = run.info["table"]
