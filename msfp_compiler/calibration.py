@@ -45,6 +45,7 @@ class CalibBatch:
     sample: torch.Tensor
     timestep: torch.Tensor
     cond: torch.Tensor | None = None
+    output: torch.Tensor | None = None  # the FP prediction at this input (collect(keep_outputs=True)): the teacher
 
     @property
     def args(self) -> tuple:
@@ -204,12 +205,14 @@ def collect(unet: torch.nn.Module, sig: UNetSignature, num_samples: int = 8, num
             scheduler=None, num_groups: int = 4, holdout_samples: int = 2,
             class_embedding: torch.Tensor | None = None, progress: bool | None = None,
             graph: fx.GraphModule | None = None, sample_per_group: int = 4096, stats_seed: int = 0,
-            attention: bool = True, split_concat: bool = True) -> CalibrationSet:
+            attention: bool = True, split_concat: bool = True, keep_outputs: bool = False) -> CalibrationSet:
     """Run the FP model along sampler trajectories and keep every step's inputs, grouped by timestep.
 
     With ``graph`` (the captured UNet, on the model's device) the calibration trajectories run through the graph
     and their forwards also stream the activation statistics into ``CalibrationSet.stats`` (the numbers
-    ``activation_stats(graph, calib, sample_per_group, stats_seed)`` gives, without a forward of their own)."""
+    ``activation_stats(graph, calib, sample_per_group, stats_seed)`` gives, without a forward of their own).
+    With ``keep_outputs`` every batch also keeps the FP prediction it produced (distillation's teacher targets, which
+    would otherwise cost a second pass over every trajectory)."""
     if num_samples < 1 or num_steps < 1:
         raise MsfpError(f"CalibConfig.num_samples and CalibConfig.num_steps must be >= 1 (got {num_samples}, {num_steps})")
     scheduler = scheduler or make_scheduler()
@@ -246,7 +249,7 @@ def collect(unet: torch.nn.Module, sig: UNetSignature, num_samples: int = 8, num
             if not torch.isfinite(eps).all():
                 raise MsfpError(f"non-finite noise prediction during calibration at timestep {int(tt[0])} "
                                 "(check the weights)")
-            keep.append(CalibBatch(inp.clone(), tt, c0))
+            keep.append(CalibBatch(inp.clone(), tt, c0, eps if keep_outputs else None))
             return eps
 
         sample(eps_fn, x0, scheduler, num_steps, on_step=bar.update)

@@ -145,8 +145,8 @@ def _finetune(gm: fx.GraphModule, unet: torch.nn.Module, sig: UNetSignature, loa
     with pm.stage("finetune") as (info, report):
         sched = make_scheduler(ft.sampler, loaded.scheduler_config)
         data = collect(unet, sig, ft.samples, ft.sampler_steps, ft.seed + 1, sched, num_groups=1,
-                       holdout_samples=ft.holdout_samples,
-                       class_embedding=loaded.class_embedding, progress=progress)
+                       holdout_samples=ft.holdout_samples, class_embedding=loaded.class_embedding,
+                       progress=progress, keep_outputs=True)
         res = finetune(gm, unet, sig, data, ft, make_scheduler(ft.sampler, loaded.scheduler_config), progress)
         info.update(res.log_info(ft))
         report += res.log_report()

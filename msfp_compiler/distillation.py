@@ -76,8 +76,9 @@ class FinetuneResult:
 
 @torch.no_grad()
 def _teacher_data(teacher: nn.Module, sig: UNetSignature, batches: list):
+    """(batch, FP prediction) pairs: the prediction collect kept, else one teacher forward."""
     model = UNetWrapper(teacher, sig).eval()
-    return [(b, model(*b.args)) for b in batches]
+    return [(b, b.output if b.output is not None else model(*b.args)) for b in batches]
 
 
 def _rounded(v: float | None) -> float | None:

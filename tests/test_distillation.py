@@ -173,6 +173,33 @@ def test_finetune_holdout_loss_is_measured_without_touching_training(stages_unet
     assert any(line.startswith("held-out trajectories") for line in r3.log_report())
 
 
+def test_kept_teacher_outputs_are_the_teachers_and_train_the_same(stages_unet2d):
+    # collect(keep_outputs=True) keeps each step's FP prediction: distillation then skips its second teacher pass
+    from msfp_compiler.calibration import collect
+    from msfp_compiler.capture import UNetWrapper
+    from msfp_compiler.distillation import finetune
+    from msfp_compiler.sampling import make_scheduler
+
+    from .conftest import clone_gm, quantize_tiny
+
+    unet = stages_unet2d.unet
+    gm, sig = quantize_tiny(unet, steps=3, groups=1, sample_per_group=128, gm=stages_unet2d.fresh("capture"))
+    again = clone_gm(gm)
+    kept = collect(unet, sig, 4, 8, 1, make_scheduler("ddim"), num_groups=1, holdout_samples=2, progress=False,
+                   keep_outputs=True)
+    plain = collect(unet, sig, 4, 8, 1, make_scheduler("ddim"), num_groups=1, holdout_samples=2, progress=False)
+    teacher = UNetWrapper(unet, sig).eval()
+    with torch.no_grad():
+        for b in kept.batches + kept.holdout:
+            assert torch.equal(b.output, teacher(*b.args))  # also: the sampler did not modify it after the step
+    assert all(b.output is None for b in plain.batches + plain.holdout)
+    cfg = FinetuneConfig(steps=6, num_loras=2, rank=2, batch_size=3, lr=5e-3, samples=4, sampler_steps=8,
+                         holdout_samples=2)
+    r_kept = finetune(gm, unet, sig, kept, cfg, make_scheduler("ddim"), progress=False)
+    r_plain = finetune(again, unet, sig, plain, cfg, make_scheduler("ddim"), progress=False)
+    assert r_kept.losses == r_plain.losses and r_kept.holdout_final_loss == r_plain.holdout_final_loss
+
+
 def test_finetune_time_budget_shortens_the_schedule(stages_unet2d):
     # a budget already spent at the first fit: the schedule ends at that fit (25 steps) instead of 200
     from msfp_compiler.calibration import collect
