@@ -6,6 +6,7 @@ Errors a user can cause (MsfpError) print one line ``msfp-compile: error: ...`` 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -164,7 +165,9 @@ def _add_finetune_args(p: argparse.ArgumentParser) -> None:
                     help=f"LoRA rank (default {LORA_RANK}, EfficientDM's: lower FID than 4 on both MNIST models)")
     ft.add_argument("--no-dfa", action="store_true", help="unweighted loss instead of DFA's gamma_t weighting")
     ft.add_argument("--learn-act-scales", action="store_true", help="also learn activation scales (LSQ-style)")
-    ft.add_argument("--finetune-samples", type=int, default=32, help="FP trajectories used as data (default 32)")
+    ft.add_argument("--finetune-samples", type=int,
+                    help="FP trajectories used as data (default: 256 up to ~6M parameters at 50 sampler steps, fewer "
+                         "for larger models, at least 32)")
     ft.add_argument("--finetune-holdout", type=int, default=0,
                     help="FP trajectories held out of training: their loss before / after is logged (default 0)")
     ft.add_argument("--finetune-sampler-steps", type=int, default=50,
@@ -277,8 +280,8 @@ def _quant_finetune_configs(args: argparse.Namespace):
         return quant, None
     return quant, FinetuneConfig(steps=args.finetune_steps, num_loras=args.num_loras, rank=args.lora_rank,
                                  dfa=not args.no_dfa, learn_act_scales=args.learn_act_scales,
-                                 samples=args.finetune_samples, sampler_steps=args.finetune_sampler_steps,
-                                 holdout_samples=args.finetune_holdout,
+                                 samples=args.finetune_samples or FinetuneConfig.samples,
+                                 sampler_steps=args.finetune_sampler_steps, holdout_samples=args.finetune_holdout,
                                  seed=args.seed, checkpoint=args.finetune_checkpoint)
 
 
@@ -326,6 +329,11 @@ def _compile(args: argparse.Namespace) -> int:
              type(loaded.unet).__name__, n_params / 1e6, time.perf_counter() - t0, args.scheme)
     samples, steps, groups, rule = default_calibration(n_params, args.calib_groups or 4, args.calib_samples,
                                                        args.calib_steps)
+    if ft is not None and args.finetune_samples is None:
+        from .distillation import default_finetune_samples
+
+        n, ft_rule = default_finetune_samples(n_params, ft.sampler_steps)
+        ft = dataclasses.replace(ft, samples=n, note=ft_rule)
     # held-out trajectories only feed --check: without it they would cost calibration time for nothing
     calib = CalibConfig(num_samples=samples, num_steps=steps, num_groups=groups, holdout_samples=2 if args.check else 0,
                         scheduler=args.scheduler, seed=args.seed, text_len=args.text_len, note=rule)

@@ -118,7 +118,7 @@ class FinetuneConfig:
     cuda_graph: bool = True  # on CUDA, capture the training step once and replay it (distillation.py)
     # seconds: fit the cosine schedule's length (at most ``steps``) to this budget at the measured step rate
     time_budget_s: float | None = None
-    samples: int = 32  # FP trajectories used as distillation data
+    samples: int = 32  # FP trajectories used as distillation data (msfp-compile scales it to the model)
     # FP trajectories never trained on: their DFA-weighted loss before / after fine-tuning (overfitting shows as a
     # held-out loss that stops falling while the training probe's still does); 0 = none
     holdout_samples: int = 0
@@ -128,10 +128,13 @@ class FinetuneConfig:
     checkpoint: str | None = None  # write LoRA/router state here (safetensors) at the end
     checkpoint_every: int = 0  # also every N steps when > 0
     log_every: int = 50  # a progress line (step, loss, steps/s) and a loss-curve point every N steps; 0 = none
+    note: str = ""  # why this many trajectories (distillation.default_finetune_samples' rule), written to passes.log
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.num_loras < 1 or self.rank < 1:
             raise MsfpError("FinetuneConfig.steps, FinetuneConfig.num_loras and FinetuneConfig.rank must be >= 1")
+        if self.samples < 1:
+            raise MsfpError(f"FinetuneConfig.samples must be >= 1 (got {self.samples})")
         if self.holdout_samples < 0:
             raise MsfpError(f"FinetuneConfig.holdout_samples must be >= 0 (got {self.holdout_samples})")
 

@@ -570,3 +570,26 @@ def test_sample_argument_errors(capsys, workdir: Path, full_run, cond_onnx, bad_
     extra = [str(bad_files["a_file"]) if a == "EMB" else a for a in extra]
     png = workdir / "args.png"
     _expect_error(capsys, [model, "--out", png, *extra], png, *expected, prog=sample_main)
+
+
+def test_finetune_trajectories_scale_with_the_model_and_holdout_is_logged(workdir: Path, model_pt: Path, unet) -> None:
+    # no --finetune-samples: the size follows the model (distillation.default_finetune_samples), with its rule logged
+    from msfp_compiler.distillation import default_finetune_samples
+
+    out, logs = workdir / "ft" / "model.onnx", workdir / "ft_logs"
+    out.parent.mkdir()
+    lg = logging.getLogger("msfp")
+    saved = (lg.handlers[:], lg.level, lg.propagate)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            rc = _call(compile_main, [model_pt, "--out", out, "--log-dir", logs, "--finetune-steps", "2",
+                                      "--finetune-sampler-steps", "4", "--finetune-holdout", "2", "--no-pack", *FAST])
+    finally:
+        lg.handlers[:], lg.level, lg.propagate = saved
+    assert rc == 0 and out.is_file()
+    rows = {r["pass"]: r for r in map(json.loads, (logs / "passes.jsonl").read_text().splitlines())}
+    ft = rows["finetune"]
+    n, rule = default_finetune_samples(sum(p.numel() for p in unet.parameters()), 4)
+    assert ft["samples"] == n == 256 and ft["samples_rule"] == rule
+    assert ft["holdout_samples"] == 2 and ft["holdout_final_loss"] > 0 and ft["holdout_initial_loss"] > 0
+    assert "held-out trajectories" in (logs / "passes.log").read_text()

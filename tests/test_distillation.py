@@ -200,6 +200,20 @@ def test_kept_teacher_outputs_are_the_teachers_and_train_the_same(stages_unet2d)
     assert r_kept.losses == r_plain.losses and r_kept.holdout_final_loss == r_plain.holdout_final_loss
 
 
+@pytest.mark.parametrize("params,steps,expect", [
+    (1.5e6, 20, 256),  # the digit models: capped
+    (6.09e6, 50, 256),  # mnist-uncond: just inside the budget
+    (36e6, 50, 44),  # a CIFAR-10-size DDPM: scaled
+    (860e6, 50, 32),  # SD1.5: the floor
+])
+def test_default_finetune_samples_scale_with_the_model(params, steps, expect):
+    from msfp_compiler.distillation import FINETUNE_BUDGET, default_finetune_samples
+
+    n, rule = default_finetune_samples(int(params), steps)
+    assert n == expect
+    assert f"{steps} steps" in rule and f"{FINETUNE_BUDGET:.2g}" in rule
+
+
 def test_finetune_time_budget_shortens_the_schedule(stages_unet2d):
     # a budget already spent at the first fit: the schedule ends at that fit (25 steps) instead of 200
     from msfp_compiler.calibration import collect
