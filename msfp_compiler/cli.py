@@ -54,7 +54,7 @@ FIELD_FLAGS = {
     "FinetuneConfig.steps": "--finetune-steps", "FinetuneConfig.num_loras": "--num-loras",
     "FinetuneConfig.rank": "--lora-rank", "FinetuneConfig.samples": "--finetune-samples",
     "FinetuneConfig.sampler_steps": "--finetune-sampler-steps", "FinetuneConfig.checkpoint": "--finetune-checkpoint",
-    "FinetuneConfig.holdout_samples": "--finetune-holdout",
+    "FinetuneConfig.holdout_samples": "--finetune-holdout", "FinetuneConfig.trajectories": "--finetune-trajectories",
     "load_model.config": "--config", "load_model.trust_pickle": "--trust-pickle",
     "CompileConfig.conv_weights": "--conv-weights",
 }
@@ -168,6 +168,9 @@ def _add_finetune_args(p: argparse.ArgumentParser) -> None:
     ft.add_argument("--finetune-samples", type=int,
                     help="FP trajectories used as data (default: 256 up to ~6M parameters at 50 sampler steps, fewer "
                          "for larger models, at least 32)")
+    ft.add_argument("--finetune-trajectories", choices=("fp", "student", "mixed"), default="fp",
+                    help="training inputs: the FP model's sampler trajectories (default), the quantized graph's own "
+                         "(labelled by the FP model), or both")
     ft.add_argument("--finetune-holdout", type=int, default=0,
                     help="FP trajectories held out of training: their loss before / after is logged (default 0)")
     ft.add_argument("--finetune-sampler-steps", type=int, default=50,
@@ -237,6 +240,7 @@ def _validate_compile_args(args: argparse.Namespace) -> None:
     if not args.finetune_steps:
         given = [f for f, v in (("--finetune-checkpoint", args.finetune_checkpoint), ("--no-dfa", args.no_dfa),
                                 ("--finetune-holdout", args.finetune_holdout),
+                                ("--finetune-trajectories", args.finetune_trajectories != "fp"),
                                 ("--learn-act-scales", args.learn_act_scales)) if v]
         if given:
             raise MsfpError(f"{', '.join(given)} only apply to fine-tuning; add --finetune-steps N (N >= 1)")
@@ -282,6 +286,7 @@ def _quant_finetune_configs(args: argparse.Namespace):
                                  dfa=not args.no_dfa, learn_act_scales=args.learn_act_scales,
                                  samples=args.finetune_samples or FinetuneConfig.samples,
                                  sampler_steps=args.finetune_sampler_steps, holdout_samples=args.finetune_holdout,
+                                 trajectories=args.finetune_trajectories,
                                  seed=args.seed, checkpoint=args.finetune_checkpoint)
 
 

@@ -124,6 +124,9 @@ class FinetuneConfig:
     holdout_samples: int = 0
     sampler_steps: int = 50  # DDIM steps of those trajectories (and of gamma_t)
     sampler: str = "ddim"
+    # whose sampler trajectories are the training inputs: "fp" (the FP model's, as EfficientDM), "student" (the
+    # quantized graph's own, before fine-tuning, labelled by the FP model) or "mixed" (both)
+    trajectories: str = "fp"
     seed: int = 0
     checkpoint: str | None = None  # write LoRA/router state here (safetensors) at the end
     checkpoint_every: int = 0  # also every N steps when > 0
@@ -133,6 +136,9 @@ class FinetuneConfig:
     def __post_init__(self) -> None:
         if self.steps < 1 or self.num_loras < 1 or self.rank < 1:
             raise MsfpError("FinetuneConfig.steps, FinetuneConfig.num_loras and FinetuneConfig.rank must be >= 1")
+        if self.trajectories not in ("fp", "student", "mixed"):
+            raise MsfpError(f"FinetuneConfig.trajectories: unknown {self.trajectories!r} (expected fp, student or "
+                            "mixed)")
         if self.samples < 1:
             raise MsfpError(f"FinetuneConfig.samples must be >= 1 (got {self.samples})")
         if self.holdout_samples < 0:

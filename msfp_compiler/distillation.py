@@ -23,13 +23,14 @@ import torch.fx as fx
 from torch import nn
 from tqdm.auto import tqdm
 
-from .calibration import CalibrationSet
+from .calibration import CalibBatch, CalibrationSet
 from .capture import UNetSignature, UNetWrapper
 from .config import FinetuneConfig
 from .dfa import dfa_weights
 from .ops import QUANTIZE
 from .progress import Progress
 from .record import record_of
+from .sampling import sample
 from .talora import ROUTER_NAME, attach_talora, router_table, warm_start_router
 
 __all__ = ["finetune", "FinetuneResult", "save_state", "default_finetune_samples", "FINETUNE_BUDGET"]
@@ -67,6 +68,7 @@ class FinetuneResult:
                 "train_seconds": round(self.seconds, 2), "steps_per_s": round(self.steps / max(self.seconds, 1e-9), 2),
                 "batch_size": cfg.batch_size, "cuda_graph": self.cuda_graph, "learn_act_scales": cfg.learn_act_scales,
                 "samples": cfg.samples, **({"samples_rule": cfg.note} if cfg.note else {}),
+                "trajectories": cfg.trajectories,
                 "holdout_samples": cfg.holdout_samples,
                 "holdout_initial_loss": _rounded(self.holdout_initial_loss),
                 "holdout_final_loss": _rounded(self.holdout_final_loss),
@@ -119,7 +121,27 @@ def finetune(gm: fx.GraphModule, teacher: nn.Module, sig: UNetSignature, data: C
         warm_start_router(gm.get_submodule(ROUTER_NAME), cfg.num_loras,
                            scheduler.config.num_train_timesteps)
     gammas = dfa_weights(scheduler, cfg.sampler_steps, cfg.sampler) if cfg.dfa else {}
-    return _train(gm, teacher, sig, data, cfg, gammas, progress)
+    own = _student_batches(gm, data, scheduler, cfg) if cfg.trajectories != "fp" else []
+    batches = own + (data.batches if cfg.trajectories != "student" else [])
+    return _train(gm, teacher, sig, batches, data.holdout, cfg, gammas, progress)
+
+
+@torch.no_grad()
+def _student_batches(gm: fx.GraphModule, data: CalibrationSet, scheduler, cfg: FinetuneConfig) -> list[CalibBatch]:
+    """The quantized graph's own trajectories (before fine-tuning) from the FP trajectories' starting noise: the
+    inputs it meets when it samples, where its error has already moved x_t off the FP path. The teacher labels them
+    (its prediction there), so training also covers the states the student drifts into, as DAgger does."""
+    first = data.batches[0]
+    extra = () if first.cond is None else (first.cond,)
+    out: list[CalibBatch] = []
+
+    def eps_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        out.append(CalibBatch(x.clone(), t, first.cond))
+        return gm(x, t, *extra)
+
+    # DDIM and DDPM start from unscaled noise: the FP trajectories' first input is their starting point
+    sample(eps_fn, first.sample, scheduler, cfg.sampler_steps, generator=torch.Generator().manual_seed(cfg.seed + 2))
+    return out
 
 
 def _param_groups(gm: fx.GraphModule, cfg: FinetuneConfig) -> list[dict]:
@@ -238,11 +260,11 @@ def _fit_to_budget(cfg: FinetuneConfig, step: int, rate: float, left: float) -> 
     return min(cfg.steps, max(step + 1, step + int(rate * left)))
 
 
-def _train(gm, teacher, sig, data, cfg, gammas, progress) -> FinetuneResult:
+def _train(gm, teacher, sig, batches, holdout, cfg, gammas, progress) -> FinetuneResult:
     groups = _param_groups(gm, cfg)
-    items = _teacher_data(teacher, sig, data.batches)
-    # Held-out trajectories at the training probe's timesteps: the two losses compare directly.
-    held = _teacher_data(teacher, sig, data.holdout[:: max(1, len(data.holdout) // 8)])
+    items = _teacher_data(teacher, sig, batches)
+    # Held-out FP trajectories at the training probe's timesteps: the two losses compare directly.
+    held = _teacher_data(teacher, sig, holdout[:: max(1, len(holdout) // 8)])
     graph = _use_graph(cfg, items, groups)
     base = [float(g["lr"]) for g in groups]
     opt = _make_optimizer(groups, graph)

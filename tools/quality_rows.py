@@ -96,6 +96,8 @@ def add_table_arguments(p: argparse.ArgumentParser, *, samples: int, steps: int,
     p.add_argument("--calib-steps", type=int, default=calib_steps)
     p.add_argument("--finetune-steps", type=int, default=finetune_steps)
     p.add_argument("--finetune-samples", type=int, default=finetune_samples)
+    p.add_argument("--finetune-trajectories", choices=("fp", "student", "mixed"), default="fp",
+                   help="whose sampler trajectories fine-tuning trains on (FinetuneConfig.trajectories)")
     p.add_argument("--lora-rank", type=int, default=4,
                    help="LoRA rank (default 4: the tables' rows; the library's default is 32, measured as such)")
     p.add_argument("--out", type=Path, default=out)
@@ -106,7 +108,8 @@ def args_row_config(row: Row, args: argparse.Namespace, seed: int, device: str =
     """row_config from the options of add_table_arguments."""
     return row_config(row, seed=seed, calib_samples=args.calib_samples, calib_steps=args.calib_steps,
                       finetune_steps=args.finetune_steps, lora_rank=args.lora_rank,
-                      finetune_samples=args.finetune_samples, sampler_steps=args.steps, device=device, **finetune)
+                      finetune_samples=args.finetune_samples, sampler_steps=args.steps, device=device,
+                      trajectories=args.finetune_trajectories, **finetune)
 
 
 def class_labels(loaded, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
