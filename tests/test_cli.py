@@ -406,6 +406,7 @@ def test_sample_errors(capsys, workdir: Path) -> None:
     (["--finetune-steps", "3", "--lora-rank", "0"], ("--lora-rank must be >= 1",)),
     (["--no-dfa"], ("--no-dfa", "--finetune-steps")),
     (["--finetune-holdout", "4"], ("--finetune-holdout", "--finetune-steps")),
+    (["--finetune-trajectories", "mixed"], ("--finetune-trajectories", "--finetune-steps")),
     (["--finetune-steps", "3", "--finetune-holdout", "-1"], ("--finetune-holdout must be >= 0 (got -1)",)),
     (["--tolerance", "1e-3"], ("--tolerance only applies with --check",)),
     (["--check", "--tolerance", "0"], ("--tolerance must be > 0",)),

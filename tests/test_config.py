@@ -29,6 +29,7 @@ def test_config_does_not_import_training_code() -> None:
     (lambda: FinetuneConfig(rank=0), "FinetuneConfig.rank"),
     (lambda: FinetuneConfig(holdout_samples=-1), "FinetuneConfig.holdout_samples"),
     (lambda: FinetuneConfig(samples=0), "FinetuneConfig.samples"),
+    (lambda: FinetuneConfig(trajectories="teacher"), "FinetuneConfig.trajectories"),
     (lambda: CompileConfig(conv_weights="float16"), "CompileConfig.conv_weights"),
     (lambda: CompileConfig(conv_weights="float32:1.5"), "CompileConfig.conv_weights"),
 ])

@@ -200,6 +200,33 @@ def test_kept_teacher_outputs_are_the_teachers_and_train_the_same(stages_unet2d)
     assert r_kept.losses == r_plain.losses and r_kept.holdout_final_loss == r_plain.holdout_final_loss
 
 
+def test_student_trajectories_start_at_the_fp_noise_and_drift(stages_unet2d):
+    # trajectories="student": the quantized graph samples from the FP trajectories' noise; the FP model labels it
+    from msfp_compiler.calibration import collect
+    from msfp_compiler.distillation import _student_batches, finetune
+    from msfp_compiler.sampling import make_scheduler
+
+    from .conftest import clone_gm, quantize_tiny
+
+    unet = stages_unet2d.unet
+    gm, sig = quantize_tiny(unet, steps=3, groups=1, sample_per_group=128, gm=stages_unet2d.fresh("capture"))
+    again = clone_gm(gm)
+    data = collect(unet, sig, 4, 8, 1, make_scheduler("ddim"), num_groups=1, holdout_samples=2, progress=False)
+    cfg = FinetuneConfig(steps=6, num_loras=2, rank=2, batch_size=3, lr=5e-3, samples=4, sampler_steps=8,
+                         trajectories="student", holdout_samples=2)
+    own = _student_batches(gm, data, make_scheduler("ddim"), cfg)
+    assert [int(b.timestep[0]) for b in own] == [int(b.timestep[0]) for b in data.batches]
+    assert torch.equal(own[0].sample, data.batches[0].sample)  # the same starting noise
+    drift = (own[-1].sample - data.batches[-1].sample).abs().max()
+    assert drift > 1e-3  # the 4-bit graph's own path has left the FP one by the last step
+    r_own = finetune(gm, unet, sig, data, cfg, make_scheduler("ddim"), progress=False)
+    r_fp = finetune(again, unet, sig, data, dataclasses.replace(cfg, trajectories="fp"), make_scheduler("ddim"),
+                    progress=False)
+    assert r_own.initial_loss != r_fp.initial_loss  # a different training probe: the student's inputs
+    assert r_own.holdout_initial_loss == r_fp.holdout_initial_loss  # the same held-out FP trajectories
+    assert r_own.log_info(cfg)["trajectories"] == "student" and math.isfinite(r_own.final_loss)
+
+
 @pytest.mark.parametrize("params,steps,expect", [
     (1.5e6, 20, 256),  # the digit models: capped
     (6.09e6, 50, 256),  # mnist-uncond: just inside the budget
