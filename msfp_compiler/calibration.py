@@ -205,14 +205,16 @@ def collect(unet: torch.nn.Module, sig: UNetSignature, num_samples: int = 8, num
             scheduler=None, num_groups: int = 4, holdout_samples: int = 2,
             class_embedding: torch.Tensor | None = None, progress: bool | None = None,
             graph: fx.GraphModule | None = None, sample_per_group: int = 4096, stats_seed: int = 0,
-            attention: bool = True, split_concat: bool = True, keep_outputs: bool = False) -> CalibrationSet:
+            attention: bool = True, split_concat: bool = True, keep_outputs: bool = False,
+            holdout_seed: int | None = None) -> CalibrationSet:
     """Run the FP model along sampler trajectories and keep every step's inputs, grouped by timestep.
 
     With ``graph`` (the captured UNet, on the model's device) the calibration trajectories run through the graph
     and their forwards also stream the activation statistics into ``CalibrationSet.stats`` (the numbers
     ``activation_stats(graph, calib, sample_per_group, stats_seed)`` gives, without a forward of their own).
     With ``keep_outputs`` every batch also keeps the FP prediction it produced (distillation's teacher targets, which
-    would otherwise cost a second pass over every trajectory)."""
+    would otherwise cost a second pass over every trajectory). With ``holdout_seed`` the held-out samples come from a
+    generator of their own, so they are the same whatever ``num_samples`` is."""
     if num_samples < 1 or num_steps < 1:
         raise MsfpError(f"CalibConfig.num_samples and CalibConfig.num_steps must be >= 1 (got {num_samples}, {num_steps})")
     scheduler = scheduler or make_scheduler()
@@ -227,7 +229,8 @@ def collect(unet: torch.nn.Module, sig: UNetSignature, num_samples: int = 8, num
     # batches (a batch's float results depend on its size), so the calibration data and the compiled model do not
     # depend on how many samples are held out (msfp-compile holds out only for --check).
     x, cond = _draw(sig, num_samples, g, class_embedding)
-    xh, ch = _draw(sig, holdout_samples, g, class_embedding) if holdout_samples else (None, None)
+    gh = g if holdout_seed is None else torch.Generator().manual_seed(holdout_seed)
+    xh, ch = _draw(sig, holdout_samples, gh, class_embedding) if holdout_samples else (None, None)
     # Drawn on the CPU, run on the model's device: a CPU and a GPU calibration start from the same numbers.
     device = next(unet.parameters()).device
     steps: list[CalibBatch] = []

@@ -168,9 +168,9 @@ def _add_finetune_args(p: argparse.ArgumentParser) -> None:
     ft.add_argument("--finetune-samples", type=int,
                     help="FP trajectories used as data (default: 256 up to ~6M parameters at 50 sampler steps, fewer "
                          "for larger models, at least 32)")
-    ft.add_argument("--finetune-trajectories", choices=("fp", "student", "mixed"), default="fp",
+    ft.add_argument("--finetune-trajectories", choices=("fp", "student", "mixed"),
                     help="training inputs: the FP model's sampler trajectories (default), the quantized graph's own "
-                         "(labelled by the FP model), or both")
+                         "(labelled by the FP model), or both (default fp)")
     ft.add_argument("--finetune-holdout", type=int, default=0,
                     help="FP trajectories held out of training: their loss before / after is logged (default 0)")
     ft.add_argument("--finetune-sampler-steps", type=int, default=50,
@@ -240,7 +240,8 @@ def _validate_compile_args(args: argparse.Namespace) -> None:
     if not args.finetune_steps:
         given = [f for f, v in (("--finetune-checkpoint", args.finetune_checkpoint), ("--no-dfa", args.no_dfa),
                                 ("--finetune-holdout", args.finetune_holdout),
-                                ("--finetune-trajectories", args.finetune_trajectories != "fp"),
+                                ("--finetune-trajectories", args.finetune_trajectories),
+                                ("--finetune-samples", args.finetune_samples),
                                 ("--learn-act-scales", args.learn_act_scales)) if v]
         if given:
             raise MsfpError(f"{', '.join(given)} only apply to fine-tuning; add --finetune-steps N (N >= 1)")
@@ -286,7 +287,7 @@ def _quant_finetune_configs(args: argparse.Namespace):
                                  dfa=not args.no_dfa, learn_act_scales=args.learn_act_scales,
                                  samples=args.finetune_samples or FinetuneConfig.samples,
                                  sampler_steps=args.finetune_sampler_steps, holdout_samples=args.finetune_holdout,
-                                 trajectories=args.finetune_trajectories,
+                                 trajectories=args.finetune_trajectories or FinetuneConfig.trajectories,
                                  seed=args.seed, checkpoint=args.finetune_checkpoint)
 
 
@@ -337,7 +338,9 @@ def _compile(args: argparse.Namespace) -> int:
     if ft is not None and args.finetune_samples is None:
         from .distillation import default_finetune_samples
 
-        n, ft_rule = default_finetune_samples(n_params, ft.sampler_steps)
+        from .capture import signature_of
+
+        n, ft_rule = default_finetune_samples(n_params, ft.sampler_steps, signature_of(loaded.unet).sample_size)
         ft = dataclasses.replace(ft, samples=n, note=ft_rule)
     # held-out trajectories only feed --check: without it they would cost calibration time for nothing
     calib = CalibConfig(num_samples=samples, num_steps=steps, num_groups=groups, holdout_samples=2 if args.check else 0,

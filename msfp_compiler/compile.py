@@ -144,9 +144,12 @@ def _finetune(gm: fx.GraphModule, unet: torch.nn.Module, sig: UNetSignature, loa
     ft = config.finetune
     with pm.stage("finetune") as (info, report):
         sched = make_scheduler(ft.sampler, loaded.scheduler_config)
+        # Held-out trajectories from a seed of their own: the same set whatever ft.samples is, so runs with more or
+        # fewer training trajectories are probed on the same inputs. Student-only training labels its own inputs,
+        # so the FP outputs are not kept there.
         data = collect(unet, sig, ft.samples, ft.sampler_steps, ft.seed + 1, sched, num_groups=1,
                        holdout_samples=ft.holdout_samples, class_embedding=loaded.class_embedding,
-                       progress=progress, keep_outputs=True)
+                       progress=progress, keep_outputs=ft.trajectories != "student", holdout_seed=ft.seed + 3)
         res = finetune(gm, unet, sig, data, ft, make_scheduler(ft.sampler, loaded.scheduler_config), progress)
         info.update(res.log_info(ft))
         report += res.log_report()

@@ -1,12 +1,13 @@
 """Distillation: the fine-tuning stage that trains TALoRA (and optionally activation scales) on the quantized graph.
 
-Data-free: trajectories of the FP model (x_t, t, cond) along the sampler; teacher = FP noise prediction at the same
-input (as EfficientDM). Batches share one timestep, as in sampling, so the router makes one choice per batch. The
-loss at step t is weighted by DFA's gamma_t. Adam, cosine learning-rate decay (its length optionally fitted to a time
-budget). Every step's batch is drawn up front and the step runs on static input buffers, so on CUDA it is captured
-once as a CUDA graph and replayed (the fake-quantized graph is thousands of small kernels a step: eager, Python and
-launch overhead bounded it to ~3 steps/s). This is a stage that ``compile`` runs between insert_qdq and fuse_talora,
-not a graph pass: it trains, shows progress and writes checkpoints.
+Data-free: trajectories of the FP model (x_t, t, cond) along the sampler -- or, with FinetuneConfig.trajectories,
+the quantized graph's own, or both; teacher = FP noise prediction at the same input (as EfficientDM). Batches share
+one timestep, as in sampling, so the router makes one choice per batch. The loss at step t is weighted by DFA's
+gamma_t. Adam, cosine learning-rate decay (its length optionally fitted to a time budget). Every step's batch is
+drawn up front and the step runs on static input buffers, so on CUDA it is captured once as a CUDA graph and replayed
+(the fake-quantized graph is thousands of small kernels a step: eager, Python and launch overhead bounded it to ~3
+steps/s). This is a stage that ``compile`` runs between insert_qdq and fuse_talora, not a graph pass: it trains,
+shows progress and writes checkpoints.
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ __all__ = ["finetune", "FinetuneResult", "save_state", "default_finetune_samples
 log = logging.getLogger("msfp")
 
 # msfp-compile's default number of distillation trajectories scales with the model: samples x sampler steps x
-# parameters <= FINETUNE_BUDGET, between 32 and 256. Each trajectory costs one FP forward per sampler step. More
+# parameters x (pixels / 32^2) <= FINETUNE_BUDGET, between 32 and 256 (the trajectories run as one batch: the pixel
+# factor bounds its memory). Each trajectory costs one FP forward per sampler step. More
 # trajectories generalize better: 256 instead of 32 lowered the digits row's FID on every seed, and 4096 instead of
 # 128 lowered mnist-uncond's (results/quality_mnist.md, session 20). The MNIST UNets (6M parameters, 50 steps) get
 # 256; SD1.5 (860M) keeps 32.
@@ -69,9 +71,9 @@ class FinetuneResult:
                 "batch_size": cfg.batch_size, "cuda_graph": self.cuda_graph, "learn_act_scales": cfg.learn_act_scales,
                 "samples": cfg.samples, **({"samples_rule": cfg.note} if cfg.note else {}),
                 "trajectories": cfg.trajectories,
-                "holdout_samples": cfg.holdout_samples,
-                "holdout_initial_loss": _rounded(self.holdout_initial_loss),
-                "holdout_final_loss": _rounded(self.holdout_final_loss),
+                **({"holdout_samples": cfg.holdout_samples,
+                    "holdout_initial_loss": _rounded(self.holdout_initial_loss),
+                    "holdout_final_loss": _rounded(self.holdout_final_loss)} if cfg.holdout_samples else {}),
                 "loss_curve": [[s, round(v, 6)] for s, v in self.curve]}
 
     def log_report(self) -> list[str]:
@@ -86,18 +88,21 @@ class FinetuneResult:
 
 
 @torch.no_grad()
-def _teacher_data(teacher: nn.Module, sig: UNetSignature, batches: list):
+def _teacher_data(teacher: nn.Module, sig: UNetSignature,
+                  batches: list[CalibBatch]) -> list[tuple[CalibBatch, torch.Tensor]]:
     """(batch, FP prediction) pairs: the prediction collect kept, else one teacher forward."""
     model = UNetWrapper(teacher, sig).eval()
     return [(b, b.output if b.output is not None else model(*b.args)) for b in batches]
 
 
-def default_finetune_samples(num_params: int, sampler_steps: int) -> tuple[int, str]:
-    """(trajectories, the rule in words) for a model of ``num_params`` parameters. See FINETUNE_BUDGET."""
-    fits = int(FINETUNE_BUDGET // max(num_params * sampler_steps, 1))
+def default_finetune_samples(num_params: int, sampler_steps: int, sample_size: int = 32) -> tuple[int, str]:
+    """(trajectories, the rule in words) for a model of ``num_params`` parameters whose inputs are
+    ``sample_size`` x ``sample_size``. See FINETUNE_BUDGET."""
+    fits = int(FINETUNE_BUDGET // max(num_params * sampler_steps * sample_size ** 2 / 32 ** 2, 1))
     n = max(MIN_FT_SAMPLES, min(MAX_FT_SAMPLES, fits))
-    return n, (f"trajectories scaled to the model: samples x sampler steps x parameters <= {FINETUNE_BUDGET:.2g}, "
-               f"{MIN_FT_SAMPLES}..{MAX_FT_SAMPLES} ({num_params / 1e6:.1f}M parameters, {sampler_steps} steps)")
+    return n, (f"trajectories scaled to the model: samples x sampler steps x parameters x pixels / 32^2 <= "
+               f"{FINETUNE_BUDGET:.2g}, {MIN_FT_SAMPLES}..{MAX_FT_SAMPLES} ({num_params / 1e6:.1f}M parameters, "
+               f"{sample_size}x{sample_size}, {sampler_steps} steps)")
 
 
 def _rounded(v: float | None) -> float | None:
@@ -122,15 +127,17 @@ def finetune(gm: fx.GraphModule, teacher: nn.Module, sig: UNetSignature, data: C
                            scheduler.config.num_train_timesteps)
     gammas = dfa_weights(scheduler, cfg.sampler_steps, cfg.sampler) if cfg.dfa else {}
     own = _student_batches(gm, data, scheduler, cfg) if cfg.trajectories != "fp" else []
-    batches = own + (data.batches if cfg.trajectories != "student" else [])
-    return _train(gm, teacher, sig, batches, data.holdout, cfg, gammas, progress)
+    fp = data.batches if cfg.trajectories != "student" else []
+    # The probe strides over the FP trajectories when there are any (mixed: the same inputs as an fp run's probe)
+    return _train(gm, teacher, sig, fp + own, len(fp) or len(own), data.holdout, cfg, gammas, progress)
 
 
 @torch.no_grad()
 def _student_batches(gm: fx.GraphModule, data: CalibrationSet, scheduler, cfg: FinetuneConfig) -> list[CalibBatch]:
     """The quantized graph's own trajectories (before fine-tuning) from the FP trajectories' starting noise: the
     inputs it meets when it samples, where its error has already moved x_t off the FP path. The teacher labels them
-    (its prediction there), so training also covers the states the student drifts into, as DAgger does."""
+    (its prediction there), so training also covers the states the student drifts into, as DAgger does. (With DDPM
+    the student's step noise is its own draw, so its path also differs by sampling, not only by its error.)"""
     first = data.batches[0]
     extra = () if first.cond is None else (first.cond,)
     out: list[CalibBatch] = []
@@ -139,7 +146,8 @@ def _student_batches(gm: fx.GraphModule, data: CalibrationSet, scheduler, cfg: F
         out.append(CalibBatch(x.clone(), t, first.cond))
         return gm(x, t, *extra)
 
-    # DDIM and DDPM start from unscaled noise: the FP trajectories' first input is their starting point
+    # DDIM and DDPM start from unscaled noise: the FP trajectories' first input is their starting point. The seed
+    # differs from the FP trajectories' (cfg.seed + 1, compile._finetune), whose draws must not repeat here.
     sample(eps_fn, first.sample, scheduler, cfg.sampler_steps, generator=torch.Generator().manual_seed(cfg.seed + 2))
     return out
 
@@ -260,15 +268,19 @@ def _fit_to_budget(cfg: FinetuneConfig, step: int, rate: float, left: float) -> 
     return min(cfg.steps, max(step + 1, step + int(rate * left)))
 
 
-def _train(gm, teacher, sig, batches, holdout, cfg, gammas, progress) -> FinetuneResult:
+def _train(gm: fx.GraphModule, teacher: nn.Module, sig: UNetSignature, batches: list[CalibBatch], probe_span: int,
+           holdout: list[CalibBatch], cfg: FinetuneConfig, gammas: dict[int, float],
+           progress: bool | None) -> FinetuneResult:
+    """The training loop over ``batches`` (their first ``probe_span`` give the probe's timesteps)."""
     groups = _param_groups(gm, cfg)
     items = _teacher_data(teacher, sig, batches)
-    # Held-out FP trajectories at the training probe's timesteps: the two losses compare directly.
+    # Held-out FP trajectories at the training probe's timesteps: with FP training inputs the two losses compare
+    # directly (student-only training probes its own inputs).
     held = _teacher_data(teacher, sig, holdout[:: max(1, len(holdout) // 8)])
     graph = _use_graph(cfg, items, groups)
     base = [float(g["lr"]) for g in groups]
     opt = _make_optimizer(groups, graph)
-    probe = items[:: max(1, len(items) // 8)]
+    probe = items[:probe_span:max(1, probe_span // 8)]
     res = FinetuneResult(gammas=gammas)
     res.initial_loss = _eval_loss(gm, probe, gammas)
     if held:

@@ -4,12 +4,12 @@
 # (mixed); two runs at a time, ~6 min each; then the merge into results/digits_data_ab.json:
 #   bash results/digits_data_ab.sh [OUT]
 set -e
-OUT=${1:-/tmp/digits_ab}
+export OUT=${1:-/tmp/digits_ab}
 mkdir -p "$OUT"
 for seed in 0 1 2; do for run in 32:fp 256:fp 32:student 32:mixed; do echo "$seed ${run%:*} ${run#*:}"; done; done |
   xargs -P 2 -n 3 sh -c 'OMP_NUM_THREADS=1 .venv/bin/python tools/eval_quality.py --models uncond \
     --rows msfp+talora+dfa --samples 1000 --steps 20 --finetune-steps 200 --lora-rank 4 --finetune-samples $1 \
-    --finetune-trajectories $2 --seed $0 --threads 1 --out '"$OUT"'/$2_n$1_s$0 > '"$OUT"'/$2_n$1_s$0.log 2>&1'
+    --finetune-trajectories $2 --seed $0 --threads 1 --out "$OUT/$2_n$1_s$0" > "$OUT/$2_n$1_s$0.log" 2>&1'
 .venv/bin/python - "$OUT" <<'PY'
 import json, sys
 from pathlib import Path

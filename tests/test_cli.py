@@ -407,6 +407,7 @@ def test_sample_errors(capsys, workdir: Path) -> None:
     (["--no-dfa"], ("--no-dfa", "--finetune-steps")),
     (["--finetune-holdout", "4"], ("--finetune-holdout", "--finetune-steps")),
     (["--finetune-trajectories", "mixed"], ("--finetune-trajectories", "--finetune-steps")),
+    (["--finetune-samples", "64"], ("--finetune-samples", "--finetune-steps")),
     (["--finetune-steps", "3", "--finetune-holdout", "-1"], ("--finetune-holdout must be >= 0 (got -1)",)),
     (["--tolerance", "1e-3"], ("--tolerance only applies with --check",)),
     (["--check", "--tolerance", "0"], ("--tolerance must be > 0",)),
@@ -575,6 +576,7 @@ def test_sample_argument_errors(capsys, workdir: Path, full_run, cond_onnx, bad_
 
 def test_finetune_trajectories_scale_with_the_model_and_holdout_is_logged(workdir: Path, model_pt: Path, unet) -> None:
     # no --finetune-samples: the size follows the model (distillation.default_finetune_samples), with its rule logged
+    from msfp_compiler.capture import signature_of
     from msfp_compiler.distillation import default_finetune_samples
 
     out, logs = workdir / "ft" / "model.onnx", workdir / "ft_logs"
@@ -590,7 +592,7 @@ def test_finetune_trajectories_scale_with_the_model_and_holdout_is_logged(workdi
     assert rc == 0 and out.is_file()
     rows = {r["pass"]: r for r in map(json.loads, (logs / "passes.jsonl").read_text().splitlines())}
     ft = rows["finetune"]
-    n, rule = default_finetune_samples(sum(p.numel() for p in unet.parameters()), 4)
+    n, rule = default_finetune_samples(sum(p.numel() for p in unet.parameters()), 4, signature_of(unet).sample_size)
     assert ft["samples"] == n == 256 and ft["samples_rule"] == rule
     assert ft["holdout_samples"] == 2 and ft["holdout_final_loss"] > 0 and ft["holdout_initial_loss"] > 0
     assert "held-out trajectories" in (logs / "passes.log").read_text()

@@ -159,6 +159,13 @@ def test_finetune_holdout_loss_is_measured_without_touching_training(stages_unet
     cfg = FinetuneConfig(steps=8, num_loras=2, rank=2, batch_size=3, lr=5e-3, samples=4, sampler_steps=8)
     plain = collect(unet, sig, 4, 8, 1, make_scheduler("ddim"), num_groups=1, holdout_samples=0, progress=False)
     held = collect(unet, sig, 4, 8, 1, make_scheduler("ddim"), num_groups=1, holdout_samples=3, progress=False)
+    # with a seed of their own the held-out trajectories do not depend on how many are trained on
+    more = collect(unet, sig, 6, 8, 1, make_scheduler("ddim"), num_groups=1, holdout_samples=3, holdout_seed=9,
+                   progress=False)
+    fewer = collect(unet, sig, 4, 8, 1, make_scheduler("ddim"), num_groups=1, holdout_samples=3, holdout_seed=9,
+                    progress=False)
+    assert all(torch.equal(a.sample, b.sample) for a, b in zip(more.holdout, fewer.holdout))
+    assert not torch.equal(held.holdout[0].sample, fewer.holdout[0].sample)  # without it they follow the training draws
     r0 = finetune(gm, unet, sig, plain, cfg, make_scheduler("ddim"), progress=False)
     cfg3 = dataclasses.replace(cfg, holdout_samples=3)
     r3 = finetune(again, unet, sig, held, cfg3, make_scheduler("ddim"), progress=False)
@@ -177,7 +184,7 @@ def test_kept_teacher_outputs_are_the_teachers_and_train_the_same(stages_unet2d)
     # collect(keep_outputs=True) keeps each step's FP prediction: distillation then skips its second teacher pass
     from msfp_compiler.calibration import collect
     from msfp_compiler.capture import UNetWrapper
-    from msfp_compiler.distillation import finetune
+    from msfp_compiler.distillation import _teacher_data, finetune
     from msfp_compiler.sampling import make_scheduler
 
     from .conftest import clone_gm, quantize_tiny
@@ -193,6 +200,13 @@ def test_kept_teacher_outputs_are_the_teachers_and_train_the_same(stages_unet2d)
         for b in kept.batches + kept.holdout:
             assert torch.equal(b.output, teacher(*b.args))  # also: the sampler did not modify it after the step
     assert all(b.output is None for b in plain.batches + plain.holdout)
+
+    class Boom(torch.nn.Module):
+        def forward(self, *args, **kwargs):
+            raise AssertionError("the teacher ran although its outputs were kept")
+
+    pairs = _teacher_data(Boom(), sig, kept.batches)  # no second teacher pass
+    assert all(y is b.output for b, y in pairs)
     cfg = FinetuneConfig(steps=6, num_loras=2, rank=2, batch_size=3, lr=5e-3, samples=4, sampler_steps=8,
                          holdout_samples=2)
     r_kept = finetune(gm, unet, sig, kept, cfg, make_scheduler("ddim"), progress=False)
@@ -210,7 +224,7 @@ def test_student_trajectories_start_at_the_fp_noise_and_drift(stages_unet2d):
 
     unet = stages_unet2d.unet
     gm, sig = quantize_tiny(unet, steps=3, groups=1, sample_per_group=128, gm=stages_unet2d.fresh("capture"))
-    again = clone_gm(gm)
+    again, third = clone_gm(gm), clone_gm(gm)
     data = collect(unet, sig, 4, 8, 1, make_scheduler("ddim"), num_groups=1, holdout_samples=2, progress=False)
     cfg = FinetuneConfig(steps=6, num_loras=2, rank=2, batch_size=3, lr=5e-3, samples=4, sampler_steps=8,
                          trajectories="student", holdout_samples=2)
@@ -225,20 +239,26 @@ def test_student_trajectories_start_at_the_fp_noise_and_drift(stages_unet2d):
     assert r_own.initial_loss != r_fp.initial_loss  # a different training probe: the student's inputs
     assert r_own.holdout_initial_loss == r_fp.holdout_initial_loss  # the same held-out FP trajectories
     assert r_own.log_info(cfg)["trajectories"] == "student" and math.isfinite(r_own.final_loss)
+    # mixed trains on both sets and probes the FP part: the same probe as the fp run before training
+    r_mix = finetune(third, unet, sig, data, dataclasses.replace(cfg, trajectories="mixed"), make_scheduler("ddim"),
+                     progress=False)
+    assert r_mix.initial_loss == r_fp.initial_loss and r_mix.losses != r_fp.losses
 
 
-@pytest.mark.parametrize("params,steps,expect", [
-    (1.5e6, 20, 256),  # the digit models: capped
-    (6.09e6, 50, 256),  # mnist-uncond: just inside the budget
-    (36e6, 50, 44),  # a CIFAR-10-size DDPM: scaled
-    (860e6, 50, 32),  # SD1.5: the floor
+@pytest.mark.parametrize("params,steps,size,expect", [
+    (1.5e6, 20, 32, 256),  # the digit models: capped
+    (6.09e6, 50, 32, 256),  # mnist-uncond: just inside the budget
+    (36e6, 50, 32, 44),  # a CIFAR-10-size DDPM: scaled
+    (860e6, 50, 64, 32),  # SD1.5 (64x64 latents): the floor
+    (1.5e6, 50, 64, 256),  # a small model at 64x64: still inside the budget
+    (5e6, 50, 256, 32),  # a small model at 256x256: the one-batch trajectories' memory, the floor
 ])
-def test_default_finetune_samples_scale_with_the_model(params, steps, expect):
+def test_default_finetune_samples_scale_with_the_model(params, steps, size, expect):
     from msfp_compiler.distillation import FINETUNE_BUDGET, default_finetune_samples
 
-    n, rule = default_finetune_samples(int(params), steps)
+    n, rule = default_finetune_samples(int(params), steps, size)
     assert n == expect
-    assert f"{steps} steps" in rule and f"{FINETUNE_BUDGET:.2g}" in rule
+    assert f"{steps} steps" in rule and f"{size}x{size}" in rule and f"{FINETUNE_BUDGET:.2g}" in rule
 
 
 def test_finetune_time_budget_shortens_the_schedule(stages_unet2d):

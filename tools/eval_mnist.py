@@ -475,7 +475,7 @@ def main(argv: list[str] | None = None) -> int:
                                               "finetune_steps", "finetune_samples", "finetune_batch", "lora_rank",
                                               "lora_lr", "device", "tf32", "finetune_time_budget",
                                               "learn_act_scales", "keep_8bit", "float_attention",
-                                              "finetune_holdout")}
+                                              "finetune_holdout", "finetune_trajectories")}
     settings["seeds"] = [int(s) for s in args.seeds.split(",")]
     failed: list[str] = []
     if not args.merge_only:

@@ -38,6 +38,7 @@ from quality_rows import (ROWS, Row, add_table_arguments, args_row_config, class
                           parse_rows, slug, write_json)
 
 MODELS = {"uncond": ROOT / "examples" / "digits-uncond", "cond": ROOT / "examples" / "digits-cond"}
+STORED_DEFAULTS = {"finetune_samples": 32, "finetune_trajectories": "fp"}  # the settings results/quality.json rows used
 
 
 def build_onnx(row: Row, loaded, args, path: Path) -> dict:
@@ -70,6 +71,10 @@ def evaluate(model_key: str, rows: list[Row], args, results: dict) -> None:
     labels, cond = class_labels(loaded, n)
     settings = {"samples": n, "steps": args.steps, "seed": args.seed, "finetune_steps": args.finetune_steps,
                 "lora_rank": args.lora_rank, "calib_samples": args.calib_samples, "calib_steps": args.calib_steps}
+    # recorded only where they differ from what every stored row was measured with, so those rows stay cached
+    settings.update({k: v for k, v in (("finetune_samples", args.finetune_samples),
+                                       ("finetune_trajectories", args.finetune_trajectories))
+                     if v != STORED_DEFAULTS[k]})
     table = results.setdefault(model_key, {})
     ref_path = args.out / f"samples_{model_key}_fp32.pt"
     for row in rows:

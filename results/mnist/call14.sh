@@ -8,7 +8,7 @@
 # training data and steps are exactly the goal row's) and logs their loss before / after, and varies only the number
 # of training trajectories:
 #   u128 / c128  the goal row as in calls 11-12 (128 trajectories), seed 0, + the held-out loss
-#   u1k / u4k    uncond with 1024 / 4096 trajectories (2.6 / 0.6 passes over the data), seed 0
+#   u1k / u4k    uncond with 1024 / 4096 trajectories (2.25 / 0.56 passes over the data), seed 0
 #   c2k          cond with 2048 trajectories, seed 0
 #   u4kb         uncond, 4096 trajectories at batch 256 (4x the data per step), seed 0
 #   vu4k         the labelled variant "last decoder block at 8 bits" (not strict W4A4; call 13) with 4096
@@ -35,7 +35,7 @@ for d in $RUNS; do
 done
 L=${LIMIT:-480}
 S=${SEEDS:-0}
-jobs() { echo $(( $(echo $1 | tr -cd , | wc -c) + 1 )); }
+njobs() { echo $(( $(echo $1 | tr -cd , | wc -c) + 1 )); }
 E="--device ${DEV:-cuda} --threads 1 --gpu-slots ${SLOTS:-4} --batch ${BATCH:-2500} --samples ${SAMPLES:-2500} \
    --steps ${DDIM:-50} --calib-samples ${CALIB:-16} --calib-steps ${CALIB_STEPS:-25} --finetune-holdout ${HOLD:-32} \
    --log-every ${LOG_EVERY:-100} --launch-margin 20 --lora-rank 32 --finetune-time-budget ${BUDGET:-330} \
@@ -49,9 +49,9 @@ on() { case " $RUNS " in *" $1 "*) return 0;; esac; return 1; }
 pack() { (cd $R && tar czf ${OUT:-/tmp}/call14_${RUNS// /-}.tar.gz --exclude '*.pt' --exclude '.gpu*' $RUNS); }
 trap 'echo "TERM at $(( $(date +%s) - T0 ))s: packing what finished"; pack; exit 124' TERM
 US=${USEEDS:-$S}; CS=${CSEEDS:-$S}; VS=${VSEEDS:-$S}
-U="--models uncond --finetune-steps ${USTEPS:-1800} --seeds $US --jobs $(jobs $US)"
-C="--models cond --finetune-steps ${CSTEPS:-1500} --seeds $CS --jobs $(jobs $CS)"
-V="--models uncond --finetune-steps ${USTEPS:-1800} --seeds $VS --jobs $(jobs $VS) --keep-8bit first,last,up_blocks.3.*"
+U="--models uncond --finetune-steps ${USTEPS:-1800} --seeds $US --jobs $(njobs $US)"
+C="--models cond --finetune-steps ${CSTEPS:-1500} --seeds $CS --jobs $(njobs $CS)"
+V="--models uncond --finetune-steps ${USTEPS:-1800} --seeds $VS --jobs $(njobs $VS) --keep-8bit first,last,up_blocks.3.*"
 # the cond runs first: they are the slowest (call 13: start the longest fine-tuning first)
 B=${FT_BATCH:-64}
 on c128 && run c128 $C --finetune-samples ${N128:-128} --finetune-batch $B &

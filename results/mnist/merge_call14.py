@@ -26,8 +26,9 @@ for folder in ("u128", "u1k", "u4k"):
 FACT = re.compile(r"(initial_loss|final_loss|holdout_initial_loss|holdout_final_loss|steps)=([0-9.]+)")
 for folder in ("c128", "c2k"):
     st = json.load(open(C / folder / "quality_mnist.json"))["settings"]
-    log = (C / folder / "log_cond_0_msfp_talora_dfa.txt")
-    line = next((ln for ln in log.read_text().splitlines() if ln.startswith("stage finetune")), "") if log.exists() else ""
+    log = C / folder / "log_cond_0_msfp_talora_dfa.txt"
+    lines = log.read_text().splitlines() if log.exists() else []
+    line = next((ln for ln in lines if ln.startswith("stage finetune")), "")
     st["finetune_facts_seed0"] = {k: float(x) for k, x in FACT.findall(line)} or None
     d["settings"][f"call14_{folder}"] = st
 d["settings"]["call14"] = {"note": (

@@ -67,7 +67,7 @@ def test_rows_map_onto_compile_configs_for_both_tools() -> None:
     args = argparse.Namespace(calib_samples=4, calib_steps=5, finetune_steps=7, lora_rank=3, finetune_samples=8,
                               steps=10, device="cpu", finetune_batch=6, lora_lr=2e-3, log_every=0,
                               learn_act_scales=True, finetune_time_budget=90.0, keep_8bit="first,last",
-                              float_attention=False)
+                              float_attention=False, finetune_holdout=5, finetune_trajectories="mixed")
     ptq = eval_mnist.compile_config(ROWS["MSFP PTQ"], args, 1)
     assert ptq.finetune is None and ptq.quant.scheme == "msfp" and ptq.calib.seed == 1
     assert (ptq.calib.num_samples, ptq.calib.num_steps) == (4, 5)
@@ -76,6 +76,7 @@ def test_rows_map_onto_compile_configs_for_both_tools() -> None:
     full = eval_mnist.compile_config(ROWS["MSFP + TALoRA + DFA"], args, 0).finetune
     assert (full.num_loras, full.dfa, full.batch_size, full.lr, full.sampler_steps) == (2, True, 6, 2e-3, 10)
     assert full.learn_act_scales and full.time_budget_s == 90.0
+    assert (full.holdout_samples, full.trajectories, full.samples) == (5, "mixed", 8)
     assert eval_mnist.compile_config(ROWS["MSFP + TALoRA"], args, 0).finetune.dfa is False
 
 
