@@ -99,6 +99,7 @@ class _Parser(argparse.ArgumentParser):
 # is config.SCHEME_NAMES (fp32: the unquantized baseline through the same lowering).
 SCHEME_NAMES = ("fp32", "fp4-signed", "int4", "msfp")
 LORA_RANK = 32  # FinetuneConfig.rank, likewise without importing config (checked by tests/test_cli.py)
+TRAJECTORIES = ("fp", "student", "mixed")  # config.TRAJECTORIES, likewise
 
 
 def compile_parser() -> argparse.ArgumentParser:
@@ -168,7 +169,7 @@ def _add_finetune_args(p: argparse.ArgumentParser) -> None:
     ft.add_argument("--finetune-samples", type=int,
                     help="FP trajectories used as data (default: 256 up to ~6M parameters at 50 sampler steps, fewer "
                          "for larger models, at least 32)")
-    ft.add_argument("--finetune-trajectories", choices=("fp", "student", "mixed"),
+    ft.add_argument("--finetune-trajectories", choices=TRAJECTORIES,
                     help="training inputs: the FP model's sampler trajectories (default), the quantized graph's own "
                          "(labelled by the FP model), or both (default fp)")
     ft.add_argument("--finetune-holdout", type=int, default=0,
@@ -336,9 +337,8 @@ def _compile(args: argparse.Namespace) -> int:
     samples, steps, groups, rule = default_calibration(n_params, args.calib_groups or 4, args.calib_samples,
                                                        args.calib_steps)
     if ft is not None and args.finetune_samples is None:
-        from .distillation import default_finetune_samples
-
         from .capture import signature_of
+        from .distillation import default_finetune_samples
 
         n, ft_rule = default_finetune_samples(n_params, ft.sampler_steps, signature_of(loaded.unet).sample_size)
         ft = dataclasses.replace(ft, samples=n, note=ft_rule)

@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 from .errors import MsfpError
 from .formats import parse_format
 
-__all__ = ["SCHEMES", "SCHEME_NAMES", "FP32_SCHEME", "QuantConfig", "CalibConfig", "FinetuneConfig", "CompileConfig",
-           "parse_conv_weights"]
+__all__ = ["SCHEMES", "SCHEME_NAMES", "FP32_SCHEME", "TRAJECTORIES", "QuantConfig", "CalibConfig", "FinetuneConfig",
+           "CompileConfig", "parse_conv_weights"]
 
 # scheme -> (activation candidates, weight candidates) at 4 bits
 SCHEMES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
@@ -26,6 +26,8 @@ SCHEMES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 FP32_SCHEME = "fp32"
 SCHEME_NAMES = (*SCHEMES, FP32_SCHEME)
 HIGH_PRECISION = (("uint8",), ("int8",))
+# FinetuneConfig.trajectories: whose sampler trajectories the distillation trains on
+TRAJECTORIES = ("fp", "student", "mixed")
 
 
 @dataclass(frozen=True)
@@ -136,9 +138,9 @@ class FinetuneConfig:
     def __post_init__(self) -> None:
         if self.steps < 1 or self.num_loras < 1 or self.rank < 1:
             raise MsfpError("FinetuneConfig.steps, FinetuneConfig.num_loras and FinetuneConfig.rank must be >= 1")
-        if self.trajectories not in ("fp", "student", "mixed"):
-            raise MsfpError(f"FinetuneConfig.trajectories: unknown {self.trajectories!r} (expected fp, student or "
-                            "mixed)")
+        if self.trajectories not in TRAJECTORIES:
+            raise MsfpError(f"FinetuneConfig.trajectories: unknown {self.trajectories!r} (expected "
+                            f"{', '.join(TRAJECTORIES)})")
         if self.samples < 1:
             raise MsfpError(f"FinetuneConfig.samples must be >= 1 (got {self.samples})")
         if self.holdout_samples < 0:

@@ -105,6 +105,13 @@ def default_finetune_samples(num_params: int, sampler_steps: int, sample_size: i
                f"{sample_size}x{sample_size}, {sampler_steps} steps)")
 
 
+def _probe_steps(batches: list, span: int | None = None) -> list:
+    """About 8 evenly spaced timesteps of the first ``span`` batches (all by default): the training probe and the
+    held-out probe take the same ones."""
+    span = len(batches) if span is None else span
+    return batches[:span:max(1, span // 8)]
+
+
 def _rounded(v: float | None) -> float | None:
     return None if v is None else round(v, 6)
 
@@ -276,11 +283,11 @@ def _train(gm: fx.GraphModule, teacher: nn.Module, sig: UNetSignature, batches: 
     items = _teacher_data(teacher, sig, batches)
     # Held-out FP trajectories at the training probe's timesteps: with FP training inputs the two losses compare
     # directly (student-only training probes its own inputs).
-    held = _teacher_data(teacher, sig, holdout[:: max(1, len(holdout) // 8)])
+    held = _teacher_data(teacher, sig, _probe_steps(holdout))
     graph = _use_graph(cfg, items, groups)
     base = [float(g["lr"]) for g in groups]
     opt = _make_optimizer(groups, graph)
-    probe = items[:probe_span:max(1, probe_span // 8)]
+    probe = _probe_steps(items, probe_span)
     res = FinetuneResult(gammas=gammas)
     res.initial_loss = _eval_loss(gm, probe, gammas)
     if held:

@@ -527,12 +527,14 @@ def test_help_does_not_import_torch() -> None:
 
 
 def test_scheme_names_and_lora_rank_match_config() -> None:
-    from msfp_compiler.cli import LORA_RANK, SCHEME_NAMES
+    from msfp_compiler.cli import LORA_RANK, SCHEME_NAMES, TRAJECTORIES
     from msfp_compiler.config import SCHEME_NAMES as CONFIG_SCHEME_NAMES
+    from msfp_compiler.config import TRAJECTORIES as CONFIG_TRAJECTORIES
     from msfp_compiler.config import FinetuneConfig
 
     assert sorted(SCHEME_NAMES) == sorted(CONFIG_SCHEME_NAMES)
     assert LORA_RANK == FinetuneConfig.rank
+    assert TRAJECTORIES == CONFIG_TRAJECTORIES
 
 
 def test_library_field_names_become_flags() -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from msfp_compiler.compile import CompiledModel
-from msfp_compiler.config import CalibConfig, CompileConfig, FinetuneConfig, QuantConfig
+from msfp_compiler.config import TRAJECTORIES, CalibConfig, CompileConfig, FinetuneConfig, QuantConfig
 
 __all__ = ["Row", "ROWS", "ALIASES", "row_config", "compile_facts", "slug", "parse_rows", "add_table_arguments",
            "args_row_config", "class_labels", "write_json"]
@@ -96,7 +96,7 @@ def add_table_arguments(p: argparse.ArgumentParser, *, samples: int, steps: int,
     p.add_argument("--calib-steps", type=int, default=calib_steps)
     p.add_argument("--finetune-steps", type=int, default=finetune_steps)
     p.add_argument("--finetune-samples", type=int, default=finetune_samples)
-    p.add_argument("--finetune-trajectories", choices=("fp", "student", "mixed"), default="fp",
+    p.add_argument("--finetune-trajectories", choices=TRAJECTORIES, default=FinetuneConfig.trajectories,
                    help="whose sampler trajectories fine-tuning trains on (FinetuneConfig.trajectories)")
     p.add_argument("--lora-rank", type=int, default=4,
                    help="LoRA rank (default 4: the tables' rows; the library's default is 32, measured as such)")
