@@ -13,10 +13,12 @@
 #   u4kb         uncond, 4096 trajectories at batch 256 (4x the data per step), seed 0
 #   vu4k         the labelled variant "last decoder block at 8 bits" (not strict W4A4; call 13) with 4096
 #                trajectories
+#   vu4kl / u4kl vu4k / u4k with the activation scales also learned (--learn-act-scales; call 17)
 # SEEDS sets every run's seeds (default 0); USEEDS / CSEEDS / VSEEDS override them for the uncond / cond / variant
 # runs. What ran (session 20, results/mnist/device_runs.md): call 14 RUNS="c128 c2k u128 u1k u4k" LIMIT=470
 # BUDGET=320 (the cond runs were cut at the limit while sampling: cond calibration took ~90 s beside fine-tuning
-# processes), call 15 RUNS=c2k CSEEDS=0,1,2, call 16 RUNS="u4k vu4k" USEEDS=1,2.
+# processes), call 15 RUNS=c2k CSEEDS=0,1,2, call 16 RUNS="u4k vu4k" USEEDS=1,2 VSEEDS=0,1,2 LIMIT=530 BUDGET=330 (session 21),
+# call 17 RUNS="vu4kl u4kl" VSEEDS=0,1,2 USEEDS=0.
 # 2500 samples per seed (the table's count). SEEDS=0,1,2 runs three seeds per run.
 # DEV/SAMPLES/N128/N4K/... override the device settings for a CPU dry run:
 #   DEV=cpu SAMPLES=8 BATCH=8 DDIM=4 CALIB=2 CALIB_STEPS=4 USTEPS=3 CSTEPS=3 HOLD=2 N128=4 N1K=6 N2K=6 N4K=8 FT_BATCH=4 \
@@ -61,8 +63,11 @@ on u1k && run u1k $U --finetune-samples ${N1K:-1024} --finetune-batch $B &
 on u4k && run u4k $U --finetune-samples ${N4K:-4096} --finetune-batch $B &
 on u4kb && run u4kb $U --finetune-samples ${N4K:-4096} --finetune-batch $(( B * 4 )) &
 on vu4k && run vu4k $V --finetune-samples ${N4K:-4096} --finetune-batch $B &
+on vu4kl && run vu4kl $V --finetune-samples ${N4K:-4096} --finetune-batch $B --learn-act-scales &
+on u4kl && run u4kl $U --finetune-samples ${N4K:-4096} --finetune-batch $B --learn-act-scales &
 wait
 echo "eval done $(( $(date +%s) - T0 ))s"
+set +f  # the summary globs the task logs
 for d in $RUNS; do echo "== $d"; cat $R/$d/quality_mnist.md
   grep -h "stage finetune\|held-out\|distillation loss\|: FID" $R/$d/log_*.txt | cut -c1-240; done
 pack

@@ -1,0 +1,54 @@
+# How calls 15-17 (session 21, results/mnist/call15..17/) entered results/quality_mnist.json: run once from the
+# repository root after unpacking each call's tarball into results/mnist/callNN/ (results/mnist/device_runs.md).
+# All three ran results/mnist/call14.sh on one H200 at the strict goal row's settings (MSFP + TALoRA + DFA, LoRA rank
+# 32, 1800 uncond / 1500 cond steps at batch 64, 32 held-out trajectories, 2500 samples), every run its full steps:
+#   call 15  c2k          cond, 2048 FP trajectories, seeds 0-2
+#   call 16  u4k / vu4k   uncond, 4096 trajectories, seeds 1-2 (seed 0 is call 14's) / the labelled variant "last
+#                         decoder block at 8 bits" at 4096 trajectories, seeds 0-2
+#   call 17  vu4kl / u4kl vu4k with learned activation scales, seeds 0-2 / u4k with learned scales, seed 0
+# Every row enters "variants"; the goal rows (3 seeds, 128 trajectories, 5000 samples, ORT-checked) are unchanged.
+# Idempotent.
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, "tools")
+from quality_rows import write_json  # noqa: E402
+
+P = Path("results/quality_mnist.json")
+M = Path("results/mnist")
+ROW = "MSFP + TALoRA + DFA"
+d = json.load(open(P))
+v = d["variants"]
+
+
+def row(call: int, folder: str, model: str) -> dict:
+    j = json.load(open(M / f"call{call}" / folder / "quality_mnist.json"))
+    d["settings"][f"call{call}_{folder}"] = j["settings"]
+    return {**j[model][ROW], "call": call}
+
+
+def joined(a: dict, b: dict) -> dict:
+    """Two runs of the same configuration on different seeds as one row (per-seed lists concatenated)."""
+    out = {k: a[k] + b[k] for k in a if isinstance(a[k], list) and isinstance(b.get(k), list)}
+    out["call"] = {str(s): r["call"] for r in (a, b) for s in r["seeds"]}
+    return out
+
+
+LAST3 = "last decoder block 8-bit (first,last,up_blocks.3.*)"
+v["cond"][f"{ROW}, 2048 FP trajectories (call 15)"] = row(15, "c2k", "cond")
+u4k = joined(row(14, "u4k", "uncond"), row(16, "u4k", "uncond"))
+v["uncond"][f"{ROW}, 4096 FP trajectories (seed 0: call 14, seeds 1-2: call 16)"] = u4k
+v["uncond"][f"{ROW}, {LAST3}, 4096 FP trajectories (call 16)"] = row(16, "vu4k", "uncond")
+v["uncond"][f"{ROW}, {LAST3}, 4096 FP trajectories, learned activation scales (call 17)"] = row(17, "vu4kl", "uncond")
+v["uncond"][f"{ROW}, 4096 FP trajectories, learned activation scales, seed 0 (call 17)"] = row(17, "u4kl", "uncond")
+d["settings"]["call15_17"] = {"note": (
+    "results/mnist/call14.sh on one H200 (session 21): call 15 RUNS=c2k CSEEDS=0,1,2 LIMIT=480 BUDGET=320 (370 s); "
+    "call 16 RUNS='u4k vu4k' USEEDS=1,2 VSEEDS=0,1,2 LIMIT=530 BUDGET=330 (482 s); call 17 RUNS='vu4kl u4kl' "
+    "VSEEDS=0,1,2 USEEDS=0 LIMIT=450 BUDGET=300 (422 s). Every run finished its 1800 / 1500 steps with the CUDA graph; "
+    "2500 samples; no ORT check")}
+NOTE = ("; calls 15-17: the goal row on 2048 (cond) / 4096 (uncond) FP trajectories, 3 seeds; the last-block variant "
+        "at 4096 trajectories, with and without learned activation scales")
+if NOTE not in v["note"]:
+    v["note"] += NOTE
+write_json(P, d, indent=1)
