@@ -121,7 +121,8 @@ def compile_parser() -> argparse.ArgumentParser:
                    help="where calibration, statistics, the format search and fine-tuning run: cpu or cuda[:N] "
                         "(lowering to ONNX always runs on the CPU; default cpu)")
     p.add_argument("--keep-8bit", type=_csv, default=("first", "last"),
-                   help="layers kept at 8 bits: first,last (convs) and/or module paths, e.g. "
+                   help="layers kept at 8 bits: first,last (convs), last_block (the last decoder block: "
+                   "up_blocks.N, the full-resolution level; not strict W4A4) and/or module paths, e.g. "
                    "down_blocks.0.resnets.0.conv1, a whole block (mid_block) or an fnmatch pattern "
                    "('*.conv_shortcut'); '' for none (default first,last)")
     p.add_argument("--calib-samples", type=int, help="noise samples for calibration (default: 8, fewer for large "

@@ -40,7 +40,8 @@ class QuantConfig:
     weight_granularity: str = "channel"  # "channel" (per output channel) or "tensor"
     sign_rule: str = "mse"  # "mse": both families everywhere; "stats": unsigned only for small bounded negatives
     unsigned_max_neg_ratio: float = 0.5  # "stats" rule: |min| <= ratio * max admits unsigned candidates
-    keep_8bit: tuple[str, ...] = ("first", "last")  # layers kept at 8 bits: "first", "last" conv or node names
+    # layers kept at 8 bits: "first" / "last" conv, "last_block" (the last up block), module paths, patterns
+    keep_8bit: tuple[str, ...] = ("first", "last")
     clip_ratios: int = 40  # points of the clip-ratio grid, 0.3..1.0 of the range
     zero_points: int = 12  # points of the zero-point grid for unsigned formats, min..0
     sample_per_group: int = 2048  # activation values kept per tensor and timestep group for the search

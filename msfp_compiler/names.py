@@ -6,13 +6,15 @@ conv node ``conv2d_6`` is the layer ``down_blocks.1.resnets.0.conv_shortcut`` a 
 activation), ``<layer>.weight`` (its weight: the parameter's own path) and ``<attention>.q`` / ``.k`` / ``.v`` (the
 operands of scaled_dot_product_attention), ``<layer>.input.0`` / ``.input.1`` (the parts of a concatenation that
 feeds a conv, quantized per part). These names are what passes.log, ``--summary``, the plots, ``--check``
-and ``--keep-8bit`` use; ``--keep-8bit`` also takes fnmatch patterns over them (``*.conv_shortcut``).
+and ``--keep-8bit`` use; ``--keep-8bit`` also takes fnmatch patterns over them (``*.conv_shortcut``) and the symbolic
+names ``first`` / ``last`` (convs, resolved by select_format) and ``last_block`` (the last decoder block, resolved here).
 """
 
 from __future__ import annotations
 
 import difflib
 import fnmatch
+import re
 from typing import Iterable
 
 import torch
@@ -22,10 +24,15 @@ from .errors import MsfpError
 from .layer_graph import LAYER_OPS, layer_kind
 
 __all__ = ["WRAPPER_PREFIX", "module_path", "layer_names", "tensor_names", "display_names", "model_layer_names",
-           "layer_matches", "suggest", "unknown_names_error"]
+           "layer_matches", "suggest", "unknown_names_error", "LAST_BLOCK", "CONV_NAMES", "expand_keep_names"]
 
 WRAPPER_PREFIX = "unet."  # capture wraps the UNet as UNetWrapper.unet
 _ATTN_OPERANDS = ("q", "k", "v")
+CONV_NAMES = ("first", "last")  # the first / last conv in graph order (select_format.high_precision_layers)
+# The last up block of a diffusers UNet: the full-resolution decoder level, where strict W4A4's error sits on both
+# MNIST models (results/quality_mnist.md); its index differs by model (up_blocks.3 / up_blocks.2), hence a name.
+LAST_BLOCK = "last_block"
+_UP_BLOCK = re.compile(r"up_blocks\.(\d+)\.")
 
 
 def _strip(path: str) -> str:
@@ -156,6 +163,19 @@ def layer_matches(name: str, path: str) -> bool:
     if any(c in name for c in "*?["):
         return fnmatch.fnmatchcase(path, name)
     return path == name or path.startswith(name + ".")
+
+
+def expand_keep_names(keep: Iterable[str], paths: Iterable[str]) -> tuple[str, ...]:
+    """keep_8bit with ``last_block`` replaced by the block path of the highest-numbered ``up_blocks.N`` among the
+    layer ``paths``; MsfpError if it is asked for and no layer sits in an up block."""
+    keep = tuple(keep)
+    if LAST_BLOCK not in keep:
+        return keep
+    ups = [int(m.group(1)) for p in paths if (m := _UP_BLOCK.match(p))]
+    if not ups:
+        raise MsfpError(f"QuantConfig.keep_8bit: {LAST_BLOCK!r} needs a UNet with up_blocks (a diffusers "
+                        "UNet2DModel / UNet2DConditionModel); name the layers or a block path instead")
+    return tuple(f"up_blocks.{max(ups)}" if k == LAST_BLOCK else k for k in keep)
 
 
 def suggest(name: str, valid: Iterable[str], n: int = 3) -> list[str]:

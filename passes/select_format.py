@@ -17,7 +17,8 @@ import torch.fx as fx
 from msfp_compiler.config import HIGH_PRECISION, QuantConfig
 from msfp_compiler.formats import parse_format
 from msfp_compiler.layer_graph import layer_kind
-from msfp_compiler.names import layer_matches, layer_names, tensor_names, unknown_names_error
+from msfp_compiler.names import (CONV_NAMES, LAST_BLOCK, expand_keep_names, layer_matches, layer_names,
+                                 tensor_names, unknown_names_error)
 from msfp_compiler.pass_manager import Pass, PassResult
 from msfp_compiler.progress import Progress
 from msfp_compiler.record import QuantChoice, TensorRecord, records
@@ -34,23 +35,23 @@ def get_weight(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
 
 
 def high_precision_layers(gm: fx.GraphModule, keep: tuple[str, ...]) -> set[str]:
-    """fx names of the layer nodes kept at 8 bits: 'first'/'last' conv in graph order, layers by module path
-    (``down_blocks.1.attentions.0.to_q``; a block path such as ``mid_block`` keeps every layer in it), fnmatch
-    pattern over module paths (``*.conv_shortcut``) or fx name. Unknown names and patterns matching no layer raise
-    MsfpError with the closest layer names."""
+    """fx names of the layer nodes kept at 8 bits: 'first'/'last' conv in graph order, 'last_block' (the last
+    up block), layers by module path (``down_blocks.1.attentions.0.to_q``; a block path such as ``mid_block`` keeps
+    every layer in it), fnmatch pattern over module paths (``*.conv_shortcut``) or fx name. Unknown names and
+    patterns matching no layer raise MsfpError with the closest layer names."""
     convs = [n.name for n in gm.graph.nodes if layer_kind(n) == "conv"]
     layers = layer_names(gm)
     out: set[str] = set()
     unknown = []
-    for k in keep:
-        if k in ("first", "last"):
+    for k in expand_keep_names(keep, layers.values()):
+        if k in CONV_NAMES:
             continue
         hit = {fx_name for fx_name, path in layers.items() if fx_name == k or layer_matches(k, path)}
         if not hit:
             unknown.append(k)
         out |= hit
     if unknown:
-        raise unknown_names_error("QuantConfig.keep_8bit", unknown, ["first", "last", *layers.values()])
+        raise unknown_names_error("QuantConfig.keep_8bit", unknown, [*CONV_NAMES, LAST_BLOCK, *layers.values()])
     if convs and "first" in keep:
         out.add(convs[0])
     if convs and "last" in keep:

@@ -7,7 +7,8 @@ import torch
 
 from msfp_compiler.errors import MsfpError
 from msfp_compiler.layer_graph import layer_kind
-from msfp_compiler.names import layer_matches, layer_names, model_layer_names, unknown_names_error
+from msfp_compiler.names import (LAST_BLOCK, expand_keep_names, layer_matches, layer_names, model_layer_names,
+                                 unknown_names_error)
 
 
 @pytest.fixture(scope="module")
@@ -57,3 +58,21 @@ def test_keep_8bit_names_and_patterns(unet_and_graph) -> None:
     check_layer_names(unet, ("first", "last", "*.conv_shortcut", "mid_block"))
     with pytest.raises(MsfpError, match=r"^QuantConfig\.keep_8bit: unknown layer '\*\.nope'"):
         check_layer_names(unet, ("first", "*.conv_shortcut", "*.nope"))
+
+
+def test_last_block_is_the_last_up_block(unet_and_graph) -> None:
+    """'last_block' names the highest-numbered up block (the full-resolution decoder level, whose index differs by
+    model), only when asked for; a model without up blocks gets a one-line error; check_layer_names accepts it."""
+    from msfp_compiler.compile import check_layer_names
+
+    unet, _ = unet_and_graph
+    paths = model_layer_names(unet)
+    last = f"up_blocks.{len(unet.up_blocks) - 1}"
+    assert expand_keep_names(("first", LAST_BLOCK, "*.conv_shortcut"), paths) == ("first", last, "*.conv_shortcut")
+    assert expand_keep_names(("first", "last"), ["conv_in"]) == ("first", "last")  # nothing to resolve: no paths needed
+    # numerically, not as text: up_blocks.10 comes after up_blocks.9
+    assert expand_keep_names((LAST_BLOCK,), ["up_blocks.9.conv", "up_blocks.10.conv#2", "mid_block.conv"]) == \
+        ("up_blocks.10",)
+    with pytest.raises(MsfpError, match=r"^QuantConfig\.keep_8bit: 'last_block' needs a UNet with up_blocks"):
+        expand_keep_names((LAST_BLOCK,), ["conv_in", "mid_block.resnets.0.conv1"])
+    check_layer_names(unet, ("first", "last", LAST_BLOCK))

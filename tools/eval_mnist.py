@@ -102,8 +102,8 @@ def ddim(eps_fn, n: int, steps: int, seed: int, cond: torch.Tensor | None, sched
 
 
 def keep_8bit_names(patterns: str) -> tuple[str, ...]:
-    """--keep-8bit -> QuantConfig.keep_8bit: "first", "last", layer paths and fnmatch patterns over them
-    (``*.conv_shortcut``); the library expands and validates them (msfp_compiler.names.layer_matches)."""
+    """--keep-8bit -> QuantConfig.keep_8bit: "first", "last", "last_block", layer paths and fnmatch patterns over
+    them (``*.conv_shortcut``); the library expands and validates them (msfp_compiler.names)."""
     return tuple(dict.fromkeys(p.strip() for p in patterns.split(",") if p.strip()))
 
 
@@ -370,8 +370,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--finetune-holdout", type=int, default=0, metavar="N",
                    help="FP trajectories held out of fine-tuning; their loss before / after goes into each row")
     p.add_argument("--keep-8bit", default="first,last", metavar="LAYERS",
-                   help="layers kept at 8 bits: first, last and fnmatch patterns over layer paths, e.g. "
-                        "'first,last,time_embedding.*,*.conv_shortcut,*.downsamplers.*' (EfficientDM's scope)")
+                   help="layers kept at 8 bits: first, last, last_block (the last up block) and fnmatch patterns "
+                        "over layer paths, e.g. 'first,last,time_embedding.*,*.conv_shortcut,*.downsamplers.*' "
+                        "(EfficientDM's scope)")
     p.add_argument("--float-attention", action="store_true",
                    help="leave the q, k, v operands of attention in float (EfficientDM quantizes conv/linear only)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -152,6 +152,22 @@ def test_keep_8bit_first_and_last_conv(selected, stages_unet2d) -> None:
     assert info["act_8bit"] == 2
 
 
+def test_keep_8bit_last_block(selected, stages_unet2d) -> None:
+    """'last_block' keeps every layer of the last up block at 8 bits, exactly as its block path does, and only them."""
+    from msfp_compiler.names import layer_names
+
+    last = f"up_blocks.{len(stages_unet2d.unet.up_blocks) - 1}"
+    paths = layer_names(selected)
+    kept = high_precision_layers(selected, ("last_block",))
+    assert kept and kept == high_precision_layers(selected, (last,))
+    assert {paths[n].split("#")[0].startswith(last + ".") for n in kept} == {True}
+    assert {n for n, p in paths.items() if p.startswith(last + ".")} == kept
+    # with first / last: the conv_out sits after the block, conv_in before it
+    both = high_precision_layers(selected, ("first", "last", "last_block"))
+    assert both == kept | high_precision_layers(selected, ("first", "last"))
+    assert len(both) == len(kept) + 2
+
+
 FAST = dict(act_formats=("e2m1", "ue2m2"), weight_formats=("e2m1",), clip_ratios=8, zero_points=4,
             sample_per_group=256)
 
