@@ -41,7 +41,7 @@ log = logging.getLogger("msfp")
 # msfp-compile's default number of distillation trajectories scales with the model: samples x sampler steps x
 # parameters x (pixels / 32^2) <= FINETUNE_BUDGET, between 32 and 256 (the trajectories run as one batch: the pixel
 # factor bounds its memory). Each trajectory costs one FP forward per sampler step. More trajectories generalize
-# better: they close mnist-cond's held-out gap and gave a lower FID on 9 of 12 paired seeds (digits 32 -> 256, MNIST
+# better: they shrink mnist-cond's held-out gap and gave a lower FID on 9 of 12 paired seeds (digits 32 -> 256, MNIST
 # 128 -> 4096 / 2048), each model's difference a tie (results/quality_mnist.md, sessions 20-21). The MNIST UNets
 # (6M parameters, 50 steps) get 256; SD1.5 (860M) keeps 32.
 FINETUNE_BUDGET = 256 * 50 * 6.25e6

@@ -7,7 +7,8 @@ activation), ``<layer>.weight`` (its weight: the parameter's own path) and ``<at
 operands of scaled_dot_product_attention), ``<layer>.input.0`` / ``.input.1`` (the parts of a concatenation that
 feeds a conv, quantized per part). These names are what passes.log, ``--summary``, the plots, ``--check``
 and ``--keep-8bit`` use; ``--keep-8bit`` also takes fnmatch patterns over them (``*.conv_shortcut``) and the symbolic
-names ``first`` / ``last`` (convs, resolved by select_format) and ``last_block`` (the last decoder block, resolved here).
+names ``first`` / ``last`` (convs, resolved by select_format) and ``last_block`` (the last decoder block, resolved
+here).
 """
 
 from __future__ import annotations

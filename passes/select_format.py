@@ -9,6 +9,7 @@ signed candidates, per output channel. Layers in ``keep_8bit`` (first / last con
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -24,7 +25,7 @@ from msfp_compiler.progress import Progress
 from msfp_compiler.record import QuantChoice, TensorRecord, records
 from msfp_compiler.search import SearchResult, SortedValues, exact_mse, search_scale
 
-__all__ = ["SelectFormat", "high_precision_layers", "get_weight"]
+__all__ = ["SelectFormat", "high_precision_layers", "get_weight", "layer_cost"]
 
 
 def get_weight(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
@@ -56,6 +57,36 @@ def high_precision_layers(gm: fx.GraphModule, keep: tuple[str, ...]) -> set[str]
         out.add(convs[0])
     if convs and "last" in keep:
         out.add(convs[-1])
+    return out
+
+
+def _per_sample(val) -> int | None:
+    """Elements per batch item of a traced tensor (its ``meta["val"]``); None when unknown or symbolic."""
+    dims = getattr(val, "shape", None)
+    if dims is None or not all(isinstance(d, int) for d in dims[1:]):
+        return None
+    return math.prod(dims[1:])
+
+
+def layer_cost(gm: fx.GraphModule, node: fx.Node) -> tuple[int, int | None]:
+    """(weight elements, multiply-accumulates per sample) of a conv, linear or attention node; the MACs are None
+    when the traced shapes are unknown. Attention counts its two matmuls (Q K^T and P V) and has no weight."""
+    if layer_kind(node) == "attn":
+        nq, k = _per_sample(node.args[0].meta.get("val")), node.args[1].meta.get("val")
+        return 0, None if nq is None or not isinstance(k.shape[-2], int) else 2 * nq * k.shape[-2]
+    w = get_weight(gm, node.args[1])
+    out = _per_sample(node.meta.get("val"))
+    return w.numel(), None if out is None else out * w[0].numel()  # one weight row per output element
+
+
+def _high_precision_shares(gm: fx.GraphModule, hp: set[str]) -> dict[str, float]:
+    """What keep_8bit costs: the 8-bit layers' share of the layers' weights and of their MACs."""
+    cost = {n.name: layer_cost(gm, n) for n in gm.graph.nodes if layer_kind(n)}
+    w_all = sum(w for w, _ in cost.values())
+    out = {"high_precision_weight_share": round(sum(cost[n][0] for n in hp) / max(w_all, 1), 4)}
+    if all(m is not None for _, m in cost.values()):
+        m_all = sum(m for _, m in cost.values())
+        out["high_precision_mac_share"] = round(sum(cost[n][1] for n in hp) / max(m_all, 1), 4)
     return out
 
 
@@ -131,5 +162,5 @@ class SelectFormat(Pass):
                               f"{float(res.scale.max()):.3g} | {cand_txt}")
         bar.close()
         info = {"act_signed": n_signed, "act_unsigned": n_unsigned, "act_8bit": n_8bit, "formats": fmt_count,
-                "high_precision_layers": sorted(layers.get(n, n) for n in hp)}
+                "high_precision_layers": sorted(layers.get(n, n) for n in hp), **_high_precision_shares(gm, hp)}
         return PassResult(gm, bool(fmt_count), info, report)

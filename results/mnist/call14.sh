@@ -4,9 +4,9 @@
 # The question: is the strict goal row (MSFP + TALoRA + DFA, LoRA rank 32, 1800 uncond / 1500 cond steps at batch
 # 64) limited by its distillation data? Every row so far trained on 128 FP trajectories x 50 DDIM steps (6400
 # inputs; 1800 steps x 64 = 18 passes over them) and reported only the loss on those same inputs. Each run here
-# holds 32 more trajectories out of training (FinetuneConfig.holdout_samples; drawn after the training ones, so the
-# training data and steps are exactly the goal row's) and logs their loss before / after, and varies only the number
-# of training trajectories:
+# holds 32 more trajectories out of training (FinetuneConfig.holdout_samples; in call 14 drawn after the training
+# ones, since commit 7152a1f from a seed of their own; the training data and steps are exactly the goal row's either
+# way) and logs their loss before / after, and varies only the number of training trajectories:
 #   u128 / c128  the goal row as in calls 11-12 (128 trajectories), seed 0, + the held-out loss
 #   u1k / u4k    uncond with 1024 / 4096 trajectories (2.25 / 0.56 passes over the data), seed 0
 #   c2k          cond with 2048 trajectories, seed 0
@@ -17,8 +17,8 @@
 # SEEDS sets every run's seeds (default 0); USEEDS / CSEEDS / VSEEDS override them for the uncond / cond / variant
 # runs. What ran (session 20, results/mnist/device_runs.md): call 14 RUNS="c128 c2k u128 u1k u4k" LIMIT=470
 # BUDGET=320 (the cond runs were cut at the limit while sampling: cond calibration took ~90 s beside fine-tuning
-# processes), call 15 RUNS=c2k CSEEDS=0,1,2, call 16 RUNS="u4k vu4k" USEEDS=1,2 VSEEDS=0,1,2 LIMIT=530 BUDGET=330 (session 21),
-# call 17 RUNS="vu4kl u4kl" VSEEDS=0,1,2 USEEDS=0.
+# processes). Session 21: call 15 RUNS=c2k CSEEDS=0,1,2 LIMIT=480 BUDGET=320, call 16 RUNS="u4k vu4k" USEEDS=1,2
+# VSEEDS=0,1,2 LIMIT=530 BUDGET=330, call 17 RUNS="vu4kl u4kl" VSEEDS=0,1,2 USEEDS=0 LIMIT=450 BUDGET=300.
 # 2500 samples per seed (the table's count). SEEDS=0,1,2 runs three seeds per run.
 # DEV/SAMPLES/N128/N4K/... override the device settings for a CPU dry run:
 #   DEV=cpu SAMPLES=8 BATCH=8 DDIM=4 CALIB=2 CALIB_STEPS=4 USTEPS=3 CSTEPS=3 HOLD=2 N128=4 N1K=6 N2K=6 N4K=8 FT_BATCH=4 \

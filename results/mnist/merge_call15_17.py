@@ -29,15 +29,21 @@ def row(call: int, folder: str, model: str) -> dict:
 
 
 def joined(a: dict, b: dict) -> dict:
-    """Two runs of the same configuration on different seeds as one row (per-seed lists concatenated)."""
-    out = {k: a[k] + b[k] for k in a if isinstance(a[k], list) and isinstance(b.get(k), list)}
-    out["call"] = {str(s): r["call"] for r in (a, b) for s in r["seeds"]}
+    """Two runs of the same configuration on different seeds as one row: a's seeds, then b's (every per-seed list
+    extended; the same fields on both sides). Call 14 drew its held-out trajectories after the training ones, calls
+    15-17 from a seed of their own, so a's held-out losses are left out (None): they are not the same set."""
+    assert set(a) == set(b), set(a) ^ set(b)
+    out = {k: a[k] + b[k] for k in a if isinstance(a[k], list)}
+    for k in ("holdout_initial_loss", "holdout_final_loss"):
+        out[k] = [None] * len(a["seeds"]) + b[k]
+    out["calls"] = [a["call"]] * len(a["seeds"]) + [b["call"]] * len(b["seeds"])
+    out["call"] = f"{a['call']}+{b['call']}"
     return out
 
 
 LAST3 = "last decoder block 8-bit (first,last,up_blocks.3.*)"
 v["cond"][f"{ROW}, 2048 FP trajectories (call 15)"] = row(15, "c2k", "cond")
-u4k = joined(row(14, "u4k", "uncond"), row(16, "u4k", "uncond"))
+u4k = joined(row(14, "u4k", "uncond"), row(16, "u4k", "uncond"))  # row(14, ...) rewrites call14_u4k's settings as-is
 v["uncond"][f"{ROW}, 4096 FP trajectories (seed 0: call 14, seeds 1-2: call 16)"] = u4k
 v["uncond"][f"{ROW}, {LAST3}, 4096 FP trajectories (call 16)"] = row(16, "vu4k", "uncond")
 v["uncond"][f"{ROW}, {LAST3}, 4096 FP trajectories, learned activation scales (call 17)"] = row(17, "vu4kl", "uncond")

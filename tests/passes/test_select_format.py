@@ -9,6 +9,7 @@ import torch.fx as fx
 from msfp_compiler.config import SCHEMES, QuantConfig
 from msfp_compiler.errors import MsfpError
 from msfp_compiler.formats import parse_format
+from msfp_compiler.names import layer_names
 from msfp_compiler.passes.select_format import SelectFormat, get_weight, high_precision_layers
 from msfp_compiler.record import QuantChoice, records
 from msfp_compiler.search import quant_mse_direct
@@ -153,19 +154,50 @@ def test_keep_8bit_first_and_last_conv(selected, stages_unet2d) -> None:
 
 
 def test_keep_8bit_last_block(selected, stages_unet2d) -> None:
-    """'last_block' keeps every layer of the last up block at 8 bits, exactly as its block path does, and only them."""
-    from msfp_compiler.names import layer_names
-
+    """'last_block' keeps every layer of the last up block at 8 bits and only them: the same layers as its block path
+    and as the pattern the MNIST variant runs used ('up_blocks.N.*')."""
     last = f"up_blocks.{len(stages_unet2d.unet.up_blocks) - 1}"
     paths = layer_names(selected)
     kept = high_precision_layers(selected, ("last_block",))
-    assert kept and kept == high_precision_layers(selected, (last,))
-    assert {paths[n].split("#")[0].startswith(last + ".") for n in kept} == {True}
-    assert {n for n, p in paths.items() if p.startswith(last + ".")} == kept
-    # with first / last: the conv_out sits after the block, conv_in before it
+    assert kept == {n for n, p in paths.items() if p.startswith(last + ".")} and kept
+    assert kept == high_precision_layers(selected, (last,)) == high_precision_layers(selected, (last + ".*",))
+    # with first / last: conv_in sits before the block, conv_out after it
     both = high_precision_layers(selected, ("first", "last", "last_block"))
     assert both == kept | high_precision_layers(selected, ("first", "last"))
     assert len(both) == len(kept) + 2
+
+
+def test_high_precision_shares_match_module_hooks(stages_unet2d) -> None:
+    """select_format's weight and MAC shares of the 8-bit layers (first, last) equal the same counts taken
+    independently: forward hooks on the UNet's modules, attention from its q / k projections' outputs."""
+    unet = stages_unet2d.unet
+    calls: list[tuple[str, int, int]] = []  # (module path, weight elements, MACs per sample), one per call
+    seq: dict[str, int] = {}
+
+    def hook(path):
+        def f(m, args, out):
+            if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
+                calls.append((path, m.weight.numel(), out[0].numel() * m.weight[0].numel()))
+            if path.endswith(".to_q") or path.endswith(".to_k"):
+                seq[path[-1]] = out.shape[1]
+            if path.endswith(".to_k"):  # q and k are both known now: Q K^T and P V
+                calls.append((path[:-5], 0, 2 * seq["q"] * seq["k"] * m.out_features))
+        return f
+
+    handles = [m.register_forward_hook(hook(p)) for p, m in unet.named_modules()
+               if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    with torch.no_grad():
+        unet(torch.randn(1, unet.config.in_channels, 8, 8), torch.tensor([10]))
+    for h in handles:
+        h.remove()
+    kept = {"conv_in", "conv_out"}
+    w_share = sum(w for p, w, _ in calls if p in kept) / sum(w for _, w, _ in calls)
+    m_share = sum(m for p, _, m in calls if p in kept) / sum(m for _, _, m in calls)
+    info = stages_unet2d.results["select_format"].info
+    assert info["high_precision_layers"] == sorted(kept)
+    assert 0 < w_share < 0.1 and 0 < m_share < 0.1
+    assert info["high_precision_weight_share"] == pytest.approx(w_share, abs=6e-5)
+    assert info["high_precision_mac_share"] == pytest.approx(m_share, abs=6e-5)
 
 
 FAST = dict(act_formats=("e2m1", "ue2m2"), weight_formats=("e2m1",), clip_ratios=8, zero_points=4,
@@ -188,8 +220,6 @@ def test_keep_8bit_none_and_by_name(stages_unet2d) -> None:
     assert {n.name for n, r in records(gm) if r.bits == 8} == eight
     gm = stages_unet2d.fresh("annotate_sign")
     SelectFormat(QuantConfig(keep_8bit=("mid_block",), **FAST))(gm)
-    from msfp_compiler.names import layer_names
-
     layers = layer_names(gm)
     mid = {n.name for n, r in records(gm) if any(layers[c].startswith("mid_block.") for c in r.consumers)}
     assert mid and {n.name for n, r in records(gm) if r.bits == 8} == mid
