@@ -21,7 +21,9 @@ carry most of the W4A4 error) are replaced by each lever, keeping 4-bit values:
   MSFP format kept) on calibration values of that group's steps only; at inference the quantizer reads the
   timestep input (a t -> group table, as TALoRA's fused router) and uses its group's parameters;
 - options: ``:bN`` block size, ``:mse`` per-block clip search, ``:res`` a second NVFP4 term on the residual (two
-  W4A4 GEMMs), ``@shortcut`` only the conv_shortcut inputs; ``recal`` (control) per-tensor MSFP re-searched.
+  W4A4 GEMMs), ``@shortcut`` only the conv_shortcut inputs; ``recal`` (control) per-tensor MSFP re-searched;
+- ``sr``: the compiled per-tensor MSFP quantizer (format, scale, zero point) with stochastic instead of
+  round-to-nearest rounding: is the noise harmful because it repeats across the sampler's steps?
 
 Measured as sensitivity_mnist does (PSNR of DDIM samples vs FP32 of the same noise, one-step eps rel-RMSE at five t)
 for the whole model (W4A4 with the block's quantizers swapped) and for the block alone (only those quantizers), plus
@@ -173,6 +175,25 @@ class StaticQuant(torch.nn.Module):
             x = rotate(x, self.rot_dim)
         q = self.z + self.fmt.round_to_grid((x - self.z) / self.s) * self.s
         return rotate(q, self.rot_dim) if self.rot_dim is not None else q
+
+
+class StochasticQuant(StaticQuant):
+    """The layer's per-tensor MSFP quantizer with stochastic rounding: each value goes to one of its two neighbouring
+    grid points, the upper one with probability (v - lo) / (hi - lo). Unbiased, and its errors are independent across
+    the sampler's steps, where round-to-nearest repeats nearly the same error on nearly the same input every step.
+    (Blackwell converts to FP4 with stochastic rounding in hardware: cvt.rs.)"""
+
+    def __init__(self, fmt: str, scale: float, zero_point: float, seed: int = 0):
+        super().__init__(fmt, scale, zero_point)
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g = self.fmt.grid.to(x.device)
+        v = ((x.float() - self.z) / self.s).clamp(float(g[0]), float(g[-1]))  # saturating, as round-to-nearest
+        i = torch.searchsorted(g, v.contiguous(), right=True).clamp(1, g.numel() - 1)
+        lo, hi = g[i - 1], g[i]
+        up = torch.rand(v.shape, generator=self.gen).to(x.device) * (hi - lo) < v - lo
+        return self.z + torch.where(up, hi, lo) * self.s
 
 
 ACT_CANDS = ("e1m2", "e2m1", "e3m0", "ue2m2", "ue3m1", "ue4m0")
@@ -456,6 +477,8 @@ def main(argv: list[str] | None = None) -> int:
                 v = plain[q]
                 lo, hi = float(v.min()), float(v.max())
                 out[(q, "*")] = StaticQuant("uint8", max(hi - lo, 1e-8) / 255, lo)
+            elif lever == "sr":
+                out[(q, "*")] = StochasticQuant(b["fmt"], scale_of(q), zp_of(q), seed=len(out))
             elif lever == "recal":
                 fmt, s, z, _ = search_best(plain[q][None], ACT_CANDS)
                 out[(q, "*")] = StaticQuant(fmt, float(s), float(z))

@@ -197,3 +197,20 @@ def test_spread_summary_reports_max_over_min_of_the_group_scales() -> None:
     assert v["block_quantizers"] == 2 and v["quantizers"] == 3
     assert v["max_ratio"] == 4.0 and v["block_max_ratio"] == 2.0 and v["median_ratio"] == 2.0
     assert v["median_mean_scale_over_compiled"] == 1.0 and abs(v["median_rms_ratio"] - 1.2) < 1e-6
+
+
+def test_stochastic_rounding_is_unbiased_and_stays_on_the_neighbouring_grid_points() -> None:
+    """sr: every output is the scaled grid point just below or just above the input, the mean over many draws is the
+    input itself (round-to-nearest is off by up to half a step), and the range saturates like round-to-nearest."""
+    q = lev.StochasticQuant("ue2m2", 0.5, -0.25)
+    grid = q.z + q.fmt.grid * q.s
+    x = torch.tensor([0.1, 0.37, 1.3, 2.0])
+    draws = torch.stack([q(x) for _ in range(4000)])
+    for j, v in enumerate(x):
+        lo, hi = grid[grid <= v].max(), grid[grid >= v].min()
+        assert set(draws[:, j].unique().tolist()) <= {float(lo), float(hi)}
+        assert float(draws[:, j].mean()) == pytest.approx(float(v), abs=0.02 * float(hi - lo) + 1e-6)
+    nearest = lev.StaticQuant("ue2m2", 0.5, -0.25)(x)
+    assert float((nearest - x).abs().max()) > 0.05  # the test values are off-grid: the mean above could fail
+    big = torch.tensor([-5.0, 100.0])
+    assert torch.equal(q(big), lev.StaticQuant("ue2m2", 0.5, -0.25)(big))  # saturates to the grid's ends
