@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
 from quality_rows import (ALIASES, ROWS, Row, add_table_arguments, args_row_config, class_labels,  # noqa: E402
-                          compile_facts, parse_rows, slug, write_json)
+                          compile_facts, parse_rows, sampler_config, slug, write_json)
 
 from msfp_compiler.capture import UNetWrapper, signature_of  # noqa: E402
 from msfp_compiler.compile import check_layer_names  # noqa: E402
@@ -142,7 +142,8 @@ def _sample_and_score(eps_fn, loaded, sig, args, seed: int, device: torch.device
         t1 = time.perf_counter()
         # Sampling repeats one batch shape 50 times: let cuDNN pick its fastest convolutions (summation order only).
         torch.backends.cudnn.benchmark = device.type == "cuda"
-        imgs = ddim(eps_fn, args.samples, args.steps, seed, cond, loaded.scheduler_config, shape, device, args.batch)
+        imgs = ddim(eps_fn, args.samples, args.steps, seed, cond, sampler_config(loaded, args), shape, device,
+                    args.batch)
         info["sample_seconds"] = round(time.perf_counter() - t1, 2)
         clf = load_classifier(args.classifier).to(device)
         real, _ = load_mnist_images(sig.sample_size)
@@ -476,7 +477,7 @@ def main(argv: list[str] | None = None) -> int:
                                               "finetune_steps", "finetune_samples", "finetune_batch", "lora_rank",
                                               "lora_lr", "device", "tf32", "finetune_time_budget",
                                               "learn_act_scales", "keep_8bit", "float_attention",
-                                              "finetune_holdout", "finetune_trajectories")}
+                                              "finetune_holdout", "finetune_trajectories", "no_clip_sample")}
     settings["seeds"] = [int(s) for s in args.seeds.split(",")]
     failed: list[str] = []
     if not args.merge_only:

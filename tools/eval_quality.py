@@ -35,10 +35,11 @@ from msfp_compiler.export.ort import OrtUNet, ddim_sample, open_session, save_gr
 from msfp_compiler.load import load_model  # noqa: E402
 from msfp_compiler.metrics import classifier_accuracy, fid_digits, mse, psnr  # noqa: E402
 from quality_rows import (ROWS, Row, add_table_arguments, args_row_config, class_labels, compile_facts,  # noqa: E402
-                          parse_rows, slug, write_json)
+                          parse_rows, sampler_config, slug, write_json)
 
 MODELS = {"uncond": ROOT / "examples" / "digits-uncond", "cond": ROOT / "examples" / "digits-cond"}
-STORED_DEFAULTS = {"finetune_samples": 32, "finetune_trajectories": "fp"}  # the settings results/quality.json rows used
+# the settings results/quality.json rows used
+STORED_DEFAULTS = {"finetune_samples": 32, "finetune_trajectories": "fp", "no_clip_sample": False}
 
 
 def build_onnx(row: Row, loaded, args, path: Path) -> dict:
@@ -72,9 +73,7 @@ def evaluate(model_key: str, rows: list[Row], args, results: dict) -> None:
     settings = {"samples": n, "steps": args.steps, "seed": args.seed, "finetune_steps": args.finetune_steps,
                 "lora_rank": args.lora_rank, "calib_samples": args.calib_samples, "calib_steps": args.calib_steps}
     # recorded only where they differ from what every stored row was measured with, so those rows stay cached
-    settings.update({k: v for k, v in (("finetune_samples", args.finetune_samples),
-                                       ("finetune_trajectories", args.finetune_trajectories))
-                     if v != STORED_DEFAULTS[k]})
+    settings.update({k: getattr(args, k) for k in STORED_DEFAULTS if getattr(args, k) != STORED_DEFAULTS[k]})
     table = results.setdefault(model_key, {})
     ref_path = args.out / f"samples_{model_key}_fp32.pt"
     for row in rows:
@@ -88,7 +87,7 @@ def evaluate(model_key: str, rows: list[Row], args, results: dict) -> None:
             info = build_onnx(row, loaded, args, path)
             t0 = time.perf_counter()
             unet = OrtUNet(open_session(path, args.threads))
-            imgs = ddim_sample(unet, n, args.steps, args.seed, cond, loaded.scheduler_config, batch_size=125,
+            imgs = ddim_sample(unet, n, args.steps, args.seed, cond, sampler_config(loaded, args), batch_size=125,
                                progress=True)
             info["sample_seconds"] = round(time.perf_counter() - t0, 2)
         if row.scheme is None:

@@ -17,7 +17,7 @@ from msfp_compiler.compile import CompiledModel
 from msfp_compiler.config import TRAJECTORIES, CalibConfig, CompileConfig, FinetuneConfig, QuantConfig
 
 __all__ = ["Row", "ROWS", "ALIASES", "row_config", "compile_facts", "slug", "parse_rows", "add_table_arguments",
-           "args_row_config", "class_labels", "write_json"]
+           "args_row_config", "class_labels", "write_json", "sampler_config"]
 
 
 @dataclass(frozen=True)
@@ -101,6 +101,17 @@ def add_table_arguments(p: argparse.ArgumentParser, *, samples: int, steps: int,
     p.add_argument("--lora-rank", type=int, default=4,
                    help="LoRA rank (default 4: the tables' rows; the library's default is 32, measured as such)")
     p.add_argument("--out", type=Path, default=out)
+    p.add_argument("--no-clip-sample", action="store_true",
+                   help="sample every row (FP32 included) without clipping DDIM's predicted x0 to [-1, 1] (the "
+                        "model folders' scheduler configs clip, as diffusers' DDIM does by default)")
+
+
+def sampler_config(loaded, args: argparse.Namespace) -> dict | None:
+    """The model's scheduler config for the evaluation sampler, with x0 clipping off under --no-clip-sample.
+    Calibration and fine-tuning keep the model's own config."""
+    if not args.no_clip_sample:
+        return loaded.scheduler_config
+    return {**(loaded.scheduler_config or {}), "clip_sample": False}
 
 
 def args_row_config(row: Row, args: argparse.Namespace, seed: int, device: str = "cpu",

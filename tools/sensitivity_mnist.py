@@ -156,7 +156,10 @@ class Probe:
             self.cond = loaded.class_embedding[labels][:, None, :].float().to(dev)
         fp = (lambda x, t, c: unet(x, t, encoder_hidden_states=c).sample) if self.cond is not None else \
             (lambda x, t, c: unet(x, t).sample)
-        self.sched = make_scheduler("ddim", loaded.scheduler_config)
+        # --no-clip-sample: the same DDIM without clipping the predicted x0 to [-1, 1] (FP32 reference included)
+        cfg = {**(loaded.scheduler_config or {}), "clip_sample": False} if args.no_clip_sample else \
+            loaded.scheduler_config
+        self.sched = make_scheduler("ddim", cfg)
         self.ts, self.xs = trajectories(fp, self.noise, self.cond, self.sched, args.steps)
         self.ref = run_sampler(fp, self.noise, self.cond, self.sched, args.steps).cpu()
         self.probe = [int(i) for i in args.probe_steps.split(",")]
@@ -178,6 +181,7 @@ class Probe:
         s = run_sampler(f, self.noise, self.cond, self.sched, self.steps).cpu()
         res["psnr"] = psnr(s, self.ref)
         res["background"] = float(s[:, :, :2, :].mean())  # top rows: background in every digit
+        res["background_fp32"] = float(self.ref[:, :, :2, :].mean())
         return res
 
     @torch.no_grad()
@@ -228,6 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-8bit", default="first,last")
     p.add_argument("--out", type=Path, default=ROOT / "results" / "mnist")
     p.add_argument("--device", default="cpu", help="compile and measure there (cuda: the Triton msfp ops)")
+    p.add_argument("--no-clip-sample", action="store_true",
+                   help="sample without clipping DDIM's predicted x0 to [-1, 1] (the model's scheduler config clips)")
     return p
 
 

@@ -152,7 +152,8 @@ def test_more_samples_than_the_tables_also_scores_the_first_half(monkeypatch, tm
     monkeypatch.setattr(eval_mnist, "ddim", lambda eps, n, *a: torch.rand(n, 1, 32, 32) * 2 - 1)  # the scoring is tested
     loaded = types.SimpleNamespace(class_embedding=None, scheduler_config=None)  # an unconditional model's fields
     sig = types.SimpleNamespace(in_channels=1, sample_size=32)
-    args = argparse.Namespace(samples=8, steps=1, batch=8, gpu_slots=0, out=tmp_path, classifier=eval_mnist.CLASSIFIER)
+    args = argparse.Namespace(samples=8, steps=1, batch=8, gpu_slots=0, out=tmp_path, classifier=eval_mnist.CLASSIFIER,
+                              no_clip_sample=False)
     info: dict = {}
     eval_mnist._sample_and_score(None, loaded, sig, args, 0, torch.device("cpu"), info)
     assert set(info) >= {"fid", "fid_first_4"} and info["fid"] != info["fid_first_4"]
@@ -160,3 +161,32 @@ def test_more_samples_than_the_tables_also_scores_the_first_half(monkeypatch, tm
     info = {}
     eval_mnist._sample_and_score(None, loaded, sig, args, 0, torch.device("cpu"), info)
     assert "fid_first_4" not in info
+
+
+def test_no_clip_sample_turns_off_only_the_x0_clipping() -> None:
+    """--no-clip-sample (both table tools): the evaluation sampler's config keeps every other field and stops
+    clipping x0; a prediction pushing x0 far below -1 then leaves the DDIM step unclipped. Without the flag the model's
+    config object itself is used."""
+    import argparse
+    import types
+
+    import torch
+
+    from msfp_compiler.sampling import make_scheduler
+    from quality_rows import sampler_config
+
+    model_cfg = {"beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02, "num_train_timesteps": 1000,
+                 "clip_sample": True}
+    loaded = types.SimpleNamespace(scheduler_config=model_cfg)
+    assert sampler_config(loaded, argparse.Namespace(no_clip_sample=False)) is model_cfg
+    off = sampler_config(loaded, argparse.Namespace(no_clip_sample=True))
+    assert off == {**model_cfg, "clip_sample": False} and model_cfg["clip_sample"] is True
+    assert sampler_config(types.SimpleNamespace(scheduler_config=None),
+                          argparse.Namespace(no_clip_sample=True)) == {"clip_sample": False}
+    x, eps = torch.full((1, 1, 2, 2), -0.5), torch.full((1, 1, 2, 2), 3.0)  # x0 = (x - sqrt(1-a) eps) / sqrt(a) << -1
+    outs = []
+    for cfg in (model_cfg, off):
+        sched = make_scheduler("ddim", cfg)
+        sched.set_timesteps(50)
+        outs.append(sched.step(eps, 500, x).prev_sample)
+    assert float(outs[1].max()) < float(outs[0].min()) - 0.1  # the unclipped step goes further below
