@@ -4,6 +4,10 @@
 # MSFP PTQ with clipping (the clipped FP32 and fine-tuned rows are digits_data_ab.json's fp_n32 runs). Two runs at a
 # time, ~3-9 min each; then the merge into results/digits_clip_ab.json:
 #   bash results/digits_clip_ab.sh [OUT]
+# What ran (session 21): the unclipped runs of uncond seeds 0-2 and cond seeds 0-1 (cond seed 1 and uncond seed 2
+# without their fine-tuned row), then it was stopped: the unclipped W4A4 trajectories diverged on 3 of those 5 seeds.
+# results/digits_clip_ab.json was merged from their logs next to digits_data_ab.json's clipped runs, not by the
+# merge below.
 set -e
 export OUT=${1:-/tmp/digits_clip}
 mkdir -p "$OUT"
