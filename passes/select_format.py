@@ -60,20 +60,29 @@ def high_precision_layers(gm: fx.GraphModule, keep: tuple[str, ...]) -> set[str]
     return out
 
 
+def _size(d) -> int | None:
+    """A traced dim as an int: symbolic ones (the text length) at the traced example's value; None if unknown."""
+    if isinstance(d, int):
+        return d
+    hint = getattr(getattr(d, "node", None), "hint", None)
+    return int(hint) if hint is not None else None
+
+
 def _per_sample(val) -> int | None:
-    """Elements per batch item of a traced tensor (its ``meta["val"]``); None when unknown or symbolic."""
-    dims = getattr(val, "shape", None)
-    if dims is None or not all(isinstance(d, int) for d in dims[1:]):
-        return None
-    return math.prod(dims[1:])
+    """Elements per batch item of a traced tensor (its ``meta["val"]``); None when unknown."""
+    dims = [_size(d) for d in getattr(val, "shape", (None,))[1:]]
+    return None if None in dims else math.prod(dims)
 
 
 def layer_cost(gm: fx.GraphModule, node: fx.Node) -> tuple[int, int | None]:
     """(weight elements, multiply-accumulates per sample) of a conv, linear or attention node; the MACs are None
     when the traced shapes are unknown. Attention counts its two matmuls (Q K^T and P V) and has no weight."""
     if layer_kind(node) == "attn":
-        nq, k = _per_sample(node.args[0].meta.get("val")), node.args[1].meta.get("val")
-        return 0, None if nq is None or not isinstance(k.shape[-2], int) else 2 * nq * k.shape[-2]
+        q, k, v = (a.meta.get("val") if isinstance(a, fx.Node) else None for a in node.args[:3])
+        lq, s_len = _per_sample(q), _size(k.shape[-2]) if k is not None else None
+        if None in (lq, s_len) or v is None:
+            return 0, None
+        return 0, lq * s_len + lq // _size(q.shape[-1]) * s_len * _size(v.shape[-1])  # H L D S + H L S Dv
     w = get_weight(gm, node.args[1])
     out = _per_sample(node.meta.get("val"))
     return w.numel(), None if out is None else out * w[0].numel()  # one weight row per output element

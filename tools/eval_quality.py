@@ -75,7 +75,7 @@ def evaluate(model_key: str, rows: list[Row], args, results: dict) -> None:
     # recorded only where they differ from what every stored row was measured with, so those rows stay cached
     settings.update({k: getattr(args, k) for k in STORED_DEFAULTS if getattr(args, k) != STORED_DEFAULTS[k]})
     table = results.setdefault(model_key, {})
-    ref_path = args.out / f"samples_{model_key}_fp32.pt"
+    ref_path = args.out / f"samples_{model_key}_fp32{'_noclip' if args.no_clip_sample else ''}.pt"
     for row in rows:
         old = table.get(row.name)
         if old and old.get("settings") == settings and not args.force and (row.scheme or ref_path.exists()):
@@ -125,7 +125,8 @@ def write(results: dict, out: Path) -> None:
                          f"{r['onnx_bytes'] / 1024:.0f} |")
         s = next(iter(table.values()))["settings"]
         lines += ["", f"{s['samples']} samples, DDIM {s['steps']} steps, seed {s['seed']}; fine-tuning "
-                  f"{s['finetune_steps']} steps, LoRA rank {s['lora_rank']}.", ""]
+                  f"{s['finetune_steps']} steps, LoRA rank {s['lora_rank']}"
+                  f"{'; sampled without x0 clipping' if s.get('no_clip_sample') else ''}.", ""]
     (out / "quality.md").write_text("\n".join(lines))
 
 

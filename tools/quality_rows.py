@@ -103,7 +103,8 @@ def add_table_arguments(p: argparse.ArgumentParser, *, samples: int, steps: int,
     p.add_argument("--out", type=Path, default=out)
     p.add_argument("--no-clip-sample", action="store_true",
                    help="sample every row (FP32 included) without clipping DDIM's predicted x0 to [-1, 1] (the "
-                        "model folders' scheduler configs clip, as diffusers' DDIM does by default)")
+                        "model folders' scheduler configs clip, as diffusers' DDIM does by default); calibration and "
+                        "fine-tuning keep the model's clipping sampler")
 
 
 def sampler_config(loaded, args: argparse.Namespace) -> dict | None:

@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
-from quality_rows import write_json  # noqa: E402
+from quality_rows import sampler_config, write_json  # noqa: E402
 
 from msfp_compiler.compile import compile as msfp_compile  # noqa: E402
 from msfp_compiler.config import CalibConfig, CompileConfig, QuantConfig  # noqa: E402
@@ -156,10 +156,8 @@ class Probe:
             self.cond = loaded.class_embedding[labels][:, None, :].float().to(dev)
         fp = (lambda x, t, c: unet(x, t, encoder_hidden_states=c).sample) if self.cond is not None else \
             (lambda x, t, c: unet(x, t).sample)
-        # --no-clip-sample: the same DDIM without clipping the predicted x0 to [-1, 1] (FP32 reference included)
-        cfg = {**(loaded.scheduler_config or {}), "clip_sample": False} if args.no_clip_sample else \
-            loaded.scheduler_config
-        self.sched = make_scheduler("ddim", cfg)
+        # --no-clip-sample: the same DDIM without clipping the predicted x0 (FP32 reference and trajectories included)
+        self.sched = make_scheduler("ddim", sampler_config(loaded, args))
         self.ts, self.xs = trajectories(fp, self.noise, self.cond, self.sched, args.steps)
         self.ref = run_sampler(fp, self.noise, self.cond, self.sched, args.steps).cpu()
         self.probe = [int(i) for i in args.probe_steps.split(",")]

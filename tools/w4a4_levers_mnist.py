@@ -609,10 +609,14 @@ def spread_summary(params: dict[str, dict], block: str) -> dict[str, float]:
 def markdown(res: dict) -> str:
     """The measured configurations and the block's local errors as markdown tables."""
     ts = res["probe_timesteps"]
+    bgs = [r["background_fp32"] for r in res["configs"].values() if "background_fp32" in r]
+    fp_bg = f"{bgs[0]:.2f}" if bgs else "~ -0.95"  # recorded since session 21; earlier runs: -0.95
+    unclipped = res["settings"].get("no_clip_sample") == "True"
     lines = [f"### mnist-{res['model']}: levers on {res['block']}'s 4-bit activation quantizers (CPU)", "",
              f"PSNR of {res['settings']['samples']} DDIM-{res['settings']['steps']} samples vs FP32 of the same noise; "
-             f"eps rel-RMSE: one-step noise prediction vs FP32 at t = {', '.join(map(str, ts))} (mean).", "",
-             "| configuration | PSNR (dB) | eps rel-RMSE | background (FP32 ~ -0.95) |", "|---|---|---|---|"]
+             f"eps rel-RMSE: one-step noise prediction vs FP32 at t = {', '.join(map(str, ts))} (mean)."
+             + (" Sampled without DDIM's x0 clipping (--no-clip-sample), FP32 included." if unclipped else ""), "",
+             "| configuration | PSNR (dB) | eps rel-RMSE | background (FP32 " + fp_bg + ") |", "|---|---|---|---|"]
     for name, r in res["configs"].items():
         lines.append(f"| {name} | {r['psnr']:.2f} | {r['eps_rel_rmse_mean']:.4f} | {r['background']:.2f} |")
     levers = list(next(iter(res["local_rel_rmse"].values())).keys()) if res["local_rel_rmse"] else []

@@ -167,18 +167,16 @@ def test_keep_8bit_last_block(selected, stages_unet2d) -> None:
     assert len(both) == len(kept) + 2
 
 
-def test_high_precision_shares_match_module_hooks(stages_unet2d) -> None:
-    """select_format's weight and MAC shares of the 8-bit layers (first, last) equal the same counts taken
-    independently: forward hooks on the UNet's modules, attention from its q / k projections' outputs."""
-    unet = stages_unet2d.unet
-    calls: list[tuple[str, int, int]] = []  # (module path, weight elements, MACs per sample), one per call
+def _hook_shares(unet: torch.nn.Module, args: tuple, kept: set[str]) -> tuple[float, float]:
+    """(weight share, MAC share) of the layers at module paths ``kept``, counted by forward hooks on the modules
+    (one entry per call), attention from its q / k projections' outputs: independent of select_format's graph count."""
+    calls: list[tuple[str, int, int]] = []  # (module path, weight elements, MACs per sample)
     seq: dict[str, int] = {}
 
     def hook(path):
-        def f(m, args, out):
-            if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
-                calls.append((path, m.weight.numel(), out[0].numel() * m.weight[0].numel()))
-            if path.endswith(".to_q") or path.endswith(".to_k"):
+        def f(m, inputs, out):
+            calls.append((path, m.weight.numel(), out[0].numel() * m.weight[0].numel()))
+            if path.endswith((".to_q", ".to_k")):
                 seq[path[-1]] = out.shape[1]
             if path.endswith(".to_k"):  # q and k are both known now: Q K^T and P V
                 calls.append((path[:-5], 0, 2 * seq["q"] * seq["k"] * m.out_features))
@@ -187,14 +185,29 @@ def test_high_precision_shares_match_module_hooks(stages_unet2d) -> None:
     handles = [m.register_forward_hook(hook(p)) for p, m in unet.named_modules()
                if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
     with torch.no_grad():
-        unet(torch.randn(1, unet.config.in_channels, 8, 8), torch.tensor([10]))
+        unet(*args)
     for h in handles:
         h.remove()
-    kept = {"conv_in", "conv_out"}
-    w_share = sum(w for p, w, _ in calls if p in kept) / sum(w for _, w, _ in calls)
-    m_share = sum(m for p, _, m in calls if p in kept) / sum(m for _, _, m in calls)
-    info = stages_unet2d.results["select_format"].info
-    assert info["high_precision_layers"] == sorted(kept)
+    w = sum(c[1] for c in calls if c[0] in kept) / sum(c[1] for c in calls)
+    return w, sum(c[2] for c in calls if c[0] in kept) / sum(c[2] for c in calls)
+
+
+@pytest.mark.parametrize("model", ["unet2d", "cond"])
+def test_high_precision_shares_match_module_hooks(model, request) -> None:
+    """select_format's weight and MAC shares of the 8-bit layers (first, last) equal the same counts taken by
+    module hooks; with cross-attention too, whose text length is symbolic in the exported graph."""
+    if model == "unet2d":
+        st = request.getfixturevalue("stages_unet2d")
+        unet, info = st.unet, st.results["select_format"].info
+        args: tuple = (torch.randn(1, unet.config.in_channels, 8, 8), torch.tensor([10]))
+    else:
+        cm = request.getfixturevalue("compiled_cond")
+        unet = request.getfixturevalue("unet_cond")
+        info = next(r.info for r in cm.pass_runs if r.name == "select_format")
+        text = torch.randn(1, cm.calibration.batches[0].args[2].shape[1], unet.config.cross_attention_dim)
+        args = (torch.randn(1, unet.config.in_channels, 8, 8), torch.tensor([10]), text)
+    w_share, m_share = _hook_shares(unet, args, {"conv_in", "conv_out"})
+    assert info["high_precision_layers"] == ["conv_in", "conv_out"]
     assert 0 < w_share < 0.1 and 0 < m_share < 0.1
     assert info["high_precision_weight_share"] == pytest.approx(w_share, abs=6e-5)
     assert info["high_precision_mac_share"] == pytest.approx(m_share, abs=6e-5)

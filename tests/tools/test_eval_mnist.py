@@ -140,7 +140,8 @@ def test_merge_writes_the_table_json_where_told(tmp_path) -> None:
 
 
 def test_more_samples_than_the_tables_also_scores_the_first_half(monkeypatch, tmp_path) -> None:
-    """Above HALF samples a task also reports the FID of its first HALF (comparable with the 2500-sample tables)."""
+    """Above HALF samples a task also reports the FID of its first HALF (comparable with the 2500-sample tables); the
+    sampler gets the model's scheduler config, without x0 clipping under --no-clip-sample."""
     import argparse
     import types
 
@@ -149,18 +150,27 @@ def test_more_samples_than_the_tables_also_scores_the_first_half(monkeypatch, tm
     monkeypatch.setattr(eval_mnist, "HALF", 4)
     real = torch.rand(32, 1, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1  # not the 5000 digits: fast
     monkeypatch.setattr(eval_mnist, "load_mnist_images", lambda size: (real, torch.arange(32) % 10))
-    monkeypatch.setattr(eval_mnist, "ddim", lambda eps, n, *a: torch.rand(n, 1, 32, 32) * 2 - 1)  # the scoring is tested
-    loaded = types.SimpleNamespace(class_embedding=None, scheduler_config=None)  # an unconditional model's fields
+    configs: list = []
+
+    def ddim(eps, n, steps, seed, cond, scheduler_config, *rest):
+        configs.append(scheduler_config)
+        return torch.rand(n, 1, 32, 32) * 2 - 1  # the scoring is tested, not the sampler
+
+    monkeypatch.setattr(eval_mnist, "ddim", ddim)
+    model_cfg = {"clip_sample": True, "num_train_timesteps": 1000}
+    loaded = types.SimpleNamespace(class_embedding=None, scheduler_config=model_cfg)  # an unconditional model
     sig = types.SimpleNamespace(in_channels=1, sample_size=32)
     args = argparse.Namespace(samples=8, steps=1, batch=8, gpu_slots=0, out=tmp_path, classifier=eval_mnist.CLASSIFIER,
                               no_clip_sample=False)
     info: dict = {}
     eval_mnist._sample_and_score(None, loaded, sig, args, 0, torch.device("cpu"), info)
     assert set(info) >= {"fid", "fid_first_4"} and info["fid"] != info["fid_first_4"]
-    args.samples = 4
+    args.samples, args.no_clip_sample = 4, True
     info = {}
     eval_mnist._sample_and_score(None, loaded, sig, args, 0, torch.device("cpu"), info)
     assert "fid_first_4" not in info
+    # the sampler got the model's config, then (--no-clip-sample) the same without x0 clipping
+    assert configs == [model_cfg, {"clip_sample": False, "num_train_timesteps": 1000}]
 
 
 def test_no_clip_sample_turns_off_only_the_x0_clipping() -> None:
