@@ -314,6 +314,13 @@ def _ft_steps(st: dict) -> str:
     return f"{st['finetune_steps']} steps"
 
 
+def _scope(st: dict) -> str:
+    """The table heading's quantization scope: what --keep-8bit (and --float-attention) left out of W4A4."""
+    keep = st.get("keep_8bit") or "first,last"
+    out = "W4A4, first/last conv 8-bit" if keep == "first,last" else f"W4A4 except 8-bit {keep}"
+    return out + (", attention operands in float" if st.get("float_attention") else "")
+
+
 def markdown(res: dict) -> str:
     lines: list[str] = []
     st = res["settings"]
@@ -323,7 +330,7 @@ def markdown(res: dict) -> str:
             continue
         cond = any("label_accuracy" in r for r in table.values())
         fp = statistics.fmean(table["FP32"]["fid"]) if "FP32" in table else None
-        lines += [f"### mnist-{model} (W4A4, first/last conv 8-bit, {st['samples']} samples, DDIM {st['steps']})", "",
+        lines += [f"### mnist-{model} ({_scope(st)}, {st['samples']} samples, DDIM {st['steps']})", "",
                   "| method | FID (MNIST-classifier features) ↓ | / FP32 | PSNR vs FP32 (dB) ↑ |"
                   + (" label acc ↑ |" if cond else "") + " ORT check (seed 0) | seeds |",
                   "|---|---|---|---|" + ("---|" if cond else "") + "---|---|"]

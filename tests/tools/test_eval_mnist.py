@@ -139,6 +139,17 @@ def test_merge_writes_the_table_json_where_told(tmp_path) -> None:
     assert not (out / "quality_mnist.json").exists() and "MSFP PTQ" in (out / "quality_mnist.md").read_text()
 
 
+def test_table_heading_names_what_keep_8bit_left_out_of_w4a4() -> None:
+    """A variant's table says which layers stayed at 8 bits (a W8A8 run must not read "W4A4, first/last conv")."""
+    table = {"uncond": {"MSFP PTQ": {"fid": [7.5], "seeds": [0]}}}
+    args = vars(eval_mnist.build_parser().parse_args([]))
+    default = eval_mnist.markdown({**table, "settings": args})
+    assert "(W4A4, first/last conv 8-bit, 5000 samples" in default
+    variant = eval_mnist.markdown({**table, "settings": {**args, "keep_8bit": "first,last,up_blocks.3.*",
+                                                         "float_attention": True}})
+    assert "(W4A4 except 8-bit first,last,up_blocks.3.*, attention operands in float, 5000" in variant
+
+
 def test_more_samples_than_the_tables_also_scores_the_first_half(monkeypatch, tmp_path) -> None:
     """Above HALF samples a task also reports the FID of its first HALF (comparable with the 2500-sample tables); the
     sampler gets the model's scheduler config, without x0 clipping under --no-clip-sample."""
