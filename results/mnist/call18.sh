@@ -1,7 +1,7 @@
 # Device calls 18-19 of issue 12 (session 22, one nvidia-h200), run from the repository root on the GPU machine after
 # the wheel/pip installs (results/mnist/device_runs.md):
 #   RUNS="ufr ul2 u8" LIMIT=540 BUDGET=330 timeout 580 bash results/mnist/call18.sh     # call 18
-#   RUNS="cfr c8" (or "cl2 c8") LIMIT=480 BUDGET=300 timeout 520 bash results/mnist/call18.sh     # call 19
+#   RUNS="c8f u8f" LIMIT=520 BUDGET=300 timeout 555 bash results/mnist/call18.sh             # call 19
 # The question: how much of the decoder must keep 8-bit weights and activations before MSFP + TALoRA + DFA reaches
 # the issue's 1.10x FP32 FID? Strict W4A4 sits at 3.6-4.1x and the last decoder block at 8 bits at 1.6-1.8x (calls
 # 11-13, 16); every lever on strict W4A4 since session 10 was a tie. This measures the next points of that frontier,
@@ -13,6 +13,7 @@
 #                up_blocks.1-2: 16x16 with cross-attention and 32x32)
 #   udec / cdec  the whole decoder at 8 bits (every up block); cdec PTQ only (GPU time)
 #   u8 / c8      every layer at 8 bits (W8A8 PTQ): the ceiling of the 8-bit path itself
+#   u8f / c8f    W8A8 PTQ and W8A8 + TALoRA + DFA (call 19: call 18 found W8A8 PTQ at 1.19x on uncond)
 # The share of weights and MACs each option keeps at 8 bits is in results/mnist/frontier_shares.json.
 # SEEDS (default 0,1,2) sets every run's seeds. DEV/SAMPLES/... override the device settings for a CPU dry run:
 #   DEV=cpu SAMPLES=8 BATCH=8 DDIM=4 CALIB=2 CALIB_STEPS=4 USTEPS=3 CSTEPS=3 NFT=4 FT_BATCH=4 SEEDS=0 \
@@ -57,6 +58,8 @@ on udec && run udec $U $FT --keep-8bit 'first,last,up_blocks.*' &
 on cdec && run cdec $C $PTQ --keep-8bit 'first,last,up_blocks.*' &
 on u8 && run u8 $U $PTQ --keep-8bit '*' &
 on c8 && run c8 $C $PTQ --keep-8bit '*' &
+on c8f && run c8f $C $FT --keep-8bit '*' &
+on u8f && run u8f $U $FT --keep-8bit '*' &
 wait
 echo "eval done $(( $(date +%s) - T0 ))s"
 set +f  # the summary globs the task logs
