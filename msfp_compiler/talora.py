@@ -22,6 +22,7 @@ import torch.fx as fx
 from torch import nn
 
 from .config import FinetuneConfig
+from .errors import MsfpError
 from .ops import QUANTIZE
 from .record import record_of
 
@@ -100,7 +101,8 @@ class TALoRAWeight(nn.Module):
 
 
 def attach_talora(gm: fx.GraphModule, cfg: FinetuneConfig) -> list[str]:
-    """Insert the router and a TALoRAWeight module on every 4-bit weight quantizer; returns the module names."""
+    """Insert the router and a TALoRAWeight module on every weight quantizer, the 8-bit ones (--keep-8bit) too;
+    returns the module names. A graph without quantized weights is a user error (nothing to fine-tune)."""
     g = gm.graph
     gen = torch.Generator().manual_seed(cfg.seed)
     placeholders = [n for n in g.nodes if n.op == "placeholder"]
@@ -115,7 +117,7 @@ def attach_talora(gm: fx.GraphModule, cfg: FinetuneConfig) -> list[str]:
     for q in [n for n in g.nodes if n.op == "call_function" and n.target == QUANTIZE]:
         w = q.args[0]
         rec = record_of(w)
-        if rec is None or rec.role != "weight" or rec.bits != 4:
+        if rec is None or rec.role != "weight":
             continue
         name = f"talora_{w.name}"
         weight = gm.get_parameter(w.target) if w.target in dict(gm.named_parameters()) else gm.get_buffer(w.target)
@@ -133,6 +135,8 @@ def attach_talora(gm: fx.GraphModule, cfg: FinetuneConfig) -> list[str]:
         q.replace_all_uses_with(q2)
         g.erase_node(q)
         names.append(name)
+    if not names:
+        raise MsfpError("fine-tuning: the graph has no quantized weight to attach a LoRA to")
     # The new modules live where the graph's weights live (the compile device).
     ref = next(iter(gm.parameters()), None)
     ref = ref if ref is not None else next(iter(gm.buffers()), None)

@@ -263,10 +263,10 @@ def holdout_feeds(cm, batch: int = 2) -> dict:
 
 
 def quantize_tiny(unet: torch.nn.Module, steps: int = 3, groups: int = 1, sample_per_group: int = 128,
-                  gm: fx.GraphModule | None = None):
-    """annotate_sign, select_format (every layer 4-bit) and insert_qdq on a tiny UNet, recompiled as the
-    PassManager leaves it; returns (gm, sig). ``gm``: the UNet's captured graph, to rewrite instead of a new capture
-    (e.g. ``stages_unet2d.fresh("capture")``)."""
+                  gm: fx.GraphModule | None = None, keep_8bit: tuple[str, ...] = ()):
+    """annotate_sign, select_format (every layer 4-bit, but ``keep_8bit``) and insert_qdq on a tiny UNet, recompiled
+    as the PassManager leaves it; returns (gm, sig). ``gm``: the UNet's captured graph, to rewrite instead of a new
+    capture (e.g. ``stages_unet2d.fresh("capture")``)."""
     from msfp_compiler.passes.annotate_sign import AnnotateSign
     from msfp_compiler.passes.insert_qdq import InsertQDQ
     from msfp_compiler.passes.select_format import SelectFormat
@@ -276,7 +276,7 @@ def quantize_tiny(unet: torch.nn.Module, steps: int = 3, groups: int = 1, sample
                     progress=False)
     if gm is None:
         gm, _ = capture(unet, sig)
-    for p in (AnnotateSign(calib, sample_per_group), SelectFormat(QuantConfig(keep_8bit=())), InsertQDQ()):
+    for p in (AnnotateSign(calib, sample_per_group), SelectFormat(QuantConfig(keep_8bit=keep_8bit)), InsertQDQ()):
         gm = p(gm).graph_module
     gm.recompile()
     return gm, sig

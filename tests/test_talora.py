@@ -30,6 +30,23 @@ def test_select_weight_picks_the_tables_set_for_the_first_timestep():
         assert torch.equal(SELECT_WEIGHT(table, torch.tensor([t, 0]), ws), ws[k])
 
 
+def test_attach_talora_wraps_the_8bit_weights_too(stages_unet2d):
+    """Layers kept at 8 bits are fine-tuned as well: a W8A8 graph gets a LoRA on every weight, and so does the
+    first / last conv of a W4A4 one; a graph without weight quantizers is a one-line error."""
+    from msfp_compiler.errors import MsfpError
+    from msfp_compiler.record import record_of
+
+    for keep in (("*",), ("first", "last")):
+        gm, _ = quantize_tiny(stages_unet2d.unet, gm=stages_unet2d.fresh("capture"), keep_8bit=keep)
+        weights = {n.name: record_of(n).bits for n in gm.graph.nodes
+                   if record_of(n) is not None and record_of(n).role == "weight"}
+        assert (set(weights.values()) == {8}) if keep == ("*",) else (sorted(weights.values()).count(8) == 2)
+        names = attach_talora(gm, FinetuneConfig(num_loras=2, rank=2))
+        assert sorted(names) == sorted(f"talora_{w}" for w in weights)
+    with pytest.raises(MsfpError, match="no quantized weight"):
+        attach_talora(stages_unet2d.fresh("capture"), FinetuneConfig(num_loras=2, rank=2))
+
+
 def test_attach_talora_wraps_every_4bit_weight_quantizer(stages_unet2d):
     gm, _ = quantize_tiny(stages_unet2d.unet, gm=stages_unet2d.fresh("capture"))
     x, t = torch.randn(1, 1, 8, 8), torch.tensor([10])

@@ -13,7 +13,11 @@
 #                up_blocks.1-2: 16x16 with cross-attention and 32x32)
 #   udec / cdec  the whole decoder at 8 bits (every up block); cdec PTQ only (GPU time)
 #   u8 / c8      every layer at 8 bits (W8A8 PTQ): the ceiling of the 8-bit path itself
-#   u8f / c8f    W8A8 PTQ and W8A8 + TALoRA + DFA (call 19: call 18 found W8A8 PTQ at 1.19x on uncond)
+#   u8f / c8f    W8A8 PTQ and W8A8 + TALoRA + DFA (call 19: call 18 found W8A8 PTQ at 1.19x on uncond; its
+#                fine-tuning failed: LoRA went only on 4-bit weights, none here. Since then every weight gets one)
+#   vu / vc      the last-block variant (calls 13, 16: 1.60x / 1.81x) again, now with LoRA on the 8-bit block too
+# Calls 20-21 (after the LoRA fix), the fine-tuned rows alone:
+#   FTROWS=msfp+talora+dfa RUNS="vu u8f" LIMIT=500 BUDGET=330 timeout 535 bash results/mnist/call18.sh  # call 20
 # The share of weights and MACs each option keeps at 8 bits is in results/mnist/frontier_shares.json.
 # SEEDS (default 0,1,2) sets every run's seeds. DEV/SAMPLES/... override the device settings for a CPU dry run:
 #   DEV=cpu SAMPLES=8 BATCH=8 DDIM=4 CALIB=2 CALIB_STEPS=4 USTEPS=3 CSTEPS=3 NFT=4 FT_BATCH=4 SEEDS=0 \
@@ -45,7 +49,8 @@ run() {  # folder, then eval_mnist arguments
 on() { case " $RUNS " in *" $1 "*) return 0;; esac; return 1; }
 pack() { (cd $R && tar czf ${OUT:-/tmp}/call18_${RUNS// /-}.tar.gz --exclude '*.pt' --exclude '.gpu*' $RUNS); }
 trap 'echo "TERM at $(( $(date +%s) - T0 ))s: packing what finished"; pack; exit 124' TERM
-FT="--rows msfp,msfp+talora+dfa --jobs $(( 2 * NJ ))"
+FR=${FTROWS:-msfp,msfp+talora+dfa}  # FTROWS=msfp+talora+dfa: the fine-tuned row alone
+FT="--rows $FR --jobs $(( NJ * ($(echo $FR | tr -cd , | wc -c) + 1) ))"
 PTQ="--rows msfp --jobs $NJ"
 U="--models uncond --finetune-steps ${USTEPS:-1800}"
 C="--models cond --finetune-steps ${CSTEPS:-1500}"
@@ -60,6 +65,8 @@ on u8 && run u8 $U $PTQ --keep-8bit '*' &
 on c8 && run c8 $C $PTQ --keep-8bit '*' &
 on c8f && run c8f $C $FT --keep-8bit '*' &
 on u8f && run u8f $U $FT --keep-8bit '*' &
+on vu && run vu $U $FT --keep-8bit 'first,last,last_block' &
+on vc && run vc $C $FT --keep-8bit 'first,last,last_block' &
 wait
 echo "eval done $(( $(date +%s) - T0 ))s"
 set +f  # the summary globs the task logs
