@@ -1,24 +1,21 @@
-# Device calls 18-19 of issue 12 (session 22, one nvidia-h200), run from the repository root on the GPU machine after
-# the wheel/pip installs (results/mnist/device_runs.md):
-#   RUNS="ufr ul2 u8" LIMIT=540 BUDGET=330 timeout 580 bash results/mnist/call18.sh     # call 18
-#   RUNS="c8f u8f" LIMIT=520 BUDGET=300 timeout 555 bash results/mnist/call18.sh             # call 19
-# The question: how much of the decoder must keep 8-bit weights and activations before MSFP + TALoRA + DFA reaches
-# the issue's 1.10x FP32 FID? Strict W4A4 sits at 3.6-4.1x and the last decoder block at 8 bits at 1.6-1.8x (calls
-# 11-13, 16); every lever on strict W4A4 since session 10 was a tie. This measures the next points of that frontier,
-# at the goal row's settings (LoRA rank 32, 1800 uncond / 1500 cond steps at batch 64, 128 FP trajectories,
-# calibration 16 x 25, 2500 samples, 3 seeds), with MSFP PTQ beside each:
-#   ufr / cfr    the full-resolution path at 8 bits: the first down block and the last up block (32x32), i.e.
-#                the last-block variant plus the encoder blocks whose outputs feed its skip connections
-#   ul2 / cl2    the last two up blocks at 8 bits (uncond up_blocks.2-3: 16x16 with attention and 32x32; cond
-#                up_blocks.1-2: 16x16 with cross-attention and 32x32)
-#   udec / cdec  the whole decoder at 8 bits (every up block); cdec PTQ only (GPU time)
-#   u8 / c8      every layer at 8 bits (W8A8 PTQ): the ceiling of the 8-bit path itself
-#   u8f / c8f    W8A8 PTQ and W8A8 + TALoRA + DFA (call 19: call 18 found W8A8 PTQ at 1.19x on uncond; its
-#                fine-tuning failed: LoRA went only on 4-bit weights, none here. Since then every weight gets one)
-#   vu / vc      the last-block variant (calls 13, 16: 1.60x / 1.81x) again, now with LoRA on the 8-bit block too
-# Calls 20-21 (after the LoRA fix), the fine-tuned rows alone:
-#   FTROWS=msfp+talora+dfa RUNS="vu u8f" LIMIT=500 BUDGET=330 timeout 535 bash results/mnist/call18.sh  # call 20
-# The share of weights and MACs each option keeps at 8 bits is in results/mnist/frontier_shares.json.
+# Device calls 18-21 of issue 12 (session 22, one nvidia-h200), run from the repository root on the GPU machine after
+# the wheel/pip installs (results/mnist/device_runs.md). What ran:
+#   OUT=$OUT RUNS="ufr ul2 u8" LIMIT=535 BUDGET=330 timeout 570 bash results/mnist/call18.sh                   # call 18
+#   OUT=$OUT RUNS="c8f u8f" LIMIT=515 BUDGET=300 timeout 550 bash results/mnist/call18.sh                      # call 19
+#   OUT=$OUT FTROWS=msfp+talora+dfa RUNS="vu u8f" LIMIT=490 BUDGET=330 timeout 525 bash results/mnist/call18.sh # call 20
+#   OUT=$OUT FTROWS=msfp+talora+dfa RUNS=c8f LIMIT=300 BUDGET=190 timeout 330 bash results/mnist/call18.sh      # call 21
+# The question: how much of the UNet must keep 8-bit weights and activations before MSFP + TALoRA + DFA reaches the
+# issue's 1.10x FP32 FID? Strict W4A4 sits at 3.6-4.1x and the last decoder block at 8 bits at 1.6-1.8x (calls 11-13,
+# 16). The goal row's settings (LoRA rank 32, 1800 uncond / 1500 cond steps at batch 64, 128 FP trajectories,
+# calibration 16 x 25, 2500 samples, seeds 0-2), rows MSFP PTQ and MSFP + TALoRA + DFA (FTROWS: the fine-tuned one
+# alone), no ORT check:
+#   ufr / cfr    the full-resolution path at 8 bits: the first down block and the last up block (32x32)
+#   ul2 / cl2    the last two up blocks (uncond up_blocks.2-3: 16x16 with attention and 32x32; cond up_blocks.1-2)
+#   u8 / c8      every layer at 8 bits (W8A8), MSFP PTQ only
+#   u8f / c8f    every layer at 8 bits, both rows (call 19's fine-tuning failed: LoRA went on 4-bit weights only,
+#                none in W8A8; since then every quantized weight gets one)
+#   vu / vc      the last-block variant (calls 13, 16) again, now with LoRA on its 8-bit block too
+# cfr, cl2, c8 and vc did not run (GPU time). Shares of weights / MACs at 8 bits: results/mnist/frontier_shares.json.
 # SEEDS (default 0,1,2) sets every run's seeds. DEV/SAMPLES/... override the device settings for a CPU dry run:
 #   DEV=cpu SAMPLES=8 BATCH=8 DDIM=4 CALIB=2 CALIB_STEPS=4 USTEPS=3 CSTEPS=3 NFT=4 FT_BATCH=4 SEEDS=0 \
 #     R=/tmp/dry OUT=/tmp RUNS="ul2 u8" LIMIT=600 bash results/mnist/call18.sh
@@ -59,8 +56,6 @@ on cl2 && run cl2 $C $FT --keep-8bit 'first,last,up_blocks.1.*,up_blocks.2.*' &
 on cfr && run cfr $C $FT --keep-8bit 'first,last,down_blocks.0.*,up_blocks.2.*' &
 on ufr && run ufr $U $FT --keep-8bit 'first,last,down_blocks.0.*,up_blocks.3.*' &
 on ul2 && run ul2 $U $FT --keep-8bit 'first,last,up_blocks.2.*,up_blocks.3.*' &
-on udec && run udec $U $FT --keep-8bit 'first,last,up_blocks.*' &
-on cdec && run cdec $C $PTQ --keep-8bit 'first,last,up_blocks.*' &
 on u8 && run u8 $U $PTQ --keep-8bit '*' &
 on c8 && run c8 $C $PTQ --keep-8bit '*' &
 on c8f && run c8f $C $FT --keep-8bit '*' &
