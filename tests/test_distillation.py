@@ -56,6 +56,21 @@ def test_talora_compile_onnx_agrees_with_torch(tmp_path):
     assert ROUTER_NAME not in dict(cm.graph_module.named_children())
 
 
+def test_w8a8_talora_compiles_and_onnx_agrees_with_torch(tmp_path):
+    """Every layer at 8 bits (--keep-8bit '*'): each weight gets its LoRAs (before, only 4-bit weights did and a W8A8
+    graph could not be fine-tuned), the fused 8-bit weight sets are selected per timestep, and ORT matches torch."""
+    cfg = CompileConfig(quant=dataclasses.replace(FAST_QUANT, keep_8bit=("*",)),
+                        calib=CalibConfig(num_samples=2, num_steps=4, num_groups=2),
+                        finetune=FinetuneConfig(steps=6, num_loras=2, rank=2, batch_size=4, samples=4, sampler_steps=8))
+    cm = msfp_compile(make_unet_min(), cfg, progress=False)
+    assert {s.bits for s in cm.layers} == {8}
+    runs = {r.name: r for r in cm.pass_runs}
+    fused = runs["fuse_talora"].info  # cm.layers lists each layer's fused weight sets, one per kept LoRA
+    assert fused["talora_layers"] * fused["kept_loras"] == sum(s.role == "weight" for s in cm.layers)
+    res = cm.check()
+    assert res.ok, str(res)
+
+
 def _reference_losses(gm, unet, sig, data, cfg, sched) -> list[float]:
     """The distillation loop written plainly, one host-side draw and one loss.item() a step (the loop before the
     static-buffer runner), on the same gammas, optimizer groups and cosine schedule."""
