@@ -167,6 +167,8 @@ def _add_finetune_args(p: argparse.ArgumentParser) -> None:
                     help=f"LoRA rank (default {LORA_RANK}, EfficientDM's: lower FID than 4 on both MNIST models)")
     ft.add_argument("--no-dfa", action="store_true", help="unweighted loss instead of DFA's gamma_t weighting")
     ft.add_argument("--learn-act-scales", action="store_true", help="also learn activation scales (LSQ-style)")
+    ft.add_argument("--no-lora-8bit", action="store_true",
+                    help="LoRAs on the 4-bit weights only; the --keep-8bit layers stay frozen (default: LoRAs on both)")
     ft.add_argument("--finetune-samples", type=int,
                     help="FP trajectories used as data (default: 256 up to ~6M parameters at 50 sampler steps, fewer "
                          "for larger models, at least 32)")
@@ -244,7 +246,8 @@ def _validate_compile_args(args: argparse.Namespace) -> None:
                                 ("--finetune-holdout", args.finetune_holdout),
                                 ("--finetune-trajectories", args.finetune_trajectories),
                                 ("--finetune-samples", args.finetune_samples),
-                                ("--learn-act-scales", args.learn_act_scales)) if v]
+                                ("--learn-act-scales", args.learn_act_scales),
+                                ("--no-lora-8bit", args.no_lora_8bit)) if v]
         if given:
             raise MsfpError(f"{', '.join(given)} only apply to fine-tuning; add --finetune-steps N (N >= 1)")
     for flag, on in (("--plots", args.plots), ("--dump-graph", args.dump_graph)):
@@ -287,7 +290,7 @@ def _quant_finetune_configs(args: argparse.Namespace):
         return quant, None
     return quant, FinetuneConfig(steps=args.finetune_steps, num_loras=args.num_loras, rank=args.lora_rank,
                                  dfa=not args.no_dfa, learn_act_scales=args.learn_act_scales,
-                                 samples=args.finetune_samples or FinetuneConfig.samples,
+                                 lora_8bit=not args.no_lora_8bit, samples=args.finetune_samples or FinetuneConfig.samples,
                                  sampler_steps=args.finetune_sampler_steps, holdout_samples=args.finetune_holdout,
                                  trajectories=args.finetune_trajectories or FinetuneConfig.trajectories,
                                  seed=args.seed, checkpoint=args.finetune_checkpoint)

@@ -117,6 +117,9 @@ class FinetuneConfig:
     batch_size: int = 16
     dfa: bool = True
     learn_act_scales: bool = False  # LSQ-style learnable activation scales
+    # LoRAs also on the 8-bit weights (QuantConfig.keep_8bit); False: 4-bit weights only, the 8-bit layers frozen,
+    # as every fine-tuned MNIST row before session 22 (call 20) ran
+    lora_8bit: bool = True
     act_scale_lr_factor: float = 0.1  # their learning rate: lr times this
     cuda_graph: bool = True  # on CUDA, capture the training step once and replay it (distillation.py)
     # seconds: fit the cosine schedule's length (at most ``steps``) to this budget at the measured step rate

@@ -101,9 +101,18 @@ class TALoRAWeight(nn.Module):
 
 
 def attach_talora(gm: fx.GraphModule, cfg: FinetuneConfig) -> list[str]:
-    """Insert the router and a TALoRAWeight module on every weight quantizer, the 8-bit ones (--keep-8bit) too;
-    returns the module names. A graph without quantized weights is a user error (nothing to fine-tune)."""
+    """Insert the router and a TALoRAWeight module on every weight quantizer, the 8-bit ones (--keep-8bit) too
+    unless ``cfg.lora_8bit`` is False; returns the module names. A graph without such weights is a user error
+    (nothing to fine-tune), raised before the graph is touched."""
     g = gm.graph
+    targets = []
+    for q in [n for n in g.nodes if n.op == "call_function" and n.target == QUANTIZE]:
+        rec = record_of(q.args[0])
+        if rec is not None and rec.role == "weight" and (cfg.lora_8bit or rec.bits == 4):
+            targets.append(q)
+    if not targets:
+        raise MsfpError("fine-tuning: the graph has no quantized weight to attach a LoRA to"
+                        + ("" if cfg.lora_8bit else " (4-bit weights only: FinetuneConfig.lora_8bit is False)"))
     gen = torch.Generator().manual_seed(cfg.seed)
     placeholders = [n for n in g.nodes if n.op == "placeholder"]
     timestep = placeholders[1]
@@ -114,11 +123,8 @@ def attach_talora(gm: fx.GraphModule, cfg: FinetuneConfig) -> list[str]:
         with g.inserting_after(placeholders[-1]):
             gate = g.call_module(ROUTER_NAME, (timestep,))
     order = {n: i for i, n in enumerate(g.nodes)}
-    for q in [n for n in g.nodes if n.op == "call_function" and n.target == QUANTIZE]:
+    for q in targets:
         w = q.args[0]
-        rec = record_of(w)
-        if rec is None or rec.role != "weight":
-            continue
         name = f"talora_{w.name}"
         weight = gm.get_parameter(w.target) if w.target in dict(gm.named_parameters()) else gm.get_buffer(w.target)
         gm.add_submodule(name, TALoRAWeight(weight.shape, cfg.num_loras, cfg.rank, gen))
@@ -135,8 +141,6 @@ def attach_talora(gm: fx.GraphModule, cfg: FinetuneConfig) -> list[str]:
         q.replace_all_uses_with(q2)
         g.erase_node(q)
         names.append(name)
-    if not names:
-        raise MsfpError("fine-tuning: the graph has no quantized weight to attach a LoRA to")
     # The new modules live where the graph's weights live (the compile device).
     ref = next(iter(gm.parameters()), None)
     ref = ref if ref is not None else next(iter(gm.buffers()), None)

@@ -6,7 +6,8 @@ at run time by one ``msfp::select_weight(table, timestep, [Q(W_0), ...])`` node 
 serves every timestep and the lowering and the Triton runner find the choice by its op. Only the LoRAs the table
 selects for some timestep are kept (the table is renumbered over them): a router that ends up using one LoRA
 everywhere gives plain quantized layers with that LoRA merged into W, as K = 1 (plain LoRA) does. pack_weights then
-packs every kept W_k; the ONNX grows by at most K x the packed weights.
+packs every kept 4-bit W_k; the ONNX grows by at most K x the packed weights, plus K x each 8-bit layer's weight
+(stored as int8 or float, --conv-weights) for the LoRAs on 8-bit layers.
 """
 
 from __future__ import annotations

@@ -408,6 +408,7 @@ def test_sample_errors(capsys, workdir: Path) -> None:
     (["--finetune-holdout", "4"], ("--finetune-holdout", "--finetune-steps")),
     (["--finetune-trajectories", "mixed"], ("--finetune-trajectories", "--finetune-steps")),
     (["--finetune-samples", "64"], ("--finetune-samples", "--finetune-steps")),
+    (["--no-lora-8bit"], ("--no-lora-8bit", "--finetune-steps")),
     (["--finetune-steps", "3", "--finetune-holdout", "-1"], ("--finetune-holdout must be >= 0 (got -1)",)),
     (["--tolerance", "1e-3"], ("--tolerance only applies with --check",)),
     (["--check", "--tolerance", "0"], ("--tolerance must be > 0",)),

@@ -43,11 +43,20 @@ def test_attach_talora_wraps_the_8bit_weights_too(stages_unet2d):
         assert (set(weights.values()) == {8}) if keep == ("*",) else (sorted(weights.values()).count(8) == 2)
         names = attach_talora(gm, FinetuneConfig(num_loras=2, rank=2))
         assert sorted(names) == sorted(f"talora_{w}" for w in weights)
+    # lora_8bit=False: the rows before session 22 (4-bit weights only); W8A8 then has nothing to fine-tune, and
+    # the error leaves the graph untouched
+    gm, _ = quantize_tiny(stages_unet2d.unet, gm=stages_unet2d.fresh("capture"), keep_8bit=("first", "last"))
+    assert len(attach_talora(gm, FinetuneConfig(num_loras=2, rank=2, lora_8bit=False))) == len(weights) - 2
+    gm, _ = quantize_tiny(stages_unet2d.unet, gm=stages_unet2d.fresh("capture"), keep_8bit=("*",))
+    before = gm.code
+    with pytest.raises(MsfpError, match="no quantized weight.*lora_8bit is False"):
+        attach_talora(gm, FinetuneConfig(num_loras=2, rank=2, lora_8bit=False))
+    assert gm.code == before and not hasattr(gm, ROUTER_NAME)
     with pytest.raises(MsfpError, match="no quantized weight"):
         attach_talora(stages_unet2d.fresh("capture"), FinetuneConfig(num_loras=2, rank=2))
 
 
-def test_attach_talora_wraps_every_4bit_weight_quantizer(stages_unet2d):
+def test_attach_talora_leaves_the_output_unchanged_at_init(stages_unet2d):
     gm, _ = quantize_tiny(stages_unet2d.unet, gm=stages_unet2d.fresh("capture"))
     x, t = torch.randn(1, 1, 8, 8), torch.tensor([10])
     before = gm(x, t)

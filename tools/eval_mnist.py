@@ -110,6 +110,7 @@ def keep_8bit_names(patterns: str) -> tuple[str, ...]:
 def compile_config(row: Row, args, seed: int) -> CompileConfig:
     cfg = args_row_config(row, args, seed, args.device, batch_size=args.finetune_batch, lr=args.lora_lr,
                           log_every=args.log_every, learn_act_scales=args.learn_act_scales,
+                          lora_8bit=args.lora_8bit,
                           holdout_samples=args.finetune_holdout,
                           time_budget_s=args.finetune_time_budget)
     return dataclasses.replace(cfg, quant=dataclasses.replace(cfg.quant, keep_8bit=keep_8bit_names(args.keep_8bit),
@@ -316,8 +317,9 @@ def _ft_steps(st: dict) -> str:
 
 def _scope(st: dict) -> str:
     """The table heading's quantization scope: what --keep-8bit (and --float-attention) left out of W4A4."""
-    keep = st.get("keep_8bit") or "first,last"
-    out = "W4A4, first/last conv 8-bit" if keep == "first,last" else f"W4A4 except 8-bit {keep}"
+    keep = st.get("keep_8bit", "first,last")
+    out = {"first,last": "W4A4, first/last conv 8-bit", "": "W4A4, every layer", "*": "W8A8, every layer 8-bit"}.get(
+        keep, f"W4A4 except 8-bit {keep}")
     return out + (", attention operands in float" if st.get("float_attention") else "")
 
 
@@ -375,6 +377,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--finetune-time-budget", type=float, default=None, metavar="S",
                    help="fit each fine-tuning's cosine schedule (at most --finetune-steps) to S seconds")
     p.add_argument("--learn-act-scales", action="store_true", help="fine-tuning also learns the activation scales")
+    p.add_argument("--no-lora-8bit", dest="lora_8bit", action="store_false",
+                   help="LoRAs on the 4-bit weights only, the --keep-8bit layers frozen (every row before call 20)")
     p.add_argument("--finetune-holdout", type=int, default=0, metavar="N",
                    help="FP trajectories held out of fine-tuning; their loss before / after goes into each row")
     p.add_argument("--keep-8bit", default="first,last", metavar="LAYERS",
@@ -483,7 +487,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = {k: getattr(args, k) for k in ("samples", "steps", "batch", "calib_samples", "calib_steps",
                                               "finetune_steps", "finetune_samples", "finetune_batch", "lora_rank",
                                               "lora_lr", "device", "tf32", "finetune_time_budget",
-                                              "learn_act_scales", "keep_8bit", "float_attention",
+                                              "learn_act_scales", "lora_8bit", "keep_8bit", "float_attention",
                                               "finetune_holdout", "finetune_trajectories", "no_clip_sample")}
     settings["seeds"] = [int(s) for s in args.seeds.split(",")]
     failed: list[str] = []

@@ -15,7 +15,7 @@
 #   u8f / c8f    every layer at 8 bits, both rows (call 19's fine-tuning failed: LoRA went on 4-bit weights only,
 #                none in W8A8; since then every quantized weight gets one)
 #   vu / vc      the last-block variant (calls 13, 16) again, now with LoRA on its 8-bit block too
-# cfr, cl2, c8 and vc did not run (GPU time). Shares of weights / MACs at 8 bits: results/mnist/frontier_shares.json.
+# Calls 18 and 19 ran this script as of commits 98bde03 / 7a829e1 (the same runs). cfr, cl2, c8 and vc did not run. Shares of weights / MACs at 8 bits: results/mnist/frontier_shares.json.
 # SEEDS (default 0,1,2) sets every run's seeds. DEV/SAMPLES/... override the device settings for a CPU dry run:
 #   DEV=cpu SAMPLES=8 BATCH=8 DDIM=4 CALIB=2 CALIB_STEPS=4 USTEPS=3 CSTEPS=3 NFT=4 FT_BATCH=4 SEEDS=0 \
 #     R=/tmp/dry OUT=/tmp RUNS="ul2 u8" LIMIT=600 bash results/mnist/call18.sh

@@ -17,7 +17,7 @@ PTQ, FT = "MSFP PTQ", "MSFP + TALoRA + DFA"
 FR = "full-resolution path 8-bit (first,last,down_blocks.0.*,up_blocks.3.*; 24% of the MACs)"
 L2 = "last two up blocks 8-bit (first,last,up_blocks.2.*,up_blocks.3.*; 47% of the MACs)"
 W8 = "every layer 8-bit (W8A8, --keep-8bit '*')"
-LB = "last decoder block 8-bit (first,last,last_block), LoRA on the 8-bit block too"
+LB = "last decoder block 8-bit (first,last,up_blocks.3.* as last_block), LoRA on the 8-bit block too"
 
 d = load_table()
 u, c = d["variants"]["uncond"], d["variants"]["cond"]
@@ -36,8 +36,9 @@ d["settings"]["call18_21"] = {"note": (
     "for a LoRA); call 20 FTROWS=msfp+talora+dfa RUNS='vu u8f' LIMIT=490 BUDGET=330 (477 s); call 21 "
     "FTROWS=msfp+talora+dfa RUNS=c8f LIMIT=300 BUDGET=190 (325 s; seed 0 cut while sampling, merged on the CPU "
     "with eval_mnist --merge-only). Fine-tuning with the CUDA graph; the budget cut steps to 1656-1800 (uncond) / "
-    "1432-1490 (cond); 2500 samples; no ORT check. Shares of weights / MACs at 8 bits: "
-    "results/mnist/frontier_shares.json")}
+    "1432-1460 (cond, the two seeds that finished); 2500 samples; no ORT check. Before call 20 LoRAs went on "
+    "4-bit weights only (the 8-bit layers frozen; --no-lora-8bit); calls 20-21 put them on every quantized "
+    "weight. Shares of weights / MACs at 8 bits: results/mnist/frontier_shares.json")}
 add_note(d, "; calls 18-21: the 8-bit frontier (full-resolution path, last two up blocks, every layer at 8 bits: "
             "W8A8 PTQ and fine-tuned) and the last-block variant with LoRA on its 8-bit block")
 save_table(d)
