@@ -55,6 +55,7 @@ FIELD_FLAGS = {
     "FinetuneConfig.rank": "--lora-rank", "FinetuneConfig.samples": "--finetune-samples",
     "FinetuneConfig.sampler_steps": "--finetune-sampler-steps", "FinetuneConfig.checkpoint": "--finetune-checkpoint",
     "FinetuneConfig.holdout_samples": "--finetune-holdout", "FinetuneConfig.trajectories": "--finetune-trajectories",
+    "FinetuneConfig.lora_8bit": "--no-lora-8bit",
     "load_model.config": "--config", "load_model.trust_pickle": "--trust-pickle",
     "CompileConfig.conv_weights": "--conv-weights",
 }
@@ -290,7 +291,8 @@ def _quant_finetune_configs(args: argparse.Namespace):
         return quant, None
     return quant, FinetuneConfig(steps=args.finetune_steps, num_loras=args.num_loras, rank=args.lora_rank,
                                  dfa=not args.no_dfa, learn_act_scales=args.learn_act_scales,
-                                 lora_8bit=not args.no_lora_8bit, samples=args.finetune_samples or FinetuneConfig.samples,
+                                 lora_8bit=not args.no_lora_8bit,
+                                 samples=args.finetune_samples or FinetuneConfig.samples,
                                  sampler_steps=args.finetune_sampler_steps, holdout_samples=args.finetune_holdout,
                                  trajectories=args.finetune_trajectories or FinetuneConfig.trajectories,
                                  seed=args.seed, checkpoint=args.finetune_checkpoint)

@@ -105,14 +105,15 @@ def attach_talora(gm: fx.GraphModule, cfg: FinetuneConfig) -> list[str]:
     unless ``cfg.lora_8bit`` is False; returns the module names. A graph without such weights is a user error
     (nothing to fine-tune), raised before the graph is touched."""
     g = gm.graph
-    targets = []
+    targets: list[fx.Node] = []
     for q in [n for n in g.nodes if n.op == "call_function" and n.target == QUANTIZE]:
         rec = record_of(q.args[0])
         if rec is not None and rec.role == "weight" and (cfg.lora_8bit or rec.bits == 4):
             targets.append(q)
     if not targets:
-        raise MsfpError("fine-tuning: the graph has no quantized weight to attach a LoRA to"
-                        + ("" if cfg.lora_8bit else " (4-bit weights only: FinetuneConfig.lora_8bit is False)"))
+        raise MsfpError("fine-tuning: the graph has no quantized weight to attach a LoRA to" if cfg.lora_8bit else
+                        "fine-tuning: no 4-bit weight to attach a LoRA to (FinetuneConfig.lora_8bit excludes the "
+                        "8-bit layers)")
     gen = torch.Generator().manual_seed(cfg.seed)
     placeholders = [n for n in g.nodes if n.op == "placeholder"]
     timestep = placeholders[1]

@@ -466,6 +466,14 @@ def test_error_unknown_layer_names(capsys, workdir: Path, model_pt: Path, keep: 
     _expect_error(capsys, [model_pt, "--out", out, "--keep-8bit", keep, "-q", *FAST], out, *expected)
 
 
+def test_error_w8a8_finetune_without_8bit_loras(capsys, workdir: Path, model_pt: Path) -> None:
+    """Every layer at 8 bits with --no-lora-8bit leaves fine-tuning nothing to train: one line naming the flag,
+    exit code 2, no output file (not autograd's "does not require grad")."""
+    out = _out(workdir, "w8a8")
+    _expect_error(capsys, [model_pt, "--out", out, "--keep-8bit", "*", "--finetune-steps", "1", "--no-lora-8bit",
+                           "-q", *FAST], out, "no 4-bit weight to attach a LoRA to", "--no-lora-8bit")
+
+
 def test_keep_8bit_by_module_path(full_run) -> None:
     """full_run's --keep-8bit first,last,down_blocks.0.resnets.0.conv1: the named conv (weight and input) is 8-bit
     next to the default first and last layers; the input of its sibling conv2 stays 4-bit."""

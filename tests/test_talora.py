@@ -49,7 +49,7 @@ def test_attach_talora_wraps_the_8bit_weights_too(stages_unet2d):
     assert len(attach_talora(gm, FinetuneConfig(num_loras=2, rank=2, lora_8bit=False))) == len(weights) - 2
     gm, _ = quantize_tiny(stages_unet2d.unet, gm=stages_unet2d.fresh("capture"), keep_8bit=("*",))
     before = gm.code
-    with pytest.raises(MsfpError, match="no quantized weight.*lora_8bit is False"):
+    with pytest.raises(MsfpError, match="no 4-bit weight.*lora_8bit excludes the 8-bit layers"):
         attach_talora(gm, FinetuneConfig(num_loras=2, rank=2, lora_8bit=False))
     assert gm.code == before and not hasattr(gm, ROUTER_NAME)
     with pytest.raises(MsfpError, match="no quantized weight"):

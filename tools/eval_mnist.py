@@ -110,7 +110,6 @@ def keep_8bit_names(patterns: str) -> tuple[str, ...]:
 def compile_config(row: Row, args, seed: int) -> CompileConfig:
     cfg = args_row_config(row, args, seed, args.device, batch_size=args.finetune_batch, lr=args.lora_lr,
                           log_every=args.log_every, learn_act_scales=args.learn_act_scales,
-                          lora_8bit=args.lora_8bit,
                           holdout_samples=args.finetune_holdout,
                           time_budget_s=args.finetune_time_budget)
     return dataclasses.replace(cfg, quant=dataclasses.replace(cfg.quant, keep_8bit=keep_8bit_names(args.keep_8bit),
@@ -320,6 +319,7 @@ def _scope(st: dict) -> str:
     keep = st.get("keep_8bit", "first,last")
     out = {"first,last": "W4A4, first/last conv 8-bit", "": "W4A4, every layer", "*": "W8A8, every layer 8-bit"}.get(
         keep, f"W4A4 except 8-bit {keep}")
+    out += ", LoRAs on the 8-bit layers too" if st.get("lora_8bit") and keep else ""
     return out + (", attention operands in float" if st.get("float_attention") else "")
 
 
@@ -377,8 +377,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--finetune-time-budget", type=float, default=None, metavar="S",
                    help="fit each fine-tuning's cosine schedule (at most --finetune-steps) to S seconds")
     p.add_argument("--learn-act-scales", action="store_true", help="fine-tuning also learns the activation scales")
-    p.add_argument("--no-lora-8bit", dest="lora_8bit", action="store_false",
-                   help="LoRAs on the 4-bit weights only, the --keep-8bit layers frozen (every row before call 20)")
     p.add_argument("--finetune-holdout", type=int, default=0, metavar="N",
                    help="FP trajectories held out of fine-tuning; their loss before / after goes into each row")
     p.add_argument("--keep-8bit", default="first,last", metavar="LAYERS",

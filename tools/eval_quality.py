@@ -39,7 +39,7 @@ from quality_rows import (ROWS, Row, add_table_arguments, args_row_config, class
 
 MODELS = {"uncond": ROOT / "examples" / "digits-uncond", "cond": ROOT / "examples" / "digits-cond"}
 # the settings results/quality.json rows used
-STORED_DEFAULTS = {"finetune_samples": 32, "finetune_trajectories": "fp", "no_clip_sample": False}
+STORED_DEFAULTS = {"finetune_samples": 32, "finetune_trajectories": "fp", "no_clip_sample": False, "lora_8bit": False}
 
 
 def build_onnx(row: Row, loaded, args, path: Path) -> dict:

@@ -100,6 +100,9 @@ def add_table_arguments(p: argparse.ArgumentParser, *, samples: int, steps: int,
                    help="whose sampler trajectories fine-tuning trains on (FinetuneConfig.trajectories)")
     p.add_argument("--lora-rank", type=int, default=4,
                    help="LoRA rank (default 4: the tables' rows; the library's default is 32, measured as such)")
+    p.add_argument("--lora-8bit", action="store_true",
+                   help="LoRAs also on the --keep-8bit layers (the library's default since session 22; off here: "
+                        "every table row before call 20 ran with its 8-bit layers frozen)")
     p.add_argument("--out", type=Path, default=out)
     p.add_argument("--no-clip-sample", action="store_true",
                    help="sample every row (FP32 included) without clipping DDIM's predicted x0 to [-1, 1] (the "
@@ -121,7 +124,7 @@ def args_row_config(row: Row, args: argparse.Namespace, seed: int, device: str =
     return row_config(row, seed=seed, calib_samples=args.calib_samples, calib_steps=args.calib_steps,
                       finetune_steps=args.finetune_steps, lora_rank=args.lora_rank,
                       finetune_samples=args.finetune_samples, sampler_steps=args.steps, device=device,
-                      trajectories=args.finetune_trajectories, **finetune)
+                      trajectories=args.finetune_trajectories, lora_8bit=args.lora_8bit, **finetune)
 
 
 def class_labels(loaded, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:

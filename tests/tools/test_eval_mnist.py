@@ -68,7 +68,7 @@ def test_rows_map_onto_compile_configs_for_both_tools() -> None:
                               steps=10, device="cpu", finetune_batch=6, lora_lr=2e-3, log_every=0,
                               learn_act_scales=True, finetune_time_budget=90.0, keep_8bit="first,last",
                               float_attention=False, finetune_holdout=5, finetune_trajectories="mixed",
-                              lora_8bit=False)
+                              lora_8bit=True)
     ptq = eval_mnist.compile_config(ROWS["MSFP PTQ"], args, 1)
     assert ptq.finetune is None and ptq.quant.scheme == "msfp" and ptq.calib.seed == 1
     assert (ptq.calib.num_samples, ptq.calib.num_steps) == (4, 5)
@@ -76,8 +76,9 @@ def test_rows_map_onto_compile_configs_for_both_tools() -> None:
     assert (lora.num_loras, lora.dfa, lora.rank, lora.steps, lora.seed) == (1, False, 3, 7, 2)
     full = eval_mnist.compile_config(ROWS["MSFP + TALoRA + DFA"], args, 0).finetune
     assert (full.num_loras, full.dfa, full.batch_size, full.lr, full.sampler_steps) == (2, True, 6, 2e-3, 10)
-    assert full.learn_act_scales and full.time_budget_s == 90.0 and full.lora_8bit is False
-    assert eval_mnist.build_parser().parse_args([]).lora_8bit is True
+    assert full.learn_act_scales and full.time_budget_s == 90.0 and full.lora_8bit is True
+    # the tables' rows ran with the 8-bit layers frozen: the tools keep that unless --lora-8bit (library: LoRAs on)
+    assert eval_mnist.build_parser().parse_args([]).lora_8bit is False
     assert (full.holdout_samples, full.trajectories, full.samples) == (5, "mixed", 8)
     assert eval_mnist.compile_config(ROWS["MSFP + TALoRA"], args, 0).finetune.dfa is False
 
@@ -150,6 +151,8 @@ def test_table_heading_names_what_keep_8bit_left_out_of_w4a4() -> None:
     variant = eval_mnist.markdown({**table, "settings": {**args, "keep_8bit": "first,last,up_blocks.3.*",
                                                          "float_attention": True}})
     assert "(W4A4 except 8-bit first,last,up_blocks.3.*, attention operands in float, 5000" in variant
+    lora = eval_mnist.markdown({**table, "settings": {**args, "keep_8bit": "*", "lora_8bit": True}})
+    assert "(W8A8, every layer 8-bit, LoRAs on the 8-bit layers too, 5000" in lora
     for keep, scope in (("*", "W8A8, every layer 8-bit"), ("", "W4A4, every layer")):
         assert f"({scope}, 5000 samples" in eval_mnist.markdown({**table, "settings": {**args, "keep_8bit": keep}})
 
