@@ -7,25 +7,16 @@
 #                         decoder block at 8 bits" at 4096 trajectories, seeds 0-2
 #   call 17  vu4kl / u4kl vu4k with learned activation scales, seeds 0-2 / u4k with learned scales, seed 0
 # Every row enters "variants"; the goal rows (3 seeds, 128 trajectories, 5000 samples, ORT-checked) are unchanged.
-# Idempotent.
-import json
-import sys
-from pathlib import Path
+# Idempotent. (Rewritten in session 22 onto results/mnist/merge_rows.py; the same table.)
+from merge_rows import add_note, call_row, load_table, save_table
 
-sys.path.insert(0, "tools")
-from quality_rows import write_json  # noqa: E402
-
-P = Path("results/quality_mnist.json")
-M = Path("results/mnist")
 ROW = "MSFP + TALoRA + DFA"
-d = json.load(open(P))
+d = load_table()
 v = d["variants"]
 
 
 def row(call: int, folder: str, model: str) -> dict:
-    j = json.load(open(M / f"call{call}" / folder / "quality_mnist.json"))
-    d["settings"][f"call{call}_{folder}"] = j["settings"]
-    return {**j[model][ROW], "call": call}
+    return call_row(d, call, folder, model, ROW)
 
 
 def joined(a: dict, b: dict) -> dict:
@@ -53,8 +44,6 @@ d["settings"]["call15_17"] = {"note": (
     "call 16 RUNS='u4k vu4k' USEEDS=1,2 VSEEDS=0,1,2 LIMIT=530 BUDGET=330 (482 s); call 17 RUNS='vu4kl u4kl' "
     "VSEEDS=0,1,2 USEEDS=0 LIMIT=450 BUDGET=300 (422 s). Every run finished its 1800 / 1500 steps with the CUDA graph; "
     "2500 samples; no ORT check")}
-NOTE = ("; calls 15-17: the goal row on 2048 (cond) / 4096 (uncond) FP trajectories, 3 seeds; the last-block variant "
-        "at 4096 trajectories, with and without learned activation scales")
-if NOTE not in v["note"]:
-    v["note"] += NOTE
-write_json(P, d, indent=1)
+add_note(d, "; calls 15-17: the goal row on 2048 (cond) / 4096 (uncond) FP trajectories, 3 seeds; the last-block "
+            "variant at 4096 trajectories, with and without learned activation scales")
+save_table(d)

@@ -1,5 +1,5 @@
-"""Helpers of the merge scripts (results/mnist/merge_call*.py from call 18 on): each script is the run-once record of
-how a device call's folders entered results/quality_mnist.json. Run from the repository root."""
+"""Helpers of the merge scripts (results/mnist/merge_call15_17.py and those from call 18 on): each script is the
+run-once record of how a device call's folders entered results/quality_mnist.json. Run from the repository root."""
 from __future__ import annotations
 
 import json
