@@ -194,13 +194,13 @@ def _lower(gm: fx.GraphModule, calibration: CalibrationSet, sig: UNetSignature, 
 def check_layer_names(unet: torch.nn.Module, keep_8bit: tuple[str, ...]) -> None:
     """keep_8bit names must be 'first', 'last', 'last_block' (a UNet with up_blocks), module paths of layers (or of
     blocks holding layers) or fnmatch patterns matching at least one layer path."""
-    from .names import CONV_NAMES, LAST_BLOCK, expand_keep_names, layer_matches, model_layer_names, unknown_names_error
+    from .names import CONV_NAMES, expand_keep_names, layer_matches, model_layer_names, unknown_keep_error
 
     valid = model_layer_names(unet)
     keep = expand_keep_names(keep_8bit, valid)
     unknown = [k for k in keep if k not in CONV_NAMES and not any(layer_matches(k, v) for v in valid)]
     if unknown:
-        raise unknown_names_error("QuantConfig.keep_8bit", unknown, [*CONV_NAMES, LAST_BLOCK, *valid])
+        raise unknown_keep_error(unknown, valid)
 
 
 def _summaries(gm: fx.GraphModule) -> list[LayerSummary]:

@@ -25,7 +25,8 @@ from .errors import MsfpError
 from .layer_graph import LAYER_OPS, layer_kind
 
 __all__ = ["WRAPPER_PREFIX", "module_path", "layer_names", "tensor_names", "display_names", "model_layer_names",
-           "layer_matches", "suggest", "unknown_names_error", "LAST_BLOCK", "CONV_NAMES", "expand_keep_names"]
+           "layer_matches", "suggest", "unknown_names_error", "unknown_keep_error", "LAST_BLOCK", "CONV_NAMES",
+           "expand_keep_names"]
 
 WRAPPER_PREFIX = "unet."  # capture wraps the UNet as UNetWrapper.unet
 _ATTN_OPERANDS = ("q", "k", "v")
@@ -177,6 +178,12 @@ def expand_keep_names(keep: Iterable[str], paths: Iterable[str]) -> tuple[str, .
         raise MsfpError(f"QuantConfig.keep_8bit: {LAST_BLOCK!r} needs a UNet with up_blocks (a diffusers "
                         "UNet2DModel / UNet2DConditionModel); name the layers or a block path instead")
     return tuple(f"up_blocks.{max(ups)}" if k == LAST_BLOCK else k for k in keep)
+
+
+def unknown_keep_error(unknown: list[str], paths: Iterable[str]) -> MsfpError:
+    """unknown_names_error for QuantConfig.keep_8bit: the symbolic names are valid choices too (the check before
+    calibration and select_format's, one message)."""
+    return unknown_names_error("QuantConfig.keep_8bit", unknown, [*CONV_NAMES, LAST_BLOCK, *paths])
 
 
 def suggest(name: str, valid: Iterable[str], n: int = 3) -> list[str]:

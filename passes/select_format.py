@@ -18,8 +18,8 @@ import torch.fx as fx
 from msfp_compiler.config import HIGH_PRECISION, QuantConfig
 from msfp_compiler.formats import parse_format
 from msfp_compiler.layer_graph import layer_kind
-from msfp_compiler.names import (CONV_NAMES, LAST_BLOCK, expand_keep_names, layer_matches, layer_names,
-                                 tensor_names, unknown_names_error)
+from msfp_compiler.names import (CONV_NAMES, expand_keep_names, layer_matches, layer_names, tensor_names,
+                                 unknown_keep_error)
 from msfp_compiler.pass_manager import Pass, PassResult
 from msfp_compiler.progress import Progress
 from msfp_compiler.record import QuantChoice, TensorRecord, records
@@ -52,7 +52,7 @@ def high_precision_layers(gm: fx.GraphModule, keep: tuple[str, ...]) -> set[str]
             unknown.append(k)
         out |= hit
     if unknown:
-        raise unknown_names_error("QuantConfig.keep_8bit", unknown, [*CONV_NAMES, LAST_BLOCK, *layers.values()])
+        raise unknown_keep_error(unknown, layers.values())
     if convs and "first" in keep:
         out.add(convs[0])
     if convs and "last" in keep:
